@@ -1,0 +1,3 @@
+"""Captioners (stub; being written)."""
+def list_captioners():
+    return ["blip2", "lavis", "attributes", "template"]

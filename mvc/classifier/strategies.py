@@ -1,0 +1,3 @@
+"""Strategies (stub; being written)."""
+def list_strategies():
+    return ["real", "concat", "two_phase", "probabilistic"]

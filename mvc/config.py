@@ -1,0 +1,465 @@
+"""Typed configs: dataclass sections with help text and validation, YAML files, CLI overrides.
+
+Every script reads one YAML file (`--config configs/tiny.yaml`) into the same `Config`; each
+script uses the sections it needs (`SCRIPT_SECTIONS`). Values are overridden on the command
+line with `--section.key=value` (or `--section.key value`); the value is parsed as YAML, so
+`--train.lr=3e-4`, `--mixing.window=[1,8]` and `--run.seed=null` work. An unknown key, a wrong
+type or an out-of-range value is a one-line `MVCError` naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from mvc.utils import MVCError, atomic_write_text
+
+
+def opt(default: Any, help: str, *, choices: Callable[[], list] | list | None = None,
+        min: float | None = None, max: float | None = None, min_exclusive: bool = False) -> Any:
+    """A config field with its help text, optional choices (a list or a zero-arg callable returning
+    a registry's names) and an optional numeric range."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#################################################################################
+#                                  Sections                                     #
+#################################################################################
+
+def _datasets() -> list[str]:
+    from mvc.data import list_datasets
+    return list_datasets()
+
+
+def _captioners() -> list[str]:
+    from mvc.captions import list_captioners
+    return list_captioners()
+
+
+def _strategies() -> list[str]:
+    from mvc.classifier.strategies import list_strategies
+    return list_strategies()
+
+
+def _mixing_ops() -> list[str]:
+    from mvc.mixing import list_mixing_ops
+    return list_mixing_ops()
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and the base seed."""
+    output_dir: str = opt("outputs/tiny", "Root of every output of this profile (each stage writes a sub-folder).")
+    seed: int | None = opt(0, "Base seed; null draws one at random (it is then logged).")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, and which low-data subset of it."""
+    name: str = opt("fashion_mnist", "Dataset name from the registry.", choices=_datasets)
+    root: str = opt("datasets", "Data root; each dataset looks in its own sub-folder (see datasets/README.md).")
+    k_per_class: int | None = opt(20, "Labelled images per class (the low-data subset); null uses all.", min=1)
+    subset_seed: int = opt(0, "Seed of the labelled-subset draw (independent of run.seed).")
+    on_small_class: str = opt("error", "A class with fewer than 2 images: 'error' or 'skip' (with a warning).",
+                              choices=["error", "skip"])
+    test_split: str = opt("test", "Split used for evaluation.", choices=["test", "val"])
+
+
+@dataclass
+class PairsConfig:
+    """Index pairs (condition, target) drawn within each class."""
+    rounds: int = opt(10, "How many times each class's two random index lists are drawn and paired.", min=1)
+    seed: int = opt(0, "Seed of the pair draw.")
+
+
+@dataclass
+class CaptionConfig:
+    """Captioner and prompt template."""
+    captioner: str = opt("attributes", "Captioner from the registry.", choices=_captioners)
+    model_id: str = opt("Salesforce/blip2-opt-2.7b", "Hub id or local folder of the BLIP-2 / LAVIS captioner.")
+    batch_size: int = opt(16, "Images per captioner batch.", min=1)
+    max_new_tokens: int = opt(30, "Longest caption, in tokens (blip2/lavis).", min=1)
+    template_text: str = opt("an image", "The fixed caption of the 'template' captioner.")
+    prompt_template: str = opt("{caption}, a photo of class type {label}",
+                               "Prompt = caption joined with the class prompt; must contain {caption} and {label}.")
+
+
+@dataclass
+class TinyBaseConfig:
+    """The tiny Stable-Diffusion-like base, built and pretrained locally (tiny profile only)."""
+    image_size: int = opt(32, "Pixel resolution of the tiny base.", min=8)
+    latent_channels: int = opt(4, "VAE latent channels (4, as SD).", min=1)
+    vae_channels: list[int] = opt([32, 64], "VAE block widths; downsampling factor = 2**(len-1).")
+    unet_channels: list[int] = opt([64, 128], "U-Net block widths.")
+    text_hidden: int = opt(64, "CLIP text encoder width (SD-1.5: 768).", min=8)
+    text_layers: int = opt(2, "CLIP text encoder layers.", min=1)
+    max_length: int = opt(32, "Tokenizer max length (SD-1.5: 77).", min=8)
+    pool_size: int = opt(20000, "Images of the remainder pool used for pretraining (null: all).", min=1)
+    vae_steps: int = opt(1500, "VAE pretraining steps.", min=0)
+    unet_steps: int = opt(3000, "Text-to-image U-Net pretraining steps.", min=0)
+    batch_size: int = opt(64, "Pretraining batch size.", min=1)
+    lr: float = opt(1e-3, "Pretraining learning rate.", min=0, min_exclusive=True)
+    cache_dir: str = opt("outputs/cache/tiny_base", "Where built bases are cached, keyed by this section's hash.")
+
+
+@dataclass
+class ModelConfig:
+    """The base pipeline that MVC fine-tunes."""
+    base: str = opt("tiny", "'tiny' (built locally), a hub id (SD-1.5), or a local diffusers folder.")
+    revision: str | None = opt(None, "Hub revision of the base.")
+    variant: str | None = opt(None, "Weight variant (e.g. 'fp16').")
+
+
+@dataclass
+class FinetuneConfig:
+    """InstructPix2Pix-style fine-tuning on the index pairs (train_mvc.py)."""
+    resolution: int = opt(32, "Training resolution (SD-1.5: 256 or 512).", min=8)
+    batch_size: int = opt(50, "Per-process batch size (paper: 50).", min=1)
+    grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
+    max_steps: int = opt(1000, "Optimizer steps.", min=1)
+    lr: float = opt(1e-4, "Learning rate (paper: 1e-4, Adam).", min=0, min_exclusive=True)
+    adam_beta1: float = opt(0.9, "Adam beta1.", min=0, max=1)
+    adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1)
+    weight_decay: float = opt(0.0, "Weight decay.", min=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", min=0)
+    lr_scheduler: str = opt("constant_with_warmup", "LR schedule.",
+                            choices=["constant", "constant_with_warmup", "cosine", "linear"])
+    lr_warmup_steps: int = opt(50, "Warm-up steps.", min=0)
+    drop_text_prob: float = opt(0.05, "P(drop only the text conditioning).", min=0, max=1)
+    drop_image_prob: float = opt(0.05, "P(drop only the image conditioning).", min=0, max=1)
+    drop_both_prob: float = opt(0.05, "P(drop both).", min=0, max=1)
+    random_flip: bool = opt(False, "Horizontal flips; latents of both orientations are cached when on.")
+    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = opt(False, "U-Net gradient checkpointing.")
+    attention: str = opt("sdpa", "Attention implementation.", choices=["sdpa", "xformers", "default"])
+    use_ema: bool = opt(False, "Keep an EMA of the U-Net and save it.")
+    ema_decay: float = opt(0.9999, "EMA decay.", min=0, max=1)
+    use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit Adam (GPU).")
+    lora_rank: int = opt(0, "LoRA rank through peft (0: full fine-tuning); conv_in is always trained fully.", min=0)
+    checkpoint_every: int = opt(250, "Save a checkpoint every N steps.", min=1)
+    checkpoints_keep: int = opt(3, "Checkpoints kept (oldest removed).", min=1)
+    validate_every: int = opt(250, "Validation grid every N steps.", min=1)
+    num_validation: int = opt(4, "Pairs shown in the validation grid.", min=1)
+    validation_steps: int = opt(20, "Sampling steps for validation images.", min=1)
+    log_every: int = opt(10, "Log scalars every N steps.", min=1)
+    num_workers: int = opt(0, "DataLoader workers.", min=0)
+
+
+@dataclass
+class MixingConfig:
+    """Mixing Visual Concepts: edits of the prompt embedding (generate_mvc.py)."""
+    ops: list[str] = opt(["coarse", "fine"], "Operations cycled over the variants of each source.")
+    coarse_mode: str = opt("shuffle", "Coarse op: permute token vectors or swap them in from a donor.",
+                           choices=["shuffle", "swap"])
+    coarse_k: int = opt(4, "Token vectors chosen for the coarse op.", min=1)
+    window: str | list[int] = opt("caption", "'caption' (the caption's token span) or [start, end).")
+    fine_m: int = opt(3, "Token vectors whose slice is replaced (fine op).", min=1)
+    fine_s: int = opt(4, "Dimensions per slice (paper: < 10 of 768).", min=1)
+    fine_source: str = opt("donor", "Where the fine slice comes from.", choices=["donor", "self", "noise"])
+    fine_contiguous: bool = opt(True, "Contiguous slice (else scattered dimensions).")
+
+
+@dataclass
+class GenerateConfig:
+    """Synthetic-set generation (generate_mvc.py)."""
+    model_dir: str | None = opt(None, "Fine-tuned pipeline folder (default: <run.output_dir>/mvc/final).")
+    out_dir: str | None = opt(None, "Output folder (default: <run.output_dir>/synthetic).")
+    num_inference_steps: int = opt(20, "Sampling steps.", min=1)
+    guidance_scale: float = opt(3.0, "Text guidance.", min=0, min_exclusive=True)
+    image_guidance_scale: float = opt(1.5, "Image guidance.", min=0, min_exclusive=True)
+    scheduler: str = opt("euler_ancestral", "Sampler.", choices=["euler_ancestral", "euler", "ddim", "dpmpp"])
+    multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0)
+    per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
+    batch_size: int = opt(16, "Variants per U-Net batch.", min=1)
+    grid_sources: int = opt(4, "Sources per class in the sample grid.", min=1)
+    filter_checkpoint: str | None = opt(None, "Real-data classifier checkpoint used to filter synthetic images.")
+    filter_threshold: float = opt(0.5, "Keep an image when the filter's confidence in its class >= this.", min=0, max=1)
+
+
+@dataclass
+class ClassifierConfig:
+    """Classifier training on real + synthetic data (train_classifier.py)."""
+    backbone: str = opt("resnet18", "Any timm model name.")
+    pretrained: bool = opt(False, "Load pretrained timm weights (needs the hub).")
+    cifar_stem: bool = opt(True, "3x3 stride-1 stem without max-pool, for 32x32 inputs.")
+    input_size: int | None = opt(32, "Input size (null: from the model's data config).", min=8)
+    strategy: str = opt("real", "Synthetic-data strategy from the registry.", choices=_strategies)
+    synthetic_dir: str | None = opt(None, "Synthetic ImageFolder (default: <run.output_dir>/synthetic).")
+    synthetic_ratio: float | None = opt(None, "Synthetic:real ratio used (null: all synthetic images).", min=0)
+    two_phase_lr_scale: float = opt(0.1, "Phase-2 LR = this x LR.", min=0, min_exclusive=True)
+    two_phase_fraction: float = opt(0.2, "Fraction of epochs spent in phase 2.", min=0, max=1)
+    prob_p: float = opt(0.8, "Probabilistic: P(a synthetic image joins the batch), per real image.", min=0, max=1)
+    prob_mode: str = opt("append", "Probabilistic: 'append' (paper) or 'replace' (DA-Fusion).", choices=["append", "replace"])
+    augment: str = opt("standard", "Classic augmentation.",
+                       choices=["none", "standard", "autoaugment", "randaugment", "trivialaugment"])
+    autoaugment_policy: str = opt("cifar10", "AutoAugment policy.", choices=["cifar10", "imagenet", "svhn"])
+    epochs: int = opt(30, "Epochs.", min=1)
+    batch_size: int = opt(50, "Batch size (paper: 50).", min=1)
+    optimizer: str = opt("adam", "Optimizer.", choices=["adam", "adamw", "sgd"])
+    lr: float = opt(1e-3, "Learning rate.", min=0, min_exclusive=True)
+    momentum: float = opt(0.9, "SGD momentum.", min=0, max=1)
+    weight_decay: float = opt(0.0, "Weight decay.", min=0)
+    scheduler: str = opt("cosine", "LR schedule.", choices=["none", "cosine", "multistep"])
+    milestones: list[float] = opt([0.5, 0.75], "Multistep milestones as fractions of the epochs.")
+    gamma: float = opt(0.1, "Multistep factor.", min=0, min_exclusive=True)
+    label_smoothing: float = opt(0.0, "Label smoothing.", min=0, max=1)
+    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=["no", "fp16", "bf16"])
+    probe: str = opt("none", "Feature probe on a frozen backbone instead of training.", choices=["none", "logreg", "svc", "mlp"])
+    kfold: int = opt(0, "Stratified k-fold on the labelled subset (0: use the test split).", min=0)
+    seeds: list[int] = opt([0], "Seeds; several report mean +- std.")
+    num_workers: int = opt(0, "DataLoader workers.", min=0)
+    checkpoint_every: int = opt(1, "Save a checkpoint every N epochs.", min=1)
+    results_csv: str | None = opt(None, "Results CSV a row is appended to (default: <run.output_dir>/results.csv).")
+
+
+@dataclass
+class Config:
+    """Every section; a YAML file sets any subset of them."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    tiny: TinyBaseConfig = field(default_factory=TinyBaseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+
+# The sections each script reads (the others are carried along so one YAML serves all stages).
+SCRIPT_SECTIONS = {
+    "train_mvc": ["run", "data", "pairs", "captions", "tiny", "model", "train"],
+    "generate_mvc": ["run", "data", "captions", "model", "mixing", "generate"],
+    "train_classifier": ["run", "data", "classifier"],
+}
+
+
+#################################################################################
+#                                 Validation                                    #
+#################################################################################
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """True when `value` fits the annotation `tp` (int is accepted for float, bool is not an int)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check types, choices and ranges of every field of a (nested) config dataclass."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key = f"{prefix}{f.name}"
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, prefix=f"{key}.")
+            continue
+        tp = hints[f.name]
+        if isinstance(value, str) and _type_ok(0.5, tp) and not _type_ok("s", tp):
+            try:  # YAML 1.1 reads '1e-4' (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool) and tp is float:
+            value = float(value)
+        setattr(cfg, f.name, value)
+        if not _type_ok(value, tp):
+            raise MVCError(f"config key {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        m = f.metadata
+        choices = m.get("choices")
+        if choices is not None and value is not None:
+            allowed = choices() if callable(choices) else choices
+            if value not in allowed:
+                raise MVCError(f"config key {key}: unknown value {value!r}; choose one of {', '.join(map(str, allowed))}")
+        nums = value if isinstance(value, list) else [value]
+        for v in nums:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                lo, hi = m.get("min"), m.get("max")
+                if lo is not None and (v < lo or (m.get("min_exclusive") and v <= lo)):
+                    op = ">" if m.get("min_exclusive") else ">="
+                    raise MVCError(f"config key {key}: {v!r} is out of range; it must be {op} {lo}")
+                if hi is not None and v > hi:
+                    raise MVCError(f"config key {key}: {v!r} is out of range; it must be <= {hi}")
+
+
+#################################################################################
+#                         YAML files and CLI overrides                          #
+#################################################################################
+
+def _set_key(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, checking each level against the Config dataclasses."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = tree
+    for i, p in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if p not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise MVCError(f"unknown config key {dotted!r}: {where} has {', '.join(names)}")
+        if i == len(parts) - 1:
+            node[p] = value
+            return
+        sub = typing.get_type_hints(cls)[p]
+        if not dataclasses.is_dataclass(sub):
+            raise MVCError(f"unknown config key {dotted!r}: {'.'.join(parts[:i + 1])} is not a section")
+        cls = sub
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise MVCError(f"config key {'.'.join(parts[:i + 1])}: expected a mapping")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        # a dict value is a section only if the key names one; otherwise it is a (wrong-typed) value
+        out.extend(_flatten(v, key + ".") if isinstance(v, dict) and v else [(key, v)])
+    return out
+
+
+def _build(cls: Any, tree: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in tree:
+            v = tree[f.name]
+            kwargs[f.name] = _build(hints[f.name], v) if dataclasses.is_dataclass(hints[f.name]) else v
+    obj = cls.__new__(cls)
+    defaults = cls.__dataclass_fields__
+    for name, f in defaults.items():
+        if name in kwargs:
+            setattr(obj, name, kwargs[name])
+        elif f.default is not dataclasses.MISSING:
+            setattr(obj, name, f.default)
+        else:
+            setattr(obj, name, f.default_factory())
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a dict, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise MVCError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MVCError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise MVCError(f"{p}: the top level must be a mapping of sections")
+    return data
+
+
+def make_config(tree: dict | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated `Config` from a nested dict plus dotted overrides."""
+    merged: dict = {}
+    for key, value in _flatten(tree or {}):
+        _set_key(merged, key, value)
+    for key, value in (overrides or {}).items():
+        _set_key(merged, key, value)
+    cfg = _build(Config, merged)
+    validate(cfg)
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """Parse a CLI value as YAML (so numbers, booleans, null and lists work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def config_help() -> str:
+    """Every config key with its type, default and help, for `--help`."""
+    lines = ["config keys (override with --section.key=value):"]
+    for sf in dataclasses.fields(Config):
+        section = typing.get_type_hints(Config)[sf.name]
+        hints = typing.get_type_hints(section)
+        lines.append(f"  [{sf.name}] {section.__doc__}")
+        for f in dataclasses.fields(section):
+            d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"    --{sf.name}.{f.name}  ({_type_name(hints[f.name])}, default {d!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The common parser of the three scripts: --config plus the config keys listed in the epilog."""
+    p = argparse.ArgumentParser(description=description, epilog=config_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config file (e.g. configs/tiny.yaml).")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+               shortcuts: dict[str, str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse script flags plus `--section.key=value` overrides into (Config, namespace).
+
+    `shortcuts` maps a script flag's dest to a config key (e.g. {'strategy': 'classifier.strategy'})
+    so that the flag, when given, overrides the key.
+    """
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or tok == "--":
+            raise MVCError(f"unexpected argument {tok!r}; config overrides look like --section.key=value")
+        if "=" in tok:
+            key, text = tok[2:].split("=", 1)
+        else:
+            key = tok[2:]
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise MVCError(f"--{key} needs a value (--{key}=VALUE)")
+            i += 1
+            text = rest[i]
+        if "." not in key:
+            raise MVCError(f"unknown option --{key}; see --help")
+        overrides[key] = parse_value(text)
+        i += 1
+    for dest, key in (shortcuts or {}).items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            overrides[key] = v
+    tree = load_yaml(args.config) if args.config else {}
+    return make_config(tree, overrides), args
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as a plain nested dict."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) next to a run's outputs."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

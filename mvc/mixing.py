@@ -1,0 +1,3 @@
+"""Mixing (stub; being written)."""
+def list_mixing_ops():
+    return ["none", "coarse", "fine"]

@@ -1,0 +1,251 @@
+"""Small helpers shared by every stage: user-facing errors, atomic files, seeds, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+
+#################################################################################
+#                                  Errors                                       #
+#################################################################################
+
+class MVCError(Exception):
+    """An error the user can act on: scripts print its message as one line and exit 2."""
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a script's `main(argv)`, turning `MVCError` into one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except MVCError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+#################################################################################
+#                                Atomic files                                   #
+#################################################################################
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is renamed onto `path`, on error removed.
+
+    Readers therefore see either the old file or the complete new one, never a half-written file.
+    The temporary name keeps the file's suffix so that writers which dispatch on it (PIL) work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file, skipping a truncated last line left by a crash."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn final line from an interrupted write
+                break
+            raise MVCError(f"{path}: line {i + 1} is not valid JSON; fix or delete the file")
+    return out
+
+
+#################################################################################
+#                              Names and hashes                                 #
+#################################################################################
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, max_len: int = 80) -> str:
+    """A file-system-safe version of `name` (no separators, no dot-dot, never empty)."""
+    s = _UNSAFE.sub("_", str(name)).strip("._")
+    if not s:
+        s = "_" + hashlib.sha1(str(name).encode()).hexdigest()[:8]
+    if len(s) > max_len:
+        s = s[: max_len - 9] + "_" + hashlib.sha1(str(name).encode()).hexdigest()[:8]
+    return s
+
+
+def safe_join(root: str | os.PathLike, *parts: str) -> Path:
+    """Join `parts` under `root`, refusing any result that escapes `root`."""
+    root = Path(root).resolve()
+    out = root.joinpath(*parts).resolve()
+    if out != root and root not in out.parents:
+        raise MVCError(f"refusing to write outside {root}: {'/'.join(parts)!r}")
+    return out
+
+
+def fingerprint(*items: Any) -> str:
+    """A short, stable hash of JSON-serialisable items (or numpy arrays)."""
+    h = hashlib.sha256()
+    for it in items:
+        if isinstance(it, np.ndarray):
+            h.update(str(it.dtype).encode() + str(it.shape).encode())
+            h.update(np.ascontiguousarray(it).tobytes())
+        else:
+            h.update(json.dumps(it, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+#################################################################################
+#                                   Seeds                                       #
+#################################################################################
+
+def resolve_seed(seed: int | None) -> int:
+    """Return `seed`, or draw a fresh one from the OS when it is None (so it can still be logged)."""
+    return int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, *index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from (seed, *index), independent of any other draw."""
+    s = int(fingerprint(int(seed), *[int(i) for i in index]), 16) & 0x7FFFFFFFFFFFFFFF
+    return torch.Generator(device=device).manual_seed(s)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: seed numpy/random from torch's per-worker seed."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+#################################################################################
+#                                  Logging                                      #
+#################################################################################
+
+class RunLogger:
+    """Log scalars and images once, to two places: TensorBoard and a JSON-lines file.
+
+    Disabled (a no-op) on non-main processes, so callers need not check the rank.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, jsonl_name: str = "log.jsonl"):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.jsonl = self.run_dir / jsonl_name
+        self._tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        """Log a dict of scalars at `step`."""
+        if not self.enabled:
+            return
+        rec = {"step": int(step)}
+        for k, v in values.items():
+            v = float(v)
+            self._tb.add_scalar(f"{prefix}{k}", v, step)
+            rec[f"{prefix}{k}"] = v if math.isfinite(v) else str(v)
+        append_jsonl(self.jsonl, rec)
+
+    def image(self, tag: str, image, step: int, path: str | os.PathLike | None = None) -> None:
+        """Log a PIL image to TensorBoard, and to `path` on disk when given."""
+        if not self.enabled:
+            return
+        arr = np.asarray(image.convert("RGB"))
+        self._tb.add_image(tag, arr, step, dataformats="HWC")
+        if path is not None:
+            with atomic_path(path) as tmp:
+                image.save(tmp)
+
+    def figure(self, tag: str, fig, step: int, path: str | os.PathLike | None = None) -> None:
+        """Log a matplotlib figure to TensorBoard and to `path` (PNG) when given."""
+        if not self.enabled:
+            return
+        if path is not None:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        self._tb.add_figure(tag, fig, step, close=False)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+
+
+def image_grid(rows: list[list], pad: int = 2, bg: int = 255):
+    """Paste a list of rows of PIL images into one grid image (cells sized by the first image)."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    ncol = max(len(r) for r in rows)
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), (bg, bg, bg))
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((w, h)), (pad + j * (w + pad), pad + i * (h + pad)))
+    return grid
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    """Yield lists of at most `n` consecutive items."""
+    buf = []
+    for it in items:
+        buf.append(it)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -1,0 +1,42 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   - the tiny end-to-end pipeline (CPU, offline)
+#   make test   - the test suite
+# Both create .venv and install what is missing; `demo` also installs Debian's
+# dataset-fashion-mnist when it can (root or sudo), else torchvision downloads the data.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/tiny.yaml
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+data:
+	@if [ ! -d $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || true; \
+	  elif command -v sudo >/dev/null; then (sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist) || true; \
+	  fi; \
+	fi
+	@[ -d $(FMNIST) ] || echo "note: $(FMNIST) not found; Fashion-MNIST will be looked for under datasets/ or downloaded"
+
+demo: setup data
+	$(PY) run_pipeline.py --config $(CONFIG)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf outputs

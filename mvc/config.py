@@ -73,6 +73,10 @@ class DataConfig:
     on_small_class: str = opt("error", "A class with fewer than 2 images: 'error' or 'skip' (with a warning).",
                               choices=["error", "skip"])
     test_split: str = opt("test", "Split used for evaluation.", choices=["test", "val"])
+    test_fraction: float = opt(0.2, "Per-class fraction held out as 'test' by datasets without an official "
+                               "split (caltech101).", min=0, max=1, min_exclusive=True)
+    val_fraction: float = opt(0.1, "test_split=val on a dataset without a val split: this fraction of each "
+                              "class's remainder pool is held out as val.", min=0, max=1, min_exclusive=True)
 
 
 @dataclass
@@ -223,6 +227,15 @@ class ClassifierConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The end-to-end run (run_pipeline.py): which classifier baselines, how many seeds."""
+    runs: list[str] = opt(["real", "real+randaugment", "concat", "two_phase", "probabilistic"],
+                          "Classifier runs, each 'strategy' or 'strategy+augment'.")
+    seeds: list[int] = opt([0, 1, 2], "Classifier seeds; the report gives mean +- std over them.")
+    report: str = opt("results.md", "Report file name inside run.output_dir.")
+
+
+@dataclass
 class Config:
     """Every section; a YAML file sets any subset of them."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -235,6 +248,7 @@ class Config:
     mixing: MixingConfig = field(default_factory=MixingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         validate(self)
@@ -245,6 +259,8 @@ SCRIPT_SECTIONS = {
     "train_mvc": ["run", "data", "pairs", "captions", "tiny", "model", "train"],
     "generate_mvc": ["run", "data", "captions", "model", "mixing", "generate"],
     "train_classifier": ["run", "data", "classifier"],
+    "run_pipeline": ["run", "data", "pairs", "captions", "tiny", "model", "train", "mixing", "generate",
+                     "classifier", "pipeline"],
 }
 
 

@@ -78,3 +78,20 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = make_config(load_yaml(tmp_path / "config.yaml"))
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_name_only_known_things(path):
+    """Backbones are timm names; pipeline runs name registered strategies and known augmentations."""
+    import timm
+
+    from mvc.classifier.strategies import list_strategies
+
+    cfg = make_config(load_yaml(path))
+    assert timm.is_model(cfg.classifier.backbone), cfg.classifier.backbone
+    from mvc.config import ClassifierConfig
+    allowed_aug = ClassifierConfig.__dataclass_fields__["augment"].metadata["choices"]
+    for run in cfg.pipeline.runs:
+        strategy, _, augment = run.partition("+")
+        assert strategy in list_strategies(), run
+        assert not augment or augment in allowed_aug, run

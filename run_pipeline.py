@@ -1,0 +1,225 @@
+"""The main job: the whole MVC pipeline end to end, then a results report.
+
+    python run_pipeline.py --config configs/tiny.yaml
+
+Stages: fine-tuning (tiny base, captions, pairs, MVC fine-tuning) -> generation -> one classifier
+per (run, seed) from `pipeline.runs` x `pipeline.seeds` -> `results.md` with mean +- std, the wall
+time of each stage and figures. Each stage resumes: rerunning the command after an interruption
+skips what is finished and continues what is not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import generate_mvc
+import train_classifier
+import train_mvc
+from mvc.checkpoint import list_checkpoints
+from mvc.config import Config, build_parser, parse_args, save_config
+from mvc.utils import MVCError, atomic_path, atomic_write_json, atomic_write_text, read_jsonl, run_cli
+
+README_BEGIN = "<!-- results:begin (written by run_pipeline.py --update-readme) -->"
+README_END = "<!-- results:end -->"
+
+
+#################################################################################
+#                                   Stages                                      #
+#################################################################################
+
+def split_run(run: str) -> tuple[str, str | None]:
+    """'strategy+augment' -> (strategy, augment); a bare strategy keeps the config's augment."""
+    strategy, _, augment = run.partition("+")
+    return strategy, (augment or None)
+
+
+def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> Path:
+    """The folder train_classifier.py writes for one (strategy, augment, seed)."""
+    return Path(cfg.run.output_dir) / "classifier" / f"{strategy}-{augment}-{cfg.classifier.backbone}-seed{seed}"
+
+
+def run_stage(name: str, fn, times: dict, times_path: Path) -> None:
+    """Run one stage, add its wall time to `times` (accumulated over resumed runs) and save them."""
+    print(f"\n=== {name} ===", flush=True)
+    t0 = time.perf_counter()
+    fn()
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+    atomic_write_json(times_path, times)
+
+
+def stage_finetune(cfg: Config, cfg_path: Path) -> None:
+    """train_mvc.py, resumed from its latest checkpoint when one exists; skipped when done."""
+    out = Path(cfg.run.output_dir) / "mvc"
+    if (out / "final" / "model_index.json").is_file():
+        print("fine-tuned pipeline found: skipping")
+        return
+    argv = ["--config", str(cfg_path)]
+    if list_checkpoints(out / "checkpoints"):
+        argv += ["--resume", "latest"]
+    train_mvc.main(argv)
+
+
+def stage_generate(cfg: Config, cfg_path: Path) -> None:
+    """generate_mvc.py (idempotent: it only makes the missing images)."""
+    generate_mvc.main(["--config", str(cfg_path)])
+
+
+def stage_classifiers(cfg: Config, cfg_path: Path) -> None:
+    """One classifier per (run, seed); finished runs are skipped, interrupted ones resumed."""
+    for run in cfg.pipeline.runs:
+        strategy, augment = split_run(run)
+        augment = augment or cfg.classifier.augment
+        for seed in cfg.pipeline.seeds:
+            rdir = classifier_run_dir(cfg, strategy, augment, seed)
+            if (rdir / "metrics.json").is_file():
+                print(f"{rdir.name}: done, skipping")
+                continue
+            argv = ["--config", str(cfg_path), "--strategy", strategy, f"--classifier.augment={augment}",
+                    "--seeds", str(seed)]
+            if list_checkpoints(rdir / "checkpoints"):
+                argv += ["--resume", "latest"]
+            train_classifier.main(argv)
+
+
+#################################################################################
+#                                   Report                                      #
+#################################################################################
+
+def _metric(metrics: dict, key: str) -> float:
+    """Read a test metric of the last epoch from a classifier's metrics.json."""
+    block = metrics.get("last", metrics)
+    return float(block[key])
+
+
+def collect_results(cfg: Config) -> list[dict]:
+    """Mean and std over seeds of accuracy and macro F1, one row per pipeline run."""
+    rows = []
+    for run in cfg.pipeline.runs:
+        strategy, augment = split_run(run)
+        augment = augment or cfg.classifier.augment
+        accs, f1s = [], []
+        for seed in cfg.pipeline.seeds:
+            path = classifier_run_dir(cfg, strategy, augment, seed) / "metrics.json"
+            if path.is_file():
+                m = json.loads(path.read_text())
+                accs.append(100 * _metric(m, "accuracy"))
+                f1s.append(100 * _metric(m, "macro_f1"))
+        rows.append({"run": run, "strategy": strategy, "augment": augment, "n": len(accs),
+                     "acc_mean": float(np.mean(accs)) if accs else float("nan"),
+                     "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                     "f1_mean": float(np.mean(f1s)) if f1s else float("nan"),
+                     "f1_std": float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0,
+                     "accs": accs})
+    return rows
+
+
+def plot_accuracy(rows: list[dict], path: Path) -> None:
+    """Bar chart of accuracy per run with std error bars and the individual seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 1, 3.2))
+    x = np.arange(len(rows))
+    ax.bar(x, [r["acc_mean"] for r in rows], yerr=[r["acc_std"] for r in rows], capsize=4, color="#8fb3d9")
+    for i, r in enumerate(rows):
+        ax.scatter([i] * len(r["accs"]), r["accs"], color="k", s=10, zorder=3)
+    ax.set_xticks(x, [r["run"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    lo = min((min(r["accs"]) for r in rows if r["accs"]), default=0)
+    ax.set_ylim(max(0, lo - 5), min(100, max((max(r["accs"]) for r in rows if r["accs"]), default=100) + 3))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def write_report(cfg: Config, times: dict) -> Path:
+    """results.md: the table (mean +- std over seeds), stage wall times and figures."""
+    out = Path(cfg.run.output_dir)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    rows = collect_results(cfg)
+    plot_accuracy(rows, figs / "accuracy.png")
+    grids = sorted((out / "synthetic" / "grids").glob("*.png"))
+    if grids:
+        shutil.copyfile(grids[0], figs / "samples.png")
+    n_syn = len(read_jsonl(out / "synthetic" / "metadata.jsonl"))
+    lines = [
+        f"# MVC results: {cfg.data.name}, {cfg.data.k_per_class} labelled images per class",
+        "",
+        f"Backbone `{cfg.classifier.backbone}` trained from scratch for {cfg.classifier.epochs} epochs; "
+        f"{n_syn} synthetic images; test split: the dataset's official test set; "
+        f"mean ± std over seeds {cfg.pipeline.seeds}. Metrics are of the last epoch.",
+        "",
+        "| run | strategy | augmentation | accuracy (%) | macro F1 (%) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['strategy']} | {r['augment']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
+                     f"| {r['f1_mean']:.2f} ± {r['f1_std']:.2f} | {r['n']} |")
+    lines += ["", "| stage | wall time |", "|---|---|"]
+    for name, sec in times.items():
+        lines.append(f"| {name} | {sec / 60:.1f} min |")
+    lines.append(f"| total | {sum(times.values()) / 60:.1f} min |")
+    lines += ["", "![accuracy per run](figures/accuracy.png)", ""]
+    if grids:
+        lines += ["Samples (each row: a real image, then coarse and fine variants):", "",
+                  "![samples](figures/samples.png)", ""]
+    report = out / cfg.pipeline.report
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    return report
+
+
+def update_readme(report: Path, readme: Path = Path("README.md"), docs: Path = Path("docs/results")) -> None:
+    """Copy the report and its figures into the README's results section, verbatim."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise MVCError(f"{readme} has no results markers; add {README_BEGIN!r} and {README_END!r}")
+    docs.mkdir(parents=True, exist_ok=True)
+    body = report.read_text()
+    for fig in (report.parent / "figures").glob("*.png"):
+        shutil.copyfile(fig, docs / fig.name)
+    body = body.replace("](figures/", f"]({docs.as_posix()}/").replace("# MVC results", "### MVC results", 1)
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    atomic_write_text(readme, head + README_BEGIN + "\n" + body + README_END + tail)
+
+
+#################################################################################
+#                                    Main                                       #
+#################################################################################
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run every stage (resuming what is done) and write the report."""
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--update-readme", action="store_true",
+                        help="Copy results.md and its figures into README.md's results section.")
+    cfg, args = parse_args(parser, argv)
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config-pipeline.yaml"
+    save_config(cfg, cfg_path)  # every stage reads this one resolved file
+    times_path = out / "stage_times.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg, cfg_path), times, times_path)
+    run_stage("generation", lambda: stage_generate(cfg, cfg_path), times, times_path)
+    run_stage("classifiers", lambda: stage_classifiers(cfg, cfg_path), times, times_path)
+    report = write_report(cfg, times)
+    print(f"\nreport: {report}\n")
+    print(report.read_text())
+    if args.update_readme:
+        update_readme(report)
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -1,10 +1,13 @@
-"""Datasets: registry, low-data subsets (stub; being written)."""
-from mvc.registry import Registry
+"""Datasets: one `ImageDataset` class, a registry of on-disk layouts, low-data subsets.
 
-DATASETS = Registry("dataset")
-for _n in ["cifar10", "cifar100", "caltech101", "brain_tumor", "fashion_mnist", "imagefolder"]:
-    DATASETS.register(_n)(None)
+`list_datasets()` only lists names: importing this package reads nothing from disk and imports
+neither torchvision nor PIL (they are imported when an image is opened).
+"""
 
+from mvc.data.dataset import (DATASETS, ArraySource, FileSource, ImageDataset, build_dataset, list_datasets,
+                              load_splits, low_data_subset, register_dataset, stratified_split)
+from mvc.data import sources as _sources  # noqa: F401  (registers the datasets)
+from mvc.data.images import load_rgb, to_rgb
 
-def list_datasets():
-    return DATASETS.names()
+__all__ = ["DATASETS", "ArraySource", "FileSource", "ImageDataset", "build_dataset", "list_datasets", "load_splits",
+           "low_data_subset", "register_dataset", "stratified_split", "load_rgb", "to_rgb"]

@@ -1,3 +1,387 @@
-"""Captioners (stub; being written)."""
-def list_captioners():
-    return ["blip2", "lavis", "attributes", "template"]
+"""Captioners, the per-image caption cache, and prompts (caption + class prompt).
+
+A captioner is a callable `captioner(images: list[PIL.Image]) -> list[str]` with a `name`.
+Captions are cached in one JSON-lines file per (captioner, dataset) — `{"id", "caption"}` per
+line — written a batch at a time, so a rerun reuses it and an interrupted run resumes.
+
+Registered captioners (`CAPTIONERS`):
+- `blip2`: BLIP-2 through `transformers` (the paper's captioner; the full profile);
+- `lavis`: BLIP-2 through `salesforce-lavis`, run in its own environment (requirements-lavis.txt);
+- `attributes`: label-free words computed from the pixels (the tiny profile's stand-in for BLIP-2);
+- `template`: one fixed text for every image (ablation: no per-image caption).
+
+Heavy libraries are imported inside the builders, so `list_captioners()` stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import string
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mvc.registry import Registry
+from mvc.utils import MVCError, read_jsonl
+
+log = logging.getLogger(__name__)
+
+# name -> builder(captions_cfg, device) -> captioner
+CAPTIONERS: Registry[Callable[..., "Captioner"]] = Registry("captioner")
+
+DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
+
+
+def list_captioners() -> list[str]:
+    """Names of the registered captioners (cheap: no model is loaded)."""
+    return CAPTIONERS.names()
+
+
+class Captioner:
+    """Base class: `name` plus `__call__(images) -> captions` (one caption per PIL image)."""
+
+    name = "captioner"
+
+    def __call__(self, images: Sequence[Any]) -> list[str]:
+        raise NotImplementedError
+
+
+def build_captioner(captions_cfg: Any, device: Any = None) -> Captioner:
+    """Build the captioner named by `captions_cfg.captioner` (`device`: a torch device, default CPU)."""
+    return CAPTIONERS.get(captions_cfg.captioner)(captions_cfg, device)
+
+
+#################################################################################
+#                                   Prompts                                     #
+#################################################################################
+
+def validate_template(template: str) -> str:
+    """Check a prompt template: it must use {caption} and {label} and no other placeholder."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise MVCError(f"prompt template {template!r} is malformed ({e}); use e.g. {DEFAULT_TEMPLATE!r}") from None
+    missing = [f for f in ("caption", "label") if f not in fields]
+    extra = sorted({f for f in fields if f not in ("caption", "label")})
+    if extra:
+        shown = ", ".join("{" + f + "}" for f in extra)
+        raise MVCError(f"prompt template {template!r} has unknown placeholder(s) {shown}; only {{caption}} and {{label}} are allowed")
+    if missing:
+        shown = ", ".join("{" + f + "}" for f in missing)
+        raise MVCError(f"prompt template {template!r} lacks {shown}; use e.g. {DEFAULT_TEMPLATE!r}")
+    return template
+
+
+def make_prompt(template: str, caption: str, label_name: str) -> str:
+    """The prompt of one image: `template` filled with its caption and its class name."""
+    return validate_template(template).format(caption=caption.strip(), label=label_name)
+
+
+#################################################################################
+#                                 Caption cache                                 #
+#################################################################################
+
+def caption_cache_path(output_dir: str | os.PathLike, captioner_name: str, dataset: Any) -> Path:
+    """`<output_dir>/captions/<captioner>-<dataset fingerprint>.jsonl` (shared by every stage)."""
+    from mvc.utils import safe_name
+
+    return Path(output_dir) / "captions" / f"{safe_name(captioner_name)}-{dataset.fingerprint()}.jsonl"
+
+
+def _append_records(path: Path, records: list[dict]) -> None:
+    """Append a batch of JSON lines and flush them to disk (one fsync per batch, not per line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Cut a torn last line (no trailing newline) left by a crash, so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    keep = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
+    with open(path, "wb") as f:
+        f.write(keep)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def caption_dataset(dataset: Any, captioner: Captioner, cache_path: str | os.PathLike,
+                    batch_size: int = 16, progress: bool = True) -> dict[str, str]:
+    """Captions of every image of `dataset`, `{id: caption}`, read from / appended to `cache_path`.
+
+    Ids already in the cache are not captioned again, so a rerun is free and an interrupted
+    run resumes where it stopped. Lines for ids not in `dataset` are kept but not returned.
+    """
+    from tqdm.auto import tqdm
+
+    path = Path(cache_path)
+    _repair_torn_tail(path)
+    cached: dict[str, str] = {}
+    for rec in read_jsonl(path):
+        if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("caption"), str):
+            raise MVCError(f"{path}: a line is not a {{'id', 'caption'}} record; delete the file to recaption")
+        cached[str(rec["id"])] = rec["caption"]
+    todo = [i for i, id_ in enumerate(dataset.ids) if id_ not in cached]
+    if todo:
+        log.info("captioning %d of %d images with %s -> %s", len(todo), len(dataset), captioner.name, path)
+        bar = tqdm(total=len(todo), desc=f"captions ({captioner.name})", unit="img", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            images = [dataset.load_image(i) for i in idx]
+            caps = captioner(images)
+            if len(caps) != len(idx):
+                raise RuntimeError(f"captioner {captioner.name} returned {len(caps)} captions for {len(idx)} images")
+            recs = [{"id": dataset.ids[i], "caption": " ".join(str(c).split())} for i, c in zip(idx, caps)]
+            _append_records(path, recs)
+            cached.update((r["id"], r["caption"]) for r in recs)
+            bar.update(len(idx))
+        bar.close()
+    return {id_: cached[id_] for id_ in dataset.ids}
+
+
+#################################################################################
+#                          Captioners: template, attributes                     #
+#################################################################################
+
+class TemplateCaptioner(Captioner):
+    """The same fixed text for every image."""
+
+    name = "template"
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __call__(self, images: Sequence[Any]) -> list[str]:
+        return [self.text for _ in images]
+
+
+@CAPTIONERS.register("template")
+def _build_template(cfg: Any, device: Any = None) -> Captioner:
+    return TemplateCaptioner(cfg.template_text)
+
+
+# Thresholds of the attribute words. They are fixed numbers (not refit per dataset) chosen near
+# the tertiles / medians of 2000 Fashion-MNIST training images at 28x28 (see `attribute_features`), so the
+# words split that dataset into groups of similar size while meaning the same on any dataset.
+ATTRIBUTE_THRESHOLDS = {
+    "brightness": (0.57, 0.72),  # mean object intensity: dark < 0.57 <= gray < 0.72 <= bright
+    "area": (0.375, 0.54),       # object fraction of the image: small < 0.375 <= medium < 0.54 <= large
+    "aspect": (0.75, 1.10),      # bbox width / height: tall < 0.75 <= square < 1.10 <= wide
+    "texture": 0.20,             # mean |finite difference| inside the object: smooth < 0.20 <= textured
+    "asymmetry": 0.125,          # mean left-right mismatch of the bbox / its mean: symmetric < 0.125
+}
+
+
+def attribute_features(image: Any, max_size: int = 64) -> dict[str, float]:
+    """Label-free measurements of one image: brightness, area, aspect, texture, asymmetry.
+
+    The image is turned to grayscale in [0, 1] (shrunk, aspect kept, when larger than `max_size`;
+    never enlarged, since interpolation would blur the edges unevenly); the background is the median
+    of the border pixels, the object (foreground) the pixels that differ from it by more than 0.1.
+    """
+    from PIL import Image
+
+    im = image.convert("L")
+    if max(im.size) > max_size:
+        r = max_size / max(im.size)
+        im = im.resize((max(1, round(im.width * r)), max(1, round(im.height * r))), Image.BOX)
+    g = np.asarray(im, dtype=np.float32) / 255.0  # (H, W)
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    bg = float(np.median(border))
+    fg = np.abs(g - bg) > 0.1  # (S, S) bool
+    if fg.sum() < 2:
+        return {"brightness": float(g.mean()), "area": 0.0, "aspect": 1.0, "texture": 0.0, "asymmetry": 0.0}
+    ys, xs = np.nonzero(fg)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    # brightness of the object itself (a dark item on a black background is still "dark")
+    brightness = float(g[fg].mean())
+    area = float(fg.mean())
+    aspect = float((x1 - x0) / (y1 - y0))
+    # texture: mean absolute finite difference inside the object, borders of the object excluded
+    gy, gx = np.abs(np.diff(g, axis=0))[:, :-1], np.abs(np.diff(g, axis=1))[:-1, :]
+    inner = fg[:-1, :-1] & fg[1:, :-1] & fg[:-1, 1:]
+    texture = float((gx + gy)[inner].mean()) if inner.any() else 0.0
+    # symmetry: compare the object's bounding box with its mirror image
+    crop = g[y0:y1, x0:x1]
+    asymmetry = float(np.abs(crop - crop[:, ::-1]).mean() / max(crop.mean(), 1e-3) / 2)
+    return {"brightness": brightness, "area": area, "aspect": aspect, "texture": texture, "asymmetry": asymmetry}
+
+
+def attribute_words(feats: dict[str, float]) -> list[str]:
+    """The words true of an image's `attribute_features`, in a fixed order."""
+    t = ATTRIBUTE_THRESHOLDS
+    b, a, r = feats["brightness"], feats["area"], feats["aspect"]
+    return [
+        "dark" if b < t["brightness"][0] else "gray" if b < t["brightness"][1] else "bright",
+        "small" if a < t["area"][0] else "medium" if a < t["area"][1] else "large",
+        "tall" if r < t["aspect"][0] else "square" if r < t["aspect"][1] else "wide",
+        "smooth" if feats["texture"] < t["texture"] else "textured",
+        "symmetric" if feats["asymmetry"] < t["asymmetry"] else "asymmetric",
+    ]
+
+
+class AttributeCaptioner(Captioner):
+    """Deterministic, label-free captions from pixel statistics: "a dark small tall smooth symmetric object"."""
+
+    name = "attributes"
+
+    def __call__(self, images: Sequence[Any]) -> list[str]:
+        return ["a " + " ".join(attribute_words(attribute_features(im))) + " object" for im in images]
+
+
+@CAPTIONERS.register("attributes")
+def _build_attributes(cfg: Any = None, device: Any = None) -> Captioner:
+    return AttributeCaptioner()
+
+
+#################################################################################
+#                          Captioners: BLIP-2 (transformers)                    #
+#################################################################################
+
+def _check_model_source(model_id: str, what: str) -> None:
+    """A path-like id that does not exist is a user error (not a hub lookup)."""
+    p = Path(model_id).expanduser()
+    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or p.exists()
+    if looks_local and not p.is_dir():
+        raise MVCError(f"{what}: no folder {model_id!r}; give a local model folder or a hub id like 'owner/name'")
+
+
+class Blip2Captioner(Captioner):
+    """BLIP-2 (`Blip2ForConditionalGeneration`), greedy decoding; fp16 on GPU, fp32 on CPU.
+
+    The model is loaded on first use, so a stage whose captions are all cached never loads it.
+    """
+
+    name = "blip2"
+
+    def __init__(self, model_id: str, max_new_tokens: int = 30, device: Any = None):
+        import torch
+
+        _check_model_source(model_id, "captions.model_id")
+        self.model_id = model_id
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.max_new_tokens = max_new_tokens
+        self._model = self._processor = None
+
+    def load(self) -> "Blip2Captioner":
+        """Load processor and model (once); an unloadable source is a one-line MVCError."""
+        if self._model is not None:
+            return self
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        p = Path(self.model_id).expanduser()
+        src = str(p) if p.is_dir() else self.model_id
+        try:
+            processor = Blip2Processor.from_pretrained(src)
+            model = Blip2ForConditionalGeneration.from_pretrained(src, dtype=self.dtype, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MVCError(f"cannot load BLIP-2 from {self.model_id!r} ({first}); without network set a local "
+                           f"folder in captions.model_id (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})") from None
+        self._processor, self._model = processor, model.to(self.device).eval()
+        return self
+
+    @property
+    def model(self) -> Any:
+        return self.load()._model
+
+    @property
+    def processor(self) -> Any:
+        return self.load()._processor
+
+    def __call__(self, images: Sequence[Any]) -> list[str]:
+        import torch
+
+        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)  # (B, 3, H, W)
+        with torch.inference_mode():
+            out = self.model.generate(pixel_values=pixel_values, do_sample=False, num_beams=1,
+                                      max_new_tokens=self.max_new_tokens)
+        # the prompt (query placeholders + BOS) is special tokens, so skipping them leaves the caption
+        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+
+@CAPTIONERS.register("blip2")
+def _build_blip2(cfg: Any, device: Any = None) -> Captioner:
+    return Blip2Captioner(cfg.model_id, max_new_tokens=cfg.max_new_tokens, device=device)
+
+
+#################################################################################
+#                           Captioners: BLIP-2 (LAVIS)                          #
+#################################################################################
+
+class LavisCaptioner(Captioner):
+    """BLIP-2 OPT through salesforce-lavis (the paper's code path); needs its own environment.
+
+    The model is loaded on first use (a stage whose captions are all cached never loads it).
+    """
+
+    name = "lavis"
+
+    def __init__(self, model_name: str, model_type: str, max_new_tokens: int = 30, device: Any = None):
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("lavis") is None:
+            raise MVCError("captioner 'lavis' needs salesforce-lavis, which pins transformers<4.27 and cannot live "
+                           "beside this stack: pip install -r requirements-lavis.txt in a separate environment "
+                           "and run `python -m mvc.captions` there (or use captions.captioner=blip2)")
+        self.model_name, self.model_type = model_name, model_type
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.max_new_tokens = max_new_tokens
+        self.model = self.vis_processors = None
+
+    def __call__(self, images: Sequence[Any]) -> list[str]:
+        import torch
+
+        if self.model is None:
+            from lavis.models import load_model_and_preprocess
+
+            self.model, self.vis_processors, _ = load_model_and_preprocess(
+                name=self.model_name, model_type=self.model_type, is_eval=True, device=self.device)
+        batch = torch.stack([self.vis_processors["eval"](im.convert("RGB")) for im in images]).to(self.device)
+        with torch.inference_mode():
+            caps = self.model.generate({"image": batch}, use_nucleus_sampling=False, num_beams=1,
+                                       max_length=self.max_new_tokens)
+        return [c.strip() for c in caps]
+
+
+@CAPTIONERS.register("lavis")
+def _build_lavis(cfg: Any, device: Any = None) -> Captioner:
+    return LavisCaptioner(cfg.lavis_model, cfg.lavis_model_type, max_new_tokens=cfg.max_new_tokens, device=device)
+
+
+#################################################################################
+#                                    CLI                                        #
+#################################################################################
+
+def main(argv: list[str] | None = None) -> None:
+    """Caption the labelled subset into the shared cache (e.g. in the LAVIS environment)."""
+    from mvc.config import build_parser, parse_args
+    from mvc.data import load_splits
+
+    parser = build_parser("Caption the labelled subset of a dataset into <run.output_dir>/captions/.")
+    cfg, _ = parse_args(parser, argv)
+    labelled, _, _ = load_splits(cfg.data)
+    captioner = build_captioner(cfg.captions)
+    path = caption_cache_path(cfg.run.output_dir, captioner.name, labelled)
+    caps = caption_dataset(labelled, captioner, path, batch_size=cfg.captions.batch_size)
+    print(f"{len(caps)} captions in {path}")
+
+
+if __name__ == "__main__":
+    from mvc.utils import run_cli
+
+    run_cli(main)

@@ -94,6 +94,8 @@ class CaptionConfig:
     batch_size: int = opt(16, "Images per captioner batch.", min=1)
     max_new_tokens: int = opt(30, "Longest caption, in tokens (blip2/lavis).", min=1)
     template_text: str = opt("an image", "The fixed caption of the 'template' captioner.")
+    lavis_model: str = opt("blip2_opt", "LAVIS model name of the 'lavis' captioner.")
+    lavis_model_type: str = opt("caption_coco_opt2.7b", "LAVIS model type of the 'lavis' captioner.")
     prompt_template: str = opt("{caption}, a photo of class type {label}",
                                "Prompt = caption joined with the class prompt; must contain {caption} and {label}.")
 
@@ -103,16 +105,22 @@ class TinyBaseConfig:
     """The tiny Stable-Diffusion-like base, built and pretrained locally (tiny profile only)."""
     image_size: int = opt(32, "Pixel resolution of the tiny base.", min=8)
     latent_channels: int = opt(4, "VAE latent channels (4, as SD).", min=1)
-    vae_channels: list[int] = opt([32, 64], "VAE block widths; downsampling factor = 2**(len-1).")
+    vae_channels: list[int] = opt([32, 64, 64], "VAE block widths; downsampling factor = 2**(len-1) (32 px -> 8x8 latents).")
     unet_channels: list[int] = opt([64, 128], "U-Net block widths.")
     text_hidden: int = opt(64, "CLIP text encoder width (SD-1.5: 768).", min=8)
     text_layers: int = opt(2, "CLIP text encoder layers.", min=1)
     max_length: int = opt(32, "Tokenizer max length (SD-1.5: 77).", min=8)
-    pool_size: int = opt(20000, "Images of the remainder pool used for pretraining (null: all).", min=1)
-    vae_steps: int = opt(1500, "VAE pretraining steps.", min=0)
-    unet_steps: int = opt(3000, "Text-to-image U-Net pretraining steps.", min=0)
+    pool_size: int | None = opt(10000, "Images of the remainder pool used for pretraining (null: all).", min=1)
+    vae_steps: int = opt(150, "VAE pretraining steps.", min=0)
+    unet_steps: int = opt(350, "Text-to-image U-Net pretraining steps.", min=0)
     batch_size: int = opt(64, "Pretraining batch size.", min=1)
-    lr: float = opt(1e-3, "Pretraining learning rate.", min=0, min_exclusive=True)
+    lr: float = opt(2e-3, "Pretraining learning rate (AdamW, warm-up then cosine decay).", min=0, min_exclusive=True)
+    vae_kl_weight: float = opt(1e-3, "Weight of the VAE's KL term (per latent element) beside the MSE.", min=0)
+    caption_dropout: float = opt(0.1, "P(empty prompt) in U-Net pretraining, for classifier-free guidance.", min=0, max=1)
+    train_text_encoder: bool = opt(True, "Train the CLIP text encoder jointly with the U-Net (frozen later, in MVC).")
+    num_samples: int = opt(32, "Text-to-image samples in the base's samples.png grid.", min=1)
+    sample_steps: int = opt(25, "DDIM steps of those samples.", min=1)
+    seed: int = opt(0, "Seed of the pool subsample, the initialisation and the pretraining draws.")
     cache_dir: str = opt("outputs/cache/tiny_base", "Where built bases are cached, keyed by this section's hash.")
 
 
@@ -128,7 +136,7 @@ class ModelConfig:
 class FinetuneConfig:
     """InstructPix2Pix-style fine-tuning on the index pairs (train_mvc.py)."""
     resolution: int = opt(32, "Training resolution (SD-1.5: 256 or 512).", min=8)
-    batch_size: int = opt(50, "Per-process batch size (paper: 50).", min=1)
+    batch_size: int = opt(50, "Global batch per micro-step, split across processes (paper: 50).", min=1)
     grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
     max_steps: int = opt(1000, "Optimizer steps.", min=1)
     lr: float = opt(1e-4, "Learning rate (paper: 1e-4, Adam).", min=0, min_exclusive=True)
@@ -155,6 +163,10 @@ class FinetuneConfig:
     validate_every: int = opt(250, "Validation grid every N steps.", min=1)
     num_validation: int = opt(4, "Pairs shown in the validation grid.", min=1)
     validation_steps: int = opt(20, "Sampling steps for validation images.", min=1)
+    validation_guidance_scale: float = opt(3.0, "Text guidance of validation images.", min=0)
+    validation_image_guidance_scale: float = opt(1.5, "Image guidance of validation images.", min=0)
+    prompt_from: str = opt("target", "Whose caption a pair's prompt uses (IP2P: the image to generate).",
+                           choices=["target", "condition"])
     log_every: int = opt(10, "Log scalars every N steps.", min=1)
     num_workers: int = opt(0, "DataLoader workers.", min=0)
 
@@ -186,6 +198,9 @@ class GenerateConfig:
     per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
     batch_size: int = opt(16, "Variants per U-Net batch.", min=1)
     grid_sources: int = opt(4, "Sources per class in the sample grid.", min=1)
+    grid_dir: str | None = opt(None, "Sample grids + TensorBoard (default: <out_dir>_grids, beside the ImageFolder "
+                                     "so that it holds class folders only).")
+    resolution: int | None = opt(None, "Source images are resized to this before encoding (null: the model's size).", min=8)
     filter_checkpoint: str | None = opt(None, "Real-data classifier checkpoint used to filter synthetic images.")
     filter_threshold: float = opt(0.5, "Keep an image when the filter's confidence in its class >= this.", min=0, max=1)
 
@@ -223,7 +238,12 @@ class ClassifierConfig:
     seeds: list[int] = opt([0], "Seeds; several report mean +- std.")
     num_workers: int = opt(0, "DataLoader workers.", min=0)
     checkpoint_every: int = opt(1, "Save a checkpoint every N epochs.", min=1)
+    checkpoints_keep: int = opt(2, "Classifier checkpoints kept per run (oldest removed).", min=1)
     results_csv: str | None = opt(None, "Results CSV a row is appended to (default: <run.output_dir>/results.csv).")
+    val_fraction: float = opt(0.0, "Labelled share held out (stratified) to pick the best epoch; 0: best is picked "
+                              "on test accuracy (optimistic, flagged in metrics.json).", min=0, max=0.9)
+    test_limit: int | None = opt(None, "Evaluate on a fixed class-balanced subset of at most N test images (null: all).",
+                                 min=1)
 
 
 @dataclass

@@ -1,3 +1,279 @@
-"""Mixing (stub; being written)."""
-def list_mixing_ops():
-    return ["none", "coarse", "fine"]
+"""Mixing Visual Concepts: pure, batched edits of prompt embeddings (B x T x D).
+
+- *coarse* (token level): k token vectors inside a window of positions are shuffled among
+  themselves, or swapped for the vectors at the same positions of a donor embedding (another
+  caption of the same class);
+- *fine* (slice level): in m token vectors, a slice of s dimensions is replaced, with values
+  from a donor, from other tokens of the same embedding ('self'), or from noise with the
+  embedding's own per-dimension statistics;
+- *none*: the unmixed baseline.
+
+Ops compose with '+' (`"coarse+fine"`: coarse, then fine on its output). Every function takes a
+`torch.Generator`, returns a new tensor and leaves its inputs untouched. Importing this module is
+cheap (config validation calls `list_mixing_ops()`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mvc.registry import Registry
+from mvc.utils import MVCError
+
+Window = tuple[int, int] | Sequence[tuple[int, int]] | torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class MixOp:
+    """A registered op: `fn(embeds, params, generator, donor, window) -> embeds`, the params it reads."""
+    fn: Callable[..., torch.Tensor]
+    keys: tuple[str, ...]
+    needs_donor: Callable[[dict], bool]
+
+
+MIXING_OPS: Registry[MixOp] = Registry("mixing op")
+
+
+def list_mixing_ops() -> list[str]:
+    """Names of the registered mixing ops (compose them with '+', e.g. 'coarse+fine')."""
+    return MIXING_OPS.names()
+
+
+#################################################################################
+#                                  Windows                                      #
+#################################################################################
+
+def caption_token_span(tokenizer, prompt_template: str, caption: str, label: str) -> tuple[int, int]:
+    """[start, end) token positions of `caption` inside the tokenized prompt (BOS is position 0).
+
+    The caption is located by its characters in the formatted prompt (wherever the template puts
+    it), then mapped to tokens with the tokenizer's offsets. A caption cut off by the tokenizer's
+    max length gives the part that survives; an empty one gives an empty span (start == end).
+    """
+    if "{caption}" not in prompt_template:
+        raise MVCError(f"prompt template {prompt_template!r} has no {{caption}} placeholder")
+    prompt = _format_prompt(prompt_template, caption, label)
+    c0 = _locate_caption(prompt_template, prompt, caption, label)
+    c1 = c0 + len(caption)
+    max_len = int(tokenizer.model_max_length)
+    try:
+        enc = tokenizer(prompt, truncation=True, max_length=max_len, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        offsets = None
+    if offsets is not None:
+        # special tokens (BOS/EOS/padding) have empty (0, 0) offsets
+        pos = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
+        if not pos:
+            return (1, 1)
+        return (min(pos), max(pos) + 1)
+    # slow tokenizers: count the tokens of the text before the caption, then of the caption
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    start = 1 + len(ids(prompt[:c0].strip())) if prompt[:c0].strip() else 1
+    end = min(start + len(ids(caption)), max_len - 1)
+    return (min(start, end), end)
+
+
+def _format_prompt(template: str, caption: str, label: str) -> str:
+    """The prompt the pipeline sees: `mvc.captions.make_prompt` when available (one definition)."""
+    try:
+        from mvc.captions import make_prompt
+    except ImportError:  # captions module not there yet: the plain format is the contract
+        return template.format(caption=caption, label=label)
+    return make_prompt(template, caption, label)
+
+
+def _locate_caption(template: str, prompt: str, caption: str, label: str) -> int:
+    """Character index of `caption` in `prompt` (template prefix first, else a search)."""
+    prefix = template.split("{caption}", 1)[0].format(label=label)
+    if prompt[len(prefix):len(prefix) + len(caption)] == caption:
+        return len(prefix)
+    i = prompt.find(caption)
+    if i < 0:
+        i = prompt.lower().find(caption.lower().strip())
+    if i < 0:
+        raise MVCError(f"cannot find the caption {caption!r} in the prompt {prompt!r}")
+    return i
+
+
+def _windows(window: Window, batch: int, length: int) -> list[tuple[int, int]]:
+    """Normalise `window` (None: all T positions; one (start, end); or B of them) to B checked pairs."""
+    if window is None:
+        return [(0, length)] * batch
+    if isinstance(window, torch.Tensor):
+        window = window.tolist()
+    window = list(window)
+    if len(window) == 2 and all(hasattr(v, "__index__") for v in window):
+        pairs = [tuple(int(v) for v in window)] * batch
+    else:
+        pairs = [tuple(int(v) for v in w) for w in window]
+        if len(pairs) != batch or any(len(p) != 2 for p in pairs):
+            raise MVCError(f"window must be (start, end) or {batch} such pairs, got {window!r}")
+    for s, e in pairs:
+        if not 0 <= s < e <= length:
+            raise MVCError(f"window [{s}, {e}) is not a non-empty range inside the {length} token positions")
+    return pairs
+
+
+def _check(embeds: torch.Tensor, donor: torch.Tensor | None, need_donor: bool) -> None:
+    """Shape checks shared by the ops."""
+    if embeds.ndim != 3:
+        raise MVCError(f"prompt embeddings must be (B, T, D), got shape {tuple(embeds.shape)}")
+    if need_donor:
+        if donor is None:
+            raise MVCError("this mixing op needs a donor embedding (another caption of the same class)")
+        if donor.shape != embeds.shape:
+            raise MVCError(f"donor shape {tuple(donor.shape)} differs from the embeddings' {tuple(embeds.shape)}")
+
+
+def _randint(n: int, generator: torch.Generator) -> int:
+    """One integer in [0, n) from `generator`."""
+    return int(torch.randint(n, (1,), generator=generator, device=generator.device).item())
+
+
+def _choose(start: int, end: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct positions in [start, end), (k,) int64 on the CPU."""
+    return torch.randperm(end - start, generator=generator, device=generator.device)[:k].cpu() + start
+
+
+#################################################################################
+#                                Coarse mixing                                  #
+#################################################################################
+
+def coarse_mix(embeds: torch.Tensor, generator: torch.Generator, k: int, mode: str = "shuffle",
+               donor: torch.Tensor | None = None, window: Window = None) -> torch.Tensor:
+    """Token-level mixing: per row, k positions in the window are shuffled (a permutation that is not
+    the identity when k >= 2) or replaced by the donor's vectors at the same positions."""
+    if mode not in ("shuffle", "swap"):
+        raise MVCError(f"coarse mixing mode must be 'shuffle' or 'swap', got {mode!r}")
+    _check(embeds, donor, mode == "swap")
+    B, T, _ = embeds.shape
+    wins = _windows(window, B, T)
+    k = int(k)
+    out = embeds.clone()
+    for b, (s, e) in enumerate(wins):
+        if not 1 <= k <= e - s:
+            raise MVCError(f"coarse mixing k={k} must be between 1 and the window size {e - s} (window [{s}, {e}))")
+        pos = _choose(s, e, k, generator).to(embeds.device)  # (k,)
+        if mode == "swap":
+            out[b, pos] = donor[b, pos].to(embeds.dtype)
+            continue
+        perm = torch.randperm(k, generator=generator, device=generator.device).cpu()
+        if k >= 2 and torch.equal(perm, torch.arange(k)):
+            perm = torch.roll(perm, 1 + _randint(k - 1, generator))  # never the identity
+        out[b, pos] = embeds[b, pos[perm.to(embeds.device)]]
+    return out
+
+
+#################################################################################
+#                                 Fine mixing                                   #
+#################################################################################
+
+def fine_mix(embeds: torch.Tensor, generator: torch.Generator, m: int, s: int, source: str = "donor",
+             contiguous: bool = True, donor: torch.Tensor | None = None, window: Window = None) -> torch.Tensor:
+    """Slice-level mixing: per row, in m token vectors of the window, s dimensions are replaced.
+
+    `source`: 'donor' (same entries of the donor), 'self' (same dimensions of another token of the
+    window, or of the sequence when the window has one token), 'noise' (Gaussian with the row's
+    per-dimension mean and std over tokens 1..T-1, skipping BOS whose values are outliers in CLIP).
+    The slice is contiguous or scattered, drawn anew for each of the m tokens.
+    """
+    if source not in ("donor", "self", "noise"):
+        raise MVCError(f"fine mixing source must be 'donor', 'self' or 'noise', got {source!r}")
+    _check(embeds, donor, source == "donor")
+    B, T, D = embeds.shape
+    wins = _windows(window, B, T)
+    m, s = int(m), int(s)
+    if not 1 <= s <= D:
+        raise MVCError(f"fine mixing slice size s={s} must be between 1 and the embedding width {D}")
+    if source == "self" and T < 2:
+        raise MVCError("fine mixing source 'self' needs at least 2 token positions")
+    out = embeds.clone()
+    g, gdev = generator, generator.device
+    for b, (w0, w1) in enumerate(wins):
+        if not 1 <= m <= w1 - w0:
+            raise MVCError(f"fine mixing m={m} must be between 1 and the window size {w1 - w0} (window [{w0}, {w1}))")
+        if source == "noise":
+            ref = embeds[b, 1:] if T > 1 else embeds[b]  # (T-1, D)
+            mu, sd = ref.float().mean(0), ref.float().std(0, unbiased=False)  # (D,), (D,)
+        for p in _choose(w0, w1, m, g).tolist():
+            if contiguous:
+                d0 = _randint(D - s + 1, g)
+                dims = torch.arange(d0, d0 + s)
+            else:
+                dims = torch.randperm(D, generator=g, device=gdev)[:s].cpu()
+            dims = dims.to(embeds.device)  # (s,)
+            if source == "donor":
+                vals = donor[b, p, dims]
+            elif source == "self":
+                lo, hi = (w0, w1) if w1 - w0 >= 2 else (0, T)
+                q = lo + _randint(hi - lo - 1, g)
+                q = q + 1 if q >= p else q  # any position of [lo, hi) but p
+                vals = embeds[b, q, dims]
+            else:
+                z = torch.randn(s, generator=g, device=gdev).to(embeds.device)
+                vals = mu[dims] + sd[dims] * z
+            out[b, p, dims] = vals.to(embeds.dtype)
+    return out
+
+
+#################################################################################
+#                            Registry and dispatch                              #
+#################################################################################
+
+def _need(params: dict, key: str, op: str) -> Any:
+    if key not in params:
+        raise MVCError(f"mixing op {op!r} needs the parameter {key!r}")
+    return params[key]
+
+
+MIXING_OPS.register("none")(MixOp(fn=lambda x, params, g, donor, window: x.clone(), keys=(),
+                                  needs_donor=lambda p: False))
+MIXING_OPS.register("coarse")(MixOp(
+    fn=lambda x, params, g, donor, window: coarse_mix(
+        x, g, k=_need(params, "k", "coarse"), mode=params.get("mode", "shuffle"), donor=donor, window=window),
+    keys=("mode", "k"), needs_donor=lambda p: p.get("mode", "shuffle") == "swap"))
+MIXING_OPS.register("fine")(MixOp(
+    fn=lambda x, params, g, donor, window: fine_mix(
+        x, g, m=_need(params, "m", "fine"), s=_need(params, "s", "fine"), source=params.get("source", "donor"),
+        contiguous=params.get("contiguous", True), donor=donor, window=window),
+    keys=("m", "s", "source", "contiguous"), needs_donor=lambda p: p.get("source", "donor") == "donor"))
+
+
+def parse_op(op: str) -> list[str]:
+    """'coarse+fine' -> ['coarse', 'fine'], each checked against the registry."""
+    names = [n.strip() for n in str(op).split("+")]
+    if not all(names):
+        raise MVCError(f"malformed mixing op {op!r}; use registered names joined by '+', e.g. 'coarse+fine'")
+    for n in names:
+        MIXING_OPS.get(n)
+    return names
+
+
+def op_needs_donor(op: str, params: dict) -> bool:
+    """Whether `op` (possibly composite) reads a donor embedding with these params."""
+    return any(MIXING_OPS.get(n).needs_donor(params) for n in parse_op(op))
+
+
+def op_params(op: str, params: dict) -> dict:
+    """The subset of `params` that `op` reads (for metadata)."""
+    keys = [k for n in parse_op(op) for k in MIXING_OPS.get(n).keys]
+    return {k: params[k] for k in keys if k in params}
+
+
+def mixing_params(mixing_cfg: Any) -> dict:
+    """Flat op params from a `MixingConfig` (each op reads its own keys)."""
+    return {"mode": mixing_cfg.coarse_mode, "k": int(mixing_cfg.coarse_k), "m": int(mixing_cfg.fine_m),
+            "s": int(mixing_cfg.fine_s), "source": mixing_cfg.fine_source, "contiguous": bool(mixing_cfg.fine_contiguous)}
+
+
+def apply_mixing(embeds: torch.Tensor, op: str, params: dict, generator: torch.Generator,
+                 donor: torch.Tensor | None = None, window: Window = None) -> torch.Tensor:
+    """Apply `op` ('none', 'coarse', 'fine', or a '+' composition, left to right) to (B, T, D) embeddings."""
+    out = embeds
+    for name in parse_op(op):
+        out = MIXING_OPS.get(name).fn(out, params, generator, donor, window)
+    return out if out is not embeds else embeds.clone()

@@ -6,10 +6,27 @@ CLIPTokenizer, DDPMScheduler), only smaller, so every script runs the same code 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Iterable
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 from mvc.config import TinyBaseConfig
+from mvc.utils import MVCError, RunLogger, atomic_write_json, fingerprint, image_grid, make_generator
+
+log = logging.getLogger(__name__)
+
+# Bump when the pretraining recipe changes, so cached bases built by an older recipe are not reused.
+RECIPE_VERSION = 1
 
 #################################################################################
 #                                  Tokenizer                                    #
@@ -29,7 +46,8 @@ BASE_WORDS = (
 def build_tiny_tokenizer(extra_words: Iterable[str] = (), max_length: int = 32, vocab_size: int = 1000):
     """A CLIPTokenizer whose byte-level BPE vocabulary is trained locally on a small word list.
 
-    Every byte is in the vocabulary, so any text (class names included) tokenizes without <unk>.
+    Every byte is in the vocabulary (also word-final), so any text, class names included, tokenizes
+    without <unk>.
     """
     from tokenizers import pre_tokenizers, trainers
     from transformers import CLIPTokenizer
@@ -43,6 +61,11 @@ def build_tiny_tokenizer(extra_words: Iterable[str] = (), max_length: int = 32, 
     )
     backend.train_from_iterator(corpus, trainer)
     model = json.loads(backend.to_str())["model"]
+    # CLIP's BPE marks a word's last symbol with </w>: give every byte a word-final form too, so a
+    # one-character word ("-", "/", "&") or any word ending in a rare byte never becomes <unk>
+    vocab = model["vocab"]
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch + "</w>", len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
 
@@ -88,5 +111,266 @@ def build_tiny_components(cfg: TinyBaseConfig, extra_words: Iterable[str] = (), 
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                              beta_start=0.00085, beta_end=0.012, clip_sample=False)
+                              beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+#################################################################################
+#                              Pretraining data                                 #
+#################################################################################
+
+def images_to_uint8(dataset: Any, size: int, progress: bool = True) -> torch.Tensor:
+    """Every image of `dataset`, RGB, resized to size x size: a (N, 3, size, size) uint8 tensor."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
+    for i in tqdm(range(len(dataset)), desc="tiny base: images", unit="img", disable=not progress):
+        im = dataset.load_image(i).convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        out[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    return out
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) in [0, 255] -> float in [-1, 1], the range SD's VAE works in."""
+    return x.float().div(127.5).sub(1.0)
+
+
+def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """Token ids padded / truncated to the tokenizer's max length: (N, L) int64."""
+    return tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
+
+
+#################################################################################
+#                                Pretraining                                    #
+#################################################################################
+
+def pretrain_vae(vae: Any, images: torch.Tensor, cfg: TinyBaseConfig, device: Any = None,
+                 logger: RunLogger | None = None, progress: bool = True) -> float:
+    """Train the VAE to reconstruct `images` (MSE + a small KL); returns the last-100-step mean MSE."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen = make_generator(cfg.seed, 1)
+    recent: list[float] = []
+    bar = tqdm(range(cfg.vae_steps), desc="tiny base: VAE", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _cosine_lr(step, cfg.vae_steps, warmup=min(50, cfg.vae_steps))
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
+        x = to_model_range(images[idx]).to(device)  # (B, 3, S, S)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=None)).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / post.mean[0].numel()  # per latent element, so the weight is size-free
+        loss = mse + cfg.vae_kl_weight * kl
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"tiny VAE pretraining diverged at step {step} (loss {loss.item()}); lower tiny.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        recent = (recent + [mse.item()])[-100:]
+        if step % 25 == 0 or step == cfg.vae_steps - 1:
+            bar.set_postfix(mse=f"{np.mean(recent):.4f}")
+            if logger is not None:
+                logger.scalars(step, {"mse": mse.item(), "kl": kl.item()}, prefix="vae/")
+    vae.eval().requires_grad_(False)
+    return float(np.mean(recent)) if recent else float("nan")
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, images: torch.Tensor, batch_size: int = 256, device: Any = None) -> torch.Tensor:
+    """Posterior means of `images` (N, 3, S, S uint8): (N, C, S/f, S/f) float32, unscaled."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    out = [vae.encode(to_model_range(images[i:i + batch_size]).to(device)).latent_dist.mean.cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.Tensor, ids: torch.Tensor,
+                  null_ids: torch.Tensor, cfg: TinyBaseConfig, device: Any = None,
+                  logger: RunLogger | None = None, progress: bool = True) -> float:
+    """Text-to-image noise-prediction training on scaled latents (N, C, h, w) and token ids (N, L).
+
+    Captions are replaced by the empty prompt with probability `cfg.caption_dropout`, so that
+    classifier-free guidance works; the text encoder is trained jointly when `cfg.train_text_encoder`.
+    Returns the last-100-step mean loss.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    unet.to(device).train()
+    text_encoder.to(device).train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen = make_generator(cfg.seed, 2)
+    T = scheduler.config.num_train_timesteps
+    recent: list[float] = []
+    bar = tqdm(range(cfg.unet_steps), desc="tiny base: U-Net", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _cosine_lr(step, cfg.unet_steps, warmup=min(100, cfg.unet_steps))
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+        z0 = latents[idx].to(device)  # (B, C, h, w)
+        tok = ids[idx].clone()  # (B, L)
+        drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
+        tok[drop] = null_ids
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, T, (len(idx),), generator=gen).to(device)
+        zt = scheduler.add_noise(z0, noise, t)
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            ehs = text_encoder(tok.to(device))[0]  # (B, L, D)
+        pred = unet(zt, t, encoder_hidden_states=ehs).sample
+        loss = F.mse_loss(pred, noise)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"tiny U-Net pretraining diverged at step {step} (loss {loss.item()}); lower tiny.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        recent = (recent + [loss.item()])[-100:]
+        if step % 25 == 0 or step == cfg.unet_steps - 1:
+            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+            if logger is not None:
+                logger.scalars(step, {"loss": loss.item()}, prefix="unet/")
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return float(np.mean(recent)) if recent else float("nan")
+
+
+def sample_grid(pipe: Any, captions: list[str], real: torch.Tensor, seed: int, steps: int = 25,
+                guidance_scale: float = 3.0, per_row: int = 8):
+    """Pairs of rows: real pool images, then text-to-image samples from their captions (a PIL grid)."""
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [make_generator(seed, 3, i) for i in range(len(captions))]
+    with torch.no_grad():
+        fake = pipe(captions, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                    height=real.shape[-2], width=real.shape[-1], output_type="pil").images
+    reals = [Image.fromarray(r.permute(1, 2, 0).numpy()) for r in real]
+    rows = []
+    for i in range(0, len(captions), per_row):
+        rows += [reals[i:i + per_row], fake[i:i + per_row]]
+    return image_grid(rows)
+
+
+#################################################################################
+#                                 Cache                                         #
+#################################################################################
+
+def tiny_base_key(cfg: TinyBaseConfig, pool: Any, captioner_name: str) -> str:
+    """Hash of the tiny section (minus cache_dir), the pool's fingerprint, the captioner and the recipe."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
+    return fingerprint(RECIPE_VERSION, d, pool.fingerprint(), captioner_name)
+
+
+def get_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any = None,
+                  output_dir: str | os.PathLike | None = None, device: Any = None, progress: bool = True) -> Path:
+    """The folder of the tiny base pretrained on `pool` (a StableDiffusionPipeline), built once and cached.
+
+    The base learns from the remainder pool (disjoint from the labelled subset) with label-free
+    `attributes` captions, under `cfg.cache_dir/<key>/`; later calls with the same tiny section
+    and pool return the cached folder. The build is not resumable (a few minutes on 2 CPU cores):
+    an interrupted build leaves only a temporary folder, removed on the next build.
+    Pool captions are cached under `<output_dir>/captions/` when `output_dir` is given.
+    """
+    from mvc.captions import AttributeCaptioner
+
+    captioner = captioner if captioner is not None else AttributeCaptioner()
+    if len(pool) == 0:
+        raise MVCError("the tiny base needs a non-empty remainder pool: lower data.k_per_class "
+                       "or use model.base=<a pretrained diffusers folder>")
+    key = tiny_base_key(cfg, pool, captioner.name)
+    root = Path(cfg.cache_dir).expanduser()
+    folder = root / key
+    if (folder / "model_index.json").is_file():
+        log.info("tiny base: cache hit %s", folder)
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{key}.tmp-*"):  # left by an interrupted build
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-"))
+    try:
+        with torch.random.fork_rng(devices=[]):  # seeding the build must not touch the caller's RNG
+            _build_tiny_base(cfg, pool, captioner, tmp, output_dir, device, progress)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished the same build first: keep theirs
+            if not (folder / "model_index.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("tiny base: built %s", folder)
+    return folder
+
+
+def _build_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any, out: Path,
+                     output_dir: str | os.PathLike | None, device: Any, progress: bool) -> None:
+    """Pretrain the tiny base on `pool` and save it (pipeline, samples.png, tiny_base.json, logs/) in `out`."""
+    from diffusers import StableDiffusionPipeline
+
+    from mvc.captions import caption_cache_path, caption_dataset
+
+    t0 = time.time()
+    if cfg.pool_size is not None and cfg.pool_size < len(pool):
+        rng = np.random.default_rng(cfg.seed)
+        pool = pool.subset(np.sort(rng.choice(len(pool), cfg.pool_size, replace=False)))
+    cap_path = (caption_cache_path(output_dir, captioner.name, pool) if output_dir is not None
+                else out / "pool_captions.jsonl")
+    caps = caption_dataset(pool, captioner, cap_path, batch_size=256, progress=progress)
+    captions = [caps[i] for i in pool.ids]
+    images = images_to_uint8(pool, cfg.image_size, progress=progress)  # (N, 3, S, S) uint8
+
+    torch.manual_seed(cfg.seed)  # the random initialisation of every component
+    comps = build_tiny_components(cfg)
+    vae, unet, text_encoder, tokenizer, scheduler = (comps[k] for k in
+                                                      ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
+    logger = RunLogger(out / "logs")
+    try:
+        t1 = time.time()
+        vae_mse = pretrain_vae(vae, images, cfg, device, logger, progress)
+        t2 = time.time()
+        # SD scales latents to unit variance before diffusion; its factor (0.18215) was measured the same way
+        latents = encode_latents(vae, images, device=device)  # (N, C, h, w)
+        scaling = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=scaling)
+        ids = tokenize(tokenizer, captions)  # (N, L)
+        null_ids = tokenize(tokenizer, [""])[0]  # (L,)
+        unet_loss = pretrain_unet(unet, text_encoder, scheduler, latents * scaling, ids, null_ids, cfg,
+                                  device, logger, progress)
+        t3 = time.time()
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(out, safe_serialization=True)
+        n = min(cfg.num_samples, len(pool))
+        pick = np.random.default_rng(cfg.seed + 1).choice(len(pool), n, replace=False)
+        grid = sample_grid(pipe, [captions[i] for i in pick], images[pick], cfg.seed, steps=cfg.sample_steps)
+        logger.image("tiny_base/samples", grid, 0, path=out / "samples.png")
+        atomic_write_json(out / "tiny_base.json", {
+            "recipe_version": RECIPE_VERSION, "tiny": dataclasses.asdict(cfg), "pool_fingerprint": pool.fingerprint(),
+            "pool_size": len(pool), "captioner": captioner.name, "vae_mse": vae_mse, "unet_loss": unet_loss,
+            "scaling_factor": scaling, "seconds": {"data": t1 - t0, "vae": t2 - t1, "unet": t3 - t2,
+                                                   "total": time.time() - t0},
+        })
+    finally:
+        logger.close()

@@ -1,0 +1,234 @@
+"""Captioners (BLIP-2 tiny random model through the real loading path, attribute words), the
+caption cache (rerun, resume after interruption) and prompt templates."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mvc.captions import (CAPTIONERS, AttributeCaptioner, Captioner, build_captioner, caption_cache_path,
+                          caption_dataset, list_captioners, make_prompt, validate_template)
+from mvc.config import CaptionConfig
+from mvc.data import ArraySource, ImageDataset
+from mvc.tiny import BASE_WORDS
+from mvc.utils import MVCError
+
+
+def toy_dataset(n=10, size=28, seed=0):
+    """n grayscale images with a random bright rectangle on black, labels cycling over 3 classes."""
+    rng = np.random.default_rng(seed)
+    arr = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        y0, x0 = rng.integers(0, size // 2, 2)
+        h, w = rng.integers(4, size // 2, 2)
+        arr[i, y0:y0 + h, x0:x0 + w] = rng.integers(60, 255)
+    return ImageDataset("toy", "train", ["cat", "dog", "eel"], np.arange(n) % 3,
+                        [f"train/{i:05d}" for i in range(n)], ArraySource(arr))
+
+
+def rgb(arr):
+    return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+
+
+#################################################################################
+#                                   Prompts                                     #
+#################################################################################
+
+def test_default_template_and_make_prompt():
+    t = CaptionConfig().prompt_template
+    assert validate_template(t) == t
+    assert make_prompt(t, " a dark small object ", "sandal") == "a dark small object, a photo of class type sandal"
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("{caption} only", "lacks {label}"),
+    ("a photo of {label}", "lacks {caption}"),
+    ("{caption} {label} {style}", "unknown placeholder(s) {style}"),
+    ("{caption}, {label", "malformed"),
+    ("{caption} {label} {0}", "unknown placeholder(s) {0}"),
+])
+def test_bad_templates_are_one_line_errors(bad, words):
+    with pytest.raises(MVCError) as e:
+        validate_template(bad)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+#################################################################################
+#                              Attribute captions                               #
+#################################################################################
+
+def test_registry_lists_all_captioners_and_rejects_unknown():
+    assert set(list_captioners()) == {"blip2", "lavis", "attributes", "template"}
+    with pytest.raises(MVCError, match="unknown captioner"):
+        build_captioner(SimpleNamespace(captioner="nope"))
+
+
+def test_attribute_words_are_true_of_the_image():
+    cap = AttributeCaptioner()
+    dark_small = np.zeros((28, 28))
+    dark_small[12:16, 11:15] = 70  # a dim 4x4 square: dark, small, square, flat, symmetric
+    bright_wide = np.zeros((28, 28))
+    bright_wide[5:23, 1:27] = 240  # a bright 26x18 bar (60% of the image): bright, large, wide
+    tall = np.zeros((28, 28))
+    tall[2:26, 11:17] = 160  # a 6x24 column
+    checker = np.zeros((28, 28))
+    checker[4:24, 4:24] = np.where((np.add.outer(np.arange(20), np.arange(20)) % 2) == 0, 250, 90)
+    lopsided = np.zeros((28, 28))
+    lopsided[4:24, 4:8] = 250  # an L shape: heavy on the left
+    lopsided[20:24, 4:24] = 250
+    c = [set(s.split()) for s in cap([rgb(a) for a in (dark_small, bright_wide, tall, checker, lopsided)])]
+    assert {"dark", "small", "square", "smooth", "symmetric"} <= c[0]
+    assert {"bright", "large", "wide", "smooth", "symmetric"} <= c[1]
+    assert {"tall"} <= c[2] and "wide" not in c[2]
+    assert "textured" in c[3] and "smooth" not in c[3]
+    assert "asymmetric" in c[4]
+
+
+def test_attribute_captions_are_label_free_and_in_the_base_vocabulary():
+    ds = toy_dataset(12)
+    caps = AttributeCaptioner()([ds.load_image(i) for i in range(len(ds))])
+    words = {w for c in caps for w in c.split()}
+    assert words <= set(BASE_WORDS)  # every word is a whole token of the tiny tokenizer
+    assert not words & {"cat", "dog", "eel", "class", "type"}
+    assert len(set(caps)) > 1  # captions really depend on the pixels
+
+
+#################################################################################
+#                                  Cache                                        #
+#################################################################################
+
+class CountingCaptioner(Captioner):
+    """Captions 'img <mean>' and counts calls; raises once `fail_after` images were captioned."""
+
+    name = "counting"
+
+    def __init__(self, fail_after=None):
+        self.seen, self.fail_after = 0, fail_after
+
+    def __call__(self, images):
+        if self.fail_after is not None and self.seen >= self.fail_after:
+            raise KeyboardInterrupt
+        self.seen += len(images)
+        return [f"img {np.asarray(im).mean():.2f}" for im in images]
+
+
+def test_cache_path_is_keyed_by_captioner_and_fingerprint(tmp_path):
+    ds = toy_dataset(4)
+    p = caption_cache_path(tmp_path, "attributes", ds)
+    assert p == tmp_path / "captions" / f"attributes-{ds.fingerprint()}.jsonl"
+    assert caption_cache_path(tmp_path, "attributes", ds.subset([0, 1])) != p
+
+
+def test_caption_cache_rerun_and_resume(tmp_path):
+    ds = toy_dataset(10)
+    path = tmp_path / "caps.jsonl"
+    first = CountingCaptioner(fail_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        caption_dataset(ds, first, path, batch_size=2, progress=False)
+    assert first.seen == 4 and len(path.read_text().splitlines()) == 4  # flushed per batch
+    with open(path, "a") as f:
+        f.write('{"id": "train/00004", "capt')  # a torn last line from a crash mid-write
+    second = CountingCaptioner()
+    caps = caption_dataset(ds, second, path, batch_size=2, progress=False)
+    assert second.seen == 6  # only the ids not done before
+    assert list(caps) == ds.ids
+    assert caps == {ds.ids[i]: f"img {np.asarray(ds.load_image(i)).mean():.2f}" for i in range(10)}
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(ds.ids)
+    third = CountingCaptioner()
+    assert caption_dataset(ds, third, path, batch_size=2, progress=False) == caps and third.seen == 0
+    # a subset reads its ids from the same file
+    assert caption_dataset(ds.subset([3, 7]), third, path, progress=False) == {ds.ids[3]: caps[ds.ids[3]],
+                                                                             ds.ids[7]: caps[ds.ids[7]]}
+
+
+def test_caption_cache_with_a_broken_record_is_an_error(tmp_path):
+    path = tmp_path / "caps.jsonl"
+    path.write_text('{"id": "x"}\n')
+    with pytest.raises(MVCError, match="delete the file"):
+        caption_dataset(toy_dataset(2), CountingCaptioner(), path, progress=False)
+
+
+#################################################################################
+#                                 BLIP-2, LAVIS                                 #
+#################################################################################
+
+def _save_tiny_blip2(folder):
+    """A random tiny BLIP-2 (vision 2 layers, Q-Former 2 layers, OPT 2 layers) + tokenizer + processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                              PreTrainedTokenizerFast)
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(["a photo of a shirt on a table", "two dogs running in the grass"] * 4, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    processor = Blip2Processor(BlipImageProcessor(size={"height": 30, "width": 30}), tok, num_query_tokens=4)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=30, patch_size=6),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=100, max_position_embeddings=64),
+        text_config=dict(model_type="opt", vocab_size=len(processor.tokenizer), hidden_size=32, ffn_dim=64,
+                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                         max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        num_query_tokens=4, image_token_index=image_token,
+    )
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
+    folder = tmp_path / "tiny-blip2"
+    _save_tiny_blip2(folder)
+    cfg = CaptionConfig(captioner="blip2", model_id=str(folder), max_new_tokens=5)
+    captioner = build_captioner(cfg)
+    assert captioner.name == "blip2" and captioner._model is None  # loaded on first use only
+    assert captioner.model.dtype == torch.float32  # CPU: full precision
+    ds = toy_dataset(5)
+    caps = caption_dataset(ds, captioner, caption_cache_path(tmp_path, captioner.name, ds), batch_size=2,
+                           progress=False)
+    assert list(caps) == ds.ids and all(isinstance(c, str) for c in caps.values())
+    # greedy decoding: the same image gives the same caption, alone or in a batch
+    again = captioner([ds.load_image(3), ds.load_image(0)])
+    assert again == [caps[ds.ids[3]], caps[ds.ids[0]]]
+    # a later stage with every caption cached never loads the model
+    fresh = build_captioner(cfg)
+    assert caption_dataset(ds, fresh, caption_cache_path(tmp_path, "blip2", ds), progress=False) == caps
+    assert fresh._model is None
+    # at most max_new_tokens new tokens per caption
+    assert all(len(captioner.processor.tokenizer(c, add_special_tokens=False).input_ids) <= 5 for c in again)
+
+
+def test_blip2_missing_folder_and_offline_hub_id_are_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(MVCError, match="no folder"):
+        build_captioner(CaptionConfig(captioner="blip2", model_id=str(tmp_path / "nope")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MVCError, match="cannot load BLIP-2") as e:
+        build_captioner(CaptionConfig(captioner="blip2", model_id="nobody-here/no-such-model-xyz")).load()
+    assert "\n" not in str(e.value)
+
+
+def test_lavis_without_its_environment_says_what_to_do():
+    try:  # lavis is never installed beside this stack (it pins transformers<4.27)
+        import lavis  # noqa: F401
+        pytest.skip("salesforce-lavis is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(MVCError, match="requirements-lavis.txt"):
+        build_captioner(CaptionConfig(captioner="lavis"))
+
+
+def test_template_captioner_uses_the_configured_text():
+    cap = CAPTIONERS.get("template")(CaptionConfig(template_text="a picture"))
+    assert cap([rgb(np.zeros((4, 4)))] * 3) == ["a picture"] * 3

@@ -1,0 +1,315 @@
+"""generate_synthetic on a tiny random InstructPix2Pix folder: files, metadata, resume, shards, batching."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mvc.generate as gen
+from mvc.config import TinyBaseConfig, make_config
+from mvc.data import ArraySource, ImageDataset
+from mvc.utils import MVCError, make_generator, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=16, vae_channels=[16, 32], unet_channels=[32, 64], text_hidden=32, text_layers=1, max_length=16)
+CAPTIONS = {"train/0": "dark small round", "train/1": "bright large", "train/2": "thin tall dark",
+            "train/3": "pale wide flat shape", "train/4": "soft plain"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random tiny IP2P pipeline saved as a folder, as train_mvc.py writes it."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from mvc.tiny import build_tiny_components
+
+    torch.manual_seed(0)
+    comps = build_tiny_components(TinyBaseConfig(**TINY), ["trouser"], in_channels=8)
+    pipe = StableDiffusionInstructPix2PixPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+    path = tmp_path_factory.mktemp("model") / "final"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return gen.load_pipeline(model_dir, "euler_ancestral")
+
+
+def make_labelled():
+    """Five random 20x20 grey images in two classes."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (5, 20, 20), dtype=np.uint8)
+    # a class name with a slash: folder names go through safe_name
+    return ImageDataset("toy", "train", ["t-shirt/top", "trouser"], [0, 0, 0, 1, 1],
+                        [f"train/{i}" for i in range(5)], ArraySource(images))
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    return make_labelled()
+
+
+def make_cfg(tmp, model_dir, out="out", **over):
+    base = {"generate.out_dir": str(tmp / out), "generate.model_dir": str(model_dir), "run.output_dir": str(tmp),
+            "generate.num_inference_steps": 1, "generate.per_class": 4, "generate.batch_size": 4,
+            "mixing.ops": ["coarse", "fine"], "mixing.fine_s": 2, "mixing.coarse_k": 2, "mixing.fine_m": 2}
+    base.update(over)
+    return make_config(overrides=base)
+
+
+def run(cfg, labelled, pipe, **kw):
+    return gen.generate_synthetic(cfg, labelled=labelled, captions=CAPTIONS, pipe=pipe, progress=False, **kw)
+
+
+def pngs(out):
+    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*.png"))
+
+
+def pixels(out, f):
+    return np.asarray(Image.open(Path(out) / f), dtype=np.int16)
+
+
+@pytest.fixture
+def count_saves(monkeypatch):
+    calls = []
+    real = gen.save_image
+
+    def counting(image, path):
+        calls.append(path)
+        real(image, path)
+
+    monkeypatch.setattr(gen, "save_image", counting)
+    return calls
+
+
+#################################################################################
+#                                    plan                                       #
+#################################################################################
+
+def test_plan_sizes_and_spread(labelled):
+    assert gen.variants_per_source(3, 7) == [3, 2, 2]
+    jobs = gen.plan_jobs(labelled, ["coarse", "fine"], multiplier=2.0)
+    per_class = np.bincount([j.label for j in jobs])
+    assert list(per_class) == [6, 4]  # 2 x (3 real, 2 real)
+    assert [j.op for j in jobs if j.source == 0] == ["coarse", "fine"]
+    assert len({j.file for j in jobs}) == len(jobs)
+    assert len(gen.plan_jobs(labelled, ["none"], per_class=5)) == 10
+    shards = [gen.shard_jobs(jobs, r, 3) for r in range(3)]
+    assert sorted(j.index for s in shards for j in s) == list(range(len(jobs)))
+    with pytest.raises(MVCError):
+        gen.plan_jobs(labelled, ["blend"])
+
+
+#################################################################################
+#                         generation, metadata, resume                          #
+#################################################################################
+
+def test_generates_valid_imagefolder_and_rerun_is_idempotent(tmp_path, model_dir, pipe, labelled, count_saves):
+    from torchvision.datasets import ImageFolder
+
+    cfg = make_cfg(tmp_path, model_dir)
+    out = tmp_path / "out"
+    summary = run(cfg, labelled, pipe)
+    files = pngs(out)
+    assert summary["images"] == summary["made"] == len(files) == 8 == len(count_saves)
+    meta = read_jsonl(out / "metadata.jsonl")
+    assert sorted(r["file"] for r in meta) == files
+    for r in meta:
+        im = Image.open(out / r["file"])
+        im.load()
+        assert im.size == (16, 16)
+        assert r["class_name"] == labelled.classes[r["label"]] and r["file_name"] == r["file"]
+        assert r["source_id"] == labelled.ids[r["source_index"]]
+        for key in ("variant", "seed", "op", "op_params", "guidance_scale", "image_guidance_scale",
+                    "num_inference_steps", "scheduler", "model_dir"):
+            assert key in r
+    assert {r["op"] for r in meta} == {"coarse", "fine"}
+    ds = ImageFolder(str(out))
+    assert len(ds) == 8 and set(ds.classes) == {"t-shirt_top", "trouser"}
+    # grids and TensorBoard live beside the ImageFolder
+    grids = tmp_path / "out_grids"
+    assert (grids / "t-shirt_top.png").is_file() and list((grids / "tb").iterdir())
+    # a rerun makes nothing and leaves metadata unchanged
+    before = (out / "metadata.jsonl").read_text()
+    count_saves.clear()
+    assert run(cfg, labelled, pipe)["made"] == 0 and count_saves == []
+    assert (out / "metadata.jsonl").read_text() == before
+    # a larger set keeps the existing images and adds only the new ones
+    run(make_cfg(tmp_path, model_dir, **{"generate.per_class": 5}), labelled, pipe)
+    assert len(count_saves) == 2 and len(read_jsonl(out / "metadata.jsonl")) == 10
+
+
+def test_crash_then_resume_without_duplicates(tmp_path, model_dir, pipe, labelled, monkeypatch):
+    cfg = make_cfg(tmp_path, model_dir)
+    out = tmp_path / "out"
+    real, saved = gen.save_image, []
+
+    def crashing(image, path):
+        if len(saved) == 3:
+            raise RuntimeError("simulated crash")
+        real(image, path)
+        saved.append(path)
+
+    monkeypatch.setattr(gen, "save_image", crashing)
+    with pytest.raises(RuntimeError):
+        run(cfg, labelled, pipe)
+    assert len(pngs(out)) == 3
+    part = read_jsonl(out / "metadata.rank0.jsonl")
+    assert len(part) == 3 and all((out / r["file"]).is_file() for r in part)
+    # a crash between file and line, a lost file, and a temp file from a killed write
+    lost = part[0]["file"]
+    (out / lost).unlink()
+    orphan = out / "t-shirt_top" / "train_2_v000.png"
+    Image.new("RGB", (16, 16)).save(orphan)
+    (out / "t-shirt_top" / ".train_2_v000.png.tmp.png").write_bytes(b"half")
+
+    calls = []
+    monkeypatch.setattr(gen, "save_image", lambda im, p: (calls.append(p), real(im, p)))
+    summary = run(cfg, labelled, pipe)
+    assert summary["images"] == 8 and len(calls) == 8 - 2  # 2 survived with their lines
+    meta = read_jsonl(out / "metadata.jsonl")
+    assert sorted(r["file"] for r in meta) == pngs(out) and len(meta) == len({r["file"] for r in meta}) == 8
+    assert not list(out.rglob(".*")) and not list(out.glob("metadata.rank*"))
+    # the orphan was regenerated: its pixels are the generated ones, not the black placeholder
+    assert pixels(out, "t-shirt_top/train_2_v000.png").any()
+
+
+def test_two_shards_equal_one_process_and_batch_size_does_not_matter(tmp_path, model_dir, pipe, labelled):
+    small = {"generate.per_class": 2}
+    single = make_cfg(tmp_path, model_dir, out="single", **small, **{"generate.batch_size": 4})
+    sharded = make_cfg(tmp_path, model_dir, out="sharded", **small, **{"generate.batch_size": 1})
+    run(single, labelled, pipe)
+    r1 = run(sharded, labelled, pipe, rank=1, world=2)  # rank 1 alone: leaves its lines in a per-rank file
+    assert r1["made"] == 2 and (tmp_path / "sharded" / "metadata.rank1.jsonl").is_file()
+    r0 = run(sharded, labelled, pipe, rank=0, world=2)  # rank 0 merges
+    assert r0["made"] == 2 and r0["images"] == 4
+    a, b = tmp_path / "single", tmp_path / "sharded"
+    assert pngs(a) == pngs(b)
+    strip = lambda recs: sorted(json.dumps(r, sort_keys=True) for r in recs)  # noqa: E731
+    assert strip(read_jsonl(a / "metadata.jsonl")) == strip(read_jsonl(b / "metadata.jsonl"))
+    for f in pngs(a):  # same (source, variant) -> same image whatever the batch (float noise: <= 1 level)
+        assert np.abs(pixels(a, f) - pixels(b, f)).max() <= 1
+
+
+def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
+    """Our path (shared latents/embeddings, batch of 3) == one diffusers call per image with its prompt."""
+    from mvc.captions import make_prompt
+
+    template = "{caption}, a photo of class type {label}"
+    srcs = [0, 3]
+    prompts = [make_prompt(template, CAPTIONS[labelled.ids[s]], labelled.classes[labelled.targets[s]]) for s in srcs]
+    images = [labelled.load_image(s).resize((16, 16), Image.BICUBIC) for s in srcs]
+    emb = gen.encode_prompts(pipe, prompts)
+    neg = gen.encode_prompts(pipe, [""]).expand(len(srcs), -1, -1)
+    lat = gen.encode_conditions(pipe, images, 16)
+    ours = gen.render(pipe, emb, neg, lat, [make_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
+    for i, s in enumerate(srcs):
+        ref = pipe(prompt=prompts[i], image=images[i], num_inference_steps=2, guidance_scale=3.0,
+                   image_guidance_scale=1.5, generator=make_generator(0, s, 0)).images[0]
+        assert np.abs(np.asarray(ours[i], np.int16) - np.asarray(ref, np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("scheduler", list(gen.SCHEDULERS))
+def test_every_scheduler_renders(model_dir, scheduler):
+    p = gen.load_pipeline(model_dir, scheduler)
+    assert type(p.scheduler).__name__ == gen.SCHEDULERS[scheduler][0]
+    e = gen.encode_prompts(p, ["dark"])
+    ims = gen.render(p, e, gen.encode_prompts(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
+    assert ims[0].size == (16, 16)
+
+
+#################################################################################
+#                              filter and errors                                #
+#################################################################################
+
+def test_filter_keeps_confident_matches_and_records_rejections(tmp_path, model_dir, pipe, labelled, count_saves):
+    cfg = make_cfg(tmp_path, model_dir, **{"generate.filter_threshold": 0.7})
+    jobs = gen.plan_jobs(labelled, ["coarse", "fine"], per_class=4)
+    order = iter(jobs)  # one rank, so images arrive in plan order
+
+    def fake_predictor(images):
+        # right class for all; confident (0.9) on even variants, unsure (0.6) on odd ones
+        probs = []
+        for _ in images:
+            j = next(order)
+            conf = 0.9 if j.variant % 2 == 0 else 0.6
+            p = np.full(2, 1 - conf, np.float32)
+            p[j.label] = conf
+            probs.append(p)
+        return np.stack(probs)
+
+    n_keep = sum(j.variant % 2 == 0 for j in jobs)
+    s = run(cfg, labelled, pipe, predictor=fake_predictor)
+    out = tmp_path / "out"
+    meta, rej = read_jsonl(out / "metadata.jsonl"), read_jsonl(out / "rejected.jsonl")
+    assert s["images"] == len(meta) == len(pngs(out)) == n_keep and s["rejected"] == len(rej) == len(jobs) - n_keep
+    assert 0 < n_keep < len(jobs)
+    assert all(r["filter_score"] >= 0.7 for r in meta) and all(r["filter_score"] < 0.7 for r in rej)
+    count_saves.clear()
+    assert run(cfg, labelled, pipe, predictor=fake_predictor)["made"] == 0 and not count_saves  # rejections are final
+
+
+def test_user_errors(tmp_path, model_dir, pipe, labelled):
+    run(make_cfg(tmp_path, model_dir), labelled, pipe)
+    with pytest.raises(MVCError, match="other settings"):
+        run(make_cfg(tmp_path, model_dir, **{"generate.guidance_scale": 5.0}), labelled, pipe)
+    with pytest.raises(MVCError, match="no fine-tuned pipeline"):
+        gen.generate_synthetic(make_cfg(tmp_path, tmp_path / "nowhere", out="o2"), labelled=labelled,
+                               captions=CAPTIONS, progress=False)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("mine")
+    with pytest.raises(MVCError, match="not made by generate_mvc"):
+        run(make_cfg(tmp_path, model_dir, out="foreign"), labelled, pipe)
+    with pytest.raises(MVCError, match="window"):
+        run(make_cfg(tmp_path, model_dir, out="o3", **{"mixing.window": [3, 99]}), labelled, pipe)
+
+
+def test_cli_bad_value_is_one_line(capsys):
+    import generate_mvc
+    from mvc.utils import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(generate_mvc.main, ["--generate.scheduler=heun"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "heun" in err and "\n" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MVC_TEST_DDP") != "1", reason="~50 s on 2 CPU cores: set MVC_TEST_DDP=1")
+def test_torchrun_two_processes_match_one(tmp_path, model_dir, labelled):
+    """A real 2-process run (torchrun, gloo on CPU) writes the same set as the in-process single run."""
+    script = tmp_path / "run_gen.py"
+    script.write_text(f"""
+import sys, numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from accelerate import Accelerator
+import test_generate as t
+from mvc.generate import generate_synthetic
+acc = Accelerator()
+cfg = t.make_cfg(__import__('pathlib').Path({str(tmp_path)!r}), {str(model_dir)!r}, out='ddp')
+generate_synthetic(cfg, labelled=t.make_labelled(), captions=t.CAPTIONS, rank=acc.process_index,
+                   world=acc.num_processes, barrier=acc.wait_for_everyone, progress=False)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29517", str(script)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ds = make_labelled()
+    gen.generate_synthetic(make_cfg(tmp_path, model_dir, out="one"), labelled=ds, captions=CAPTIONS, progress=False)
+    a, b = tmp_path / "one", tmp_path / "ddp"
+    assert pngs(a) == pngs(b) and len(read_jsonl(b / "metadata.jsonl")) == 8
+    assert not list(b.glob("metadata.rank*"))
+    for f in pngs(a):
+        assert np.abs(pixels(a, f) - pixels(b, f)).max() <= 1

@@ -1,0 +1,211 @@
+"""Contract of the mixing ops: what changes, what does not, determinism, errors."""
+
+import pytest
+import torch
+
+from mvc.mixing import (MIXING_OPS, apply_mixing, caption_token_span, coarse_mix, fine_mix, list_mixing_ops,
+                        op_params, parse_op)
+from mvc.utils import MVCError
+
+B, T, D = 3, 16, 32
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def x():
+    return torch.randn(B, T, D, generator=gen(123))
+
+
+@pytest.fixture
+def donor():
+    return torch.randn(B, T, D, generator=gen(456))
+
+
+def outside_window_equal(a, b, s, e):
+    return torch.equal(a[:, :s], b[:, :s]) and torch.equal(a[:, e:], b[:, e:])
+
+
+#################################################################################
+#                                   coarse                                      #
+#################################################################################
+
+@pytest.mark.parametrize("mode", ["shuffle", "swap"])
+def test_coarse_changes_at_most_k_tokens_inside_window(x, donor, mode):
+    x0 = x.clone()
+    k, (s, e) = 4, (2, 9)
+    y = coarse_mix(x, gen(1), k=k, mode=mode, donor=donor, window=(s, e))
+    assert torch.equal(x, x0)  # input untouched
+    assert outside_window_equal(x, y, s, e)
+    changed_tokens = (y != x).any(-1)  # (B, T)
+    assert (changed_tokens.sum(1) <= k).all() and changed_tokens.any(1).all()
+    assert int((y != x).sum()) <= B * k * D
+    if mode == "swap":  # every changed token is the donor's vector at the same position
+        assert torch.equal(y[changed_tokens], donor[changed_tokens])
+
+
+def test_shuffle_keeps_the_multiset_of_window_vectors(x):
+    s, e = 1, 12
+    y = coarse_mix(x, gen(3), k=6, window=(s, e))
+    for b in range(B):
+        a = sorted(map(tuple, x[b, s:e].tolist()))
+        c = sorted(map(tuple, y[b, s:e].tolist()))
+        assert a == c
+    assert not torch.equal(x, y)
+
+
+def test_shuffle_is_never_the_identity_for_k2(x):
+    # with k=2 half of all plain permutations are the identity; every seed must still change something
+    for seed in range(20):
+        assert not torch.equal(coarse_mix(x, gen(seed), k=2, window=(3, 8)), x)
+
+
+def test_per_row_windows(x):
+    wins = [(1, 3), (5, 9), (10, 16)]
+    y = coarse_mix(x, gen(0), k=2, window=wins)
+    for b, (s, e) in enumerate(wins):
+        assert torch.equal(y[b, :s], x[b, :s]) and torch.equal(y[b, e:], x[b, e:])
+        assert not torch.equal(y[b, s:e], x[b, s:e])
+
+
+#################################################################################
+#                                    fine                                       #
+#################################################################################
+
+@pytest.mark.parametrize("source", ["donor", "self", "noise"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_fine_changes_at_most_m_times_s_entries(x, donor, source, contiguous):
+    x0 = x.clone()
+    m, s_dims, (s, e) = 3, 5, (2, 10)
+    y = fine_mix(x, gen(7), m=m, s=s_dims, source=source, contiguous=contiguous, donor=donor, window=(s, e))
+    assert torch.equal(x, x0)
+    assert outside_window_equal(x, y, s, e)
+    diff = y != x  # (B, T, D)
+    assert (diff.sum((1, 2)) <= m * s_dims).all() and diff.any((1, 2)).all()
+    assert ((diff.sum(-1) > 0).sum(1) <= m).all()  # at most m token vectors touched per row
+    assert (diff.sum(-1) <= s_dims).all()  # at most s dims per token
+    if source == "donor":
+        assert torch.equal(y[diff], donor[diff])
+    if contiguous:  # the changed dims of each token lie within one run of s dims
+        for b, t in (diff.sum(-1) > 0).nonzero().tolist():
+            d = diff[b, t].nonzero().flatten()
+            assert int(d.max() - d.min()) < s_dims
+
+
+def test_fine_self_takes_values_from_other_tokens_same_dims(x):
+    y = fine_mix(x, gen(11), m=2, s=4, source="self", window=(0, T))
+    diff = y != x
+    for b, t, d in diff.nonzero().tolist():
+        others = torch.cat([x[b, :t, d], x[b, t + 1:, d]])
+        assert (others == y[b, t, d]).any()
+
+
+def test_fine_noise_matches_embedding_statistics():
+    # a wide embedding with a large per-dimension offset: noise must follow it, not N(0, 1)
+    big = torch.randn(1, 64, 16, generator=gen(1)) * 0.1 + 50.0
+    y = fine_mix(big, gen(2), m=32, s=16, source="noise", window=(1, 64))
+    new = y[y != big]
+    assert new.numel() > 100 and abs(float(new.mean()) - 50.0) < 0.2 and float(new.std()) < 0.5
+
+
+#################################################################################
+#                         dispatch, determinism, errors                         #
+#################################################################################
+
+@pytest.mark.parametrize("op", ["coarse", "fine", "coarse+fine"])
+@pytest.mark.parametrize("params", [dict(k=3, mode="shuffle", m=2, s=3, source="self"),
+                                    dict(k=3, mode="swap", m=2, s=3, source="donor", contiguous=False),
+                                    dict(k=3, mode="shuffle", m=2, s=3, source="noise")])
+def test_same_seed_same_output_different_seeds_differ(x, donor, op, params):
+    a = apply_mixing(x, op, params, gen(5), donor=donor, window=(1, 9))
+    b = apply_mixing(x, op, params, gen(5), donor=donor, window=(1, 9))
+    c = apply_mixing(x, op, params, gen(6), donor=donor, window=(1, 9))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, x)
+
+
+def test_none_is_an_unchanged_copy(x):
+    y = apply_mixing(x, "none", {}, gen(0))
+    assert torch.equal(y, x) and y is not x
+    y[0, 0, 0] += 1
+    assert not torch.equal(y, x)
+
+
+def test_composition_is_coarse_then_fine(x, donor):
+    p = dict(k=3, mode="shuffle", m=2, s=3, source="donor")
+    g1, g2 = gen(9), gen(9)
+    composed = apply_mixing(x, "coarse+fine", p, g1, donor=donor, window=(1, 9))
+    step = fine_mix(coarse_mix(x, g2, k=3, window=(1, 9)), g2, m=2, s=3, source="donor", donor=donor, window=(1, 9))
+    assert torch.equal(composed, step)
+
+
+def test_registry_and_params():
+    assert {"none", "coarse", "fine"} <= set(list_mixing_ops()) == set(MIXING_OPS.names())
+    assert parse_op("coarse+fine") == ["coarse", "fine"]
+    assert op_params("fine", dict(k=1, mode="swap", m=2, s=3, source="self", contiguous=True)) == \
+        dict(m=2, s=3, source="self", contiguous=True)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, d: coarse_mix(x, gen(), k=0, window=(1, 5)),
+    lambda x, d: coarse_mix(x, gen(), k=5, window=(1, 5)),           # k larger than the window
+    lambda x, d: coarse_mix(x, gen(), k=2, window=(5, 5)),           # empty window
+    lambda x, d: coarse_mix(x, gen(), k=2, window=(0, T + 1)),       # past the end
+    lambda x, d: coarse_mix(x, gen(), k=2, window=(-1, 4)),
+    lambda x, d: coarse_mix(x, gen(), k=2, mode="swap", window=(0, 4)),  # no donor
+    lambda x, d: coarse_mix(x, gen(), k=2, mode="swap", donor=d[:, :4], window=(0, 4)),  # wrong donor shape
+    lambda x, d: fine_mix(x, gen(), m=2, s=0, source="self"),
+    lambda x, d: fine_mix(x, gen(), m=2, s=D + 1, source="self"),
+    lambda x, d: fine_mix(x, gen(), m=9, s=2, source="self", window=(0, 8)),
+    lambda x, d: fine_mix(x, gen(), m=2, s=2, source="bogus"),
+    lambda x, d: apply_mixing(x, "blend", {}, gen()),
+    lambda x, d: apply_mixing(x, "coarse+", {"k": 2}, gen()),
+    lambda x, d: apply_mixing(x, "coarse", {}, gen()),               # missing k
+    lambda x, d: coarse_mix(x, gen(), k=2, window=[(0, 4), (0, 4)]),  # 2 windows for 3 rows
+])
+def test_bad_arguments_are_one_line_mvc_errors(x, donor, call):
+    with pytest.raises(MVCError) as e:
+        call(x, donor)
+    assert "\n" not in str(e.value)
+
+
+#################################################################################
+#                               caption token span                              #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mvc.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(["trouser", "ankle", "boot"], max_length=32)
+
+
+def _tokens(tokenizer, prompt):
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    return tokenizer.convert_ids_to_tokens(ids)
+
+
+@pytest.mark.parametrize("template", ["{caption}, a photo of class type {label}",
+                                      "a photo of class type {label} with {caption}",
+                                      "{label}: {caption} image"])
+def test_caption_span_covers_exactly_the_caption_tokens(tokenizer, template):
+    caption, label = "dark small round shape", "ankle boot"
+    s, e = caption_token_span(tokenizer, template, caption, label)
+    toks = _tokens(tokenizer, template.format(caption=caption, label=label))
+    assert [t.replace("</w>", "") for t in toks[s:e]] == caption.split()
+
+
+def test_caption_span_caption_first_starts_after_bos(tokenizer):
+    s, e = caption_token_span(tokenizer, "{caption}, a photo of class type {label}", "bright large", "trouser")
+    assert (s, e) == (1, 3)
+
+
+def test_caption_span_truncated_and_empty(tokenizer):
+    long = " ".join(["dark"] * 40)
+    s, e = caption_token_span(tokenizer, "{caption}, a photo of class type {label}", long, "trouser")
+    assert s == 1 and e == tokenizer.model_max_length - 1  # cut before EOS
+    s, e = caption_token_span(tokenizer, "{caption}, a photo of class type {label}", "", "trouser")
+    assert s == e

@@ -1,0 +1,111 @@
+"""The tiny base: tokenizer, a micro pretraining build that diffusers loads and samples from, its cache."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mvc.tiny as tiny
+from mvc.config import ModelConfig, TinyBaseConfig
+from mvc.data import ArraySource, ImageDataset
+from mvc.models import load_base_components
+from mvc.tiny import BASE_WORDS, build_tiny_tokenizer, get_tiny_base, tiny_base_key
+
+
+def shapes_pool(n=64, size=20, seed=0):
+    """Gray rectangles and discs of random size / brightness on black: a label-free pretraining pool."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    arr = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        v = rng.integers(80, 255)
+        if i % 2:
+            h, w = rng.integers(4, size - 4, 2)
+            arr[i, 2:2 + h, 3:3 + w] = v
+        else:
+            r = rng.integers(3, size // 2)
+            arr[i][(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r * r] = v
+    return ImageDataset("shapes", "train", ["rect", "disc"], np.arange(n) % 2, [f"p/{i}" for i in range(n)],
+                        ArraySource(arr))
+
+
+def micro_cfg(tmp_path, **kw):
+    base = dict(image_size=16, vae_channels=[8, 16], unet_channels=[16, 32], text_hidden=16, text_layers=1,
+                max_length=16, pool_size=48, vae_steps=3, unet_steps=3, batch_size=8, num_samples=4, sample_steps=2,
+                cache_dir=str(tmp_path / "cache"))
+    return TinyBaseConfig(**{**base, **kw})
+
+
+def test_tokenizer_knows_the_caption_words_and_any_class_name():
+    tok = build_tiny_tokenizer(max_length=16)
+    for w in ("dark", "textured", "asymmetric", "object"):
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1  # whole-word tokens
+    ids = tok("a photo of class type ankle boot t-shirt/top", add_special_tokens=False).input_ids
+    # CLIP's unk token is <|endoftext|>: no special token may appear inside plain text
+    assert not set(ids) & set(tok.all_special_ids) and len(ids) > 5
+    # CLIP decodes every </w> as a space, so compare without spaces
+    assert tok.decode(ids).replace(" ", "") == "aphotoofclasstypeankleboott-shirt/top"
+    assert tok.model_max_length == 16
+    assert {"dark", "small", "smooth", "symmetric"} <= set(BASE_WORDS)
+
+
+def test_micro_build_is_a_loadable_sampling_pipeline_and_is_cached(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = micro_cfg(tmp_path)
+    pool = shapes_pool()
+    folder = get_tiny_base(cfg, pool, output_dir=tmp_path / "run", progress=False)
+    assert folder.parent == tmp_path / "cache" and folder.name == tiny_base_key(cfg, pool, "attributes")
+    assert not list(folder.parent.glob(".*tmp-*"))  # the temporary build folder was renamed away
+    info = json.loads((folder / "tiny_base.json").read_text())
+    assert info["pool_size"] == 48 and info["captioner"] == "attributes"
+    assert (folder / "samples.png").is_file() and list((folder / "logs" / "tb").iterdir())
+    # pool captions were cached per image, label-free
+    caps = [json.loads(x)["caption"] for x in next((tmp_path / "run" / "captions").glob("attributes-*.jsonl")).open()]
+    assert len(caps) == 48 and not any(w in c.split() for c in caps for w in ("rect", "disc"))
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.safety_checker is None and pipe.unet.config.in_channels == 4
+    # the latent scaling factor was measured (1 / std of the pool latents), not SD's constant
+    assert pipe.vae.config.scaling_factor == pytest.approx(info["scaling_factor"]) != pytest.approx(0.18215)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a dark small square smooth symmetric object", num_inference_steps=2, height=16, width=16,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
+
+    # second call: a cache hit, nothing is trained again
+    def no_build(*a, **k):
+        raise AssertionError("the tiny base was rebuilt")
+    monkeypatch.setattr(tiny, "_build_tiny_base", no_build)
+    mtime = (folder / "model_index.json").stat().st_mtime_ns
+    assert get_tiny_base(cfg, pool, progress=False) == folder
+    assert (folder / "model_index.json").stat().st_mtime_ns == mtime
+    # ... also through load_base_components (model.base=tiny), as train_mvc.py calls it
+    comps = load_base_components(ModelConfig(base="tiny"), cfg, pool=pool, progress=False)
+    assert comps["vae"].config.scaling_factor == pytest.approx(info["scaling_factor"])
+    # another tiny section or another pool is another base (and would be built)
+    assert tiny_base_key(micro_cfg(tmp_path, unet_steps=4), pool, "attributes") != folder.name
+    assert tiny_base_key(cfg, pool.subset(range(60)), "attributes") != folder.name
+    # the cache folder location is not part of the key
+    assert tiny_base_key(micro_cfg(tmp_path / "elsewhere"), pool, "attributes") == folder.name
+
+
+def test_interrupted_build_leaves_no_base_and_is_cleaned_up(tmp_path, monkeypatch):
+    cfg = micro_cfg(tmp_path)
+    pool = shapes_pool(16)
+
+    def interrupted(cfg, pool, captioner, out, *a):
+        (out / "model_index.json").write_text("{}")  # half a build
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tiny, "_build_tiny_base", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        get_tiny_base(cfg, pool, progress=False)
+    assert not any((tmp_path / "cache").iterdir())  # neither a final nor a temporary folder is left
+
+
+def test_empty_pool_is_a_user_error(tmp_path):
+    from mvc.utils import MVCError
+
+    with pytest.raises(MVCError, match="remainder pool"):
+        get_tiny_base(micro_cfg(tmp_path), shapes_pool(4).subset([]), progress=False)

@@ -1,0 +1,26 @@
+"""Classifier training with synthetic data: backbones, strategies, augmentations, metrics, predict.
+
+`mvc.classifier.predict` is the module (its `predict` function: `from mvc.classifier.predict import predict`).
+Attributes are imported lazily so that `mvc.classifier.strategies.list_strategies()` (used by config
+validation) does not pull in timm, torchvision or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "STRATEGIES": "strategies", "list_strategies": "strategies", "build_strategy": "strategies",
+    "build_model": "models", "apply_cifar_stem": "models",
+    "compute_metrics": "metrics",
+    "train_one_epoch": "engine", "evaluate": "engine",
+    "run_classifier": "train", "run_all": "train",
+    "load_classifier": "predict", "predict_images": "predict", "list_images": "predict",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mvc.classifier.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mvc.classifier' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""Score images with a trained classifier checkpoint (used by generation's optional filter)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mvc.checkpoint import list_checkpoints, load_checkpoint
+from mvc.utils import MVCError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+@dataclass
+class ClassifierBundle:
+    """A trained classifier ready to score PIL images: model (eval mode, CPU), classes, preprocessing."""
+    model: torch.nn.Module
+    classes: list[str]
+    preprocess: Callable  # PIL -> (3, S, S) float tensor, normalised
+    meta: dict
+    checkpoint: str
+
+
+def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
+    """Load a classifier checkpoint file (or a run folder / its checkpoints folder: the newest checkpoint)."""
+    from mvc.classifier.data import build_post, build_pre
+    from mvc.classifier.models import ModelMeta, build_from_meta
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        cands = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if not cands:
+            raise MVCError(f"no classifier checkpoint in {path}")
+        path = cands[-1]
+    elif not path.is_file():
+        raise MVCError(f"classifier checkpoint not found: {path}")
+    ckpt = load_checkpoint(path)
+    if "model_meta" not in ckpt or "model" not in ckpt:
+        raise MVCError(f"{path} is not a classifier checkpoint (no model_meta); pass one from classifier/<run>/checkpoints")
+    meta = ModelMeta.from_dict(ckpt["model_meta"])
+    model = build_from_meta(meta)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    pre, post = build_pre(meta), build_post(meta, "none")
+    return ClassifierBundle(model, list(ckpt["classes"]), lambda im: post(pre(im.convert("RGB"))),
+                            ckpt["model_meta"], str(path))
+
+
+@torch.no_grad()
+def predict_images(bundle: ClassifierBundle, images: Sequence, batch_size: int = 64) -> np.ndarray:
+    """Softmax probabilities (N, C) float32 of PIL images, on the device the model is on."""
+    device = next(bundle.model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([bundle.preprocess(im) for im in images[i:i + batch_size]]).to(device)  # (B, 3, S, S)
+        out.append(torch.softmax(bundle.model(x).float(), dim=1).cpu())
+    if not out:
+        return np.zeros((0, len(bundle.classes)), np.float32)
+    return torch.cat(out).numpy()
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder` (recursive), sorted: the row order of `predict` on a folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise MVCError(f"image folder not found: {root}")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def predict(checkpoint: str | os.PathLike | ClassifierBundle, images, batch_size: int = 64) -> np.ndarray:
+    """Probabilities (N, C) for a folder (rows in `list_images` order), a list of paths, or PIL images."""
+    from mvc.classifier.data import _open_rgb
+
+    bundle = checkpoint if isinstance(checkpoint, ClassifierBundle) else load_classifier(checkpoint)
+    if isinstance(images, (str, os.PathLike)):
+        images = list_images(images)
+    pil = [_open_rgb(Path(im)) if isinstance(im, (str, os.PathLike)) else im for im in images]
+    return predict_images(bundle, pil, batch_size)

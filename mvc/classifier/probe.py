@@ -1,0 +1,73 @@
+"""Feature probes: sklearn (logistic regression, SVC, MLP) on a frozen timm backbone's pooled features."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mvc.classifier.data import Combined, eval_loader, prepared
+from mvc.classifier.metrics import compute_metrics
+from mvc.classifier.models import build_model, extract_features
+from mvc.utils import MVCError, RunLogger, seed_everything
+
+PROBE_STRATEGIES = ("real", "concat")
+
+
+def build_probe(name: str, seed: int):
+    """A standardise-then-classify sklearn pipeline."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    heads = {
+        "logreg": lambda: LogisticRegression(max_iter=2000, random_state=seed),
+        "svc": lambda: SVC(kernel="rbf", random_state=seed),
+        "mlp": lambda: MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=seed),
+    }
+    if name not in heads:
+        raise MVCError(f"unknown probe {name!r}; choose one of {', '.join(heads)}")
+    return make_pipeline(StandardScaler(), heads[name]())
+
+
+def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None) -> dict:
+    """Fit a probe on frozen features of the real (strategy 'real') or real + synthetic ('concat') images.
+
+    Features are computed without augmentation; the run writes metrics.json and a results-CSV row
+    like a trained run ('best' = 'last': there are no epochs). No checkpoint is written.
+    """
+    from mvc.classifier.train import prepare_data, run_name, write_run_outputs
+
+    c = cfg.classifier
+    if c.strategy not in PROBE_STRATEGIES:
+        raise MVCError(f"classifier.probe works with strategies {' and '.join(PROBE_STRATEGIES)}, not {c.strategy!r}")
+    t0 = time.time()
+    d = prepare_data(cfg, seed, splits, fold)
+    seed_everything(seed)
+    model, meta = build_model(c.backbone, 0, c.pretrained, c.cifar_stem, c.input_size)  # 0 classes: pooled features
+    model = model.to(accelerator.device)
+    syn = prepared(d["synthetic"], meta, synthetic=True) if d["synthetic"] else None
+    train = Combined(prepared(d["train"], meta), syn)
+    x_tr, y_tr = extract_features(model, eval_loader(train, c.batch_size * 2))
+    x_te, y_te = extract_features(model, eval_loader(prepared(d["test"], meta), c.batch_size * 2))
+    probe = build_probe(c.probe, seed).fit(x_tr.numpy(), y_tr.numpy())
+    m = compute_metrics(y_te.numpy(), probe.predict(x_te.numpy()), len(d["classes"]))
+    run_dir = Path(cfg.run.output_dir) / "classifier" / run_name(cfg, seed)
+    if fold is not None:
+        run_dir = run_dir / f"fold{fold}"
+    record = {
+        "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
+        "strategy": c.strategy, "augment": "none", "seed": int(seed), "fold": fold, "probe": c.probe,
+        "epochs": 0, "n_real": train.n_real, "n_synthetic": train.n_syn, "n_val": 0, "n_test": len(y_te),
+        "classes": d["classes"], "best_selected_on": "none", "note": "feature probe: best = last",
+        "last": {"epoch": 0, **m}, "best": {"epoch": 0, **m}, "history": [], "feature_dim": int(x_tr.shape[1]),
+        "input_size": meta.input_size, "time_s": round(time.time() - t0, 2), "run_dir": str(run_dir),
+    }
+    if accelerator.is_main_process:
+        logger = RunLogger(run_dir)
+        write_run_outputs(record, run_dir, logger, cfg)
+        logger.close()
+    return record

@@ -1,0 +1,374 @@
+"""Classifier training with synthetic data: strategies, metrics, training, resume, DDP, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mvc.classifier.engine import lr_factor, plan_lr
+from mvc.classifier.metrics import compute_metrics
+from mvc.classifier.strategies import STRATEGIES, build_strategy, list_strategies
+from mvc.config import make_config
+from mvc.utils import MVCError, safe_name
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
+CLASSES = ["red thing", "green/thing", "blue"]  # names that need safe_name for folders
+
+
+#################################################################################
+#                                   Fixtures                                    #
+#################################################################################
+
+class FakeImages:
+    """An ImageDataset-like set (classes, targets, ids, ds[i] -> (PIL RGB, int)) of noisy colour squares."""
+
+    def __init__(self, n_per_class: int, seed: int, split: str, size: int = 16):
+        rng = np.random.default_rng(seed)
+        self.classes = list(CLASSES)
+        self.targets = np.repeat(np.arange(len(CLASSES)), n_per_class).astype(np.int64)
+        self.ids = [f"{split}/{i:05d}" for i in range(len(self.targets))]
+        self.images = []
+        for t in self.targets:
+            arr = np.clip(np.array(COLORS[t])[None, None] + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            self.images.append(Image.fromarray(arr.astype(np.uint8), "RGB"))
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+    def load_image(self, i):
+        return self.images[i]
+
+
+def make_splits(n_train: int = 8, n_test: int = 10):
+    """(labelled, pool, test) fixture splits of the 3-colour task."""
+    return FakeImages(n_train, 0, "train"), FakeImages(0, 1, "pool"), FakeImages(n_test, 2, "test")
+
+
+def write_synthetic(root: Path, real: FakeImages, per_image: int = 2, with_metadata: bool = True) -> None:
+    """A synthetic folder in the documented layout: copies of real images + metadata.jsonl."""
+    lines = []
+    for i, (im, y) in enumerate(zip(real.images, real.targets)):
+        folder = root / safe_name(CLASSES[y])
+        folder.mkdir(parents=True, exist_ok=True)
+        for v in range(per_image):
+            f = folder / f"{safe_name(real.ids[i])}_v{v:03d}.png"
+            im.save(f)
+            lines.append({"file": str(f.relative_to(root)), "label": int(y), "class_name": CLASSES[y],
+                          "source_id": real.ids[i], "variant": v, "seed": 0})
+    if with_metadata:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def tiny_cfg(out: Path, **over):
+    """A fast classifier config on 16-px images (resnet10t, standard stem)."""
+    base = {"run.output_dir": str(out), "data.name": "imagefolder", "classifier.backbone": "resnet10t",
+            "classifier.cifar_stem": False, "classifier.input_size": 16, "classifier.epochs": 2,
+            "classifier.batch_size": 8, "classifier.lr": 3e-3, "classifier.augment": "none"}
+    base.update({f"classifier.{k}" if "." not in k else k: v for k, v in over.items()})
+    return make_config(overrides=base)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+    return Accelerator(cpu=True)
+
+
+#################################################################################
+#                                  Strategies                                   #
+#################################################################################
+
+def _scfg(**kw):
+    d = dict(epochs=10, batch_size=10, two_phase_fraction=0.2, two_phase_lr_scale=0.1, prob_p=0.8, prob_mode="append",
+             lr=1.0, scheduler="none", milestones=[0.5], gamma=0.1, strategy="real")
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def test_registry_lists_strategies_and_refuses_unknown():
+    assert list_strategies() == STRATEGIES.names() and {"real", "concat", "two_phase", "probabilistic"} <= set(list_strategies())
+    with pytest.raises(MVCError, match="unknown strategy 'nope'"):
+        STRATEGIES.get("nope")
+    with pytest.raises(MVCError, match="classifier.strategy"):
+        make_config(overrides={"classifier.strategy": "nope"})
+
+
+def test_real_and_concat_cover_their_images_once():
+    real = build_strategy(_scfg(strategy="real"), 23, 40).epoch_plan(0, seed=1)
+    assert sorted(np.concatenate(real.batches).tolist()) == list(range(23))
+    concat = build_strategy(_scfg(strategy="concat"), 23, 40).epoch_plan(0, seed=1)
+    idx = np.concatenate(concat.batches)
+    assert sorted(idx.tolist()) == list(range(63)) and concat.num_synthetic(23) == 40
+    assert all(len(b) >= 2 for b in concat.batches)
+    # deterministic from (seed, epoch), different across epochs
+    again = build_strategy(_scfg(strategy="concat"), 23, 40)
+    assert all((a == b).all() for a, b in zip(again.epoch_plan(0, 1).batches, concat.batches))
+    assert not np.array_equal(np.concatenate(again.epoch_plan(1, 1).batches), idx)
+
+
+def test_concat_needs_synthetic():
+    with pytest.raises(MVCError, match="needs synthetic"):
+        build_strategy(_scfg(strategy="concat"), 10, 0)
+
+
+def test_two_phase_switches_data_and_lr_at_the_right_epoch():
+    cfg = _scfg(strategy="two_phase", epochs=10, two_phase_fraction=0.2, two_phase_lr_scale=0.1, scheduler="cosine")
+    st = build_strategy(cfg, 20, 60)
+    for epoch in range(10):
+        plan = st.epoch_plan(epoch, seed=0)
+        idx = np.concatenate(plan.batches)
+        lr0 = plan_lr(cfg, plan, epoch, 0, len(plan.batches))
+        if epoch < 8:  # phase 1: real + synthetic, full LR (cosine over 8 epochs)
+            assert plan.phase == "phase1" and len(idx) == 80 and (idx >= 20).sum() == 60
+            assert lr0 == pytest.approx(lr_factor("cosine", epoch / 8))
+        else:  # phase 2: real only, LR x 0.1, the schedule restarts
+            assert plan.phase == "phase2" and sorted(idx.tolist()) == list(range(20))
+            assert lr0 == pytest.approx(0.1 * lr_factor("cosine", (epoch - 8) / 2))
+    assert plan_lr(cfg, st.epoch_plan(8, 0), 8, 0, 2) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("mode", ["append", "replace"])
+@pytest.mark.parametrize("p", [0.25, 0.8])
+def test_probabilistic_mixes_at_the_configured_rate(mode, p):
+    st = build_strategy(_scfg(strategy="probabilistic", prob_p=p, prob_mode=mode, batch_size=16), 200, 37)
+    n_syn = n_real_slots = 0
+    for epoch in range(30):
+        plan = st.epoch_plan(epoch, seed=3)
+        for b in plan.batches:
+            syn = int((b >= 200).sum())
+            real = len(b) - syn
+            if mode == "replace":
+                assert len(b) in (16, 8)  # real batch sizes are kept (200 = 12 x 16 + 8)
+            n_syn += syn
+            n_real_slots += real + (syn if mode == "replace" else 0)
+        assert sorted(set(np.concatenate(plan.batches)[np.concatenate(plan.batches) >= 200])) <= list(range(200, 237))
+    rate = n_syn / n_real_slots  # synthetic images per real image (6000 Bernoulli draws)
+    assert abs(rate - p) < 0.03
+    if mode == "append":  # every real image still appears once per epoch
+        b = np.concatenate(st.epoch_plan(0, 3).batches)
+        assert sorted(b[b < 200].tolist()) == list(range(200))
+
+
+def test_lr_schedules():
+    assert lr_factor("none", 0.7) == 1.0
+    assert lr_factor("cosine", 0.0) == pytest.approx(1.0) and lr_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert [lr_factor("multistep", x, [0.5, 0.75], 0.1) for x in (0.2, 0.5, 0.8)] == pytest.approx([1, 0.1, 0.01])
+
+
+#################################################################################
+#                                   Metrics                                     #
+#################################################################################
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
+    y_pred = [0, 1, 0, 1, 2, 2, 2, 0, 2, 2]
+    m = compute_metrics(y_true, y_pred, 4)
+    cm = [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 1, 0]]
+    assert m["confusion_matrix"] == cm
+    assert m["accuracy"] == pytest.approx(6 / 10)
+    recall = [2 / 3, 1 / 2, 3 / 4, 0.0]
+    precision = [2 / 3, 1 / 2, 3 / 5, 0.0]  # class 3 never predicted -> 0
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+    assert m["per_class_accuracy"] == pytest.approx(recall)
+    assert m["recall_macro"] == pytest.approx(np.mean(recall))
+    assert m["precision_macro"] == pytest.approx(np.mean(precision))
+    assert m["f1_macro"] == pytest.approx(np.mean(f1))
+
+
+#################################################################################
+#                             Models and synthetic data                         #
+#################################################################################
+
+def test_backbones_cifar_stem_and_errors():
+    from mvc.classifier.models import build_model
+
+    m, meta = build_model("resnet18", 5, cifar_stem=True, input_size=32)
+    assert m.conv1.stride == (1, 1) and m.conv1.kernel_size == (3, 3) and isinstance(m.maxpool, torch.nn.Identity)
+    assert m.forward_features(torch.zeros(1, 3, 32, 32)).shape[-1] == 4  # 32 / 8, not 32 / 32
+    assert meta.input_size == 32 and len(meta.mean) == 3 and meta.crop_pct == 1.0
+    _, meta = build_model("resnet10t", 2)
+    assert meta.input_size == 176 and meta.crop_pct < 1  # from timm's data config
+    with pytest.raises(MVCError, match="unknown backbone 'resnet_nope'"):
+        build_model("resnet_nope", 3)
+    with pytest.raises(MVCError, match="cifar_stem"):
+        build_model("vit_tiny_patch16_224", 3, cifar_stem=True)
+
+
+def test_synthetic_reader_labels_from_metadata_and_folder_fallback(tmp_path):
+    from mvc.classifier.data import load_synthetic
+
+    real = FakeImages(2, 0, "train")
+    write_synthetic(tmp_path / "a", real, per_image=1)
+    syn = load_synthetic(tmp_path / "a", CLASSES)
+    assert len(syn) == 6 and sorted(syn.targets.tolist()) == [0, 0, 1, 1, 2, 2]
+    # metadata labels win over folder order: a class list in another order is still read right
+    meta = [json.loads(l) for l in (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()]
+    assert [int(t) for t in syn.targets] == [r["label"] for r in meta]
+    held = load_synthetic(tmp_path / "a", CLASSES, exclude_sources={real.ids[0]})
+    assert len(held) == 5
+    write_synthetic(tmp_path / "b", real, per_image=1, with_metadata=False)
+    nometa = load_synthetic(tmp_path / "b", CLASSES)
+    for i in range(len(nometa)):
+        _, y = nometa[i]
+        assert np.asarray(nometa[i][0]).mean(axis=(0, 1)).argmax() == y  # colour = class
+    bad = meta[0] | {"class_name": "blue", "label": 0}
+    (tmp_path / "a" / "metadata.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(MVCError, match="does not match"):
+        load_synthetic(tmp_path / "a", CLASSES)
+
+
+#################################################################################
+#                          Training, resume, predict                            #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, accelerator):
+    """A short run on the separable fixture (probabilistic strategy + synthetic copies)."""
+    from mvc.classifier.train import run_all
+
+    out = tmp_path_factory.mktemp("trained")
+    splits = make_splits(n_train=10, n_test=12)
+    write_synthetic(out / "synthetic", splits[0], per_image=2)
+    cfg = tiny_cfg(out, strategy="probabilistic", epochs=4, augment="standard", seeds=[0, 1])
+    records = run_all(cfg, accelerator, splits=splits)
+    return out, cfg, records
+
+
+def test_training_reaches_high_accuracy_and_writes_outputs(trained):
+    out, cfg, records = trained
+    assert len(records) == 2
+    r = records[0]
+    assert r["last"]["accuracy"] >= 0.9, r["history"]
+    assert r["n_real"] == 30 and r["n_synthetic"] == 60
+    assert 0.2 < r["history"][0]["synthetic_share"] < 0.6  # p = 0.8 appended: 0.8 / 1.8 ≈ 0.44
+    run = Path(r["run_dir"])
+    assert run.name == "probabilistic-standard-resnet10t-seed0"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["best_selected_on"] == "test" and "optimistic" in saved["note"]
+    assert len(saved["last"]["confusion_matrix"]) == 3 and (run / "confusion_last.png").stat().st_size > 0
+    assert list((run / "tb").iterdir())
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("dataset,k_per_class,backbone,strategy,augment,seed") and len(rows) == 3
+    summary = json.loads((out / "classifier" / "probabilistic-standard-resnet10t-summary.json").read_text())
+    assert summary["last"]["accuracy"]["values"] == [rr["last"]["accuracy"] for rr in records]
+
+
+def test_predict_scores_a_folder(trained, tmp_path):
+    from mvc.classifier import load_classifier, predict_images
+    from mvc.classifier.predict import list_images, predict
+
+    out, cfg, records = trained
+    test = FakeImages(3, 9, "x")
+    for i, (im, y) in enumerate(zip(test.images, test.targets)):
+        im.save(tmp_path / f"{i:02d}_{y}.png")
+    probs = predict(Path(records[0]["run_dir"]), tmp_path)
+    assert probs.shape == (9, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    truth = [int(p.stem.split("_")[1]) for p in list_images(tmp_path)]
+    assert (probs.argmax(1) == truth).mean() >= 0.8
+    bundle = load_classifier(Path(records[0]["run_dir"]) / "checkpoints")
+    assert bundle.classes == CLASSES
+    pil = [Image.open(p).convert("RGB") for p in list_images(tmp_path)]
+    assert np.allclose(predict_images(bundle, pil), probs, atol=1e-5)
+    with pytest.raises(MVCError):
+        load_classifier(tmp_path / "missing.pt")
+
+
+def test_resume_equals_not_stopping(tmp_path, accelerator):
+    from mvc.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.classifier.train import run_classifier
+
+    splits = make_splits(n_train=6, n_test=6)
+    finals = []
+    for name, stops in [("straight", [None]), ("stopped", [1, None])]:
+        write_synthetic(tmp_path / name / "synthetic", splits[0], per_image=1)
+        cfg = tiny_cfg(tmp_path / name, strategy="probabilistic", epochs=3, augment="standard", checkpoint_every=1)
+        for k, stop in enumerate(stops):
+            rec = run_classifier(cfg, 0, accelerator, splits, resume="latest" if k else None, stop_after=stop)
+            assert (rec is None) == (stop is not None)
+        ckpt_dir = Path(rec["run_dir"]) / "checkpoints"
+        finals.append((rec, load_checkpoint(list_checkpoints(ckpt_dir)[-1])))
+    (a, ca), (b, cb) = finals
+    untimed = lambda h: [{k: v for k, v in e.items() if k != "epoch_time_s"} for e in h]  # noqa: E731
+    assert untimed(a["history"]) == untimed(b["history"]) and len(a["history"]) == 3
+    assert a["last"]["confusion_matrix"] == b["last"]["confusion_matrix"]
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+
+
+def test_probe_and_kfold(tmp_path, accelerator):
+    from mvc.classifier.train import run_all
+
+    cfg = tiny_cfg(tmp_path, probe="logreg", kfold=2, strategy="real")
+    recs = run_all(cfg, accelerator, splits=make_splits(n_train=6, n_test=4))
+    assert [r["fold"] for r in recs] == [0, 1] and all(r["n_test"] == 9 for r in recs)  # 18 labelled / 2 folds
+    assert all(r["last"]["accuracy"] >= 0.8 for r in recs)
+    assert (tmp_path / "classifier" / "real-probe_logreg-resnet10t-seed0" / "metrics.json").is_file()
+
+
+#################################################################################
+#                                 Scripts, DDP                                  #
+#################################################################################
+
+def _run(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+
+
+def test_script_help_and_one_line_errors():
+    r = _run([sys.executable, "train_classifier.py", "--help"])
+    assert r.returncode == 0 and "--strategy" in r.stdout and "predict" in r.stdout
+    r = _run([sys.executable, "train_classifier.py", "--classifier.backbone=resnet_nope", "--run.output_dir=/nonexistent/x",
+              "--classifier.strategy=real", "--data.name=fashion_mnist"], timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: unknown backbone 'resnet_nope': not a timm model name "
+                                             "(see timm.list_models(), e.g. resnet18)"]
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_classifier import make_splits, tiny_cfg, write_synthetic
+from pathlib import Path
+from mvc.classifier.train import get_accelerator, run_all
+out = Path({out!r})
+cfg = tiny_cfg(out, strategy="concat", epochs=2, batch_size=6)
+acc = get_accelerator(cfg)
+splits = make_splits(n_train=6, n_test=6)
+if acc.is_main_process:
+    write_synthetic(out / "synthetic", splits[0], per_image=1)
+acc.wait_for_everyone()
+rec = run_all(cfg, acc, splits=splits)[0]
+print("RANK", acc.process_index, "WORLD", acc.num_processes, "STEPS", rec["history"][0]["steps"], flush=True)
+acc.end_training()
+"""
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "out")))
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port), str(script)], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("RANK"))
+    # 36 images / batch 6 = 6 global batches -> 3 steps per process
+    assert lines == ["RANK 0 WORLD 2 STEPS 3", "RANK 1 WORLD 2 STEPS 3"], r.stdout
+    rec = json.loads(next((tmp_path / "out" / "classifier").glob("concat-*/metrics.json")).read_text())
+    assert rec["world_size"] == 2 and rec["last"]["num_samples"] == 18

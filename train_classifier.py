@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Train a classifier on real (+ synthetic) images and report test metrics; or score images with one.
+
+    python train_classifier.py --config configs/tiny.yaml --strategy two_phase --seeds 0 1 2
+    python train_classifier.py --config configs/tiny.yaml --strategy real --resume latest
+    torchrun --nproc_per_node 2 train_classifier.py --config configs/tiny.yaml      # DDP (accelerate)
+    python train_classifier.py predict --checkpoint outputs/tiny/classifier/<run> --images some/folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def predict_main(argv: list[str]) -> None:
+    """`predict`: print (or write as JSON lines) the predicted class and probabilities of every image."""
+    from mvc.classifier.predict import list_images, load_classifier, predict
+    from mvc.utils import atomic_write_text
+
+    p = argparse.ArgumentParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="Checkpoint file, or a classifier run folder (newest checkpoint).")
+    p.add_argument("--images", required=True, help="Folder of images (searched recursively).")
+    p.add_argument("--out", default=None, help="Write JSON lines {file, pred, class, confidence, probs} here.")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    bundle = load_classifier(args.checkpoint)
+    files = list_images(args.images)
+    probs = predict(bundle, files, args.batch_size)
+    lines = []
+    for f, pr in zip(files, probs):
+        k = int(pr.argmax())
+        lines.append({"file": str(f), "pred": k, "class": bundle.classes[k], "confidence": float(pr[k]),
+                      "probs": [round(float(v), 6) for v in pr]})
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in lines))
+        print(f"wrote {len(lines)} predictions to {args.out}")
+    else:
+        for r in lines:
+            print(f"{r['file']}\t{r['class']}\t{r['confidence']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the config, then train every seed (and fold) and write metrics."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:
+        return predict_main(argv[1:])
+
+    from mvc.config import build_parser, parse_args, save_config
+    from mvc.classifier.strategies import list_strategies
+
+    parser = build_parser(__doc__.splitlines()[0] + "  (subcommand: `predict --checkpoint X --images DIR`)")
+    parser.add_argument("--strategy", default=None, choices=list_strategies(), help="Shortcut for classifier.strategy.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Shortcut for classifier.seeds.")
+    parser.add_argument("--resume", default=None, help="None (fresh), 'latest', or a checkpoint path.")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="Stop after this many epochs (a checkpoint is written; resume with --resume latest).")
+    cfg, args = parse_args(parser, argv, shortcuts={"strategy": "classifier.strategy", "seeds": "classifier.seeds"})
+
+    from mvc.classifier.train import get_accelerator, run_all
+
+    accelerator = get_accelerator(cfg)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.run.output_dir) / "config-train_classifier.yaml")
+    records = run_all(cfg, accelerator, resume=args.resume, stop_after=args.stop_after)
+    if accelerator.is_main_process:
+        for r in records:
+            print(f"{Path(r['run_dir']).name}: last accuracy {r['last']['accuracy']:.4f} "
+                  f"(macro F1 {r['last']['f1_macro']:.4f}), best {r['best']['accuracy']:.4f} @ epoch "
+                  f"{r['best']['epoch']} [{r['best_selected_on']}], {r['time_s']} s")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from mvc.utils import run_cli
+
+    run_cli(main)

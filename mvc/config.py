@@ -175,8 +175,11 @@ class FinetuneConfig:
 class MixingConfig:
     """Mixing Visual Concepts: edits of the prompt embedding (generate_mvc.py)."""
     ops: list[str] = opt(["coarse", "fine"], "Operations cycled over the variants of each source.")
-    coarse_mode: str = opt("shuffle", "Coarse op: permute token vectors or swap them in from a donor.",
+    coarse_mode: str = opt("shuffle", "Coarse op: permute tokens or swap them in from a donor.",
                            choices=["shuffle", "swap"])
+    coarse_stage: str = opt("tokens", "Where the coarse op runs: 'tokens' (token ids before the text encoder) or "
+                            "'embeds' (its output; a shuffle there is invisible to the U-Net's cross-attention).",
+                            choices=["tokens", "embeds"])
     coarse_k: int = opt(4, "Token vectors chosen for the coarse op.", min=1)
     window: str | list[int] = opt("caption", "'caption' (the caption's token span) or [start, end).")
     fine_m: int = opt(3, "Token vectors whose slice is replaced (fine op).", min=1)

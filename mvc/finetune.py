@@ -1,0 +1,213 @@
+"""InstructPix2Pix fine-tuning maths: conditioning dropout, the one-off caches, and the loss.
+
+Speed comes from caching: every image of the labelled subset is VAE-encoded ONCE (posterior mean
+and std) and every prompt (plus the empty prompt) is text-encoded ONCE, before training; a step
+only indexes those tensors with the pair indices and runs the U-Net.
+
+Choices (kept identical to diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py):
+- the condition latent is the posterior MODE (= mean) of the condition image, unscaled, exactly what
+  `StableDiffusionInstructPix2PixPipeline.prepare_image_latents` feeds the U-Net at sampling time;
+- the target latent is a fresh SAMPLE of the target's posterior each step (mean + std * eps, from the
+  cached mean/std), times `vae.config.scaling_factor`;
+- random flips: with `flip=True` both orientations are cached (index 0 plain, 1 flipped) and a step
+  picks one per pair (the same flip for condition and target, as the diffusers script flips the
+  concatenated pair), so flips cost no VAE call;
+- conditioning dropout follows the InstructPix2Pix paper: text only / image only / both dropped are
+  three disjoint cases; dropped text uses the embedding of the empty prompt "" (tokenized exactly as
+  the pipeline tokenizes its negative prompt), a dropped image is an all-zero condition latent (what
+  the pipeline uses for its unconditional image branch).
+
+At sampling time the pipeline runs the U-Net on a batch of three chunks, in this order:
+[text + image, image only (empty-prompt embedding), neither (empty prompt, zero image latent)],
+so the dropout cases above are exactly the inputs it asks for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mvc.utils import MVCError, batched
+
+
+#################################################################################
+#                            Conditioning dropout                               #
+#################################################################################
+
+def conditioning_dropout_masks(batch_size: int, p_text: float, p_image: float, p_both: float,
+                               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row keep masks (keep_text, keep_image), bool (B,), for three disjoint drop cases.
+
+    One uniform u per row: u < p_text drops the text only, the next p_image drops the image only,
+    the next p_both drops both; the rest keeps both.
+    """
+    for name, p in (("p_text", p_text), ("p_image", p_image), ("p_both", p_both)):
+        if not 0.0 <= p <= 1.0:
+            raise MVCError(f"conditioning dropout {name}={p} must be in [0, 1]")
+    if p_text + p_image + p_both > 1.0 + 1e-9:
+        raise MVCError(f"conditioning dropout probabilities sum to {p_text + p_image + p_both:.3f} > 1")
+    u = torch.rand(batch_size, generator=generator)
+    drop_text_only = u < p_text
+    drop_image_only = (u >= p_text) & (u < p_text + p_image)
+    drop_both = (u >= p_text + p_image) & (u < p_text + p_image + p_both)
+    keep_text = ~(drop_text_only | drop_both)
+    keep_image = ~(drop_image_only | drop_both)
+    return keep_text, keep_image
+
+
+#################################################################################
+#                                   Caches                                      #
+#################################################################################
+
+@dataclass
+class LatentCache:
+    """VAE posteriors of every image: mean/std (N, F, C, h, w), F = 2 when flips are cached."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+
+    def to(self, device) -> "LatentCache":
+        """A copy on `device`."""
+        return LatentCache(self.mean.to(device), self.std.to(device), self.scaling_factor)
+
+
+@dataclass
+class TextCache:
+    """Text-encoder outputs: embeds (P, L, D) of each prompt, empty (L, D) of the prompt ""."""
+    embeds: torch.Tensor
+    empty: torch.Tensor
+
+    def to(self, device) -> "TextCache":
+        """A copy on `device`."""
+        return TextCache(self.embeds.to(device), self.empty.to(device))
+
+
+def image_to_tensor(image, resolution: int) -> torch.Tensor:
+    """PIL image -> (3, R, R) float in [-1, 1] (bilinear resize of the whole image, RGB)."""
+    from PIL import Image
+
+    im = image.convert("RGB")
+    if im.size != (resolution, resolution):
+        im = im.resize((resolution, resolution), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_latents_cache(vae, dataset, resolution: int, batch_size: int = 64, flip: bool = False,
+                         device=None, show_progress: bool = True) -> LatentCache:
+    """VAE-encode every image of `dataset` once: posterior mean and std, both orientations if `flip`."""
+    device = device if device is not None else next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    means, stds = [], []
+    idx = list(range(len(dataset)))
+    for chunk in tqdm(list(batched(idx, batch_size)), desc="caching VAE latents", disable=not show_progress):
+        x = torch.stack([image_to_tensor(dataset[i][0], resolution) for i in chunk])  # (b, 3, R, R)
+        views = [x, torch.flip(x, dims=[3])] if flip else [x]
+        m_v, s_v = [], []
+        for v in views:
+            dist = vae.encode(v.to(device=device, dtype=dtype)).latent_dist
+            m_v.append(dist.mean.float())
+            s_v.append(dist.std.float())
+        means.append(torch.stack(m_v, 1))  # (b, F, C, h, w)
+        stds.append(torch.stack(s_v, 1))
+    return LatentCache(torch.cat(means).cpu(), torch.cat(stds).cpu(), float(vae.config.scaling_factor))
+
+
+def _tokenize(tokenizer, texts: list[str]):
+    """Tokenize as the Stable Diffusion pipelines do (pad to max length, truncate)."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt")
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    """(len(texts), L, D) last hidden states, with the attention mask only when the encoder uses one."""
+    device = next(text_encoder.parameters()).device
+    tok = _tokenize(tokenizer, texts)
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tok.attention_mask.to(device)
+    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].float()
+
+
+@torch.no_grad()
+def encode_prompts_cache(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64,
+                         show_progress: bool = True) -> TextCache:
+    """Text-encode each distinct prompt once (duplicates share a row) plus the empty prompt."""
+    uniq = sorted(set(prompts))
+    pos = {p: i for i, p in enumerate(uniq)}
+    out = [encode_text(tokenizer, text_encoder, chunk)
+           for chunk in tqdm(list(batched(uniq, batch_size)), desc="caching text embeddings",
+                             disable=not show_progress)]
+    table = torch.cat(out).cpu()  # (U, L, D)
+    embeds = table[torch.tensor([pos[p] for p in prompts], dtype=torch.long)]  # (P, L, D)
+    empty = encode_text(tokenizer, text_encoder, [""])[0].cpu()  # (L, D)
+    return TextCache(embeds, empty)
+
+
+#################################################################################
+#                         Per-step randomness and loss                          #
+#################################################################################
+
+@dataclass
+class StepNoise:
+    """Every random draw of one (global) micro-batch, so any process can take its rows."""
+    timesteps: torch.Tensor  # (B,) long
+    noise: torch.Tensor      # (B, C, h, w) diffusion noise
+    eps: torch.Tensor        # (B, C, h, w) posterior-sample noise of the target latent
+    flip: torch.Tensor       # (B,) long, 0 or 1 (orientation index into the cache)
+    keep_text: torch.Tensor  # (B,) bool
+    keep_image: torch.Tensor  # (B,) bool
+
+    def rows(self, sl: slice) -> "StepNoise":
+        """The rows `sl` of every draw."""
+        return StepNoise(*(getattr(self, f)[sl] for f in self.__dataclass_fields__))
+
+    def to(self, device) -> "StepNoise":
+        """A copy on `device`."""
+        return StepNoise(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def draw_step_noise(batch_size: int, latent_shape: tuple[int, ...], num_train_timesteps: int, flip: bool,
+                    p_text: float, p_image: float, p_both: float, generator: torch.Generator) -> StepNoise:
+    """Draw timesteps, noises, flips and dropout masks of a whole global micro-batch from `generator`."""
+    keep_text, keep_image = conditioning_dropout_masks(batch_size, p_text, p_image, p_both, generator)
+    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    noise = torch.randn((batch_size, *latent_shape), generator=generator)
+    eps = torch.randn((batch_size, *latent_shape), generator=generator)
+    flips = (torch.randint(0, 2, (batch_size,), generator=generator) if flip
+             else torch.zeros(batch_size, dtype=torch.long))
+    return StepNoise(t, noise, eps, flips, keep_text, keep_image)
+
+
+def gather_batch(latents: LatentCache, text: TextCache, cond_idx: torch.Tensor, target_idx: torch.Tensor,
+                 prompt_idx: torch.Tensor, rnd: StepNoise) -> dict[str, torch.Tensor]:
+    """Index the caches: condition latent (mode), target posterior, prompt embedding, with dropout applied."""
+    f = rnd.flip
+    cond = latents.mean[cond_idx, f]  # (b, C, h, w), the posterior mode
+    cond = cond * rnd.keep_image[:, None, None, None].to(cond.dtype)  # dropped image -> zeros
+    target = (latents.mean[target_idx, f] + latents.std[target_idx, f] * rnd.eps) * latents.scaling_factor
+    emb = text.embeds[prompt_idx]  # (b, L, D)
+    emb = torch.where(rnd.keep_text[:, None, None], emb, text.empty[None].to(emb.dtype))
+    return {"cond_latents": cond, "target_latents": target, "text_embeds": emb}
+
+
+def ip2p_loss(unet, noise_scheduler, cond_latents: torch.Tensor, target_latents: torch.Tensor,
+              text_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample noise-prediction MSE (b,) of the 8-channel U-Net (epsilon or v_prediction)."""
+    noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)  # (b, C, h, w)
+    model_in = torch.cat([noisy, cond_latents.to(noisy.dtype)], dim=1)  # (b, 2C, h, w)
+    pred = unet(model_in, timesteps, encoder_hidden_states=text_embeds, return_dict=False)[0]
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
+    else:
+        raise MVCError(f"unsupported scheduler prediction_type {kind!r}; use epsilon or v_prediction")
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

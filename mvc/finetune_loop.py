@@ -1,0 +1,316 @@
+"""The fine-tuning loop (accelerate) and the train_mvc stage flow `main(cfg, resume)`.
+
+Determinism across resume and across process counts, by construction:
+- the data order is defined on the GLOBAL batch: `GlobalBatchSampler` draws permutations of the pair
+  indices from its own generator (saved in checkpoints) and every process draws the same global
+  batch, then keeps its contiguous shard of rows;
+- every other random draw of a micro-step (timesteps, noises, flips, dropout) is drawn for the whole
+  global batch from `make_generator(seed, 1, step, micro)` and sharded the same way;
+- each process's loss is sum(per-sample loss) * world / global_batch, so DDP's gradient averaging
+  gives exactly the gradient of the global-batch mean (uneven shards included);
+- the LR schedule is stepped once per optimizer step by us (accelerate's prepared scheduler would
+  step once per process).
+The global RNGs are seeded with seed * world + rank for any randomness inside the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mvc.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
+from mvc.config import config_to_dict, save_config
+from mvc.finetune import (draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch,
+                          image_to_tensor, ip2p_loss)
+from mvc.finetune_setup import (EMA, build_lr_scheduler, build_optimizer, freeze, ip2p_pipeline,
+                                load_trainable_state_dict, prepare_unet, save_final_pipeline,
+                                trainable_state_dict)
+from mvc.utils import MVCError, RunLogger, image_grid, make_generator, resolve_seed, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+#################################################################################
+#                              Global batch order                               #
+#################################################################################
+
+class GlobalBatchSampler:
+    """Endless stream of pair indices: epoch after epoch, a fresh permutation from its own generator."""
+
+    def __init__(self, num_pairs: int, generator: torch.Generator):
+        if num_pairs < 1:
+            raise MVCError("no training pairs: the labelled subset needs classes with at least 2 images")
+        self.n = num_pairs
+        self.gen = generator
+        self.order = torch.randperm(self.n, generator=self.gen)
+        self.pos = 0
+        self.epoch = 0
+
+    def next(self, size: int) -> torch.Tensor:
+        """The next `size` pair indices (long), crossing into the next epoch's permutation when needed."""
+        out = []
+        while size > 0:
+            if self.pos >= self.n:
+                self.order = torch.randperm(self.n, generator=self.gen)
+                self.pos, self.epoch = 0, self.epoch + 1
+            take = min(size, self.n - self.pos)
+            out.append(self.order[self.pos:self.pos + take])
+            self.pos += take
+            size -= take
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        """Generator state, current permutation and position (weights_only-loadable)."""
+        return {"gen": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state_dict` was taken."""
+        if len(state["order"]) != self.n:
+            raise MVCError(f"the checkpoint was trained on {len(state['order'])} pairs, this run has {self.n}; "
+                           "resume with the same data and pairs config")
+        self.gen.set_state(state["gen"])
+        self.order, self.pos, self.epoch = state["order"].clone(), int(state["pos"]), int(state["epoch"])
+
+
+#################################################################################
+#                                  Validation                                   #
+#################################################################################
+
+def validation_indices(num_pairs: int, k: int) -> np.ndarray:
+    """k pair indices spread evenly over the pair list (pairs are grouped by class)."""
+    return np.unique(np.linspace(0, num_pairs - 1, min(k, num_pairs)).round().astype(int))
+
+
+@torch.no_grad()
+def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], train_cfg, seed: int):
+    """One row per validation pair: condition | generated (IP2P pipeline, current U-Net) | target."""
+    from torchvision.transforms.functional import to_pil_image
+
+    sel = validation_indices(len(pairs.cond), train_cfg.num_validation)
+    res = train_cfg.resolution
+    conds = [to_pil_image((image_to_tensor(dataset[int(pairs.cond[i])][0], res) + 1) / 2) for i in sel]
+    tgts = [to_pil_image((image_to_tensor(dataset[int(pairs.target[i])][0], res) + 1) / 2) for i in sel]
+    src = pairs.target if train_cfg.prompt_from == "target" else pairs.cond
+    was_training = unet.training
+    unet.eval()
+    try:
+        gen = ip2p_pipeline(components, unet)(
+            prompt=[prompts[int(src[i])] for i in sel], image=conds, num_inference_steps=train_cfg.validation_steps,
+            guidance_scale=train_cfg.validation_guidance_scale,
+            image_guidance_scale=train_cfg.validation_image_guidance_scale,
+            generator=make_generator(seed, 2)).images
+    finally:
+        unet.train(was_training)
+    return image_grid([[c, g, t] for c, g, t in zip(conds, gen, tgts)])
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+def make_accelerator(train_cfg):
+    """The Accelerator: gradient accumulation and mixed precision from the config."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(gradient_accumulation_steps=train_cfg.grad_accum, mixed_precision=train_cfg.mixed_precision)
+    except (ValueError, RuntimeError) as e:
+        raise MVCError(f"cannot set up accelerate with mixed_precision={train_cfg.mixed_precision}: {e}") from None
+
+
+def _broadcast_seed(acc, seed: int | None) -> int:
+    """Resolve a None seed once and share it, so every process uses the same base seed."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [resolve_seed(seed) if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(box)
+    return int(box[0])
+
+
+def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir: str | Path,
+             resume: str | None = None, accelerator=None) -> dict:
+    """Fine-tune components['unet'] (8 input channels) on the pairs; write checkpoints, logs, final folder.
+
+    `prompts[i]` is the prompt of image i of `dataset`; a pair uses its target's (or condition's) prompt.
+    Returns {"losses": per-step global losses of this run, "step", "final_dir", "images_per_s"}.
+    """
+    tc = cfg.train
+    acc = accelerator if accelerator is not None else make_accelerator(tc)
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    seed = _broadcast_seed(acc, cfg.run.seed)
+    seed_everything(seed * world + rank)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    unet, vae, text_encoder, tokenizer, sched = (components[k] for k in
+                                                 ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    if unet.config.in_channels != 2 * vae.config.latent_channels:
+        raise MVCError(f"the U-Net takes {unet.config.in_channels} input channels; InstructPix2Pix needs "
+                       f"{2 * vae.config.latent_channels} (widen conv_in first)")
+    cond_all = torch.as_tensor(np.asarray(pairs.cond), dtype=torch.long)
+    tgt_all = torch.as_tensor(np.asarray(pairs.target), dtype=torch.long)
+    if len(prompts) != len(dataset):
+        raise MVCError(f"{len(prompts)} prompts for {len(dataset)} images; need one prompt per labelled image")
+    if len(cond_all) and int(max(cond_all.max(), tgt_all.max())) >= len(dataset):
+        raise MVCError("pair indices point outside the labelled subset; delete pairs.npz and rerun")
+    prompt_src = tgt_all if tc.prompt_from == "target" else cond_all
+    B = tc.batch_size
+    if B < world:
+        raise MVCError(f"train.batch_size={B} is smaller than the {world} processes; raise it")
+
+    # 1. One-off caches: VAE posteriors of every labelled image, text embeddings of every prompt.
+    freeze(vae, text_encoder)
+    vae.to(acc.device)
+    text_encoder.to(acc.device)
+    t0 = time.perf_counter()
+    latents = encode_latents_cache(vae, dataset, tc.resolution, flip=tc.random_flip, device=acc.device,
+                                   show_progress=main).to(acc.device)
+    text = encode_prompts_cache(tokenizer, text_encoder, prompts, show_progress=main).to(acc.device)
+    cache_s = time.perf_counter() - t0
+
+    # 2. Trainable weights, optimizer, schedule, EMA, data order.
+    params = prepare_unet(unet, tc)
+    optimizer = build_optimizer(params, tc)
+    lr_sched = build_lr_scheduler(optimizer, tc)
+    ema = EMA(params, tc.ema_decay) if tc.use_ema else None
+    sampler = GlobalBatchSampler(len(cond_all), make_generator(seed, 0))
+    step = 0
+    ckpt = resolve_resume(resume, ckpt_dir)
+    if ckpt is not None:
+        load_trainable_state_dict(unet, ckpt["unet"])
+        lr_sched.load_state_dict(ckpt["lr_scheduler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        if ema is not None:
+            if ckpt.get("ema") is None:
+                raise MVCError("train.use_ema=true but the checkpoint has no EMA; resume with the same config")
+            ema.load_state_dict(ckpt["ema"])
+        step = int(ckpt["step"])
+        if world == 1 and ckpt.get("world_size") == 1:
+            set_rng_state(ckpt["rng"])
+    unet, optimizer = acc.prepare(unet, optimizer)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if main:
+            log.info("resumed from step %d", step)
+    bare = acc.unwrap_model(unet)
+
+    # 3. Loop: each optimizer step = grad_accum micro-steps of the global batch B.
+    logger = RunLogger(out_dir, enabled=main)
+    if main:
+        logger.scalars(step, {"cache_seconds": cache_s, "world_size": world, "seed": seed}, prefix="setup/")
+    shard = torch.tensor_split(torch.arange(B), world)[rank]
+    rows = slice(int(shard[0]), int(shard[-1]) + 1)
+    weight = world / B  # DDP averages over processes -> exact global-batch mean
+    latent_shape = tuple(latents.mean.shape[2:])
+    ttimesteps = sched.config.num_train_timesteps
+    losses: list[float] = []
+    ips = float("nan")
+    pbar = tqdm(total=tc.max_steps, initial=step, desc="fine-tuning", disable=not main)
+    while step < tc.max_steps:
+        t_start = time.perf_counter()
+        step_loss, grad_norm = 0.0, float("nan")
+        for micro in range(tc.grad_accum):
+            idx = sampler.next(B)[rows]
+            rnd = draw_step_noise(B, latent_shape, ttimesteps, tc.random_flip, tc.drop_text_prob,
+                                  tc.drop_image_prob, tc.drop_both_prob, make_generator(seed, 1, step, micro))
+            rnd = rnd.rows(rows).to(acc.device)
+            batch = gather_batch(latents, text, cond_all[idx], tgt_all[idx], prompt_src[idx], rnd)
+            with acc.accumulate(unet):
+                per_sample = ip2p_loss(unet, sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
+                local_sum = per_sample.sum()
+                total = acc.reduce(local_sum.detach().clone(), reduction="sum").item() / B
+                if not math.isfinite(total):
+                    raise MVCError(f"non-finite loss ({total}) at step {step + 1}; lower train.lr, use "
+                                   "train.mixed_precision=no, or resume from an earlier checkpoint")
+                acc.backward(local_sum * weight)
+                if acc.sync_gradients:
+                    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+                    grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += total / tc.grad_accum
+        if not optimizer.step_was_skipped:
+            lr_sched.step()
+        if ema is not None:
+            ema.update(params)
+        step += 1
+        losses.append(step_loss)
+        ips = B * tc.grad_accum / (time.perf_counter() - t_start)
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{step_loss:.4f}")
+        if main and (step % tc.log_every == 0 or step == 1 or step == tc.max_steps):
+            logger.scalars(step, {"loss": step_loss, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
+                                  "images_per_s": ips}, prefix="train/")
+        if main and (step % tc.validate_every == 0 or step == tc.max_steps):
+            grid = validation_grid(components | {"unet": bare}, bare, dataset, pairs, prompts, tc, seed)
+            logger.image("validation", grid, step, path=out_dir / "validation" / f"step-{step:06d}.png")
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            if main:
+                save_checkpoint(ckpt_dir, step, {
+                    "unet": trainable_state_dict(bare), "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema else None,
+                    "sampler": sampler.state_dict(), "rng": rng_state(), "world_size": world,
+                }, config_to_dict(cfg), keep=tc.checkpoints_keep)
+            acc.wait_for_everyone()
+    pbar.close()
+
+    # 4. The diffusers folder generation loads (EMA weights when kept, LoRA merged).
+    final_dir = out_dir / "final"
+    if main:
+        save_final_pipeline(final_dir, components, bare, ema)
+    acc.wait_for_everyone()
+    logger.close()
+    return {"losses": losses, "step": step, "final_dir": final_dir, "images_per_s": ips, "cache_seconds": cache_s}
+
+
+#################################################################################
+#                               Stage flow (main)                               #
+#################################################################################
+
+def _pairs_for(cfg, labelled, path: Path, main: bool):
+    """Pairs of the labelled subset: loaded from `path` when present and matching, else built and saved."""
+    from mvc.pairs import build_pairs, load_pairs, save_pairs
+
+    pairs = build_pairs(labelled.targets, cfg.pairs.rounds, cfg.pairs.seed, cfg.data.on_small_class)
+    if path.is_file():
+        try:
+            loaded = load_pairs(path, pairs.fingerprint)
+            if loaded is not None:
+                return loaded
+        except MVCError as e:
+            log.warning("%s does not match this config (%s); rebuilding it", path, e)
+    if main:
+        save_pairs(path, pairs)
+    return pairs
+
+
+def main(cfg, resume: str | None = None) -> dict:
+    """train_mvc: splits -> pairs -> captions -> prompts -> base components -> widen conv_in -> train -> final."""
+    from mvc.captions import build_captioner, caption_cache_path, caption_dataset, make_prompt, validate_template
+    from mvc.data import load_splits
+    from mvc.models import load_base_components, widen_conv_in
+
+    validate_template(cfg.captions.prompt_template)
+    acc = make_accelerator(cfg.train)
+    cfg.run.seed = _broadcast_seed(acc, cfg.run.seed)  # a drawn seed is recorded in the saved config
+    out = Path(cfg.run.output_dir)
+    if acc.is_main_process:
+        save_config(cfg, out / "config-train_mvc.yaml")
+    # Process 0 does any download / captioning / base building first; the others then read its caches.
+    with acc.main_process_first():
+        labelled, pool, _test = load_splits(cfg.data)
+        pairs = _pairs_for(cfg, labelled, out / "pairs.npz", acc.is_main_process)
+        captioner = build_captioner(cfg.captions)
+        captions = caption_dataset(labelled, captioner, caption_cache_path(out, cfg.captions.captioner, labelled),
+                                   cfg.captions.batch_size)
+        components = load_base_components(cfg.model, cfg.tiny, pool=pool)
+    prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])
+               for i, t in zip(labelled.ids, labelled.targets)]
+    components["unet"] = widen_conv_in(components["unet"])
+    return finetune(cfg, components, labelled, pairs, prompts, out / "mvc", resume=resume, accelerator=acc)

@@ -1,11 +1,13 @@
 """Generate the synthetic set with Mixing Visual Concepts from the fine-tuned InstructPix2Pix model.
 
     python generate_mvc.py --config configs/tiny.yaml [--generate.multiplier=4 --mixing.coarse_k=4 ...]
+    python generate_mvc.py --config configs/tiny.yaml --mixing.coarse_stage=embeds   # paper-literal coarse op
     accelerate launch --num_processes 2 generate_mvc.py --config configs/tiny.yaml   # sharded
 
 Writes <run.output_dir>/synthetic/<class>/<source>_v<variant>.png + metadata.jsonl (ImageFolder),
 and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/. Rerunning resumes: only
-missing images are made.
+missing images are made. Coarse mixing edits the prompt's token ids before the text encoder by
+default (mixing.coarse_stage=tokens); see docs/architecture.md, "Coarse mixing".
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def collect_results(cfg: Config) -> list[dict]:
             if path.is_file():
                 m = json.loads(path.read_text())
                 accs.append(100 * _metric(m, "accuracy"))
-                f1s.append(100 * _metric(m, "macro_f1"))
+                f1s.append(100 * _metric(m, "f1_macro"))
         rows.append({"run": run, "strategy": strategy, "augment": augment, "n": len(accs),
                      "acc_mean": float(np.mean(accs)) if accs else float("nan"),
                      "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
@@ -149,7 +149,7 @@ def write_report(cfg: Config, times: dict) -> Path:
     figs.mkdir(parents=True, exist_ok=True)
     rows = collect_results(cfg)
     plot_accuracy(rows, figs / "accuracy.png")
-    grids = sorted((out / "synthetic" / "grids").glob("*.png"))
+    grids = sorted((out / "synthetic_grids").glob("*.png"))
     if grids:
         shutil.copyfile(grids[0], figs / "samples.png")
     n_syn = len(read_jsonl(out / "synthetic" / "metadata.jsonl"))

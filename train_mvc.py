@@ -13,7 +13,7 @@ from mvc.config import build_parser, parse_args
 from mvc.utils import run_cli
 
 
-def cli(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Parse the config and flags, then run the stage."""
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--resume", default=None, metavar="{latest,PATH}",
@@ -25,4 +25,4 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(cli)
+    run_cli(main)

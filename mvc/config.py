@@ -225,7 +225,9 @@ class ClassifierConfig:
     augment: str = opt("standard", "Classic augmentation.",
                        choices=["none", "standard", "autoaugment", "randaugment", "trivialaugment"])
     autoaugment_policy: str = opt("cifar10", "AutoAugment policy.", choices=["cifar10", "imagenet", "svhn"])
-    epochs: int = opt(30, "Epochs.", min=1)
+    epochs: int = opt(30, "Epochs (ignored when `steps` is set).", min=1)
+    steps: int | None = opt(None, "Optimizer-step budget; when set, each strategy's epochs = steps / its batches "
+                                  "per epoch, so strategies with more data are not given more training.", min=1)
     batch_size: int = opt(50, "Batch size (paper: 50).", min=1)
     optimizer: str = opt("adam", "Optimizer.", choices=["adam", "adamw", "sgd"])
     lr: float = opt(1e-3, "Learning rate.", min=0, min_exclusive=True)
@@ -241,6 +243,7 @@ class ClassifierConfig:
     seeds: list[int] = opt([0], "Seeds; several report mean +- std.")
     num_workers: int = opt(0, "DataLoader workers.", min=0)
     checkpoint_every: int = opt(1, "Save a checkpoint every N epochs.", min=1)
+    eval_every: int = opt(1, "Evaluate every N epochs (0: only after the last epoch).", min=0)
     checkpoints_keep: int = opt(2, "Classifier checkpoints kept per run (oldest removed).", min=1)
     results_csv: str | None = opt(None, "Results CSV a row is appended to (default: <run.output_dir>/results.csv).")
     val_fraction: float = opt(0.0, "Labelled share held out (stratified) to pick the best epoch; 0: best is picked "
@@ -452,10 +455,18 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+class CLIParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are `MVCError`s, so `run_cli` prints them as one `error:` line
+    (argparse's own handler prints the usage block and `prog: error: ...` instead)."""
+
+    def error(self, message: str):
+        raise MVCError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The common parser of the three scripts: --config plus the config keys listed in the epilog."""
-    p = argparse.ArgumentParser(description=description, epilog=config_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CLIParser(description=description, epilog=config_help(),
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config file (e.g. configs/tiny.yaml).")
     return p
 

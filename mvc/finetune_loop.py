@@ -274,17 +274,16 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
 #################################################################################
 
 def _pairs_for(cfg, labelled, path: Path, main: bool):
-    """Pairs of the labelled subset: loaded from `path` when present and matching, else built and saved."""
+    """Pairs of the labelled subset: loaded from `path` when drawn from this subset with these settings,
+    else drawn and saved (pairs are derived data, so a stale file is replaced with a warning)."""
     from mvc.pairs import build_pairs, load_pairs, save_pairs
 
-    pairs = build_pairs(labelled.targets, cfg.pairs.rounds, cfg.pairs.seed, cfg.data.on_small_class)
     if path.is_file():
         try:
-            loaded = load_pairs(path, pairs.fingerprint)
-            if loaded is not None:
-                return loaded
+            return load_pairs(path, labelled.fingerprint(), rounds=cfg.pairs.rounds, seed=cfg.pairs.seed)
         except MVCError as e:
-            log.warning("%s does not match this config (%s); rebuilding it", path, e)
+            log.warning("%s; drawing new pairs", e)
+    pairs = build_pairs(labelled, cfg.pairs.rounds, cfg.pairs.seed, cfg.data.on_small_class)
     if main:
         save_pairs(path, pairs)
     return pairs
@@ -309,7 +308,7 @@ def main(cfg, resume: str | None = None) -> dict:
         captioner = build_captioner(cfg.captions)
         captions = caption_dataset(labelled, captioner, caption_cache_path(out, cfg.captions.captioner, labelled),
                                    cfg.captions.batch_size)
-        components = load_base_components(cfg.model, cfg.tiny, pool=pool)
+        components = load_base_components(cfg.model, cfg.tiny, pool=pool, output_dir=out)
     prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])
                for i, t in zip(labelled.ids, labelled.targets)]
     components["unet"] = widen_conv_in(components["unet"])

@@ -1,11 +1,14 @@
 """Batched synthetic-set generation with Mixing Visual Concepts (the work of generate_mvc.py).
 
-For each class and each labelled (source) image, V variants are made: the source's prompt
-embedding is mixed (`mvc.mixing`) with the variant's own generator, and the fine-tuned
-InstructPix2Pix pipeline turns (mixed embedding, source image) into an image.
+For each class and each labelled (source) image, V variants are made: the source's prompt is
+mixed (`mvc.mixing`) with the variant's own generator, and the fine-tuned InstructPix2Pix
+pipeline turns (mixed embedding, source image) into an image. Coarse mixing edits the prompt's
+token ids before the text encoder (`mixing.coarse_stage=tokens`, the default) or its output
+embedding ('embeds'); fine mixing edits the embedding.
 
-Batching: per class, the prompt embeddings of all its sources are encoded once, and the
-condition latent of each source once (VAE mode, as the pipeline does); then batches of jobs
+Batching: per class, the token ids and prompt embeddings of all its sources are computed once,
+and the condition latent of each source once (VAE mode, as the pipeline does); per batch of
+jobs, the token-edited prompts go through the text encoder in one call; then batches of jobs
 go through the *diffusers pipeline itself* with `prompt_embeds`, `negative_prompt_embeds` and
 the precomputed latents as `image` (the pipeline passes 4-channel tensors through as latents),
 plus one `torch.Generator` per image. We call the pipeline rather than a hand-written loop so
@@ -39,7 +42,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mvc.mixing import apply_mixing, caption_token_span, mixing_params, op_needs_donor, op_params, parse_op
+from mvc.mixing import (apply_mixing, caption_token_span, mixing_params, op_needs_donor, op_params, op_stages,
+                        parse_op)
 from mvc.utils import (MVCError, RunLogger, append_jsonl, atomic_path, atomic_write_json, atomic_write_text, batched,
                        fingerprint, image_grid, make_generator, read_jsonl, resolve_seed, safe_name)
 
@@ -103,16 +107,28 @@ def model_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
+def tokenize_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (N, T) of prompts, padded/truncated as the IP2P pipeline does."""
+    tok = pipe.tokenizer
+    t = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return t.input_ids, t.attention_mask
+
+
 @torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Text-encoder hidden states (N, T, D) exactly as the IP2P pipeline computes them."""
-    tok, enc = pipe.tokenizer, pipe.text_encoder
+def encode_ids(pipe, ids: torch.Tensor, mask: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
+    """Text-encoder hidden states (N, T, D) of token ids (N, T), exactly as the IP2P pipeline computes them."""
+    enc = pipe.text_encoder
+    use_mask = mask is not None and getattr(enc.config, "use_attention_mask", False)
     out = []
-    for chunk in batched(list(prompts), batch_size):
-        t = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        mask = t.attention_mask.to(enc.device) if getattr(enc.config, "use_attention_mask", False) else None
-        out.append(enc(t.input_ids.to(enc.device), attention_mask=mask)[0])
+    for i in range(0, len(ids), batch_size):
+        m = mask[i:i + batch_size].to(enc.device) if use_mask else None
+        out.append(enc(ids[i:i + batch_size].to(enc.device), attention_mask=m)[0])
     return torch.cat(out).to(dtype=enc.dtype)
+
+
+def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Text-encoder hidden states (N, T, D) of prompts, exactly as the IP2P pipeline computes them."""
+    return encode_ids(pipe, *tokenize_prompts(pipe, prompts), batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -351,7 +367,7 @@ def _window_cfg(window: Any) -> tuple[int, int] | None:
 
 
 class _ClassContext:
-    """Per-class state computed once: prompts, prompt embeddings, caption windows."""
+    """Per-class state computed once: prompts, their token ids and embeddings, caption windows."""
 
     def __init__(self, pipe, labelled, label: int, captions: dict, template: str, window: tuple[int, int] | None):
         from mvc.captions import make_prompt
@@ -362,9 +378,14 @@ class _ClassContext:
         self.captions = {s: captions[self.ids[s]] for s in self.sources}
         prompts = {s: make_prompt(template, self.captions[s], name) for s in self.sources}
         uniq = sorted(set(prompts.values()))  # identical prompts are encoded once
-        emb = encode_prompts(pipe, uniq)  # (U, T, D)
-        self.embeds = {s: emb[uniq.index(prompts[s])] for s in self.sources}  # each (T, D)
+        tok, mask = tokenize_prompts(pipe, uniq)  # (U, T), (U, T)
+        emb = encode_ids(pipe, tok, mask)  # (U, T, D)
+        row = {s: uniq.index(prompts[s]) for s in self.sources}
+        self.tokens = {s: tok[row[s]] for s in self.sources}  # each (T,), for token-stage mixing
+        self.masks = {s: mask[row[s]] for s in self.sources}  # each (T,)
+        self.embeds = {s: emb[row[s]] for s in self.sources}  # each (T, D)
         T = emb.shape[1]
+        self.caption_windows = window is None
         if window is not None:
             if not 0 <= window[0] < window[1] <= T:
                 raise MVCError(f"mixing.window {list(window)} is not a non-empty range inside the {T} token positions")
@@ -397,6 +418,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
 
         labelled = load_splits(cfg.data)[0]
     jobs = plan_jobs(labelled, ops, g.multiplier, g.per_class)
+    for op in ops:
+        op_stages(op, params)  # a composite that edits token ids after embeddings fails before any work
     for c in range(len(labelled.classes)):
         n = int((np.asarray(labelled.targets) == c).sum())
         if n == 1 and any(op_needs_donor(op, params) for op in ops):
@@ -442,17 +465,14 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
             lat = encode_conditions(pipe, [labelled.load_image(s) for s in srcs], res, g.batch_size)  # (S, 4, h, w)
             cond = {s: lat[i] for i, s in enumerate(srcs)}
             for batch in batched(cjobs, g.batch_size):
-                embeds, gens, recs = [], [], []
-                for j in batch:
-                    e, rec, cl = _mix_job(j, ctx, params, seed)
-                    clamped += cl
-                    embeds.append(e)
-                    gens.append(make_generator(seed, j.source, j.variant))
-                    rec.update(seed=seed, generator_seed=gens[-1].initial_seed(), guidance_scale=g.guidance_scale,
+                embeds, recs, cl = mix_batch(pipe, batch, ctx, params, seed)  # (B, T, D): one text-encoder call
+                clamped += cl
+                gens = [make_generator(seed, j.source, j.variant) for j in batch]
+                for rec, gen in zip(recs, gens):
+                    rec.update(seed=seed, generator_seed=gen.initial_seed(), guidance_scale=g.guidance_scale,
                                image_guidance_scale=g.image_guidance_scale, num_inference_steps=g.num_inference_steps,
                                scheduler=g.scheduler, model_dir=str(model_dir))
-                    recs.append(rec)
-                images = render(pipe, torch.cat(embeds), neg.expand(len(batch), -1, -1),
+                images = render(pipe, embeds, neg.expand(len(batch), -1, -1),
                                 torch.stack([cond[j.source] for j in batch]), gens,
                                 g.num_inference_steps, g.guidance_scale, g.image_guidance_scale)
                 keep = [True] * len(batch)
@@ -493,34 +513,91 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     return summary
 
 
-def _mix_job(j: Job, ctx: _ClassContext, params: dict, seed: int) -> tuple[torch.Tensor, dict, int]:
-    """The mixed (1, T, D) embedding of one job, its metadata record, and 1 if k/m had to be lowered."""
+@dataclass
+class _JobMix:
+    """One job's mixing draw: its generator, params (k/m fitted to the windows), windows and donor."""
+    gen: torch.Generator
+    params: dict
+    stages: list[str]
+    window: tuple[int, int]  # the source's window (fine, and coarse at the 'embeds' stage)
+    coarse_window: tuple[int, int]  # where coarse runs at the 'tokens' stage
+    donor: int | None
+    clamped: int
+
+
+def _plan_mix(j: Job, ctx: _ClassContext, params: dict, seed: int) -> _JobMix:
+    """Draw the donor and fit k/m to the windows of one job (the first draws of its mixing generator)."""
     mg = make_generator(seed, j.source, j.variant, 1)  # the mixing draw, separate from the diffusion noise
-    w0, w1 = ctx.windows[j.source]
-    p = dict(params)
-    clamped = 0
-    if w1 - w0 < max(p["k"], p["m"]) and j.op != "none":
-        p["k"], p["m"] = max(1, min(p["k"], w1 - w0)), max(1, min(p["m"], w1 - w0))
-        clamped = 1
-    donor_id, donor = None, None
+    names, stages, p = parse_op(j.op), op_stages(j.op, params), dict(params)
+    w = ctx.windows[j.source]
+    donor = None
     if op_needs_donor(j.op, p):
         others = [s for s in ctx.sources if s != j.source]
-        d = others[int(torch.randint(len(others), (1,), generator=mg).item())]
-        donor, donor_id = ctx.embeds[d][None], d
-    base = ctx.embeds[j.source][None]  # (1, T, D)
-    if w1 <= w0:  # empty caption: nothing to mix inside its span
-        if j.op != "none":
-            raise MVCError(f"source {j.source_id!r} has an empty caption; set mixing.window=[start, end) to mix it")
-        e = base.clone()
-    else:
-        e = apply_mixing(base, j.op, p, mg, donor=donor, window=(w0, w1))
-    op_p = {**op_params(j.op, p), "window": [w0, w1]}
-    if donor_id is not None:
-        op_p["donor_index"], op_p["donor_id"] = donor_id, ctx.ids[donor_id]
-    rec = {"file": j.file, "file_name": j.file, "label": j.label, "class_name": j.class_name, "source_id": j.source_id,
-           "source_index": j.source, "variant": j.variant, "op": j.op, "op_params": op_p,
-           "caption": ctx.captions[j.source]}
-    return e, rec, clamped
+        donor = others[int(torch.randint(len(others), (1,), generator=mg).item())]
+    if w[1] <= w[0] and j.op != "none":
+        raise MVCError(f"source {j.source_id!r} has an empty caption; set mixing.window=[start, end) to mix it")
+    wc = w
+    if "tokens" in stages and p.get("mode") == "swap" and ctx.caption_windows:
+        # a donor token id past the end of the donor's caption would be template text or EOS/padding:
+        # swap only where both captions have tokens (same class, same template: the same start)
+        dw = ctx.windows[donor]
+        wc = (max(w[0], dw[0]), min(w[1], dw[1]))
+        if wc[1] <= wc[0]:
+            raise MVCError(f"source {j.source_id!r} and its donor {ctx.ids[donor]!r} share no caption token "
+                           f"positions; use mixing.coarse_mode=shuffle or a fixed mixing.window")
+    T = int(ctx.embeds[j.source].shape[0])
+    for key, name, win in (("k", "coarse", wc), ("m", "fine", w)):
+        # a size no window can hold, or larger than a window the user fixed, is an error, not a clamp
+        if name in names and (p[key] > T or (not ctx.caption_windows and p[key] > win[1] - win[0])):
+            raise MVCError(f"{name} mixing {key}={p[key]} does not fit the window {list(win)} of {win[1] - win[0]} "
+                           f"token positions (the embedding has {T}); lower {key} or widen mixing.window")
+    clamped = 0
+    if "coarse" in names and p["k"] > wc[1] - wc[0]:
+        p["k"], clamped = wc[1] - wc[0], 1
+    if "fine" in names and p["m"] > w[1] - w[0]:
+        p["m"], clamped = w[1] - w[0], 1
+    return _JobMix(mg, p, stages, w, wc, donor, clamped)
+
+
+def mix_batch(pipe, jobs: Sequence[Job], ctx: _ClassContext, params: dict, seed: int
+              ) -> tuple[torch.Tensor, list[dict], int]:
+    """Mixed prompt embeddings (B, T, D) of jobs of one class, their metadata records, and how many had k/m lowered.
+
+    Token-stage parts (coarse with coarse_stage='tokens') edit each source's token ids, then ONE text-encoder
+    call encodes every edited prompt of the batch; embedding-stage parts (fine; coarse with 'embeds') then
+    edit the embeddings. Unedited prompts reuse the class's cached embeddings.
+    """
+    plans = [_plan_mix(j, ctx, params, seed) for j in jobs]
+    embeds = [ctx.embeds[j.source][None] for j in jobs]  # each (1, T, D)
+    edited: dict[int, torch.Tensor] = {}  # job position -> its edited token ids (1, T)
+    for i, (j, pl) in enumerate(zip(jobs, plans)):
+        if "tokens" in pl.stages:
+            donor = ctx.tokens[pl.donor][None] if pl.donor is not None else None
+            edited[i] = apply_mixing(ctx.tokens[j.source][None], j.op, pl.params, pl.gen, donor=donor,
+                                     window=pl.coarse_window, stage="tokens")
+    if edited:
+        rows = list(edited)
+        enc = encode_ids(pipe, torch.cat([edited[i] for i in rows]),
+                         torch.stack([ctx.masks[jobs[i].source] for i in rows]))  # (E, T, D)
+        for n, i in enumerate(rows):
+            embeds[i] = enc[n:n + 1]
+    recs = []
+    for i, (j, pl) in enumerate(zip(jobs, plans)):
+        if "embeds" in pl.stages:
+            donor = ctx.embeds[pl.donor][None] if pl.donor is not None else None
+            embeds[i] = apply_mixing(embeds[i], j.op, pl.params, pl.gen, donor=donor, window=pl.window, stage="embeds")
+        op_p = {**op_params(j.op, pl.params), "window": list(pl.window)}
+        if i in edited:
+            c0, c1 = pl.coarse_window
+            op_p["coarse_window"] = [c0, c1]
+            w0, w1 = pl.window
+            op_p["mixed_tokens"] = pipe.tokenizer.convert_ids_to_tokens(edited[i][0, w0:w1].tolist())  # the caption now
+        if pl.donor is not None:
+            op_p["donor_index"], op_p["donor_id"] = pl.donor, ctx.ids[pl.donor]
+        recs.append({"file": j.file, "file_name": j.file, "label": j.label, "class_name": j.class_name,
+                     "source_id": j.source_id, "source_index": j.source, "variant": j.variant, "op": j.op,
+                     "op_params": op_p, "caption": ctx.captions[j.source]})
+    return torch.cat(embeds), recs, sum(pl.clamped for pl in plans)
 
 
 #################################################################################

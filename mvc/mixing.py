@@ -1,16 +1,23 @@
-"""Mixing Visual Concepts: pure, batched edits of prompt embeddings (B x T x D).
+"""Mixing Visual Concepts: pure, batched edits of a prompt, before or after the text encoder.
 
-- *coarse* (token level): k token vectors inside a window of positions are shuffled among
-  themselves, or swapped for the vectors at the same positions of a donor embedding (another
-  caption of the same class);
-- *fine* (slice level): in m token vectors, a slice of s dimensions is replaced, with values
-  from a donor, from other tokens of the same embedding ('self'), or from noise with the
-  embedding's own per-dimension statistics;
+- *coarse* (token level): k tokens inside a window of positions are shuffled among themselves,
+  or swapped for the tokens at the same positions of a donor (another caption of the same
+  class). It runs at one of two stages (`coarse_stage`):
+  - 'tokens' (default): on the prompt's token ids (B x T) BEFORE the text encoder, whose
+    positional embeddings and causal attention turn the new order into a new embedding;
+  - 'embeds': on the encoder's output vectors (B x T x D), the literal reading of the paper.
+    Stable Diffusion's cross-attention has no positions on the key/value side, so a *shuffle*
+    there leaves the U-Net's output unchanged up to float rounding (no diversity); a swap
+    still changes values. Kept for the ablation (docs/architecture.md, "Coarse mixing").
+- *fine* (slice level): in m token vectors of the encoder's output, a slice of s dimensions is
+  replaced, with values from a donor, from other tokens of the same embedding ('self'), or from
+  noise with the embedding's own per-dimension statistics;
 - *none*: the unmixed baseline.
 
-Ops compose with '+' (`"coarse+fine"`: coarse, then fine on its output). Every function takes a
-`torch.Generator`, returns a new tensor and leaves its inputs untouched. Importing this module is
-cheap (config validation calls `list_mixing_ops()`).
+Ops compose with '+' (`"coarse+fine"`: coarse, then fine on its output); with `stage=` the
+dispatcher applies only the ops of one stage, so a caller edits ids, encodes, then edits
+embeddings. Every function takes a `torch.Generator`, returns a new tensor and leaves its inputs
+untouched. Importing this module is cheap (config validation calls `list_mixing_ops()`).
 """
 
 from __future__ import annotations
@@ -26,12 +33,17 @@ from mvc.utils import MVCError
 Window = tuple[int, int] | Sequence[tuple[int, int]] | torch.Tensor | None
 
 
+STAGES = ("tokens", "embeds")  # token ids before the text encoder, its output embeddings
+
+
 @dataclass(frozen=True)
 class MixOp:
-    """A registered op: `fn(embeds, params, generator, donor, window) -> embeds`, the params it reads."""
+    """A registered op: `fn(x, params, generator, donor, window) -> x`, the params it reads, and the
+    stage it runs at with these params ('tokens': (B, T) ids before the text encoder; 'embeds': its output)."""
     fn: Callable[..., torch.Tensor]
     keys: tuple[str, ...]
     needs_donor: Callable[[dict], bool]
+    stage: Callable[[dict], str] = lambda params: "embeds"
 
 
 MIXING_OPS: Registry[MixOp] = Registry("mixing op")
@@ -118,13 +130,14 @@ def _windows(window: Window, batch: int, length: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def _check(embeds: torch.Tensor, donor: torch.Tensor | None, need_donor: bool) -> None:
+def _check(embeds: torch.Tensor, donor: torch.Tensor | None, need_donor: bool, ndims: tuple[int, ...] = (3,)) -> None:
     """Shape checks shared by the ops."""
-    if embeds.ndim != 3:
-        raise MVCError(f"prompt embeddings must be (B, T, D), got shape {tuple(embeds.shape)}")
+    if embeds.ndim not in ndims:
+        want = " or ".join({2: "token ids (B, T)", 3: "embeddings (B, T, D)"}[n] for n in ndims)
+        raise MVCError(f"this mixing op needs {want}, got shape {tuple(embeds.shape)}")
     if need_donor:
         if donor is None:
-            raise MVCError("this mixing op needs a donor embedding (another caption of the same class)")
+            raise MVCError("this mixing op needs a donor (another caption of the same class)")
         if donor.shape != embeds.shape:
             raise MVCError(f"donor shape {tuple(donor.shape)} differs from the embeddings' {tuple(embeds.shape)}")
 
@@ -143,28 +156,38 @@ def _choose(start: int, end: int, k: int, generator: torch.Generator) -> torch.T
 #                                Coarse mixing                                  #
 #################################################################################
 
-def coarse_mix(embeds: torch.Tensor, generator: torch.Generator, k: int, mode: str = "shuffle",
-               donor: torch.Tensor | None = None, window: Window = None) -> torch.Tensor:
-    """Token-level mixing: per row, k positions in the window are shuffled (a permutation that is not
-    the identity when k >= 2) or replaced by the donor's vectors at the same positions."""
+def coarse_indices(generator: torch.Generator, k: int, windows: Sequence[tuple[int, int]],
+                   mode: str = "shuffle") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row, (positions, sources): k distinct positions in the row's window and, for 'shuffle', the
+    positions they take their token from (a permutation of them that is not the identity when k >= 2);
+    for 'swap', sources = positions (read from the donor). Both (k,) int64 on the CPU."""
     if mode not in ("shuffle", "swap"):
         raise MVCError(f"coarse mixing mode must be 'shuffle' or 'swap', got {mode!r}")
-    _check(embeds, donor, mode == "swap")
-    B, T, _ = embeds.shape
-    wins = _windows(window, B, T)
     k = int(k)
-    out = embeds.clone()
-    for b, (s, e) in enumerate(wins):
+    out = []
+    for s, e in windows:
         if not 1 <= k <= e - s:
             raise MVCError(f"coarse mixing k={k} must be between 1 and the window size {e - s} (window [{s}, {e}))")
-        pos = _choose(s, e, k, generator).to(embeds.device)  # (k,)
+        pos = _choose(s, e, k, generator)  # (k,)
         if mode == "swap":
-            out[b, pos] = donor[b, pos].to(embeds.dtype)
+            out.append((pos, pos))
             continue
         perm = torch.randperm(k, generator=generator, device=generator.device).cpu()
         if k >= 2 and torch.equal(perm, torch.arange(k)):
             perm = torch.roll(perm, 1 + _randint(k - 1, generator))  # never the identity
-        out[b, pos] = embeds[b, pos[perm.to(embeds.device)]]
+        out.append((pos, pos[perm]))
+    return out
+
+
+def coarse_mix(x: torch.Tensor, generator: torch.Generator, k: int, mode: str = "shuffle",
+               donor: torch.Tensor | None = None, window: Window = None) -> torch.Tensor:
+    """Token-level mixing of token ids (B, T) or embeddings (B, T, D): per row, k positions in the window
+    are shuffled (never the identity when k >= 2) or replaced by the donor's entries at the same positions."""
+    _check(x, donor, mode == "swap", ndims=(2, 3))
+    out = x.clone()
+    for b, (pos, src) in enumerate(coarse_indices(generator, k, _windows(window, x.shape[0], x.shape[1]), mode)):
+        pos, src = pos.to(x.device), src.to(x.device)
+        out[b, pos] = (donor[b, src] if mode == "swap" else x[b, src]).to(x.dtype)  # (k,) ids or (k, D) vectors
     return out
 
 
@@ -230,12 +253,20 @@ def _need(params: dict, key: str, op: str) -> Any:
     return params[key]
 
 
+def _coarse_stage(params: dict) -> str:
+    """Where the coarse op runs: 'tokens' (ids before the text encoder, the default) or 'embeds' (its output)."""
+    stage = params.get("coarse_stage", "tokens")
+    if stage not in STAGES:
+        raise MVCError(f"coarse_stage must be 'tokens' or 'embeds', got {stage!r}")
+    return stage
+
+
 MIXING_OPS.register("none")(MixOp(fn=lambda x, params, g, donor, window: x.clone(), keys=(),
                                   needs_donor=lambda p: False))
 MIXING_OPS.register("coarse")(MixOp(
     fn=lambda x, params, g, donor, window: coarse_mix(
         x, g, k=_need(params, "k", "coarse"), mode=params.get("mode", "shuffle"), donor=donor, window=window),
-    keys=("mode", "k"), needs_donor=lambda p: p.get("mode", "shuffle") == "swap"))
+    keys=("mode", "k", "coarse_stage"), needs_donor=lambda p: p.get("mode", "shuffle") == "swap", stage=_coarse_stage))
 MIXING_OPS.register("fine")(MixOp(
     fn=lambda x, params, g, donor, window: fine_mix(
         x, g, m=_need(params, "m", "fine"), s=_need(params, "s", "fine"), source=params.get("source", "donor"),
@@ -253,6 +284,16 @@ def parse_op(op: str) -> list[str]:
     return names
 
 
+def op_stages(op: str, params: dict) -> list[str]:
+    """The stage ('tokens' or 'embeds') of each part of `op`; token-stage parts must come first."""
+    names = parse_op(op)
+    stages = [MIXING_OPS.get(n).stage(params) for n in names]
+    if any(a == "embeds" and b == "tokens" for a, b in zip(stages, stages[1:])):
+        raise MVCError(f"mixing op {op!r} would edit token ids after editing embeddings ({', '.join(names)} at "
+                       f"{', '.join(stages)}); put coarse first or set mixing.coarse_stage=embeds")
+    return stages
+
+
 def op_needs_donor(op: str, params: dict) -> bool:
     """Whether `op` (possibly composite) reads a donor embedding with these params."""
     return any(MIXING_OPS.get(n).needs_donor(params) for n in parse_op(op))
@@ -266,14 +307,26 @@ def op_params(op: str, params: dict) -> dict:
 
 def mixing_params(mixing_cfg: Any) -> dict:
     """Flat op params from a `MixingConfig` (each op reads its own keys)."""
-    return {"mode": mixing_cfg.coarse_mode, "k": int(mixing_cfg.coarse_k), "m": int(mixing_cfg.fine_m),
-            "s": int(mixing_cfg.fine_s), "source": mixing_cfg.fine_source, "contiguous": bool(mixing_cfg.fine_contiguous)}
+    return {"mode": mixing_cfg.coarse_mode, "k": int(mixing_cfg.coarse_k), "coarse_stage": mixing_cfg.coarse_stage,
+            "m": int(mixing_cfg.fine_m), "s": int(mixing_cfg.fine_s), "source": mixing_cfg.fine_source,
+            "contiguous": bool(mixing_cfg.fine_contiguous)}
 
 
-def apply_mixing(embeds: torch.Tensor, op: str, params: dict, generator: torch.Generator,
-                 donor: torch.Tensor | None = None, window: Window = None) -> torch.Tensor:
-    """Apply `op` ('none', 'coarse', 'fine', or a '+' composition, left to right) to (B, T, D) embeddings."""
-    out = embeds
-    for name in parse_op(op):
-        out = MIXING_OPS.get(name).fn(out, params, generator, donor, window)
-    return out if out is not embeds else embeds.clone()
+def apply_mixing(x: torch.Tensor, op: str, params: dict, generator: torch.Generator, donor: torch.Tensor | None = None,
+                 window: Window = None, stage: str | None = None) -> torch.Tensor:
+    """Apply `op` ('none', 'coarse', 'fine', or a '+' composition, left to right) to `x`.
+
+    `stage=None`: every part, on whatever `x` is ((B, T, D) embeddings; coarse alone also takes (B, T) ids).
+    `stage='tokens'` / `'embeds'`: only the parts of that stage, so a caller runs
+    `apply_mixing(ids, stage='tokens')`, the text encoder, then `apply_mixing(embeds, stage='embeds')`
+    with the same generator (the draws are then those of the unstaged call).
+    """
+    if stage is not None and stage not in STAGES:
+        raise MVCError(f"stage must be one of {STAGES} or None, got {stage!r}")
+    names = parse_op(op)
+    stages = op_stages(op, params) if stage is not None else [None] * len(names)
+    out = x
+    for name, st in zip(names, stages):
+        if stage is None or st == stage:
+            out = MIXING_OPS.get(name).fn(out, params, generator, donor, window)
+    return out if out is not x else x.clone()

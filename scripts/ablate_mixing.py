@@ -1,12 +1,18 @@
-"""Ablation of the mixing strength: coarse k (tokens shuffled/swapped) and fine s (slice size).
+"""Ablation of the mixing strength: coarse k (tokens shuffled/swapped) at both stages, and fine s (slice size).
 
     .venv/bin/python scripts/ablate_mixing.py --config configs/tiny.yaml --k 1 2 4 --s 1 2 4 8
 
-For each setting (the unmixed baseline, coarse with each k, fine with each s; the rest of the
-mixing section as configured), V variants of a few sources per class are generated with the
+For each setting (the unmixed baseline; coarse with each k, once on the prompt's token ids
+before the text encoder ('tokens', the default) and once on its output embedding ('embeds',
+the literal reading of the paper, where a shuffle is invisible to the U-Net's cross-attention:
+see docs/architecture.md, "Coarse mixing: where the shuffle happens"); fine with each s; the
+rest of the mixing section as configured), V variants of a few sources per class are generated with the
 fine-tuned model (generate.model_dir, default <run.output_dir>/mvc/final) and scored:
 - diversity: mean pairwise L2 distance between variants of the same source;
-- fidelity: mean L2 distance from each variant to the nearest real (labelled) image of its class.
+- fidelity: mean L2 distance from each variant to the nearest real (labelled) image of its class;
+- shift: mean L2 distance from each variant to the unmixed ('none') image of the same source and
+  seed, i.e. what the mixing alone changes (the diffusion noise is shared). It is 0 for a
+  coarse shuffle at the 'embeds' stage.
 Distances are measured in the model's own VAE latent space (the fixed, offline encoder the U-Net
 works in, so a distance there reflects what the model changes; the paper's figures compare images,
 not classifier features) and, as a check, in pixel space. Larger k/s should raise diversity and,
@@ -33,10 +39,10 @@ from mvc.config import build_parser, parse_args  # noqa: E402
 from mvc.utils import MVCError, atomic_path, atomic_write_text, batched, image_grid, make_generator, run_cli  # noqa: E402
 
 
-def settings(ks: list[int], ss: list[int]) -> list[tuple[str, str, dict]]:
-    """(name, op, param overrides) for the baseline, each coarse k and each fine s."""
+def settings(ks: list[int], ss: list[int], stages: list[str]) -> list[tuple[str, str, dict]]:
+    """(name, op, param overrides) for the baseline, each coarse k at each stage and each fine s."""
     out = [("none", "none", {})]
-    out += [(f"coarse k={k}", "coarse", {"k": k}) for k in ks]
+    out += [(f"coarse k={k} {st}", "coarse", {"k": k, "coarse_stage": st}) for st in stages for k in ks]
     out += [(f"fine s={s}", "fine", {"s": s}) for s in ss]
     return out
 
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="coarse k values")
     parser.add_argument("--s", type=int, nargs="+", default=[1, 2, 4, 8], help="fine slice sizes")
+    parser.add_argument("--stages", nargs="+", default=["tokens", "embeds"], choices=["tokens", "embeds"],
+                        help="coarse stages to compare")
     parser.add_argument("--classes", type=int, default=3, help="first N classes")
     parser.add_argument("--sources", type=int, default=2, help="sources per class")
     parser.add_argument("--variants", type=int, default=4, help="variants per source")
@@ -89,8 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise MVCError("--k, --s, --classes, --sources and --variants must be >= 1")
 
     from mvc.data import load_splits
-    from mvc.generate import Job, _ClassContext, _mix_job, _window_cfg, encode_conditions, encode_prompts, \
-        load_captions, load_pipeline, model_resolution, render
+    from mvc.generate import Job, _ClassContext, _window_cfg, encode_conditions, encode_prompts, load_captions, \
+        load_pipeline, mix_batch, model_resolution, render
     from mvc.mixing import mixing_params
 
     g = cfg.generate
@@ -125,27 +133,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from tqdm.auto import tqdm
 
-    rows, panels = [], []
-    for name, op, over in tqdm(settings(args.k, args.s), desc="settings"):
+    rows, panels, unmixed = [], [], {}
+    for name, op, over in tqdm(settings(args.k, args.s, args.stages), desc="settings"):
         params = {**base_params, **over}
         jobs = [Job(0, c, labelled.classes[c], s, labelled.ids[s], v, op)
                 for c in classes for s in ctxs[c].sources[: args.sources] for v in range(args.variants)]
         images = []
-        for batch in batched(jobs, g.batch_size):
-            embeds = [_mix_job(j, ctxs[j.label], params, seed)[0] for j in batch]
-            images += render(pipe, torch.cat(embeds), neg.expand(len(batch), -1, -1),
-                             torch.stack([conds[j.source] for j in batch]),
-                             [make_generator(seed, j.source, j.variant) for j in batch],
-                             steps, g.guidance_scale, g.image_guidance_scale)
+        for c in classes:  # mix_batch works on the jobs of one class (its prompts, windows and donors)
+            for batch in batched([j for j in jobs if j.label == c], g.batch_size):
+                embeds = mix_batch(pipe, batch, ctxs[c], params, seed)[0]  # (B, T, D)
+                images += render(pipe, embeds, neg.expand(len(batch), -1, -1),
+                                 torch.stack([conds[j.source] for j in batch]),
+                                 [make_generator(seed, j.source, j.variant) for j in batch],
+                                 steps, g.guidance_scale, g.image_guidance_scale)
         groups = np.array([j.source for j in jobs])
         labels = np.array([j.label for j in jobs])
         lat, pix = latents_of(pipe, images, res), pixels_of(images, res)
-        rows.append({"setting": name, "op": op, "k": params["k"] if op == "coarse" else "", "s": params["s"] if op == "fine" else "",
+        if op == "none":  # settings() puts the baseline first: the reference of the shift
+            unmixed = {"latent": lat, "pixel": pix}
+        shift = {k: float(np.linalg.norm(f - unmixed[k], axis=1).mean()) for k, f in (("latent", lat), ("pixel", pix))}
+        coarse = op == "coarse"
+        rows.append({"setting": name, "op": op, "k": params["k"] if coarse else "",
+                     "coarse_stage": params["coarse_stage"] if coarse else "", "s": params["s"] if op == "fine" else "",
                      "images": len(images),
                      "diversity_latent": round(diversity(lat, groups), 4),
                      "nearest_real_latent": round(nearest_real(lat, labels, real_lat, real_y), 4),
                      "diversity_pixel": round(diversity(pix, groups), 4),
-                     "nearest_real_pixel": round(nearest_real(pix, labels, real_pix, real_y), 4)})
+                     "nearest_real_pixel": round(nearest_real(pix, labels, real_pix, real_y), 4),
+                     "shift_latent": round(shift["latent"], 4), "shift_pixel": round(shift["pixel"], 4)})
         # panel: rows = sources (first class first), columns = variants
         panels.append((name, image_grid([images[i:i + args.variants] for i in range(0, len(images), args.variants)])))
 
@@ -159,7 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.variants} variants, {steps} steps, scheduler {g.scheduler}, seed {seed}; "
           f"mixing base: {dataclasses.asdict(cfg.mixing)}\n\n"
           "diversity = mean pairwise L2 between variants of a source; nearest_real = mean L2 to the nearest "
-          "real image of the class (VAE latents and pixels in [0, 1]).\n\n"
+          "real image of the class; shift = mean L2 to the unmixed image of the same source and seed "
+          "(VAE latents and pixels in [0, 1]).\n\n"
           + head + "".join("| " + " | ".join(str(v) for v in r.values()) + " |\n" for r in rows))
     atomic_write_text(out / "ablation.md", md)
     import matplotlib

@@ -8,7 +8,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -249,13 +248,11 @@ def test_fashion_mnist_bad_idx(tmp_path, monkeypatch, damage):
 
 
 @pytest.mark.skipif(not sources.SYSTEM_FASHION_MNIST.is_dir(), reason="Debian fashion-mnist package not installed")
-def test_fashion_mnist_60k_loads_fast():
-    t0 = time.perf_counter()
+def test_fashion_mnist_system_package_is_found_and_kept_compact():
+    """The Debian copy is used when the root has none, held as one uint8 array (load speed: bench/)."""
     ds = build_dataset("fashion_mnist", "/nonexistent-root", "train", download=False)
-    elapsed = time.perf_counter() - t0
     assert len(ds) == 60000 and ds.source.images.shape == (60000, 28, 28) and ds.source.images.dtype == np.uint8
     assert np.bincount(ds.targets).tolist() == [6000] * 10
-    assert elapsed < 2.0, f"loading 60k Fashion-MNIST took {elapsed:.2f}s"
 
 
 #################################################################################

@@ -133,6 +133,7 @@ def test_generates_valid_imagefolder_and_rerun_is_idempotent(tmp_path, model_dir
                     "num_inference_steps", "scheduler", "model_dir"):
             assert key in r
     assert {r["op"] for r in meta} == {"coarse", "fine"}
+    assert all(r["op_params"]["coarse_stage"] == "tokens" for r in meta if r["op"] == "coarse")  # the default
     ds = ImageFolder(str(out))
     assert len(ds) == 8 and set(ds.classes) == {"t-shirt_top", "trouser"}
     # grids and TensorBoard live beside the ImageFolder
@@ -219,12 +220,93 @@ def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
 
 
 @pytest.mark.parametrize("scheduler", list(gen.SCHEDULERS))
-def test_every_scheduler_renders(model_dir, scheduler):
-    p = gen.load_pipeline(model_dir, scheduler)
+def test_every_scheduler_renders(pipe, scheduler):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    # the loaded components with another scheduler (load_pipeline's own choice is checked on the fixture)
+    assert type(pipe.scheduler).__name__ == gen.SCHEDULERS["euler_ancestral"][0]
+    p = StableDiffusionInstructPix2PixPipeline(**{**pipe.components, "scheduler": gen.build_scheduler(
+        scheduler, pipe.scheduler.config)}, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
     assert type(p.scheduler).__name__ == gen.SCHEDULERS[scheduler][0]
     e = gen.encode_prompts(p, ["dark"])
     ims = gen.render(p, e, gen.encode_prompts(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
     assert ims[0].size == (16, 16)
+
+
+#################################################################################
+#                   coarse mixing: token ids vs output embeddings               #
+#################################################################################
+
+def test_embed_shuffle_is_invisible_to_the_unet_token_shuffle_is_not(pipe):
+    """Why mixing.coarse_stage defaults to 'tokens': SD's cross-attention has no positions on the text side,
+    so permuting the encoder's OUTPUT vectors leaves the U-Net's prediction unchanged (float rounding);
+    permuting the token ids BEFORE the encoder (positions + causal attention) changes it."""
+    from mvc.mixing import coarse_mix
+
+    ids, _ = gen.tokenize_prompts(pipe, ["dark small round shape, a photo of class type trouser"])  # (1, T)
+    emb = gen.encode_ids(pipe, ids)  # (1, T, D)
+    x = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(0))  # (noisy target | condition) latents
+    t = torch.tensor([500])
+    with torch.no_grad():
+        eps = lambda e: pipe.unet(x, t, encoder_hidden_states=e).sample  # noqa: E731
+        ref = eps(emb)
+        for seed in range(2):
+            shuffled = coarse_mix(emb, torch.Generator().manual_seed(seed), k=4, window=(1, 5))
+            assert (shuffled - emb).abs().max() > 0.1  # the embedding itself did change a lot
+            d_embed = float((eps(shuffled) - ref).abs().max())
+            tok = coarse_mix(ids, torch.Generator().manual_seed(seed), k=4, window=(1, 5))
+            d_token = float((eps(gen.encode_ids(pipe, tok)) - ref).abs().max())
+            assert d_embed < 1e-4
+            assert d_token > 100 * max(d_embed, 1e-6), (d_token, d_embed)
+
+
+def test_default_coarse_changes_the_image_embed_stage_shuffle_does_not(tmp_path, model_dir, pipe, labelled):
+    """Same seeds, so the diffusion noise is shared: the only difference with 'none' is the mixing."""
+    # a random tiny model reacts weakly to text: 2 steps and strong text guidance make the effect visible
+    small = {"generate.per_class": 2, "run.seed": 3, "generate.num_inference_steps": 2, "generate.guidance_scale": 7.5}
+    run(make_cfg(tmp_path, model_dir, out="none", **small, **{"mixing.ops": ["none"]}), labelled, pipe)
+    run(make_cfg(tmp_path, model_dir, out="tok", **small, **{"mixing.ops": ["coarse"]}), labelled, pipe)
+    run(make_cfg(tmp_path, model_dir, out="emb", **small, **{"mixing.ops": ["coarse"],
+                                                           "mixing.coarse_stage": "embeds"}), labelled, pipe)
+    files = pngs(tmp_path / "none")
+    assert files == pngs(tmp_path / "tok") == pngs(tmp_path / "emb") and len(files) == 4
+    tok_diff = [np.abs(pixels(tmp_path / "tok", f) - pixels(tmp_path / "none", f)).mean() for f in files]
+    emb_diff = [np.abs(pixels(tmp_path / "emb", f) - pixels(tmp_path / "none", f)).max() for f in files]
+    assert min(tok_diff) > 0.5, tok_diff  # every token-shuffled variant is a different image (measured: 2-3 levels)
+    assert max(emb_diff) <= 1, emb_diff  # embedding-level shuffle: the same image (rounding only)
+    meta = read_jsonl(tmp_path / "tok" / "metadata.jsonl")
+    for r in meta:
+        p = r["op_params"]
+        assert p["coarse_stage"] == "tokens" and p["mode"] == "shuffle"
+        w0, w1 = p["window"]
+        caption_tokens = [t.replace("</w>", "") for t in p["mixed_tokens"]]
+        assert len(caption_tokens) == w1 - w0 and caption_tokens != r["caption"].split()  # reordered
+    assert all(r["op_params"]["coarse_stage"] == "embeds" for r in read_jsonl(tmp_path / "emb" / "metadata.jsonl"))
+
+
+def test_token_swap_stays_inside_both_captions(pipe, labelled):
+    """Swap at the token stage: positions where source and donor both have caption tokens (never EOS/template)."""
+    from mvc.mixing import mixing_params
+
+    cfg = make_config(overrides={"mixing.coarse_mode": "swap", "mixing.coarse_k": 4})
+    ctx = gen._ClassContext(pipe, labelled, 0, CAPTIONS, cfg.captions.prompt_template, None)
+    jobs = [gen.Job(i, 0, "t-shirt/top", s, labelled.ids[s], v, "coarse") for i, (s, v) in
+            enumerate((s, v) for s in ctx.sources for v in range(3))]
+    embeds, recs, _ = gen.mix_batch(pipe, jobs, ctx, mixing_params(cfg.mixing), seed=0)
+    assert embeds.shape == (len(jobs), *ctx.embeds[0].shape)
+    for j, r in zip(jobs, recs):
+        p, d = r["op_params"], r["op_params"]["donor_index"]
+        (w0, w1), (c0, c1) = ctx.windows[j.source], p["coarse_window"]
+        assert (c0, c1) == (max(w0, ctx.windows[d][0]), min(w1, ctx.windows[d][1])) and p["k"] == min(4, c1 - c0)
+        new = [t.replace("</w>", "") for t in p["mixed_tokens"]]
+        src, don = CAPTIONS[labelled.ids[j.source]].split(), CAPTIONS[labelled.ids[d]].split()
+        assert all(a in (b, c) for a, b, c in zip(new, src, don + [None] * len(src)))
+        assert new[c1 - w0:] == src[c1 - w0:]  # past the donor's caption: untouched
+        # the batched encoder call equals encoding this job's edited prompt alone
+        ids = ctx.tokens[j.source].clone()
+        ids[w0:w1] = torch.tensor(pipe.tokenizer.convert_tokens_to_ids(p["mixed_tokens"]))
+        assert torch.allclose(embeds[j.index], gen.encode_ids(pipe, ids[None])[0], atol=1e-5)
 
 
 #################################################################################
@@ -271,6 +353,8 @@ def test_user_errors(tmp_path, model_dir, pipe, labelled):
         run(make_cfg(tmp_path, model_dir, out="foreign"), labelled, pipe)
     with pytest.raises(MVCError, match="window"):
         run(make_cfg(tmp_path, model_dir, out="o3", **{"mixing.window": [3, 99]}), labelled, pipe)
+    with pytest.raises(MVCError, match="token ids after editing embeddings"):
+        run(make_cfg(tmp_path, model_dir, out="o4", **{"mixing.ops": ["fine+coarse"]}), labelled, pipe)
 
 
 def test_cli_bad_value_is_one_line(capsys):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mvc.mixing import (MIXING_OPS, apply_mixing, caption_token_span, coarse_mix, fine_mix, list_mixing_ops,
-                        op_params, parse_op)
+from mvc.mixing import (MIXING_OPS, apply_mixing, caption_token_span, coarse_indices, coarse_mix, fine_mix,
+                        list_mixing_ops, op_params, op_stages, parse_op)
 from mvc.utils import MVCError
 
 B, T, D = 3, 16, 32
@@ -68,6 +68,86 @@ def test_per_row_windows(x):
     for b, (s, e) in enumerate(wins):
         assert torch.equal(y[b, :s], x[b, :s]) and torch.equal(y[b, e:], x[b, e:])
         assert not torch.equal(y[b, s:e], x[b, s:e])
+
+
+#################################################################################
+#                          coarse on token ids (stage 'tokens')                 #
+#################################################################################
+
+V = 50  # vocabulary of the toy ids
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(V, (B, T), generator=gen(77))  # (B, T) token ids
+
+
+def test_token_shuffle_keeps_window_multiset_and_leaves_other_ids(ids):
+    ids0, (s, e) = ids.clone(), (2, 11)
+    y = coarse_mix(ids, gen(4), k=5, window=(s, e))
+    assert torch.equal(ids, ids0) and y.dtype == ids.dtype and y.shape == ids.shape
+    assert outside_window_equal(ids, y, s, e)
+    for b in range(B):
+        assert sorted(y[b, s:e].tolist()) == sorted(ids[b, s:e].tolist())
+        assert int((y[b] != ids[b]).sum()) <= 5
+    assert torch.equal(coarse_mix(ids, gen(4), k=5, window=(s, e)), y)  # same seed, same ids
+    assert not torch.equal(coarse_mix(ids, gen(5), k=5, window=(s, e)), y)
+
+
+def test_token_swap_takes_donor_ids_at_the_same_positions(ids):
+    donor_ids = ids + V  # disjoint vocabulary: every swapped id is recognisable
+    y = coarse_mix(ids, gen(2), k=3, mode="swap", donor=donor_ids, window=(1, 7))
+    swapped = y >= V
+    assert (swapped.sum(1) == 3).all() and not swapped[:, :1].any() and not swapped[:, 7:].any()
+    assert torch.equal(y[swapped], donor_ids[swapped]) and torch.equal(y[~swapped], ids[~swapped])
+
+
+def test_ids_and_embeddings_share_one_index_draw(ids):
+    """Shuffling ids then looking up vectors == looking up then shuffling the vectors (one helper, one draw)."""
+    table = torch.randn(V, D, generator=gen(8))  # a token-embedding table
+    for mode, donor in (("shuffle", None), ("swap", (ids * 7 + 3) % V)):
+        a = table[coarse_mix(ids, gen(6), k=4, mode=mode, donor=donor, window=[(1, 6), (3, 9), (0, 16)])]
+        b = coarse_mix(table[ids], gen(6), k=4, mode=mode, donor=None if donor is None else table[donor],
+                       window=[(1, 6), (3, 9), (0, 16)])
+        assert torch.equal(a, b)
+    pairs = coarse_indices(gen(6), 4, [(1, 6)], "shuffle")
+    pos, src = pairs[0]
+    assert sorted(pos.tolist()) == sorted(src.tolist()) and not torch.equal(pos, src)
+
+
+def test_staged_mixing_equals_ids_then_encoder_then_embeddings(ids):
+    """stage='tokens' runs only coarse (on ids), stage='embeds' only fine; same draws as doing it by hand."""
+    table = torch.randn(V, D, generator=gen(8))
+    encode = lambda i: torch.cumsum(table[i], 1)  # noqa: E731  (a toy, order-sensitive "text encoder")
+    p = dict(k=3, mode="shuffle", coarse_stage="tokens", m=2, s=3, source="self")
+    assert op_stages("coarse+fine", p) == ["tokens", "embeds"]
+    g = gen(12)
+    staged = apply_mixing(encode(apply_mixing(ids, "coarse+fine", p, g, window=(1, 9), stage="tokens")),
+                          "coarse+fine", p, g, window=(1, 9), stage="embeds")
+    g = gen(12)
+    by_hand = fine_mix(encode(coarse_mix(ids, g, k=3, window=(1, 9))), g, m=2, s=3, source="self", window=(1, 9))
+    assert torch.equal(staged, by_hand)
+    assert torch.equal(apply_mixing(ids, "fine", p, gen(0), stage="tokens"), ids)  # nothing at this stage
+    # the 'embeds' stage is the old behaviour: coarse runs on the output vectors
+    p_old = {**p, "coarse_stage": "embeds"}
+    x = encode(ids)
+    assert op_stages("coarse", p_old) == ["embeds"]
+    assert torch.equal(apply_mixing(x, "coarse", p_old, gen(3), window=(1, 9), stage="embeds"),
+                       coarse_mix(x, gen(3), k=3, window=(1, 9)))
+    assert op_params("coarse", p) == dict(mode="shuffle", k=3, coarse_stage="tokens")
+
+
+@pytest.mark.parametrize("call", [
+    lambda i: op_stages("fine+coarse", dict(coarse_stage="tokens")),  # ids edited after embeddings
+    lambda i: op_stages("coarse", dict(coarse_stage="pixels")),
+    lambda i: apply_mixing(i, "coarse", dict(k=2), gen(), stage="latent"),
+    lambda i: coarse_mix(i[0], gen(), k=2),  # 1-d
+    lambda i: fine_mix(i, gen(), m=2, s=1, source="self"),  # fine needs embeddings, not ids
+])
+def test_stage_errors_are_one_line(ids, call):
+    with pytest.raises(MVCError) as e:
+        call(ids)
+    assert "\n" not in str(e.value)
 
 
 #################################################################################

@@ -12,6 +12,8 @@ Importing this module is cheap (numpy only): config validation calls `list_strat
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,3 +193,14 @@ class Probabilistic(Strategy):
 def build_strategy(cfg, n_real: int, n_syn: int) -> Strategy:
     """Instantiate the strategy named by `cfg.strategy` (MVCError on an unknown name)."""
     return STRATEGIES.get(cfg.strategy)(cfg, n_real, n_syn)
+
+
+def epochs_for_steps(cfg, n_real: int, n_syn: int, seed: int) -> int:
+    """Epochs that give about `cfg.steps` optimizer steps with this strategy (at least 1).
+
+    With a fixed step budget every strategy trains as long, whatever the size of its epoch
+    (a real-only epoch of 200 images is 4 steps at batch 50; real + 800 synthetic is 20).
+    """
+    one = build_strategy(dataclasses.replace(cfg, epochs=1), n_real, n_syn)
+    steps_per_epoch = max(1, len(one.epoch_plan(0, seed).batches))
+    return max(1, math.ceil(cfg.steps / steps_per_epoch))

@@ -11,6 +11,7 @@ metrics are the honest number to report.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ from mvc.classifier.data import (Combined, IndexView, kfold_splits, load_synthet
 from mvc.classifier.engine import build_optimizer, evaluate, plan_lr, train_one_epoch
 from mvc.classifier.metrics import SCALARS, compute_metrics, confusion_figure, mean_std
 from mvc.classifier.models import build_model
-from mvc.classifier.strategies import STRATEGIES, build_strategy
+from mvc.classifier.strategies import STRATEGIES, build_strategy, epochs_for_steps
 from mvc.config import config_to_dict
 from mvc.utils import MVCError, RunLogger, atomic_write_json, fingerprint, make_generator, safe_name, seed_everything
 
@@ -147,6 +148,8 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     data = Combined(real, syn)
     test_ds = prepared(d["test"], meta)
     val_ds = prepared(d["val"], meta) if d["val"] is not None else None
+    if c.steps is not None:  # a fixed optimizer-step budget: the epoch count follows the strategy's epoch size
+        c = dataclasses.replace(c, epochs=epochs_for_steps(c, data.n_real, data.n_syn, seed))
     strategy = build_strategy(c, data.n_real, data.n_syn)
     optimizer = build_optimizer(model.parameters(), c)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
@@ -188,16 +191,18 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
                                 lambda s: plan_lr(c, plan, epoch, s, len(batches)), epoch, show_progress=main)
         stats["epoch_time_s"] = round(time.time() - te, 3)
         stats["phase"] = plan.phase
-        if val_ds is not None:
+        # evaluate every `eval_every` epochs (0: only the last one) and at the end
+        evaluate_now = epoch + 1 == c.epochs or (c.eval_every > 0 and (epoch + 1) % c.eval_every == 0)
+        last = None
+        if evaluate_now and val_ds is not None:
             y, p = evaluate(model, eval_loader(val_ds, c.batch_size * 2, rank, world), accelerator)
             signal = compute_metrics(y, p, len(d["classes"]))["accuracy"]
             stats["val_accuracy"] = signal
-            last = None
-        else:
+        elif evaluate_now:
             last = test_metrics()
             signal = last["accuracy"]
             stats["test_accuracy"] = signal
-        if best is None or signal > best["signal"]:
+        if evaluate_now and (best is None or signal > best["signal"]):
             m = last if last is not None else test_metrics()
             best = {"epoch": epoch + 1, "signal": float(signal), **m}
         history.append({"epoch": epoch + 1, **{k: (v if isinstance(v, (str, int)) else float(v)) for k, v in stats.items()}})

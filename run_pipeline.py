@@ -39,6 +39,19 @@ def split_run(run: str) -> tuple[str, str | None]:
     return strategy, (augment or None)
 
 
+def check_runs(cfg: Config) -> None:
+    """Refuse an unknown strategy or augmentation in pipeline.runs before the first stage, not after it."""
+    from mvc.classifier.strategies import list_strategies
+    from mvc.config import ClassifierConfig
+
+    augments = ClassifierConfig.__dataclass_fields__["augment"].metadata["choices"]
+    for run in cfg.pipeline.runs:
+        strategy, augment = split_run(run)
+        if strategy not in list_strategies() or (augment is not None and augment not in augments):
+            raise MVCError(f"pipeline.runs: unknown run {run!r}; use 'strategy' or 'strategy+augment' with a strategy "
+                           f"from {', '.join(list_strategies())} and an augmentation from {', '.join(augments)}")
+
+
 def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> Path:
     """The folder train_classifier.py writes for one (strategy, augment, seed)."""
     return Path(cfg.run.output_dir) / "classifier" / f"{strategy}-{augment}-{cfg.classifier.backbone}-seed{seed}"
@@ -204,6 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--update-readme", action="store_true",
                         help="Copy results.md and its figures into README.md's results section.")
     cfg, args = parse_args(parser, argv)
+    check_runs(cfg)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config-pipeline.yaml"

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -22,7 +21,9 @@ def predict_main(argv: list[str]) -> None:
     from mvc.classifier.predict import list_images, load_classifier, predict
     from mvc.utils import atomic_write_text
 
-    p = argparse.ArgumentParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
+    from mvc.config import CLIParser  # argparse errors as one `error:` line, like the other flags
+
+    p = CLIParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="Checkpoint file, or a classifier run folder (newest checkpoint).")
     p.add_argument("--images", required=True, help="Folder of images (searched recursively).")
     p.add_argument("--out", default=None, help="Write JSON lines {file, pred, class, confidence, probs} here.")

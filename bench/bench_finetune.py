@@ -32,31 +32,12 @@ sys.path.insert(0, str(ROOT))
 #################################################################################
 
 def sd15_components() -> dict:
-    """SD-1.5-shaped components with random weights (configs written from the published architecture)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """SD-1.5-shaped components with random weights (mvc.models' configs, written from the published ones)."""
+    from mvc.models import build_sd15_shape, widen_conv_in
 
-    from mvc.tiny import build_tiny_tokenizer
-
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=8, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-    ))
-    tokenizer = build_tiny_tokenizer(max_length=77)  # ids fall inside CLIP's vocabulary; no hub access
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    parts = build_sd15_shape()
+    parts["unet"] = widen_conv_in(parts["unet"])
+    return parts
 
 
 def tiny_components() -> dict:

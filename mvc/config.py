@@ -105,13 +105,13 @@ class TinyBaseConfig:
     """The tiny Stable-Diffusion-like base, built and pretrained locally (tiny profile only)."""
     image_size: int = opt(32, "Pixel resolution of the tiny base.", min=8)
     latent_channels: int = opt(4, "VAE latent channels (4, as SD).", min=1)
-    vae_channels: list[int] = opt([32, 64, 64], "VAE block widths; downsampling factor = 2**(len-1) (32 px -> 8x8 latents).")
+    vae_channels: list[int] = opt([16, 32, 32], "VAE block widths; downsampling factor = 2**(len-1) (32 px -> 8x8 latents).")
     unet_channels: list[int] = opt([64, 128], "U-Net block widths.")
     text_hidden: int = opt(64, "CLIP text encoder width (SD-1.5: 768).", min=8)
     text_layers: int = opt(2, "CLIP text encoder layers.", min=1)
     max_length: int = opt(32, "Tokenizer max length (SD-1.5: 77).", min=8)
     pool_size: int | None = opt(10000, "Images of the remainder pool used for pretraining (null: all).", min=1)
-    vae_steps: int = opt(150, "VAE pretraining steps.", min=0)
+    vae_steps: int = opt(300, "VAE pretraining steps.", min=0)
     unet_steps: int = opt(350, "Text-to-image U-Net pretraining steps.", min=0)
     batch_size: int = opt(64, "Pretraining batch size.", min=1)
     lr: float = opt(2e-3, "Pretraining learning rate (AdamW, warm-up then cosine decay).", min=0, min_exclusive=True)
@@ -485,6 +485,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
         tok = rest[i]
         if not tok.startswith("--") or tok == "--":
             raise MVCError(f"unexpected argument {tok!r}; config overrides look like --section.key=value")
+        if "." not in tok[2:].split("=", 1)[0]:  # before asking for its value: `--bogus` is unknown, not valueless
+            raise MVCError(f"unknown option {tok.split('=', 1)[0]}; see --help")
         if "=" in tok:
             key, text = tok[2:].split("=", 1)
         else:

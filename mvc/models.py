@@ -111,3 +111,49 @@ def widen_conv_in(unet: Any, in_channels: int = 8) -> Any:
     unet.conv_in = new
     unet.register_to_config(in_channels=in_channels)
     return unet
+
+
+#################################################################################
+#                    SD-1.5 shapes (random weights, no download)                #
+#################################################################################
+
+# Written out from the published stable-diffusion-v1-5 unet/vae/text_encoder config.json files.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", norm_num_groups=32, scaling_factor=0.18215,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+
+
+def build_sd15_shape(parts: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> dict:
+    """SD-1.5-shaped components with random weights, for shape tests and CPU benchmarks.
+
+    The tokenizer is the tiny one with 77 positions (its ids lie inside CLIP's vocabulary).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mvc.tiny import build_tiny_tokenizer
+
+    out: dict = {}
+    if "unet" in parts:
+        out["unet"] = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    if "vae" in parts:
+        out["vae"] = AutoencoderKL(**SD15_VAE_CONFIG)
+    if "text_encoder" in parts:
+        out["text_encoder"] = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+        out["tokenizer"] = build_tiny_tokenizer(max_length=77)
+        out["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                         beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    return out

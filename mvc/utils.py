@@ -31,11 +31,29 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     try:
         main(argv)
     except MVCError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an exception left open, so the message after them starts on its own line."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm.std import tqdm
+
+    bars = set()
+    for cls in {tqdm, *tqdm.__subclasses__()}:  # tqdm.auto's class may keep its own instance set
+        bars.update(getattr(cls, "_instances", ()))
+    for bar in bars:
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone must not hide the error
+            pass
 
 
 #################################################################################

@@ -54,21 +54,11 @@ def test_widen_conv_in_skips_an_instructpix2pix_unet_and_rejects_other_counts():
         widen_conv_in(odd)
 
 
-# Stable Diffusion 1.5's U-Net, written out from its published unet/config.json (random weights here).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-
-
 def test_sd15_unet_shape_takes_the_surgery_and_a_forward():
-    from diffusers import UNet2DConditionModel
+    from mvc.models import build_sd15_shape
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    unet = build_sd15_shape(("unet",))["unet"].eval()
     assert 8.5e8 < sum(p.numel() for p in unet.parameters()) < 8.7e8  # SD-1.5: 859.5M
     widen_conv_in(unet)
     assert unet.conv_in.weight.shape == (320, 8, 3, 3) and unet.config.in_channels == 8

@@ -1,0 +1,239 @@
+"""Fault tests: a SIGKILLed fine-tuning or generation process, and a truncated checkpoint.
+
+One micro set-up per module (configs/micro.yaml on a 10-class Fashion-MNIST idx fixture of 16-px
+images written here): the tiny base is built once and an uninterrupted 6-step fine-tuning run is the
+reference. The processes that get killed are real subprocesses of the user-facing scripts; the
+reruns go through the same entry points in-process (`run_cli(script.main, argv)`) to save start-up
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import generate_mvc  # noqa: E402
+import train_mvc  # noqa: E402
+from mvc.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint  # noqa: E402
+from mvc.utils import read_jsonl, run_cli, safe_name  # noqa: E402
+
+MICRO = ROOT / "configs" / "micro.yaml"
+STEPS = 6  # fine-tuning steps of every run here
+TRAIN = [f"--train.max_steps={STEPS}", "--train.checkpoint_every=1", "--train.checkpoints_keep=3"]
+PER_CLASS = 4  # synthetic images per class in the killed generation (10 classes -> 40 images)
+
+
+#################################################################################
+#                         Fixture data and helpers                             #
+#################################################################################
+
+def _write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
+    """One uncompressed idx file: magic, dims (big-endian uint32), then the uint8 payload."""
+    head = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    path.write_bytes(head + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+
+
+def write_fashion_idx(root: Path, train_per_class: int = 6, test_per_class: int = 2, size: int = 16,
+                      seed: int = 0) -> Path:
+    """A Fashion-MNIST data root (`<root>/fashion_mnist/*-idx?-ubyte`) with all 10 classes.
+
+    Class c is a bright block whose height and brightness grow with c, jittered per image, so the
+    attribute captions differ between images. Returns `root`.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "fashion_mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, per in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = np.repeat(np.arange(10), per).astype(np.uint8)
+        images = rng.integers(0, 30, (len(labels), size, size)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            h = 3 + int(c) + int(rng.integers(0, 3))
+            w = int(rng.integers(4, size - 2))
+            y0, x0 = int(rng.integers(0, size - min(h, size - 1))), int(rng.integers(0, size - w + 1))
+            images[i, y0:y0 + h, x0:x0 + w] = 120 + 12 * int(c) + int(rng.integers(0, 10))
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", images, 2051)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, 2049)
+    return root
+
+
+def micro_argv(data_root: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    """CLI arguments of the micro profile on the fixture data, writing to `out`."""
+    return ["--config", str(MICRO), f"--data.root={data_root}", f"--run.output_dir={out}",
+            f"--tiny.cache_dir={cache}", *extra]
+
+
+def unet_weights(final_dir: Path) -> dict[str, torch.Tensor]:
+    """Tensors of the saved U-Net (safetensors) of a fine-tuned pipeline folder."""
+    from safetensors.torch import load_file
+
+    files = sorted((final_dir / "unet").glob("*.safetensors"))
+    assert files, f"no safetensors U-Net in {final_dir}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def spawn(script: str, argv: list[str], log: Path) -> subprocess.Popen:
+    """Start a user-facing script as a real process (output to `log`, so no pipe can fill up)."""
+    # one thread, as in the test process (see `one_thread`): equal results, and no spin-waiting on a busy machine
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float = 240) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds; fail if it ends (or hangs) before that."""
+    t0 = time.monotonic()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended (exit {proc.returncode}) before it could be killed:\n"
+                        f"{log.read_text()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the process did not reach the kill point in {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run this module's in-process work on one torch thread, like its subprocesses (restored after).
+
+    Micro models gain nothing from a second thread, and on a loaded 2-core machine the OpenMP
+    spin-waits of a second thread make each U-Net call ~10x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory, one_thread):
+    """Fixture data, a tiny-base cache, and an uninterrupted reference fine-tuning run."""
+    base = tmp_path_factory.mktemp("faults")
+    data = write_fashion_idx(base / "data")
+    cache = base / "cache"
+    ref = base / "ref"
+    run_cli(train_mvc.main, micro_argv(data, ref, cache, *TRAIN))
+    assert (ref / "mvc" / "final" / "model_index.json").is_file()
+    return SimpleNamespace(base=base, data=data, cache=cache, ref=ref)
+
+
+#################################################################################
+#                                Fine-tuning                                    #
+#################################################################################
+
+def test_killed_finetuning_resumes_to_the_same_weights(micro, tmp_path):
+    out = tmp_path / "run"
+    argv = micro_argv(micro.data, out, micro.cache, *TRAIN)
+    kill_at = random.randint(1, STEPS - 2)  # a random step with at least one checkpoint, not the last
+    ckpt_dir = out / "mvc" / "checkpoints"
+    log = tmp_path / "train.log"
+    proc = spawn("train_mvc.py", argv, log)
+    kill_when(proc, lambda: checkpoint_path(ckpt_dir, kill_at).is_file(), log)
+    assert not (out / "mvc" / "final").exists(), "killed too late: the run had finished"
+    steps = [int(p.stem.split("-")[1]) for p in list_checkpoints(ckpt_dir)]
+    assert steps and kill_at <= max(steps) < STEPS, (kill_at, steps)
+
+    run_cli(train_mvc.main, argv + ["--resume", "latest"])
+    diff = max_weight_diff(unet_weights(micro.ref / "mvc" / "final"), unet_weights(out / "mvc" / "final"))
+    assert diff < 1e-5, f"killed after step {kill_at} (checkpoints {steps}): weights differ by {diff}"
+    # the resumed run logged only the steps it ran, after those of the killed one
+    logged = [r["step"] for r in read_jsonl(out / "mvc" / "log.jsonl") if "train/loss" in r]
+    assert logged[-1] == STEPS
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(micro, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(micro.ref / "mvc" / "checkpoints", out / "mvc" / "checkpoints")
+    ckpts = list_checkpoints(out / "mvc" / "checkpoints")
+    assert [p.name for p in ckpts][-2:] == [f"checkpoint-{STEPS - 1:08d}.pt", f"checkpoint-{STEPS:08d}.pt"]
+    newest = ckpts[-1]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a truncated file, as a full disk or a bad copy leaves it
+
+    with caplog.at_level(logging.WARNING):
+        run_cli(train_mvc.main, micro_argv(micro.data, out, micro.cache, *TRAIN, "--resume", "latest"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(newest.name in m and "unreadable" in m for m in warned), warned
+    # it resumed at step STEPS - 1, ran the last step again and rewrote that checkpoint whole
+    logged = [r["step"] for r in read_jsonl(out / "mvc" / "log.jsonl") if "train/loss" in r]
+    assert logged == [STEPS]
+    assert load_checkpoint(newest)["step"] == STEPS
+    diff = max_weight_diff(unet_weights(micro.ref / "mvc" / "final"), unet_weights(out / "mvc" / "final"))
+    assert diff < 1e-5, diff
+
+
+#################################################################################
+#                                 Generation                                    #
+#################################################################################
+
+def _pngs(folder: Path) -> list[str]:
+    """Class-folder PNGs of a synthetic set, relative paths, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.png"))
+
+
+def test_killed_generation_reruns_to_a_complete_consistent_set(micro, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    syn = out / "synthetic"
+    argv = micro_argv(micro.data, out, micro.cache, f"--generate.model_dir={micro.ref / 'mvc' / 'final'}",
+                      f"--generate.per_class={PER_CLASS}", "--generate.batch_size=2")
+    planned = 10 * PER_CLASS
+    kill_after = random.randint(2, 12)
+    log = tmp_path / "generate.log"
+    proc = spawn("generate_mvc.py", argv, log)
+    kill_when(proc, lambda: len(_pngs(syn)) >= kill_after, log)
+    before = _pngs(syn)
+    assert kill_after <= len(before) < planned, f"killed too late: {len(before)} of {planned} images"
+
+    run_cli(generate_mvc.main, argv)
+    files = _pngs(syn)
+    meta = read_jsonl(syn / "metadata.jsonl")
+    listed = [r["file"] for r in meta]
+    assert len(files) == planned, f"killed after {len(before)} images; {len(files)} of {planned} after the rerun"
+    assert sorted(listed) == files and len(set(listed)) == len(listed), "metadata and files must match 1:1"
+    assert set(before) <= set(files)
+    # no temporary file of an interrupted write, no per-rank part file left behind
+    assert not [p for p in syn.rglob(".*")], list(syn.rglob(".*"))
+    assert not list(syn.glob("metadata.rank*.jsonl"))
+    for rec in meta:
+        with Image.open(syn / rec["file"]) as im:
+            im.load()  # raises on a truncated file
+            assert im.size == (16, 16)
+        assert rec["file"].split("/")[0] == safe_name(rec["class_name"])
+    per_class = np.bincount([r["label"] for r in meta], minlength=10)
+    assert per_class.tolist() == [PER_CLASS] * 10
+    settings = json.loads((syn / "generation.json").read_text())["settings"]
+    assert settings["seed"] == 0

@@ -10,6 +10,7 @@ skips what is finished and continues what is not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -53,8 +54,11 @@ def check_runs(cfg: Config) -> None:
 
 
 def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> Path:
-    """The folder train_classifier.py writes for one (strategy, augment, seed)."""
-    return Path(cfg.run.output_dir) / "classifier" / f"{strategy}-{augment}-{cfg.classifier.backbone}-seed{seed}"
+    """The folder train_classifier.py writes for one (strategy, augment, seed) (named by the classifier's run_name)."""
+    from mvc.classifier.train import run_name
+
+    run_cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, strategy=strategy, augment=augment))
+    return Path(cfg.run.output_dir) / "classifier" / run_name(run_cfg, seed)
 
 
 def run_stage(name: str, fn, times: dict, times_path: Path) -> None:
@@ -166,12 +170,17 @@ def write_report(cfg: Config, times: dict) -> Path:
     if grids:
         shutil.copyfile(grids[0], figs / "samples.png")
     n_syn = len(read_jsonl(out / "synthetic" / "metadata.jsonl"))
+    n_real = next((json.loads(p.read_text()).get("n_real") for p in sorted((out / "classifier").glob("*/metrics.json"))),
+                  "?")
     lines = [
         f"# MVC results: {cfg.data.name}, {cfg.data.k_per_class} labelled images per class",
         "",
-        f"Backbone `{cfg.classifier.backbone}` trained from scratch for {cfg.classifier.epochs} epochs; "
-        f"{n_syn} synthetic images; test split: the dataset's official test set; "
-        f"mean ± std over seeds {cfg.pipeline.seeds}. Metrics are of the last epoch.",
+        f"Backbone `{cfg.classifier.backbone}` ({'pretrained' if cfg.classifier.pretrained else 'from scratch'}), "
+        + (f"{cfg.classifier.steps} optimizer steps for every run" if cfg.classifier.steps
+           else f"{cfg.classifier.epochs} epochs") + f", batch {cfg.classifier.batch_size}; "
+        f"{n_syn} synthetic images for {n_real} real ones; evaluated on the official test split"
+        + (f" (a fixed class-balanced {cfg.classifier.test_limit} of it)" if cfg.classifier.test_limit else "")
+        + f"; mean ± std over seeds {cfg.pipeline.seeds}; metrics of the last epoch.",
         "",
         "| run | strategy | augmentation | accuracy (%) | macro F1 (%) | seeds |",
         "|---|---|---|---|---|---|",

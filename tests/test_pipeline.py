@@ -1,0 +1,91 @@
+"""The main job end to end: run_pipeline.py on the micro profile writes every artefact and resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import run_pipeline  # noqa: E402
+from mvc.config import load_yaml, make_config  # noqa: E402
+from mvc.utils import read_jsonl  # noqa: E402
+from test_faults import micro_argv, write_fashion_idx  # noqa: E402
+
+RUNS = ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """One micro run of the whole pipeline with all five baselines (one thread: micro models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("pipeline")
+    data = write_fashion_idx(base / "data")
+    out = base / "out"
+    argv = micro_argv(data, out, base / "cache", f"--pipeline.runs={json.dumps(RUNS)}", "--pipeline.seeds=[0, 1]")
+    report = run_pipeline.main(argv)
+    yield out, report, argv
+    torch.set_num_threads(before)
+
+
+def test_every_artefact_is_written(pipeline_run):
+    out, report, _ = pipeline_run
+    assert report == out / "results.md"
+    # generator: the fine-tuned pipeline folder, its log and validation grids
+    assert (out / "mvc" / "final" / "model_index.json").is_file()
+    assert read_jsonl(out / "mvc" / "log.jsonl")
+    # synthetic set: one metadata line per PNG, every PNG decodes
+    meta = read_jsonl(out / "synthetic" / "metadata.jsonl")
+    pngs = sorted(p.relative_to(out / "synthetic").as_posix() for p in (out / "synthetic").rglob("*.png"))
+    assert pngs and sorted(m["file"] for m in meta) == pngs
+    for p in pngs:
+        Image.open(out / "synthetic" / p).load()
+    assert list((out / "synthetic_grids").glob("*.png"))
+    # classifiers: every (run, seed) has metrics, and the report has a row per run with 2 seeds
+    text = report.read_text()
+    cfg = make_config(load_yaml(out / "config-pipeline.yaml"))
+    for run in RUNS:
+        strategy, augment = run_pipeline.split_run(run)
+        for seed in (0, 1):
+            rdir = run_pipeline.classifier_run_dir(cfg, strategy, augment or cfg.classifier.augment, seed)
+            m = json.loads((rdir / "metrics.json").read_text())
+            assert 0.0 <= m["last"]["accuracy"] <= 1.0
+        assert f"| {run} |" in text
+    assert text.count("| 2 |") == len(RUNS)  # each row averages two seeds
+    for fig in ("accuracy.png", "samples.png"):
+        assert Image.open(out / "figures" / fig).size[0] > 50
+    times = json.loads((out / "stage_times.json").read_text())
+    assert len(times) == 3 and all(t > 0 for t in times.values())
+
+
+def test_rerun_resumes_without_redoing_finished_work(pipeline_run):
+    out, report, argv = pipeline_run
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in {".png", ".json", ".safetensors"}
+              and "figures" not in p.parts and p.name != "stage_times.json"}
+    # a finished classifier run disappears (as if interrupted before it ended): only it is redone
+    victim = run_pipeline.classifier_run_dir(
+        make_config(load_yaml(out / "config-pipeline.yaml")), "concat", "standard", 1)
+    (victim / "metrics.json").unlink()
+    run_pipeline.main(argv)
+    assert (victim / "metrics.json").is_file()
+    changed = [p for p, t in stamps.items() if p.exists() and p.stat().st_mtime_ns != t and victim not in p.parents]
+    assert not changed, changed[:5]
+
+
+def test_readme_results_section_is_replaced_verbatim(pipeline_run, tmp_path):
+    out, report, _ = pipeline_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{run_pipeline.README_BEGIN}\nold table\n{run_pipeline.README_END}\n\noutro\n")
+    run_pipeline.update_readme(report, readme=readme, docs=tmp_path / "docs")
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
+    assert "| real |" in text and (tmp_path / "docs" / "accuracy.png").is_file()
+    assert f"]({(tmp_path / 'docs').as_posix()}/accuracy.png)" in text

@@ -60,8 +60,8 @@ def test_every_artefact_is_written(pipeline_run):
             assert 0.0 <= m["last"]["accuracy"] <= 1.0
         assert f"| {run} |" in text
     assert text.count("| 2 |") == len(RUNS)  # each row averages two seeds
-    for fig in ("accuracy.png", "samples.png"):
-        assert Image.open(out / "figures" / fig).size[0] > 50
+    assert Image.open(out / "figures" / "accuracy.png").size[0] > 300
+    assert Image.open(out / "figures" / "samples.png").size[0] > 2 * 16  # more than one 16-px cell
     times = json.loads((out / "stage_times.json").read_text())
     assert len(times) == 3 and all(t > 0 for t in times.values())
 
@@ -69,7 +69,8 @@ def test_every_artefact_is_written(pipeline_run):
 def test_rerun_resumes_without_redoing_finished_work(pipeline_run):
     out, report, argv = pipeline_run
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in {".png", ".json", ".safetensors"}
-              and "figures" not in p.parts and p.name != "stage_times.json"}
+              and not {"figures", "synthetic_grids"} & set(p.parts) and p.name != "stage_times.json"}
+    # (the report, its figures and the sample grids are cheap and are drawn again on every run)
     # a finished classifier run disappears (as if interrupted before it ended): only it is redone
     victim = run_pipeline.classifier_run_dir(
         make_config(load_yaml(out / "config-pipeline.yaml")), "concat", "standard", 1)

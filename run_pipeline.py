@@ -34,10 +34,10 @@ README_END = "<!-- results:end -->"
 #                                   Stages                                      #
 #################################################################################
 
-def split_run(run: str) -> tuple[str, str | None]:
-    """'strategy+augment' -> (strategy, augment); a bare strategy keeps the config's augment."""
+def split_run(run: str, default_augment: str | None = None) -> tuple[str, str | None]:
+    """'strategy+augment' -> (strategy, augment); a bare strategy gets `default_augment` (the config's)."""
     strategy, _, augment = run.partition("+")
-    return strategy, (augment or None)
+    return strategy, (augment or default_augment)
 
 
 def check_runs(cfg: Config) -> None:
@@ -90,8 +90,7 @@ def stage_generate(cfg: Config, cfg_path: Path) -> None:
 def stage_classifiers(cfg: Config, cfg_path: Path) -> None:
     """One classifier per (run, seed); finished runs are skipped, interrupted ones resumed."""
     for run in cfg.pipeline.runs:
-        strategy, augment = split_run(run)
-        augment = augment or cfg.classifier.augment
+        strategy, augment = split_run(run, cfg.classifier.augment)
         for seed in cfg.pipeline.seeds:
             rdir = classifier_run_dir(cfg, strategy, augment, seed)
             if (rdir / "metrics.json").is_file():
@@ -118,8 +117,7 @@ def collect_results(cfg: Config) -> list[dict]:
     """Mean and std over seeds of accuracy and macro F1, one row per pipeline run."""
     rows = []
     for run in cfg.pipeline.runs:
-        strategy, augment = split_run(run)
-        augment = augment or cfg.classifier.augment
+        strategy, augment = split_run(run, cfg.classifier.augment)
         accs, f1s = [], []
         for seed in cfg.pipeline.seeds:
             path = classifier_run_dir(cfg, strategy, augment, seed) / "metrics.json"

@@ -19,9 +19,8 @@ from pathlib import Path
 def predict_main(argv: list[str]) -> None:
     """`predict`: print (or write as JSON lines) the predicted class and probabilities of every image."""
     from mvc.classifier.predict import list_images, load_classifier, predict
-    from mvc.utils import atomic_write_text
-
     from mvc.config import CLIParser  # argparse errors as one `error:` line, like the other flags
+    from mvc.utils import atomic_write_text
 
     p = CLIParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="Checkpoint file, or a classifier run folder (newest checkpoint).")
@@ -51,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
 
-    from mvc.config import build_parser, parse_args, save_config
     from mvc.classifier.strategies import list_strategies
+    from mvc.config import build_parser, parse_args, save_config
 
     parser = build_parser(__doc__.splitlines()[0] + "  (subcommand: `predict --checkpoint X --images DIR`)")
     parser.add_argument("--strategy", default=None, choices=list_strategies(), help="Shortcut for classifier.strategy.")

@@ -1,23 +1,34 @@
-"""Benchmark: our cached InstructPix2Pix train step vs the straightforward one, side by side.
+"""Benchmark: our InstructPix2Pix train step vs the straightforward one, side by side in one process.
 
 The straightforward step is what diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py does
 every step: VAE-encode the target (posterior sample) and the condition (mode), tokenize and encode the
-prompts, conditioning dropout, U-Net forward + backward, Adam step. Ours indexes latents and text
-embeddings cached once before training (the one-off caching time is reported separately). Same
-model, batch, precision (fp32) and optimizer; each variant runs in its own subprocess so that its
-peak resident memory (resource.getrusage ru_maxrss) is its own.
+prompts, conditioning dropout, U-Net forward + backward, then torch's default Adam step. Variants:
+
+- `straight`: that step;
+- `cached`: latents and text embeddings cached once before training (the one-off caching time is
+  reported separately), the step only indexes them; same default Adam;
+- `ours`: `cached` plus the fused Adam kernel, i.e. mvc's train step with its default config
+  (`train.fused_adam=true`).
+
+All variants share one model, batch, precision (fp32), attention (SDPA) and optimizer (its `fused`
+flag is switched between variants, the state is the same), and are timed in alternating rounds so
+a change of machine load hits them alike (the first step after each switch is not timed); the
+figure is the median step time.
 
 Profiles: `tiny` (the tiny profile's default components, 32 px, batch 50) and `sd15` (U-Net, VAE and
-CLIP text encoder built from hand-written SD-1.5 configs with random weights; 256 px, batch 1).
+CLIP text encoder built from SD-1.5's configs with random weights; 256 px, batch 1; about 16 GB of
+RAM). Each profile runs in its own process, so its peak resident memory is its own.
 
-    .venv/bin/python bench/bench_finetune.py [--profiles tiny sd15] [--tiny-steps 20] [--sd-steps 3]
+    .venv/bin/python bench/bench_finetune.py [--profiles tiny sd15] [--rounds 0] [--steps 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("straight", "cached", "ours")
 
 
 #################################################################################
@@ -48,58 +61,63 @@ def tiny_components() -> dict:
     return build_tiny_components(TinyBaseConfig(), [f"class{i}" for i in range(10)], in_channels=8)
 
 
-PROFILES = {"tiny": dict(build=tiny_components, resolution=32, batch=50, images=200),
-            "sd15": dict(build=sd15_components, resolution=256, batch=1, images=8)}
+# rounds x steps timed steps per variant, after `warmup` untimed steps each
+PROFILES = {"tiny": dict(build=tiny_components, resolution=32, batch=50, images=200, warmup=3, rounds=5, steps=4),
+            "sd15": dict(build=sd15_components, resolution=256, batch=1, images=8, warmup=1, rounds=3, steps=1)}
 
 
 #################################################################################
-#                                  One variant                                  #
+#                               One profile                                     #
 #################################################################################
 
-def run_variant(profile: str, variant: str, steps: int, warmup: int) -> dict:
-    """Time `steps` train steps (after `warmup`) of one variant; returns steps/s and peak RSS."""
+def run_profile(profile: str, rounds: int, steps: int) -> dict:
+    """Time the three variants of one profile in alternating rounds; returns rows and notes."""
     import torch
 
-    from mvc.finetune import (LatentCache, TextCache, conditioning_dropout_masks, draw_step_noise,
-                              encode_prompts_cache, encode_text, gather_batch, ip2p_loss)
-    from mvc.finetune_setup import freeze
+    from mvc.config import FinetuneConfig
+    from mvc.finetune import (
+        LatentCache,
+        conditioning_dropout_masks,
+        draw_step_noise,
+        encode_prompts_cache,
+        encode_text,
+        gather_batch,
+        ip2p_loss,
+    )
+    from mvc.finetune_setup import build_optimizer, freeze, prepare_unet
 
     torch.manual_seed(0)
     spec = PROFILES[profile]
+    rounds, steps = rounds or spec["rounds"], steps or spec["steps"]
     c = spec["build"]()
     unet, vae, te, tok, sched = c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     freeze(vae, te)
-    unet.train()
-    opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    tc = FinetuneConfig(fused_adam=False)  # the default Adam; "ours" switches the fused flag on
+    opt = build_optimizer(prepare_unet(unet, tc), tc)
     n, res, bsz = spec["images"], spec["resolution"], spec["batch"]
     pixels = torch.rand(n, 3, res, res) * 2 - 1  # preprocessed images, as a DataLoader would hand them over
     prompts = [f"dark small item {i}, a photo of class type class{i % 10}" for i in range(n)]
     gen = torch.Generator().manual_seed(0)
-    cache_s = 0.0
-    if variant == "cached":
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            means, stds = [], []
-            for i in range(0, n, 64):
-                d = vae.encode(pixels[i:i + 64]).latent_dist
-                means.append(d.mean[:, None])
-                stds.append(d.std[:, None])
-        lat = LatentCache(torch.cat(means), torch.cat(stds), vae.config.scaling_factor)
-        txt = encode_prompts_cache(tok, te, prompts, show_progress=False)
-        cache_s = time.perf_counter() - t0
-        shape = tuple(lat.mean.shape[2:])
-    else:
-        side = res // 2 ** (len(vae.config.block_out_channels) - 1)  # latent side
-        shape = (vae.config.latent_channels, side, side)
-        empty = encode_text(tok, te, [""])[0]
 
-    def step():
+    t0 = time.perf_counter()  # the one-off cache of the cached variants
+    with torch.no_grad():
+        means, stds = [], []
+        for i in range(0, n, 64):
+            d = vae.encode(pixels[i:i + 64]).latent_dist
+            means.append(d.mean[:, None])
+            stds.append(d.std[:, None])
+    lat = LatentCache(torch.cat(means), torch.cat(stds), vae.config.scaling_factor)
+    txt = encode_prompts_cache(tok, te, prompts, show_progress=False)
+    cache_s = time.perf_counter() - t0
+    shape = tuple(lat.mean.shape[2:])
+    empty = encode_text(tok, te, [""])[0]
+
+    def step(variant: str) -> float:
+        t = time.perf_counter()
         cond = torch.randint(0, n, (bsz,), generator=gen)
         tgt = torch.randint(0, n, (bsz,), generator=gen)
         rnd = draw_step_noise(bsz, shape, sched.config.num_train_timesteps, False, 0.05, 0.05, 0.05, gen)
-        if variant == "cached":
-            b = gather_batch(lat, txt, cond, tgt, tgt, rnd)
-        else:  # what the diffusers example does per step
+        if variant == "straight":  # what the diffusers example does per step
             with torch.no_grad():
                 target = vae.encode(pixels[tgt]).latent_dist.sample(gen) * vae.config.scaling_factor
                 cond_lat = vae.encode(pixels[cond]).latent_dist.mode()
@@ -107,22 +125,32 @@ def run_variant(profile: str, variant: str, steps: int, warmup: int) -> dict:
             kt, ki = conditioning_dropout_masks(bsz, 0.05, 0.05, 0.05, gen)
             emb = torch.where(kt[:, None, None], emb, empty[None])
             b = {"cond_latents": cond_lat * ki[:, None, None, None], "target_latents": target, "text_embeds": emb}
+        else:
+            b = gather_batch(lat, txt, cond, tgt, tgt, rnd)
+        for g in opt.param_groups:
+            g["fused"] = variant == "ours" or None
         loss = ip2p_loss(unet, sched, **b, noise=rnd.noise, timesteps=rnd.timesteps).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
 
-    for _ in range(warmup):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dt = time.perf_counter() - t0
-    return {"profile": profile, "variant": variant, "steps": steps, "batch": bsz, "resolution": res,
-            "steps_per_s": steps / dt, "images_per_s": steps * bsz / dt, "cache_seconds": cache_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
-            "threads": torch.get_num_threads()}
+    for v in VARIANTS:
+        for _ in range(spec["warmup"]):
+            step(v)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:  # rotate the order every round
+            step(v)  # untimed: the first step after a switch pays for the other variant's memory churn
+            times[v] += [step(v) for _ in range(steps)]
+            print(f"  {profile} round {r + 1}/{rounds} {v}: {statistics.median(times[v][-steps:]):.3f} s/step",
+                  file=sys.stderr, flush=True)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    rows = [{"profile": profile, "variant": v, "batch": bsz, "resolution": res, "timed_steps": len(times[v]),
+             "s_per_step": med[v], "steps_per_s": 1 / med[v], "images_per_s": bsz / med[v],
+             "speedup": med["straight"] / med[v]} for v in VARIANTS]
+    return {"rows": rows, "cache_seconds": cache_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6, "threads": torch.get_num_threads()}
 
 
 #################################################################################
@@ -130,41 +158,44 @@ def run_variant(profile: str, variant: str, steps: int, warmup: int) -> dict:
 #################################################################################
 
 def main() -> None:
-    """Run each (profile, variant) in a subprocess, print a table and write bench/results/finetune.json."""
+    """Run each profile in a subprocess, print a table and write bench/results/finetune.json."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profiles", nargs="+", default=["tiny", "sd15"], choices=list(PROFILES))
-    p.add_argument("--tiny-steps", type=int, default=20)
-    p.add_argument("--sd-steps", type=int, default=3)
-    p.add_argument("--worker", nargs=4, metavar=("PROFILE", "VARIANT", "STEPS", "WARMUP"), help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=0, help="alternating rounds (0: the profile's default)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per variant and round (0: the profile's default)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        prof, var, steps, warm = args.worker
-        print("RESULT " + json.dumps(run_variant(prof, var, int(steps), int(warm))))
+        print("RESULT " + json.dumps(run_profile(args.worker, args.rounds, args.steps)))
         return
-    rows = []
+    rows, notes = [], []
     for prof in args.profiles:
-        steps, warm = (args.tiny_steps, 3) if prof == "tiny" else (args.sd_steps, 1)
-        for var in ("cached", "straight"):
-            r = subprocess.run([sys.executable, __file__, "--worker", prof, var, str(steps), str(warm)],
-                               capture_output=True, text=True)
-            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-            if r.returncode != 0 or not line:
-                sys.exit(f"{prof}/{var} failed:\n{r.stderr[-3000:]}")
-            rows.append(json.loads(line[0][7:]))
-            print(f"done {prof}/{var}", file=sys.stderr)
-    print(f"{'profile':8} {'variant':9} {'batch':>5} {'px':>4} {'steps/s':>9} {'img/s':>8} {'cache s':>8} "
-          f"{'peak MB':>8} {'speed-up':>8}")
-    summary = {}
+        r = subprocess.run([sys.executable, __file__, "--worker", prof, "--rounds", str(args.rounds),
+                            "--steps", str(args.steps)], stdout=subprocess.PIPE, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode != 0 or not line:
+            sys.exit(f"profile {prof} failed (exit {r.returncode})")
+        res = json.loads(line[0][7:])
+        rows += res["rows"]
+        notes.append(f"{prof}: U-Net {res['unet_params_m']:.1f} M parameters, {res['threads']} threads; one-off cache "
+                     f"of latents and text embeddings {res['cache_seconds']:.2f} s; process peak RSS "
+                     f"{res['peak_rss_mb']:.0f} MB")
+    print(f"{'profile':8} {'variant':9} {'batch':>5} {'px':>4} {'s/step':>8} {'img/s':>8} {'speed-up':>8}")
     for r in rows:
-        ref = next(x for x in rows if x["profile"] == r["profile"] and x["variant"] == "straight")
-        ratio = r["steps_per_s"] / ref["steps_per_s"]
-        summary[r["profile"]] = summary.get(r["profile"], ratio) if r["variant"] == "straight" else ratio
-        print(f"{r['profile']:8} {r['variant']:9} {r['batch']:5d} {r['resolution']:4d} {r['steps_per_s']:9.3f} "
-              f"{r['images_per_s']:8.2f} {r['cache_seconds']:8.2f} {r['peak_rss_mb']:8.0f} {ratio:8.2f}x")
-    out = ROOT / "bench" / "results" / "finetune.json"
+        print(f"{r['profile']:8} {r['variant']:9} {r['batch']:5d} {r['resolution']:4d} {r['s_per_step']:8.3f} "
+              f"{r['images_per_s']:8.2f} {r['speedup']:7.2f}x")
+    for n in notes:
+        print(n)
+    notes += ["straight = the diffusers instruct_pix2pix example's step (VAE encode x2, text encode, dropout, "
+              "U-Net fwd+bwd, default Adam); cached = latents and text embeddings cached once; "
+              "ours = cached + fused Adam (mvc's default train step). Median step time over alternating rounds, "
+              "fp32, SDPA attention. Target: ours >= 1.25x straight on both profiles.",
+              f"machine: {platform.machine()}, {platform.python_version()}"]
     from mvc.utils import atomic_write_json
 
-    atomic_write_json(out, {"rows": rows, "speedup_cached_over_straight": summary})
+    out = ROOT / "bench" / "results" / "finetune.json"
+    atomic_write_json(out, {"title": "Fine-tuning: our train step vs the straightforward InstructPix2Pix step",
+                            "rows": rows, "notes": notes})
     print(f"wrote {out}")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import string
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mvc.registry import Registry
-from mvc.utils import MVCError, read_jsonl
+from mvc.utils import MVCError, fingerprint, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,11 @@ class Captioner:
     """Base class: `name` plus `__call__(images) -> captions` (one caption per PIL image)."""
 
     name = "captioner"
+
+    @property
+    def cache_key(self) -> str:
+        """Names the caption cache: the captioner plus every setting that changes its captions."""
+        return self.name
 
     def __call__(self, images: Sequence[Any]) -> list[str]:
         raise NotImplementedError
@@ -85,11 +89,16 @@ def make_prompt(template: str, caption: str, label_name: str) -> str:
 #                                 Caption cache                                 #
 #################################################################################
 
-def caption_cache_path(output_dir: str | os.PathLike, captioner_name: str, dataset: Any) -> Path:
-    """`<output_dir>/captions/<captioner>-<dataset fingerprint>.jsonl` (shared by every stage)."""
+def caption_cache_path(output_dir: str | os.PathLike, captioner: Captioner | str, dataset: Any) -> Path:
+    """`<output_dir>/captions/<captioner cache_key>-<dataset fingerprint>.jsonl` (shared by every stage).
+
+    The key holds the captioner's settings (BLIP-2's model and length, the template's text), so
+    changing them captions afresh instead of reusing another model's captions.
+    """
     from mvc.utils import safe_name
 
-    return Path(output_dir) / "captions" / f"{safe_name(captioner_name)}-{dataset.fingerprint()}.jsonl"
+    key = captioner if isinstance(captioner, str) else captioner.cache_key
+    return Path(output_dir) / "captions" / f"{safe_name(key)}-{dataset.fingerprint()}.jsonl"
 
 
 def _append_records(path: Path, records: list[dict]) -> None:
@@ -160,6 +169,10 @@ class TemplateCaptioner(Captioner):
 
     def __init__(self, text: str):
         self.text = text
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}-{fingerprint(self.text)[:10]}"
 
     def __call__(self, images: Sequence[Any]) -> list[str]:
         return [self.text for _ in images]
@@ -274,6 +287,10 @@ class Blip2Captioner(Captioner):
         self.max_new_tokens = max_new_tokens
         self._model = self._processor = None
 
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}-{fingerprint(self.model_id, self.max_new_tokens)[:10]}"
+
     def load(self) -> "Blip2Captioner":
         """Load processor and model (once); an unloadable source is a one-line MVCError."""
         if self._model is not None:
@@ -343,6 +360,10 @@ class LavisCaptioner(Captioner):
         self.max_new_tokens = max_new_tokens
         self.model = self.vis_processors = None
 
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}-{fingerprint(self.model_name, self.model_type, self.max_new_tokens)[:10]}"
+
     def __call__(self, images: Sequence[Any]) -> list[str]:
         import torch
 
@@ -376,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(parser, argv)
     labelled, _, _ = load_splits(cfg.data)
     captioner = build_captioner(cfg.captions)
-    path = caption_cache_path(cfg.run.output_dir, captioner.name, labelled)
+    path = caption_cache_path(cfg.run.output_dir, captioner, labelled)
     caps = caption_dataset(labelled, captioner, path, batch_size=cfg.captions.batch_size)
     print(f"{len(caps)} captions in {path}")
 

@@ -62,28 +62,34 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def check_resume(resume: str | None, ckpt_dir: str | os.PathLike) -> None:
+    """Fail early (before any data or model loading) when `resume` names nothing to resume from."""
+    if resume in (None, "", "none"):
+        return
+    if resume == "latest":
+        if not list_checkpoints(ckpt_dir):
+            raise MVCError(f"--resume latest: no checkpoint in {ckpt_dir}; run without --resume to start fresh")
+    elif not Path(resume).is_file():
+        raise MVCError(f"--resume: no checkpoint file at {resume}")
+
+
 def resolve_resume(resume: str | None, ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
     """Load the checkpoint named by `resume`: None (start fresh), 'latest', or a path.
 
     With 'latest', a corrupt newest checkpoint is skipped with a warning and the previous one is
     used; 'latest' with no checkpoint at all is an error (the user asked to resume).
     """
+    check_resume(resume, ckpt_dir)
     if resume in (None, "", "none"):
         return None
     if resume == "latest":
-        cands = list_checkpoints(ckpt_dir)
-        if not cands:
-            raise MVCError(f"--resume latest: no checkpoint in {ckpt_dir}; run without --resume to start fresh")
-        for p in reversed(cands):
+        for p in reversed(list_checkpoints(ckpt_dir)):
             try:
                 return load_checkpoint(p)
             except MVCError as e:
                 log.warning("skipping unreadable checkpoint %s (%s); trying the previous one", p.name, e)
         raise MVCError(f"--resume latest: every checkpoint in {ckpt_dir} is unreadable")
-    p = Path(resume)
-    if not p.is_file():
-        raise MVCError(f"--resume: no checkpoint file at {p}")
-    return load_checkpoint(p)
+    return load_checkpoint(resume)
 
 
 def rng_state() -> dict[str, Any]:

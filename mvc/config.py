@@ -157,6 +157,8 @@ class FinetuneConfig:
     use_ema: bool = opt(False, "Keep an EMA of the U-Net and save it.")
     ema_decay: float = opt(0.9999, "EMA decay.", min=0, max=1)
     use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit Adam (GPU).")
+    fused_adam: bool = opt(True, "torch's fused Adam kernel (CPU and CUDA): one pass over all weights "
+                           "instead of one per tensor; false = torch's default Adam.")
     lora_rank: int = opt(0, "LoRA rank through peft (0: full fine-tuning); conv_in is always trained fully.", min=0)
     checkpoint_every: int = opt(250, "Save a checkpoint every N steps.", min=1)
     checkpoints_keep: int = opt(3, "Checkpoints kept (oldest removed).", min=1)

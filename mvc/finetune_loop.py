@@ -24,13 +24,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mvc.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
+from mvc.checkpoint import check_resume, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from mvc.config import config_to_dict, save_config
-from mvc.finetune import (draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch,
-                          image_to_tensor, ip2p_loss)
-from mvc.finetune_setup import (EMA, build_lr_scheduler, build_optimizer, freeze, ip2p_pipeline,
-                                load_trainable_state_dict, prepare_unet, save_final_pipeline,
-                                trainable_state_dict)
+from mvc.finetune import (
+    draw_step_noise,
+    encode_latents_cache,
+    encode_prompts_cache,
+    gather_batch,
+    image_to_tensor,
+    ip2p_loss,
+)
+from mvc.finetune_setup import (
+    EMA,
+    build_lr_scheduler,
+    build_optimizer,
+    freeze,
+    ip2p_pipeline,
+    load_trainable_state_dict,
+    prepare_unet,
+    save_final_pipeline,
+    trainable_state_dict,
+)
 from mvc.utils import MVCError, RunLogger, image_grid, make_generator, resolve_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -296,6 +310,7 @@ def main(cfg, resume: str | None = None) -> dict:
     from mvc.models import load_base_components, widen_conv_in
 
     validate_template(cfg.captions.prompt_template)
+    check_resume(resume, Path(cfg.run.output_dir) / "mvc" / "checkpoints")  # before the slow loading below
     acc = make_accelerator(cfg.train)
     cfg.run.seed = _broadcast_seed(acc, cfg.run.seed)  # a drawn seed is recorded in the saved config
     out = Path(cfg.run.output_dir)
@@ -306,7 +321,7 @@ def main(cfg, resume: str | None = None) -> dict:
         labelled, pool, _test = load_splits(cfg.data)
         pairs = _pairs_for(cfg, labelled, out / "pairs.npz", acc.is_main_process)
         captioner = build_captioner(cfg.captions)
-        captions = caption_dataset(labelled, captioner, caption_cache_path(out, cfg.captions.captioner, labelled),
+        captions = caption_dataset(labelled, captioner, caption_cache_path(out, captioner, labelled),
                                    cfg.captions.batch_size)
         components = load_base_components(cfg.model, cfg.tiny, pool=pool, output_dir=out)
     prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])

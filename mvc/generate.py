@@ -42,10 +42,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mvc.mixing import (apply_mixing, caption_token_span, mixing_params, op_needs_donor, op_params, op_stages,
-                        parse_op)
-from mvc.utils import (MVCError, RunLogger, append_jsonl, atomic_path, atomic_write_json, atomic_write_text, batched,
-                       fingerprint, image_grid, make_generator, read_jsonl, resolve_seed, safe_name)
+from mvc.captions import validate_template
+from mvc.mixing import apply_mixing, caption_token_span, mixing_params, op_needs_donor, op_params, op_stages, parse_op
+from mvc.utils import (
+    MVCError,
+    RunLogger,
+    append_jsonl,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    batched,
+    fingerprint,
+    image_grid,
+    make_generator,
+    read_jsonl,
+    resolve_seed,
+    safe_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +355,7 @@ def load_captions(cfg: Any, labelled: Any, progress: bool = True) -> dict[str, s
     from mvc.captions import build_captioner, caption_cache_path, caption_dataset
 
     captioner = build_captioner(cfg.captions)
-    path = caption_cache_path(cfg.run.output_dir, cfg.captions.captioner, labelled)
+    path = caption_cache_path(cfg.run.output_dir, captioner, labelled)
     return caption_dataset(labelled, captioner, path, cfg.captions.batch_size, progress=progress)
 
 
@@ -413,6 +426,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     ops = list(cfg.mixing.ops)
     window = _window_cfg(cfg.mixing.window)
     params = mixing_params(cfg.mixing)
+    validate_template(cfg.captions.prompt_template)  # before any data or model loading
     if labelled is None:
         from mvc.data import load_splits
 

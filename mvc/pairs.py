@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from mvc.utils import MVCError, atomic_path, fingerprint as _hash, resolve_seed
+from mvc.utils import MVCError, atomic_path, resolve_seed
+from mvc.utils import fingerprint as _hash
 
 log = logging.getLogger(__name__)
 

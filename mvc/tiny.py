@@ -7,7 +7,7 @@ CLIPTokenizer, DDPMScheduler), only smaller, so every script runs the same code 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
 import os
 import shutil
@@ -26,7 +26,7 @@ from mvc.utils import MVCError, RunLogger, atomic_write_json, fingerprint, image
 log = logging.getLogger(__name__)
 
 # Bump when the pretraining recipe changes, so cached bases built by an older recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: deterministic tokenizer (train_bpe)
 
 #################################################################################
 #                                  Tokenizer                                    #
@@ -43,31 +43,79 @@ BASE_WORDS = (
 ).split()
 
 
+def train_bpe(words: Iterable[str], vocab_size: int, suffix: str = "</w>") -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-level BPE trained deterministically on pre-tokenized `words`: (new tokens, merges) in merge order.
+
+    Each step merges the most frequent adjacent pair, ties broken by the pair's text, so the same
+    words always give the same vocabulary (HF's BpeTrainer breaks ties by ids that vary between
+    processes, which made every tiny base, and the synthetic data after it, differ run to run).
+    The last symbol of a word carries `suffix`, as CLIP's vocabulary does.
+    """
+    from collections import Counter
+
+    counts = Counter(words)
+    pieces = {w: [*w[:-1], w[-1] + suffix] for w in counts if w}
+    pairs: Counter = Counter()
+    for w, sym in pieces.items():
+        for ab in zip(sym, sym[1:]):
+            pairs[ab] += counts[w]
+    tokens, merges = [], []
+    while len(tokens) < vocab_size and pairs:
+        best = min(pairs, key=lambda ab: (-pairs[ab], ab))
+        merged = best[0] + best[1]
+        merges.append(best)
+        tokens.append(merged)
+        for w, sym in pieces.items():
+            if best[0] not in sym:
+                continue
+            i, out = 0, []
+            while i < len(sym):
+                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(sym[i])
+                    i += 1
+            if len(out) < len(sym):  # recount this word's pairs only
+                for ab in zip(sym, sym[1:]):
+                    pairs[ab] -= counts[w]
+                    if pairs[ab] == 0:
+                        del pairs[ab]
+                for ab in zip(out, out[1:]):
+                    pairs[ab] += counts[w]
+                pieces[w] = out
+    return tokens, merges
+
+
+@functools.lru_cache(maxsize=16)
+def _tiny_vocab(words: tuple[str, ...], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny tokenizer's vocabulary and merges for `words` (cached: the same words give the same vocab)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    backend = CLIPTokenizer().backend_tokenizer  # CLIP's normalizer and pre-tokenizer (byte-level mapping)
+    pieces = [p for w in words for p, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(w))]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    # every byte is a token, also in its word-final form: any text tokenizes without <unk>
+    base = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(ch + "</w>" for ch in alphabet)]
+    tokens, merges = train_bpe(pieces, max(0, vocab_size - len(base)))
+    vocab: dict[str, int] = {}
+    for t in base + tokens:
+        vocab.setdefault(t, len(vocab))
+    return vocab, merges
+
+
 def build_tiny_tokenizer(extra_words: Iterable[str] = (), max_length: int = 32, vocab_size: int = 1000):
     """A CLIPTokenizer whose byte-level BPE vocabulary is trained locally on a small word list.
 
     Every byte is in the vocabulary (also word-final), so any text, class names included, tokenizes
-    without <unk>.
+    without <unk>; the same words always give the same ids (`train_bpe` is deterministic).
     """
-    from tokenizers import pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    words = list(BASE_WORDS) + [w for x in extra_words for w in str(x).lower().split()]
-    corpus = [" ".join(words)] * 4  # repeat so every whole word clears the merge threshold
-    backend = CLIPTokenizer().backend_tokenizer  # CLIP's normalizer and pre-tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
-        special_tokens=["<|startoftext|>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(corpus, trainer)
-    model = json.loads(backend.to_str())["model"]
-    # CLIP's BPE marks a word's last symbol with </w>: give every byte a word-final form too, so a
-    # one-character word ("-", "/", "&") or any word ending in a rare byte never becomes <unk>
-    vocab = model["vocab"]
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
+    words = tuple(BASE_WORDS) + tuple(w for x in extra_words for w in str(x).lower().split())
+    vocab, merges = _tiny_vocab(words, vocab_size)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
 #################################################################################
@@ -275,10 +323,10 @@ def sample_grid(pipe: Any, captions: list[str], real: torch.Tensor, seed: int, s
 #                                 Cache                                         #
 #################################################################################
 
-def tiny_base_key(cfg: TinyBaseConfig, pool: Any, captioner_name: str) -> str:
+def tiny_base_key(cfg: TinyBaseConfig, pool: Any, captioner_key: str) -> str:
     """Hash of the tiny section (minus cache_dir), the pool's fingerprint, the captioner and the recipe."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
-    return fingerprint(RECIPE_VERSION, d, pool.fingerprint(), captioner_name)
+    return fingerprint(RECIPE_VERSION, d, pool.fingerprint(), captioner_key)
 
 
 def get_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any = None,
@@ -297,7 +345,7 @@ def get_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any = None,
     if len(pool) == 0:
         raise MVCError("the tiny base needs a non-empty remainder pool: lower data.k_per_class "
                        "or use model.base=<a pretrained diffusers folder>")
-    key = tiny_base_key(cfg, pool, captioner.name)
+    key = tiny_base_key(cfg, pool, captioner.cache_key)
     root = Path(cfg.cache_dir).expanduser()
     folder = root / key
     if (folder / "model_index.json").is_file():
@@ -334,7 +382,7 @@ def _build_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any, out: Path,
     if cfg.pool_size is not None and cfg.pool_size < len(pool):
         rng = np.random.default_rng(cfg.seed)
         pool = pool.subset(np.sort(rng.choice(len(pool), cfg.pool_size, replace=False)))
-    cap_path = (caption_cache_path(output_dir, captioner.name, pool) if output_dir is not None
+    cap_path = (caption_cache_path(output_dir, captioner, pool) if output_dir is not None
                 else out / "pool_captions.jsonl")
     caps = caption_dataset(pool, captioner, cap_path, batch_size=256, progress=progress)
     captions = [caps[i] for i in pool.ids]

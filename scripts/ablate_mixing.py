@@ -97,8 +97,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise MVCError("--k, --s, --classes, --sources and --variants must be >= 1")
 
     from mvc.data import load_splits
-    from mvc.generate import Job, _ClassContext, _window_cfg, encode_conditions, encode_prompts, load_captions, \
-        load_pipeline, mix_batch, model_resolution, render
+    from mvc.generate import (
+        Job,
+        _ClassContext,
+        _window_cfg,
+        encode_conditions,
+        encode_prompts,
+        load_captions,
+        load_pipeline,
+        mix_batch,
+        model_resolution,
+        render,
+    )
     from mvc.mixing import mixing_params
 
     g = cfg.generate

@@ -24,12 +24,13 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from helpers import MICRO, write_fashion_idx  # noqa: E402
+
 import generate_mvc  # noqa: E402
 import run_pipeline  # noqa: E402
 import train_classifier  # noqa: E402
 import train_mvc  # noqa: E402
 from mvc.utils import run_cli  # noqa: E402
-from test_faults import MICRO, write_fashion_idx  # noqa: E402
 
 
 def _load_script(path: Path):
@@ -215,6 +216,9 @@ CASES = [
     ("train-template-without-label", "train_mvc", NO_LABEL, ["{label}"]),
     ("train-missing-base", "train_mvc", ["--model.base={nowhere}/sd"], ["model.base", "does_not_exist"]),
     ("train-resume-latest-none", "train_mvc", ["--model.base={model}", "--resume", "latest"], ["no checkpoint"]),
+    # checked before any data or model loading: the missing checkpoint is reported, not the missing data
+    ("train-resume-checked-first", "train_mvc", MISSING_ROOT + ["--model.base={nowhere}/sd", "--resume", "latest"],
+     ["no checkpoint"]),
     ("train-resume-missing-file", "train_mvc", ["--model.base={model}", "--resume", "{nowhere}/c.pt"],
      ["no checkpoint file", "c.pt"]),
     ("train-resume-not-a-checkpoint", "train_mvc", ["--model.base={model}", "--resume", "{not_ckpt}"],
@@ -228,6 +232,9 @@ CASES = [
     ("gen-single-image-class", "generate_mvc", MODEL + SINGLE, ["one labelled image", "'b'"]),
     ("gen-unknown-op", "generate_mvc", MODEL + ["--mixing.ops=[blend]"], ["blend"]),
     ("gen-template-without-label", "generate_mvc", MODEL + NO_LABEL, ["{label}"]),
+    # checked before any data or model loading: the template is reported, not the missing data and model
+    ("gen-template-checked-first", "generate_mvc", ["--generate.model_dir={nowhere}/final"] + MISSING_ROOT + NO_LABEL,
+     ["{label}"]),
     ("gen-k-larger-than-window", "generate_mvc", MODEL + ["--mixing.window=[1,3]", "--mixing.coarse_k=5"],
      ["k=5", "window"]),
     ("gen-m-larger-than-window", "generate_mvc", MODEL + ["--mixing.ops=[fine]", "--mixing.window=[1,3]", "--mixing.fine_m=3"],

@@ -2,6 +2,7 @@
 caption cache (rerun, resume after interruption) and prompt templates."""
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,8 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from mvc.captions import (CAPTIONERS, AttributeCaptioner, Captioner, build_captioner, caption_cache_path,
-                          caption_dataset, list_captioners, make_prompt, validate_template)
+from mvc.captions import (
+    CAPTIONERS,
+    AttributeCaptioner,
+    Captioner,
+    TemplateCaptioner,
+    build_captioner,
+    caption_cache_path,
+    caption_dataset,
+    list_captioners,
+    make_prompt,
+    validate_template,
+)
 from mvc.config import CaptionConfig
 from mvc.data import ArraySource, ImageDataset
 from mvc.tiny import BASE_WORDS
@@ -120,6 +131,11 @@ def test_cache_path_is_keyed_by_captioner_and_fingerprint(tmp_path):
     p = caption_cache_path(tmp_path, "attributes", ds)
     assert p == tmp_path / "captions" / f"attributes-{ds.fingerprint()}.jsonl"
     assert caption_cache_path(tmp_path, "attributes", ds.subset([0, 1])) != p
+    # a captioner object names its file by its cache key: the settings that change its captions
+    assert caption_cache_path(tmp_path, AttributeCaptioner(), ds) == p
+    one, two = TemplateCaptioner("an image"), TemplateCaptioner("a photo")
+    assert caption_cache_path(tmp_path, one, ds) != caption_cache_path(tmp_path, two, ds)
+    assert caption_cache_path(tmp_path, one, ds) == caption_cache_path(tmp_path, TemplateCaptioner("an image"), ds)
 
 
 def test_caption_cache_rerun_and_resume(tmp_path):
@@ -159,8 +175,13 @@ def test_caption_cache_with_a_broken_record_is_an_error(tmp_path):
 def _save_tiny_blip2(folder):
     """A random tiny BLIP-2 (vision 2 layers, Q-Former 2 layers, OPT 2 layers) + tokenizer + processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -196,7 +217,7 @@ def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
     assert captioner.name == "blip2" and captioner._model is None  # loaded on first use only
     assert captioner.model.dtype == torch.float32  # CPU: full precision
     ds = toy_dataset(5)
-    caps = caption_dataset(ds, captioner, caption_cache_path(tmp_path, captioner.name, ds), batch_size=2,
+    caps = caption_dataset(ds, captioner, caption_cache_path(tmp_path, captioner, ds), batch_size=2,
                            progress=False)
     assert list(caps) == ds.ids and all(isinstance(c, str) for c in caps.values())
     # greedy decoding: the same image gives the same caption, alone or in a batch
@@ -204,8 +225,13 @@ def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
     assert again == [caps[ds.ids[3]], caps[ds.ids[0]]]
     # a later stage with every caption cached never loads the model
     fresh = build_captioner(cfg)
-    assert caption_dataset(ds, fresh, caption_cache_path(tmp_path, "blip2", ds), progress=False) == caps
+    assert caption_dataset(ds, fresh, caption_cache_path(tmp_path, fresh, ds), progress=False) == caps
     assert fresh._model is None
+    # another model or caption length is another cache file: old captions are never reused for it
+    shutil.copytree(folder, tmp_path / "other-blip2")
+    for other in (CaptionConfig(captioner="blip2", model_id=str(tmp_path / "other-blip2"), max_new_tokens=5),
+                  CaptionConfig(captioner="blip2", model_id=str(folder), max_new_tokens=6)):
+        assert caption_cache_path(tmp_path, build_captioner(other), ds) != caption_cache_path(tmp_path, fresh, ds)
     # at most max_new_tokens new tokens per caption
     assert all(len(captioner.processor.tokenizer(c, add_special_tokens=False).input_ids) <= 5 for c in again)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mvc.config import Config, build_parser, make_config, parse_args, save_config, load_yaml
+from mvc.config import Config, build_parser, load_yaml, make_config, parse_args, save_config
 from mvc.utils import MVCError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

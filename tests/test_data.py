@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_idx
 from PIL import Image
 
 import mvc.data.images as images_mod
 import mvc.data.sources as sources
 from mvc.config import make_config
-from mvc.data import (DATASETS, ImageDataset, build_dataset, list_datasets, load_rgb, load_splits,
-                      low_data_subset)
+from mvc.data import DATASETS, ImageDataset, build_dataset, list_datasets, load_rgb, load_splits, low_data_subset
 from mvc.utils import MVCError, safe_join, safe_name
 
 #################################################################################
@@ -87,12 +87,6 @@ def make_cifar100(root: Path) -> dict:
     return {"classes": classes, "arrays": expected}
 
 
-def _write_idx(path: Path, arr: np.ndarray, magic: int, gz: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-
-
 def make_fashion_mnist(root: Path, folder: str = "fashion_mnist", gz: bool = True) -> dict:
     """Fashion-MNIST idx files (gzip by default) for both splits."""
     expected = {}
@@ -100,8 +94,8 @@ def make_fashion_mnist(root: Path, folder: str = "fashion_mnist", gz: bool = Tru
         lab = np.tile(np.arange(10, dtype=np.uint8), N_PER_CLASS[split])
         imgs = pattern_images(lab.astype(np.int64), (28, 28), seed=len(lab))
         sfx = ".gz" if gz else ""
-        _write_idx(root / folder / f"{prefix}-images-idx3-ubyte{sfx}", imgs, 2051, gz)
-        _write_idx(root / folder / f"{prefix}-labels-idx1-ubyte{sfx}", lab, 2049, gz)
+        write_idx(root / folder / f"{prefix}-images-idx3-ubyte{sfx}", imgs, 2051, gz)
+        write_idx(root / folder / f"{prefix}-labels-idx1-ubyte{sfx}", lab, 2049, gz)
         expected[split] = (imgs, lab.astype(np.int64))
     return {"classes": sources.FASHION_CLASSES, "arrays": expected}
 

@@ -30,12 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from helpers import micro_argv, write_fashion_idx  # noqa: E402
+
 import generate_mvc  # noqa: E402
 import train_mvc  # noqa: E402
 from mvc.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint  # noqa: E402
 from mvc.utils import read_jsonl, run_cli, safe_name  # noqa: E402
 
-MICRO = ROOT / "configs" / "micro.yaml"
 STEPS = 6  # fine-tuning steps of every run here
 TRAIN = [f"--train.max_steps={STEPS}", "--train.checkpoint_every=1", "--train.checkpoints_keep=3"]
 PER_CLASS = 4  # synthetic images per class in the killed generation (10 classes -> 40 images)
@@ -44,41 +45,6 @@ PER_CLASS = 4  # synthetic images per class in the killed generation (10 classes
 #################################################################################
 #                         Fixture data and helpers                             #
 #################################################################################
-
-def _write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
-    """One uncompressed idx file: magic, dims (big-endian uint32), then the uint8 payload."""
-    head = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    path.write_bytes(head + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
-
-
-def write_fashion_idx(root: Path, train_per_class: int = 6, test_per_class: int = 2, size: int = 16,
-                      seed: int = 0) -> Path:
-    """A Fashion-MNIST data root (`<root>/fashion_mnist/*-idx?-ubyte`) with all 10 classes.
-
-    Class c is a bright block whose height and brightness grow with c, jittered per image, so the
-    attribute captions differ between images. Returns `root`.
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "fashion_mnist"
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, per in (("train", train_per_class), ("t10k", test_per_class)):
-        labels = np.repeat(np.arange(10), per).astype(np.uint8)
-        images = rng.integers(0, 30, (len(labels), size, size)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            h = 3 + int(c) + int(rng.integers(0, 3))
-            w = int(rng.integers(4, size - 2))
-            y0, x0 = int(rng.integers(0, size - min(h, size - 1))), int(rng.integers(0, size - w + 1))
-            images[i, y0:y0 + h, x0:x0 + w] = 120 + 12 * int(c) + int(rng.integers(0, 10))
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte", images, 2051)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, 2049)
-    return root
-
-
-def micro_argv(data_root: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    """CLI arguments of the micro profile on the fixture data, writing to `out`."""
-    return ["--config", str(MICRO), f"--data.root={data_root}", f"--run.output_dir={out}",
-            f"--tiny.cache_dir={cache}", *extra]
-
 
 def unet_weights(final_dir: Path) -> dict[str, torch.Tensor]:
     """Tensors of the saved U-Net (safetensors) of a fine-tuned pipeline folder."""

@@ -23,8 +23,14 @@ if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
     sys.path.insert(0, str(ROOT))
 
 from mvc.config import TinyBaseConfig, make_config  # noqa: E402
-from mvc.finetune import (conditioning_dropout_masks, draw_step_noise, encode_latents_cache,  # noqa: E402
-                          encode_prompts_cache, gather_batch, ip2p_loss)
+from mvc.finetune import (  # noqa: E402
+    conditioning_dropout_masks,
+    draw_step_noise,
+    encode_latents_cache,
+    encode_prompts_cache,
+    gather_batch,
+    ip2p_loss,
+)
 from mvc.utils import MVCError  # noqa: E402
 
 CLASSES = ["shirt", "shoe", "bag", "coat"]
@@ -289,6 +295,26 @@ def test_missing_optional_backends_are_clear_errors(components):
         cfg = toy_config("/tmp/unused", use_8bit_adam=True).train
         with pytest.raises(MVCError, match="bitsandbytes"):
             build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+
+
+def test_fused_adam_is_the_default_and_takes_the_same_steps_as_torchs_default_adam():
+    from mvc.config import FinetuneConfig
+    from mvc.finetune_setup import build_optimizer
+
+    torch.manual_seed(0)
+    start = torch.randn(300, 7)
+    runs = {}
+    for fused in (True, False):
+        w = torch.nn.Parameter(start.clone())
+        opt = build_optimizer([w], FinetuneConfig(fused_adam=fused, lr=1e-2, weight_decay=0.01))
+        assert bool(opt.param_groups[0]["fused"]) is fused
+        for k in range(5):
+            (w.sin() * (k + 1)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[fused] = w.detach()
+    assert not torch.equal(runs[True], start)  # the weights moved
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-6)
 
 
 #################################################################################

@@ -3,8 +3,18 @@
 import pytest
 import torch
 
-from mvc.mixing import (MIXING_OPS, apply_mixing, caption_token_span, coarse_indices, coarse_mix, fine_mix,
-                        list_mixing_ops, op_params, op_stages, parse_op)
+from mvc.mixing import (
+    MIXING_OPS,
+    apply_mixing,
+    caption_token_span,
+    coarse_indices,
+    coarse_mix,
+    fine_mix,
+    list_mixing_ops,
+    op_params,
+    op_stages,
+    parse_op,
+)
 from mvc.utils import MVCError
 
 B, T, D = 3, 16, 32

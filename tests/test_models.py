@@ -1,6 +1,5 @@
 """Base-model loading (text-to-image and InstructPix2Pix folders, errors) and the conv_in surgery."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch

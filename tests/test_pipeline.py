@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from helpers import micro_argv, write_fashion_idx  # noqa: E402
+
 import run_pipeline  # noqa: E402
 from mvc.config import load_yaml, make_config  # noqa: E402
 from mvc.utils import read_jsonl  # noqa: E402
-from test_faults import micro_argv, write_fashion_idx  # noqa: E402
 
 RUNS = ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
 

@@ -1,6 +1,10 @@
 """The tiny base: tokenizer, a micro pretraining build that diffusers loads and samples from, its cache."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,9 @@ import mvc.tiny as tiny
 from mvc.config import ModelConfig, TinyBaseConfig
 from mvc.data import ArraySource, ImageDataset
 from mvc.models import load_base_components
-from mvc.tiny import BASE_WORDS, build_tiny_tokenizer, get_tiny_base, tiny_base_key
+from mvc.tiny import BASE_WORDS, build_tiny_tokenizer, get_tiny_base, tiny_base_key, train_bpe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def shapes_pool(n=64, size=20, seed=0):
@@ -48,6 +54,28 @@ def test_tokenizer_knows_the_caption_words_and_any_class_name():
     assert tok.decode(ids).replace(" ", "") == "aphotoofclasstypeankleboott-shirt/top"
     assert tok.model_max_length == 16
     assert {"dark", "small", "smooth", "symmetric"} <= set(BASE_WORDS)
+
+
+def test_bpe_merges_the_most_frequent_pair_first_and_breaks_ties_by_text():
+    tokens, merges = train_bpe(["ab", "ab", "cd", "ab", "cd", "xy"], vocab_size=10)
+    # "ab" (3x) beats "cd" (2x) beats "xy" (1x); each word then is one token with the word-final mark
+    assert merges == [("a", "b</w>"), ("c", "d</w>"), ("x", "y</w>")]
+    assert tokens == ["ab</w>", "cd</w>", "xy</w>"]
+    # a tie is broken by the pair's text, never by the order the words came in
+    for words in (["zz", "mm", "aa"], ["aa", "mm", "zz"], ["mm", "zz", "aa"]):
+        assert train_bpe(words, vocab_size=2)[1] == [("a", "a</w>"), ("m", "m</w>")]
+    # the vocabulary budget caps the merges
+    assert len(train_bpe(["abcdef"], vocab_size=3)[0]) == 3
+
+
+def test_tokenizer_ids_are_the_same_in_every_process():
+    """The tiny base, and the synthetic data after it, depend on the ids: they must not vary per process."""
+    code = ("import hashlib, json; from mvc.tiny import build_tiny_tokenizer; "
+            "t = build_tiny_tokenizer(['ankle boot', 't-shirt/top']); "
+            "print(hashlib.sha256(json.dumps(sorted(t.get_vocab().items())).encode()).hexdigest())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2, 3)}
+    assert len(outs) == 1 and len(outs.pop()) == 64
 
 
 def test_micro_build_is_a_loadable_sampling_pipeline_and_is_cached(tmp_path, monkeypatch):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from mvc.classifier.data import Combined, eval_loader, prepared
 from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.models import build_model, extract_features

@@ -21,8 +21,19 @@ import numpy as np
 import torch
 
 from mvc.checkpoint import list_checkpoints, resolve_resume, rng_state, save_checkpoint
-from mvc.classifier.data import (Combined, IndexView, kfold_splits, load_synthetic, plan_loader, prepared,
-                                 eval_loader, select_synthetic, shard_batches, stratified_split, stratified_take)
+from mvc.classifier.data import (
+    Combined,
+    IndexView,
+    eval_loader,
+    kfold_splits,
+    load_synthetic,
+    plan_loader,
+    prepared,
+    select_synthetic,
+    shard_batches,
+    stratified_split,
+    stratified_take,
+)
 from mvc.classifier.engine import build_optimizer, evaluate, plan_lr, train_one_epoch
 from mvc.classifier.metrics import SCALARS, compute_metrics, confusion_figure, mean_std
 from mvc.classifier.models import build_model

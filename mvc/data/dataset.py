@@ -10,7 +10,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mvc.registry import Registry
-from mvc.utils import MVCError, fingerprint as _hash, resolve_seed
+from mvc.utils import MVCError, resolve_seed
+from mvc.utils import fingerprint as _hash
 
 log = logging.getLogger(__name__)
 

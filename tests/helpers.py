@@ -1,0 +1,47 @@
+"""Fixture writers shared by several test modules: idx files, a micro Fashion-MNIST root, micro CLI args."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ROOT / "configs" / "micro.yaml"
+
+
+def write_idx(path: Path, arr: np.ndarray, magic: int, gz: bool = False) -> None:
+    """One idx file: magic, dims (big-endian uint32), then the uint8 payload; gzip-compressed if `gz`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    raw += np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def write_fashion_idx(root: Path, train_per_class: int = 6, test_per_class: int = 2, size: int = 16,
+                      seed: int = 0) -> Path:
+    """A Fashion-MNIST data root (`<root>/fashion_mnist/*-idx?-ubyte`) with all 10 classes.
+
+    Class c is a bright block whose height and brightness grow with c, jittered per image, so the
+    attribute captions differ between images. Returns `root`.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "fashion_mnist"
+    for prefix, per in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = np.repeat(np.arange(10), per).astype(np.uint8)
+        images = rng.integers(0, 30, (len(labels), size, size)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            h = 3 + int(c) + int(rng.integers(0, 3))
+            w = int(rng.integers(4, size - 2))
+            y0, x0 = int(rng.integers(0, size - min(h, size - 1))), int(rng.integers(0, size - w + 1))
+            images[i, y0:y0 + h, x0:x0 + w] = 120 + 12 * int(c) + int(rng.integers(0, 10))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, 2051)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, 2049)
+    return root
+
+
+def micro_argv(data_root: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    """CLI arguments of the micro profile on the fixture data, writing to `out`."""
+    return ["--config", str(MICRO), f"--data.root={data_root}", f"--run.output_dir={out}",
+            f"--tiny.cache_dir={cache}", *extra]

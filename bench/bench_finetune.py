@@ -10,16 +10,23 @@ prompts, conditioning dropout, U-Net forward + backward, then torch's default Ad
 - `ours`: `cached` plus the fused Adam kernel, i.e. mvc's train step with its default config
   (`train.fused_adam=true`).
 
+The other levers were tried on this project's 2-core CPU and left out: channels-last made the
+SD-1.5 U-Net's forward + backward slower (6.9 s against 5.5 s), and `torch.compile` took 135 s to
+compile the tiny U-Net, then ran its step slower (0.31 s against 0.27 s).
+
 All variants share one model, batch, precision (fp32), attention (SDPA) and optimizer (its `fused`
 flag is switched between variants, the state is the same), and are timed in alternating rounds so
 a change of machine load hits them alike (the first step after each switch is not timed); the
 figure is the median step time.
 
-Profiles: `tiny` (the tiny profile's default components, 32 px, batch 50) and `sd15` (U-Net, VAE and
+Profiles: `tiny` (the tiny profile's default components, 32 px, batch 50), `sd15` (U-Net, VAE and
 CLIP text encoder built from SD-1.5's configs with random weights; 256 px, batch 1; about 16 GB of
-RAM). Each profile runs in its own process, so its peak resident memory is its own.
+RAM on CPU) and `base` (the real weights of `--base`, e.g. SD-1.5 on a GPU machine; 256 px, batch
+`--base-batch`). Each profile runs in its own process, so its peak resident memory is its own.
+`--device auto` uses CUDA when present (fp32 there too: the figure is the ratio).
 
     .venv/bin/python bench/bench_finetune.py [--profiles tiny sd15] [--rounds 0] [--steps 0]
+    .venv/bin/python bench/bench_finetune.py --profiles base --base runwayml/stable-diffusion-v1-5 --base-batch 8
 """
 
 from __future__ import annotations
@@ -61,16 +68,27 @@ def tiny_components() -> dict:
     return build_tiny_components(TinyBaseConfig(), [f"class{i}" for i in range(10)], in_channels=8)
 
 
+def base_components(base: str) -> dict:
+    """The components of a diffusers text-to-image folder or hub id (real weights), U-Net widened."""
+    from mvc.models import load_pipeline_components, widen_conv_in
+
+    parts = load_pipeline_components(base)
+    parts["unet"] = widen_conv_in(parts["unet"])
+    return parts
+
+
 # rounds x steps timed steps per variant, after `warmup` untimed steps each
 PROFILES = {"tiny": dict(build=tiny_components, resolution=32, batch=50, images=200, warmup=3, rounds=5, steps=4),
-            "sd15": dict(build=sd15_components, resolution=256, batch=1, images=8, warmup=1, rounds=3, steps=1)}
+            "sd15": dict(build=sd15_components, resolution=256, batch=1, images=8, warmup=1, rounds=3, steps=1),
+            "base": dict(build=base_components, resolution=256, batch=1, images=64, warmup=2, rounds=3, steps=3)}
 
 
 #################################################################################
 #                               One profile                                     #
 #################################################################################
 
-def run_profile(profile: str, rounds: int, steps: int) -> dict:
+def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base: str | None = None,
+                base_batch: int = 1) -> dict:
     """Time the three variants of one profile in alternating rounds; returns rows and notes."""
     import torch
 
@@ -87,15 +105,22 @@ def run_profile(profile: str, rounds: int, steps: int) -> dict:
     from mvc.finetune_setup import build_optimizer, freeze, prepare_unet
 
     torch.manual_seed(0)
-    spec = PROFILES[profile]
+    spec = dict(PROFILES[profile])
     rounds, steps = rounds or spec["rounds"], steps or spec["steps"]
-    c = spec["build"]()
+    dev = torch.device(device)
+    if profile == "base":
+        spec["batch"] = base_batch
+        c = spec["build"](base)
+    else:
+        c = spec["build"]()
     unet, vae, te, tok, sched = c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    for m in (unet, vae, te):
+        m.to(dev)
     freeze(vae, te)
     tc = FinetuneConfig(fused_adam=False)  # the default Adam; "ours" switches the fused flag on
     opt = build_optimizer(prepare_unet(unet, tc), tc)
     n, res, bsz = spec["images"], spec["resolution"], spec["batch"]
-    pixels = torch.rand(n, 3, res, res) * 2 - 1  # preprocessed images, as a DataLoader would hand them over
+    pixels = (torch.rand(n, 3, res, res) * 2 - 1).to(dev)  # preprocessed images, as a DataLoader hands them over
     prompts = [f"dark small item {i}, a photo of class type class{i % 10}" for i in range(n)]
     gen = torch.Generator().manual_seed(0)
 
@@ -106,23 +131,24 @@ def run_profile(profile: str, rounds: int, steps: int) -> dict:
             d = vae.encode(pixels[i:i + 64]).latent_dist
             means.append(d.mean[:, None])
             stds.append(d.std[:, None])
-    lat = LatentCache(torch.cat(means), torch.cat(stds), vae.config.scaling_factor)
-    txt = encode_prompts_cache(tok, te, prompts, show_progress=False)
+    lat = LatentCache(torch.cat(means), torch.cat(stds), vae.config.scaling_factor).to(dev)
+    txt = encode_prompts_cache(tok, te, prompts, show_progress=False).to(dev)
     cache_s = time.perf_counter() - t0
     shape = tuple(lat.mean.shape[2:])
     empty = encode_text(tok, te, [""])[0]
 
     def step(variant: str) -> float:
         t = time.perf_counter()
-        cond = torch.randint(0, n, (bsz,), generator=gen)
-        tgt = torch.randint(0, n, (bsz,), generator=gen)
-        rnd = draw_step_noise(bsz, shape, sched.config.num_train_timesteps, False, 0.05, 0.05, 0.05, gen)
+        cond = torch.randint(0, n, (bsz,), generator=gen).to(dev)
+        tgt = torch.randint(0, n, (bsz,), generator=gen).to(dev)
+        rnd = draw_step_noise(bsz, shape, sched.config.num_train_timesteps, False, 0.05, 0.05, 0.05, gen).to(dev)
         if variant == "straight":  # what the diffusers example does per step
             with torch.no_grad():
-                target = vae.encode(pixels[tgt]).latent_dist.sample(gen) * vae.config.scaling_factor
+                post = vae.encode(pixels[tgt]).latent_dist
+                target = (post.mean + post.std * rnd.eps) * vae.config.scaling_factor  # a posterior sample
                 cond_lat = vae.encode(pixels[cond]).latent_dist.mode()
                 emb = encode_text(tok, te, [prompts[int(i)] for i in tgt])
-            kt, ki = conditioning_dropout_masks(bsz, 0.05, 0.05, 0.05, gen)
+            kt, ki = (m.to(dev) for m in conditioning_dropout_masks(bsz, 0.05, 0.05, 0.05, gen))
             emb = torch.where(kt[:, None, None], emb, empty[None])
             b = {"cond_latents": cond_lat * ki[:, None, None, None], "target_latents": target, "text_embeds": emb}
         else:
@@ -133,6 +159,8 @@ def run_profile(profile: str, rounds: int, steps: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     for v in VARIANTS:
@@ -149,6 +177,8 @@ def run_profile(profile: str, rounds: int, steps: int) -> dict:
     rows = [{"profile": profile, "variant": v, "batch": bsz, "resolution": res, "timed_steps": len(times[v]),
              "s_per_step": med[v], "steps_per_s": 1 / med[v], "images_per_s": bsz / med[v],
              "speedup": med["straight"] / med[v]} for v in VARIANTS]
+    for r in rows:
+        r["device"] = dev.type
     return {"rows": rows, "cache_seconds": cache_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6, "threads": torch.get_num_threads()}
 
@@ -163,39 +193,56 @@ def main() -> None:
     p.add_argument("--profiles", nargs="+", default=["tiny", "sd15"], choices=list(PROFILES))
     p.add_argument("--rounds", type=int, default=0, help="alternating rounds (0: the profile's default)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per variant and round (0: the profile's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--base", help="profile `base`: a diffusers text-to-image folder or hub id (e.g. SD-1.5)")
+    p.add_argument("--base-batch", type=int, default=1, help="profile `base`: images per step")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if "base" in args.profiles and not args.base:
+        p.error("profile base needs --base <diffusers folder or hub id>")
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
-        print("RESULT " + json.dumps(run_profile(args.worker, args.rounds, args.steps)))
+        print("RESULT " + json.dumps(run_profile(args.worker, args.rounds, args.steps, args.device, args.base,
+                                                 args.base_batch)))
         return
-    rows, notes = [], []
+    out = ROOT / "bench" / "results" / "finetune.json"
+    # a run of some profiles keeps the other profiles' figures of the last run
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    rows = [r for r in old.get("rows", []) if r["profile"] not in args.profiles]
+    profile_notes = {k: v for k, v in old.get("profile_notes", {}).items() if k not in args.profiles}
     for prof in args.profiles:
+        extra = ["--base", args.base, "--base-batch", str(args.base_batch)] if prof == "base" else []
         r = subprocess.run([sys.executable, __file__, "--worker", prof, "--rounds", str(args.rounds),
-                            "--steps", str(args.steps)], stdout=subprocess.PIPE, text=True)
+                            "--steps", str(args.steps), "--device", args.device, *extra],
+                           stdout=subprocess.PIPE, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode != 0 or not line:
             sys.exit(f"profile {prof} failed (exit {r.returncode})")
         res = json.loads(line[0][7:])
         rows += res["rows"]
-        notes.append(f"{prof}: U-Net {res['unet_params_m']:.1f} M parameters, {res['threads']} threads; one-off cache "
-                     f"of latents and text embeddings {res['cache_seconds']:.2f} s; process peak RSS "
-                     f"{res['peak_rss_mb']:.0f} MB")
+        profile_notes[prof] = (f"{prof}: U-Net {res['unet_params_m']:.1f} M parameters, {res['threads']} threads, "
+                               f"measured {time.strftime('%Y-%m-%d %H:%M')}; one-off cache of latents and text "
+                               f"embeddings {res['cache_seconds']:.2f} s; process peak RSS {res['peak_rss_mb']:.0f} MB")
+    order = list(PROFILES)
+    rows.sort(key=lambda r: (order.index(r["profile"]), VARIANTS.index(r["variant"])))
     print(f"{'profile':8} {'variant':9} {'batch':>5} {'px':>4} {'s/step':>8} {'img/s':>8} {'speed-up':>8}")
     for r in rows:
         print(f"{r['profile']:8} {r['variant']:9} {r['batch']:5d} {r['resolution']:4d} {r['s_per_step']:8.3f} "
               f"{r['images_per_s']:8.2f} {r['speedup']:7.2f}x")
-    for n in notes:
-        print(n)
+    notes = [profile_notes[k] for k in order if k in profile_notes]
+    print("\n".join(notes))
     notes += ["straight = the diffusers instruct_pix2pix example's step (VAE encode x2, text encode, dropout, "
               "U-Net fwd+bwd, default Adam); cached = latents and text embeddings cached once; "
               "ours = cached + fused Adam (mvc's default train step). Median step time over alternating rounds, "
               "fp32, SDPA attention. Target: ours >= 1.25x straight on both profiles.",
-              f"machine: {platform.machine()}, {platform.python_version()}"]
+              f"machine: {platform.machine()}, Python {platform.python_version()}"]
     from mvc.utils import atomic_write_json
 
-    out = ROOT / "bench" / "results" / "finetune.json"
     atomic_write_json(out, {"title": "Fine-tuning: our train step vs the straightforward InstructPix2Pix step",
-                            "rows": rows, "notes": notes})
+                            "rows": rows, "notes": notes, "profile_notes": profile_notes})
     print(f"wrote {out}")
 
 

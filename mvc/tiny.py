@@ -204,6 +204,18 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 #                                Pretraining                                    #
 #################################################################################
 
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float, step: int, what: str) -> None:
+    """One AdamW update at learning rate `lr`, gradients clipped to norm 1; a non-finite loss stops the build."""
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"tiny {what} pretraining diverged at step {step} (loss {loss.item()}); lower tiny.lr")
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def pretrain_vae(vae: Any, images: torch.Tensor, cfg: TinyBaseConfig, device: Any = None,
                  logger: RunLogger | None = None, progress: bool = True) -> float:
     """Train the VAE to reconstruct `images` (MSE + a small KL); returns the last-100-step mean MSE."""
@@ -211,13 +223,12 @@ def pretrain_vae(vae: Any, images: torch.Tensor, cfg: TinyBaseConfig, device: An
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     vae.to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = make_generator(cfg.seed, 1)
     recent: list[float] = []
     bar = tqdm(range(cfg.vae_steps), desc="tiny base: VAE", disable=not progress)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _cosine_lr(step, cfg.vae_steps, warmup=min(50, cfg.vae_steps))
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         x = to_model_range(images[idx]).to(device)  # (B, 3, S, S)
         post = vae.encode(x).latent_dist
@@ -225,12 +236,7 @@ def pretrain_vae(vae: Any, images: torch.Tensor, cfg: TinyBaseConfig, device: An
         mse = F.mse_loss(rec, x)
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element, so the weight is size-free
         loss = mse + cfg.vae_kl_weight * kl
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"tiny VAE pretraining diverged at step {step} (loss {loss.item()}); lower tiny.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _update(opt, loss, params, cfg.lr * _cosine_lr(step, cfg.vae_steps, warmup=min(50, cfg.vae_steps)), step, "VAE")
         recent = (recent + [mse.item()])[-100:]
         if step % 25 == 0 or step == cfg.vae_steps - 1:
             bar.set_postfix(mse=f"{np.mean(recent):.4f}")
@@ -270,8 +276,6 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
     recent: list[float] = []
     bar = tqdm(range(cfg.unet_steps), desc="tiny base: U-Net", disable=not progress)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _cosine_lr(step, cfg.unet_steps, warmup=min(100, cfg.unet_steps))
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
         z0 = latents[idx].to(device)  # (B, C, h, w)
         tok = ids[idx].clone()  # (B, L)
@@ -284,12 +288,8 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
             ehs = text_encoder(tok.to(device))[0]  # (B, L, D)
         pred = unet(zt, t, encoder_hidden_states=ehs).sample
         loss = F.mse_loss(pred, noise)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"tiny U-Net pretraining diverged at step {step} (loss {loss.item()}); lower tiny.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, loss, params, cfg.lr * _cosine_lr(step, cfg.unet_steps, warmup=min(100, cfg.unet_steps)), step,
+                "U-Net")
         recent = (recent + [loss.item()])[-100:]
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             bar.set_postfix(loss=f"{np.mean(recent):.4f}")

@@ -196,6 +196,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--base", help="profile `base`: a diffusers text-to-image folder or hub id (e.g. SD-1.5)")
     p.add_argument("--base-batch", type=int, default=1, help="profile `base`: images per step")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if "base" in args.profiles and not args.base:
@@ -208,7 +209,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_profile(args.worker, args.rounds, args.steps, args.device, args.base,
                                                  args.base_batch)))
         return
-    out = ROOT / "bench" / "results" / "finetune.json"
+    out = Path(args.out)
     # a run of some profiles keeps the other profiles' figures of the last run
     old = json.loads(out.read_text()) if out.is_file() else {}
     rows = [r for r in old.get("rows", []) if r["profile"] not in args.profiles]

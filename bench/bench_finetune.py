@@ -88,7 +88,7 @@ PROFILES = {"tiny": dict(build=tiny_components, resolution=32, batch=50, images=
 #################################################################################
 
 def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base: str | None = None,
-                base_batch: int = 1) -> dict:
+                base_batch: int = 1, base_resolution: int = 256) -> dict:
     """Time the three variants of one profile in alternating rounds; returns rows and notes."""
     import torch
 
@@ -109,7 +109,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     rounds, steps = rounds or spec["rounds"], steps or spec["steps"]
     dev = torch.device(device)
     if profile == "base":
-        spec["batch"] = base_batch
+        spec["batch"], spec["resolution"] = base_batch, base_resolution
         c = spec["build"](base)
     else:
         c = spec["build"]()
@@ -196,6 +196,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--base", help="profile `base`: a diffusers text-to-image folder or hub id (e.g. SD-1.5)")
     p.add_argument("--base-batch", type=int, default=1, help="profile `base`: images per step")
+    p.add_argument("--base-resolution", type=int, default=256, help="profile `base`: image side in pixels")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -207,7 +208,7 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         print("RESULT " + json.dumps(run_profile(args.worker, args.rounds, args.steps, args.device, args.base,
-                                                 args.base_batch)))
+                                                 args.base_batch, args.base_resolution)))
         return
     out = Path(args.out)
     # a run of some profiles keeps the other profiles' figures of the last run
@@ -215,7 +216,8 @@ def main() -> None:
     rows = [r for r in old.get("rows", []) if r["profile"] not in args.profiles]
     profile_notes = {k: v for k, v in old.get("profile_notes", {}).items() if k not in args.profiles}
     for prof in args.profiles:
-        extra = ["--base", args.base, "--base-batch", str(args.base_batch)] if prof == "base" else []
+        extra = (["--base", args.base, "--base-batch", str(args.base_batch), "--base-resolution",
+                  str(args.base_resolution)] if prof == "base" else [])
         r = subprocess.run([sys.executable, __file__, "--worker", prof, "--rounds", str(args.rounds),
                             "--steps", str(args.steps), "--device", args.device, *extra],
                            stdout=subprocess.PIPE, text=True)

@@ -55,10 +55,10 @@ def check_runs(cfg: Config) -> None:
 
 def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> Path:
     """The folder train_classifier.py writes for one (strategy, augment, seed) (named by the classifier's run_name)."""
-    from mvc.classifier.train import run_name
+    from mvc.classifier.train import run_dir_for
 
     run_cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, strategy=strategy, augment=augment))
-    return Path(cfg.run.output_dir) / "classifier" / run_name(run_cfg, seed)
+    return run_dir_for(run_cfg, seed)
 
 
 def run_stage(name: str, fn, times: dict, times_path: Path) -> None:

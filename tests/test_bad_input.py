@@ -256,6 +256,7 @@ CASES = [
      ["needs synthetic images"]),
     ("clf-resume-latest-none", "train_classifier", ["--resume", "latest"], ["no checkpoint"]),
     ("clf-resume-missing-file", "train_classifier", ["--resume", "{nowhere}/c.pt"], ["c.pt"]),
+    ("clf-resume-checked-first", "train_classifier", MISSING_ROOT + ["--resume", "latest"], ["no checkpoint"]),
     # train_classifier.py predict
     ("predict-no-args", "predict", [], ["--checkpoint"]),
     ("predict-missing-checkpoint", "predict", ["--checkpoint", "{nowhere}/c.pt", "--images", "{folder}"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from mvc.classifier.data import Combined, eval_loader, prepared
 from mvc.classifier.metrics import compute_metrics
@@ -37,7 +36,7 @@ def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None)
     Features are computed without augmentation; the run writes metrics.json and a results-CSV row
     like a trained run ('best' = 'last': there are no epochs). No checkpoint is written.
     """
-    from mvc.classifier.train import prepare_data, run_name, write_run_outputs
+    from mvc.classifier.train import prepare_data, run_dir_for, write_run_outputs
 
     c = cfg.classifier
     if c.strategy not in PROBE_STRATEGIES:
@@ -53,9 +52,7 @@ def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None)
     x_te, y_te = extract_features(model, eval_loader(prepared(d["test"], meta), c.batch_size * 2))
     probe = build_probe(c.probe, seed).fit(x_tr.numpy(), y_tr.numpy())
     m = compute_metrics(y_te.numpy(), probe.predict(x_te.numpy()), len(d["classes"]))
-    run_dir = Path(cfg.run.output_dir) / "classifier" / run_name(cfg, seed)
-    if fold is not None:
-        run_dir = run_dir / f"fold{fold}"
+    run_dir = run_dir_for(cfg, seed, fold)
     record = {
         "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
         "strategy": c.strategy, "augment": "none", "seed": int(seed), "fold": fold, "probe": c.probe,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvc.checkpoint import list_checkpoints, resolve_resume, rng_state, save_checkpoint
+from mvc.checkpoint import check_resume, list_checkpoints, resolve_resume, rng_state, save_checkpoint
 from mvc.classifier.data import (
     Combined,
     IndexView,
@@ -136,6 +136,12 @@ def _scalars(m: dict) -> dict:
     return {k: m[k] for k in SCALARS}
 
 
+def run_dir_for(cfg, seed: int, fold: int | None = None) -> Path:
+    """`<output_dir>/classifier/<run name>[/fold<k>]`: where one classifier run writes."""
+    run_dir = Path(cfg.run.output_dir) / "classifier" / run_name(cfg, seed)
+    return run_dir / f"fold{fold}" if fold is not None else run_dir
+
+
 def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = None,
                    resume: str | None = None, stop_after: int | None = None) -> dict | None:
     """Train (or resume) one classifier; write metrics.json, confusion matrices and a results-CSV row.
@@ -144,9 +150,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     """
     c = cfg.classifier
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run_dir = Path(cfg.run.output_dir) / "classifier" / run_name(cfg, seed)
-    if fold is not None:
-        run_dir = run_dir / f"fold{fold}"
+    run_dir = run_dir_for(cfg, seed, fold)
     ckpt_dir = run_dir / "checkpoints"
     t0 = time.time()
 
@@ -313,12 +317,19 @@ def run_all(cfg, accelerator=None, splits=None, resume: str | None = None, stop_
 
     c = cfg.classifier
     check_backbone(c.backbone)
+    folds = list(range(c.kfold)) if c.kfold else [None]
+    if resume == "latest":  # before any data loading: is there anything to resume at all?
+        dirs = [run_dir_for(cfg, seed, fold) / "checkpoints" for seed in c.seeds for fold in folds]
+        if not any(list_checkpoints(d) for d in dirs):
+            raise MVCError(f"--resume latest: no checkpoint for these runs in {Path(cfg.run.output_dir) / 'classifier'}; "
+                           "run without --resume to start fresh")
+    else:
+        check_resume(resume, "")
     accelerator = accelerator or get_accelerator(cfg)
     if splits is None:
         from mvc.data import load_splits
         with accelerator.main_process_first():
             splits = load_splits(cfg.data)
-    folds = list(range(c.kfold)) if c.kfold else [None]
     records = []
     for seed in c.seeds:
         per_fold = []

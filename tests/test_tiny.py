@@ -78,6 +78,23 @@ def test_tokenizer_ids_are_the_same_in_every_process():
     assert len(outs) == 1 and len(outs.pop()) == 64
 
 
+def test_a_build_in_another_process_is_byte_identical(tmp_path):
+    """The tiny base (tokenizer, VAE, U-Net, text encoder) is the same whichever process builds it."""
+    here = get_tiny_base(micro_cfg(tmp_path / "a"), shapes_pool(), progress=False)
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+            "from test_tiny import micro_cfg, shapes_pool; from mvc.tiny import get_tiny_base; "
+            "print(get_tiny_base(micro_cfg(Path(sys.argv[1])), shapes_pool(), progress=False))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b"), str(ROOT / "tests")], capture_output=True,
+                         text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "7"})
+    there = Path(out.stdout.strip().splitlines()[-1])
+    assert there != here and there.name == here.name
+    files = sorted(p.relative_to(here) for p in here.rglob("*") if p.suffix in (".safetensors", ".json", ".txt")
+                   and "logs" not in p.parts and p.name != "tiny_base.json")  # tiny_base.json records build times
+    assert any(f.suffix == ".safetensors" for f in files) and any(f.name == "tokenizer.json" for f in files)
+    for f in files:
+        assert (here / f).read_bytes() == (there / f).read_bytes(), f
+
+
 def test_micro_build_is_a_loadable_sampling_pipeline_and_is_cached(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 

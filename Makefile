@@ -33,6 +33,7 @@ demo: setup data
 	$(PY) run_pipeline.py --config $(CONFIG)
 
 test: setup
+	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest -q tests
 
 bench: setup

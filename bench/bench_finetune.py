@@ -95,7 +95,6 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     from mvc.config import FinetuneConfig
     from mvc.finetune import (
         LatentCache,
-        conditioning_dropout_masks,
         draw_step_noise,
         encode_prompts_cache,
         encode_text,
@@ -148,9 +147,9 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
                 target = (post.mean + post.std * rnd.eps) * vae.config.scaling_factor  # a posterior sample
                 cond_lat = vae.encode(pixels[cond]).latent_dist.mode()
                 emb = encode_text(tok, te, [prompts[int(i)] for i in tgt])
-            kt, ki = (m.to(dev) for m in conditioning_dropout_masks(bsz, 0.05, 0.05, 0.05, gen))
-            emb = torch.where(kt[:, None, None], emb, empty[None])
-            b = {"cond_latents": cond_lat * ki[:, None, None, None], "target_latents": target, "text_embeds": emb}
+            emb = torch.where(rnd.keep_text[:, None, None], emb, empty[None])  # conditioning dropout
+            b = {"cond_latents": cond_lat * rnd.keep_image[:, None, None, None], "target_latents": target,
+                 "text_embeds": emb}
         else:
             b = gather_batch(lat, txt, cond, tgt, tgt, rnd)
         for g in opt.param_groups:
@@ -176,9 +175,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     med = {v: statistics.median(t) for v, t in times.items()}
     rows = [{"profile": profile, "variant": v, "batch": bsz, "resolution": res, "timed_steps": len(times[v]),
              "s_per_step": med[v], "steps_per_s": 1 / med[v], "images_per_s": bsz / med[v],
-             "speedup": med["straight"] / med[v]} for v in VARIANTS]
-    for r in rows:
-        r["device"] = dev.type
+             "speedup": med["straight"] / med[v], "device": dev.type} for v in VARIANTS]
     return {"rows": rows, "cache_seconds": cache_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6, "threads": torch.get_num_threads()}
 

@@ -18,24 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mvc.data.images import IMAGE_EXTENSIONS, load_rgb
 from mvc.utils import MVCError, read_jsonl, safe_name, seed_worker
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 CACHE_LIMIT_BYTES = 1 << 30  # cache pre-processed uint8 images of a set when they fit in 1 GiB
-AUGMENTS = ["none", "standard", "autoaugment", "randaugment", "trivialaugment"]
-
-
-def _open_rgb(path: Path):
-    """Decode an image file as RGB PIL, or raise an MVCError naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise MVCError(f"cannot read image {path} ({type(e).__name__}); delete or replace the file") from None
 
 
 #################################################################################
@@ -97,7 +85,7 @@ class SyntheticImages:
                     raise MVCError(f"{sub}: folder does not match any class of the dataset (expected one of "
                                    f"{', '.join(list(by_folder)[:5])}...); add metadata.jsonl or rename it")
                 for f in sorted(sub.iterdir()):
-                    if f.suffix.lower() in IMAGE_EXTS:
+                    if f.suffix.lower() in IMAGE_EXTENSIONS:
                         self.paths.append(f)
                         targets.append(by_folder[sub.name])
                         self.source_ids.append(None)
@@ -108,7 +96,7 @@ class SyntheticImages:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return _open_rgb(self.paths[i]), int(self.targets[i])
+        return load_rgb(self.paths[i]), int(self.targets[i])
 
 
 def load_synthetic(root: str | os.PathLike, classes: list[str], exclude_sources: set[str] | None = None):

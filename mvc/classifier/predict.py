@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from mvc.checkpoint import list_checkpoints, load_checkpoint
+from mvc.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
 from mvc.utils import MVCError
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 @dataclass
@@ -47,7 +46,7 @@ def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
     model.load_state_dict(ckpt["model"])
     model.eval()
     pre, post = build_pre(meta), build_post(meta, "none")
-    return ClassifierBundle(model, list(ckpt["classes"]), lambda im: post(pre(im.convert("RGB"))),
+    return ClassifierBundle(model, list(ckpt["classes"]), lambda im: post(pre(to_rgb(im))),
                             ckpt["model_meta"], str(path))
 
 
@@ -69,15 +68,14 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise MVCError(f"image folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def predict(checkpoint: str | os.PathLike | ClassifierBundle, images, batch_size: int = 64) -> np.ndarray:
     """Probabilities (N, C) for a folder (rows in `list_images` order), a list of paths, or PIL images."""
-    from mvc.classifier.data import _open_rgb
 
     bundle = checkpoint if isinstance(checkpoint, ClassifierBundle) else load_classifier(checkpoint)
     if isinstance(images, (str, os.PathLike)):
         images = list_images(images)
-    pil = [_open_rgb(Path(im)) if isinstance(im, (str, os.PathLike)) else im for im in images]
+    pil = [load_rgb(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
     return predict_images(bundle, pil, batch_size)

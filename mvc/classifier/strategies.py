@@ -56,10 +56,6 @@ class EpochPlan:
         """How many synthetic images the epoch shows."""
         return int(sum(int((b >= n_real).sum()) for b in self.batches))
 
-    def num_images(self) -> int:
-        """How many images the epoch shows."""
-        return int(sum(len(b) for b in self.batches))
-
 
 #################################################################################
 #                                 Strategies                                    #
@@ -95,9 +91,9 @@ class Strategy:
         """The batches of `epoch` (0-based) for base seed `seed`."""
         raise NotImplementedError
 
-    def _shuffled(self, n: int, epoch: int, seed: int, salt: str, offset: int = 0) -> list[np.ndarray]:
-        """A seeded permutation of `offset..offset+n-1` cut into batches."""
-        order = epoch_rng(seed, epoch, salt).permutation(n).astype(np.int64) + offset
+    def _shuffled(self, n: int, epoch: int, seed: int, salt: str) -> list[np.ndarray]:
+        """A seeded permutation of `0..n-1` cut into batches."""
+        order = epoch_rng(seed, epoch, salt).permutation(n).astype(np.int64)
         return chunk(order, self.batch_size)
 
 

@@ -190,6 +190,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
 
     # 2. Trainable weights, optimizer, schedule, EMA, data order.
     params = prepare_unet(unet, tc)
+    unet.to(acc.device)  # before the EMA copies its weights, so they live on the same device
     optimizer = build_optimizer(params, tc)
     lr_sched = build_lr_scheduler(optimizer, tc)
     ema = EMA(params, tc.ema_decay) if tc.use_ema else None

@@ -308,6 +308,16 @@ def test_resume_equals_not_stopping(tmp_path, accelerator):
         assert torch.equal(ca["model"][k], cb["model"][k]), k
 
 
+def test_resume_latest_over_seeds_resumes_the_stopped_run_and_starts_the_others(tmp_path, accelerator):
+    from mvc.classifier.train import run_all
+
+    splits = make_splits(n_train=6, n_test=6)
+    cfg = tiny_cfg(tmp_path, epochs=2, checkpoint_every=1, seeds=[0, 1])
+    assert run_all(cfg, accelerator, splits, stop_after=1) == []  # stopped inside seed 0; seed 1 never started
+    records = run_all(cfg, accelerator, splits, resume="latest")
+    assert [r["seed"] for r in records] == [0, 1] and all(len(r["history"]) == 2 for r in records)
+
+
 def test_probe_and_kfold(tmp_path, accelerator):
     from mvc.classifier.train import run_all
 

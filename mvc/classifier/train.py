@@ -337,8 +337,10 @@ def run_all(cfg, accelerator=None, splits=None, resume: str | None = None, stop_
             if c.probe != "none":
                 from mvc.classifier.probe import run_probe
                 rec = run_probe(cfg, seed, accelerator, splits, fold)
-            else:
-                rec = run_classifier(cfg, seed, accelerator, splits, fold, resume, stop_after)
+            else:  # 'latest' resumes the runs that have a checkpoint; the others start fresh
+                has_ckpt = bool(list_checkpoints(run_dir_for(cfg, seed, fold) / "checkpoints"))
+                rec = run_classifier(cfg, seed, accelerator, splits, fold,
+                                     None if resume == "latest" and not has_ckpt else resume, stop_after)
             if rec is None:
                 return records
             per_fold.append(rec)

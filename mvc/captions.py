@@ -101,6 +101,14 @@ def caption_cache_path(output_dir: str | os.PathLike, captioner: Captioner | str
     return Path(output_dir) / "captions" / f"{safe_name(key)}-{dataset.fingerprint()}.jsonl"
 
 
+def load_captions(cfg: Any, dataset: Any, progress: bool = True) -> dict[str, str]:
+    """Captions of `dataset` by the configured captioner, from the shared cache under
+    `<run.output_dir>/captions/` (captioning only what is missing). Every stage calls this."""
+    captioner = build_captioner(cfg.captions)
+    path = caption_cache_path(cfg.run.output_dir, captioner, dataset)
+    return caption_dataset(dataset, captioner, path, cfg.captions.batch_size, progress=progress)
+
+
 def _append_records(path: Path, records: list[dict]) -> None:
     """Append a batch of JSON lines and flush them to disk (one fsync per batch, not per line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -396,10 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser("Caption the labelled subset of a dataset into <run.output_dir>/captions/.")
     cfg, _ = parse_args(parser, argv)
     labelled, _, _ = load_splits(cfg.data)
-    captioner = build_captioner(cfg.captions)
-    path = caption_cache_path(cfg.run.output_dir, captioner, labelled)
-    caps = caption_dataset(labelled, captioner, path, batch_size=cfg.captions.batch_size)
-    print(f"{len(caps)} captions in {path}")
+    caps = load_captions(cfg, labelled)
+    print(f"{len(caps)} captions in {Path(cfg.run.output_dir) / 'captions'}")
 
 
 if __name__ == "__main__":

@@ -263,7 +263,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
             logger.scalars(step, {"loss": step_loss, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
                                   "images_per_s": ips}, prefix="train/")
         if main and (step % tc.validate_every == 0 or step == tc.max_steps):
-            grid = validation_grid(components | {"unet": bare}, bare, dataset, pairs, prompts, tc, seed)
+            grid = validation_grid(components, bare, dataset, pairs, prompts, tc, seed)
             logger.image("validation", grid, step, path=out_dir / "validation" / f"step-{step:06d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             if main:
@@ -306,7 +306,7 @@ def _pairs_for(cfg, labelled, path: Path, main: bool):
 
 def main(cfg, resume: str | None = None) -> dict:
     """train_mvc: splits -> pairs -> captions -> prompts -> base components -> widen conv_in -> train -> final."""
-    from mvc.captions import build_captioner, caption_cache_path, caption_dataset, make_prompt, validate_template
+    from mvc.captions import load_captions, make_prompt, validate_template
     from mvc.data import load_splits
     from mvc.models import load_base_components, widen_conv_in
 
@@ -321,9 +321,7 @@ def main(cfg, resume: str | None = None) -> dict:
     with acc.main_process_first():
         labelled, pool, _test = load_splits(cfg.data)
         pairs = _pairs_for(cfg, labelled, out / "pairs.npz", acc.is_main_process)
-        captioner = build_captioner(cfg.captions)
-        captions = caption_dataset(labelled, captioner, caption_cache_path(out, captioner, labelled),
-                                   cfg.captions.batch_size)
+        captions = load_captions(cfg, labelled)
         components = load_base_components(cfg.model, cfg.tiny, pool=pool, output_dir=out)
     prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])
                for i, t in zip(labelled.ids, labelled.targets)]

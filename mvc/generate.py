@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mvc.captions import validate_template
+from mvc.captions import load_captions, validate_template
 from mvc.mixing import apply_mixing, caption_token_span, mixing_params, op_needs_donor, op_params, op_stages, parse_op
 from mvc.utils import (
     MVCError,
@@ -350,15 +350,6 @@ def _dumps(rec: dict) -> str:
 #                                  Generation                                   #
 #################################################################################
 
-def load_captions(cfg: Any, labelled: Any, progress: bool = True) -> dict[str, str]:
-    """Captions of the labelled subset from the shared cache (captioning what is missing)."""
-    from mvc.captions import build_captioner, caption_cache_path, caption_dataset
-
-    captioner = build_captioner(cfg.captions)
-    path = caption_cache_path(cfg.run.output_dir, captioner, labelled)
-    return caption_dataset(labelled, captioner, path, cfg.captions.batch_size, progress=progress)
-
-
 def build_filter(checkpoint: str, classes: Sequence[str]) -> Callable[[list], np.ndarray]:
     """A predictor `images -> probs (N, C)` from a real-data classifier checkpoint (mvc.classifier)."""
     from mvc.classifier import load_classifier, predict_images
@@ -457,6 +448,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
 
     # 2. this process's share
     t0, made, rejected, clamped = time.perf_counter(), 0, 0, 0
+    t_render = t0  # after loading: the img/s figure counts sampling only
     if todo:
         if captions is None:
             captions = load_captions(cfg, labelled, progress=False)
@@ -470,6 +462,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
         res = int(g.resolution or model_resolution(pipe))
         neg = encode_prompts(pipe, [""])  # (1, T, D), the pipeline's unconditional text
         meta_part, rej_part = out / f"metadata.rank{rank}.jsonl", out / f"rejected.rank{rank}.jsonl"
+        t_render = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"generate (rank {rank})" if world > 1 else "generate", unit="img",
                    disable=not progress)
         for label, cjobs in groupby(todo, key=lambda j: j.label):
@@ -509,7 +502,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
                         rejected += 1
                 bar.update(len(batch))
         bar.close()
-    seconds = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    seconds, render_s = t_end - t0, t_end - t_render
     if clamped:
         log.warning("%d variants had a caption window shorter than mixing.coarse_k/fine_m; k/m were lowered "
                     "to the window size (recorded in op_params)", clamped)
@@ -517,7 +511,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     # 3. the main process merges every rank's lines, then writes grids and a summary
     barrier()
     summary = {"rank": rank, "world": world, "planned": len(jobs), "made": made, "rejected_now": rejected,
-               "seconds": round(seconds, 3), "images_per_s": round((made + rejected) / seconds, 4) if seconds > 0 else None}
+               "seconds": round(seconds, 3), "load_seconds": round(seconds - render_s, 3),
+               "images_per_s": round((made + rejected) / render_s, 4) if render_s > 0 else None}
     if main:
         counts = reconcile(out, jobs)
         summary.update(images=counts["images"], rejected=counts["rejected"])

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if min(args.k + args.s + [args.classes, args.sources, args.variants]) < 1:
         raise MVCError("--k, --s, --classes, --sources and --variants must be >= 1")
 
+    from mvc.captions import load_captions
     from mvc.data import load_splits
     from mvc.generate import (
         Job,
@@ -103,7 +104,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _window_cfg,
         encode_conditions,
         encode_prompts,
-        load_captions,
         load_pipeline,
         mix_batch,
         model_resolution,

@@ -134,7 +134,6 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     txt = encode_prompts_cache(tok, te, prompts, show_progress=False).to(dev)
     cache_s = time.perf_counter() - t0
     shape = tuple(lat.mean.shape[2:])
-    empty = encode_text(tok, te, [""])[0]
 
     def step(variant: str) -> float:
         t = time.perf_counter()
@@ -147,7 +146,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
                 target = (post.mean + post.std * rnd.eps) * vae.config.scaling_factor  # a posterior sample
                 cond_lat = vae.encode(pixels[cond]).latent_dist.mode()
                 emb = encode_text(tok, te, [prompts[int(i)] for i in tgt])
-            emb = torch.where(rnd.keep_text[:, None, None], emb, empty[None])  # conditioning dropout
+            emb = torch.where(rnd.keep_text[:, None, None], emb, txt.empty[None])  # conditioning dropout
             b = {"cond_latents": cond_lat * rnd.keep_image[:, None, None, None], "target_latents": target,
                  "text_embeds": emb}
         else:

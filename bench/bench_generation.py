@@ -38,8 +38,7 @@ PROFILES = {"tiny": dict(images=16, sources=2, batch_size=16, steps=20, resoluti
 
 def build_pipe(profile: str):
     """A random IP2P pipeline of the profile's shape (random weights are fine for throughput)."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
-
+    from mvc.finetune_setup import ip2p_pipeline
     from mvc.models import build_sd15_shape, widen_conv_in
     from mvc.tiny import build_tiny_components
 
@@ -49,11 +48,7 @@ def build_pipe(profile: str):
     else:
         comps = build_sd15_shape()
         comps["unet"] = widen_conv_in(comps["unet"])
-    pipe = StableDiffusionInstructPix2PixPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                                  requires_safety_checker=False)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return ip2p_pipeline(comps, comps["unet"])  # as train_mvc.py saves it: Euler ancestral, no safety checker
 
 
 def run_profile(profile: str) -> dict:

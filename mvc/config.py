@@ -56,6 +56,11 @@ def _mixing_ops() -> list[str]:
     return list_mixing_ops()
 
 
+def _schedulers() -> list[str]:
+    from mvc.generate import SCHEDULERS
+    return list(SCHEDULERS)
+
+
 @dataclass
 class RunConfig:
     """Where outputs go and the base seed."""
@@ -198,7 +203,7 @@ class GenerateConfig:
     num_inference_steps: int = opt(20, "Sampling steps.", min=1)
     guidance_scale: float = opt(3.0, "Text guidance.", min=0, min_exclusive=True)
     image_guidance_scale: float = opt(1.5, "Image guidance.", min=0, min_exclusive=True)
-    scheduler: str = opt("euler_ancestral", "Sampler.", choices=["euler_ancestral", "euler", "ddim", "dpmpp"])
+    scheduler: str = opt("euler_ancestral", "Sampler.", choices=_schedulers)
     multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0)
     per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
     batch_size: int = opt(16, "Variants per U-Net batch.", min=1)

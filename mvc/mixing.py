@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mvc.captions import make_prompt
 from mvc.registry import Registry
 from mvc.utils import MVCError
 
@@ -65,9 +66,7 @@ def caption_token_span(tokenizer, prompt_template: str, caption: str, label: str
     it), then mapped to tokens with the tokenizer's offsets. A caption cut off by the tokenizer's
     max length gives the part that survives; an empty one gives an empty span (start == end).
     """
-    if "{caption}" not in prompt_template:
-        raise MVCError(f"prompt template {prompt_template!r} has no {{caption}} placeholder")
-    prompt = _format_prompt(prompt_template, caption, label)
+    prompt = make_prompt(prompt_template, caption, label)  # refuses a template without {caption}
     c0 = _locate_caption(prompt_template, prompt, caption, label)
     c1 = c0 + len(caption)
     max_len = int(tokenizer.model_max_length)
@@ -87,15 +86,6 @@ def caption_token_span(tokenizer, prompt_template: str, caption: str, label: str
     start = 1 + len(ids(prompt[:c0].strip())) if prompt[:c0].strip() else 1
     end = min(start + len(ids(caption)), max_len - 1)
     return (min(start, end), end)
-
-
-def _format_prompt(template: str, caption: str, label: str) -> str:
-    """The prompt the pipeline sees: `mvc.captions.make_prompt` when available (one definition)."""
-    try:
-        from mvc.captions import make_prompt
-    except ImportError:  # captions module not there yet: the plain format is the contract
-        return template.format(caption=caption, label=label)
-    return make_prompt(template, caption, label)
 
 
 def _locate_caption(template: str, prompt: str, caption: str, label: str) -> int:

@@ -8,7 +8,6 @@ its own diffusers / transformers class from its sub-folder, as safetensors.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from typing import Any
 import torch
 
 from mvc.utils import MVCError
-
-log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -282,16 +282,6 @@ def prepare_out_dir(out: Path, settings: dict) -> dict:
     return settings
 
 
-def read_settings(out: Path) -> dict:
-    """The settings recorded in `out/generation.json`."""
-    import json
-
-    path = out / SETTINGS_FILE
-    if not path.is_file():
-        raise MVCError(f"{path} is missing: the main process must prepare the output folder first")
-    return json.loads(path.read_text())["settings"]
-
-
 def _merge_lines(out: Path, stem: str) -> list[dict]:
     """Lines of `<stem>.jsonl` then of every `<stem>.rank*.jsonl` (a crash may leave any of them)."""
     lines = read_jsonl(out / f"{stem}.jsonl")
@@ -433,15 +423,16 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
 
     # 1. the main process records/checks the settings and reconciles files and metadata
     settings = generation_settings(cfg, model_dir, labelled)
-    if main or not (out / SETTINGS_FILE).is_file():  # a non-main rank writes only when run on its own
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_out_dir(out, settings)
     if main:
+        out.mkdir(parents=True, exist_ok=True)
+        settings = prepare_out_dir(out, settings)
         reconcile(out, jobs)
         if captions is None:  # caption first on the main process; the others then read its cache
             captions = load_captions(cfg, labelled, progress)
     barrier()
-    settings = prepare_out_dir(out, settings) if not main else read_settings(out)
+    if not main:  # checks what the main process recorded (records it only when this rank runs on its own)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = prepare_out_dir(out, settings)
     seed = int(settings["seed"])
     done = {r["file"] for r in read_jsonl(out / METADATA)} | {r["file"] for r in read_jsonl(out / REJECTED)}
     todo = [j for j in shard_jobs(jobs, rank, world) if j.file not in done]

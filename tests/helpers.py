@@ -6,6 +6,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -45,3 +46,32 @@ def micro_argv(data_root: Path, out: Path, cache: Path, *extra: str) -> list[str
     """CLI arguments of the micro profile on the fixture data, writing to `out`."""
     return ["--config", str(MICRO), f"--data.root={data_root}", f"--run.output_dir={out}",
             f"--tiny.cache_dir={cache}", *extra]
+
+
+def unet_weights(final_dir: Path) -> dict[str, torch.Tensor]:
+    """Tensors of the saved U-Net (safetensors) of a fine-tuned pipeline folder."""
+    from safetensors.torch import load_file
+
+    files = sorted((Path(final_dir) / "unet").glob("*.safetensors"))
+    assert files, f"no safetensors U-Net in {final_dir}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def write_random_ip2p(path: Path, tiny_cfg, words=()) -> Path:
+    """A random InstructPix2Pix folder of the tiny shape `tiny_cfg`, saved the way train_mvc.py saves one."""
+    from mvc.finetune_setup import ip2p_pipeline
+    from mvc.tiny import build_tiny_components
+
+    torch.manual_seed(0)
+    comps = build_tiny_components(tiny_cfg, list(words), in_channels=8)
+    ip2p_pipeline(comps, comps["unet"]).save_pretrained(path)
+    return path

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +23,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from helpers import MICRO, write_fashion_idx  # noqa: E402
+from helpers import MICRO, micro_argv, write_fashion_idx, write_random_ip2p  # noqa: E402
 
 import generate_mvc  # noqa: E402
 import run_pipeline  # noqa: E402
@@ -77,11 +76,9 @@ def _imagefolder(root: Path, train: dict[str, int], test: dict[str, int] | None 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, one_thread):
     """Data roots (good, and each kind of bad), an IP2P model folder, a classifier checkpoint."""
     base = tmp_path_factory.mktemp("bad_input")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # micro models; a second thread only spin-waits on a busy machine
     good = write_fashion_idx(base / "fmnist")
     single = _imagefolder(base / "single", {"a": 3, "b": 1})
     empty = _imagefolder(base / "empty", {"a": 0, "b": 0})
@@ -105,25 +102,17 @@ def env(tmp_path_factory):
     not_ckpt.write_text("hello")
 
     # a random InstructPix2Pix folder shaped like the micro base (what train_mvc.py writes)
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
     from mvc.config import load_yaml, make_config
-    from mvc.tiny import build_tiny_components
 
-    torch.manual_seed(0)
-    comps = build_tiny_components(make_config(load_yaml(MICRO)).tiny, in_channels=8)
-    model = base / "model"
-    StableDiffusionInstructPix2PixPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False).save_pretrained(model)
+    model = write_random_ip2p(base / "model", make_config(load_yaml(MICRO)).tiny)
     # a classifier checkpoint, made by train_classifier.py itself (one micro epoch)
     clf_out = base / "clf"
-    run_cli(train_classifier.main, ["--config", str(MICRO), f"--data.root={good}", f"--run.output_dir={clf_out}",
-                                    "--classifier.epochs=1", "--strategy", "real"])
+    run_cli(train_classifier.main, micro_argv(good, clf_out, clf_out / "cache", "--classifier.epochs=1",
+                                              "--strategy", "real"))
     ckpt = next((clf_out / "classifier").glob("real-*/checkpoints/checkpoint-*.pt"))
     yield SimpleNamespace(base=base, good=good, single=single, empty=empty, zero=zero, trunc=trunc, folder=folder,
                           zero_img=zero_img, cut_img=cut_img, not_ckpt=not_ckpt, model=model, ckpt=ckpt,
                           nowhere=base / "does_not_exist")
-    torch.set_num_threads(before)
 
 
 def _fill(env, arg: str) -> str:
@@ -138,8 +127,7 @@ def _argv(env, out: Path, script: str, args: list[str]) -> list[str]:
     args = [_fill(env, a) for a in args]
     if script == "predict":  # its own flags only
         return args
-    return ["--config", str(MICRO), f"--data.root={env.good}", f"--run.output_dir={out}",
-            f"--tiny.cache_dir={out / 'cache'}"] + args
+    return micro_argv(env.good, out, out / "cache", *args)
 
 
 def _run(script: str, argv: list[str], capsys) -> tuple[int, str]:

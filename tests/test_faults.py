@@ -24,13 +24,12 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from helpers import micro_argv, write_fashion_idx  # noqa: E402
+from helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx  # noqa: E402
 
 import generate_mvc  # noqa: E402
 import train_mvc  # noqa: E402
@@ -46,27 +45,9 @@ PER_CLASS = 4  # synthetic images per class in the killed generation (10 classes
 #                         Fixture data and helpers                             #
 #################################################################################
 
-def unet_weights(final_dir: Path) -> dict[str, torch.Tensor]:
-    """Tensors of the saved U-Net (safetensors) of a fine-tuned pipeline folder."""
-    from safetensors.torch import load_file
-
-    files = sorted((final_dir / "unet").glob("*.safetensors"))
-    assert files, f"no safetensors U-Net in {final_dir}"
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
-
-
-def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest absolute difference between two state dicts with the same keys."""
-    assert set(a) == set(b)
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 def spawn(script: str, argv: list[str], log: Path) -> subprocess.Popen:
     """Start a user-facing script as a real process (output to `log`, so no pipe can fill up)."""
-    # one thread, as in the test process (see `one_thread`): equal results, and no spin-waiting on a busy machine
+    # one thread, as in the test process (conftest's `one_thread`): equal results, and no spin-waiting on a busy machine
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=env,
@@ -88,19 +69,6 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, time
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run this module's in-process work on one torch thread, like its subprocesses (restored after).
-
-    Micro models gain nothing from a second thread, and on a loaded 2-core machine the OpenMP
-    spin-waits of a second thread make each U-Net call ~10x slower.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

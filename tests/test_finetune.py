@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
     sys.path.insert(0, str(ROOT))
 
+from helpers import max_weight_diff, unet_weights  # noqa: E402
+
 from mvc.config import TinyBaseConfig, make_config  # noqa: E402
 from mvc.finetune import (  # noqa: E402
     conditioning_dropout_masks,
@@ -109,18 +111,6 @@ def run_finetune(out_dir, components, resume=None, **train):
     res = finetune(toy_config(out_dir, **train), comps, ds, toy_pairs(), toy_prompts(ds), Path(out_dir) / "mvc",
                    resume=resume)
     return res, comps
-
-
-def unet_weights(final_dir):
-    """The saved U-Net's tensors (safetensors)."""
-    from safetensors.torch import load_file
-
-    files = list((Path(final_dir) / "unet").glob("*.safetensors"))
-    assert files, "the final U-Net must be saved as safetensors"
-    out = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +220,7 @@ def test_resume_equals_uninterrupted(tmp_path, components, straight_run):
     second, _ = run_finetune(tmp_path, components, resume="latest", checkpoint_every=3)
     assert np.allclose(first["losses"] + second["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
     a, b = unet_weights(ref_dir / "mvc" / "final"), unet_weights(tmp_path / "mvc" / "final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max_weight_diff(a, b) < 1e-6
 
 
 def test_resume_with_ema_and_grad_accum(tmp_path, components):
@@ -240,7 +230,7 @@ def test_resume_with_ema_and_grad_accum(tmp_path, components):
                           grad_accum=2)
     assert np.allclose(res["losses"], ref["losses"][2:], rtol=1e-5, atol=1e-6)
     a, b = unet_weights(tmp_path / "a/mvc/final"), unet_weights(tmp_path / "b/mvc/final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max_weight_diff(a, b) < 1e-6
 
 
 def test_final_folder_loads_with_plain_diffusers_and_generates(straight_run, components):

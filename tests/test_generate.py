@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_random_ip2p
 from PIL import Image
 
 import mvc.generate as gen
@@ -25,17 +26,7 @@ CAPTIONS = {"train/0": "dark small round", "train/1": "bright large", "train/2":
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random tiny IP2P pipeline saved as a folder, as train_mvc.py writes it."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
-    from mvc.tiny import build_tiny_components
-
-    torch.manual_seed(0)
-    comps = build_tiny_components(TinyBaseConfig(**TINY), ["trouser"], in_channels=8)
-    pipe = StableDiffusionInstructPix2PixPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                                  requires_safety_checker=False)
-    path = tmp_path_factory.mktemp("model") / "final"
-    pipe.save_pretrained(path)
-    return path
+    return write_random_ip2p(tmp_path_factory.mktemp("model") / "final", TinyBaseConfig(**TINY), ["trouser"])
 
 
 @pytest.fixture(scope="module")

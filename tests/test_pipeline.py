@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +23,14 @@ RUNS = ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, one_thread):
     """One micro run of the whole pipeline with all five baselines (one thread: micro models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("pipeline")
     data = write_fashion_idx(base / "data")
     out = base / "out"
     argv = micro_argv(data, out, base / "cache", f"--pipeline.runs={json.dumps(RUNS)}", "--pipeline.seeds=[0, 1]")
     report = run_pipeline.main(argv)
-    yield out, report, argv
-    torch.set_num_threads(before)
+    return out, report, argv
 
 
 def test_every_artefact_is_written(pipeline_run):

@@ -311,28 +311,8 @@ def test_fused_adam_is_the_default_and_takes_the_same_steps_as_torchs_default_ad
 #                          Distributed and command line                         #
 #################################################################################
 
-def save_components(comps, folder) -> None:
-    """Write components to disk, so another process uses exactly these (the tiny tokenizer's BPE
-    training is not reproducible across processes)."""
-    for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        comps[k].save_pretrained(Path(folder) / k)
-
-
-def load_components(folder) -> dict:
-    """Read what `save_components` wrote."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    f = Path(folder)
-    return {"unet": UNet2DConditionModel.from_pretrained(f / "unet"), "vae": AutoencoderKL.from_pretrained(f / "vae"),
-            "text_encoder": CLIPTextModel.from_pretrained(f / "text_encoder"),
-            "tokenizer": CLIPTokenizer.from_pretrained(f / "tokenizer"),
-            "scheduler": DDPMScheduler.from_pretrained(f / "scheduler")}
-
-
-def test_torchrun_two_processes_equal_one(tmp_path, straight_run, components):
+def test_torchrun_two_processes_equal_one(tmp_path, straight_run):
     ref_dir, ref = straight_run
-    save_components(components, tmp_path / "base")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     import socket
 
@@ -359,8 +339,9 @@ def test_train_mvc_help_exits_zero():
 
 
 def _worker(out_dir: str) -> None:
-    """torchrun worker: the straight run's config in 2 processes; rank 0 writes the losses."""
-    res, _ = run_finetune(out_dir, load_components(Path(out_dir) / "base"))
+    """torchrun worker: the straight run's config and components (seeded; the tiny tokenizer is
+    deterministic) in 2 processes; rank 0 writes the losses."""
+    res, _ = run_finetune(out_dir, build_components())
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(out_dir) / "losses.json").write_text(json.dumps(res["losses"]))
 

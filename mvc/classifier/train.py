@@ -219,6 +219,8 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
             stats["test_accuracy"] = signal
         if evaluate_now and (best is None or signal > best["signal"]):
             m = last if last is not None else test_metrics()
+            if epoch + 1 == c.epochs:
+                last = m  # the final epoch's test metrics: not evaluated a second time below
             best = {"epoch": epoch + 1, "signal": float(signal), **m}
         history.append({"epoch": epoch + 1, **{k: (v if isinstance(v, (str, int)) else float(v)) for k, v in stats.items()}})
         logger.scalars(epoch + 1, {k: v for k, v in stats.items() if not isinstance(v, str)}, prefix="train/")

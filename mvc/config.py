@@ -285,6 +285,16 @@ class Config:
 
     def __post_init__(self):
         validate(self)
+        check_combinations(self)
+
+
+def check_combinations(cfg: Config) -> None:
+    """Rules that span several keys (`validate` checks each key on its own)."""
+    t = cfg.train  # the three conditioning-dropout cases are disjoint: together at most certain
+    p = t.drop_text_prob + t.drop_image_prob + t.drop_both_prob
+    if p > 1.0 + 1e-9:
+        raise MVCError(f"config keys train.drop_text_prob + train.drop_image_prob + train.drop_both_prob "
+                       f"sum to {p:.3f} > 1")
 
 
 # The sections each script reads (the others are carried along so one YAML serves all stages).
@@ -438,6 +448,7 @@ def make_config(tree: dict | None = None, overrides: dict[str, Any] | None = Non
         _set_key(merged, key, value)
     cfg = _build(Config, merged)
     validate(cfg)
+    check_combinations(cfg)
     return cfg
 
 

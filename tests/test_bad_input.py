@@ -169,6 +169,8 @@ CONFIG_CASES = [
     ("guidance-zero", ["--generate.guidance_scale=0"], ["generate.guidance_scale", "> 0"]),
     ("image-guidance-negative", ["--generate.image_guidance_scale=-1"], ["generate.image_guidance_scale"]),
     ("negative-k", ["--mixing.coarse_k=0"], ["mixing.coarse_k", ">= 1"]),
+    ("dropout-sum", ["--train.drop_text_prob=0.5", "--train.drop_image_prob=0.4", "--train.drop_both_prob=0.2"],
+     ["train.drop_both_prob", "1.100 > 1"]),
 ]
 
 

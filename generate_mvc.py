@@ -4,37 +4,44 @@
     python generate_mvc.py --config configs/tiny.yaml --mixing.coarse_stage=embeds   # paper-literal coarse op
     accelerate launch --num_processes 2 generate_mvc.py --config configs/tiny.yaml   # sharded
 
-Writes <run.output_dir>/synthetic/<class>/<source>_v<variant>.png + metadata.jsonl (ImageFolder),
-and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/. Rerunning resumes: only
-missing images are made. Coarse mixing edits the prompt's token ids before the text encoder by
-default (mixing.coarse_stage=tokens); see docs/architecture.md, "Coarse mixing".
+Writes <run.output_dir>/synthetic/<NNN>_<class>/<source>_v<variant>.png + metadata.jsonl (an ImageFolder
+whose class indices are the dataset's), and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/.
+Rerunning resumes: only missing images are made. Images are sampled at the resolution the model was
+fine-tuned at (generate.resolution overrides it). Coarse mixing edits the prompt's token ids before the
+text encoder by default (mixing.coarse_stage=tokens); see docs/architecture.md, "Coarse mixing".
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mvc.config import build_parser, parse_args, save_config
+from mvc.config import Config, build_parser, parse_args
 from mvc.utils import run_cli
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse the config, then generate this process's share of the synthetic set."""
-    cfg, _ = parse_args(build_parser(__doc__.strip().splitlines()[0]), argv)
-    from accelerate import Accelerator
-
+def main(cfg: Config) -> dict:
+    """Start the stage and generate this process's share of the synthetic set."""
     from mvc.generate import generate_synthetic
+    from mvc.stage import start_stage
 
-    acc = Accelerator()
-    if acc.is_main_process:
-        save_config(cfg, Path(cfg.run.output_dir) / "config-generate_mvc.yaml")
+    stage = start_stage(cfg, "generate_mvc")
+    acc = stage.accelerator
     summary = generate_synthetic(cfg, rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                  device=acc.device, progress=acc.is_local_main_process)
     if acc.is_main_process:
-        print(f"synthetic set: {summary.get('images')} images ({summary.get('rejected')} rejected by the filter), "
-              f"{summary['made']} made now at {summary['images_per_s']} img/s on rank 0")
+        print(f"synthetic set: {summary.get('images')} images ({summary.get('rejected')} rejected by the filter) "
+              f"at {summary['resolution']} px, {summary['made']} made now at {summary['images_per_s']} img/s on rank 0")
     return summary
 
 
+def cli(argv: list[str] | None = None) -> dict:
+    """Parse the config, then run the stage."""
+    cfg, _ = parse_args(build_parser(__doc__.strip().splitlines()[0]), argv)
+    return main(cfg)
+
+
+def console() -> None:
+    """Entry point of the `mvc-generate` command."""
+    run_cli(cli)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    console()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import train_classifier
 import train_mvc
 from mvc.checkpoint import list_checkpoints
 from mvc.config import Config, build_parser, parse_args, save_config
-from mvc.utils import MVCError, atomic_path, atomic_write_json, atomic_write_text, read_jsonl, run_cli
+from mvc.paths import RunPaths
+from mvc.utils import MVCError, atomic_path, atomic_write_json, atomic_write_text, run_cli
 
 README_BEGIN = "<!-- results:begin (written by run_pipeline.py --update-readme) -->"
 README_END = "<!-- results:end -->"
@@ -42,10 +42,10 @@ def split_run(run: str, default_augment: str | None = None) -> tuple[str, str | 
 
 def check_runs(cfg: Config) -> None:
     """Refuse an unknown strategy or augmentation in pipeline.runs before the first stage, not after it."""
+    from mvc.classifier.augment import AUGMENTATIONS
     from mvc.classifier.strategies import list_strategies
-    from mvc.config import ClassifierConfig
 
-    augments = ClassifierConfig.__dataclass_fields__["augment"].metadata["choices"]
+    augments = AUGMENTATIONS.names()
     for run in cfg.pipeline.runs:
         strategy, augment = split_run(run)
         if strategy not in list_strategies() or (augment is not None and augment not in augments):
@@ -53,12 +53,17 @@ def check_runs(cfg: Config) -> None:
                            f"from {', '.join(list_strategies())} and an augmentation from {', '.join(augments)}")
 
 
+def run_config(cfg: Config, strategy: str, augment: str, seed: int) -> Config:
+    """The config of one classifier run of the pipeline: its strategy, augmentation and seed."""
+    return dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, strategy=strategy, augment=augment,
+                                                                   seeds=[seed]))
+
+
 def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> Path:
     """The folder train_classifier.py writes for one (strategy, augment, seed) (named by the classifier's run_name)."""
-    from mvc.classifier.train import run_dir_for
+    from mvc.classifier.outputs import run_dir_for
 
-    run_cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, strategy=strategy, augment=augment))
-    return run_dir_for(run_cfg, seed)
+    return run_dir_for(run_config(cfg, strategy, augment, seed), seed)
 
 
 def run_stage(name: str, fn, times: dict, times_path: Path) -> None:
@@ -70,24 +75,21 @@ def run_stage(name: str, fn, times: dict, times_path: Path) -> None:
     atomic_write_json(times_path, times)
 
 
-def stage_finetune(cfg: Config, cfg_path: Path) -> None:
-    """train_mvc.py, resumed from its latest checkpoint when one exists; skipped when done."""
-    out = Path(cfg.run.output_dir) / "mvc"
-    if (out / "final" / "model_index.json").is_file():
+def stage_finetune(cfg: Config) -> None:
+    """train_mvc, resumed from its latest checkpoint when one exists; skipped when done."""
+    paths = RunPaths.of(cfg)
+    if (paths.mvc / "final" / "model_index.json").is_file():
         print("fine-tuned pipeline found: skipping")
         return
-    argv = ["--config", str(cfg_path)]
-    if list_checkpoints(out / "checkpoints"):
-        argv += ["--resume", "latest"]
-    train_mvc.main(argv)
+    train_mvc.main(copy_config(cfg), resume="latest" if list_checkpoints(paths.checkpoints) else None)
 
 
-def stage_generate(cfg: Config, cfg_path: Path) -> None:
-    """generate_mvc.py (idempotent: it only makes the missing images)."""
-    generate_mvc.main(["--config", str(cfg_path)])
+def stage_generate(cfg: Config) -> None:
+    """generate_mvc (idempotent: it only makes the missing images)."""
+    generate_mvc.main(copy_config(cfg))
 
 
-def stage_classifiers(cfg: Config, cfg_path: Path) -> None:
+def stage_classifiers(cfg: Config) -> None:
     """One classifier per (run, seed); finished runs are skipped, interrupted ones resumed."""
     for run in cfg.pipeline.runs:
         strategy, augment = split_run(run, cfg.classifier.augment)
@@ -96,11 +98,15 @@ def stage_classifiers(cfg: Config, cfg_path: Path) -> None:
             if (rdir / "metrics.json").is_file():
                 print(f"{rdir.name}: done, skipping")
                 continue
-            argv = ["--config", str(cfg_path), "--strategy", strategy, f"--classifier.augment={augment}",
-                    "--seeds", str(seed)]
-            if list_checkpoints(rdir / "checkpoints"):
-                argv += ["--resume", "latest"]
-            train_classifier.main(argv)
+            resume = "latest" if list_checkpoints(rdir / "checkpoints") else None
+            train_classifier.main(copy_config(run_config(cfg, strategy, augment, seed)), resume=resume)
+
+
+def copy_config(cfg: Config) -> Config:
+    """A deep copy, so that a stage recording its drawn seed does not change the pipeline's config."""
+    import copy
+
+    return copy.deepcopy(cfg)
 
 
 #################################################################################
@@ -159,16 +165,18 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
 
 def write_report(cfg: Config, times: dict) -> Path:
     """results.md: the table (mean +- std over seeds), stage wall times and figures."""
-    out = Path(cfg.run.output_dir)
-    figs = out / "figures"
+    from mvc.synthetic import count_images
+
+    paths = RunPaths.of(cfg)
+    figs = paths.figures
     figs.mkdir(parents=True, exist_ok=True)
     rows = collect_results(cfg)
     plot_accuracy(rows, figs / "accuracy.png")
-    grids = sorted((out / "synthetic_grids").glob("*.png"))
+    grids = sorted(paths.grids.glob("*.png"))
     if grids:
         shutil.copyfile(grids[0], figs / "samples.png")
-    n_syn = len(read_jsonl(out / "synthetic" / "metadata.jsonl"))
-    n_real = next((json.loads(p.read_text()).get("n_real") for p in sorted((out / "classifier").glob("*/metrics.json"))),
+    n_syn = count_images(paths.synthetic)
+    n_real = next((json.loads(p.read_text()).get("n_real") for p in sorted(paths.classifier.glob("*/metrics.json"))),
                   "?")
     lines = [
         f"# MVC results: {cfg.data.name}, {cfg.data.k_per_class} labelled images per class",
@@ -194,9 +202,8 @@ def write_report(cfg: Config, times: dict) -> Path:
     if grids:
         lines += ["Samples (each row: a real image, then coarse and fine variants):", "",
                   "![samples](figures/samples.png)", ""]
-    report = out / cfg.pipeline.report
-    atomic_write_text(report, "\n".join(lines) + "\n")
-    return report
+    atomic_write_text(paths.report, "\n".join(lines) + "\n")
+    return paths.report
 
 
 def update_readme(report: Path, readme: Path = Path("README.md"), docs: Path = Path("docs/results")) -> None:
@@ -218,29 +225,40 @@ def update_readme(report: Path, readme: Path = Path("README.md"), docs: Path = P
 #                                    Main                                       #
 #################################################################################
 
-def main(argv: list[str] | None = None) -> Path:
+def main(cfg: Config, update_readme_too: bool = False) -> Path:
     """Run every stage (resuming what is done) and write the report."""
-    parser = build_parser(__doc__.splitlines()[0])
-    parser.add_argument("--update-readme", action="store_true",
-                        help="Copy results.md and its figures into README.md's results section.")
-    cfg, args = parse_args(parser, argv)
+    from mvc.seeds import resolve_seed
+
     check_runs(cfg)
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config-pipeline.yaml"
-    save_config(cfg, cfg_path)  # every stage reads this one resolved file
-    times_path = out / "stage_times.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg, cfg_path), times, times_path)
-    run_stage("generation", lambda: stage_generate(cfg, cfg_path), times, times_path)
-    run_stage("classifiers", lambda: stage_classifiers(cfg, cfg_path), times, times_path)
+    cfg.run.seed = resolve_seed(cfg.run.seed)  # one drawn seed for every stage, recorded in config-pipeline.yaml
+    paths = RunPaths.of(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config_file("pipeline"))
+    times = json.loads(paths.stage_times.read_text()) if paths.stage_times.is_file() else {}
+    run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times, paths.stage_times)
+    run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
+    run_stage("classifiers", lambda: stage_classifiers(cfg), times, paths.stage_times)
     report = write_report(cfg, times)
     print(f"\nreport: {report}\n")
     print(report.read_text())
-    if args.update_readme:
+    if update_readme_too:
         update_readme(report)
     return report
 
 
+def cli(argv: list[str] | None = None) -> Path:
+    """Parse the config and flags, then run the pipeline."""
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--update-readme", action="store_true",
+                        help="Copy results.md and its figures into README.md's results section.")
+    cfg, args = parse_args(parser, argv)
+    return main(cfg, update_readme_too=args.update_readme)
+
+
+def console() -> None:
+    """Entry point of the `mvc-pipeline` command."""
+    run_cli(cli)
+
+
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    console()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train a classifier on real (+ synthetic) images and report test metrics; or score images with one.
 
     python train_classifier.py --config configs/tiny.yaml --strategy two_phase --seeds 0 1 2
@@ -10,16 +9,31 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
+from mvc.config import CLIParser, Config, build_parser, parse_args
+from mvc.utils import run_cli
 
-def predict_main(argv: list[str]) -> None:
+
+def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> list[dict]:
+    """Start the stage and train every seed (and fold) of the config; returns the run records."""
+    from mvc.classifier.train import run_all
+    from mvc.stage import start_stage
+
+    stage = start_stage(cfg, "train_classifier", cfg.classifier.mixed_precision)
+    records = run_all(cfg, stage.accelerator, resume=resume, stop_after=stop_after)
+    if stage.is_main:
+        for r in records:
+            print(f"{Path(r['run_dir']).name}: last accuracy {r['last']['accuracy']:.4f} "
+                  f"(macro F1 {r['last']['f1_macro']:.4f}), best {r['best']['accuracy']:.4f} @ epoch "
+                  f"{r['best']['epoch']} [{r['best_selected_on']}], {r['time_s']} s")
+    return records
+
+
+def predict_cli(argv: list[str]) -> None:
     """`predict`: print (or write as JSON lines) the predicted class and probabilities of every image."""
     from mvc.classifier.predict import list_images, load_classifier, predict
-    from mvc.config import CLIParser  # argparse errors as one `error:` line, like the other flags
     from mvc.utils import atomic_write_text
 
     p = CLIParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
@@ -44,14 +58,12 @@ def predict_main(argv: list[str]) -> None:
             print(f"{r['file']}\t{r['class']}\t{r['confidence']:.4f}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the config, then train every seed (and fold) and write metrics."""
+def cli(argv: list[str] | None = None):
+    """Parse the config and flags (or the `predict` subcommand), then run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["predict"]:
-        return predict_main(argv[1:])
-
+        return predict_cli(argv[1:])
     from mvc.classifier.strategies import list_strategies
-    from mvc.config import build_parser, parse_args, save_config
 
     parser = build_parser(__doc__.splitlines()[0] + "  (subcommand: `predict --checkpoint X --images DIR`)")
     parser.add_argument("--strategy", default=None, choices=list_strategies(), help="Shortcut for classifier.strategy.")
@@ -60,25 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="Stop after this many epochs (a checkpoint is written; resume with --resume latest).")
     cfg, args = parse_args(parser, argv, shortcuts={"strategy": "classifier.strategy", "seeds": "classifier.seeds"})
+    return main(cfg, resume=args.resume, stop_after=args.stop_after)
 
-    from mvc.classifier.train import get_accelerator, run_all
 
-    accelerator = get_accelerator(cfg)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.run.output_dir) / "config-train_classifier.yaml")
-    records = run_all(cfg, accelerator, resume=args.resume, stop_after=args.stop_after)
-    if accelerator.is_main_process:
-        for r in records:
-            print(f"{Path(r['run_dir']).name}: last accuracy {r['last']['accuracy']:.4f} "
-                  f"(macro F1 {r['last']['f1_macro']:.4f}), best {r['best']['accuracy']:.4f} @ epoch "
-                  f"{r['best']['epoch']} [{r['best_selected_on']}], {r['time_s']} s")
-    accelerator.end_training()
+def console() -> None:
+    """Entry point of the `mvc-classifier` command."""
+    run_cli(cli)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from mvc.utils import run_cli
-
-    run_cli(main)
+    console()

@@ -9,20 +9,37 @@ mvc/final/ (a StableDiffusionInstructPix2PixPipeline folder).
 
 from __future__ import annotations
 
-from mvc.config import build_parser, parse_args
+from mvc.config import Config, build_parser, parse_args
 from mvc.utils import run_cli
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(cfg: Config, resume: str | None = None) -> dict:
+    """Start the stage and fine-tune (`run_pipeline.py` calls this with its resolved config)."""
+    from mvc.checkpoint import check_resume
+    from mvc.finetune_loop import run
+    from mvc.paths import RunPaths
+    from mvc.prompts import validate_template
+    from mvc.stage import start_stage
+
+    validate_template(cfg.captions.prompt_template)
+    check_resume(resume, RunPaths.of(cfg).checkpoints)  # before the slow loading below
+    stage = start_stage(cfg, "train_mvc", cfg.train.mixed_precision, cfg.train.grad_accum)
+    return run(cfg, stage.accelerator, resume=resume)
+
+
+def cli(argv: list[str] | None = None) -> dict:
     """Parse the config and flags, then run the stage."""
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--resume", default=None, metavar="{latest,PATH}",
                         help="Continue from the newest checkpoint ('latest') or a checkpoint file.")
     cfg, args = parse_args(parser, argv)
-    from mvc.finetune_loop import main
+    return main(cfg, resume=args.resume)
 
-    main(cfg, resume=args.resume)
+
+def console() -> None:
+    """Entry point of the `mvc-train` command."""
+    run_cli(cli)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    console()

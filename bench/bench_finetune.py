@@ -93,15 +93,9 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     import torch
 
     from mvc.config import FinetuneConfig
-    from mvc.finetune import (
-        LatentCache,
-        draw_step_noise,
-        encode_prompts_cache,
-        encode_text,
-        gather_batch,
-        ip2p_loss,
-    )
+    from mvc.finetune import LatentCache, draw_step_noise, encode_prompts_cache, gather_batch, ip2p_loss
     from mvc.finetune_setup import build_optimizer, freeze, prepare_unet
+    from mvc.sd_io import encode_images, encode_prompts
 
     torch.manual_seed(0)
     spec = dict(PROFILES[profile])
@@ -124,13 +118,8 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     gen = torch.Generator().manual_seed(0)
 
     t0 = time.perf_counter()  # the one-off cache of the cached variants
-    with torch.no_grad():
-        means, stds = [], []
-        for i in range(0, n, 64):
-            d = vae.encode(pixels[i:i + 64]).latent_dist
-            means.append(d.mean[:, None])
-            stds.append(d.std[:, None])
-    lat = LatentCache(torch.cat(means), torch.cat(stds), vae.config.scaling_factor).to(dev)
+    mean, std = encode_images(vae, pixels)  # (n, C, h, w) each
+    lat = LatentCache(mean[:, None], std[:, None], vae.config.scaling_factor).to(dev)
     txt = encode_prompts_cache(tok, te, prompts, show_progress=False).to(dev)
     cache_s = time.perf_counter() - t0
     shape = tuple(lat.mean.shape[2:])
@@ -145,7 +134,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
                 post = vae.encode(pixels[tgt]).latent_dist
                 target = (post.mean + post.std * rnd.eps) * vae.config.scaling_factor  # a posterior sample
                 cond_lat = vae.encode(pixels[cond]).latent_dist.mode()
-                emb = encode_text(tok, te, [prompts[int(i)] for i in tgt])
+                emb = encode_prompts(tok, te, [prompts[int(i)] for i in tgt])
             emb = torch.where(rnd.keep_text[:, None, None], emb, txt.empty[None])  # conditioning dropout
             b = {"cond_latents": cond_lat * rnd.keep_image[:, None, None, None], "target_latents": target,
                  "text_embeds": emb}

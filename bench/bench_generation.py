@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mvc.config import TinyBaseConfig  # noqa: E402
-from mvc.utils import atomic_write_json, batched, make_generator  # noqa: E402
+from mvc.seeds import generator  # noqa: E402
+from mvc.utils import atomic_write_json, batched  # noqa: E402
 
 # images, sources, batch size, steps and resolution of each profile
 PROFILES = {"tiny": dict(images=16, sources=2, batch_size=16, steps=20, resolution=32),
@@ -38,8 +39,7 @@ PROFILES = {"tiny": dict(images=16, sources=2, batch_size=16, steps=20, resoluti
 
 def build_pipe(profile: str):
     """A random IP2P pipeline of the profile's shape (random weights are fine for throughput)."""
-    from mvc.finetune_setup import ip2p_pipeline
-    from mvc.models import build_sd15_shape, widen_conv_in
+    from mvc.models import build_sd15_shape, ip2p_pipeline, widen_conv_in
     from mvc.tiny import build_tiny_components
 
     torch.manual_seed(0)
@@ -55,39 +55,40 @@ def run_profile(profile: str) -> dict:
     """Run both paths of one profile on the same jobs; returns the raw figures."""
     from PIL import Image
 
-    from mvc.generate import encode_conditions, encode_prompts, render
+    from mvc.generate import render
     from mvc.mixing import apply_mixing
+    from mvc.sd_io import encode_conditions, encode_prompts
 
     spec = PROFILES[profile]
     n_img, n_src, bsz, steps, res = (spec[k] for k in ("images", "sources", "batch_size", "steps", "resolution"))
     pipe = build_pipe(profile)
     rng = np.random.default_rng(0)
     sources = [Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)) for _ in range(n_src)]
-    base = encode_prompts(pipe, [f"dark small shape, a photo of class type shirt {i}" for i in range(n_src)])
+    base = encode_prompts(pipe.tokenizer, pipe.text_encoder, [f"dark small shape, a photo of class type shirt {i}" for i in range(n_src)])
     params = dict(k=3, mode="shuffle", m=3, s=2, source="self")
     # jobs: (source, variant, mixed embedding (1, T, D)), as generate_synthetic makes them
     jobs = []
     for j in range(n_img):
         s, v = j % n_src, j // n_src
         jobs.append((s, v, apply_mixing(base[s:s + 1], "coarse" if v % 2 == 0 else "fine", params,
-                                        make_generator(0, s, v, 1), window=(1, 5))))
+                                        generator(0, "generate.mixing", s, v), window=(1, 5))))
     kw = dict(num_inference_steps=steps, guidance_scale=3.0, image_guidance_scale=1.5)
 
     # warm-up (first-call allocations), not timed
-    pipe(prompt_embeds=jobs[0][2], image=sources[0], generator=make_generator(1, 0, 0), num_inference_steps=2)
+    pipe(prompt_embeds=jobs[0][2], image=sources[0], generator=generator(1, "generate.image", 0, 0), num_inference_steps=2)
 
     t0 = time.perf_counter()
-    plain = [pipe(prompt_embeds=e, image=sources[s], generator=make_generator(0, s, v), **kw).images[0]
+    plain = [pipe(prompt_embeds=e, image=sources[s], generator=generator(0, "generate.image", s, v), **kw).images[0]
              for s, v, e in jobs]
     t_plain = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    lat = encode_conditions(pipe, sources, res)  # once per source
-    neg = encode_prompts(pipe, [""])  # once
+    lat = encode_conditions(pipe.vae, sources, res)  # once per source
+    neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])  # once
     ours = []
     for batch in batched(jobs, bsz):
         ours += render(pipe, torch.cat([e for _, _, e in batch]), neg.expand(len(batch), -1, -1),
-                       torch.stack([lat[s] for s, _, _ in batch]), [make_generator(0, s, v) for s, v, _ in batch],
+                       torch.stack([lat[s] for s, _, _ in batch]), [generator(0, "generate.image", s, v) for s, v, _ in batch],
                        steps, kw["guidance_scale"], kw["image_guidance_scale"])
     t_ours = time.perf_counter() - t0
 

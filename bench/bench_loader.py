@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_loader.py [--real 500 --synthetic 2000 --epochs 3 --repeats 3 --workers 0]
 
 All loaders are built by the classifier package itself (`mvc.classifier.data.prepared`, `Combined`,
-`plan_loader`, `load_synthetic`; batches from `mvc.classifier.strategies`), with the same transforms
+`plan_loader`, `mvc.synthetic.load_synthetic_set`; batches from `mvc.classifier.strategies`), with the same transforms
 (resnet18's preprocessing at 32x32, 'standard' crop+flip augmentation) and batch size 50:
 - real: the `real` strategy over in-memory 28x28 grayscale images (Fashion-MNIST-like);
 - append / replace: the `probabilistic` strategy, p=0.8, drawing from a synthetic ImageFolder of
@@ -26,7 +26,6 @@ Writes bench/results/loader.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.utils import atomic_write_json, safe_name  # noqa: E402
+from mvc.utils import atomic_write_json  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "loader.json"
 CLASSES = [f"class {c}" for c in range(10)]
@@ -59,18 +58,20 @@ def make_real(n: int, size: int = 28):
 
 
 def write_synthetic(root: Path, n: int, size: int = 32) -> None:
-    """A synthetic ImageFolder of `n` RGB PNGs with metadata.jsonl, the layout generate_mvc.py writes."""
+    """A synthetic set of `n` RGB PNGs, written by the synthetic-set format's own writer (as every generator is)."""
     from PIL import Image
 
+    from mvc.synthetic import SyntheticSet, make_record, plan_jobs
+
     rng = np.random.default_rng(1)
-    lines = []
-    for i in range(n):
-        c = i % 10
-        rel = f"{safe_name(CLASSES[c])}/src{i // 10:05d}_v{i % 10:03d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / rel)
-        lines.append(json.dumps({"file": rel, "label": c, "class_name": CLASSES[c], "source_id": f"train/{i:05d}"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    real = make_real(max(10, n // 10))  # the sources (their ids name the files); variants carry the images
+    out = SyntheticSet(root)
+    out.prepare({"method": "bench", "seed": 0}, CLASSES)
+    jobs = plan_jobs(real, ["none"], per_class=n // len(CLASSES))
+    for j in jobs:
+        out.save_image(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)), j)
+        out.append(0, make_record(j, method="bench"))
+    out.reconcile(jobs)
 
 
 def classifier_cfg(strategy: str, mode: str = "append", p: float = 0.8, batch_size: int = 50):
@@ -82,13 +83,14 @@ def classifier_cfg(strategy: str, mode: str = "append", p: float = 0.8, batch_si
 
 def build(name: str, real, syn_root: Path, meta, augment: str, workers: int):
     """(dataset, strategy, n_real) of one loader, each built from scratch (so caches start cold)."""
-    from mvc.classifier.data import Combined, load_synthetic, prepared
+    from mvc.classifier.data import Combined, prepared
     from mvc.classifier.strategies import build_strategy
+    from mvc.synthetic import load_synthetic_set
 
     cfg = classifier_cfg("real" if name == "real" else "probabilistic", name if name != "real" else "append")
     syn = None
     if name != "real":
-        syn = prepared(load_synthetic(syn_root, CLASSES), meta, augment, synthetic=True)
+        syn = prepared(load_synthetic_set(syn_root, CLASSES), meta, augment, synthetic=True)
     data = Combined(prepared(real, meta, augment), syn)
     return SimpleNamespace(name=name, data=data, strategy=build_strategy(cfg, data.n_real, data.n_syn),
                            workers=workers)
@@ -97,13 +99,13 @@ def build(name: str, real, syn_root: Path, meta, augment: str, workers: int):
 def run_epochs(ld, epochs: range) -> dict:
     """Iterate the epochs' loaders; seconds, images and real images delivered."""
     from mvc.classifier.data import plan_loader
-    from mvc.utils import make_generator
+    from mvc.seeds import generator
 
     n_img = n_real = 0
     t0 = time.perf_counter()
     for e in epochs:
         plan = ld.strategy.epoch_plan(e, 0)
-        for x, y, is_syn in plan_loader(ld.data, plan.batches, ld.workers, make_generator(0, e)):
+        for x, y, is_syn in plan_loader(ld.data, plan.batches, ld.workers, generator(0, "classifier.loader", 0, e)):
             n_img += len(y)
             n_real += int((~is_syn).sum())
     return {"s": time.perf_counter() - t0, "images": n_img, "real": n_real}

@@ -64,13 +64,13 @@ def _stage(name: str, argv: list[str]) -> dict:
         get_tiny_base(cfg.tiny, pool, output_dir=cfg.run.output_dir, progress=False)
         size = f"{cfg.tiny.vae_steps}+{cfg.tiny.unet_steps} steps on {min(len(pool), cfg.tiny.pool_size or len(pool))} images"
     elif name == "fine-tuning":
-        run_cli(train_mvc.main, argv)
+        run_cli(train_mvc.cli, argv)
         size = f"{cfg.train.max_steps} steps, batch {cfg.train.batch_size}"
     elif name == "generation":
-        summary = generate_mvc.main(argv)
+        summary = generate_mvc.cli(argv)
         size = f"{summary['made']} images, {cfg.generate.num_inference_steps} steps, batch {cfg.generate.batch_size}"
     elif name == "classifier":
-        run_cli(train_classifier.main, argv + ["--strategy", "probabilistic"])
+        run_cli(train_classifier.cli, argv + ["--strategy", "probabilistic"])
         size = f"{cfg.classifier.epochs} epochs, {cfg.classifier.backbone} at {cfg.classifier.input_size} px"
     return {"stage": name, "size": size, "after_imports_MB": round(after_imports, 1),
             "peak_MB": round(peak_mb(), 1), "stage_MB": round(peak_mb() - after_imports, 1),

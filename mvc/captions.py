@@ -1,4 +1,4 @@
-"""Captioners, the per-image caption cache, and prompts (caption + class prompt).
+"""Captioners and the per-image caption cache (prompts are built by `mvc.prompts`).
 
 A captioner is a callable `captioner(images: list[PIL.Image]) -> list[str]` with a `name`.
 Captions are cached in one JSON-lines file per (captioner, dataset) — `{"id", "caption"}` per
@@ -15,25 +15,20 @@ Heavy libraries are imported inside the builders, so `list_captioners()` stays c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import string
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mvc.registry import Registry
-from mvc.utils import MVCError, fingerprint, read_jsonl
+from mvc.utils import MVCError, append_jsonl, fingerprint, read_jsonl, safe_name
 
 log = logging.getLogger(__name__)
 
 # name -> builder(captions_cfg, device) -> captioner
 CAPTIONERS: Registry[Callable[..., "Captioner"]] = Registry("captioner")
-
-DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
-
 
 def list_captioners() -> list[str]:
     """Names of the registered captioners (cheap: no model is loaded)."""
@@ -60,32 +55,6 @@ def build_captioner(captions_cfg: Any, device: Any = None) -> Captioner:
 
 
 #################################################################################
-#                                   Prompts                                     #
-#################################################################################
-
-def validate_template(template: str) -> str:
-    """Check a prompt template: it must use {caption} and {label} and no other placeholder."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise MVCError(f"prompt template {template!r} is malformed ({e}); use e.g. {DEFAULT_TEMPLATE!r}") from None
-    missing = [f for f in ("caption", "label") if f not in fields]
-    extra = sorted({f for f in fields if f not in ("caption", "label")})
-    if extra:
-        shown = ", ".join("{" + f + "}" for f in extra)
-        raise MVCError(f"prompt template {template!r} has unknown placeholder(s) {shown}; only {{caption}} and {{label}} are allowed")
-    if missing:
-        shown = ", ".join("{" + f + "}" for f in missing)
-        raise MVCError(f"prompt template {template!r} lacks {shown}; use e.g. {DEFAULT_TEMPLATE!r}")
-    return template
-
-
-def make_prompt(template: str, caption: str, label_name: str) -> str:
-    """The prompt of one image: `template` filled with its caption and its class name."""
-    return validate_template(template).format(caption=caption.strip(), label=label_name)
-
-
-#################################################################################
 #                                 Caption cache                                 #
 #################################################################################
 
@@ -95,8 +64,6 @@ def caption_cache_path(output_dir: str | os.PathLike, captioner: Captioner | str
     The key holds the captioner's settings (BLIP-2's model and length, the template's text), so
     changing them captions afresh instead of reusing another model's captions.
     """
-    from mvc.utils import safe_name
-
     key = captioner if isinstance(captioner, str) else captioner.cache_key
     return Path(output_dir) / "captions" / f"{safe_name(key)}-{dataset.fingerprint()}.jsonl"
 
@@ -109,29 +76,6 @@ def load_captions(cfg: Any, dataset: Any, progress: bool = True) -> dict[str, st
     return caption_dataset(dataset, captioner, path, cfg.captions.batch_size, progress=progress)
 
 
-def _append_records(path: Path, records: list[dict]) -> None:
-    """Append a batch of JSON lines and flush them to disk (one fsync per batch, not per line)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _repair_torn_tail(path: Path) -> None:
-    """Cut a torn last line (no trailing newline) left by a crash, so appends start on a fresh line."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
-    with open(path, "wb") as f:
-        f.write(keep)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def caption_dataset(dataset: Any, captioner: Captioner, cache_path: str | os.PathLike,
                     batch_size: int = 16, progress: bool = True) -> dict[str, str]:
     """Captions of every image of `dataset`, `{id: caption}`, read from / appended to `cache_path`.
@@ -142,7 +86,6 @@ def caption_dataset(dataset: Any, captioner: Captioner, cache_path: str | os.Pat
     from tqdm.auto import tqdm
 
     path = Path(cache_path)
-    _repair_torn_tail(path)
     cached: dict[str, str] = {}
     for rec in read_jsonl(path):
         if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("caption"), str):
@@ -159,7 +102,7 @@ def caption_dataset(dataset: Any, captioner: Captioner, cache_path: str | os.Pat
             if len(caps) != len(idx):
                 raise RuntimeError(f"captioner {captioner.name} returned {len(caps)} captions for {len(idx)} images")
             recs = [{"id": dataset.ids[i], "caption": " ".join(str(c).split())} for i, c in zip(idx, caps)]
-            _append_records(path, recs)
+            append_jsonl(path, *recs)  # one fsync per batch
             cached.update((r["id"], r["caption"]) for r in recs)
             bar.update(len(idx))
         bar.close()
@@ -390,25 +333,3 @@ class LavisCaptioner(Captioner):
 @CAPTIONERS.register("lavis")
 def _build_lavis(cfg: Any, device: Any = None) -> Captioner:
     return LavisCaptioner(cfg.lavis_model, cfg.lavis_model_type, max_new_tokens=cfg.max_new_tokens, device=device)
-
-
-#################################################################################
-#                                    CLI                                        #
-#################################################################################
-
-def main(argv: list[str] | None = None) -> None:
-    """Caption the labelled subset into the shared cache (e.g. in the LAVIS environment)."""
-    from mvc.config import build_parser, parse_args
-    from mvc.data import load_splits
-
-    parser = build_parser("Caption the labelled subset of a dataset into <run.output_dir>/captions/.")
-    cfg, _ = parse_args(parser, argv)
-    labelled, _, _ = load_splits(cfg.data)
-    caps = load_captions(cfg, labelled)
-    print(f"{len(caps)} captions in {Path(cfg.run.output_dir) / 'captions'}")
-
-
-if __name__ == "__main__":
-    from mvc.utils import run_cli
-
-    run_cli(main)

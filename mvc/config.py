@@ -1,7 +1,7 @@
 """Typed configs: dataclass sections with help text and validation, YAML files, CLI overrides.
 
 Every script reads one YAML file (`--config configs/tiny.yaml`) into the same `Config`; each
-script uses the sections it needs (`SCRIPT_SECTIONS`). Values are overridden on the command
+script uses the sections it needs. Values are overridden on the command
 line with `--section.key=value` (or `--section.key value`); the value is parsed as YAML, so
 `--train.lr=3e-4`, `--mixing.window=[1,8]` and `--run.seed=null` work. An unknown key, a wrong
 type or an out-of-range value is a one-line `MVCError` naming the key.
@@ -36,29 +36,26 @@ def opt(default: Any, help: str, *, choices: Callable[[], list] | list | None = 
 #                                  Sections                                     #
 #################################################################################
 
-def _datasets() -> list[str]:
-    from mvc.data import list_datasets
-    return list_datasets()
+# Choices come from the registries (and tuples) of the modules that implement them, imported when a
+# config is validated; none of those modules imports this one.
+
+def _names(module: str, attr: str) -> Callable[[], list]:
+    """A zero-argument callable returning the names of `module.attr` (a Registry, or a tuple of names)."""
+    def names() -> list:
+        import importlib
+
+        obj = getattr(importlib.import_module(module), attr)
+        return obj.names() if hasattr(obj, "names") else list(obj)
+    names.__name__ = f"{module}.{attr}"
+    return names
 
 
-def _captioners() -> list[str]:
-    from mvc.captions import list_captioners
-    return list_captioners()
-
-
-def _strategies() -> list[str]:
-    from mvc.classifier.strategies import list_strategies
-    return list_strategies()
-
-
-def _mixing_ops() -> list[str]:
-    from mvc.mixing import list_mixing_ops
-    return list_mixing_ops()
-
-
-def _schedulers() -> list[str]:
-    from mvc.generate import SCHEDULERS
-    return list(SCHEDULERS)
+_datasets = _names("mvc.data", "DATASETS")
+_captioners = _names("mvc.captions", "CAPTIONERS")
+_strategies = _names("mvc.classifier.strategies", "STRATEGIES")
+_samplers = _names("mvc.models", "SAMPLERS")
+_lr_schedules = _names("mvc.schedules", "LR_SCHEDULES")
+_precisions = _names("mvc.distributed", "PRECISIONS")
 
 
 @dataclass
@@ -76,8 +73,8 @@ class DataConfig:
     k_per_class: int | None = opt(20, "Labelled images per class (the low-data subset); null uses all.", min=1)
     subset_seed: int = opt(0, "Seed of the labelled-subset draw (independent of run.seed).")
     on_small_class: str = opt("error", "A class with fewer than 2 images: 'error' or 'skip' (with a warning).",
-                              choices=["error", "skip"])
-    test_split: str = opt("test", "Split used for evaluation.", choices=["test", "val"])
+                              choices=_names("mvc.pairs", "SMALL_CLASS_POLICIES"))
+    test_split: str = opt("test", "Split used for evaluation.", choices=_names("mvc.data", "EVAL_SPLITS"))
     test_fraction: float = opt(0.2, "Per-class fraction held out as 'test' by datasets without an official "
                                "split (caltech101).", min=0, max=1, min_exclusive=True)
     val_fraction: float = opt(0.1, "test_split=val on a dataset without a val split: this fraction of each "
@@ -149,16 +146,15 @@ class FinetuneConfig:
     adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1)
     weight_decay: float = opt(0.0, "Weight decay.", min=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", min=0)
-    lr_scheduler: str = opt("constant_with_warmup", "LR schedule.",
-                            choices=["constant", "constant_with_warmup", "cosine", "linear"])
+    lr_scheduler: str = opt("constant", "LR schedule after the warm-up.", choices=_lr_schedules)
     lr_warmup_steps: int = opt(50, "Warm-up steps.", min=0)
     drop_text_prob: float = opt(0.05, "P(drop only the text conditioning).", min=0, max=1)
     drop_image_prob: float = opt(0.05, "P(drop only the image conditioning).", min=0, max=1)
     drop_both_prob: float = opt(0.05, "P(drop both).", min=0, max=1)
     random_flip: bool = opt(False, "Horizontal flips; latents of both orientations are cached when on.")
-    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=["no", "fp16", "bf16"])
+    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=_precisions)
     gradient_checkpointing: bool = opt(False, "U-Net gradient checkpointing.")
-    attention: str = opt("sdpa", "Attention implementation.", choices=["sdpa", "xformers", "default"])
+    attention: str = opt("sdpa", "Attention implementation.", choices=_names("mvc.finetune_setup", "ATTENTION"))
     use_ema: bool = opt(False, "Keep an EMA of the U-Net and save it.")
     ema_decay: float = opt(0.9999, "EMA decay.", min=0, max=1)
     use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit Adam (GPU).")
@@ -173,9 +169,8 @@ class FinetuneConfig:
     validation_guidance_scale: float = opt(3.0, "Text guidance of validation images.", min=0)
     validation_image_guidance_scale: float = opt(1.5, "Image guidance of validation images.", min=0)
     prompt_from: str = opt("target", "Whose caption a pair's prompt uses (IP2P: the image to generate).",
-                           choices=["target", "condition"])
+                           choices=_names("mvc.finetune_loop", "PROMPT_FROM"))
     log_every: int = opt(10, "Log scalars every N steps.", min=1)
-    num_workers: int = opt(0, "DataLoader workers.", min=0)
 
 
 @dataclass
@@ -183,15 +178,15 @@ class MixingConfig:
     """Mixing Visual Concepts: edits of the prompt embedding (generate_mvc.py)."""
     ops: list[str] = opt(["coarse", "fine"], "Operations cycled over the variants of each source.")
     coarse_mode: str = opt("shuffle", "Coarse op: permute tokens or swap them in from a donor.",
-                           choices=["shuffle", "swap"])
+                           choices=_names("mvc.mixing", "COARSE_MODES"))
     coarse_stage: str = opt("tokens", "Where the coarse op runs: 'tokens' (token ids before the text encoder) or "
                             "'embeds' (its output; a shuffle there is invisible to the U-Net's cross-attention).",
-                            choices=["tokens", "embeds"])
+                            choices=_names("mvc.mixing", "STAGES"))
     coarse_k: int = opt(4, "Token vectors chosen for the coarse op.", min=1)
     window: str | list[int] = opt("caption", "'caption' (the caption's token span) or [start, end).")
     fine_m: int = opt(3, "Token vectors whose slice is replaced (fine op).", min=1)
     fine_s: int = opt(4, "Dimensions per slice (paper: < 10 of 768).", min=1)
-    fine_source: str = opt("donor", "Where the fine slice comes from.", choices=["donor", "self", "noise"])
+    fine_source: str = opt("donor", "Where the fine slice comes from.", choices=_names("mvc.mixing", "FINE_SOURCES"))
     fine_contiguous: bool = opt(True, "Contiguous slice (else scattered dimensions).")
 
 
@@ -203,7 +198,7 @@ class GenerateConfig:
     num_inference_steps: int = opt(20, "Sampling steps.", min=1)
     guidance_scale: float = opt(3.0, "Text guidance.", min=0, min_exclusive=True)
     image_guidance_scale: float = opt(1.5, "Image guidance.", min=0, min_exclusive=True)
-    scheduler: str = opt("euler_ancestral", "Sampler.", choices=_schedulers)
+    scheduler: str = opt("euler_ancestral", "Sampler.", choices=_samplers)
     multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0)
     per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
     batch_size: int = opt(16, "Variants per U-Net batch.", min=1)
@@ -228,24 +223,26 @@ class ClassifierConfig:
     two_phase_lr_scale: float = opt(0.1, "Phase-2 LR = this x LR.", min=0, min_exclusive=True)
     two_phase_fraction: float = opt(0.2, "Fraction of epochs spent in phase 2.", min=0, max=1)
     prob_p: float = opt(0.8, "Probabilistic: P(a synthetic image joins the batch), per real image.", min=0, max=1)
-    prob_mode: str = opt("append", "Probabilistic: 'append' (paper) or 'replace' (DA-Fusion).", choices=["append", "replace"])
-    augment: str = opt("standard", "Classic augmentation.",
-                       choices=["none", "standard", "autoaugment", "randaugment", "trivialaugment"])
-    autoaugment_policy: str = opt("cifar10", "AutoAugment policy.", choices=["cifar10", "imagenet", "svhn"])
+    prob_mode: str = opt("append", "Probabilistic: 'append' (paper) or 'replace' (DA-Fusion).",
+                         choices=_names("mvc.classifier.strategies", "PROB_MODES"))
+    augment: str = opt("standard", "Classic augmentation.", choices=_names("mvc.classifier.augment", "AUGMENTATIONS"))
+    autoaugment_policy: str = opt("cifar10", "AutoAugment policy.",
+                                  choices=_names("mvc.classifier.augment", "AUTOAUGMENT_POLICIES"))
     epochs: int = opt(30, "Epochs (ignored when `steps` is set).", min=1)
     steps: int | None = opt(None, "Optimizer-step budget; when set, each strategy's epochs = steps / its batches "
                                   "per epoch, so strategies with more data are not given more training.", min=1)
     batch_size: int = opt(50, "Batch size (paper: 50).", min=1)
-    optimizer: str = opt("adam", "Optimizer.", choices=["adam", "adamw", "sgd"])
+    optimizer: str = opt("adam", "Optimizer.", choices=_names("mvc.classifier.engine", "OPTIMIZERS"))
     lr: float = opt(1e-3, "Learning rate.", min=0, min_exclusive=True)
     momentum: float = opt(0.9, "SGD momentum.", min=0, max=1)
     weight_decay: float = opt(0.0, "Weight decay.", min=0)
-    scheduler: str = opt("cosine", "LR schedule.", choices=["none", "cosine", "multistep"])
+    scheduler: str = opt("cosine", "LR schedule.", choices=_lr_schedules)
     milestones: list[float] = opt([0.5, 0.75], "Multistep milestones as fractions of the epochs.")
     gamma: float = opt(0.1, "Multistep factor.", min=0, min_exclusive=True)
     label_smoothing: float = opt(0.0, "Label smoothing.", min=0, max=1)
-    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=["no", "fp16", "bf16"])
-    probe: str = opt("none", "Feature probe on a frozen backbone instead of training.", choices=["none", "logreg", "svc", "mlp"])
+    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=_precisions)
+    probe: str = opt("none", "Feature probe on a frozen backbone instead of training ('none': train).",
+                     choices=lambda: ["none", *_names("mvc.classifier.probe", "PROBES")()])
     kfold: int = opt(0, "Stratified k-fold on the labelled subset (0: use the test split).", min=0)
     seeds: list[int] = opt([0], "Seeds; several report mean +- std.")
     num_workers: int = opt(0, "DataLoader workers.", min=0)
@@ -295,16 +292,6 @@ def check_combinations(cfg: Config) -> None:
     if p > 1.0 + 1e-9:
         raise MVCError(f"config keys train.drop_text_prob + train.drop_image_prob + train.drop_both_prob "
                        f"sum to {p:.3f} > 1")
-
-
-# The sections each script reads (the others are carried along so one YAML serves all stages).
-SCRIPT_SECTIONS = {
-    "train_mvc": ["run", "data", "pairs", "captions", "tiny", "model", "train"],
-    "generate_mvc": ["run", "data", "captions", "model", "mixing", "generate"],
-    "train_classifier": ["run", "data", "classifier"],
-    "run_pipeline": ["run", "data", "pairs", "captions", "tiny", "model", "train", "mixing", "generate",
-                     "classifier", "pipeline"],
-}
 
 
 #################################################################################

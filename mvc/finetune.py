@@ -2,7 +2,8 @@
 
 Speed comes from caching: every image of the labelled subset is VAE-encoded ONCE (posterior mean
 and std) and every prompt (plus the empty prompt) is text-encoded ONCE, before training; a step
-only indexes those tensors with the pair indices and runs the U-Net.
+only indexes those tensors with the pair indices and runs the U-Net. Images and prompts are prepared
+by `mvc.sd_io`, the same functions generation uses.
 
 Choices (kept identical to diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py):
 - the condition latent is the posterior MODE (= mean) of the condition image, unscaled, exactly what
@@ -26,11 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mvc.sd_io import encode_images, encode_prompts, images_to_tensor
 from mvc.utils import MVCError, batched
 
 #################################################################################
@@ -85,67 +86,34 @@ class TextCache:
         return TextCache(self.embeds.to(device), self.empty.to(device))
 
 
-def image_to_tensor(image, resolution: int) -> torch.Tensor:
-    """PIL image -> (3, R, R) float in [-1, 1] (bilinear resize of the whole image, RGB)."""
-    from PIL import Image
-
-    im = image.convert("RGB")
-    if im.size != (resolution, resolution):
-        im = im.resize((resolution, resolution), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return x / 127.5 - 1.0
-
-
 @torch.no_grad()
 def encode_latents_cache(vae, dataset, resolution: int, batch_size: int = 64, flip: bool = False,
-                         device=None, show_progress: bool = True) -> LatentCache:
-    """VAE-encode every image of `dataset` once: posterior mean and std, both orientations if `flip`."""
-    device = device if device is not None else next(vae.parameters()).device
-    dtype = next(vae.parameters()).dtype
+                         show_progress: bool = True) -> LatentCache:
+    """VAE-encode every image of `dataset` once (mvc.sd_io, as the pipeline does): posterior mean and std,
+    both orientations if `flip`."""
     means, stds = [], []
-    idx = list(range(len(dataset)))
-    for chunk in tqdm(list(batched(idx, batch_size)), desc="caching VAE latents", disable=not show_progress):
-        x = torch.stack([image_to_tensor(dataset[i][0], resolution) for i in chunk])  # (b, 3, R, R)
+    for chunk in tqdm(list(batched(range(len(dataset)), batch_size)), desc="caching VAE latents",
+                      disable=not show_progress):
+        x = images_to_tensor([dataset[i][0] for i in chunk], resolution)  # (b, 3, R, R) in [-1, 1]
         views = [x, torch.flip(x, dims=[3])] if flip else [x]
-        m_v, s_v = [], []
-        for v in views:
-            dist = vae.encode(v.to(device=device, dtype=dtype)).latent_dist
-            m_v.append(dist.mean.float())
-            s_v.append(dist.std.float())
-        means.append(torch.stack(m_v, 1))  # (b, F, C, h, w)
-        stds.append(torch.stack(s_v, 1))
-    return LatentCache(torch.cat(means).cpu(), torch.cat(stds).cpu(), float(vae.config.scaling_factor))
-
-
-def _tokenize(tokenizer, texts: list[str]):
-    """Tokenize as the Stable Diffusion pipelines do (pad to max length, truncate)."""
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt")
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
-    """(len(texts), L, D) last hidden states, with the attention mask only when the encoder uses one."""
-    device = next(text_encoder.parameters()).device
-    tok = _tokenize(tokenizer, texts)
-    mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = tok.attention_mask.to(device)
-    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].float()
+        enc = [encode_images(vae, v, batch_size) for v in views]  # each (mean, std), (b, C, h, w)
+        means.append(torch.stack([m for m, _ in enc], 1).cpu())  # (b, F, C, h, w)
+        stds.append(torch.stack([s for _, s in enc], 1).cpu())
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
 
 
 @torch.no_grad()
 def encode_prompts_cache(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64,
                          show_progress: bool = True) -> TextCache:
-    """Text-encode each distinct prompt once (duplicates share a row) plus the empty prompt."""
+    """Text-encode each distinct prompt once (mvc.sd_io; duplicates share a row) plus the empty prompt."""
     uniq = sorted(set(prompts))
     pos = {p: i for i, p in enumerate(uniq)}
-    out = [encode_text(tokenizer, text_encoder, chunk)
+    out = [encode_prompts(tokenizer, text_encoder, chunk).float().cpu()
            for chunk in tqdm(list(batched(uniq, batch_size)), desc="caching text embeddings",
                              disable=not show_progress)]
-    table = torch.cat(out).cpu()  # (U, L, D)
+    table = torch.cat(out)  # (U, L, D)
     embeds = table[torch.tensor([pos[p] for p in prompts], dtype=torch.long)]  # (P, L, D)
-    empty = encode_text(tokenizer, text_encoder, [""])[0].cpu()  # (L, D)
+    empty = encode_prompts(tokenizer, text_encoder, [""])[0].float().cpu()  # (L, D)
     return TextCache(embeds, empty)
 
 

@@ -5,16 +5,18 @@ Determinism across resume and across process counts, by construction:
   indices from its own generator (saved in checkpoints) and every process draws the same global
   batch, then keeps its contiguous shard of rows;
 - every other random draw of a micro-step (timesteps, noises, flips, dropout) is drawn for the whole
-  global batch from `make_generator(seed, 1, step, micro)` and sharded the same way;
+  global batch from its own generator (`seeds.generator(seed, "finetune.step", step, micro)`) and
+  sharded the same way;
 - each process's loss is sum(per-sample loss) * world / global_batch, so DDP's gradient averaging
   gives exactly the gradient of the global-batch mean (uneven shards included);
 - the LR schedule is stepped once per optimizer step by us (accelerate's prepared scheduler would
   step once per process).
-The global RNGs are seeded with seed * world + rank for any randomness inside the model.
+The global RNGs are seeded per process (role "process", index rank) for any randomness inside the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,30 +26,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mvc.checkpoint import check_resume, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from mvc.config import config_to_dict, save_config
-from mvc.finetune import (
-    draw_step_noise,
-    encode_latents_cache,
-    encode_prompts_cache,
-    gather_batch,
-    image_to_tensor,
-    ip2p_loss,
-)
+from mvc import seeds
+from mvc.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
+from mvc.distributed import broadcast_seed, make_accelerator
+from mvc.finetune import draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch, ip2p_loss
 from mvc.finetune_setup import (
-    EMA,
+    build_ema,
     build_lr_scheduler,
     build_optimizer,
     freeze,
-    ip2p_pipeline,
     load_trainable_state_dict,
     prepare_unet,
-    save_final_pipeline,
     trainable_state_dict,
 )
-from mvc.utils import MVCError, RunLogger, image_grid, make_generator, resolve_seed, seed_everything
+from mvc.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
+from mvc.sd_io import resize
+from mvc.utils import MVCError, RunLogger, image_grid
 
 log = logging.getLogger(__name__)
+
+PROMPT_FROM = ("target", "condition")  # whose caption a pair's prompt uses
 
 
 #################################################################################
@@ -102,24 +100,28 @@ def validation_indices(num_pairs: int, k: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], train_cfg, seed: int):
-    """One row per validation pair: condition | generated (IP2P pipeline, current U-Net) | target."""
-    from torchvision.transforms.functional import to_pil_image
-
+def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], train_cfg, seed: int, ema=None):
+    """One row per validation pair: condition | generated (IP2P pipeline; the EMA weights when kept) | target."""
     sel = validation_indices(len(pairs.cond), train_cfg.num_validation)
     res = train_cfg.resolution
-    conds = [to_pil_image((image_to_tensor(dataset[int(pairs.cond[i])][0], res) + 1) / 2) for i in sel]
-    tgts = [to_pil_image((image_to_tensor(dataset[int(pairs.target[i])][0], res) + 1) / 2) for i in sel]
+    conds = [resize(dataset[int(pairs.cond[i])][0], res) for i in sel]
+    tgts = [resize(dataset[int(pairs.target[i])][0], res) for i in sel]
     src = pairs.target if train_cfg.prompt_from == "target" else pairs.cond
+    params = [p for p in unet.parameters() if p.requires_grad]
     was_training = unet.training
     unet.eval()
+    if ema is not None:  # validate what will be saved: the averaged weights
+        ema.store(params)
+        ema.copy_to(params)
     try:
         gen = ip2p_pipeline(components, unet)(
             prompt=[prompts[int(src[i])] for i in sel], image=conds, num_inference_steps=train_cfg.validation_steps,
             guidance_scale=train_cfg.validation_guidance_scale,
             image_guidance_scale=train_cfg.validation_image_guidance_scale,
-            generator=make_generator(seed, 2)).images
+            generator=seeds.generator(seed, "finetune.validation")).images
     finally:
+        if ema is not None:
+            ema.restore(params)
         unet.train(was_training)
     return image_grid([[c, g, t] for c, g, t in zip(conds, gen, tgts)])
 
@@ -128,38 +130,18 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
 #                                 Training loop                                 #
 #################################################################################
 
-def make_accelerator(train_cfg):
-    """The Accelerator: gradient accumulation and mixed precision from the config."""
-    from accelerate import Accelerator
-
-    try:
-        return Accelerator(gradient_accumulation_steps=train_cfg.grad_accum, mixed_precision=train_cfg.mixed_precision)
-    except (ValueError, RuntimeError) as e:
-        raise MVCError(f"cannot set up accelerate with mixed_precision={train_cfg.mixed_precision}: {e}") from None
-
-
-def _broadcast_seed(acc, seed: int | None) -> int:
-    """Resolve a None seed once and share it, so every process uses the same base seed."""
-    from accelerate.utils import broadcast_object_list
-
-    box = [resolve_seed(seed) if acc.is_main_process else None]
-    if acc.num_processes > 1:
-        broadcast_object_list(box)
-    return int(box[0])
-
-
 def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir: str | Path,
-             resume: str | None = None, accelerator=None) -> dict:
+             resume: str | None = None, accelerator=None, final_dir: str | Path | None = None) -> dict:
     """Fine-tune components['unet'] (8 input channels) on the pairs; write checkpoints, logs, final folder.
 
     `prompts[i]` is the prompt of image i of `dataset`; a pair uses its target's (or condition's) prompt.
     Returns {"losses": per-step global losses of this run, "step", "final_dir", "images_per_s"}.
     """
     tc = cfg.train
-    acc = accelerator if accelerator is not None else make_accelerator(tc)
+    acc = accelerator if accelerator is not None else make_accelerator(tc.mixed_precision, tc.grad_accum)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    seed = _broadcast_seed(acc, cfg.run.seed)
-    seed_everything(seed * world + rank)
+    seed = broadcast_seed(acc, cfg.run.seed)
+    seeds.seed_everything(seeds.derive_seed(seed, "process", rank))
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     unet, vae, text_encoder, tokenizer, sched = (components[k] for k in
@@ -183,7 +165,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     vae.to(acc.device)
     text_encoder.to(acc.device)
     t0 = time.perf_counter()
-    latents = encode_latents_cache(vae, dataset, tc.resolution, flip=tc.random_flip, device=acc.device,
+    latents = encode_latents_cache(vae, dataset, tc.resolution, flip=tc.random_flip,
                                    show_progress=main).to(acc.device)
     text = encode_prompts_cache(tokenizer, text_encoder, prompts, show_progress=main).to(acc.device)
     cache_s = time.perf_counter() - t0
@@ -193,8 +175,8 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     unet.to(acc.device)  # before the EMA copies its weights, so they live on the same device
     optimizer = build_optimizer(params, tc)
     lr_sched = build_lr_scheduler(optimizer, tc)
-    ema = EMA(params, tc.ema_decay) if tc.use_ema else None
-    sampler = GlobalBatchSampler(len(cond_all), make_generator(seed, 0))
+    ema = build_ema(params, tc.ema_decay) if tc.use_ema else None
+    sampler = GlobalBatchSampler(len(cond_all), seeds.generator(seed, "finetune.order"))
     step = 0
     ckpt = resolve_resume(resume, ckpt_dir)
     if ckpt is not None:
@@ -205,6 +187,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
             if ckpt.get("ema") is None:
                 raise MVCError("train.use_ema=true but the checkpoint has no EMA; resume with the same config")
             ema.load_state_dict(ckpt["ema"])
+            ema.to(acc.device)
         step = int(ckpt["step"])
         if world == 1 and ckpt.get("world_size") == 1:
             set_rng_state(ckpt["rng"])
@@ -217,6 +200,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
 
     # 3. Loop: each optimizer step = grad_accum micro-steps of the global batch B.
     logger = RunLogger(out_dir, enabled=main)
+    logger.config(dataclasses.asdict(cfg), metrics=["train/loss"])
     if main:
         logger.scalars(step, {"cache_seconds": cache_s, "world_size": world, "seed": seed}, prefix="setup/")
     shard = torch.tensor_split(torch.arange(B), world)[rank]
@@ -233,7 +217,8 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
         for micro in range(tc.grad_accum):
             idx = sampler.next(B)[rows]
             rnd = draw_step_noise(B, latent_shape, ttimesteps, tc.random_flip, tc.drop_text_prob,
-                                  tc.drop_image_prob, tc.drop_both_prob, make_generator(seed, 1, step, micro))
+                                  tc.drop_image_prob, tc.drop_both_prob,
+                                  seeds.generator(seed, "finetune.step", step, micro))
             rnd = rnd.rows(rows).to(acc.device)
             batch = gather_batch(latents, text, cond_all[idx], tgt_all[idx], prompt_src[idx], rnd)
             with acc.accumulate(unet):
@@ -253,7 +238,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
         if not optimizer.step_was_skipped:
             lr_sched.step()
         if ema is not None:
-            ema.update(params)
+            ema.step(params)
         step += 1
         losses.append(step_loss)
         ips = B * tc.grad_accum / (time.perf_counter() - t_start)
@@ -263,7 +248,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
             logger.scalars(step, {"loss": step_loss, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
                                   "images_per_s": ips}, prefix="train/")
         if main and (step % tc.validate_every == 0 or step == tc.max_steps):
-            grid = validation_grid(components, bare, dataset, pairs, prompts, tc, seed)
+            grid = validation_grid(components, bare, dataset, pairs, prompts, tc, seed, ema)
             logger.image("validation", grid, step, path=out_dir / "validation" / f"step-{step:06d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             if main:
@@ -271,14 +256,17 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
                     "unet": trainable_state_dict(bare), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema else None,
                     "sampler": sampler.state_dict(), "rng": rng_state(), "world_size": world,
-                }, config_to_dict(cfg), keep=tc.checkpoints_keep)
+                }, dataclasses.asdict(cfg), keep=tc.checkpoints_keep)
             acc.wait_for_everyone()
     pbar.close()
 
     # 4. The diffusers folder generation loads (EMA weights when kept, LoRA merged).
-    final_dir = out_dir / "final"
+    final_dir = Path(final_dir) if final_dir is not None else out_dir / "final"
     if main:
-        save_final_pipeline(final_dir, components, bare, ema)
+        save_ip2p_folder(final_dir, components, bare, ema=ema, training={
+            "resolution": tc.resolution, "vae_scale_factor": vae_scale_factor(components["vae"]), "steps": step,
+            "base": cfg.model.base, "prompt_template": cfg.captions.prompt_template,
+            "captioner": cfg.captions.captioner, "ema": ema is not None, "lora_rank": tc.lora_rank})
     acc.wait_for_everyone()
     logger.close()
     return {"losses": losses, "step": step, "final_dir": final_dir, "images_per_s": ips, "cache_seconds": cache_s}
@@ -304,26 +292,38 @@ def _pairs_for(cfg, labelled, path: Path, main: bool):
     return pairs
 
 
-def main(cfg, resume: str | None = None) -> dict:
-    """train_mvc: splits -> pairs -> captions -> prompts -> base components -> widen conv_in -> train -> final."""
-    from mvc.captions import load_captions, make_prompt, validate_template
-    from mvc.data import load_splits
-    from mvc.models import load_base_components, widen_conv_in
+def load_base(cfg, pool, output_dir: Path, progress: bool = True) -> dict:
+    """The base's unet, vae, text_encoder, tokenizer and scheduler (U-Net not yet widened): the tiny base
+    (built from the remainder `pool`, or taken from its cache), a hub id or a local diffusers folder."""
+    from mvc.models import load_pipeline_components
 
-    validate_template(cfg.captions.prompt_template)
-    check_resume(resume, Path(cfg.run.output_dir) / "mvc" / "checkpoints")  # before the slow loading below
-    acc = make_accelerator(cfg.train)
-    cfg.run.seed = _broadcast_seed(acc, cfg.run.seed)  # a drawn seed is recorded in the saved config
-    out = Path(cfg.run.output_dir)
-    if acc.is_main_process:
-        save_config(cfg, out / "config-train_mvc.yaml")
+    if cfg.model.base == "tiny":
+        from mvc.tiny import get_tiny_base
+
+        if pool is None or len(pool) == 0:
+            raise MVCError("model.base=tiny pretrains on the remainder pool, which is empty: lower data.k_per_class "
+                           "(it must leave training images outside the labelled subset) or give a pretrained base")
+        folder = get_tiny_base(cfg.tiny, pool, output_dir=output_dir, progress=progress)
+        return load_pipeline_components(str(folder))
+    return load_pipeline_components(cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant)
+
+
+def run(cfg, accelerator, resume: str | None = None) -> dict:
+    """The train_mvc stage: splits -> pairs -> captions -> prompts -> base -> widen conv_in -> train -> final."""
+    from mvc.captions import load_captions
+    from mvc.data import load_splits
+    from mvc.models import widen_conv_in
+    from mvc.paths import RunPaths
+    from mvc.prompts import make_prompt
+
+    acc, paths = accelerator, RunPaths.of(cfg)
     # Process 0 does any download / captioning / base building first; the others then read its caches.
     with acc.main_process_first():
         labelled, pool, _test = load_splits(cfg.data)
-        pairs = _pairs_for(cfg, labelled, out / "pairs.npz", acc.is_main_process)
+        pairs = _pairs_for(cfg, labelled, paths.pairs, acc.is_main_process)
         captions = load_captions(cfg, labelled)
-        components = load_base_components(cfg.model, cfg.tiny, pool=pool, output_dir=out)
+        components = load_base(cfg, pool, paths.root, progress=acc.is_main_process)
     prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])
                for i, t in zip(labelled.ids, labelled.targets)]
     components["unet"] = widen_conv_in(components["unet"])
-    return finetune(cfg, components, labelled, pairs, prompts, out / "mvc", resume=resume, accelerator=acc)
+    return finetune(cfg, components, labelled, pairs, prompts, paths.mvc, resume=resume, accelerator=acc)

@@ -1,16 +1,14 @@
-"""Fine-tuning set-up: which U-Net weights train (full or LoRA), attention, optimizer, LR schedule,
-EMA, and the final diffusers folder."""
+"""Fine-tuning set-up: which U-Net weights train (full or LoRA), attention, optimizer, LR schedule, EMA."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import os
-import shutil
-from pathlib import Path
+from typing import Callable
 
 import torch
 
+from mvc.registry import Registry
+from mvc.schedules import lambda_lr
 from mvc.utils import MVCError
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -27,21 +25,37 @@ def freeze(*modules) -> None:
         m.eval()
 
 
-def set_attention(unet, kind: str) -> None:
-    """Select the U-Net attention implementation: 'sdpa', 'xformers' (must be installed) or 'default'."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+ATTENTION: Registry[Callable] = Registry("attention implementation")
 
-    if kind == "sdpa":
-        unet.set_attn_processor(AttnProcessor2_0())
-    elif kind == "default":
-        unet.set_attn_processor(AttnProcessor())
-    elif kind == "xformers":
-        if importlib.util.find_spec("xformers") is None:
-            raise MVCError("train.attention=xformers but xformers is not installed; "
-                           "pip install xformers (GPU) or use train.attention=sdpa")
-        unet.enable_xformers_memory_efficient_attention()
-    else:
-        raise MVCError(f"unknown train.attention {kind!r}; choose sdpa, xformers or default")
+
+@ATTENTION.register("sdpa")
+def _sdpa(unet) -> None:
+    """torch's scaled_dot_product_attention (flash / memory-efficient kernels where available)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+@ATTENTION.register("default")
+def _default(unet) -> None:
+    """diffusers' plain attention (explicit softmax)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
+
+
+@ATTENTION.register("xformers")
+def _xformers(unet) -> None:
+    """xformers' memory-efficient attention (must be installed; GPU)."""
+    if importlib.util.find_spec("xformers") is None:
+        raise MVCError("train.attention=xformers but xformers is not installed; "
+                       "pip install xformers (GPU) or use train.attention=sdpa")
+    unet.enable_xformers_memory_efficient_attention()
+
+
+def set_attention(unet, kind: str) -> None:
+    """Select the U-Net attention implementation by its `ATTENTION` name."""
+    ATTENTION.get(kind)(unet)
 
 
 def prepare_unet(unet, train_cfg) -> list[torch.nn.Parameter]:
@@ -107,97 +121,12 @@ def build_optimizer(params: list[torch.nn.Parameter], train_cfg) -> torch.optim.
 
 
 def build_lr_scheduler(optimizer, train_cfg):
-    """diffusers' LR schedule with warm-up, stepped once per optimizer step (never per process)."""
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(train_cfg.lr_scheduler, optimizer, num_warmup_steps=train_cfg.lr_warmup_steps,
-                         num_training_steps=train_cfg.max_steps)
+    """The LR schedule (mvc.schedules) with warm-up, stepped once per optimizer step (never per process)."""
+    return lambda_lr(optimizer, train_cfg.lr_scheduler, train_cfg.max_steps, train_cfg.lr_warmup_steps)
 
 
-#################################################################################
-#                                      EMA                                      #
-#################################################################################
+def build_ema(params: list[torch.nn.Parameter], decay: float):
+    """diffusers' `EMAModel` of the trainable parameters ((1+n)/(10+n) warm-up of the decay, capped at `decay`)."""
+    from diffusers.training_utils import EMAModel
 
-class EMA:
-    """Exponential moving average of the trainable parameters, with the usual (1+n)/(10+n) warm-up."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.decay = decay
-        self.num_updates = 0
-        self.shadow = [p.detach().clone().float() for p in params]
-
-    def effective_decay(self) -> float:
-        """Decay used at the next update (small early, so the EMA does not stick to the start)."""
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-
-    @torch.no_grad()
-    def update(self, params: list[torch.nn.Parameter]) -> None:
-        """shadow <- d * shadow + (1 - d) * param."""
-        d = self.effective_decay()
-        for s, p in zip(self.shadow, params):
-            s.lerp_(p.detach().float(), 1.0 - d)
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, params: list[torch.nn.Parameter]) -> None:
-        """Write the averaged weights into `params`."""
-        for s, p in zip(self.shadow, params):
-            p.copy_(s.to(p.dtype))
-
-    def state_dict(self) -> dict:
-        """Plain tensors and numbers (weights_only-loadable)."""
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.cpu() for s in self.shadow]}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from `state_dict`."""
-        self.decay = state["decay"]
-        self.num_updates = state["num_updates"]
-        self.shadow = [s.to(o.device) for s, o in zip(state["shadow"], self.shadow)]
-
-
-#################################################################################
-#                                 Final folder                                  #
-#################################################################################
-
-def export_unet(unet, ema: EMA | None = None):
-    """A plain (LoRA merged) copy of the U-Net, with the EMA weights when given, for saving."""
-    out = copy.deepcopy(unet)
-    if ema is not None:
-        ema.copy_to([p for p in out.parameters() if p.requires_grad])
-    if getattr(out, "peft_config", None):
-        out.fuse_lora()    # W <- W + scale * B @ A in every adapted layer
-        out.unload_lora()  # drop the adapter modules, keeping the merged weights
-    out.requires_grad_(False)
-    out.eval()
-    return out
-
-
-def ip2p_pipeline(components: dict, unet):
-    """A StableDiffusionInstructPix2PixPipeline from the components with `unet` (Euler-ancestral sampler)."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
-
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=unet, scheduler=EulerAncestralDiscreteScheduler.from_config(components["scheduler"].config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def save_final_pipeline(out_dir: str | os.PathLike, components: dict, unet, ema: EMA | None = None) -> Path:
-    """Save the InstructPix2Pix pipeline folder (safetensors) atomically: temp folder, then rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        ip2p_pipeline(components, export_unet(unet, ema)).save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return EMAModel(params, decay=decay)

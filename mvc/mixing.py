@@ -18,6 +18,11 @@ Ops compose with '+' (`"coarse+fine"`: coarse, then fine on its output); with `s
 dispatcher applies only the ops of one stage, so a caller edits ids, encodes, then edits
 embeddings. Every function takes a `torch.Generator`, returns a new tensor and leaves its inputs
 untouched. Importing this module is cheap (config validation calls `list_mixing_ops()`).
+
+The *mixing plan* of a synthetic set lives here too, pure and tested: `ClassPrompts` (each source's
+prompt, token ids, embedding and caption window, computed once per class), `plan_mix` (the donor
+draw, the window a swap may use, k and m fitted to the window) and `mix_prompts` (one batch of
+mixed embeddings, with one text-encoder call for every token-edited prompt).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mvc.captions import make_prompt
+from mvc import seeds
+from mvc.prompts import caption_token_span, make_prompt
 from mvc.registry import Registry
 from mvc.utils import MVCError
 
@@ -35,6 +41,8 @@ Window = tuple[int, int] | Sequence[tuple[int, int]] | torch.Tensor | None
 
 
 STAGES = ("tokens", "embeds")  # token ids before the text encoder, its output embeddings
+COARSE_MODES = ("shuffle", "swap")  # permute tokens of the window / take them from a donor
+FINE_SOURCES = ("donor", "self", "noise")  # where a fine slice's new values come from
 
 
 @dataclass(frozen=True)
@@ -58,48 +66,6 @@ def list_mixing_ops() -> list[str]:
 #################################################################################
 #                                  Windows                                      #
 #################################################################################
-
-def caption_token_span(tokenizer, prompt_template: str, caption: str, label: str) -> tuple[int, int]:
-    """[start, end) token positions of `caption` inside the tokenized prompt (BOS is position 0).
-
-    The caption is located by its characters in the formatted prompt (wherever the template puts
-    it), then mapped to tokens with the tokenizer's offsets. A caption cut off by the tokenizer's
-    max length gives the part that survives; an empty one gives an empty span (start == end).
-    """
-    prompt = make_prompt(prompt_template, caption, label)  # refuses a template without {caption}
-    c0 = _locate_caption(prompt_template, prompt, caption, label)
-    c1 = c0 + len(caption)
-    max_len = int(tokenizer.model_max_length)
-    try:
-        enc = tokenizer(prompt, truncation=True, max_length=max_len, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        offsets = None
-    if offsets is not None:
-        # special tokens (BOS/EOS/padding) have empty (0, 0) offsets
-        pos = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
-        if not pos:
-            return (1, 1)
-        return (min(pos), max(pos) + 1)
-    # slow tokenizers: count the tokens of the text before the caption, then of the caption
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    start = 1 + len(ids(prompt[:c0].strip())) if prompt[:c0].strip() else 1
-    end = min(start + len(ids(caption)), max_len - 1)
-    return (min(start, end), end)
-
-
-def _locate_caption(template: str, prompt: str, caption: str, label: str) -> int:
-    """Character index of `caption` in `prompt` (template prefix first, else a search)."""
-    prefix = template.split("{caption}", 1)[0].format(label=label)
-    if prompt[len(prefix):len(prefix) + len(caption)] == caption:
-        return len(prefix)
-    i = prompt.find(caption)
-    if i < 0:
-        i = prompt.lower().find(caption.lower().strip())
-    if i < 0:
-        raise MVCError(f"cannot find the caption {caption!r} in the prompt {prompt!r}")
-    return i
-
 
 def _windows(window: Window, batch: int, length: int) -> list[tuple[int, int]]:
     """Normalise `window` (None: all T positions; one (start, end); or B of them) to B checked pairs."""
@@ -151,8 +117,8 @@ def coarse_indices(generator: torch.Generator, k: int, windows: Sequence[tuple[i
     """Per row, (positions, sources): k distinct positions in the row's window and, for 'shuffle', the
     positions they take their token from (a permutation of them that is not the identity when k >= 2);
     for 'swap', sources = positions (read from the donor). Both (k,) int64 on the CPU."""
-    if mode not in ("shuffle", "swap"):
-        raise MVCError(f"coarse mixing mode must be 'shuffle' or 'swap', got {mode!r}")
+    if mode not in COARSE_MODES:
+        raise MVCError(f"coarse mixing mode must be one of {', '.join(COARSE_MODES)}, got {mode!r}")
     k = int(k)
     out = []
     for s, e in windows:
@@ -194,8 +160,8 @@ def fine_mix(embeds: torch.Tensor, generator: torch.Generator, m: int, s: int, s
     per-dimension mean and std over tokens 1..T-1, skipping BOS whose values are outliers in CLIP).
     The slice is contiguous or scattered, drawn anew for each of the m tokens.
     """
-    if source not in ("donor", "self", "noise"):
-        raise MVCError(f"fine mixing source must be 'donor', 'self' or 'noise', got {source!r}")
+    if source not in FINE_SOURCES:
+        raise MVCError(f"fine mixing source must be one of {', '.join(FINE_SOURCES)}, got {source!r}")
     _check(embeds, donor, source == "donor")
     B, T, D = embeds.shape
     wins = _windows(window, B, T)
@@ -320,3 +286,152 @@ def apply_mixing(x: torch.Tensor, op: str, params: dict, generator: torch.Genera
         if stage is None or st == stage:
             out = MIXING_OPS.get(name).fn(out, params, generator, donor, window)
     return out if out is not x else x.clone()
+
+
+#################################################################################
+#                       The mixing plan of a synthetic set                      #
+#################################################################################
+
+def parse_window(window: Any) -> tuple[int, int] | None:
+    """mixing.window: 'caption' -> None (each source's caption span), or a checked [start, end)."""
+    if window == "caption":
+        return None
+    if (isinstance(window, (list, tuple)) and len(window) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in window)):
+        return int(window[0]), int(window[1])
+    raise MVCError(f"mixing.window must be 'caption' or [start, end), got {window!r}")
+
+
+@dataclass
+class ClassPrompts:
+    """Per class, computed once: each source's prompt as token ids (T,), mask (T,), embedding (T, D) and
+    the window of positions mixing may touch (its caption's tokens, or the fixed `mixing.window`)."""
+    sources: list[int]
+    ids: dict[int, str]
+    captions: dict[int, str]
+    tokens: dict[int, torch.Tensor]
+    masks: dict[int, torch.Tensor]
+    embeds: dict[int, torch.Tensor]
+    windows: dict[int, tuple[int, int]]
+    caption_windows: bool
+
+    @classmethod
+    def build(cls, sources: Sequence[int], ids: Sequence[str], captions: Sequence[str], class_name: str,
+              template: str, window: tuple[int, int] | None, tokenizer: Any,
+              encode_ids: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "ClassPrompts":
+        """Tokenize and encode each distinct prompt of the class once; `ids`/`captions` align with `sources`."""
+        from mvc.sd_io import tokenize
+
+        sources = [int(s) for s in sources]
+        prompts = {s: make_prompt(template, c, class_name) for s, c in zip(sources, captions)}
+        uniq = sorted(set(prompts.values()))
+        tok, mask = tokenize(tokenizer, uniq)  # (U, T), (U, T)
+        emb = encode_ids(tok, mask)  # (U, T, D)
+        row = {s: uniq.index(prompts[s]) for s in sources}
+        T = int(emb.shape[1])
+        if window is not None:
+            if not 0 <= window[0] < window[1] <= T:
+                raise MVCError(f"mixing.window {list(window)} is not a non-empty range inside the {T} token positions")
+            windows = {s: tuple(window) for s in sources}
+        else:
+            windows = {s: caption_token_span(tokenizer, template, c, class_name) for s, c in zip(sources, captions)}
+        return cls(sources, dict(zip(sources, map(str, ids))), dict(zip(sources, captions)),
+                   {s: tok[row[s]] for s in sources}, {s: mask[row[s]] for s in sources},
+                   {s: emb[row[s]] for s in sources}, windows, window is None)
+
+
+@dataclass
+class MixPlan:
+    """One image's mixing draw: its generator, params (k/m fitted to the windows), windows and donor."""
+    gen: torch.Generator
+    params: dict
+    stages: list[str]
+    window: tuple[int, int]  # the source's window (fine, and coarse at the 'embeds' stage)
+    coarse_window: tuple[int, int]  # where coarse runs at the 'tokens' stage
+    donor: int | None
+    clamped: bool  # k or m was lowered to fit a short caption window
+
+
+def plan_mix(source: int, variant: int, op: str, ctx: ClassPrompts, params: dict, seed: int) -> MixPlan:
+    """Draw the donor and fit k/m to the windows of one image (the first draws of its mixing generator)."""
+    mg = seeds.generator(seed, "generate.mixing", source, variant)  # apart from the diffusion noise
+    names, stages, p = parse_op(op), op_stages(op, params), dict(params)
+    w = ctx.windows[source]
+    donor = None
+    if op_needs_donor(op, p):
+        others = [s for s in ctx.sources if s != source]
+        if not others:
+            raise MVCError(f"source {ctx.ids[source]!r} is alone in its class, but {op!r} mixing needs a donor: "
+                           "set mixing.coarse_mode=shuffle and mixing.fine_source=self (or noise)")
+        donor = others[_randint(len(others), mg)]
+    if w[1] <= w[0] and op != "none":
+        raise MVCError(f"source {ctx.ids[source]!r} has an empty caption; set mixing.window=[start, end) to mix it")
+    wc = w
+    if "tokens" in stages and p.get("mode") == "swap" and ctx.caption_windows:
+        # a donor token id past the end of the donor's caption would be template text or EOS/padding:
+        # swap only where both captions have tokens (same class, same template: the same start)
+        dw = ctx.windows[donor]
+        wc = (max(w[0], dw[0]), min(w[1], dw[1]))
+        if wc[1] <= wc[0]:
+            raise MVCError(f"source {ctx.ids[source]!r} and its donor {ctx.ids[donor]!r} share no caption token "
+                           f"positions; use mixing.coarse_mode=shuffle or a fixed mixing.window")
+    T = int(ctx.embeds[source].shape[0])
+    for key, name, win in (("k", "coarse", wc), ("m", "fine", w)):
+        # a size no window can hold, or larger than a window the user fixed, is an error, not a clamp
+        if name in names and (p[key] > T or (not ctx.caption_windows and p[key] > win[1] - win[0])):
+            raise MVCError(f"{name} mixing {key}={p[key]} does not fit the window {list(win)} of {win[1] - win[0]} "
+                           f"token positions (the embedding has {T}); lower {key} or widen mixing.window")
+    clamped = False
+    if "coarse" in names and p["k"] > wc[1] - wc[0]:
+        p["k"], clamped = wc[1] - wc[0], True
+    if "fine" in names and p["m"] > w[1] - w[0]:
+        p["m"], clamped = w[1] - w[0], True
+    return MixPlan(mg, p, stages, w, wc, donor, clamped)
+
+
+def mix_prompts(jobs: Sequence[Any], ctx: ClassPrompts, params: dict, seed: int,
+                encode_ids: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                ids_to_tokens: Callable[[list[int]], list[str]]) -> tuple[torch.Tensor, list[dict], int]:
+    """Mixed prompt embeddings (B, T, D) of images of one class (each with .source, .variant, .op), the
+    `op_params` of each (what was drawn), and how many had k/m lowered.
+
+    Token-stage parts (coarse with coarse_stage='tokens') edit each source's token ids, then ONE
+    `encode_ids` call encodes every edited prompt of the batch; embedding-stage parts (fine; coarse at
+    'embeds') then edit the embeddings. Unedited prompts reuse the class's cached embeddings.
+    """
+    plans = [plan_mix(j.source, j.variant, j.op, ctx, params, seed) for j in jobs]
+    embeds = [ctx.embeds[j.source][None] for j in jobs]  # each (1, T, D)
+    edited: dict[int, torch.Tensor] = {}  # job position -> its edited token ids (1, T)
+    for i, (j, pl) in enumerate(zip(jobs, plans)):
+        if "tokens" in pl.stages:
+            donor = ctx.tokens[pl.donor][None] if pl.donor is not None else None
+            edited[i] = apply_mixing(ctx.tokens[j.source][None], j.op, pl.params, pl.gen, donor=donor,
+                                     window=pl.coarse_window, stage="tokens")
+    if edited:
+        rows = list(edited)
+        enc = encode_ids(torch.cat([edited[i] for i in rows]), torch.stack([ctx.masks[jobs[i].source] for i in rows]))
+        for n, i in enumerate(rows):
+            embeds[i] = enc[n:n + 1]
+    out = []
+    for i, (j, pl) in enumerate(zip(jobs, plans)):
+        if "embeds" in pl.stages:
+            donor = ctx.embeds[pl.donor][None] if pl.donor is not None else None
+            embeds[i] = apply_mixing(embeds[i], j.op, pl.params, pl.gen, donor=donor, window=pl.window, stage="embeds")
+        op_p = {**op_params(j.op, pl.params), "window": list(pl.window)}
+        if i in edited:
+            op_p["coarse_window"] = list(pl.coarse_window)
+            w0, w1 = pl.window
+            op_p["mixed_tokens"] = ids_to_tokens(edited[i][0, w0:w1].tolist())  # the caption now
+        if pl.donor is not None:
+            op_p["donor_index"], op_p["donor_id"] = pl.donor, ctx.ids[pl.donor]
+        out.append(op_p)
+    return torch.cat(embeds), out, sum(pl.clamped for pl in plans)
+
+
+def check_donors(class_sizes: Sequence[int], class_names: Sequence[str], ops: Sequence[str], params: dict) -> None:
+    """Refuse, before any work, donor mixing for a class with a single labelled image (no other caption)."""
+    needs = any(op_needs_donor(op, params) for op in ops)
+    for n, name in zip(class_sizes, class_names):
+        if needs and int(n) == 1:
+            raise MVCError(f"class {name!r} has one labelled image, but donor mixing needs two: "
+                           f"set mixing.coarse_mode=shuffle and mixing.fine_source=self (or noise)")

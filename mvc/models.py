@@ -1,22 +1,30 @@
-"""The base pipeline MVC fine-tunes: loading its components, and the `conv_in` surgery.
+"""Pipelines in and out: the base's components, the `conv_in` surgery, and the fine-tuned IP2P folder.
 
-`model.base` is 'tiny' (the locally pretrained tiny base, see `mvc.tiny.get_tiny_base`), a hub id
-(e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), or a local diffusers folder in the
-text-to-image (StableDiffusionPipeline) or InstructPix2Pix layout. Each component is loaded with
-its own diffusers / transformers class from its sub-folder, as safetensors.
+- In: a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local diffusers folder in the
+  text-to-image (StableDiffusionPipeline) or InstructPix2Pix layout; each component is loaded with its
+  own diffusers / transformers class from its sub-folder, as safetensors.
+- Out: the fine-tuned model is a plain `StableDiffusionInstructPix2PixPipeline` folder that diffusers'
+  `from_pretrained` loads, plus `mvc_training.json`, which records the resolution it was tuned at
+  (generation samples at that resolution unless told otherwise). Its U-Net's `sample_size` is set to
+  that resolution too, so diffusers' own defaults agree.
+- Samplers: the diffusers schedulers `generate.scheduler` names (`SAMPLERS`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mvc.utils import MVCError
+from mvc.registry import Registry
+from mvc.utils import MVCError, atomic_dir, clean_stale_temps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TRAINING_FILE = "mvc_training.json"
 
 
 #################################################################################
@@ -62,24 +70,6 @@ def load_pipeline_components(base: str, revision: str | None = None, variant: st
     return out
 
 
-def load_base_components(model_cfg: Any, tiny_cfg: Any = None, pool: Any = None,
-                         output_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
-    """The base's unet, vae, text_encoder, tokenizer and scheduler (U-Net not yet widened).
-
-    With `model_cfg.base == 'tiny'` the tiny base is built (or taken from its cache) from the
-    remainder `pool` of the training set; call this under `accelerator.main_process_first()`.
-    """
-    if model_cfg.base == "tiny":
-        from mvc.tiny import get_tiny_base
-
-        if tiny_cfg is None or pool is None:
-            raise MVCError("model.base=tiny needs the tiny config and the remainder pool (data.k_per_class must "
-                           "leave images outside the labelled subset)")
-        folder = get_tiny_base(tiny_cfg, pool, output_dir=output_dir, progress=progress)
-        return load_pipeline_components(str(folder))
-    return load_pipeline_components(model_cfg.base, revision=model_cfg.revision, variant=model_cfg.variant)
-
-
 #################################################################################
 #                               conv_in surgery                                 #
 #################################################################################
@@ -108,6 +98,121 @@ def widen_conv_in(unet: Any, in_channels: int = 8) -> Any:
     unet.conv_in = new
     unet.register_to_config(in_channels=in_channels)
     return unet
+
+
+#################################################################################
+#                                   Samplers                                    #
+#################################################################################
+
+# config name -> (diffusers scheduler class, extra kwargs)
+SAMPLERS: Registry[tuple[str, dict]] = Registry("sampler")
+SAMPLERS.register("euler_ancestral")(("EulerAncestralDiscreteScheduler", {}))
+SAMPLERS.register("euler")(("EulerDiscreteScheduler", {}))
+SAMPLERS.register("ddim")(("DDIMScheduler", {}))
+SAMPLERS.register("dpmpp")(("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}))
+
+
+def build_sampler(name: str, config: Any):
+    """The diffusers scheduler named `name` (`generate.scheduler`), built from a pipeline's scheduler config."""
+    import diffusers
+
+    cls_name, kw = SAMPLERS.get(name)
+    return getattr(diffusers, cls_name).from_config(config, **kw)
+
+
+#################################################################################
+#                          The fine-tuned IP2P folder                           #
+#################################################################################
+
+def ip2p_pipeline(components: dict, unet: Any, sampler: str = "euler_ancestral"):
+    """A StableDiffusionInstructPix2PixPipeline from the components with `unet` (no safety checker)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=unet, scheduler=build_sampler(sampler, components["scheduler"].config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export_unet(unet: Any, ema: Any = None, resolution: int | None = None, vae_scale_factor: int = 8):
+    """A plain (LoRA merged) copy of the U-Net for saving: the EMA weights when given, `sample_size` set
+    to the training resolution in latents."""
+    out = copy.deepcopy(unet)
+    if ema is not None:
+        ema.copy_to([p for p in out.parameters() if p.requires_grad])
+    if getattr(out, "peft_config", None):
+        out.fuse_lora()    # W <- W + scale * B @ A in every adapted layer
+        out.unload_lora()  # drop the adapter modules, keeping the merged weights
+    if resolution is not None:
+        out.register_to_config(sample_size=int(resolution) // int(vae_scale_factor))
+    out.requires_grad_(False)
+    out.eval()
+    return out
+
+
+def save_ip2p_folder(out_dir: str | os.PathLike, components: dict, unet: Any, training: dict,
+                     ema: Any = None) -> Path:
+    """Save the fine-tuned IP2P pipeline (safetensors) and `mvc_training.json` atomically: temp folder, rename."""
+    out_dir = Path(out_dir)
+    clean_stale_temps(out_dir.parent, out_dir.name)
+    f = vae_scale_factor(components["vae"])
+    with atomic_dir(out_dir) as tmp:
+        exported = export_unet(unet, ema, training.get("resolution"), f)
+        ip2p_pipeline(components, exported).save_pretrained(tmp, safe_serialization=True)
+        (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2, default=str) + "\n")
+    return out_dir
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """Pixel size / latent size of a VAE (what the pipelines compute)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def training_info(model_dir: str | os.PathLike) -> dict:
+    """`mvc_training.json` of a fine-tuned folder ({} for a folder made elsewhere)."""
+    p = Path(model_dir) / TRAINING_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        raise MVCError(f"{p} is not valid JSON; fine-tune again or delete the file") from None
+
+
+def load_ip2p_pipeline(model_dir: str | os.PathLike, sampler: str = "euler_ancestral", device: Any = None,
+                       dtype: torch.dtype | None = None):
+    """The fine-tuned `StableDiffusionInstructPix2PixPipeline` folder, with the chosen sampler."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    path = Path(model_dir)
+    if not (path / "model_index.json").is_file():
+        raise MVCError(f"no fine-tuned pipeline at {path} (model_index.json missing); run train_mvc.py first "
+                       f"or set generate.model_dir")
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise MVCError(f"cannot load the pipeline at {path}: {str(e).splitlines()[0]}") from None
+    if pipe.unet.config.in_channels != 2 * pipe.vae.config.latent_channels:
+        raise MVCError(f"{path}: the U-Net takes {pipe.unet.config.in_channels} input channels, not "
+                       f"{2 * pipe.vae.config.latent_channels}; is it an InstructPix2Pix (MVC fine-tuned) model?")
+    if pipe.vae.config.latent_channels != 4:
+        raise MVCError(f"{path}: the InstructPix2Pix pipeline needs a VAE with 4 latent channels")
+    pipe.scheduler = build_sampler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def pipeline_resolution(model_dir: str | os.PathLike, pipe: Any) -> int:
+    """The resolution a fine-tuned folder was tuned at (mvc_training.json), else its U-Net's native size."""
+    res = training_info(model_dir).get("resolution")
+    return int(res) if res else int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 #################################################################################
@@ -141,7 +246,7 @@ def build_sd15_shape(parts: tuple[str, ...] = ("unet", "vae", "text_encoder")) -
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mvc.tiny import build_tiny_tokenizer
+    from mvc.tokenizer import build_tiny_tokenizer
 
     out: dict = {}
     if "unet" in parts:

@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from mvc.utils import MVCError, atomic_path, resolve_seed
+from mvc import seeds
+from mvc.seeds import resolve_seed
+from mvc.utils import MVCError, atomic_path
 from mvc.utils import fingerprint as _hash
 
 log = logging.getLogger(__name__)
 
 PAIRS_FORMAT = 1
+SMALL_CLASS_POLICIES = ("error", "skip")  # a class with fewer than 2 images: refuse it, or leave it out
 
 
 @dataclass
@@ -91,8 +94,8 @@ def build_pairs(data: Any, rounds: int, seed: int | None = 0, on_small_class: st
     naming it, or with `on_small_class="skip"` a warning and no pairs for it. Pairs are ordered by
     class, then round; each class uses its own generator seeded from (seed, class).
     """
-    if on_small_class not in ("error", "skip"):
-        raise MVCError(f"on_small_class must be 'error' or 'skip', got {on_small_class!r}")
+    if on_small_class not in SMALL_CLASS_POLICIES:
+        raise MVCError(f"on_small_class must be one of {', '.join(SMALL_CLASS_POLICIES)}, got {on_small_class!r}")
     if int(rounds) < 1:
         raise MVCError(f"pairs rounds must be >= 1, got {rounds}")
     rounds, seed = int(rounds), resolve_seed(seed)
@@ -118,7 +121,7 @@ def build_pairs(data: Any, rounds: int, seed: int | None = 0, on_small_class: st
         n = len(idx)
         if n < 2:
             continue
-        rng = np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32, int(c)])
+        rng = seeds.numpy_rng(seed, "pairs", int(c))
         base = np.broadcast_to(np.arange(n), (rounds, n))
         p = rng.permuted(base, axis=1)  # (rounds, n): each row a permutation of the class positions
         q = _derange_rows(p, rng.permuted(base, axis=1), rng)

@@ -7,11 +7,8 @@ CLIPTokenizer, DDPMScheduler), only smaller, so every script runs the same code 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,114 +17,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mvc.config import TinyBaseConfig
-from mvc.utils import MVCError, RunLogger, atomic_write_json, fingerprint, image_grid, make_generator
+from mvc import seeds
+from mvc.schedules import lr_multiplier
+from mvc.sd_io import images_to_uint8, tokenize, uint8_to_model
+from mvc.tokenizer import build_tiny_tokenizer
+from mvc.utils import MVCError, RunLogger, atomic_dir, atomic_write_json, clean_stale_temps, fingerprint, image_grid
 
 log = logging.getLogger(__name__)
 
 # Bump when the pretraining recipe changes, so cached bases built by an older recipe are not reused.
-RECIPE_VERSION = 2  # 2: deterministic tokenizer (train_bpe)
-
-#################################################################################
-#                                  Tokenizer                                    #
-#################################################################################
-
-# Words the tokenizer learns whole; anything else falls back to sub-word / byte tokens.
-BASE_WORDS = (
-    "a an the of and with on in photo image picture class type item object thing "
-    "dark bright light dim pale very mid medium gray grey black white "
-    "small large big tiny huge wide narrow tall short long thin thick square round "
-    "smooth textured plain patterned striped detailed soft sharp flat "
-    "symmetric asymmetric balanced lopsided centered left right top bottom upper lower "
-    "solid hollow filled outlined edge edges shape shapes"
-).split()
-
-
-def train_bpe(words: Iterable[str], vocab_size: int, suffix: str = "</w>") -> tuple[list[str], list[tuple[str, str]]]:
-    """Byte-level BPE trained deterministically on pre-tokenized `words`: (new tokens, merges) in merge order.
-
-    Each step merges the most frequent adjacent pair, ties broken by the pair's text, so the same
-    words always give the same vocabulary (HF's BpeTrainer breaks ties by ids that vary between
-    processes, which made every tiny base, and the synthetic data after it, differ run to run).
-    The last symbol of a word carries `suffix`, as CLIP's vocabulary does.
-    """
-    from collections import Counter
-
-    counts = Counter(words)
-    pieces = {w: [*w[:-1], w[-1] + suffix] for w in counts if w}
-    pairs: Counter = Counter()
-    for w, sym in pieces.items():
-        for ab in zip(sym, sym[1:]):
-            pairs[ab] += counts[w]
-    tokens, merges = [], []
-    while len(tokens) < vocab_size and pairs:
-        best = min(pairs, key=lambda ab: (-pairs[ab], ab))
-        merged = best[0] + best[1]
-        merges.append(best)
-        tokens.append(merged)
-        for w, sym in pieces.items():
-            if best[0] not in sym:
-                continue
-            i, out = 0, []
-            while i < len(sym):
-                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(sym[i])
-                    i += 1
-            if len(out) < len(sym):  # recount this word's pairs only
-                for ab in zip(sym, sym[1:]):
-                    pairs[ab] -= counts[w]
-                    if pairs[ab] == 0:
-                        del pairs[ab]
-                for ab in zip(out, out[1:]):
-                    pairs[ab] += counts[w]
-                pieces[w] = out
-    return tokens, merges
-
-
-@functools.lru_cache(maxsize=16)
-def _tiny_vocab(words: tuple[str, ...], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The tiny tokenizer's vocabulary and merges for `words` (cached: the same words give the same vocab)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    backend = CLIPTokenizer().backend_tokenizer  # CLIP's normalizer and pre-tokenizer (byte-level mapping)
-    pieces = [p for w in words for p, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(w))]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    # every byte is a token, also in its word-final form: any text tokenizes without <unk>
-    base = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(ch + "</w>" for ch in alphabet)]
-    tokens, merges = train_bpe(pieces, max(0, vocab_size - len(base)))
-    vocab: dict[str, int] = {}
-    for t in base + tokens:
-        vocab.setdefault(t, len(vocab))
-    return vocab, merges
-
-
-def build_tiny_tokenizer(extra_words: Iterable[str] = (), max_length: int = 32, vocab_size: int = 1000):
-    """A CLIPTokenizer whose byte-level BPE vocabulary is trained locally on a small word list.
-
-    Every byte is in the vocabulary (also word-final), so any text, class names included, tokenizes
-    without <unk>; the same words always give the same ids (`train_bpe` is deterministic).
-    """
-    from transformers import CLIPTokenizer
-
-    words = tuple(BASE_WORDS) + tuple(w for x in extra_words for w in str(x).lower().split())
-    vocab, merges = _tiny_vocab(words, vocab_size)
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
-
+RECIPE_VERSION = 3  # 2: deterministic tokenizer (train_bpe); 3: one resize filter (sd_io), named seeds
 
 #################################################################################
 #                                 Components                                    #
 #################################################################################
 
-def vae_scale_factor(cfg: TinyBaseConfig) -> int:
+def vae_scale_factor(cfg: Any) -> int:
     """Pixel size / latent size of the tiny VAE."""
     return 2 ** (len(cfg.vae_channels) - 1)
 
 
-def build_tiny_components(cfg: TinyBaseConfig, extra_words: Iterable[str] = (), in_channels: int = 4) -> dict:
+def build_tiny_components(cfg: Any, extra_words: Iterable[str] = (), in_channels: int = 4) -> dict:
     """Randomly initialised tiny SD components: unet, vae, text_encoder, tokenizer, scheduler.
 
     `in_channels=4` is the text-to-image base; 8 gives an InstructPix2Pix U-Net directly.
@@ -167,37 +77,20 @@ def build_tiny_components(cfg: TinyBaseConfig, extra_words: Iterable[str] = (), 
 #                              Pretraining data                                 #
 #################################################################################
 
-def images_to_uint8(dataset: Any, size: int, progress: bool = True) -> torch.Tensor:
-    """Every image of `dataset`, RGB, resized to size x size: a (N, 3, size, size) uint8 tensor."""
-    from PIL import Image
+def pool_images(dataset: Any, size: int, progress: bool = True, chunk: int = 1024) -> torch.Tensor:
+    """Every image of `dataset` at size x size (the SD input resize of `mvc.sd_io`): (N, 3, size, size) uint8."""
     from tqdm.auto import tqdm
 
     out = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
-    for i in tqdm(range(len(dataset)), desc="tiny base: images", unit="img", disable=not progress):
-        im = dataset.load_image(i).convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        out[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    for i in tqdm(range(0, len(dataset), chunk), desc="tiny base: images", unit="chunk", disable=not progress):
+        idx = range(i, min(i + chunk, len(dataset)))
+        out[i:i + len(idx)] = images_to_uint8([dataset.load_image(j) for j in idx], size)
     return out
 
 
-def to_model_range(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) in [0, 255] -> float in [-1, 1], the range SD's VAE works in."""
-    return x.float().div(127.5).sub(1.0)
-
-
-def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """Token ids padded / truncated to the tokenizer's max length: (N, L) int64."""
-    return tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
-
-
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warm-up, then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))
+def pretrain_lr(cfg: Any, step: int, total: int, warmup: int) -> float:
+    """The pretraining LR: linear warm-up, then cosine decay to 10% of `cfg.lr`."""
+    return cfg.lr * lr_multiplier("cosine", step, total, warmup, floor=0.1)
 
 
 #################################################################################
@@ -216,7 +109,7 @@ def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: fl
     opt.step()
 
 
-def pretrain_vae(vae: Any, images: torch.Tensor, cfg: TinyBaseConfig, device: Any = None,
+def pretrain_vae(vae: Any, images: torch.Tensor, cfg: Any, device: Any = None,
                  logger: RunLogger | None = None, progress: bool = True) -> float:
     """Train the VAE to reconstruct `images` (MSE + a small KL); returns the last-100-step mean MSE."""
     from tqdm.auto import tqdm
@@ -225,18 +118,18 @@ def pretrain_vae(vae: Any, images: torch.Tensor, cfg: TinyBaseConfig, device: An
     vae.to(device).train()
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen = make_generator(cfg.seed, 1)
+    gen = seeds.generator(cfg.seed, "tiny.vae")
     recent: list[float] = []
     bar = tqdm(range(cfg.vae_steps), desc="tiny base: VAE", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        x = to_model_range(images[idx]).to(device)  # (B, 3, S, S)
+        x = uint8_to_model(images[idx]).to(device)  # (B, 3, S, S)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
         mse = F.mse_loss(rec, x)
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element, so the weight is size-free
         loss = mse + cfg.vae_kl_weight * kl
-        _update(opt, loss, params, cfg.lr * _cosine_lr(step, cfg.vae_steps, warmup=min(50, cfg.vae_steps)), step, "VAE")
+        _update(opt, loss, params, pretrain_lr(cfg, step, cfg.vae_steps, warmup=min(50, cfg.vae_steps)), step, "VAE")
         recent = (recent + [mse.item()])[-100:]
         if step % 25 == 0 or step == cfg.vae_steps - 1:
             bar.set_postfix(mse=f"{np.mean(recent):.4f}")
@@ -250,13 +143,13 @@ def pretrain_vae(vae: Any, images: torch.Tensor, cfg: TinyBaseConfig, device: An
 def encode_latents(vae: Any, images: torch.Tensor, batch_size: int = 256, device: Any = None) -> torch.Tensor:
     """Posterior means of `images` (N, 3, S, S uint8): (N, C, S/f, S/f) float32, unscaled."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    out = [vae.encode(to_model_range(images[i:i + batch_size]).to(device)).latent_dist.mean.cpu()
+    out = [vae.encode(uint8_to_model(images[i:i + batch_size]).to(device)).latent_dist.mean.cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
 def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.Tensor, ids: torch.Tensor,
-                  null_ids: torch.Tensor, cfg: TinyBaseConfig, device: Any = None,
+                  null_ids: torch.Tensor, cfg: Any, device: Any = None,
                   logger: RunLogger | None = None, progress: bool = True) -> float:
     """Text-to-image noise-prediction training on scaled latents (N, C, h, w) and token ids (N, L).
 
@@ -271,7 +164,7 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
     text_encoder.to(device).train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen = make_generator(cfg.seed, 2)
+    gen = seeds.generator(cfg.seed, "tiny.unet")
     T = scheduler.config.num_train_timesteps
     recent: list[float] = []
     bar = tqdm(range(cfg.unet_steps), desc="tiny base: U-Net", disable=not progress)
@@ -288,8 +181,7 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
             ehs = text_encoder(tok.to(device))[0]  # (B, L, D)
         pred = unet(zt, t, encoder_hidden_states=ehs).sample
         loss = F.mse_loss(pred, noise)
-        _update(opt, loss, params, cfg.lr * _cosine_lr(step, cfg.unet_steps, warmup=min(100, cfg.unet_steps)), step,
-                "U-Net")
+        _update(opt, loss, params, pretrain_lr(cfg, step, cfg.unet_steps, warmup=min(100, cfg.unet_steps)), step, "U-Net")
         recent = (recent + [loss.item()])[-100:]
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             bar.set_postfix(loss=f"{np.mean(recent):.4f}")
@@ -308,7 +200,7 @@ def sample_grid(pipe: Any, captions: list[str], real: torch.Tensor, seed: int, s
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    gens = [make_generator(seed, 3, i) for i in range(len(captions))]
+    gens = [seeds.generator(seed, "tiny.samples", i) for i in range(len(captions))]
     with torch.no_grad():
         fake = pipe(captions, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
                     height=real.shape[-2], width=real.shape[-1], output_type="pil").images
@@ -323,20 +215,20 @@ def sample_grid(pipe: Any, captions: list[str], real: torch.Tensor, seed: int, s
 #                                 Cache                                         #
 #################################################################################
 
-def tiny_base_key(cfg: TinyBaseConfig, pool: Any, captioner_key: str) -> str:
+def tiny_base_key(cfg: Any, pool: Any, captioner_key: str) -> str:
     """Hash of the tiny section (minus cache_dir), the pool's fingerprint, the captioner and the recipe."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
     return fingerprint(RECIPE_VERSION, d, pool.fingerprint(), captioner_key)
 
 
-def get_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any = None,
+def get_tiny_base(cfg: Any, pool: Any, captioner: Any = None,
                   output_dir: str | os.PathLike | None = None, device: Any = None, progress: bool = True) -> Path:
     """The folder of the tiny base pretrained on `pool` (a StableDiffusionPipeline), built once and cached.
 
     The base learns from the remainder pool (disjoint from the labelled subset) with label-free
     `attributes` captions, under `cfg.cache_dir/<key>/`; later calls with the same tiny section
     and pool return the cached folder. The build is not resumable (a few minutes on 2 CPU cores):
-    an interrupted build leaves only a temporary folder, removed on the next build.
+    an interrupted build leaves only a temporary folder, removed by the next build.
     Pool captions are cached under `<output_dir>/captions/` when `output_dir` is given.
     """
     from mvc.captions import AttributeCaptioner
@@ -351,27 +243,15 @@ def get_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any = None,
     if (folder / "model_index.json").is_file():
         log.info("tiny base: cache hit %s", folder)
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".{key}.tmp-*"):  # left by an interrupted build
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-"))
-    try:
+    clean_stale_temps(root, key)  # temp folders of killed builds
+    with atomic_dir(folder) as tmp:
         with torch.random.fork_rng(devices=[]):  # seeding the build must not touch the caller's RNG
             _build_tiny_base(cfg, pool, captioner, tmp, output_dir, device, progress)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same build first: keep theirs
-            if not (folder / "model_index.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("tiny base: built %s", folder)
     return folder
 
 
-def _build_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any, out: Path,
+def _build_tiny_base(cfg: Any, pool: Any, captioner: Any, out: Path,
                      output_dir: str | os.PathLike | None, device: Any, progress: bool) -> None:
     """Pretrain the tiny base on `pool` and save it (pipeline, samples.png, tiny_base.json, logs/) in `out`."""
     from diffusers import StableDiffusionPipeline
@@ -380,15 +260,15 @@ def _build_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any, out: Path,
 
     t0 = time.time()
     if cfg.pool_size is not None and cfg.pool_size < len(pool):
-        rng = np.random.default_rng(cfg.seed)
+        rng = seeds.numpy_rng(cfg.seed, "tiny.pool")
         pool = pool.subset(np.sort(rng.choice(len(pool), cfg.pool_size, replace=False)))
     cap_path = (caption_cache_path(output_dir, captioner, pool) if output_dir is not None
                 else out / "pool_captions.jsonl")
     caps = caption_dataset(pool, captioner, cap_path, batch_size=256, progress=progress)
     captions = [caps[i] for i in pool.ids]
-    images = images_to_uint8(pool, cfg.image_size, progress=progress)  # (N, 3, S, S) uint8
+    images = pool_images(pool, cfg.image_size, progress=progress)  # (N, 3, S, S) uint8
 
-    torch.manual_seed(cfg.seed)  # the random initialisation of every component
+    torch.manual_seed(seeds.derive_seed(cfg.seed, "tiny.init"))  # the random initialisation of every component
     comps = build_tiny_components(cfg)
     vae, unet, text_encoder, tokenizer, scheduler = (comps[k] for k in
                                                       ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
@@ -401,8 +281,8 @@ def _build_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any, out: Path,
         latents = encode_latents(vae, images, device=device)  # (N, C, h, w)
         scaling = float(1.0 / latents.std())
         vae.register_to_config(scaling_factor=scaling)
-        ids = tokenize(tokenizer, captions)  # (N, L)
-        null_ids = tokenize(tokenizer, [""])[0]  # (L,)
+        ids = tokenize(tokenizer, captions)[0]  # (N, L)
+        null_ids = tokenize(tokenizer, [""])[0][0]  # (L,)
         unet_loss = pretrain_unet(unet, text_encoder, scheduler, latents * scaling, ids, null_ids, cfg,
                                   device, logger, progress)
         t3 = time.time()
@@ -411,7 +291,7 @@ def _build_tiny_base(cfg: TinyBaseConfig, pool: Any, captioner: Any, out: Path,
                                        requires_safety_checker=False)
         pipe.save_pretrained(out, safe_serialization=True)
         n = min(cfg.num_samples, len(pool))
-        pick = np.random.default_rng(cfg.seed + 1).choice(len(pool), n, replace=False)
+        pick = seeds.numpy_rng(cfg.seed, "tiny.samples").choice(len(pool), n, replace=False)
         grid = sample_grid(pipe, [captions[i] for i in pick], images[pick], cfg.seed, steps=cfg.sample_steps)
         logger.image("tiny_base/samples", grid, 0, path=out / "samples.png")
         atomic_write_json(out / "tiny_base.json", {

@@ -1,4 +1,4 @@
-"""Small helpers shared by every stage: user-facing errors, atomic files, seeds, logging."""
+"""Small helpers shared by every stage: user-facing errors, atomic files and folders, names, logging."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 
 #################################################################################
 #                                  Errors                                       #
@@ -90,12 +89,79 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+def repair_torn_tail(path: str | os.PathLike) -> None:
+    """Cut a torn last line (no trailing newline) left by a crash, so appends start on a fresh line."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+    data = path.read_bytes()
+    with open(path, "wb") as f:
+        f.write(data[: data.rfind(b"\n") + 1])  # everything up to the last complete line
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `path`; on success it replaces `path`, on error it is removed.
+
+    The temporary name carries the process id, so a concurrent writer of the same folder is never
+    disturbed; `clean_stale_temps` removes the leftovers of killed writers.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale_temps(folder: str | os.PathLike, name: str) -> None:
+    """Remove `.name.tmp-<pid>` / `.name.old-<pid>` folders of `atomic_dir` whose process is gone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.glob(f".{name}.*-*"):
+        kind, _, pid = p.name[len(name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def append_jsonl(path: str | os.PathLike, *records: dict) -> None:
+    """Append JSON lines and flush them to disk (a crash loses at most the lines being written).
+
+    A torn last line left by an earlier crash is cut first, so a new line never follows a broken one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repair_torn_tail(path)
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
 
@@ -159,35 +225,6 @@ def fingerprint(*items: Any) -> str:
 
 
 #################################################################################
-#                                   Seeds                                       #
-#################################################################################
-
-def resolve_seed(seed: int | None) -> int:
-    """Return `seed`, or draw a fresh one from the OS when it is None (so it can still be logged)."""
-    return int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def make_generator(seed: int, *index: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from (seed, *index), independent of any other draw."""
-    s = int(fingerprint(int(seed), *[int(i) for i in index]), 16) & 0x7FFFFFFFFFFFFFFF
-    return torch.Generator(device=device).manual_seed(s)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy/random from torch's per-worker seed."""
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
-#################################################################################
 #                                  Logging                                      #
 #################################################################################
 
@@ -237,10 +274,35 @@ class RunLogger:
                 fig.savefig(tmp, dpi=120, bbox_inches="tight")
         self._tb.add_figure(tag, fig, step, close=False)
 
+    def config(self, config: dict, metrics: dict[str, float] | None = None) -> None:
+        """Record a run's resolved config in TensorBoard: as YAML text, and as hparams (flattened keys) so
+        that runs compare in its HParams view against `metrics` (tags of scalars this run logs)."""
+        if not self.enabled:
+            return
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+
+        self._tb.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in flatten(config).items()}
+        exp, ssi, sei = hparams(flat, {tag: 0.0 for tag in (metrics or {})})
+        for summary in (exp, ssi, sei):
+            self._tb.file_writer.add_summary(summary)
+
     def close(self) -> None:
         """Flush and close TensorBoard."""
         if self._tb is not None:
             self._tb.close()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (a nested config as dotted keys)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def image_grid(rows: list[list], pad: int = 2, bg: int = 255):

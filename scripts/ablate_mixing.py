@@ -35,8 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mvc import seeds  # noqa: E402
 from mvc.config import build_parser, parse_args  # noqa: E402
-from mvc.utils import MVCError, atomic_path, atomic_write_text, batched, image_grid, make_generator, run_cli  # noqa: E402
+from mvc.utils import MVCError, atomic_path, atomic_write_text, batched, image_grid, run_cli  # noqa: E402
 
 
 def settings(ks: list[int], ss: list[int], stages: list[str]) -> list[tuple[str, str, dict]]:
@@ -50,9 +51,9 @@ def settings(ks: list[int], ss: list[int], stages: list[str]) -> list[tuple[str,
 @torch.no_grad()
 def latents_of(pipe, images, res: int) -> np.ndarray:
     """Flattened VAE latents (N, C*h*w) of PIL images: the feature space of the metrics."""
-    from mvc.generate import encode_conditions
+    from mvc.sd_io import encode_conditions
 
-    return encode_conditions(pipe, images, res).flatten(1).float().cpu().numpy()
+    return encode_conditions(pipe.vae, images, res).flatten(1).float().cpu().numpy()
 
 
 def pixels_of(images, res: int) -> np.ndarray:
@@ -98,35 +99,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from mvc.captions import load_captions
     from mvc.data import load_splits
-    from mvc.generate import (
-        Job,
-        _ClassContext,
-        _window_cfg,
-        encode_conditions,
-        encode_prompts,
-        load_pipeline,
-        mix_batch,
-        model_resolution,
-        render,
-    )
-    from mvc.mixing import mixing_params
+    from mvc.generate import render, resolve_resolution
+    from mvc.mixing import ClassPrompts, mix_prompts, mixing_params, parse_window
+    from mvc.models import load_ip2p_pipeline
+    from mvc.paths import RunPaths
+    from mvc.sd_io import encode_conditions, encode_ids, encode_prompts
+    from mvc.synthetic import Job
 
     g = cfg.generate
-    out = Path(args.out or Path(cfg.run.output_dir) / "ablation_mixing")
-    model_dir = Path(g.model_dir or Path(cfg.run.output_dir) / "mvc" / "final")
-    pipe = load_pipeline(model_dir, g.scheduler)
-    res = int(g.resolution or model_resolution(pipe))
+    paths = RunPaths.of(cfg)
+    out = Path(args.out or paths.root / "ablation_mixing")
+    model_dir = paths.final
+    pipe = load_ip2p_pipeline(model_dir, g.scheduler)
+    res = resolve_resolution(cfg, model_dir, pipe)
     steps = int(args.steps or g.num_inference_steps)
     seed = int(cfg.run.seed or 0)
     labelled = load_splits(cfg.data)[0]
     captions = load_captions(cfg, labelled)
-    window = _window_cfg(cfg.mixing.window)
+    window = parse_window(cfg.mixing.window)
     base_params = mixing_params(cfg.mixing)
     targets = np.asarray(labelled.targets)
     classes = [c for c in range(len(labelled.classes)) if (targets == c).sum() >= 2][: args.classes]
     if not classes:
         raise MVCError("no class has 2 labelled images")
-    neg = encode_prompts(pipe, [""])
+    neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    encode = lambda ids, mask: encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
 
     # the real images of the chosen classes: reference set for fidelity
     real_idx = [i for i in range(len(labelled)) if targets[i] in classes]
@@ -136,9 +133,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     ctxs, conds = {}, {}
     for c in classes:
-        ctxs[c] = _ClassContext(pipe, labelled, c, captions, cfg.captions.prompt_template, window)
+        sources = np.flatnonzero(targets == c).tolist()
+        ids = [str(labelled.ids[s]) for s in sources]
+        ctxs[c] = ClassPrompts.build(sources, ids, [captions[i] for i in ids], labelled.classes[c],
+                                     cfg.captions.prompt_template, window, pipe.tokenizer, encode)
         srcs = ctxs[c].sources[: args.sources]
-        lat = encode_conditions(pipe, [labelled.load_image(s) for s in srcs], res)
+        lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], res)
         conds.update({s: lat[i] for i, s in enumerate(srcs)})
 
     from tqdm.auto import tqdm
@@ -146,15 +146,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, panels, unmixed = [], [], {}
     for name, op, over in tqdm(settings(args.k, args.s, args.stages), desc="settings"):
         params = {**base_params, **over}
-        jobs = [Job(0, c, labelled.classes[c], s, labelled.ids[s], v, op)
+        jobs = [Job(0, c, labelled.classes[c], "", s, labelled.ids[s], v, op)
                 for c in classes for s in ctxs[c].sources[: args.sources] for v in range(args.variants)]
         images = []
         for c in classes:  # mix_batch works on the jobs of one class (its prompts, windows and donors)
             for batch in batched([j for j in jobs if j.label == c], g.batch_size):
-                embeds = mix_batch(pipe, batch, ctxs[c], params, seed)[0]  # (B, T, D)
+                embeds = mix_prompts(batch, ctxs[c], params, seed, encode,
+                                     pipe.tokenizer.convert_ids_to_tokens)[0]  # (B, T, D)
                 images += render(pipe, embeds, neg.expand(len(batch), -1, -1),
                                  torch.stack([conds[j.source] for j in batch]),
-                                 [make_generator(seed, j.source, j.variant) for j in batch],
+                                 [seeds.generator(seed, "generate.image", j.source, j.variant) for j in batch],
                                  steps, g.guidance_scale, g.image_guidance_scale)
         groups = np.array([j.source for j in jobs])
         labels = np.array([j.label for j in jobs])

@@ -68,7 +68,7 @@ def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 def write_random_ip2p(path: Path, tiny_cfg, words=()) -> Path:
     """A random InstructPix2Pix folder of the tiny shape `tiny_cfg`, saved the way train_mvc.py saves one."""
-    from mvc.finetune_setup import ip2p_pipeline
+    from mvc.models import ip2p_pipeline
     from mvc.tiny import build_tiny_components
 
     torch.manual_seed(0)

@@ -43,11 +43,11 @@ def _load_script(path: Path):
 ablate_mixing = _load_script(ROOT / "scripts" / "ablate_mixing.py")
 
 SCRIPTS = {
-    "train_mvc": train_mvc.main,
-    "generate_mvc": generate_mvc.main,
-    "train_classifier": train_classifier.main,
-    "predict": lambda argv: train_classifier.main(["predict", *argv]),
-    "run_pipeline": run_pipeline.main,
+    "train_mvc": train_mvc.cli,
+    "generate_mvc": generate_mvc.cli,
+    "train_classifier": train_classifier.cli,
+    "predict": lambda argv: train_classifier.cli(["predict", *argv]),
+    "run_pipeline": run_pipeline.cli,
     "ablate_mixing": ablate_mixing.main,
 }
 CONFIG_SCRIPTS = ["train_mvc", "generate_mvc", "train_classifier", "run_pipeline", "ablate_mixing"]
@@ -107,7 +107,7 @@ def env(tmp_path_factory, one_thread):
     model = write_random_ip2p(base / "model", make_config(load_yaml(MICRO)).tiny)
     # a classifier checkpoint, made by train_classifier.py itself (one micro epoch)
     clf_out = base / "clf"
-    run_cli(train_classifier.main, micro_argv(good, clf_out, clf_out / "cache", "--classifier.epochs=1",
+    run_cli(train_classifier.cli, micro_argv(good, clf_out, clf_out / "cache", "--classifier.epochs=1",
                                               "--strategy", "real"))
     ckpt = next((clf_out / "classifier").glob("real-*/checkpoints/checkpoint-*.pt"))
     yield SimpleNamespace(base=base, good=good, single=single, empty=empty, zero=zero, trunc=trunc, folder=folder,

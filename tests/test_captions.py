@@ -19,12 +19,11 @@ from mvc.captions import (
     caption_cache_path,
     caption_dataset,
     list_captioners,
-    make_prompt,
-    validate_template,
 )
 from mvc.config import CaptionConfig
 from mvc.data import ArraySource, ImageDataset
-from mvc.tiny import BASE_WORDS
+from mvc.prompts import make_prompt, validate_template
+from mvc.tokenizer import BASE_WORDS
 from mvc.utils import MVCError
 
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mvc.classifier.engine import lr_factor, plan_lr
+from mvc.classifier.engine import plan_lr
 from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.strategies import STRATEGIES, build_strategy, list_strategies
 from mvc.config import make_config
+from mvc.data import ArraySource, ImageDataset
+from mvc.schedules import lr_multiplier
 from mvc.utils import MVCError, safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,27 +31,14 @@ CLASSES = ["red thing", "green/thing", "blue"]  # names that need safe_name for 
 #                                   Fixtures                                    #
 #################################################################################
 
-class FakeImages:
-    """An ImageDataset-like set (classes, targets, ids, ds[i] -> (PIL RGB, int)) of noisy colour squares."""
-
-    def __init__(self, n_per_class: int, seed: int, split: str, size: int = 16):
-        rng = np.random.default_rng(seed)
-        self.classes = list(CLASSES)
-        self.targets = np.repeat(np.arange(len(CLASSES)), n_per_class).astype(np.int64)
-        self.ids = [f"{split}/{i:05d}" for i in range(len(self.targets))]
-        self.images = []
-        for t in self.targets:
-            arr = np.clip(np.array(COLORS[t])[None, None] + rng.normal(0, 25, (size, size, 3)), 0, 255)
-            self.images.append(Image.fromarray(arr.astype(np.uint8), "RGB"))
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.targets[i])
-
-    def load_image(self, i):
-        return self.images[i]
+def FakeImages(n_per_class: int, seed: int, split: str, size: int = 16) -> ImageDataset:
+    """An ImageDataset of noisy colour squares (class = colour)."""
+    rng = np.random.default_rng(seed)
+    targets = np.repeat(np.arange(len(CLASSES)), n_per_class).astype(np.int64)
+    arr = np.stack([np.clip(np.array(COLORS[t])[None, None] + rng.normal(0, 25, (size, size, 3)), 0, 255)
+                    for t in targets]).astype(np.uint8) if len(targets) else np.zeros((0, size, size, 3), np.uint8)
+    return ImageDataset("colors", split, CLASSES, targets, [f"{split}/{i:05d}" for i in range(len(targets))],
+                        ArraySource(arr))
 
 
 def make_splits(n_train: int = 8, n_test: int = 10):
@@ -57,16 +46,20 @@ def make_splits(n_train: int = 8, n_test: int = 10):
     return FakeImages(n_train, 0, "train"), FakeImages(0, 1, "pool"), FakeImages(n_test, 2, "test")
 
 
-def write_synthetic(root: Path, real: FakeImages, per_image: int = 2, with_metadata: bool = True) -> None:
-    """A synthetic folder in the documented layout: copies of real images + metadata.jsonl."""
+def write_synthetic(root: Path, real: ImageDataset, per_image: int = 2, with_metadata: bool = True,
+                    folders=None) -> None:
+    """A synthetic set in the documented layout: copies of real images + metadata.jsonl."""
+    from mvc.synthetic import class_folder
+
+    folders = folders or (lambda y: class_folder(y, CLASSES[y], len(CLASSES)))
     lines = []
-    for i, (im, y) in enumerate(zip(real.images, real.targets)):
-        folder = root / safe_name(CLASSES[y])
+    for i, y in enumerate(real.targets):
+        folder = root / folders(int(y))
         folder.mkdir(parents=True, exist_ok=True)
         for v in range(per_image):
             f = folder / f"{safe_name(real.ids[i])}_v{v:03d}.png"
-            im.save(f)
-            lines.append({"file": str(f.relative_to(root)), "label": int(y), "class_name": CLASSES[y],
+            real.load_image(i).save(f)
+            lines.append({"file_name": str(f.relative_to(root)), "label": int(y), "class_name": CLASSES[y],
                           "source_id": real.ids[i], "variant": v, "seed": 0})
     if with_metadata:
         (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -93,7 +86,7 @@ def accelerator():
 
 def _scfg(**kw):
     d = dict(epochs=10, batch_size=10, two_phase_fraction=0.2, two_phase_lr_scale=0.1, prob_p=0.8, prob_mode="append",
-             lr=1.0, scheduler="none", milestones=[0.5], gamma=0.1, strategy="real")
+             lr=1.0, scheduler="constant", milestones=[0.5], gamma=0.1, strategy="real")
     d.update(kw)
     return SimpleNamespace(**d)
 
@@ -133,10 +126,10 @@ def test_two_phase_switches_data_and_lr_at_the_right_epoch():
         lr0 = plan_lr(cfg, plan, epoch, 0, len(plan.batches))
         if epoch < 8:  # phase 1: real + synthetic, full LR (cosine over 8 epochs)
             assert plan.phase == "phase1" and len(idx) == 80 and (idx >= 20).sum() == 60
-            assert lr0 == pytest.approx(lr_factor("cosine", epoch / 8))
+            assert lr0 == pytest.approx(lr_multiplier("cosine", epoch / 8, 1.0))
         else:  # phase 2: real only, LR x 0.1, the schedule restarts
             assert plan.phase == "phase2" and sorted(idx.tolist()) == list(range(20))
-            assert lr0 == pytest.approx(0.1 * lr_factor("cosine", (epoch - 8) / 2))
+            assert lr0 == pytest.approx(0.1 * lr_multiplier("cosine", (epoch - 8) / 2, 1.0))
     assert plan_lr(cfg, st.epoch_plan(8, 0), 8, 0, 2) == pytest.approx(0.1)
 
 
@@ -163,9 +156,13 @@ def test_probabilistic_mixes_at_the_configured_rate(mode, p):
 
 
 def test_lr_schedules():
-    assert lr_factor("none", 0.7) == 1.0
-    assert lr_factor("cosine", 0.0) == pytest.approx(1.0) and lr_factor("cosine", 0.5) == pytest.approx(0.5)
-    assert [lr_factor("multistep", x, [0.5, 0.75], 0.1) for x in (0.2, 0.5, 0.8)] == pytest.approx([1, 0.1, 0.01])
+    assert lr_multiplier("constant", 0.7, 1.0) == 1.0
+    assert lr_multiplier("cosine", 0.0, 1.0) == pytest.approx(1.0) and lr_multiplier("cosine", 0.5, 1.0) == pytest.approx(0.5)
+    assert [lr_multiplier("multistep", x, 1.0, milestones=[0.5, 0.75], gamma=0.1) for x in (0.2, 0.5, 0.8)] == \
+        pytest.approx([1, 0.1, 0.01])
+    # warm-up ramps linearly to the schedule's start; a floor lifts the end of a decay
+    assert [lr_multiplier("linear", s, 10, warmup=4) for s in (0, 3)] == pytest.approx([0.25, 1.0])
+    assert lr_multiplier("cosine", 10, 10, warmup=2, floor=0.1) == pytest.approx(0.1)
 
 
 #################################################################################
@@ -208,26 +205,30 @@ def test_backbones_cifar_stem_and_errors():
 
 
 def test_synthetic_reader_labels_from_metadata_and_folder_fallback(tmp_path):
-    from mvc.classifier.data import load_synthetic
+    from mvc.synthetic import load_synthetic_set
 
     real = FakeImages(2, 0, "train")
     write_synthetic(tmp_path / "a", real, per_image=1)
-    syn = load_synthetic(tmp_path / "a", CLASSES)
+    syn = load_synthetic_set(tmp_path / "a", CLASSES)
     assert len(syn) == 6 and sorted(syn.targets.tolist()) == [0, 0, 1, 1, 2, 2]
-    # metadata labels win over folder order: a class list in another order is still read right
-    meta = [json.loads(l) for l in (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()]
+    meta = [json.loads(line) for line in (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()]
     assert [int(t) for t in syn.targets] == [r["label"] for r in meta]
-    held = load_synthetic(tmp_path / "a", CLASSES, exclude_sources={real.ids[0]})
+    held = load_synthetic_set(tmp_path / "a", CLASSES, exclude_sources={real.ids[0]})
     assert len(held) == 5
-    write_synthetic(tmp_path / "b", real, per_image=1, with_metadata=False)
-    nometa = load_synthetic(tmp_path / "b", CLASSES)
+    # another tool's image folder without records: folders named after the classes (plain or safe_name)
+    write_synthetic(tmp_path / "b", real, per_image=1, with_metadata=False, folders=lambda y: safe_name(CLASSES[y]))
+    nometa = load_synthetic_set(tmp_path / "b", CLASSES)
+    assert len(nometa) == 6
     for i in range(len(nometa)):
-        _, y = nometa[i]
-        assert np.asarray(nometa[i][0]).mean(axis=(0, 1)).argmax() == y  # colour = class
+        im, y = nometa[i]
+        assert np.asarray(im).mean(axis=(0, 1)).argmax() == y  # colour = class
     bad = meta[0] | {"class_name": "blue", "label": 0}
     (tmp_path / "a" / "metadata.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(MVCError, match="does not match"):
-        load_synthetic(tmp_path / "a", CLASSES)
+        load_synthetic_set(tmp_path / "a", CLASSES)
+    (tmp_path / "a" / "metadata.jsonl").write_text(json.dumps(meta[0] | {"file_name": "../b/x.png"}) + "\n")
+    with pytest.raises(MVCError, match="not an image file inside the set"):
+        load_synthetic_set(tmp_path / "a", CLASSES)
 
 
 #################################################################################
@@ -272,8 +273,8 @@ def test_predict_scores_a_folder(trained, tmp_path):
 
     out, cfg, records = trained
     test = FakeImages(3, 9, "x")
-    for i, (im, y) in enumerate(zip(test.images, test.targets)):
-        im.save(tmp_path / f"{i:02d}_{y}.png")
+    for i, y in enumerate(test.targets):
+        test.load_image(i).save(tmp_path / f"{i:02d}_{y}.png")
     probs = predict(Path(records[0]["run_dir"]), tmp_path)
     assert probs.shape == (9, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     truth = [int(p.stem.split("_")[1]) for p in list_images(tmp_path)]
@@ -352,10 +353,11 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_classifier import make_splits, tiny_cfg, write_synthetic
 from pathlib import Path
-from mvc.classifier.train import get_accelerator, run_all
+from mvc.classifier.train import run_all
+from mvc.distributed import make_accelerator
 out = Path({out!r})
 cfg = tiny_cfg(out, strategy="concat", epochs=2, batch_size=6)
-acc = get_accelerator(cfg)
+acc = make_accelerator(cfg.classifier.mixed_precision)
 splits = make_splits(n_train=6, n_test=6)
 if acc.is_main_process:
     write_synthetic(out / "synthetic", splits[0], per_image=1)

@@ -89,8 +89,8 @@ def test_shipped_configs_name_only_known_things(path):
 
     cfg = make_config(load_yaml(path))
     assert timm.is_model(cfg.classifier.backbone), cfg.classifier.backbone
-    from mvc.config import ClassifierConfig
-    allowed_aug = ClassifierConfig.__dataclass_fields__["augment"].metadata["choices"]
+    from mvc.classifier.augment import AUGMENTATIONS
+    allowed_aug = AUGMENTATIONS.names()
     for run in cfg.pipeline.runs:
         strategy, _, augment = run.partition("+")
         assert strategy in list_strategies(), run

@@ -3,7 +3,7 @@
 One micro set-up per module (configs/micro.yaml on a 10-class Fashion-MNIST idx fixture of 16-px
 images written here): the tiny base is built once and an uninterrupted 6-step fine-tuning run is the
 reference. The processes that get killed are real subprocesses of the user-facing scripts; the
-reruns go through the same entry points in-process (`run_cli(script.main, argv)`) to save start-up
+reruns go through the same entry points in-process (`run_cli(script.cli, argv)`) to save start-up
 time.
 """
 
@@ -34,7 +34,8 @@ from helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx
 import generate_mvc  # noqa: E402
 import train_mvc  # noqa: E402
 from mvc.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint  # noqa: E402
-from mvc.utils import read_jsonl, run_cli, safe_name  # noqa: E402
+from mvc.synthetic import class_folder  # noqa: E402
+from mvc.utils import read_jsonl, run_cli  # noqa: E402
 
 STEPS = 6  # fine-tuning steps of every run here
 TRAIN = [f"--train.max_steps={STEPS}", "--train.checkpoint_every=1", "--train.checkpoints_keep=3"]
@@ -78,7 +79,7 @@ def micro(tmp_path_factory, one_thread):
     data = write_fashion_idx(base / "data")
     cache = base / "cache"
     ref = base / "ref"
-    run_cli(train_mvc.main, micro_argv(data, ref, cache, *TRAIN))
+    run_cli(train_mvc.cli, micro_argv(data, ref, cache, *TRAIN))
     assert (ref / "mvc" / "final" / "model_index.json").is_file()
     return SimpleNamespace(base=base, data=data, cache=cache, ref=ref)
 
@@ -99,7 +100,7 @@ def test_killed_finetuning_resumes_to_the_same_weights(micro, tmp_path):
     steps = [int(p.stem.split("-")[1]) for p in list_checkpoints(ckpt_dir)]
     assert steps and kill_at <= max(steps) < STEPS, (kill_at, steps)
 
-    run_cli(train_mvc.main, argv + ["--resume", "latest"])
+    run_cli(train_mvc.cli, argv + ["--resume", "latest"])
     diff = max_weight_diff(unet_weights(micro.ref / "mvc" / "final"), unet_weights(out / "mvc" / "final"))
     assert diff < 1e-5, f"killed after step {kill_at} (checkpoints {steps}): weights differ by {diff}"
     # the resumed run logged only the steps it ran, after those of the killed one
@@ -117,7 +118,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(micro, tmp_pat
     newest.write_bytes(data[: len(data) // 2])  # a truncated file, as a full disk or a bad copy leaves it
 
     with caplog.at_level(logging.WARNING):
-        run_cli(train_mvc.main, micro_argv(micro.data, out, micro.cache, *TRAIN, "--resume", "latest"))
+        run_cli(train_mvc.cli, micro_argv(micro.data, out, micro.cache, *TRAIN, "--resume", "latest"))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(newest.name in m and "unreadable" in m for m in warned), warned
     # it resumed at step STEPS - 1, ran the last step again and rewrote that checkpoint whole
@@ -152,7 +153,7 @@ def test_killed_generation_reruns_to_a_complete_consistent_set(micro, tmp_path):
     before = _pngs(syn)
     assert kill_after <= len(before) < planned, f"killed too late: {len(before)} of {planned} images"
 
-    run_cli(generate_mvc.main, argv)
+    run_cli(generate_mvc.cli, argv)
     files = _pngs(syn)
     meta = read_jsonl(syn / "metadata.jsonl")
     listed = [r["file"] for r in meta]
@@ -166,7 +167,7 @@ def test_killed_generation_reruns_to_a_complete_consistent_set(micro, tmp_path):
         with Image.open(syn / rec["file"]) as im:
             im.load()  # raises on a truncated file
             assert im.size == (16, 16)
-        assert rec["file"].split("/")[0] == safe_name(rec["class_name"])
+            assert rec["file"].split("/")[0] == class_folder(rec["label"], rec["class_name"], 10)
     per_class = np.bincount([r["label"] for r in meta], minlength=10)
     assert per_class.tolist() == [PER_CLASS] * 10
     settings = json.loads((syn / "generation.json").read_text())["settings"]

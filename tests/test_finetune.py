@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
@@ -150,7 +151,7 @@ def test_dropout_masks_rates_disjoint_and_deterministic():
 def test_training_inputs_match_pipeline_sampling_batch(components):
     """Dropped text = the pipeline's empty-prompt embedding; dropped image = its zero image latent; kept
     image = the posterior mode the pipeline uses. Checked by recording the pipeline's U-Net call."""
-    from mvc.finetune_setup import ip2p_pipeline
+    from mvc.models import ip2p_pipeline
 
     comps = copy.deepcopy(components)
     ds = ToyDataset()
@@ -246,10 +247,63 @@ def test_final_folder_loads_with_plain_diffusers_and_generates(straight_run, com
     assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
 
 
+def test_final_folder_records_its_resolution_and_generation_samples_at_it(tmp_path, components, caplog):
+    """Fine-tuned at 8 px (not the U-Net's native 16): the folder says so, and generation uses it by default."""
+    import logging
+
+    from mvc.data import ArraySource, ImageDataset
+    from mvc.generate import generate_synthetic
+    from mvc.models import TRAINING_FILE, training_info
+
+    run_finetune(tmp_path, components, max_steps=1, resolution=8)
+    final = tmp_path / "mvc" / "final"
+    info = training_info(final)
+    assert info["resolution"] == 8 and info["steps"] == 1 and json.loads((final / TRAINING_FILE).read_text()) == info
+    assert json.loads((final / "unet" / "config.json").read_text())["sample_size"] == 4  # 8 px / VAE factor 2
+    toy = ToyDataset()
+    arr = np.stack([np.asarray(im) for im in toy.images])
+    labelled = ImageDataset("toy", "train", CLASSES, toy.targets, toy.ids, ArraySource(arr))
+    captions = {i: "bright item" for i in toy.ids}
+    over = {"generate.model_dir": str(final), "generate.per_class": 1, "generate.num_inference_steps": 1,
+            "mixing.ops": ["none"]}
+    cfg = make_config(overrides={"run.output_dir": str(tmp_path), **over})
+    summary = generate_synthetic(cfg, labelled=labelled, captions=captions, progress=False)
+    assert summary["resolution"] == 8
+    first = next((tmp_path / "synthetic").rglob("*.png"))
+    assert Image.open(first).size == (8, 8)
+    # an explicit generate.resolution wins, with a warning naming the tuned one
+    cfg = make_config(overrides={"run.output_dir": str(tmp_path), **over, "generate.out_dir": "at16",
+                                 "generate.resolution": 16})
+    with caplog.at_level(logging.WARNING):
+        summary = generate_synthetic(cfg, labelled=labelled, captions=captions, progress=False)
+    assert summary["resolution"] == 16 and "fine-tuned at 8 px" in caplog.text
+
+
+def test_validation_grid_shows_the_ema_weights_and_restores_the_trained_ones(tmp_path, components):
+    from mvc.finetune_loop import validation_grid
+    from mvc.finetune_setup import build_ema, prepare_unet
+
+    comps = copy.deepcopy(components)
+    tc = toy_config(tmp_path).train
+    params = prepare_unet(comps["unet"], tc)
+    ema = build_ema(params, 0.9)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.5 * torch.randn_like(p))  # the trained weights now differ from the EMA's
+    before = [p.detach().clone() for p in params]
+    ds, pairs = ToyDataset(), toy_pairs()
+    grid = lambda e: np.asarray(validation_grid(comps, comps["unet"], ds, pairs, toy_prompts(ds), tc, 0, e))  # noqa: E731
+    with_ema, raw = grid(ema), grid(None)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))  # restored after the EMA grid
+    ema.copy_to(params)  # the grid of the EMA weights themselves
+    assert np.array_equal(grid(None), with_ema) and not np.array_equal(with_ema, raw)
+
+
 def test_lora_is_merged_into_the_saved_unet(tmp_path, components):
     from diffusers import UNet2DConditionModel
 
-    from mvc.finetune_setup import export_unet, prepare_unet
+    from mvc.finetune_setup import prepare_unet
+    from mvc.models import export_unet
 
     unet = copy.deepcopy(components["unet"])
     params = prepare_unet(unet, toy_config(tmp_path, lora_rank=4).train)

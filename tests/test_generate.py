@@ -13,9 +13,17 @@ from helpers import write_random_ip2p
 from PIL import Image
 
 import mvc.generate as gen
+from mvc import sd_io
 from mvc.config import TinyBaseConfig, make_config
 from mvc.data import ArraySource, ImageDataset
-from mvc.utils import MVCError, make_generator, read_jsonl
+from mvc.models import SAMPLERS, build_sampler, load_ip2p_pipeline
+from mvc.synthetic import Job, SyntheticSet, class_folder, plan_jobs, shard_jobs, variants_per_source
+from mvc.utils import MVCError, read_jsonl
+
+try:
+    from test_synthetic import _has_datasets_library
+except ImportError:  # run from elsewhere
+    _has_datasets_library = lambda: False  # noqa: E731
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, vae_channels=[16, 32], unet_channels=[32, 64], text_hidden=32, text_layers=1, max_length=16)
@@ -31,7 +39,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-    return gen.load_pipeline(model_dir, "euler_ancestral")
+    return load_ip2p_pipeline(model_dir, "euler_ancestral")
 
 
 def make_labelled():
@@ -61,7 +69,19 @@ def run(cfg, labelled, pipe, **kw):
 
 
 def pngs(out):
-    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*.png"))
+    return sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*.png"))
+
+
+def make_generator(seed, *index):
+    """A generator per (seed, index): the tests only need distinct, repeatable streams."""
+    return torch.Generator().manual_seed(hash((seed, *index)) & 0xFFFFFFFF)
+
+
+def encode(pipe, prompts):
+    return sd_io.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
+
+
+FOLDERS = [class_folder(0, "t-shirt/top", 2), class_folder(1, "trouser", 2)]  # '000_t-shirt_top', '001_trouser'
 
 
 def pixels(out, f):
@@ -71,13 +91,13 @@ def pixels(out, f):
 @pytest.fixture
 def count_saves(monkeypatch):
     calls = []
-    real = gen.save_image
+    real = SyntheticSet.save_image
 
-    def counting(image, path):
-        calls.append(path)
-        real(image, path)
+    def counting(self, image, job):
+        calls.append(job.file)
+        real(self, image, job)
 
-    monkeypatch.setattr(gen, "save_image", counting)
+    monkeypatch.setattr(SyntheticSet, "save_image", counting)
     return calls
 
 
@@ -86,17 +106,16 @@ def count_saves(monkeypatch):
 #################################################################################
 
 def test_plan_sizes_and_spread(labelled):
-    assert gen.variants_per_source(3, 7) == [3, 2, 2]
-    jobs = gen.plan_jobs(labelled, ["coarse", "fine"], multiplier=2.0)
+    assert variants_per_source(3, 7) == [3, 2, 2]
+    jobs = plan_jobs(labelled, ["coarse", "fine"], multiplier=2.0)
     per_class = np.bincount([j.label for j in jobs])
     assert list(per_class) == [6, 4]  # 2 x (3 real, 2 real)
     assert [j.op for j in jobs if j.source == 0] == ["coarse", "fine"]
     assert len({j.file for j in jobs}) == len(jobs)
-    assert len(gen.plan_jobs(labelled, ["none"], per_class=5)) == 10
-    shards = [gen.shard_jobs(jobs, r, 3) for r in range(3)]
+    assert len(plan_jobs(labelled, ["none"], per_class=5)) == 10
+    shards = [shard_jobs(jobs, r, 3) for r in range(3)]
     assert sorted(j.index for s in shards for j in s) == list(range(len(jobs)))
-    with pytest.raises(MVCError):
-        gen.plan_jobs(labelled, ["blend"])
+    assert {j.file.split("/")[0] for j in jobs} == set(FOLDERS)
 
 
 #################################################################################
@@ -113,6 +132,7 @@ def test_generates_valid_imagefolder_and_rerun_is_idempotent(tmp_path, model_dir
     assert summary["images"] == summary["made"] == len(files) == 8 == len(count_saves)
     meta = read_jsonl(out / "metadata.jsonl")
     assert sorted(r["file"] for r in meta) == files
+    assert summary["resolution"] == 16  # the model's own size (no mvc_training.json in this folder)
     for r in meta:
         im = Image.open(out / r["file"])
         im.load()
@@ -122,10 +142,21 @@ def test_generates_valid_imagefolder_and_rerun_is_idempotent(tmp_path, model_dir
         for key in ("variant", "seed", "op", "op_params", "guidance_scale", "image_guidance_scale",
                     "num_inference_steps", "scheduler", "model_dir"):
             assert key in r
-    assert {r["op"] for r in meta} == {"coarse", "fine"}
+    assert {r["op"] for r in meta} == {"coarse", "fine"} and {r["method"] for r in meta} == {"mvc"}
     assert all(r["op_params"]["coarse_stage"] == "tokens" for r in meta if r["op"] == "coarse")  # the default
     ds = ImageFolder(str(out))
-    assert len(ds) == 8 and set(ds.classes) == {"t-shirt_top", "trouser"}
+    assert len(ds) == 8 and ds.classes == FOLDERS
+    by_file = {r["file_name"]: r for r in meta}
+    for path, y in ds.samples:  # torchvision's class index of every image is its label
+        assert by_file[Path(path).relative_to(out).as_posix()]["label"] == y
+    if _has_datasets_library():  # and the `datasets` loader reads every record, nested op_params included
+        from datasets import load_dataset
+
+        hf = load_dataset("imagefolder", data_files={"train": f"{out}/**"}, split="train",
+                          cache_dir=str(tmp_path / "hf-cache"))
+        rows = hf.remove_columns("image")  # (file_name became the image; `file` is the same path)
+        assert sorted((r["file"], r["label"], r["op"]) for r in rows) == sorted((r["file"], r["label"], r["op"])
+                                                                             for r in meta)
     # grids and TensorBoard live beside the ImageFolder
     grids = tmp_path / "out_grids"
     assert (grids / "t-shirt_top.png").is_file() and list((grids / "tb").iterdir())
@@ -142,36 +173,36 @@ def test_generates_valid_imagefolder_and_rerun_is_idempotent(tmp_path, model_dir
 def test_crash_then_resume_without_duplicates(tmp_path, model_dir, pipe, labelled, monkeypatch):
     cfg = make_cfg(tmp_path, model_dir)
     out = tmp_path / "out"
-    real, saved = gen.save_image, []
+    real, saved = SyntheticSet.save_image, []
 
-    def crashing(image, path):
+    def crashing(self, image, job):
         if len(saved) == 3:
             raise RuntimeError("simulated crash")
-        real(image, path)
-        saved.append(path)
+        real(self, image, job)
+        saved.append(job.file)
 
-    monkeypatch.setattr(gen, "save_image", crashing)
+    monkeypatch.setattr(SyntheticSet, "save_image", crashing)
     with pytest.raises(RuntimeError):
         run(cfg, labelled, pipe)
     assert len(pngs(out)) == 3
     part = read_jsonl(out / "metadata.rank0.jsonl")
     assert len(part) == 3 and all((out / r["file"]).is_file() for r in part)
-    # a crash between file and line, a lost file, and a temp file from a killed write
+    # a crash between file and record (an image of ours without its line), a lost file, and a temp
+    # file from a killed write
     lost = part[0]["file"]
+    orphan = f"{FOLDERS[0]}/00002_v000.png"
+    (out / orphan).write_bytes((out / part[1]["file"]).read_bytes())  # marked as ours, no record
     (out / lost).unlink()
-    orphan = out / "t-shirt_top" / "train_2_v000.png"
-    Image.new("RGB", (16, 16)).save(orphan)
-    (out / "t-shirt_top" / ".train_2_v000.png.tmp.png").write_bytes(b"half")
+    (out / FOLDERS[0] / ".00002_v000.png.tmp123.png").write_bytes(b"half")
 
     calls = []
-    monkeypatch.setattr(gen, "save_image", lambda im, p: (calls.append(p), real(im, p)))
+    monkeypatch.setattr(SyntheticSet, "save_image", lambda self, im, j: (calls.append(j.file), real(self, im, j)))
     summary = run(cfg, labelled, pipe)
     assert summary["images"] == 8 and len(calls) == 8 - 2  # 2 survived with their lines
+    assert orphan in calls  # regenerated, not trusted
     meta = read_jsonl(out / "metadata.jsonl")
     assert sorted(r["file"] for r in meta) == pngs(out) and len(meta) == len({r["file"] for r in meta}) == 8
     assert not list(out.rglob(".*")) and not list(out.glob("metadata.rank*"))
-    # the orphan was regenerated: its pixels are the generated ones, not the black placeholder
-    assert pixels(out, "t-shirt_top/train_2_v000.png").any()
 
 
 def test_two_shards_equal_one_process_and_batch_size_does_not_matter(tmp_path, model_dir, pipe, labelled):
@@ -193,15 +224,15 @@ def test_two_shards_equal_one_process_and_batch_size_does_not_matter(tmp_path, m
 
 def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
     """Our path (shared latents/embeddings, batch of 3) == one diffusers call per image with its prompt."""
-    from mvc.captions import make_prompt
+    from mvc.prompts import make_prompt
 
     template = "{caption}, a photo of class type {label}"
     srcs = [0, 3]
     prompts = [make_prompt(template, CAPTIONS[labelled.ids[s]], labelled.classes[labelled.targets[s]]) for s in srcs]
-    images = [labelled.load_image(s).resize((16, 16), Image.BICUBIC) for s in srcs]
-    emb = gen.encode_prompts(pipe, prompts)
-    neg = gen.encode_prompts(pipe, [""]).expand(len(srcs), -1, -1)
-    lat = gen.encode_conditions(pipe, images, 16)
+    images = [sd_io.resize(labelled.load_image(s), 16) for s in srcs]
+    emb = encode(pipe, prompts)
+    neg = encode(pipe, [""]).expand(len(srcs), -1, -1)
+    lat = sd_io.encode_conditions(pipe.vae, images, 16)
     ours = gen.render(pipe, emb, neg, lat, [make_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
     for i, s in enumerate(srcs):
         ref = pipe(prompt=prompts[i], image=images[i], num_inference_steps=2, guidance_scale=3.0,
@@ -209,18 +240,18 @@ def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
         assert np.abs(np.asarray(ours[i], np.int16) - np.asarray(ref, np.int16)).max() <= 1
 
 
-@pytest.mark.parametrize("scheduler", list(gen.SCHEDULERS))
+@pytest.mark.parametrize("scheduler", SAMPLERS.names())
 def test_every_scheduler_renders(pipe, scheduler):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    # the loaded components with another scheduler (load_pipeline's own choice is checked on the fixture)
-    assert type(pipe.scheduler).__name__ == gen.SCHEDULERS["euler_ancestral"][0]
-    p = StableDiffusionInstructPix2PixPipeline(**{**pipe.components, "scheduler": gen.build_scheduler(
+    # the loaded components with another scheduler (load_ip2p_pipeline's own choice is checked on the fixture)
+    assert type(pipe.scheduler).__name__ == SAMPLERS.get("euler_ancestral")[0]
+    p = StableDiffusionInstructPix2PixPipeline(**{**pipe.components, "scheduler": build_sampler(
         scheduler, pipe.scheduler.config)}, requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
-    assert type(p.scheduler).__name__ == gen.SCHEDULERS[scheduler][0]
-    e = gen.encode_prompts(p, ["dark"])
-    ims = gen.render(p, e, gen.encode_prompts(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
+    assert type(p.scheduler).__name__ == SAMPLERS.get(scheduler)[0]
+    e = encode(p, ["dark"])
+    ims = gen.render(p, e, encode(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
     assert ims[0].size == (16, 16)
 
 
@@ -234,8 +265,8 @@ def test_embed_shuffle_is_invisible_to_the_unet_token_shuffle_is_not(pipe):
     permuting the token ids BEFORE the encoder (positions + causal attention) changes it."""
     from mvc.mixing import coarse_mix
 
-    ids, _ = gen.tokenize_prompts(pipe, ["dark small round shape, a photo of class type trouser"])  # (1, T)
-    emb = gen.encode_ids(pipe, ids)  # (1, T, D)
+    ids, _ = sd_io.tokenize(pipe.tokenizer, ["dark small round shape, a photo of class type trouser"])  # (1, T)
+    emb = sd_io.encode_ids(pipe.text_encoder, ids)  # (1, T, D)
     x = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(0))  # (noisy target | condition) latents
     t = torch.tensor([500])
     with torch.no_grad():
@@ -246,7 +277,7 @@ def test_embed_shuffle_is_invisible_to_the_unet_token_shuffle_is_not(pipe):
             assert (shuffled - emb).abs().max() > 0.1  # the embedding itself did change a lot
             d_embed = float((eps(shuffled) - ref).abs().max())
             tok = coarse_mix(ids, torch.Generator().manual_seed(seed), k=4, window=(1, 5))
-            d_token = float((eps(gen.encode_ids(pipe, tok)) - ref).abs().max())
+            d_token = float((eps(sd_io.encode_ids(pipe.text_encoder, tok)) - ref).abs().max())
             assert d_embed < 1e-4
             assert d_token > 100 * max(d_embed, 1e-6), (d_token, d_embed)
 
@@ -277,16 +308,20 @@ def test_default_coarse_changes_the_image_embed_stage_shuffle_does_not(tmp_path,
 
 def test_token_swap_stays_inside_both_captions(pipe, labelled):
     """Swap at the token stage: positions where source and donor both have caption tokens (never EOS/template)."""
-    from mvc.mixing import mixing_params
+    from mvc.mixing import ClassPrompts, mix_prompts, mixing_params
 
     cfg = make_config(overrides={"mixing.coarse_mode": "swap", "mixing.coarse_k": 4})
-    ctx = gen._ClassContext(pipe, labelled, 0, CAPTIONS, cfg.captions.prompt_template, None)
-    jobs = [gen.Job(i, 0, "t-shirt/top", s, labelled.ids[s], v, "coarse") for i, (s, v) in
+    enc = lambda ids, mask: sd_io.encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
+    sources = [0, 1, 2]
+    ids = [labelled.ids[s] for s in sources]
+    ctx = ClassPrompts.build(sources, ids, [CAPTIONS[i] for i in ids], "t-shirt/top", cfg.captions.prompt_template,
+                             None, pipe.tokenizer, enc)
+    jobs = [Job(i, 0, "t-shirt/top", FOLDERS[0], s, labelled.ids[s], v, "coarse") for i, (s, v) in
             enumerate((s, v) for s in ctx.sources for v in range(3))]
-    embeds, recs, _ = gen.mix_batch(pipe, jobs, ctx, mixing_params(cfg.mixing), seed=0)
+    embeds, op_ps, _ = mix_prompts(jobs, ctx, mixing_params(cfg.mixing), 0, enc, pipe.tokenizer.convert_ids_to_tokens)
     assert embeds.shape == (len(jobs), *ctx.embeds[0].shape)
-    for j, r in zip(jobs, recs):
-        p, d = r["op_params"], r["op_params"]["donor_index"]
+    for j, p in zip(jobs, op_ps):
+        d = p["donor_index"]
         (w0, w1), (c0, c1) = ctx.windows[j.source], p["coarse_window"]
         assert (c0, c1) == (max(w0, ctx.windows[d][0]), min(w1, ctx.windows[d][1])) and p["k"] == min(4, c1 - c0)
         new = [t.replace("</w>", "") for t in p["mixed_tokens"]]
@@ -296,7 +331,7 @@ def test_token_swap_stays_inside_both_captions(pipe, labelled):
         # the batched encoder call equals encoding this job's edited prompt alone
         ids = ctx.tokens[j.source].clone()
         ids[w0:w1] = torch.tensor(pipe.tokenizer.convert_tokens_to_ids(p["mixed_tokens"]))
-        assert torch.allclose(embeds[j.index], gen.encode_ids(pipe, ids[None])[0], atol=1e-5)
+        assert torch.allclose(embeds[j.index], sd_io.encode_ids(pipe.text_encoder, ids[None])[0], atol=1e-5)
 
 
 #################################################################################
@@ -305,7 +340,7 @@ def test_token_swap_stays_inside_both_captions(pipe, labelled):
 
 def test_filter_keeps_confident_matches_and_records_rejections(tmp_path, model_dir, pipe, labelled, count_saves):
     cfg = make_cfg(tmp_path, model_dir, **{"generate.filter_threshold": 0.7})
-    jobs = gen.plan_jobs(labelled, ["coarse", "fine"], per_class=4)
+    jobs = plan_jobs(labelled, ["coarse", "fine"], per_class=4)
     order = iter(jobs)  # one rank, so images arrive in plan order
 
     def fake_predictor(images):
@@ -339,7 +374,7 @@ def test_user_errors(tmp_path, model_dir, pipe, labelled):
                                captions=CAPTIONS, progress=False)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("mine")
-    with pytest.raises(MVCError, match="not made by generate_mvc"):
+    with pytest.raises(MVCError, match="not made by this project"):
         run(make_cfg(tmp_path, model_dir, out="foreign"), labelled, pipe)
     with pytest.raises(MVCError, match="window"):
         run(make_cfg(tmp_path, model_dir, out="o3", **{"mixing.window": [3, 99]}), labelled, pipe)
@@ -352,7 +387,7 @@ def test_cli_bad_value_is_one_line(capsys):
     from mvc.utils import run_cli
 
     with pytest.raises(SystemExit) as e:
-        run_cli(generate_mvc.main, ["--generate.scheduler=heun"])
+        run_cli(generate_mvc.cli, ["--generate.scheduler=heun"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "heun" in err and "\n" not in err

@@ -6,7 +6,6 @@ import torch
 from mvc.mixing import (
     MIXING_OPS,
     apply_mixing,
-    caption_token_span,
     coarse_indices,
     coarse_mix,
     fine_mix,
@@ -15,6 +14,7 @@ from mvc.mixing import (
     op_stages,
     parse_op,
 )
+from mvc.prompts import caption_token_span
 from mvc.utils import MVCError
 
 B, T, D = 3, 16, 32
@@ -268,7 +268,7 @@ def test_bad_arguments_are_one_line_mvc_errors(x, donor, call):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from mvc.tiny import build_tiny_tokenizer
+    from mvc.tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer(["trouser", "ankle", "boot"], max_length=32)
 
@@ -299,3 +299,85 @@ def test_caption_span_truncated_and_empty(tokenizer):
     assert s == 1 and e == tokenizer.model_max_length - 1  # cut before EOS
     s, e = caption_token_span(tokenizer, "{caption}, a photo of class type {label}", "", "trouser")
     assert s == e
+
+
+#################################################################################
+#                                The mixing plan                                #
+#################################################################################
+
+def _ctx(windows, caption_windows=True, T=16):
+    """A ClassPrompts of 3 sources with the given caption windows (token ids 0..T-1, random embeddings)."""
+    from mvc.mixing import ClassPrompts
+
+    srcs = [0, 1, 2]
+    return ClassPrompts(srcs, {s: f"id{s}" for s in srcs}, {s: "c" for s in srcs},
+                        {s: torch.arange(T) + 100 * s for s in srcs}, {s: torch.ones(T, dtype=torch.long) for s in srcs},
+                        {s: torch.randn(T, 8, generator=gen(s)) for s in srcs}, dict(zip(srcs, windows)), caption_windows)
+
+
+def test_plan_draws_a_donor_of_the_same_class_never_the_source_and_is_deterministic():
+    from mvc.mixing import plan_mix
+
+    ctx = _ctx([(1, 6), (1, 4), (1, 9)])
+    params = {"mode": "swap", "k": 3, "coarse_stage": "tokens", "m": 2, "s": 2, "source": "donor", "contiguous": True}
+    donors = set()
+    for v in range(20):
+        a, b = plan_mix(0, v, "coarse+fine", ctx, params, seed=7), plan_mix(0, v, "coarse+fine", ctx, params, seed=7)
+        assert a.donor == b.donor != 0 and a.donor in ctx.sources
+        donors.add(a.donor)
+        # a token-stage swap uses only positions where both captions have tokens
+        dw = ctx.windows[a.donor]
+        assert a.coarse_window == (max(1, dw[0]), min(6, dw[1]))
+        assert a.params["k"] == min(3, a.coarse_window[1] - a.coarse_window[0])  # the effective k is reported
+        assert a.clamped == (a.params["k"] < 3)
+    assert donors == {1, 2}  # both other sources are drawn
+
+
+def test_plan_clamps_to_short_caption_windows_and_refuses_what_cannot_fit():
+    from mvc.mixing import plan_mix
+
+    ctx = _ctx([(1, 3), (1, 3), (1, 3)])
+    params = {"mode": "shuffle", "k": 5, "coarse_stage": "tokens", "m": 4, "s": 2, "source": "self", "contiguous": True}
+    p = plan_mix(1, 0, "coarse+fine", ctx, params, seed=0)
+    assert p.params["k"] == 2 and p.params["m"] == 2 and p.clamped and p.donor is None
+    fixed = _ctx([(1, 3)] * 3, caption_windows=False)  # a window the user fixed is not silently shrunk
+    with pytest.raises(MVCError, match="does not fit the window"):
+        plan_mix(1, 0, "coarse", fixed, params, seed=0)
+    with pytest.raises(MVCError, match="empty caption"):
+        plan_mix(0, 0, "coarse", _ctx([(1, 1)] * 3), params, seed=0)
+    lonely = _ctx([(1, 4)] * 3)
+    lonely.sources = [0]
+    with pytest.raises(MVCError, match="needs a donor"):
+        plan_mix(0, 0, "fine", lonely, {**params, "source": "donor"}, seed=0)
+
+
+def test_window_setting_is_parsed_once():
+    from mvc.mixing import parse_window
+
+    assert parse_window("caption") is None and parse_window([2, 9]) == (2, 9)
+    for bad in ("all", [1], [1, 2, 3], [True, 4], ["1", "2"]):
+        with pytest.raises(MVCError, match="mixing.window"):
+            parse_window(bad)
+
+
+def test_mix_prompts_encodes_all_token_edits_in_one_call():
+    from mvc.mixing import mix_prompts
+
+    ctx = _ctx([(1, 8)] * 3)
+    calls = []
+
+    def encode(ids, mask):
+        calls.append(ids.shape)
+        return ids.float()[..., None].expand(-1, -1, 8) / 1000  # (E, T, 8): a stand-in encoder
+
+    jobs = [type("J", (), {"source": s, "variant": v, "op": op})() for s in (0, 1) for v, op in
+            enumerate(["coarse", "fine", "none"])]
+    params = {"mode": "shuffle", "k": 3, "coarse_stage": "tokens", "m": 2, "s": 2, "source": "self", "contiguous": True}
+    emb, op_ps, clamped = mix_prompts(jobs, ctx, params, 0, encode, lambda ids: [str(i) for i in ids])
+    assert emb.shape == (6, 16, 8) and clamped == 0
+    assert calls == [(2, 16)]  # the two coarse jobs, in one call
+    for j, e, p in zip(jobs, emb, op_ps):
+        if j.op == "none":
+            assert torch.equal(e, ctx.embeds[j.source])
+        if j.op == "coarse":
+            assert sorted(p["mixed_tokens"]) == sorted(str(i) for i in ctx.tokens[j.source][1:8].tolist())

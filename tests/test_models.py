@@ -4,8 +4,9 @@
 import pytest
 import torch
 
-from mvc.config import ModelConfig, TinyBaseConfig
-from mvc.models import load_base_components, widen_conv_in
+from mvc.config import TinyBaseConfig, make_config
+from mvc.finetune_loop import load_base
+from mvc.models import load_pipeline_components, widen_conv_in
 from mvc.tiny import build_tiny_components
 from mvc.utils import MVCError
 
@@ -83,11 +84,11 @@ def _save_pipeline(folder, in_channels=4):
 
 
 @pytest.mark.parametrize("in_channels", [4, 8])
-def test_load_base_components_from_a_local_folder(tmp_path, in_channels):
+def test_load_pipeline_components_from_a_local_folder(tmp_path, in_channels):
     from diffusers import DDPMScheduler
 
     saved = _save_pipeline(tmp_path / "base", in_channels)
-    comps = load_base_components(ModelConfig(base=str(tmp_path / "base")))
+    comps = load_pipeline_components(str(tmp_path / "base"))
     assert set(comps) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
     assert isinstance(comps["scheduler"], DDPMScheduler)
     assert comps["unet"].config.in_channels == in_channels
@@ -99,15 +100,15 @@ def test_load_base_components_from_a_local_folder(tmp_path, in_channels):
     assert comps["unet"].conv_in.in_channels == 8
 
 
-def test_load_base_components_errors_are_one_line(tmp_path, monkeypatch):
+def test_load_pipeline_components_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(MVCError, match="no folder"):
-        load_base_components(ModelConfig(base=str(tmp_path / "missing")))
+        load_pipeline_components(str(tmp_path / "missing"))
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(MVCError, match="not a diffusers pipeline folder"):
-        load_base_components(ModelConfig(base=str(tmp_path / "half")))
+        load_pipeline_components(str(tmp_path / "half"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MVCError, match="cannot load the base pipeline") as e:
-        load_base_components(ModelConfig(base="nobody-here/no-such-pipeline-xyz"))
+        load_pipeline_components("nobody-here/no-such-pipeline-xyz")
     assert "\n" not in str(e.value)
     with pytest.raises(MVCError, match="remainder pool"):
-        load_base_components(ModelConfig(base="tiny"), TinyBaseConfig(), pool=None)
+        load_base(make_config(overrides={"model.base": "tiny"}), None, tmp_path)

@@ -29,7 +29,7 @@ def pipeline_run(tmp_path_factory, one_thread):
     data = write_fashion_idx(base / "data")
     out = base / "out"
     argv = micro_argv(data, out, base / "cache", f"--pipeline.runs={json.dumps(RUNS)}", "--pipeline.seeds=[0, 1]")
-    report = run_pipeline.main(argv)
+    report = run_pipeline.cli(argv)
     return out, report, argv
 
 
@@ -72,7 +72,7 @@ def test_rerun_resumes_without_redoing_finished_work(pipeline_run):
     victim = run_pipeline.classifier_run_dir(
         make_config(load_yaml(out / "config-pipeline.yaml")), "concat", "standard", 1)
     (victim / "metrics.json").unlink()
-    run_pipeline.main(argv)
+    run_pipeline.cli(argv)
     assert (victim / "metrics.json").is_file()
     changed = [p for p, t in stamps.items() if p.exists() and p.stat().st_mtime_ns != t and victim not in p.parents]
     assert not changed, changed[:5]

@@ -1,5 +1,6 @@
 """The tiny base: tokenizer, a micro pretraining build that diffusers loads and samples from, its cache."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 import mvc.tiny as tiny
-from mvc.config import ModelConfig, TinyBaseConfig
+from mvc.config import TinyBaseConfig, make_config
 from mvc.data import ArraySource, ImageDataset
-from mvc.models import load_base_components
-from mvc.tiny import BASE_WORDS, build_tiny_tokenizer, get_tiny_base, tiny_base_key, train_bpe
+from mvc.finetune_loop import load_base
+from mvc.tiny import get_tiny_base, tiny_base_key
+from mvc.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,7 @@ def test_bpe_merges_the_most_frequent_pair_first_and_breaks_ties_by_text():
 
 def test_tokenizer_ids_are_the_same_in_every_process():
     """The tiny base, and the synthetic data after it, depend on the ids: they must not vary per process."""
-    code = ("import hashlib, json; from mvc.tiny import build_tiny_tokenizer; "
+    code = ("import hashlib, json; from mvc.tokenizer import build_tiny_tokenizer; "
             "t = build_tiny_tokenizer(['ankle boot', 't-shirt/top']); "
             "print(hashlib.sha256(json.dumps(sorted(t.get_vocab().items())).encode()).hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
@@ -126,8 +128,9 @@ def test_micro_build_is_a_loadable_sampling_pipeline_and_is_cached(tmp_path, mon
     mtime = (folder / "model_index.json").stat().st_mtime_ns
     assert get_tiny_base(cfg, pool, progress=False) == folder
     assert (folder / "model_index.json").stat().st_mtime_ns == mtime
-    # ... also through load_base_components (model.base=tiny), as train_mvc.py calls it
-    comps = load_base_components(ModelConfig(base="tiny"), cfg, pool=pool, progress=False)
+    # ... also through load_base (model.base=tiny), as train_mvc.py calls it
+    full = dataclasses.replace(make_config(overrides={"model.base": "tiny"}), tiny=cfg)
+    comps = load_base(full, pool, tmp_path / "run", progress=False)
     assert comps["vae"].config.scaling_factor == pytest.approx(info["scaling_factor"])
     # another tiny section or another pool is another base (and would be built)
     assert tiny_base_key(micro_cfg(tmp_path, unet_steps=4), pool, "attributes") != folder.name

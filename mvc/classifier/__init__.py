@@ -12,8 +12,8 @@ import importlib
 _EXPORTS = {
     "STRATEGIES": "strategies", "list_strategies": "strategies", "build_strategy": "strategies",
     "build_model": "models", "apply_cifar_stem": "models",
-    "compute_metrics": "metrics",
-    "train_one_epoch": "engine", "evaluate": "engine",
+    "compute_metrics": "metrics", "AUGMENTATIONS": "augment", "OPTIMIZERS": "engine", "PROBES": "probe",
+    "train_one_epoch": "engine", "evaluate": "engine", "prepare_data": "data",
     "run_classifier": "train", "run_all": "train",
     "load_classifier": "predict", "predict_images": "predict", "list_images": "predict",
 }

@@ -1,25 +1,24 @@
-"""Classifier data: the synthetic-folder reader, index views, transforms, the real+synthetic dataset
-and the per-epoch loader that follows a strategy's plan.
+"""Classifier data: the splits of one run, selections, the real+synthetic dataset, and loaders that
+follow a strategy's plan.
 
-Images go through two stages: a deterministic `pre` step (resize / centre-crop to the model's input
-size, to a uint8 tensor (3, S, S)) whose result is cached in memory for small sets, and a random
-`post` step (classic augmentation, then float + normalise with the model's mean/std). Real and
-synthetic images share both steps.
+Real images come from the dataset registry (`mvc.data`), synthetic ones from the synthetic-set format
+(`mvc.synthetic`); both go through the model's preprocessing (`mvc.classifier.augment`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from mvc.data.images import IMAGE_EXTENSIONS, load_rgb
-from mvc.utils import MVCError, read_jsonl, safe_name, seed_worker
+from mvc import seeds
+from mvc.classifier.augment import build_post, build_pre
+from mvc.seeds import seed_worker
+from mvc.utils import MVCError
 
 log = logging.getLogger(__name__)
 
@@ -27,100 +26,14 @@ CACHE_LIMIT_BYTES = 1 << 30  # cache pre-processed uint8 images of a set when th
 
 
 #################################################################################
-#                          Views and the synthetic set                          #
-#################################################################################
-
-class IndexView:
-    """A view of an ImageDataset-like object (`classes`, `targets`, `ids`, `ds[i] -> (PIL, int)`) on `indices`."""
-
-    def __init__(self, base, indices: Sequence[int]):
-        self.base = base
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.classes = list(base.classes)
-        self.targets = np.asarray(base.targets, dtype=np.int64)[self.indices]
-        self.ids = [base.ids[i] for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.base[int(self.indices[i])]
-
-
-class SyntheticImages:
-    """The synthetic ImageFolder `<dir>/<safe class>/*.png`, labelled from `metadata.jsonl` (`label`),
-    or, without metadata, by matching folder names to `safe_name(class)`."""
-
-    def __init__(self, root: str | os.PathLike, classes: list[str]):
-        self.root = Path(root)
-        self.classes = list(classes)
-        self.paths: list[Path] = []
-        self.source_ids: list[str | None] = []
-        targets: list[int] = []
-        meta = self.root / "metadata.jsonl"
-        if meta.is_file():
-            for rec in read_jsonl(meta):
-                if "file" not in rec or "label" not in rec:
-                    raise MVCError(f"{meta}: every line needs 'file' and 'label'")
-                label = int(rec["label"])
-                if not 0 <= label < len(classes):
-                    raise MVCError(f"{meta}: label {label} of {rec['file']} is outside 0..{len(classes) - 1}; "
-                                   f"was it generated for another dataset?")
-                name = rec.get("class_name")
-                if name is not None and name != classes[label]:
-                    raise MVCError(f"{meta}: {rec['file']} has label {label} = {classes[label]!r} but class_name {name!r}; "
-                                   f"the synthetic set does not match this dataset")
-                path = self.root / rec["file"]
-                if not path.is_file():
-                    raise MVCError(f"{meta} lists {rec['file']} but the file is missing; regenerate or fix the metadata")
-                self.paths.append(path)
-                targets.append(label)
-                self.source_ids.append(rec.get("source_id"))
-        elif self.root.is_dir():
-            by_folder = {safe_name(c): i for i, c in enumerate(classes)}
-            for sub in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if sub.name == "grids":
-                    continue
-                if sub.name not in by_folder:
-                    raise MVCError(f"{sub}: folder does not match any class of the dataset (expected one of "
-                                   f"{', '.join(list(by_folder)[:5])}...); add metadata.jsonl or rename it")
-                for f in sorted(sub.iterdir()):
-                    if f.suffix.lower() in IMAGE_EXTENSIONS:
-                        self.paths.append(f)
-                        targets.append(by_folder[sub.name])
-                        self.source_ids.append(None)
-        self.targets = np.asarray(targets, dtype=np.int64)
-        self.ids = [str(p.relative_to(self.root)) for p in self.paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return load_rgb(self.paths[i]), int(self.targets[i])
-
-
-def load_synthetic(root: str | os.PathLike, classes: list[str], exclude_sources: set[str] | None = None):
-    """The synthetic set at `root` (empty when the folder does not exist), without images made from
-    `exclude_sources` (real ids held out for validation / a k-fold test fold, to avoid leakage)."""
-    syn = SyntheticImages(root, classes)
-    if exclude_sources:
-        keep = [i for i, s in enumerate(syn.source_ids) if s not in exclude_sources]
-        if len(keep) < len(syn):
-            log.info("dropping %d synthetic images made from held-out real images", len(syn) - len(keep))
-            return IndexView(syn, keep)
-    return syn
-
-
-#################################################################################
 #                              Index selections                                 #
 #################################################################################
 
-def stratified_take(targets: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Up to `n` indices, class-balanced (round-robin over classes in a seeded order), sorted."""
+def stratified_take(targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `n` indices, class-balanced (round-robin over classes in a random order), sorted."""
     targets = np.asarray(targets)
     if n >= len(targets):
         return np.arange(len(targets))
-    rng = np.random.default_rng(seed)
     per = [rng.permutation(np.flatnonzero(targets == c)) for c in np.unique(targets)]
     depth = max(len(p) for p in per)
     # (depth, classes) grid read row by row: the first n cells are as balanced as possible
@@ -128,10 +41,9 @@ def stratified_take(targets: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.asarray(grid[:n], dtype=np.int64))
 
 
-def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(targets: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(train, held_out) indices: `fraction` of each class held out (at least 1, leaving at least 1)."""
     targets = np.asarray(targets)
-    rng = np.random.default_rng(seed)
     train, held = [], []
     for c in np.unique(targets):
         idx = rng.permutation(np.flatnonzero(targets == c))
@@ -154,48 +66,53 @@ def kfold_splits(targets: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarra
     if counts[counts > 0].min() < k:
         raise MVCError(f"classifier.kfold={k} needs at least {k} labelled images per class "
                        f"(the smallest class has {counts[counts > 0].min()})")
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seeds.derive_seed(seed, "classifier.folds") % 2**32)
     return [(tr.astype(np.int64), te.astype(np.int64)) for tr, te in skf.split(np.zeros(len(targets)), targets)]
+
+
+def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
+    """Real train / val / test sets and the synthetic set of one (seed, fold) run (all `ImageDataset`s)."""
+    from mvc.classifier.strategies import STRATEGIES
+    from mvc.paths import RunPaths
+    from mvc.synthetic import load_synthetic_set
+
+    c = cfg.classifier
+    if splits is None:
+        from mvc.data import load_splits
+        splits = load_splits(cfg.data)
+    labelled, _pool, test = splits
+    classes = list(labelled.classes)
+    held_out: set[str] = set()
+    train = labelled
+    if fold is not None:
+        tr, te = kfold_splits(labelled.targets, c.kfold, cfg.data.subset_seed)[fold]
+        train, test = labelled.subset(tr), labelled.subset(te)
+        held_out |= set(test.ids)
+    elif c.test_limit is not None and len(test) > c.test_limit:
+        # the same class-balanced test subset for every seed and strategy (drawn from the data subset seed)
+        test = test.subset(stratified_take(test.targets, c.test_limit,
+                                           seeds.numpy_rng(cfg.data.subset_seed, "classifier.test_subset")))
+    val = None
+    if c.val_fraction > 0:
+        tr, va = stratified_split(train.targets, c.val_fraction, seeds.numpy_rng(cfg.data.subset_seed, "classifier.val"))
+        train, val = train.subset(tr), train.subset(va)
+        held_out |= set(val.ids)
+    syn = None
+    if STRATEGIES.get(c.strategy).needs_synthetic:
+        syn_dir = c.synthetic_dir or RunPaths.of(cfg).synthetic
+        syn = load_synthetic_set(syn_dir, classes, exclude_sources=held_out)
+        if len(syn) == 0:
+            raise MVCError(f"strategy {c.strategy!r} needs synthetic images but {syn_dir} has none; "
+                           f"run generate_mvc.py first, set classifier.synthetic_dir, or use --strategy real")
+        syn = syn.subset(select_synthetic(syn.targets, len(train), c.synthetic_ratio, seed))
+    return {"classes": classes, "train": train, "val": val, "test": test, "synthetic": syn}
 
 
 def select_synthetic(targets: np.ndarray, n_real: int, ratio: float | None, seed: int) -> np.ndarray:
     """Indices of the synthetic images used: all, or a class-balanced `ratio * n_real` of them."""
     if ratio is None:
         return np.arange(len(targets))
-    return stratified_take(targets, int(round(ratio * n_real)), seed)
-
-
-#################################################################################
-#                                  Transforms                                   #
-#################################################################################
-
-def build_pre(meta) -> Callable:
-    """Deterministic PIL -> uint8 tensor (3, S, S): resize (then centre-crop when crop_pct < 1)."""
-    from torchvision.transforms import v2
-
-    s = meta.input_size
-    if meta.crop_pct < 1.0:
-        steps = [v2.Resize(int(round(s / meta.crop_pct)), antialias=True), v2.CenterCrop(s)]
-    else:
-        steps = [v2.Resize((s, s), antialias=True)]
-    return v2.Compose([v2.PILToTensor(), *steps])
-
-
-def build_post(meta, augment: str = "none", policy: str = "cifar10") -> Callable:
-    """Random augmentation on the uint8 tensor, then float in [0, 1] and normalisation."""
-    from torchvision.transforms import v2
-
-    s = meta.input_size
-    aug = {
-        "none": [],
-        "standard": [v2.RandomCrop(s, padding=max(1, s // 8)), v2.RandomHorizontalFlip()],
-        "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy(policy))],
-        "randaugment": [v2.RandAugment()],
-        "trivialaugment": [v2.TrivialAugmentWide()],
-    }
-    if augment not in aug:
-        raise MVCError(f"unknown augmentation {augment!r}; choose one of {', '.join(aug)}")
-    return v2.Compose([*aug[augment], v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta.mean, meta.std)])
+    return stratified_take(targets, int(round(ratio * n_real)), seeds.numpy_rng(seed, "classifier.select"))
 
 
 class Prepared(Dataset):
@@ -227,6 +144,13 @@ class Prepared(Dataset):
 
     def __getitem__(self, i: int):
         return self.post(self.raw(i)), int(self.targets[i]), self.synthetic
+
+    def warm(self, progress: bool = True) -> None:
+        """Fill the cache in this process, so DataLoader workers (which get copies) start with it full."""
+        if self._cache is None:
+            return
+        for i in tqdm(range(len(self)), desc="caching images", unit="img", disable=not progress, leave=False):
+            self.raw(i)
 
 
 class Combined(Dataset):

@@ -2,43 +2,34 @@
 
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from mvc.registry import Registry
+from mvc.schedules import lr_multiplier
 from mvc.utils import MVCError
+
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS.register("adam")(lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+OPTIMIZERS.register("adamw")(lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+OPTIMIZERS.register("sgd")(lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                                weight_decay=cfg.weight_decay))
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """adam / adamw / sgd (with momentum) from the classifier config."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise MVCError(f"unknown optimizer {cfg.optimizer!r}; choose adam, adamw or sgd")
-
-
-def lr_factor(schedule: str, progress: float, milestones: list[float] = (), gamma: float = 0.1) -> float:
-    """Multiplier of the base LR at `progress` in [0, 1) of a phase: none, cosine, or multistep
-    (x gamma at each milestone fraction passed)."""
-    if schedule == "none":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    if schedule == "multistep":
-        return float(gamma) ** sum(progress >= m for m in milestones)
-    raise MVCError(f"unknown LR schedule {schedule!r}; choose none, cosine or multistep")
+    """The optimizer `cfg.optimizer` names (`OPTIMIZERS`: adam, adamw, sgd with momentum)."""
+    return OPTIMIZERS.get(cfg.optimizer)(params, cfg)
 
 
 def plan_lr(cfg, plan, epoch: int, step: int, steps: int) -> float:
     """LR of `step` (0-based, of `steps`) in `epoch` under the epoch's plan (phase span and scale)."""
     progress = (epoch - plan.phase_start + step / max(steps, 1)) / max(plan.phase_epochs, 1)
-    return float(cfg.lr) * plan.lr_scale * lr_factor(cfg.scheduler, progress, cfg.milestones, cfg.gamma)
+    return float(cfg.lr) * plan.lr_scale * lr_multiplier(cfg.scheduler, progress, 1.0, milestones=cfg.milestones,
+                                                         gamma=cfg.gamma)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, accelerator, loss_fn, lr_at, epoch: int,

@@ -1,4 +1,4 @@
-"""Classification metrics (pure numpy), the confusion-matrix figure, and mean ± std over seeds."""
+"""Classification metrics (scikit-learn), the confusion-matrix figure, and mean ± std over seeds."""
 
 from __future__ import annotations
 
@@ -7,37 +7,27 @@ import numpy as np
 SCALARS = ["accuracy", "precision_macro", "recall_macro", "f1_macro"]
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) int64 counts: rows are true classes, columns predicted classes."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
 def compute_metrics(y_true, y_pred, num_classes: int) -> dict:
-    """Accuracy, macro precision/recall/F1, per-class accuracy (= recall) and the confusion matrix.
+    """Accuracy, macro precision/recall/F1, per-class accuracy (= recall) and the confusion matrix (scikit-learn).
 
     Macro averages run over all `num_classes` classes; a class never predicted has precision 0 and a
-    class absent from `y_true` has recall 0 (sklearn's zero_division=0), so a missing class lowers
-    the average instead of vanishing from it.
+    class absent from `y_true` has recall 0 (zero_division=0), so a missing class lowers the average
+    instead of vanishing from it.
     """
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)   # true counts per class
-    predicted = cm.sum(axis=0).astype(np.float64)  # predicted counts per class
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    total = cm.sum()
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(num_classes))
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)  # rows true, columns predicted
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
-        "accuracy": float(tp.sum() / total) if total else 0.0,
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
+        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "precision_macro": float(np.mean(precision)),
+        "recall_macro": float(np.mean(recall)),
+        "f1_macro": float(np.mean(f1)),
         "per_class_accuracy": [float(v) for v in recall],
         "confusion_matrix": cm.tolist(),
-        "num_samples": int(total),
+        "num_samples": int(len(y_true)),
     }
 
 
@@ -67,10 +57,16 @@ def confusion_figure(cm, classes: list[str], title: str = ""):
 
 
 def mean_std(runs: list[dict], keys: list[str] = SCALARS) -> dict:
-    """{key: {"mean", "std", "values"}} over runs (population std, 0 for a single run)."""
+    """{key: {"mean", "std", "values"}} over runs; std is the sample std (ddof=1), 0 for a single run."""
     out = {}
     for k in keys:
         vals = [float(r[k]) for r in runs if r.get(k) is not None]
         if vals:
-            out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
+            out[k] = {"mean": float(np.mean(vals)), "std": sample_std(vals), "values": vals}
     return out
+
+
+def sample_std(values) -> float:
+    """Sample standard deviation (ddof=1) of a list of numbers; 0 for fewer than two."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0

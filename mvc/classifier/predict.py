@@ -27,7 +27,7 @@ class ClassifierBundle:
 
 def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
     """Load a classifier checkpoint file (or a run folder / its checkpoints folder: the newest checkpoint)."""
-    from mvc.classifier.data import build_post, build_pre
+    from mvc.classifier.augment import build_post, build_pre
     from mvc.classifier.models import ModelMeta, build_from_meta
 
     path = Path(checkpoint)

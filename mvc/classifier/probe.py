@@ -3,31 +3,49 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
-from mvc.classifier.data import Combined, eval_loader, prepared
+from mvc import seeds
+from mvc.classifier.data import Combined, eval_loader, prepare_data, prepared
 from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.models import build_model, extract_features
-from mvc.utils import MVCError, RunLogger, seed_everything
+from mvc.classifier.outputs import run_dir_for, write_run_outputs
+from mvc.registry import Registry
+from mvc.utils import MVCError, RunLogger
 
 PROBE_STRATEGIES = ("real", "concat")
 
+# name -> builder(seed) of the sklearn head that follows a StandardScaler ("none" in the config: no probe)
+PROBES: Registry[Callable] = Registry("probe")
 
-def build_probe(name: str, seed: int):
-    """A standardise-then-classify sklearn pipeline."""
+
+@PROBES.register("logreg")
+def _logreg(seed: int):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+
+    return LogisticRegression(max_iter=2000, random_state=seed)
+
+
+@PROBES.register("svc")
+def _svc(seed: int):
     from sklearn.svm import SVC
 
-    heads = {
-        "logreg": lambda: LogisticRegression(max_iter=2000, random_state=seed),
-        "svc": lambda: SVC(kernel="rbf", random_state=seed),
-        "mlp": lambda: MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=seed),
-    }
-    if name not in heads:
-        raise MVCError(f"unknown probe {name!r}; choose one of {', '.join(heads)}")
-    return make_pipeline(StandardScaler(), heads[name]())
+    return SVC(kernel="rbf", random_state=seed)
+
+
+@PROBES.register("mlp")
+def _mlp(seed: int):
+    from sklearn.neural_network import MLPClassifier
+
+    return MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=seed)
+
+
+def build_probe(name: str, seed: int):
+    """A standardise-then-classify sklearn pipeline with the `PROBES` head `name`."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), PROBES.get(name)(seed % 2**32))
 
 
 def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None) -> dict:
@@ -36,14 +54,12 @@ def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None)
     Features are computed without augmentation; the run writes metrics.json and a results-CSV row
     like a trained run ('best' = 'last': there are no epochs). No checkpoint is written.
     """
-    from mvc.classifier.train import prepare_data, run_dir_for, write_run_outputs
-
     c = cfg.classifier
     if c.strategy not in PROBE_STRATEGIES:
         raise MVCError(f"classifier.probe works with strategies {' and '.join(PROBE_STRATEGIES)}, not {c.strategy!r}")
     t0 = time.time()
     d = prepare_data(cfg, seed, splits, fold)
-    seed_everything(seed)
+    seeds.seed_everything(seeds.derive_seed(seed, "classifier.init"))
     model, meta = build_model(c.backbone, 0, c.pretrained, c.cifar_stem, c.input_size)  # 0 classes: pooled features
     model = model.to(accelerator.device)
     syn = prepared(d["synthetic"], meta, synthetic=True) if d["synthetic"] else None

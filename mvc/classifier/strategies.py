@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mvc import seeds
 from mvc.registry import Registry
-from mvc.utils import MVCError, fingerprint
+from mvc.utils import MVCError
 
 STRATEGIES: Registry[type["Strategy"]] = Registry("strategy")
+PROB_MODES = ("append", "replace")  # probabilistic: add the synthetic image to the batch / take the real one's place
 
 
 def list_strategies() -> list[str]:
@@ -30,8 +32,8 @@ def list_strategies() -> list[str]:
 
 
 def epoch_rng(seed: int, epoch: int, salt: str) -> np.random.Generator:
-    """A numpy Generator seeded from (seed, epoch, salt), independent of every other draw."""
-    return np.random.default_rng(int(fingerprint(int(seed), int(epoch), salt), 16))
+    """A numpy Generator for one stream (`salt`) of one epoch's plan, independent of every other draw."""
+    return seeds.numpy_rng(seed, f"classifier.plan:{salt}", epoch)
 
 
 def chunk(order: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -7,6 +7,7 @@ neither torchvision nor PIL (they are imported when an image is opened).
 from mvc.data import sources as _sources  # noqa: F401  (registers the datasets)
 from mvc.data.dataset import (
                               DATASETS,
+                              EVAL_SPLITS,
                               ArraySource,
                               FileSource,
                               ImageDataset,
@@ -19,5 +20,5 @@ from mvc.data.dataset import (
 )
 from mvc.data.images import load_rgb, to_rgb
 
-__all__ = ["DATASETS", "ArraySource", "FileSource", "ImageDataset", "build_dataset", "list_datasets", "load_splits",
+__all__ = ["DATASETS", "EVAL_SPLITS", "ArraySource", "FileSource", "ImageDataset", "build_dataset", "list_datasets", "load_splits",
            "low_data_subset", "register_dataset", "stratified_split", "load_rgb", "to_rgb"]

@@ -9,13 +9,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mvc import seeds
 from mvc.registry import Registry
-from mvc.utils import MVCError, resolve_seed
+from mvc.seeds import resolve_seed
+from mvc.utils import MVCError
 from mvc.utils import fingerprint as _hash
 
 log = logging.getLogger(__name__)
 
 DATASETS: Registry[Callable[..., "ImageDataset"]] = Registry("dataset")
+EVAL_SPLITS = ("test", "val")  # what data.test_split may name
 
 
 def list_datasets() -> list[str]:
@@ -154,18 +157,16 @@ def register_dataset(name: str, splits: tuple[str, ...] = ("train", "test")):
 #                              Low-data subsets                                 #
 #################################################################################
 
-def _class_rng(seed: int, c: int) -> np.random.Generator:
-    """An independent generator per (seed, class): one class's draw never shifts another's."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(c)])
-
-
 def stratified_split(targets: np.ndarray, num_classes: int, take: Callable[[int], int],
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, draw `take(n_class)` positions at random: (taken, rest), each sorted."""
+                     seed: int, role: str = "subset") -> tuple[np.ndarray, np.ndarray]:
+    """Per class, draw `take(n_class)` positions at random: (taken, rest), each sorted.
+
+    Each class has its own generator (seed, role, class), so one class's draw never shifts another's.
+    """
     taken, rest = [], []
     for c in range(num_classes):
         idx = np.flatnonzero(targets == c)
-        perm = _class_rng(seed, c).permutation(idx)
+        perm = seeds.numpy_rng(seed, role, c).permutation(idx)
         k = min(take(len(idx)), len(idx))
         taken.append(perm[:k])
         rest.append(perm[k:])
@@ -214,7 +215,7 @@ def load_splits(data_cfg: Any) -> tuple[ImageDataset, ImageDataset, ImageDataset
         # take at least one val image from every class that has any pool images left
         val_pos, pool_pos = stratified_split(pool.targets, len(pool.classes),
                                              lambda n: max(1, int(round(frac * n))) if n else 0,
-                                             data_cfg.subset_seed + 1)
+                                             data_cfg.subset_seed, role="val_split")
         if len(val_pos) == 0:
             raise MVCError(f"no images left for a 'val' split after taking k_per_class={data_cfg.k_per_class}; "
                            f"lower data.k_per_class or use data.test_split=test")

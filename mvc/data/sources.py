@@ -157,7 +157,7 @@ def caltech101(root: Path, split: str, test_fraction: float = 0.2, split_seed: i
     full = _folder_dataset("caltech101", split, base, base, base, exclude=CALTECH_EXCLUDE)
     test_pos, train_pos = stratified_split(full.targets, len(full.classes),
                                            lambda n: max(1, int(round(test_fraction * n))) if n >= 2 else 0,
-                                           split_seed)
+                                           split_seed, role="test_split")
     return full.subset(test_pos if split == "test" else train_pos)
 
 

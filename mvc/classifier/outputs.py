@@ -1,0 +1,97 @@
+"""Where a classifier run writes, and what: run names, metrics.json, confusion figures, the results CSV,
+summaries over seeds. Shared by trained runs (`mvc.classifier.train`) and feature probes."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from mvc.classifier.metrics import SCALARS, confusion_figure, mean_std
+from mvc.classifier.strategies import STRATEGIES
+from mvc.paths import RunPaths
+from mvc.utils import RunLogger, atomic_write_json, safe_name
+
+CSV_COLUMNS = ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed", "fold", *SCALARS,
+               "best_accuracy", "best_epoch", "best_selected_on", "epochs", "steps", "n_real", "n_synthetic", "probe",
+               "run_dir"]
+
+
+def run_name(cfg, seed: int) -> str:
+    """`<strategy>-<augment>-<backbone>-seed<seed>` (probes: `<strategy>-probe_<probe>-<backbone>-seed<seed>`)."""
+    c = cfg.classifier
+    tag = STRATEGIES.get(c.strategy).tag_for(c)
+    mid = f"probe_{c.probe}" if c.probe != "none" else c.augment
+    return f"{tag}-{mid}-{safe_name(c.backbone)}-seed{seed}"
+
+
+def run_dir_for(cfg, seed: int, fold: int | None = None) -> Path:
+    """`<output_dir>/classifier/<run name>[/fold<k>]`: where one classifier run writes."""
+    run_dir = RunPaths.of(cfg).classifier / run_name(cfg, seed)
+    return run_dir / f"fold{fold}" if fold is not None else run_dir
+
+
+def _scalars(m: dict) -> dict:
+    """The scalar metrics of a metrics dict."""
+    return {k: m[k] for k in SCALARS}
+
+
+def write_run_outputs(record: dict, run_dir: Path, logger: RunLogger, cfg) -> None:
+    """metrics.json, confusion-matrix PNGs (+ TensorBoard) and the results-CSV row of one run."""
+    import matplotlib.pyplot as plt
+
+    atomic_write_json(run_dir / "metrics.json", record)
+    for which in ("last", "best"):
+        m = record[which]
+        fig = confusion_figure(m["confusion_matrix"], record["classes"],
+                               f"{which} (epoch {m['epoch']}): accuracy {m['accuracy']:.3f}")
+        logger.figure(f"confusion/{which}", fig, m["epoch"], path=run_dir / f"confusion_{which}.png")
+        plt.close(fig)
+        logger.scalars(m["epoch"], _scalars(m), prefix=f"test_{which}/")
+    append_results_row(results_csv_path(cfg), csv_row(record))
+
+
+def csv_row(record: dict) -> dict:
+    """One results-CSV row from a run record."""
+    best = record.get("best") or {}
+    return {**{k: record.get(k) for k in ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed",
+                                          "fold", "best_selected_on", "epochs", "steps", "n_real", "n_synthetic",
+                                          "probe", "run_dir"]},
+            **{k: round(record["last"][k], 6) for k in SCALARS},
+            "best_accuracy": round(best["accuracy"], 6) if best else None, "best_epoch": best.get("epoch")}
+
+
+def results_csv_path(cfg) -> Path:
+    """classifier.results_csv, default <run.output_dir>/results.csv."""
+    return RunPaths.of(cfg).results_csv
+
+
+def append_results_row(path: Path, row: dict) -> None:
+    """Append a row (header written when the file is new); flushed to disk at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    columns = CSV_COLUMNS
+    if not new:
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), CSV_COLUMNS)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_summary(cfg, records: list[dict]) -> Path:
+    """`<strategy>-<augment>-<backbone>-summary.json`: mean ± std over seeds (and folds) of last/best metrics."""
+    name = run_name(cfg, 0).rsplit("-seed", 1)[0]
+    path = RunPaths.of(cfg).classifier / f"{name}-summary.json"
+    summary = {"runs": len(records), "seeds": sorted({r["seed"] for r in records}),
+               "last": mean_std([r["last"] for r in records]),
+               "best": mean_std([r["best"] for r in records if r.get("best")]),
+               "best_selected_on": records[0].get("best_selected_on")}
+    atomic_write_json(path, summary)
+    acc = summary["last"]["accuracy"]
+    print(f"{name}: last accuracy {acc['mean']:.4f} ± {acc['std']:.4f} over {len(records)} run(s)")
+    return path

@@ -1,0 +1,54 @@
+"""accelerate at the edge: the one place that builds an `Accelerator` and shares values between processes.
+
+`mvc/` never names a device: stages take an accelerator (or build one here) and ask it for the device,
+the rank and the world size. A run launched with `accelerate launch` or `torchrun` gets one process per
+device; on a machine without an accelerator, several processes run on the CPU (gloo).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from mvc.seeds import resolve_seed
+from mvc.utils import MVCError
+
+PRECISIONS = ("no", "fp16", "bf16")  # accelerate's mixed-precision modes
+
+
+def make_accelerator(mixed_precision: str | None = None, grad_accum: int | None = None):
+    """An `Accelerator`; `None` leaves a setting to accelerate (`accelerate config` / `accelerate launch` flags)."""
+    from accelerate import Accelerator
+    from accelerate.utils import is_xpu_available
+
+    # accelerate only picks multi-process CPU (gloo) when told `cpu=True`: do so for a torchrun /
+    # accelerate-launch run on a machine without an accelerator
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kw: dict[str, Any] = {"cpu": multi and not torch.cuda.is_available() and not is_xpu_available()}
+    if mixed_precision is not None:
+        kw["mixed_precision"] = mixed_precision
+    if grad_accum is not None:
+        kw["gradient_accumulation_steps"] = int(grad_accum)
+    try:
+        return Accelerator(**kw)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MVCError(f"cannot set up accelerate (mixed_precision={mixed_precision}): {first}") from None
+
+
+def broadcast_object(acc: Any, obj: Any) -> Any:
+    """The main process's `obj` on every process."""
+    if acc.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj if acc.is_main_process else None]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def broadcast_seed(acc: Any, seed: int | None) -> int:
+    """Resolve a None seed once (on the main process) and share it, so every process uses the same base seed."""
+    return int(broadcast_object(acc, resolve_seed(seed) if acc.is_main_process else None))

@@ -1,0 +1,98 @@
+"""Where a run's files go: one place that names every path under `run.output_dir`.
+
+```
+<run.output_dir>/
+  config-<stage>.yaml         resolved config of each stage run
+  captions/                   caption caches (one JSON-lines file per captioner and dataset)
+  pairs.npz                   index pairs
+  mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
+  synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
+  synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
+  classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
+  results.csv, results.md, figures/, stage_times.json
+```
+
+Output options given as relative paths are taken inside `run.output_dir` and may not leave it; an
+absolute path is used as given (the user asked for that place on purpose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mvc.utils import MVCError
+
+
+def output_path(root: Path, value: str | None, default: str, key: str) -> Path:
+    """`value` (an output option) resolved against the run folder `root`; `default` when unset."""
+    if value is None or value == "":
+        return root / default
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    resolved = (root / p).resolve()
+    if resolved != root.resolve() and root.resolve() not in resolved.parents:
+        raise MVCError(f"{key}={value!r} leaves run.output_dir ({root}); give a path inside it, or an absolute path")
+    return root / p
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of a run, from its config (`RunPaths.of(cfg)`)."""
+    root: Path
+    final: Path
+    synthetic: Path
+    grids: Path
+    results_csv: Path
+    report: Path
+
+    @classmethod
+    def of(cls, cfg: Any) -> "RunPaths":
+        """The paths named (or defaulted) by a config."""
+        root = Path(cfg.run.output_dir).expanduser()
+        g = cfg.generate
+        synthetic = output_path(root, g.out_dir, "synthetic", "generate.out_dir")
+        grids = (output_path(root, g.grid_dir, "", "generate.grid_dir") if g.grid_dir
+                 else synthetic.parent / f"{synthetic.name}_grids")
+        final = Path(g.model_dir).expanduser() if g.model_dir else root / "mvc" / "final"
+        return cls(root=root, final=final, synthetic=synthetic, grids=grids,
+                   results_csv=output_path(root, cfg.classifier.results_csv, "results.csv", "classifier.results_csv"),
+                   report=output_path(root, cfg.pipeline.report, "results.md", "pipeline.report"))
+
+    def config_file(self, stage: str) -> Path:
+        """The resolved config of one stage run."""
+        return self.root / f"config-{stage}.yaml"
+
+    @property
+    def captions(self) -> Path:
+        return self.root / "captions"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs.npz"
+
+    @property
+    def mvc(self) -> Path:
+        return self.root / "mvc"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.mvc / "checkpoints"
+
+    @property
+    def classifier(self) -> Path:
+        return self.root / "classifier"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def stage_times(self) -> Path:
+        return self.root / "stage_times.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"

@@ -1,0 +1,87 @@
+"""Prompts: a caption joined with a class prompt, and where the caption's tokens sit in the prompt.
+
+The prompt of an image is `prompt_template` filled with its caption and class name (the paper:
+"<caption>, a photo of class type <label>"), so a caption that misses the class still names it.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from mvc.utils import MVCError
+
+DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
+
+
+def validate_template(template: str) -> str:
+    """Check a prompt template: it must use {caption} and {label}, plainly, and no other placeholder."""
+    if not isinstance(template, str):
+        raise MVCError(f"prompt template must be text, got {template!r}")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise MVCError(f"prompt template {template!r} is malformed ({e}); use e.g. {DEFAULT_TEMPLATE!r}") from None
+    fields = [f for _, f, _, _ in parts if f is not None]
+    extra = sorted({f for f in fields if f not in ("caption", "label")})
+    if extra:
+        shown = ", ".join("{" + f + "}" for f in extra)
+        raise MVCError(f"prompt template {template!r} has unknown placeholder(s) {shown}; "
+                       "only {caption} and {label} are allowed")
+    fancy = [f for _, f, spec, conv in parts if f is not None and (spec or conv)]
+    if fancy:
+        raise MVCError(f"prompt template {template!r} formats {{{fancy[0]}}} with a spec or conversion; "
+                       "write plain {caption} and {label}")
+    missing = [f for f in ("caption", "label") if f not in fields]
+    if missing:
+        shown = ", ".join("{" + f + "}" for f in missing)
+        raise MVCError(f"prompt template {template!r} lacks {shown}; use e.g. {DEFAULT_TEMPLATE!r}")
+    return template
+
+
+def make_prompt(template: str, caption: str, label_name: str) -> str:
+    """The prompt of one image: `template` filled with its caption and its class name."""
+    return validate_template(template).format(caption=caption.strip(), label=label_name)
+
+
+def caption_token_span(tokenizer: Any, prompt_template: str, caption: str, label: str) -> tuple[int, int]:
+    """[start, end) token positions of `caption` inside the tokenized prompt (BOS is position 0).
+
+    The caption is located by its characters in the formatted prompt (wherever the template puts
+    it), then mapped to tokens with the tokenizer's offsets. A caption cut off by the tokenizer's
+    max length gives the part that survives; an empty one gives an empty span (start == end).
+    """
+    prompt = make_prompt(prompt_template, caption, label)
+    caption = caption.strip()
+    c0 = _locate_caption(prompt_template, prompt, caption, label)
+    c1 = c0 + len(caption)
+    max_len = int(tokenizer.model_max_length)
+    try:
+        enc = tokenizer(prompt, truncation=True, max_length=max_len, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        offsets = None
+    if offsets is not None:
+        # special tokens (BOS/EOS/padding) have empty (0, 0) offsets
+        pos = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
+        if not pos:
+            return (1, 1)
+        return (min(pos), max(pos) + 1)
+    # slow tokenizers: count the tokens of the text before the caption, then of the caption
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    start = 1 + len(ids(prompt[:c0].strip())) if prompt[:c0].strip() else 1
+    end = min(start + len(ids(caption)), max_len - 1)
+    return (min(start, end), end)
+
+
+def _locate_caption(template: str, prompt: str, caption: str, label: str) -> int:
+    """Character index of `caption` in `prompt` (template prefix first, else a search)."""
+    prefix = template.split("{caption}", 1)[0].format(label=label)
+    if prompt[len(prefix):len(prefix) + len(caption)] == caption:
+        return len(prefix)
+    i = prompt.find(caption)
+    if i < 0:
+        i = prompt.lower().find(caption.lower())
+    if i < 0:
+        raise MVCError(f"cannot find the caption {caption!r} in the prompt {prompt!r}")
+    return i

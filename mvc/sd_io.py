@@ -1,0 +1,120 @@
+"""Stable Diffusion inputs, prepared one way for every stage: images, prompts, and their encodings.
+
+Fine-tuning caches, validation, generation, the tiny base and the benchmarks all call these
+functions, so training and sampling cannot drift apart. Each one does what
+`StableDiffusionInstructPix2PixPipeline` does, through diffusers' own `VaeImageProcessor` and the
+pipeline's tokenizer settings:
+- images: RGB, resized to (R, R) with the image processor's filter (Lanczos), scaled to [-1, 1];
+- prompts: padded / truncated to the tokenizer's max length; the attention mask is passed to the
+  text encoder only when its config asks for one (CLIP's does not);
+- image latents: the posterior MODE (= mean) for conditions, as the pipeline's `argmax` does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mvc.utils import batched
+
+#################################################################################
+#                                    Images                                     #
+#################################################################################
+
+
+@functools.lru_cache(maxsize=8)
+def image_processor(vae_scale_factor: int = 8):
+    """diffusers' `VaeImageProcessor` with the settings the IP2P / SD pipelines use."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+
+
+def _rgb(image: Any):
+    from mvc.data.images import to_rgb
+
+    return to_rgb(image)
+
+
+def resize(image: Any, resolution: int):
+    """A PIL image as RGB at (resolution, resolution), resized with the pipeline's own filter."""
+    im = _rgb(image)
+    if im.size == (resolution, resolution):
+        return im
+    return image_processor().resize(im, resolution, resolution)
+
+
+def images_to_tensor(images: Sequence[Any], resolution: int) -> torch.Tensor:
+    """PIL images -> (B, 3, R, R) float32 in [-1, 1], exactly as the pipeline's `preprocess(height=R, width=R)`."""
+    return image_processor().preprocess([_rgb(im) for im in images], height=resolution, width=resolution)
+
+
+def images_to_uint8(images: Sequence[Any], resolution: int) -> torch.Tensor:
+    """PIL images -> (B, 3, R, R) uint8, the same resize (for in-memory caches of many images)."""
+    arr = np.stack([np.asarray(resize(im, resolution)) for im in images])  # (B, R, R, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def uint8_to_model(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1] with the same float ops as `images_to_tensor`."""
+    return 2.0 * (x.float() / 255.0) - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images (the pipeline's postprocess)."""
+    return image_processor().postprocess(x.detach().float().cpu(), output_type="pil")
+
+
+@torch.no_grad()
+def encode_images(vae: Any, x: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of images (N, 3, R, R) in [-1, 1]: each (N, C, R/f, R/f) float32, unscaled.
+
+    The mean is the condition latent the IP2P pipeline uses (`latent_dist.mode()`).
+    """
+    p = next(vae.parameters())
+    means, stds = [], []
+    for i in range(0, len(x), batch_size):
+        dist = vae.encode(x[i:i + batch_size].to(device=p.device, dtype=p.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def encode_conditions(vae: Any, images: Sequence[Any], resolution: int, batch_size: int = 64) -> torch.Tensor:
+    """Condition latents (N, C, h, w) of PIL images, in the VAE's dtype: what the IP2P pipeline feeds its U-Net."""
+    dtype = next(vae.parameters()).dtype
+    out = [encode_images(vae, images_to_tensor(chunk, resolution), batch_size)[0]
+           for chunk in batched(list(images), batch_size)]
+    return torch.cat(out).to(dtype)
+
+
+#################################################################################
+#                                   Prompts                                     #
+#################################################################################
+
+def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (N, T) int64, padded / truncated to the tokenizer's max length."""
+    t = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="pt")
+    return t.input_ids, t.attention_mask
+
+
+@torch.no_grad()
+def encode_ids(text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor | None = None,
+               batch_size: int = 64) -> torch.Tensor:
+    """Text-encoder hidden states (N, T, D) of token ids (N, T), in the encoder's dtype, on its device."""
+    p = next(text_encoder.parameters())
+    use_mask = mask is not None and getattr(text_encoder.config, "use_attention_mask", False)
+    out = []
+    for i in range(0, len(ids), batch_size):
+        m = mask[i:i + batch_size].to(p.device) if use_mask else None
+        out.append(text_encoder(ids[i:i + batch_size].to(p.device), attention_mask=m)[0])
+    return torch.cat(out).to(p.dtype)
+
+
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Text-encoder hidden states (N, T, D) of prompts, exactly as the SD pipelines compute them."""
+    return encode_ids(text_encoder, *tokenize(tokenizer, prompts), batch_size=batch_size)

@@ -1,0 +1,42 @@
+"""Starting a stage: every script runs the same three steps, parse -> start -> run.
+
+`start_stage` builds the accelerator, resolves the base seed once for all processes (a null seed is
+drawn and then recorded), and writes the resolved config into the run folder as
+`config-<stage>.yaml`; the stage then records the same config in its TensorBoard log (text and
+hparams, `RunLogger.config`), so runs compare in TensorBoard's HParams view.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mvc.config import Config, save_config
+from mvc.distributed import broadcast_seed, make_accelerator
+from mvc.paths import RunPaths
+
+
+@dataclass
+class Stage:
+    """What a started stage runs with."""
+    name: str
+    accelerator: Any
+    seed: int
+    paths: RunPaths
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+
+def start_stage(cfg: Config, name: str, mixed_precision: str | None = None, grad_accum: int | None = None) -> Stage:
+    """Accelerator, shared seed (recorded in `cfg.run.seed`), logging, and `config-<name>.yaml` in the run folder."""
+    acc = make_accelerator(mixed_precision, grad_accum)
+    cfg.run.seed = broadcast_seed(acc, cfg.run.seed)
+    paths = RunPaths.of(cfg)
+    logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if acc.is_main_process:
+        save_config(cfg, paths.config_file(name))
+    return Stage(name, acc, cfg.run.seed, paths)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+import evaluate_synthetic
 import generate_mvc
 import train_classifier
 import train_mvc
@@ -87,6 +88,20 @@ def stage_finetune(cfg: Config) -> None:
 def stage_generate(cfg: Config) -> None:
     """generate_mvc (idempotent: it only makes the missing images)."""
     generate_mvc.main(copy_config(cfg))
+
+
+def stage_evaluate(cfg: Config) -> None:
+    """evaluate_synthetic on the synthetic set (fidelity, diversity, FD, novelty, CAS); skipped when the
+    report is of this very set."""
+    from mvc.synthetic import set_fingerprint
+    from mvc.utils import safe_name
+
+    paths = RunPaths.of(cfg)
+    done = paths.evaluation / safe_name(paths.synthetic.name) / "metrics.json"
+    if done.is_file() and json.loads(done.read_text()).get("set_fingerprint") == set_fingerprint(paths.synthetic):
+        print("evaluation of this synthetic set found: skipping")
+        return
+    evaluate_synthetic.main(copy_config(cfg))
 
 
 def stage_classifiers(cfg: Config) -> None:
@@ -194,6 +209,7 @@ def write_report(cfg: Config, times: dict) -> Path:
     for r in rows:
         lines.append(f"| {r['run']} | {r['strategy']} | {r['augment']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
                      f"| {r['f1_mean']:.2f} ± {r['f1_std']:.2f} | {r['n']} |")
+    lines += synthetic_section(cfg, paths)
     lines += ["", "| stage | wall time |", "|---|---|"]
     for name, sec in times.items():
         lines.append(f"| {name} | {sec / 60:.1f} min |")
@@ -204,6 +220,32 @@ def write_report(cfg: Config, times: dict) -> Path:
                   "![samples](figures/samples.png)", ""]
     atomic_write_text(paths.report, "\n".join(lines) + "\n")
     return paths.report
+
+
+def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
+    """The synthetic-set table (from the evaluation stage's metrics.json) and its per-class figure."""
+    from mvc.evaluation.evaluate import summary_row, table_markdown
+    from mvc.utils import safe_name
+
+    ev_dir = paths.evaluation / safe_name(paths.synthetic.name)
+    if not (ev_dir / "metrics.json").is_file():
+        return []
+    rec = json.loads((ev_dir / "metrics.json").read_text())
+    if (ev_dir / "figure.png").is_file():
+        shutil.copyfile(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
+    ref = rec["reference"]
+    cas = rec.get("cas")
+    return ["", "### The synthetic set", "",
+            f"Judged by an evaluation-only reference classifier (`{ref['backbone']}`, trained on all "
+            f"{ref['train_images']} training images, {100 * ref['test_accuracy']:.1f}% on the test split); it never "
+            "trains, filters or selects anything. Label fidelity: share of images the reference assigns to their "
+            "class; diversity: within-class mean pairwise distance, synthetic / real test images; FD-ref: Fréchet "
+            "distance in the reference's features (not FID), beside the same for the labelled real images; novelty: "
+            "cosine distance to the source image / to the nearest other labelled image"
+            + (f"; CAS: `{cas['backbone']}` trained on the synthetic images alone, tested on real ones "
+               f"(seeds {cas['seeds']})." if cas else "."), "",
+            table_markdown([("MVC (`generate_mvc.py`)", summary_row(rec))]).rstrip(), "",
+            "![per-class fidelity and diversity](figures/synthetic_per_class.png)"]
 
 
 def update_readme(report: Path, readme: Path = Path("README.md"), docs: Path = Path("docs/results")) -> None:
@@ -237,6 +279,7 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     times = json.loads(paths.stage_times.read_text()) if paths.stage_times.is_file() else {}
     run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times, paths.stage_times)
     run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
+    run_stage("evaluation (reference, metrics, CAS)", lambda: stage_evaluate(cfg), times, paths.stage_times)
     run_stage("classifiers", lambda: stage_classifiers(cfg), times, paths.stage_times)
     report = write_report(cfg, times)
     print(f"\nreport: {report}\n")

@@ -183,7 +183,9 @@ class MixingConfig:
                             "'embeds' (its output; a shuffle there is invisible to the U-Net's cross-attention).",
                             choices=_names("mvc.mixing", "STAGES"))
     coarse_k: int = opt(4, "Token vectors chosen for the coarse op.", min=1)
-    window: str | list[int] = opt("caption", "'caption' (the caption's token span) or [start, end).")
+    window: str | list[int] = opt("caption", "Token positions mixing may touch: 'caption' (the caption's tokens), "
+                                  "'prompt' (every prompt token but BOS/EOS: caption and class prompt), 'all' (every "
+                                  "position but BOS, padding too), or a fixed [start, end).")
     fine_m: int = opt(3, "Token vectors whose slice is replaced (fine op).", min=1)
     fine_s: int = opt(4, "Dimensions per slice (paper: < 10 of 768).", min=1)
     fine_source: str = opt("donor", "Where the fine slice comes from.", choices=_names("mvc.mixing", "FINE_SOURCES"))
@@ -257,6 +259,31 @@ class ClassifierConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Synthetic-set evaluation (evaluate_synthetic.py, run_pipeline.py) and its reference classifier.
+
+    The reference is trained once per dataset on its full training split (every label) and only
+    judges synthetic images; it never trains, filters or selects anything."""
+    reference_backbone: str = opt("mvc_refcnn", "timm name of the evaluation-only reference classifier.")
+    reference_pretrained: bool = opt(False, "Start the reference from pretrained timm weights (needs the hub).")
+    reference_input_size: int | None = opt(32, "Reference input size (null: from the model's data config).", min=8)
+    reference_epochs: int = opt(4, "Reference training epochs over the full training split.", min=1)
+    reference_batch_size: int = opt(128, "Reference batch size.", min=2)
+    reference_lr: float = opt(2e-3, "Reference learning rate (Adam, cosine).", min=0, min_exclusive=True)
+    reference_augment: str = opt("standard", "Reference augmentation.",
+                                 choices=_names("mvc.classifier.augment", "AUGMENTATIONS"))
+    reference_seed: int = opt(0, "Seed of the reference's training.")
+    cache_dir: str = opt("outputs/cache/reference", "Where trained references are cached, keyed by dataset and settings.")
+    real_limit: int | None = opt(2000, "Real test images (a fixed class-balanced subset) that diversity and the "
+                                       "Fréchet distance compare with (null: all).", min=2)
+    max_per_class: int = opt(400, "Images per class in the pairwise diversity (a random subset beyond).", min=2)
+    cas: bool = opt(True, "Train classifiers on the synthetic set alone (CAS, classifier.* settings, pipeline.seeds).")
+    real_curve: list[int] = opt([10, 20, 40, 80], "Labelled images per class of the real-only accuracy curve "
+                                "(--real-curve): what a strategy's accuracy is worth in real images.", min=1)
+    batch_size: int = opt(256, "Images per batch when computing the reference's features.", min=1)
+
+
+@dataclass
 class PipelineConfig:
     """The end-to-end run (run_pipeline.py): which classifier baselines, how many seeds."""
     runs: list[str] = opt(["real", "real+randaugment", "concat", "two_phase", "probabilistic"],
@@ -278,6 +305,7 @@ class Config:
     mixing: MixingConfig = field(default_factory=MixingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):

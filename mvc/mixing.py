@@ -292,14 +292,18 @@ def apply_mixing(x: torch.Tensor, op: str, params: dict, generator: torch.Genera
 #                       The mixing plan of a synthetic set                      #
 #################################################################################
 
-def parse_window(window: Any) -> tuple[int, int] | None:
-    """mixing.window: 'caption' -> None (each source's caption span), or a checked [start, end)."""
-    if window == "caption":
-        return None
+# per-source spans: the caption's tokens; every prompt token but BOS/EOS; every position but BOS (padding too)
+WINDOW_MODES = ("caption", "prompt", "all")
+
+
+def parse_window(window: Any) -> tuple[int, int] | str:
+    """mixing.window: 'caption' / 'prompt' (per-source spans), or a checked fixed [start, end)."""
+    if window in WINDOW_MODES:
+        return window
     if (isinstance(window, (list, tuple)) and len(window) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in window)):
         return int(window[0]), int(window[1])
-    raise MVCError(f"mixing.window must be 'caption' or [start, end), got {window!r}")
+    raise MVCError(f"mixing.window must be one of {', '.join(WINDOW_MODES)} or [start, end), got {window!r}")
 
 
 @dataclass
@@ -317,9 +321,13 @@ class ClassPrompts:
 
     @classmethod
     def build(cls, sources: Sequence[int], ids: Sequence[str], captions: Sequence[str], class_name: str,
-              template: str, window: tuple[int, int] | None, tokenizer: Any,
+              template: str, window: tuple[int, int] | str, tokenizer: Any,
               encode_ids: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "ClassPrompts":
-        """Tokenize and encode each distinct prompt of the class once; `ids`/`captions` align with `sources`."""
+        """Tokenize and encode each distinct prompt of the class once; `ids`/`captions` align with `sources`.
+
+        `window`: 'caption' (each caption's token span), 'prompt' (each prompt's tokens but BOS and EOS),
+        'all' (every position but BOS, padding included) or a fixed (start, end).
+        """
         from mvc.sd_io import tokenize
 
         sources = [int(s) for s in sources]
@@ -329,15 +337,19 @@ class ClassPrompts:
         emb = encode_ids(tok, mask)  # (U, T, D)
         row = {s: uniq.index(prompts[s]) for s in sources}
         T = int(emb.shape[1])
-        if window is not None:
+        if window == "caption":
+            windows = {s: caption_token_span(tokenizer, template, c, class_name) for s, c in zip(sources, captions)}
+        elif window == "prompt":  # BOS at 0; the prompt's last token before EOS at mask.sum() - 2
+            windows = {s: (1, max(1, int(mask[row[s]].sum()) - 1)) for s in sources}
+        elif window == "all":
+            windows = {s: (1, T) for s in sources}
+        else:
             if not 0 <= window[0] < window[1] <= T:
                 raise MVCError(f"mixing.window {list(window)} is not a non-empty range inside the {T} token positions")
             windows = {s: tuple(window) for s in sources}
-        else:
-            windows = {s: caption_token_span(tokenizer, template, c, class_name) for s, c in zip(sources, captions)}
         return cls(sources, dict(zip(sources, map(str, ids))), dict(zip(sources, captions)),
                    {s: tok[row[s]] for s in sources}, {s: mask[row[s]] for s in sources},
-                   {s: emb[row[s]] for s in sources}, windows, window is None)
+                   {s: emb[row[s]] for s in sources}, windows, window in WINDOW_MODES)
 
 
 @dataclass

@@ -379,6 +379,17 @@ def load_synthetic_set(root: str | os.PathLike, classes: Sequence[str], exclude_
                         FileSource([Path(root) / f for f in files]))
 
 
+def set_fingerprint(root: str | os.PathLike) -> str | None:
+    """Identifies a set's content: its settings and its records (None without a settings file)."""
+    root = Path(root)
+    try:
+        settings = json.loads((root / SETTINGS_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    meta = root / METADATA
+    return fingerprint(settings, meta.read_text() if meta.is_file() else "")
+
+
 def count_images(root: str | os.PathLike) -> int:
     """Images listed in the set's metadata (0 when there is none)."""
     return len(read_jsonl(Path(root) / METADATA)) if (Path(root) / METADATA).is_file() else 0

@@ -48,7 +48,7 @@ SCRIPTS = {
     "train_classifier": train_classifier.cli,
     "predict": lambda argv: train_classifier.cli(["predict", *argv]),
     "run_pipeline": run_pipeline.cli,
-    "ablate_mixing": ablate_mixing.main,
+    "ablate_mixing": ablate_mixing.cli,
 }
 CONFIG_SCRIPTS = ["train_mvc", "generate_mvc", "train_classifier", "run_pipeline", "ablate_mixing"]
 

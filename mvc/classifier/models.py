@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from mvc.classifier import zoo  # noqa: F401  (registers wrn28_10, wrn28_2, mvc_refcnn with timm)
 from mvc.utils import MVCError
 
 

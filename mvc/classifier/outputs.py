@@ -95,3 +95,18 @@ def write_summary(cfg, records: list[dict]) -> Path:
     acc = summary["last"]["accuracy"]
     print(f"{name}: last accuracy {acc['mean']:.4f} ± {acc['std']:.4f} over {len(records)} run(s)")
     return path
+
+
+def run_accuracies(cfg, runs: list[str], seeds: list[int], default_augment: str) -> dict[str, list[float]]:
+    """Last-epoch test accuracy of each finished (run, seed), run = 'strategy' or 'strategy+augment'."""
+    import dataclasses
+    import json
+
+    out: dict[str, list[float]] = {}
+    for run in runs:
+        strategy, _, augment = run.partition("+")
+        c = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, strategy=strategy,
+                                                                    augment=augment or default_augment))
+        out[run] = [json.loads(p.read_text())["last"]["accuracy"] for s in seeds
+                    if (p := run_dir_for(c, s) / "metrics.json").is_file()]
+    return out

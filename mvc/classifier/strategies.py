@@ -120,6 +120,18 @@ class Concat(Strategy):
         return EpochPlan(self._shuffled(self.n_real + self.n_syn, epoch, seed, "concat"), phase_epochs=self.epochs)
 
 
+@STRATEGIES.register("synthetic_only")
+class SyntheticOnly(Strategy):
+    """Synthetic images only, tested on real ones: the classification accuracy score (CAS) of a synthetic set."""
+    name = "synthetic_only"
+    needs_synthetic = True
+
+    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
+        """One shuffled pass over the synthetic images (indices n_real..n_real+n_syn-1)."""
+        batches = self._shuffled(self.n_syn, epoch, seed, "synthetic_only")
+        return EpochPlan([b + self.n_real for b in batches], phase_epochs=self.epochs)
+
+
 @STRATEGIES.register("two_phase")
 class TwoPhase(Strategy):
     """Phase 1 on real + synthetic; phase 2 (the last `two_phase_fraction` of the epochs) on real only

@@ -1,0 +1,1 @@
+"""Evaluation of synthetic sets: metrics (pure), the evaluation-only reference classifier, and the report."""

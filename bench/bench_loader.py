@@ -83,6 +83,7 @@ def classifier_cfg(strategy: str, mode: str = "append", p: float = 0.8, batch_si
 
 def build(name: str, real, syn_root: Path, meta, augment: str, workers: int):
     """(dataset, strategy, n_real) of one loader, each built from scratch (so caches start cold)."""
+    from mvc.classifier.augment import Augment
     from mvc.classifier.data import Combined, prepared
     from mvc.classifier.strategies import build_strategy
     from mvc.synthetic import load_synthetic_set
@@ -90,10 +91,10 @@ def build(name: str, real, syn_root: Path, meta, augment: str, workers: int):
     cfg = classifier_cfg("real" if name == "real" else "probabilistic", name if name != "real" else "append")
     syn = None
     if name != "real":
-        syn = prepared(load_synthetic_set(syn_root, CLASSES), meta, augment, synthetic=True)
-    data = Combined(prepared(real, meta, augment), syn)
+        syn = prepared(load_synthetic_set(syn_root, CLASSES), meta, synthetic=True)
+    data = Combined(prepared(real, meta), syn)
     return SimpleNamespace(name=name, data=data, strategy=build_strategy(cfg, data.n_real, data.n_syn),
-                           workers=workers)
+                           workers=workers, augment=Augment(meta, augment))
 
 
 def run_epochs(ld, epochs: range) -> dict:
@@ -105,7 +106,8 @@ def run_epochs(ld, epochs: range) -> dict:
     t0 = time.perf_counter()
     for e in epochs:
         plan = ld.strategy.epoch_plan(e, 0)
-        for x, y, is_syn in plan_loader(ld.data, plan.batches, ld.workers, generator(0, "classifier.loader", 0, e)):
+        for x, y, is_syn in plan_loader(ld.data, plan.batches, ld.workers, generator(0, "classifier.loader", 0, e),
+                                        ld.augment):
             n_img += len(y)
             n_real += int((~is_syn).sum())
     return {"s": time.perf_counter() - t0, "images": n_img, "real": n_real}

@@ -58,8 +58,7 @@ def sweep(ks: list[int], ss: list[int], ms: list[int], stages: list[str], modes:
         for mode in modes:
             for k in ks:
                 out.append(Setting(f"coarse {mode} k={k} {stage}", f"coarse k ({stage}, {mode})", k,
-                                   {"ops": ["coarse"], "coarse_k": k, "coarse_stage": stage, "coarse_mode": mode,
-                                    "window": "caption"}))
+                                   {"ops": ["coarse"], "coarse_k": k, "coarse_stage": stage, "coarse_mode": mode}))
     for w in windows:
         label = w if isinstance(w, str) else f"[{w[0]}, {w[1]})"
         out.append(Setting(f"coarse shuffle k={base_k} window {label}", "window", label,

@@ -266,8 +266,8 @@ class EvaluateConfig:
     judges synthetic images; it never trains, filters or selects anything."""
     reference_backbone: str = opt("mvc_refcnn", "timm name of the evaluation-only reference classifier.")
     reference_pretrained: bool = opt(False, "Start the reference from pretrained timm weights (needs the hub).")
-    reference_input_size: int | None = opt(32, "Reference input size (null: from the model's data config).", min=8)
-    reference_epochs: int = opt(4, "Reference training epochs over the full training split.", min=1)
+    reference_input_size: int | None = opt(28, "Reference input size (null: from the model's data config).", min=8)
+    reference_epochs: int = opt(3, "Reference training epochs over the full training split.", min=1)
     reference_batch_size: int = opt(128, "Reference batch size.", min=2)
     reference_lr: float = opt(2e-3, "Reference learning rate (Adam, cosine).", min=0, min_exclusive=True)
     reference_augment: str = opt("standard", "Reference augmentation.",

@@ -315,7 +315,7 @@ def test_token_swap_stays_inside_both_captions(pipe, labelled):
     sources = [0, 1, 2]
     ids = [labelled.ids[s] for s in sources]
     ctx = ClassPrompts.build(sources, ids, [CAPTIONS[i] for i in ids], "t-shirt/top", cfg.captions.prompt_template,
-                             None, pipe.tokenizer, enc)
+                             "caption", pipe.tokenizer, enc)
     jobs = [Job(i, 0, "t-shirt/top", FOLDERS[0], s, labelled.ids[s], v, "coarse") for i, (s, v) in
             enumerate((s, v) for s in ctx.sources for v in range(3))]
     embeds, op_ps, _ = mix_prompts(jobs, ctx, mixing_params(cfg.mixing), 0, enc, pipe.tokenizer.convert_ids_to_tokens)

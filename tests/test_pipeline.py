@@ -59,8 +59,13 @@ def test_every_artefact_is_written(pipeline_run):
     assert text.count("| 2 |") == len(RUNS)  # each row averages two seeds
     assert Image.open(out / "figures" / "accuracy.png").size[0] > 300
     assert Image.open(out / "figures" / "samples.png").size[0] > 2 * 16  # more than one 16-px cell
+    # synthetic-set evaluation: its metrics beside the accuracy table, and the per-class figure
+    ev = json.loads((out / "evaluation" / "synthetic" / "metrics.json").read_text())
+    assert 0.0 <= ev["fidelity"]["overall"] <= 1.0
+    assert "### The synthetic set" in text and "label fidelity" in text.lower()
+    assert Image.open(out / "figures" / "synthetic_per_class.png").size[0] > 300
     times = json.loads((out / "stage_times.json").read_text())
-    assert len(times) == 3 and all(t > 0 for t in times.values())
+    assert len(times) == 4 and all(t > 0 for t in times.values())
 
 
 def test_rerun_resumes_without_redoing_finished_work(pipeline_run):

@@ -1,8 +1,15 @@
-"""Classifier preprocessing (read from the model) and the classic augmentations, registered by name.
+"""Classifier preprocessing (read from the model) and the classic augmentations, applied to whole batches.
 
-Images go through two stages: a deterministic `pre` step (resize / centre-crop to the model's input
-size, to a uint8 tensor (3, S, S)), cached in memory for small sets, and a random `post` step (the
-augmentation, then float + normalisation with the model's mean/std). Real and synthetic images share both.
+Images go through two stages:
+- `pre` (deterministic, per image): resize / centre-crop to the model's input size, to a uint8 tensor
+  (3, S, S); its results are cached in memory for small sets (`mvc.classifier.data.Prepared`);
+- `Augment` (random, per batch, in the loader's collate): the augmentation, then float + the model's
+  mean/std normalisation. Random crop (zero padding S/8) and horizontal flip run on the whole uint8
+  batch at once; a policy (AutoAugment, RandAugment, TrivialAugment) then runs per image, *after*
+  crop and flip, as torchvision's and timm's recipes apply it. Real and synthetic images share both.
+
+`AUGMENTATIONS` maps a name to its policy: None for crop and flip alone ('standard'), or a builder of
+the per-image policy; 'none' is no augmentation at all (evaluation).
 """
 
 from __future__ import annotations
@@ -13,41 +20,24 @@ import torch
 
 from mvc.registry import Registry
 
-AUGMENTATIONS: Registry[Callable[..., list]] = Registry("augmentation")
+AUGMENTATIONS: Registry[Callable[..., list] | None] = Registry("augmentation")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
 
 
-@AUGMENTATIONS.register("none")
-def _none(size: int, policy: str) -> list:
-    return []
+def _policy(name: str) -> Callable[[str], list]:
+    def build(policy: str) -> list:
+        from torchvision.transforms import v2
+
+        if name == "autoaugment":
+            return [v2.AutoAugment(v2.AutoAugmentPolicy(policy))]
+        return [{"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}[name]()]
+    return build
 
 
-@AUGMENTATIONS.register("standard")
-def _standard(size: int, policy: str) -> list:
-    from torchvision.transforms import v2
-
-    return [v2.RandomCrop(size, padding=max(1, size // 8)), v2.RandomHorizontalFlip()]
-
-
-@AUGMENTATIONS.register("autoaugment")
-def _autoaugment(size: int, policy: str) -> list:
-    from torchvision.transforms import v2
-
-    return [v2.AutoAugment(v2.AutoAugmentPolicy(policy))]
-
-
-@AUGMENTATIONS.register("randaugment")
-def _randaugment(size: int, policy: str) -> list:
-    from torchvision.transforms import v2
-
-    return [v2.RandAugment()]
-
-
-@AUGMENTATIONS.register("trivialaugment")
-def _trivialaugment(size: int, policy: str) -> list:
-    from torchvision.transforms import v2
-
-    return [v2.TrivialAugmentWide()]
+AUGMENTATIONS.register("none")(None)
+AUGMENTATIONS.register("standard")(None)
+for _name in ("autoaugment", "randaugment", "trivialaugment"):
+    AUGMENTATIONS.register(_name)(_policy(_name))
 
 
 def build_pre(meta) -> Callable:
@@ -62,9 +52,39 @@ def build_pre(meta) -> Callable:
     return v2.Compose([v2.PILToTensor(), *steps])
 
 
-def build_post(meta, augment: str = "none", policy: str = "cifar10") -> Callable:
-    """Random augmentation (`AUGMENTATIONS`) on the uint8 tensor, then float in [0, 1] and normalisation."""
-    from torchvision.transforms import v2
+def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per image of a uint8 batch (B, C, S, S): a random S x S crop of the zero-padded image, then a
+    horizontal flip with probability 1/2 (torch's global RNG, seeded per epoch by the caller)."""
+    B, _, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p), zeros
+    off = torch.randint(0, 2 * pad + 1, (B, 2))
+    flip = torch.rand(B) < 0.5
+    out = torch.empty_like(x)
+    for b in range(B):  # B slices: cheap next to per-image transform objects
+        crop = padded[b, :, off[b, 0]:off[b, 0] + H, off[b, 1]:off[b, 1] + W]
+        out[b] = crop.flip(-1) if flip[b] else crop
+    return out
 
-    steps = AUGMENTATIONS.get(augment)(meta.input_size, policy)
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta.mean, meta.std)])
+
+class Augment:
+    """uint8 batch (B, 3, S, S) -> augmented, normalised float batch, for one augmentation name."""
+
+    def __init__(self, meta, augment: str = "none", policy: str = "cifar10"):
+        build = AUGMENTATIONS.get(augment)
+        self.crop_flip = augment != "none"
+        self.pad = max(1, meta.input_size // 8)
+        if build is not None:
+            from torchvision.transforms import v2
+
+            self.policy = v2.Compose(build(policy))
+        else:
+            self.policy = None
+        self.mean = torch.tensor(meta.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(meta.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop_flip:
+            x = random_crop_flip(x, self.pad)
+        if self.policy is not None:
+            x = torch.stack([self.policy(im) for im in x])  # per image, after crop and flip
+        return (x.float() / 255.0 - self.mean) / self.std

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mvc import seeds
-from mvc.classifier.augment import build_post, build_pre
+from mvc.classifier.augment import Augment, build_pre
 from mvc.seeds import seed_worker
 from mvc.utils import MVCError
 
@@ -116,11 +116,11 @@ def select_synthetic(targets: np.ndarray, n_real: int, ratio: float | None, seed
 
 
 class Prepared(Dataset):
-    """`source[i]` through `pre` (cached in memory when the whole set fits) and then `post`:
-    items are (x (3, S, S) float, label, is_synthetic)."""
+    """`source[i]` through `pre` (cached in memory when the whole set fits): items are
+    (uint8 image (3, S, S), label, is_synthetic); the loader's `Augment` turns batches into model inputs."""
 
-    def __init__(self, source, pre: Callable, post: Callable, synthetic: bool = False, cache: bool | None = None):
-        self.source, self.pre, self.post, self.synthetic = source, pre, post, synthetic
+    def __init__(self, source, pre: Callable, synthetic: bool = False, cache: bool | None = None):
+        self.source, self.pre, self.synthetic = source, pre, synthetic
         self.targets = np.asarray(source.targets, dtype=np.int64)
         self._cache: dict[int, torch.Tensor] | None = None
         if cache is None:
@@ -143,7 +143,7 @@ class Prepared(Dataset):
         return x
 
     def __getitem__(self, i: int):
-        return self.post(self.raw(i)), int(self.targets[i]), self.synthetic
+        return self.raw(i), int(self.targets[i]), self.synthetic
 
     def warm(self, progress: bool = True) -> None:
         """Fill the cache in this process, so DataLoader workers (which get copies) start with it full."""
@@ -168,27 +168,34 @@ class Combined(Dataset):
         return self.real[i] if i < self.n_real else self.synthetic[i - self.n_real]
 
 
-def prepared(source, meta, augment: str = "none", policy: str = "cifar10", synthetic: bool = False) -> Prepared:
-    """A `Prepared` set with the model's preprocessing and the given augmentation."""
+def prepared(source, meta, synthetic: bool = False) -> Prepared:
+    """A `Prepared` set with the model's preprocessing."""
     pre = build_pre(meta)
     pre.size_hint = meta.input_size  # for the cache-size estimate
-    return Prepared(source, pre, build_post(meta, augment, policy), synthetic=synthetic)
+    return Prepared(source, pre, synthetic=synthetic)
 
 
 #################################################################################
 #                                   Loaders                                     #
 #################################################################################
 
-def _collate(items):
-    """Stack (x, y, is_syn) items into (B,3,S,S), (B,), (B,) bool."""
-    xs, ys, ss = zip(*items)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), torch.tensor(ss, dtype=torch.bool)
+class Collate:
+    """Stack (uint8 x, y, is_syn) items and augment the batch: (B, 3, S, S) float, (B,) labels, (B,) bool."""
+
+    def __init__(self, augment: Augment):
+        self.augment = augment
+
+    def __call__(self, items):
+        xs, ys, ss = zip(*items)
+        return (self.augment(torch.stack(xs)), torch.tensor(ys, dtype=torch.int64),
+                torch.tensor(ss, dtype=torch.bool))
 
 
-def plan_loader(dataset: Dataset, batches: list[np.ndarray], num_workers: int, generator: torch.Generator) -> DataLoader:
-    """A DataLoader that yields exactly `batches` (lists of dataset indices), workers seeded."""
+def plan_loader(dataset: Dataset, batches: list[np.ndarray], num_workers: int, generator: torch.Generator,
+                augment: Augment) -> DataLoader:
+    """A DataLoader that yields exactly `batches` (lists of dataset indices), augmented, workers seeded."""
     return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-                      collate_fn=_collate, worker_init_fn=seed_worker, generator=generator,
+                      collate_fn=Collate(augment), worker_init_fn=seed_worker, generator=generator,
                       persistent_workers=False)
 
 
@@ -202,9 +209,10 @@ def shard_batches(batches: list[np.ndarray], rank: int, world: int) -> list[np.n
     return batches[rank:n:world]
 
 
-def eval_loader(dataset: Dataset, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0) -> DataLoader:
-    """Sequential batches over this process's share (indices rank::world) of an evaluation set."""
+def eval_loader(dataset: Dataset, meta, batch_size: int, rank: int = 0, world: int = 1,
+                num_workers: int = 0) -> DataLoader:
+    """Sequential, unaugmented batches over this process's share (indices rank::world) of an evaluation set."""
     idx = np.arange(rank, len(dataset), world)
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-                      collate_fn=_collate, worker_init_fn=seed_worker)
+                      collate_fn=Collate(Augment(meta, "none")), worker_init_fn=seed_worker)

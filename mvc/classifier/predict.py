@@ -27,7 +27,7 @@ class ClassifierBundle:
 
 def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
     """Load a classifier checkpoint file (or a run folder / its checkpoints folder: the newest checkpoint)."""
-    from mvc.classifier.augment import build_post, build_pre
+    from mvc.classifier.augment import Augment, build_pre
     from mvc.classifier.models import ModelMeta, build_from_meta
 
     path = Path(checkpoint)
@@ -45,8 +45,8 @@ def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
     model = build_from_meta(meta)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    pre, post = build_pre(meta), build_post(meta, "none")
-    return ClassifierBundle(model, list(ckpt["classes"]), lambda im: post(pre(to_rgb(im))),
+    pre, norm = build_pre(meta), Augment(meta, "none")
+    return ClassifierBundle(model, list(ckpt["classes"]), lambda im: norm(pre(to_rgb(im))[None])[0],
                             ckpt["model_meta"], str(path))
 
 

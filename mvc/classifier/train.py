@@ -19,6 +19,7 @@ import torch
 
 from mvc import seeds
 from mvc.checkpoint import check_resume, list_checkpoints, resolve_resume, rng_state, save_checkpoint
+from mvc.classifier.augment import Augment
 from mvc.classifier.data import Combined, eval_loader, plan_loader, prepare_data, prepared, shard_batches
 from mvc.classifier.engine import build_optimizer, evaluate, plan_lr, train_one_epoch
 from mvc.classifier.metrics import compute_metrics, mean_std
@@ -65,8 +66,9 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     d = prepare_data(cfg, seed, splits, fold)
     seeds.seed_everything(seeds.derive_seed(seed, "classifier.init"))
     model, meta = build_model(c.backbone, len(d["classes"]), c.pretrained, c.cifar_stem, c.input_size)
-    real = prepared(d["train"], meta, c.augment, c.autoaugment_policy)
-    syn = prepared(d["synthetic"], meta, c.augment, c.autoaugment_policy, synthetic=True) if d["synthetic"] else None
+    real = prepared(d["train"], meta)
+    syn = prepared(d["synthetic"], meta, synthetic=True) if d["synthetic"] else None
+    augment = Augment(meta, c.augment, c.autoaugment_policy)
     data = Combined(real, syn)
     test_ds = prepared(d["test"], meta)
     val_ds = prepared(d["val"], meta) if d["val"] is not None else None
@@ -103,7 +105,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     selected_on = "val" if val_ds is not None else "test"
 
     def test_metrics() -> dict:
-        y, p = evaluate(model, eval_loader(test_ds, c.batch_size * 2, rank, world), accelerator)
+        y, p = evaluate(model, eval_loader(test_ds, meta, c.batch_size * 2, rank, world), accelerator)
         return compute_metrics(y, p, len(d["classes"]))
 
     # 3. epochs: each one a pure function of (seed, epoch), so resuming replays exactly
@@ -112,7 +114,8 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
         seeds.seed_everything(seeds.derive_seed(seed, "classifier.epoch", rank, epoch))
         plan = strategy.epoch_plan(epoch, seed)
         batches = shard_batches(plan.batches, rank, world)
-        loader = plan_loader(data, batches, c.num_workers, seeds.generator(seed, "classifier.loader", rank, epoch))
+        loader = plan_loader(data, batches, c.num_workers, seeds.generator(seed, "classifier.loader", rank, epoch),
+                             augment)
         te = time.time()
         stats = train_one_epoch(model, loader, optimizer, accelerator, loss_fn,
                                 lambda s: plan_lr(c, plan, epoch, s, len(batches)), epoch, show_progress=main)
@@ -122,7 +125,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
         evaluate_now = epoch + 1 == c.epochs or (c.eval_every > 0 and (epoch + 1) % c.eval_every == 0)
         last = None
         if evaluate_now and val_ds is not None:
-            y, p = evaluate(model, eval_loader(val_ds, c.batch_size * 2, rank, world), accelerator)
+            y, p = evaluate(model, eval_loader(val_ds, meta, c.batch_size * 2, rank, world), accelerator)
             signal = compute_metrics(y, p, len(d["classes"]))["accuracy"]
             stats["val_accuracy"] = signal
         elif evaluate_now:

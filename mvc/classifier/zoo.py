@@ -2,9 +2,9 @@
 
 - `wrn28_10`, `wrn28_2`: Wide ResNets for 32x32 images (Zagoruyko and Komodakis, 2016), the backbone of
   the CIFAR augmentation papers MVC compares against (AutoAugment, Fast AutoAugment, RandAugment).
-- `mvc_refcnn`: a small, fast CNN (0.14 M parameters) for small images; the default reference
+- `mvc_refcnn`: a small, fast CNN (0.24 M parameters) for small images; the default reference
   classifier of the synthetic-set evaluation on the tiny profile (it trains on all 60,000
-  Fashion-MNIST images in about two minutes on two CPU cores).
+  Fashion-MNIST images in under three minutes on two CPU cores).
 
 Each model follows timm's interface (`forward_features`, `forward_head(pre_logits=...)`,
 `get_classifier`, `reset_classifier`, `num_features`, `pretrained_cfg`), so `timm.create_model`,
@@ -134,13 +134,13 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 
 class RefCNN(_Head, nn.Module):
-    """Five 3x3 conv-BN-ReLU layers (32, 32 | 64, 64 | 128) with three 2x max-pools: 128 features."""
+    """Four 3x3 conv-BN-ReLU layers (32 | 64 | 128 | 128), a 2x max-pool after each of the first three:
+    128 features. Pooling early keeps it fast on a CPU (about 1,500 images/s trained, 28 px, 2 cores)."""
 
     def __init__(self, num_classes: int = 10, drop_rate: float = 0.2, in_chans: int = 3, **_):
         nn.Module.__init__(self)
-        self.stem = nn.Sequential(_conv_bn(in_chans, 32), _conv_bn(32, 32), nn.MaxPool2d(2),
-                                  _conv_bn(32, 64), _conv_bn(64, 64), nn.MaxPool2d(2),
-                                  _conv_bn(64, 128), nn.MaxPool2d(2))
+        self.stem = nn.Sequential(_conv_bn(in_chans, 32), nn.MaxPool2d(2), _conv_bn(32, 64), nn.MaxPool2d(2),
+                                  _conv_bn(64, 128), nn.MaxPool2d(2), _conv_bn(128, 128))
         self._init_head(128, num_classes, drop_rate)
         self.pretrained_cfg = self.default_cfg = _cfg(32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

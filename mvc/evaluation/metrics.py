@@ -80,20 +80,20 @@ def _mean(values: Sequence) -> float:
 #################################################################################
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, D) and (M, D) (FID's formula)."""
-    from scipy import linalg
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D) and (M, D) (FID's formula).
 
+    tr(sqrt(S1 S2)) is computed as the sum of square roots of the eigenvalues of the symmetric
+    sqrt(S1) S2 sqrt(S1), which stays real and stable for the rank-deficient covariances of small sets.
+    """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 2 or len(b) < 2:
         return float("nan")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # singular product: regularise, as FID implementations do
-        eps = 1e-6 * np.eye(len(s1))
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = np.real(covmean)
-    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sqrt(S1), symmetric
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
+    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
     return max(d, 0.0)
 
 

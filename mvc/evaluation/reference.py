@@ -86,6 +86,7 @@ def load_reference(folder: str | Path) -> Reference:
 def _train(ev: Any, train: Any, test: Any, folder: Path, accelerator: Any, progress: bool) -> None:
     """Train the reference on every image of `train`, measure it on `test`, save it atomically."""
     from mvc.checkpoint import save_checkpoint
+    from mvc.classifier.augment import Augment
     from mvc.classifier.data import eval_loader, plan_loader, prepared
     from mvc.classifier.engine import evaluate, train_one_epoch
     from mvc.classifier.metrics import compute_metrics
@@ -102,7 +103,8 @@ def _train(ev: Any, train: Any, test: Any, folder: Path, accelerator: Any, progr
         seeds.seed_everything(seeds.derive_seed(seed, "evaluate", 0))
         model, meta = build_model(ev.reference_backbone, len(train.classes), ev.reference_pretrained, False,
                                   ev.reference_input_size)
-        data = prepared(train, meta, ev.reference_augment)
+        data = prepared(train, meta)
+        augment = Augment(meta, ev.reference_augment)
         data.warm(progress=progress)  # every image pre-processed once (the epochs reuse the cache)
         opt = torch.optim.Adam(model.parameters(), lr=ev.reference_lr)
         model, opt = accelerator.prepare(model, opt)
@@ -111,12 +113,12 @@ def _train(ev: Any, train: Any, test: Any, folder: Path, accelerator: Any, progr
         history = []
         for epoch in range(ev.reference_epochs):
             batches = chunk(rng.permutation(len(data)).astype(np.int64), ev.reference_batch_size)
-            loader = plan_loader(data, batches, 0, seeds.generator(seed, "evaluate", 2, epoch))
+            loader = plan_loader(data, batches, 0, seeds.generator(seed, "evaluate", 2, epoch), augment)
             lr_at = lambda s, e=epoch, n=len(batches): ev.reference_lr * lr_multiplier(  # noqa: E731
                 "cosine", e * n + s, ev.reference_epochs * n)
             stats = train_one_epoch(model, loader, opt, accelerator, loss_fn, lr_at, epoch, show_progress=progress)
             history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
-        y, p = evaluate(model, eval_loader(prepared(test, meta), 256), accelerator)
+        y, p = evaluate(model, eval_loader(prepared(test, meta), meta, 256), accelerator)
         metrics = compute_metrics(y, p, len(train.classes))
     bare = accelerator.unwrap_model(model).eval()
     info = {"recipe_version": RECIPE_VERSION, "dataset": train.name, "train_fingerprint": train.fingerprint(),
@@ -146,7 +148,7 @@ def features_and_probs(ref: Reference, dataset: Any, batch_size: int = 256, devi
     model = ref.model.to(device) if device is not None else ref.model
     dev = next(model.parameters()).device
     feats, probs = [], []
-    for x, _, _ in tqdm(eval_loader(prepared(dataset, ref.meta), batch_size), desc="reference features",
+    for x, _, _ in tqdm(eval_loader(prepared(dataset, ref.meta), ref.meta, batch_size), desc="reference features",
                         disable=not progress, leave=False):
         f = model.forward_features(x.to(dev))
         pooled = model.forward_head(f, pre_logits=True)  # (B, D)

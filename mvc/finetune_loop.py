@@ -131,8 +131,11 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
 #################################################################################
 
 def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir: str | Path,
-             resume: str | None = None, accelerator=None, final_dir: str | Path | None = None) -> dict:
+             resume: str | None = None, accelerator=None, final_dir: str | Path | None = None,
+             source: str | None = None) -> dict:
     """Fine-tune components['unet'] (8 input channels) on the pairs; write checkpoints, logs, final folder.
+
+    `source` (the folder or hub id the components came from) is recorded in mvc_training.json.
 
     `prompts[i]` is the prompt of image i of `dataset`; a pair uses its target's (or condition's) prompt.
     Returns {"losses": per-step global losses of this run, "step", "final_dir", "images_per_s"}.
@@ -265,7 +268,8 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     if main:
         save_ip2p_folder(final_dir, components, bare, ema=ema, training={
             "resolution": tc.resolution, "vae_scale_factor": vae_scale_factor(components["vae"]), "steps": step,
-            "base": cfg.model.base, "prompt_template": cfg.captions.prompt_template,
+            "base": cfg.model.base, "base_source": source or cfg.model.base,
+            "prompt_template": cfg.captions.prompt_template,
             "captioner": cfg.captions.captioner, "ema": ema is not None, "lora_rank": tc.lora_rank})
     acc.wait_for_everyone()
     logger.close()
@@ -292,20 +296,28 @@ def _pairs_for(cfg, labelled, path: Path, main: bool):
     return pairs
 
 
-def load_base(cfg, pool, output_dir: Path, progress: bool = True) -> dict:
-    """The base's unet, vae, text_encoder, tokenizer and scheduler (U-Net not yet widened): the tiny base
-    (built from the remainder `pool`, or taken from its cache), a hub id or a local diffusers folder."""
+def base_source(cfg, pool, output_dir: Path, progress: bool = True) -> str:
+    """What MVC fine-tunes: the tiny base's folder (built from the remainder `pool`, or taken from its
+    cache), else `model.base` (a hub id or a local diffusers folder)."""
+    if cfg.model.base != "tiny":
+        return cfg.model.base
+    from mvc.tiny import get_tiny_base
+
+    if pool is None or len(pool) == 0:
+        raise MVCError("model.base=tiny pretrains on the remainder pool, which is empty: lower data.k_per_class "
+                       "(it must leave training images outside the labelled subset) or give a pretrained base")
+    return str(get_tiny_base(cfg.tiny, pool, output_dir=output_dir, progress=progress))
+
+
+def load_base(cfg, pool, output_dir: Path, progress: bool = True, source: str | None = None) -> dict:
+    """The base's unet, vae, text_encoder, tokenizer and scheduler (U-Net not yet widened), from
+    `source` (default: `base_source`)."""
     from mvc.models import load_pipeline_components
 
+    source = source or base_source(cfg, pool, output_dir, progress)
     if cfg.model.base == "tiny":
-        from mvc.tiny import get_tiny_base
-
-        if pool is None or len(pool) == 0:
-            raise MVCError("model.base=tiny pretrains on the remainder pool, which is empty: lower data.k_per_class "
-                           "(it must leave training images outside the labelled subset) or give a pretrained base")
-        folder = get_tiny_base(cfg.tiny, pool, output_dir=output_dir, progress=progress)
-        return load_pipeline_components(str(folder))
-    return load_pipeline_components(cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant)
+        return load_pipeline_components(source)
+    return load_pipeline_components(source, revision=cfg.model.revision, variant=cfg.model.variant)
 
 
 def run(cfg, accelerator, resume: str | None = None) -> dict:
@@ -322,8 +334,10 @@ def run(cfg, accelerator, resume: str | None = None) -> dict:
         labelled, pool, _test = load_splits(cfg.data)
         pairs = _pairs_for(cfg, labelled, paths.pairs, acc.is_main_process)
         captions = load_captions(cfg, labelled)
-        components = load_base(cfg, pool, paths.root, progress=acc.is_main_process)
+        source = base_source(cfg, pool, paths.root, progress=acc.is_main_process)
+        components = load_base(cfg, pool, paths.root, source=source)
     prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])
                for i, t in zip(labelled.ids, labelled.targets)]
     components["unet"] = widen_conv_in(components["unet"])
-    return finetune(cfg, components, labelled, pairs, prompts, paths.mvc, resume=resume, accelerator=acc)
+    return finetune(cfg, components, labelled, pairs, prompts, paths.mvc, resume=resume, accelerator=acc,
+                    source=source)

@@ -40,6 +40,7 @@ ROLES = {
     "classifier.val": "the classifier's validation hold-out",
     "classifier.folds": "the k-fold split",
     "evaluate": "the synthetic-set evaluation (reference training, feature subsets)",
+    "diagnose": "the base's text-to-image samples of the generator diagnosis; index: image",
     "process": "the global RNGs of one process; index: rank",
 }
 

@@ -92,3 +92,29 @@ def test_readme_results_section_is_replaced_verbatim(pipeline_run, tmp_path):
     assert "old table" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
     assert "| real |" in text and (tmp_path / "docs" / "accuracy.png").is_file()
     assert f"]({(tmp_path / 'docs').as_posix()}/accuracy.png)" in text
+
+
+def test_diagnosis_measures_each_stage_of_the_chain(pipeline_run, tmp_path):
+    """scripts/diagnose_generator.py on the pipeline's fine-tuned model: one row per stage and grid point; the
+    row of real images at the model's own resolution scores exactly what the reference scores on them."""
+    out, _, argv = pipeline_run
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import diagnose_generator
+
+    rows = diagnose_generator.cli(argv + ["--variants=1", "--guidance", "2.0", "--image-guidance", "4.0",
+                                          "--out", str(tmp_path / "diag")])
+    stages = [r["stage"] for r in rows]
+    cfg = make_config(load_yaml(out / "config-pipeline.yaml"))
+    grid = 3  # image 4.0 at the configured text scale, text 2.0 at the configured image scale, the configured pair
+    assert stages == ["real", "vae", "base"] + ["fine-tuned"] * (grid + len(cfg.mixing.ops))
+    ev = json.loads((out / "evaluation" / "synthetic" / "metrics.json").read_text())
+    assert rows[0]["fidelity"] == ev["reference_accuracy_on_real"]  # micro data is at the model's 16 px already
+    assert {(r["guidance_scale"], r["image_guidance_scale"]) for r in rows[3:3 + grid]} == {
+        (cfg.generate.guidance_scale, 4.0), (2.0, cfg.generate.image_guidance_scale),
+        (cfg.generate.guidance_scale, cfg.generate.image_guidance_scale)}
+    assert [r["ops"] for r in rows[3 + grid:]] == [[op] for op in cfg.mixing.ops]
+    for r in rows[3:]:  # each generated row is a synthetic set in the project's format, one image per source
+        assert r["images"] == 20 and 0.0 <= r["fidelity"] <= 1.0
+    text = (tmp_path / "diag" / "diagnose.md").read_text()
+    assert "VAE round trip" in text and text.count("| fine-tuned,") == 2 * (grid + len(cfg.mixing.ops))  # 2 tables
+    assert Image.open(tmp_path / "diag" / "diagnose.png").size[0] > 300

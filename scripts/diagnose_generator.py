@@ -1,0 +1,48 @@
+"""Where does the generator lose the class? Label fidelity stage by stage: real images at the generator's
+resolution, the VAE round trip, the base's own text-to-image samples, the fine-tuned model without mixing
+over a guidance grid, and each mixing op; judged by the evaluation-only reference classifier.
+
+    .venv/bin/python scripts/diagnose_generator.py --config configs/tiny.yaml
+    .venv/bin/python scripts/diagnose_generator.py --config configs/tiny.yaml --image-guidance 1 3 5 10 --variants 1
+
+Needs the fine-tuned model (train_mvc.py). Writes <run.output_dir>/diagnose/{diagnose.md, diagnose.json,
+diagnose.png, tb/, sets/}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mvc.config import build_parser, parse_args
+from mvc.utils import MVCError, run_cli
+
+
+def cli(argv: list[str] | None = None) -> list[dict]:
+    """Parse the config and the grid, run the diagnosis, print the table."""
+    parser = build_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--variants", type=int, default=2, help="synthetic images per labelled source and row")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.5, 7.5], help="text guidance scales")
+    parser.add_argument("--image-guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0],
+                        help="image guidance scales")
+    parser.add_argument("--no-base", action="store_true", help="skip the base's text-to-image row")
+    parser.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/diagnose)")
+    cfg, args = parse_args(parser, argv)
+    if args.variants < 1:
+        raise MVCError("--variants must be >= 1")
+    if min(args.guidance + args.image_guidance) <= 0:
+        raise MVCError("--guidance and --image-guidance take positive scales")
+
+    from mvc.evaluation.diagnose import diagnose
+    from mvc.stage import start_stage
+
+    stage = start_stage(cfg, "diagnose")
+    out = Path(args.out) if args.out else stage.paths.root / "diagnose"
+    rows = diagnose(cfg, stage.accelerator, out, args.variants, args.guidance, args.image_guidance,
+                    base_rows=not args.no_base, progress=stage.is_main)
+    if stage.is_main:
+        print((out / "diagnose.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(cli)

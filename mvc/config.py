@@ -120,6 +120,10 @@ class TinyBaseConfig:
     vae_kl_weight: float = opt(1e-3, "Weight of the VAE's KL term (per latent element) beside the MSE.", min=0)
     caption_dropout: float = opt(0.1, "P(empty prompt) in U-Net pretraining, for classifier-free guidance.", min=0, max=1)
     train_text_encoder: bool = opt(True, "Train the CLIP text encoder jointly with the U-Net (frozen later, in MVC).")
+    snr_gamma: float | None = opt(None, "Min-SNR-gamma weighting of the U-Net's loss (e.g. 5; null: plain MSE).",
+                                  min=0, min_exclusive=True)
+    ema_decay: float | None = opt(None, "EMA of the U-Net's (and text encoder's) pretraining weights, saved in "
+                                  "the base (null: the last weights).", min=0, max=1)
     num_samples: int = opt(32, "Text-to-image samples in the base's samples.png grid.", min=1)
     sample_steps: int = opt(25, "DDIM steps of those samples.", min=1)
     seed: int = opt(0, "Seed of the pool subsample, the initialisation and the pretraining draws.")

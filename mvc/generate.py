@@ -56,6 +56,9 @@ def build_filter(checkpoint: str, classes: Sequence[str]) -> Callable[[list], np
     from mvc.classifier import load_classifier, predict_images
 
     bundle = load_classifier(checkpoint)
+    if bundle.kind == "reference":
+        raise MVCError(f"generate.filter_checkpoint {checkpoint} is the evaluation-only reference classifier, which "
+                       "never filters; give a classifier trained on the labelled subset (train_classifier.py)")
     if list(bundle.classes) != list(classes):
         raise MVCError(f"the filter classifier {checkpoint} was trained on other classes "
                        f"({len(bundle.classes)}) than this dataset ({len(classes)})")

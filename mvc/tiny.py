@@ -148,6 +148,17 @@ def encode_latents(vae: Any, images: torch.Tensor, batch_size: int = 256, device
     return torch.cat(out)
 
 
+def snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023) of epsilon-prediction, min(SNR, gamma) / SNR, (B,);
+    ones when `gamma` is None. The low-noise steps, easy and many, stop dominating the gradient."""
+    if gamma is None:
+        return torch.ones(len(timesteps))
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps.cpu())
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.Tensor, ids: torch.Tensor,
                   null_ids: torch.Tensor, cfg: Any, device: Any = None,
                   logger: RunLogger | None = None, progress: bool = True) -> float:
@@ -155,7 +166,9 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
 
     Captions are replaced by the empty prompt with probability `cfg.caption_dropout`, so that
     classifier-free guidance works; the text encoder is trained jointly when `cfg.train_text_encoder`.
-    Returns the last-100-step mean loss.
+    The loss is weighted by `snr_weights` (`cfg.snr_gamma`); with `cfg.ema_decay` the U-Net ends with
+    the exponential moving average of its weights (and the text encoder with its own). Returns the
+    last-100-step mean loss.
     """
     from tqdm.auto import tqdm
 
@@ -166,6 +179,11 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = seeds.generator(cfg.seed, "tiny.unet")
     T = scheduler.config.num_train_timesteps
+    ema = None
+    if cfg.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
     recent: list[float] = []
     bar = tqdm(range(cfg.unet_steps), desc="tiny base: U-Net", disable=not progress)
     for step in bar:
@@ -180,13 +198,18 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
         with torch.set_grad_enabled(cfg.train_text_encoder):
             ehs = text_encoder(tok.to(device))[0]  # (B, L, D)
         pred = unet(zt, t, encoder_hidden_states=ehs).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        loss = (per_sample * snr_weights(scheduler, t, cfg.snr_gamma).to(per_sample)).mean()
         _update(opt, loss, params, pretrain_lr(cfg, step, cfg.unet_steps, warmup=min(100, cfg.unet_steps)), step, "U-Net")
-        recent = (recent + [loss.item()])[-100:]
+        if ema is not None:
+            ema.step(params)
+        recent = (recent + [per_sample.mean().item()])[-100:]
         if step % 25 == 0 or step == cfg.unet_steps - 1:
             bar.set_postfix(loss=f"{np.mean(recent):.4f}")
             if logger is not None:
                 logger.scalars(step, {"loss": loss.item()}, prefix="unet/")
+    if ema is not None:
+        ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return float(np.mean(recent)) if recent else float("nan")

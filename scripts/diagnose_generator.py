@@ -4,6 +4,8 @@ over a guidance grid, and each mixing op; judged by the evaluation-only referenc
 
     .venv/bin/python scripts/diagnose_generator.py --config configs/tiny.yaml
     .venv/bin/python scripts/diagnose_generator.py --config configs/tiny.yaml --image-guidance 1 3 5 10 --variants 1
+    .venv/bin/python scripts/diagnose_generator.py --config configs/tiny.yaml \
+        --selector outputs/tiny/classifier/real-standard-resnet10t-seed0     # choose settings by labelled data only
 
 Needs the fine-tuned model (train_mvc.py). Writes <run.output_dir>/diagnose/{diagnose.md, diagnose.json,
 diagnose.png, tb/, sets/}.
@@ -25,6 +27,8 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image-guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0],
                         help="image guidance scales")
     parser.add_argument("--no-base", action="store_true", help="skip the base's text-to-image row")
+    parser.add_argument("--selector", default=None, help="classifier checkpoint or run folder trained on the "
+                        "labelled subset alone: its agreement is the column to choose settings by")
     parser.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/diagnose)")
     cfg, args = parse_args(parser, argv)
     if args.variants < 1:
@@ -38,7 +42,7 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     stage = start_stage(cfg, "diagnose")
     out = Path(args.out) if args.out else stage.paths.root / "diagnose"
     rows = diagnose(cfg, stage.accelerator, out, args.variants, args.guidance, args.image_guidance,
-                    base_rows=not args.no_base, progress=stage.is_main)
+                    base_rows=not args.no_base, selector=args.selector, progress=stage.is_main)
     if stage.is_main:
         print((out / "diagnose.md").read_text())
     return rows

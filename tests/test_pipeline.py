@@ -101,10 +101,11 @@ def test_diagnosis_measures_each_stage_of_the_chain(pipeline_run, tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import diagnose_generator
 
-    rows = diagnose_generator.cli(argv + ["--variants=1", "--guidance", "2.0", "--image-guidance", "4.0",
-                                          "--out", str(tmp_path / "diag")])
-    stages = [r["stage"] for r in rows]
     cfg = make_config(load_yaml(out / "config-pipeline.yaml"))
+    selector = run_pipeline.classifier_run_dir(cfg, "real", cfg.classifier.augment, 0)  # labelled data only
+    rows = diagnose_generator.cli(argv + ["--variants=1", "--guidance", "2.0", "--image-guidance", "4.0",
+                                          "--out", str(tmp_path / "diag"), "--selector", str(selector)])
+    stages = [r["stage"] for r in rows]
     grid = 3  # image 4.0 at the configured text scale, text 2.0 at the configured image scale, the configured pair
     assert stages == ["real", "vae", "base"] + ["fine-tuned"] * (grid + len(cfg.mixing.ops))
     ev = json.loads((out / "evaluation" / "synthetic" / "metrics.json").read_text())
@@ -115,6 +116,25 @@ def test_diagnosis_measures_each_stage_of_the_chain(pipeline_run, tmp_path):
     assert [r["ops"] for r in rows[3 + grid:]] == [[op] for op in cfg.mixing.ops]
     for r in rows[3:]:  # each generated row is a synthetic set in the project's format, one image per source
         assert r["images"] == 20 and 0.0 <= r["fidelity"] <= 1.0
+    assert all(0.0 <= r["selector_agreement"] <= 1.0 for r in rows)
     text = (tmp_path / "diag" / "diagnose.md").read_text()
+    assert "selector agreement (%)" in text
     assert "VAE round trip" in text and text.count("| fine-tuned,") == 2 * (grid + len(cfg.mixing.ops))  # 2 tables
     assert Image.open(tmp_path / "diag" / "diagnose.png").size[0] > 300
+
+
+def test_the_reference_may_not_select_or_filter(pipeline_run, tmp_path):
+    """The evaluation-only reference refuses to be a diagnosis selector or a generation filter, in one line."""
+    out, _, argv = pipeline_run
+    from mvc.utils import MVCError
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import diagnose_generator
+
+    import generate_mvc
+
+    ref = next((out.parent / "cache" / "reference").glob("*/reference.pt"))
+    with pytest.raises(MVCError, match="never selects"):
+        diagnose_generator.cli(argv + ["--variants=1", "--out", str(tmp_path / "d"), "--selector", str(ref)])
+    with pytest.raises(MVCError, match="never filters"):
+        generate_mvc.cli(argv + [f"--generate.filter_checkpoint={ref}", f"--generate.out_dir={tmp_path / 'syn'}"])

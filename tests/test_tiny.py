@@ -157,3 +157,39 @@ def test_empty_pool_is_a_user_error(tmp_path):
 
     with pytest.raises(MVCError, match="remainder pool"):
         get_tiny_base(micro_cfg(tmp_path), shapes_pool(4).subset([]), progress=False)
+
+
+def test_min_snr_weights_cap_the_low_noise_steps_only():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.arange(0, 1000, 37)
+    assert torch.equal(tiny.snr_weights(sched, t, None), torch.ones(len(t)))
+    w = tiny.snr_weights(sched, t, 5.0)
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    assert torch.allclose(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # noisy steps keep weight 1
+    assert (w[snr > 5] < 1).all() and torch.all(w[:-1] <= w[1:] + 1e-6)  # less noise, smaller weight
+
+
+def test_pretraining_with_ema_saves_the_average_not_the_last_weights(tmp_path):
+    """Same draws with and without EMA: the EMA run ends at different weights, between the start and the end."""
+    cfg = micro_cfg(tmp_path, unet_steps=6, lr=1e-2)
+    comps = tiny.build_tiny_components(cfg)
+    start = {k: v.clone() for k, v in comps["unet"].state_dict().items()}
+    lat = torch.randn(16, cfg.latent_channels, 8, 8)
+    ids = tiny.tokenize(comps["tokenizer"], ["a dark object"] * 16)[0]
+    null = tiny.tokenize(comps["tokenizer"], [""])[0][0]
+    finals = {}
+    for decay in (None, 0.5):
+        unet = tiny.build_tiny_components(cfg)["unet"]
+        unet.load_state_dict(start)
+        te = tiny.build_tiny_components(cfg)["text_encoder"]
+        te.load_state_dict(comps["text_encoder"].state_dict())
+        c = dataclasses.replace(cfg, ema_decay=decay, snr_gamma=5.0)
+        loss = tiny.pretrain_unet(unet, te, comps["scheduler"], lat, ids, null, c, progress=False)
+        assert np.isfinite(loss)
+        finals[decay] = unet.state_dict()
+    k = "conv_in.weight"
+    last, avg = finals[None][k], finals[0.5][k]
+    assert not torch.allclose(last, avg)
+    assert (avg - start[k]).norm() < (last - start[k]).norm()  # the average lags behind the last weights

@@ -23,6 +23,7 @@ class ClassifierBundle:
     preprocess: Callable  # PIL -> (3, S, S) float tensor, normalised
     meta: dict
     checkpoint: str
+    kind: str = "classifier"  # "reference": the evaluation-only judge, which may never filter or select
 
 
 def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
@@ -47,7 +48,7 @@ def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
     model.eval()
     pre, norm = build_pre(meta), Augment(meta, "none")
     return ClassifierBundle(model, list(ckpt["classes"]), lambda im: norm(pre(to_rgb(im))[None])[0],
-                            ckpt["model_meta"], str(path))
+                            ckpt["model_meta"], str(path), str(ckpt.get("kind", "classifier")))
 
 
 @torch.no_grad()

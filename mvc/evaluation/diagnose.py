@@ -16,6 +16,11 @@ classifier of `mvc.evaluation.reference`, which never trains, filters or selects
 
 Rows 4-5 are synthetic sets written in the project's format (`<out>/sets/<row>/`), made by the same
 generation code as `generate_mvc.py`. Outputs: diagnose.json, diagnose.md, diagnose.png and TensorBoard.
+
+The reference only judges. To *choose* generator settings from such a table without tuning on the
+judge, give a `selector`: a classifier trained on the labelled subset alone (e.g. the pipeline's
+real-only run, `classifier/real-*-seed0`), the only labels a low-data user has; its agreement with
+each image's intended class is reported beside the reference's fidelity, and is the column to select on.
 """
 
 from __future__ import annotations
@@ -87,6 +92,24 @@ def base_samples(base: str, captions: list[str], resolution: int, seed: int, ste
     return np.concatenate(out)
 
 
+def labelled_judge(checkpoint: str, classes: list[str]):
+    """`dataset -> agreement` of a classifier trained on the labelled subset (the selector): the share of
+    images it assigns to their intended class."""
+    from mvc.classifier import load_classifier, predict_images
+
+    bundle = load_classifier(checkpoint)
+    if list(bundle.classes) != list(classes):
+        raise MVCError(f"the selector {checkpoint} was trained on other classes than this dataset")
+    if bundle.kind == "reference":
+        raise MVCError(f"the selector {checkpoint} is the evaluation-only reference, which never selects; give a "
+                       "classifier trained on the labelled subset alone (train_classifier.py)")
+
+    def agreement(ds: Any) -> float:
+        probs = predict_images(bundle, [ds.load_image(i) for i in range(len(ds))])
+        return float((probs.argmax(1) == np.asarray(ds.targets)).mean()) if len(ds) else float("nan")
+    return agreement
+
+
 def guidance_grid(g: Any, text: list[float], image: list[float]) -> list[tuple[float, float]]:
     """(text, image) guidance pairs: each image scale at the configured text scale, then each text scale
     at the configured image scale (the configured pair once)."""
@@ -107,8 +130,10 @@ def row_config(cfg: Any, out: Path, ops: list[str], guidance: float, image_guida
 
 def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int = 2,
              text_guidance: list[float] | None = None, image_guidance: list[float] | None = None,
-             base_rows: bool = True, progress: bool = True) -> list[dict]:
-    """Measure every stage of the chain (module docstring) and write the report; returns the rows."""
+             base_rows: bool = True, selector: str | None = None, progress: bool = True) -> list[dict]:
+    """Measure every stage of the chain (module docstring) and write the report; returns the rows.
+
+    `selector`: a classifier checkpoint (or run folder) trained on the labelled subset alone (see above)."""
     from mvc.captions import load_captions
     from mvc.data import load_splits
     from mvc.evaluation.evaluate import load_reference, measure, real_subset, source_rows
@@ -128,10 +153,13 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     pipe = load_ip2p_pipeline(paths.final, cfg.generate.scheduler, accelerator.device)
     res = resolve_resolution(cfg, paths.final, pipe)
     ev, dev, none = cfg.evaluate, accelerator.device, np.full(len(real), -1)
+    judge = labelled_judge(selector, labelled.classes) if selector else None
     rows: list[dict] = []
 
     def add(name: str, stage: str, syn: Any, sources: np.ndarray, **extra: Any) -> None:
         m = measure(ref, syn, sources, labelled, real, ev, dev)
+        if judge is not None:
+            extra["selector_agreement"] = judge(syn)
         rows.append({"row": name, "stage": stage, **extra, "images": m["images"],
                      "fidelity": m["fidelity"]["overall"], "per_class": m["fidelity"]["per_class"],
                      "confidence": m["confidence"], "fd": m["frechet"]["synthetic_vs_test"],
@@ -181,12 +209,17 @@ def write_report(rows: list[dict], out: Path, cfg: Any, classes: list[str], ref:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "diagnose.json", {"rows": rows, "classes": classes, "seconds": round(seconds, 1),
                                               "reference": str(ref.folder), "note": NOTE})
-    lines = [f"# Where the class is lost ({cfg.data.name}, `{RunPaths.of(cfg).final}`)", "", NOTE,
-             f" Reference: {100 * (ref.info.get('test_accuracy') or float('nan')):.1f}% on the test split.", "",
-             "| stage | images | label fidelity (%) | confidence | FD-ref (real floor) | diversity ratio |",
-             "|---|---|---|---|---|---|"]
+    sel = any("selector_agreement" in r for r in rows)
+    lines = [f"# Where the class is lost ({cfg.data.name}, `{RunPaths.of(cfg).final}`)", "", NOTE +
+             f" Reference: {100 * (ref.info.get('test_accuracy') or float('nan')):.1f}% on the test split."
+             + (" Selector: a classifier trained on the labelled subset alone; choose settings by its column, "
+                "never by the reference's." if sel else ""), "",
+             "| stage | images | label fidelity (%) | " + ("selector agreement (%) | " if sel else "")
+             + "confidence | FD-ref (real floor) | diversity ratio |", "|---|---|---|" + ("---|" if sel else "")
+             + "---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['row']} | {r['images']} | {100 * r['fidelity']:.1f} | {r['confidence']:.2f} | "
+        s = f" {100 * r['selector_agreement']:.1f} |" if sel else ""
+        lines.append(f"| {r['row']} | {r['images']} | {100 * r['fidelity']:.1f} |{s} {r['confidence']:.2f} | "
                      f"{r['fd']:.2f} ({r['fd_real']:.2f}) | {r['diversity_ratio']:.2f} |")
     lines += ["", "Per class (label fidelity, %):", "", "| stage | " + " | ".join(c[:10] for c in classes) + " |",
               "|---|" + "---|" * len(classes)]

@@ -125,7 +125,8 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     from mvc.utils import read_jsonl
 
     paths = RunPaths.of(cfg)
-    out = out or paths.root / "ablation_mixing"
+    # absolute: generation takes a relative generate.out_dir as relative to the run folder
+    out = Path(out or paths.root / "ablation_mixing").resolve()
     if settings[0].axis != "none":
         raise MVCError("the first setting must be the unmixed baseline ('none'): shifts are measured against it")
     labelled_all, _pool, test = load_splits(cfg.data)
@@ -287,7 +288,7 @@ def downstream(cfg: Any, accelerator: Any, settings: list[Setting], strategy: st
     from mvc.classifier.train import run_all
     from mvc.generate import generate_synthetic
 
-    rows = []
+    rows, out = [], Path(out).resolve()
     for st in settings:
         c = copy.deepcopy(cfg)
         root = out / "downstream" / safe_name(st.name)

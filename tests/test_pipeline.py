@@ -138,3 +138,34 @@ def test_the_reference_may_not_select_or_filter(pipeline_run, tmp_path):
         diagnose_generator.cli(argv + ["--variants=1", "--out", str(tmp_path / "d"), "--selector", str(ref)])
     with pytest.raises(MVCError, match="never filters"):
         generate_mvc.cli(argv + [f"--generate.filter_checkpoint={ref}", f"--generate.out_dir={tmp_path / 'syn'}"])
+
+
+def test_granularity_ablation_marks_no_ops_and_reports_effective_k(pipeline_run, tmp_path, monkeypatch):
+    """scripts/ablate_mixing.py on the pipeline's model, with a run folder given relative to the working
+    directory: every setting over two seeds, the identity shuffle and the embeds-stage shuffle (which
+    cross-attention cannot see) marked as no-ops, the k actually used, figure, TensorBoard, downstream."""
+    out, _, argv = pipeline_run
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ablate_mixing
+
+    monkeypatch.chdir(out.parent)
+    argv = [a if not a.startswith("--run.output_dir=") else f"--run.output_dir={out.name}" for a in argv]
+    rows = ablate_mixing.cli(argv + ["--k", "1", "2", "--s", "2", "--m", "1", "--stages", "tokens", "embeds",
+                                     "--modes", "shuffle", "--windows", "caption", "--seeds", "0", "1",
+                                     "--sources", "2", "--variants", "1", "--downstream", "fine s=2 m=2"])
+    by = {r["setting"]: r for r in rows}
+    assert rows[0]["setting"] == "none" and rows[0]["fidelity"]["mean"] >= 0
+    assert by["coarse shuffle k=1 tokens"]["noop"] == "a shuffle of one token is the identity"
+    assert by["coarse shuffle k=1 tokens"]["fidelity"] is None  # not generated at all
+    emb, tok = by["coarse shuffle k=2 embeds"], by["coarse shuffle k=2 tokens"]
+    assert emb["shift"]["mean"] < 0.05 and "images unchanged" in emb["noop"]  # float rounding at most
+    assert tok["shift"]["mean"] > 5 * emb["shift"]["mean"] and tok["seeds"] == 2
+    assert 1.0 <= tok["effective_k"] <= 2.0  # the k used (short captions clamp it), not the k asked for
+    assert by["fine m=1 s=2"]["effective_m"] == 1.0
+    res = out / "ablation_mixing"
+    text = (res / "ablation.md").read_text()
+    assert "| coarse shuffle k=2 tokens |" in text and "mean ± std over seeds" in text
+    assert Image.open(res / "ablation.png").size[0] > 300 and list((res / "tb").iterdir())
+    assert not (out / out.name).exists()  # nothing was written into a doubled run folder
+    down = json.loads((res / "downstream.json").read_text())
+    assert down[0]["setting"] == "fine s=2 m=2" and 0 <= down[0]["accuracy"]["mean"] <= 1

@@ -143,7 +143,8 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     from mvc.synthetic import load_synthetic_set
 
     paths = RunPaths.of(cfg)
-    out = Path(out) if out else paths.root / "diagnose"
+    # absolute: generation takes a relative generate.out_dir as relative to the run folder
+    out = (Path(out) if out else paths.root / "diagnose").resolve()
     if not (paths.final / "model_index.json").is_file():
         raise MVCError(f"no fine-tuned model at {paths.final}; run train_mvc.py first")
     t0 = time.time()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from mvc.utils import MVCError, atomic_write_text
+from mvc.utils import MVCError, atomic_write_text, short_repr
 
 
 def opt(default: Any, help: str, *, choices: Callable[[], list] | list | None = None,
@@ -398,14 +397,6 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """`repr(value)`, cut to `limit` characters (an error line names a value, it does not print a huge one)."""
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 8, 8, 3
-    text = r.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate(cfg: Any, prefix: str = "") -> None:

@@ -548,7 +548,8 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
 
 
 def _parse_yaml(text: str) -> Any:
-    """YAML text -> Python values (safe types only), refusing duplicate keys and alias blow-up (MVCError)."""
+    """YAML text -> Python values (safe types only), refusing duplicate keys, alias blow-up and deep
+    nesting (MVCError)."""
     loader = _ConfigLoader(text)
     try:
         node = loader.get_single_node()
@@ -558,8 +559,19 @@ def _parse_yaml(text: str) -> Any:
             raise MVCError(f"it expands (through YAML aliases) to more than {MAX_CONFIG_NODES} values; "
                            "write the settings out")
         return loader.construct_document(node)
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise MVCError("it nests lists or mappings too deeply") from None
     finally:
         loader.dispose()
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, and where (its message's first line is only the context)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem[:120]} at line {mark.line + 1}, column {mark.column + 1}"
+    return short_repr(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -579,7 +591,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = _parse_yaml(text)
     except yaml.YAMLError as e:
-        raise MVCError(f"{p}: not valid YAML ({short_repr(str(e).splitlines()[0], 200)})") from None
+        raise MVCError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
     except MVCError as e:
         raise MVCError(f"{p}: {e}") from None
     if data is None:

@@ -205,6 +205,8 @@ def test_config_files_that_are_not_a_page_of_yaml(tmp_path):
     assert "duplicate key 'lr' on lines 2 and 3" in error("train:\n  lr: 0.1\n  lr: 0.2\n")
     assert "duplicate key 'train'" in error("train:\n  lr: 0.1\ntrain:\n  max_steps: 3\n")
     assert "bytes" in error("#" * (2 << 20))
+    assert "too deeply" in error("run:\n  output_dir: " + "[" * 5000 + "]" * 5000 + "\n")  # not a RecursionError
+    assert "line 2, column 1" in error("train:\n\tlr: 0.5\n")  # where the problem is, not only its context
     assert "not a regular file" in error(path=tmp_path)
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)

@@ -67,6 +67,19 @@ def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> P
     return run_dir_for(run_config(cfg, strategy, augment, seed), seed)
 
 
+def read_times(path: Path) -> dict:
+    """The stage wall times of earlier (interrupted) runs of this pipeline, {} for a new one."""
+    if not path.is_file():
+        return {}
+    try:
+        times = json.loads(path.read_text())
+    except ValueError:
+        times = None
+    if not isinstance(times, dict) or not all(isinstance(v, (int, float)) for v in times.values()):
+        raise MVCError(f"{path} is not a stage-times file of this pipeline; delete it")
+    return times
+
+
 def run_stage(name: str, fn, times: dict, times_path: Path) -> None:
     """Run one stage, add its wall time to `times` (accumulated over resumed runs) and save them."""
     print(f"\n=== {name} ===", flush=True)
@@ -274,9 +287,9 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     check_runs(cfg)
     cfg.run.seed = resolve_seed(cfg.run.seed)  # one drawn seed for every stage, recorded in config-pipeline.yaml
     paths = RunPaths.of(cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.check_outputs(cfg)
     save_config(cfg, paths.config_file("pipeline"))
-    times = json.loads(paths.stage_times.read_text()) if paths.stage_times.is_file() else {}
+    times = read_times(paths.stage_times)
     run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times, paths.stage_times)
     run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
     run_stage("evaluation (reference, metrics, CAS)", lambda: stage_evaluate(cfg), times, paths.stage_times)

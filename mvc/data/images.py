@@ -75,6 +75,8 @@ def load_rgb(path: str | os.PathLike):
     """Open and fully decode `path` as an RGB PIL image, or raise an MVCError naming the file."""
     from PIL import Image
 
+    if not Path(path).is_file():  # a FIFO would block, a device never end
+        raise MVCError(f"cannot read image {str(path)!r}: not a regular file")
     try:
         with Image.open(path) as im:
             im.load()
@@ -91,6 +93,8 @@ def verify_image(path: Path) -> str | None:
 
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "not an image"
+    if not path.is_file():  # a FIFO, device or socket: never opened (reading a FIFO blocks)
+        return "not a regular file"
     try:
         if path.stat().st_size == 0:
             return "empty file"

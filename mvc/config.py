@@ -250,7 +250,7 @@ class ClassifierConfig:
     epochs: int = opt(30, "Epochs (ignored when `steps` is set).", min=1)
     steps: int | None = opt(None, "Optimizer-step budget; when set, each strategy's epochs = steps / its batches "
                                   "per epoch, so strategies with more data are not given more training.", min=1)
-    batch_size: int = opt(50, "Batch size (paper: 50).", min=1)
+    batch_size: int = opt(50, "Batch size (paper: 50; BatchNorm needs 2 or more).", min=2)
     optimizer: str = opt("adam", "Optimizer.", choices=_names("mvc.classifier.engine", "OPTIMIZERS"))
     lr: float = opt(1e-3, "Learning rate.", min=0, min_exclusive=True)
     momentum: float = opt(0.9, "SGD momentum.", min=0, max=1)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import no_hang
 
 from mvc.config import Config, build_parser, load_yaml, make_config, parse_args, save_config
 from mvc.utils import MVCError
@@ -133,6 +134,7 @@ def test_every_float_key_refuses_nan_and_inf():
 
 @pytest.mark.parametrize("key, value, words", [
     ("train.adam_beta1", 1.0, ["< 1"]),  # torch.optim.Adam refuses a beta of 1
+    ("classifier.batch_size", 1, [">= 2"]),  # BatchNorm cannot train on one image
     ("train.adam_beta2", 1, ["< 1"]),
     ("train.ema_decay", 1.0, ["< 1"]),
     ("data.test_fraction", 1.0, ["< 1"]),
@@ -193,7 +195,7 @@ def test_config_files_that_are_not_a_page_of_yaml(tmp_path):
         p = path or tmp_path / "c.yaml"
         if text is not None:
             p.write_bytes(text if isinstance(text, bytes) else text.encode())
-        with pytest.raises(MVCError) as e:
+        with pytest.raises(MVCError) as e, no_hang():
             parse_args(build_parser("t"), ["--config", str(p)])
         msg = str(e.value)
         assert "\n" not in msg and len(msg) < 300, msg

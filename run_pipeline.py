@@ -25,7 +25,7 @@ import train_mvc
 from mvc.checkpoint import list_checkpoints
 from mvc.config import Config, build_parser, parse_args, save_config
 from mvc.paths import RunPaths
-from mvc.utils import MVCError, atomic_path, atomic_write_json, atomic_write_text, run_cli
+from mvc.utils import MVCError, atomic_copy, atomic_path, atomic_write_json, atomic_write_text, run_cli
 
 README_BEGIN = "<!-- results:begin (written by run_pipeline.py --update-readme) -->"
 README_END = "<!-- results:end -->"
@@ -202,7 +202,7 @@ def write_report(cfg: Config, times: dict) -> Path:
     plot_accuracy(rows, figs / "accuracy.png")
     grids = sorted(paths.grids.glob("*.png"))
     if grids:
-        shutil.copyfile(grids[0], figs / "samples.png")
+        atomic_copy(grids[0], figs / "samples.png")
     n_syn = count_images(paths.synthetic)
     n_real = next((json.loads(p.read_text()).get("n_real") for p in sorted(paths.classifier.glob("*/metrics.json"))),
                   "?")
@@ -245,7 +245,7 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
         return []
     rec = json.loads((ev_dir / "metrics.json").read_text())
     if (ev_dir / "figure.png").is_file():
-        shutil.copyfile(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
+        atomic_copy(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
     ref = rec["reference"]
     cas = rec.get("cas")
     return ["", "### The synthetic set", "",

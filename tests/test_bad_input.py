@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -27,7 +26,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from helpers import MICRO, micro_argv, write_fashion_idx, write_random_ip2p  # noqa: E402
+from helpers import MICRO, micro_argv, no_hang, write_fashion_idx, write_random_ip2p  # noqa: E402
 
 import evaluate_synthetic  # noqa: E402
 import generate_mvc  # noqa: E402
@@ -364,17 +363,8 @@ def test_predict_skips_special_files_instead_of_hanging(env, tmp_path):
     _png(folder / "a.png", 1)
     os.mkfifo(folder / "b.png")  # opening a FIFO for reading blocks until someone writes
     out = tmp_path / "pred.jsonl"
-
-    def hang(signum, frame):
-        raise TimeoutError("predict blocked on the FIFO")
-
-    old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(60)
-    try:
+    with no_hang():
         run_cli(SCRIPTS["predict"], ["--checkpoint", str(env.ckpt), "--images", str(folder), "--out", str(out)])
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
     assert [Path(json.loads(line)["file"]).name for line in out.read_text().splitlines()] == ["a.png"]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import no_hang
 
 from mvc import seeds
 from mvc.config import make_config
@@ -186,8 +187,22 @@ def test_logs_are_truncated_to_the_resumed_step(tmp_path):
 def test_json_lines_readers_refuse_special_files(tmp_path):
     fifo = tmp_path / "metadata.jsonl"
     os.mkfifo(fifo)
-    with pytest.raises(MVCError, match="not a plain file"):  # never opened: it would block forever
+    with pytest.raises(MVCError, match="not a plain file"), no_hang():  # never opened: it would block forever
         read_jsonl(fifo)
     (tmp_path / "bad.jsonl").write_bytes(b'{"a": "\xff"}\n')
     with pytest.raises(MVCError, match="not UTF-8"):
         read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_atomic_copy_replaces_a_link_instead_of_writing_through_it(tmp_path):
+    from mvc.utils import atomic_copy
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"user's")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "samples.png").symlink_to(outside)  # planted in the run folder
+    (tmp_path / "grid.png").write_bytes(b"grid")
+    atomic_copy(tmp_path / "grid.png", tmp_path / "run" / "samples.png")
+    assert outside.read_bytes() == b"user's"
+    assert not (tmp_path / "run" / "samples.png").is_symlink()
+    assert (tmp_path / "run" / "samples.png").read_bytes() == b"grid"

@@ -76,6 +76,10 @@ class RunPaths:
             if where == data or data in where.parents:
                 raise MVCError(f"{key} {str(path)!r} lies inside data.root {str(data)!r}: the run's files would become "
                                "part of the dataset; put the outputs elsewhere")
+        syn, grids = self.synthetic.resolve(), self.grids.resolve()
+        if grids == syn or syn in grids.parents:  # its PNGs and tb/ would become files (and a class) of the set
+            raise MVCError(f"generate.grid_dir {str(self.grids)!r} lies inside the synthetic set {str(self.synthetic)!r}; "
+                           "put the grids beside it")
         root = self.root
         if root.exists() and not root.is_dir():
             raise MVCError(f"run.output_dir {str(root)!r} is a file, not a folder; set another run.output_dir")

@@ -328,7 +328,8 @@ def test_an_output_folder_that_cannot_be_one_is_refused_in_every_script(script, 
     for args, words in ((["--run.output_dir={a_file}"], ["run.output_dir", "is a file"]),
                         (["--run.output_dir={a_file}/sub"], ["cannot create run.output_dir"]),
                         (["--run.output_dir={good}/run"], ["run.output_dir", "inside data.root"]),
-                        (["--generate.out_dir={good}/syn"], ["generate.out_dir", "inside data.root"])):
+                        (["--generate.out_dir={good}/syn"], ["generate.out_dir", "inside data.root"]),
+                        (["--generate.grid_dir=synthetic/grids"], ["generate.grid_dir", "inside the synthetic set"])):
         code, err = _run(script, _argv(env, tmp_path / "out", script, args), capsys)
         _assert_one_error_line(code, err, words, alone=False)
     assert sorted(p.name for p in env.good.rglob("*")) == before and env.a_file.read_text() == "not a folder"

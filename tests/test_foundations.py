@@ -206,3 +206,19 @@ def test_atomic_copy_replaces_a_link_instead_of_writing_through_it(tmp_path):
     assert outside.read_bytes() == b"user's"
     assert not (tmp_path / "run" / "samples.png").is_symlink()
     assert (tmp_path / "run" / "samples.png").read_bytes() == b"grid"
+
+
+def test_ctrl_c_mid_write_keeps_the_old_file_whole(tmp_path, capsys):
+    from mvc.utils import atomic_path, atomic_write_text, run_cli
+
+    target = tmp_path / "metadata.jsonl"
+    atomic_write_text(target, "old\n")
+
+    def main(argv):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    assert e.value.code == 130 and "rerun the same command" in capsys.readouterr().err
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metadata.jsonl"]

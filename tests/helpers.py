@@ -45,9 +45,10 @@ def write_fashion_idx(root: Path, train_per_class: int = 6, test_per_class: int 
 
 
 def micro_argv(data_root: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    """CLI arguments of the micro profile on the fixture data, writing to `out`."""
+    """CLI arguments of the micro profile on the fixture data, writing to `out` and caching under `cache`
+    (never in the repository's outputs/)."""
     return ["--config", str(MICRO), f"--data.root={data_root}", f"--run.output_dir={out}",
-            f"--tiny.cache_dir={cache}", *extra]
+            f"--tiny.cache_dir={cache}", f"--evaluate.cache_dir={Path(cache) / 'reference'}", *extra]
 
 
 def unet_weights(final_dir: Path) -> dict[str, torch.Tensor]:

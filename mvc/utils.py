@@ -96,7 +96,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     files (`tempfile.mkstemp` would give 0600).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
+    if path.is_dir() and not path.is_symlink():
+        raise MVCError(f"cannot write {str(path)!r}: it is a folder")
     suffix = suffix or path.suffix or ".tmp"
     while True:
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
@@ -111,6 +113,14 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_parent(path: Path) -> None:
+    """Create the folder of `path`; a file in the way is an MVCError, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise MVCError(f"cannot create the folder of {str(path)!r}: a file is in the way") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -154,7 +164,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     disturbed; `clean_stale_temps` removes the leftovers of killed writers.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -223,7 +233,7 @@ def append_jsonl(path: str | os.PathLike, *records: dict) -> None:
     A torn last line left by an earlier crash is cut first, so a new line never follows a broken one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     repair_torn_tail(path)
     with open(path, "a") as f:
         f.write("".join(json.dumps(r, default=str) + "\n" for r in records))

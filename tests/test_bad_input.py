@@ -290,6 +290,11 @@ CASES = [
      ["--batch-size"]),
     ("predict-unsafe-pickle", "predict", ["--checkpoint", "{unsafe}", "--images", "{folder}"],
      ["not a file torch can load safely", "not unpickled"]),
+    ("predict-batch-zero", "predict", ["--checkpoint", "{ckpt}", "--images", "{folder}", "--batch-size", "0"], [">= 1"]),
+    ("predict-out-is-a-folder", "predict", ["--checkpoint", "{ckpt}", "--images", "{folder}", "--out", "{folder}"],
+     ["it is a folder"]),
+    ("predict-out-under-a-file", "predict", ["--checkpoint", "{ckpt}", "--images", "{folder}", "--out",
+                                             "{a_file}/p.jsonl"], ["a file is in the way"]),
     # run_pipeline.py (each stage's own check, reached through the driver; or the driver's, before any work)
     ("pipe-missing-root", "run_pipeline", MISSING_ROOT, ["folder not found"]),
     ("pipe-empty-dataset", "run_pipeline", EMPTY, ["no usable images"]),

@@ -42,7 +42,8 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         _fail(f"cannot write or read{where}: {e.strerror}; check the folder's permissions and free space")
     except KeyboardInterrupt:
         _close_progress_bars()
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        print("interrupted: run the command again to continue (with --resume latest for train_mvc.py and "
+              "train_classifier.py)", file=sys.stderr)
         sys.exit(130)
 
 

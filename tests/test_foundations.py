@@ -220,5 +220,5 @@ def test_ctrl_c_mid_write_keeps_the_old_file_whole(tmp_path, capsys):
             raise KeyboardInterrupt
     with pytest.raises(SystemExit) as e:
         run_cli(main, [])
-    assert e.value.code == 130 and "rerun the same command" in capsys.readouterr().err
+    assert e.value.code == 130 and "--resume latest" in capsys.readouterr().err
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metadata.jsonl"]

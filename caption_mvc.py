@@ -17,10 +17,8 @@ def main(cfg: Config) -> dict[str, str]:
     """Start the stage and caption every labelled image that the cache lacks."""
     from mvc.captions import load_captions
     from mvc.data import load_splits
-    from mvc.prompts import validate_template
     from mvc.stage import start_stage
 
-    validate_template(cfg.captions.prompt_template)
     stage = start_stage(cfg, "caption_mvc")
     labelled, _, _ = load_splits(cfg.data)
     caps = load_captions(cfg, labelled, progress=stage.is_main)

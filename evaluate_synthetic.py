@@ -68,6 +68,10 @@ def cli(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-cas", action="store_true", help="Skip the classifiers trained on the set alone.")
     parser.add_argument("--real-curve", action="store_true", help="Also the real-only curve and equivalent real images.")
     cfg, args = parse_args(parser, argv)
+    if args.name is not None:  # the report folder: inside <run.output_dir>/evaluation unless absolute
+        from mvc.paths import RunPaths, output_path
+
+        output_path(RunPaths.of(cfg).evaluation, args.name, "", "--name")
     return main(cfg, args.set, args.name, cas=False if args.no_cas else None, real_curve=args.real_curve)
 
 

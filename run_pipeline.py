@@ -25,7 +25,7 @@ import train_mvc
 from mvc.checkpoint import list_checkpoints
 from mvc.config import Config, build_parser, parse_args, save_config
 from mvc.paths import RunPaths
-from mvc.utils import MVCError, atomic_path, atomic_write_json, atomic_write_text, run_cli
+from mvc.utils import MVCError, atomic_copy, atomic_path, atomic_write_json, atomic_write_text, run_cli
 
 README_BEGIN = "<!-- results:begin (written by run_pipeline.py --update-readme) -->"
 README_END = "<!-- results:end -->"
@@ -65,6 +65,19 @@ def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> P
     from mvc.classifier.outputs import run_dir_for
 
     return run_dir_for(run_config(cfg, strategy, augment, seed), seed)
+
+
+def read_times(path: Path) -> dict:
+    """The stage wall times of earlier (interrupted) runs of this pipeline, {} for a new one."""
+    if not path.is_file():
+        return {}
+    try:
+        times = json.loads(path.read_text())
+    except ValueError:
+        times = None
+    if not isinstance(times, dict) or not all(isinstance(v, (int, float)) for v in times.values()):
+        raise MVCError(f"{path} is not a stage-times file of this pipeline; delete it")
+    return times
 
 
 def run_stage(name: str, fn, times: dict, times_path: Path) -> None:
@@ -189,7 +202,7 @@ def write_report(cfg: Config, times: dict) -> Path:
     plot_accuracy(rows, figs / "accuracy.png")
     grids = sorted(paths.grids.glob("*.png"))
     if grids:
-        shutil.copyfile(grids[0], figs / "samples.png")
+        atomic_copy(grids[0], figs / "samples.png")
     n_syn = count_images(paths.synthetic)
     n_real = next((json.loads(p.read_text()).get("n_real") for p in sorted(paths.classifier.glob("*/metrics.json"))),
                   "?")
@@ -232,7 +245,7 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
         return []
     rec = json.loads((ev_dir / "metrics.json").read_text())
     if (ev_dir / "figure.png").is_file():
-        shutil.copyfile(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
+        atomic_copy(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
     ref = rec["reference"]
     cas = rec.get("cas")
     return ["", "### The synthetic set", "",
@@ -274,9 +287,9 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     check_runs(cfg)
     cfg.run.seed = resolve_seed(cfg.run.seed)  # one drawn seed for every stage, recorded in config-pipeline.yaml
     paths = RunPaths.of(cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.check_outputs(cfg)
     save_config(cfg, paths.config_file("pipeline"))
-    times = json.loads(paths.stage_times.read_text()) if paths.stage_times.is_file() else {}
+    times = read_times(paths.stage_times)
     run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times, paths.stage_times)
     run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
     run_stage("evaluation (reference, metrics, CAS)", lambda: stage_evaluate(cfg), times, paths.stage_times)

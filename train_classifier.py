@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mvc.config import CLIParser, Config, build_parser, parse_args
-from mvc.utils import run_cli
+from mvc.utils import MVCError, run_cli
 
 
 def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> list[dict]:
@@ -42,6 +42,8 @@ def predict_cli(argv: list[str]) -> None:
     p.add_argument("--out", default=None, help="Write JSON lines {file, pred, class, confidence, probs} here.")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise MVCError(f"--batch-size must be >= 1, got {args.batch_size}")
     bundle = load_classifier(args.checkpoint)
     files = list_images(args.images)
     probs = predict(bundle, files, args.batch_size)

@@ -18,11 +18,9 @@ def main(cfg: Config, resume: str | None = None) -> dict:
     from mvc.checkpoint import check_resume
     from mvc.finetune_loop import run
     from mvc.paths import RunPaths
-    from mvc.prompts import validate_template
     from mvc.stage import start_stage
 
-    validate_template(cfg.captions.prompt_template)
-    check_resume(resume, RunPaths.of(cfg).checkpoints)  # before the slow loading below
+    check_resume(resume, RunPaths.of(cfg).checkpoints, fresh_ok=False)  # before the slow loading below
     stage = start_stage(cfg, "train_mvc", cfg.train.mixed_precision, cfg.train.grad_accum)
     return run(cfg, stage.accelerator, resume=resume)
 

@@ -5,12 +5,19 @@ script uses the sections it needs. Values are overridden on the command
 line with `--section.key=value` (or `--section.key value`); the value is parsed as YAML, so
 `--train.lr=3e-4`, `--mixing.window=[1,8]` and `--run.seed=null` work. An unknown key, a wrong
 type or an out-of-range value is a one-line `MVCError` naming the key.
+
+Nothing slips past: every float must be finite (`nan` passes any `<`/`>` test), ranges are the ones
+torch and diffusers accept, a list that must not be empty is not, a section is a mapping (or null:
+its defaults), a config file is UTF-8, at most 1 MiB, without duplicate keys or an alias blow-up,
+and rules that span keys (the prompt template, mixing ops and window, the tiny base's widths) are
+checked once, here, before any stage starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,17 +26,24 @@ from typing import Any, Callable
 
 import yaml
 
-from mvc.utils import MVCError, atomic_write_text
+from mvc.utils import MVCError, atomic_write_text, short_repr
 
 
 def opt(default: Any, help: str, *, choices: Callable[[], list] | list | None = None,
-        min: float | None = None, max: float | None = None, min_exclusive: bool = False) -> Any:
+        min: float | None = None, max: float | None = None, min_exclusive: bool = False,
+        max_exclusive: bool = False, min_len: int | None = None, unique: bool = False) -> Any:
     """A config field with its help text, optional choices (a list or a zero-arg callable returning
-    a registry's names) and an optional numeric range."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    a registry's names), an optional numeric range (for a list: of each item), and for a list its
+    least length and whether items must differ. Floats must be finite whatever the range."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+            "max_exclusive": max_exclusive, "min_len": min_len, "unique": unique}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+SEED_MAX = 2**63 - 1  # seeds are hashed into 63-bit streams (mvc.seeds); arrays store them as int64
+SEED = {"min": 0, "max": SEED_MAX}
 
 
 #################################################################################
@@ -62,7 +76,7 @@ _precisions = _names("mvc.distributed", "PRECISIONS")
 class RunConfig:
     """Where outputs go and the base seed."""
     output_dir: str = opt("outputs/tiny", "Root of every output of this profile (each stage writes a sub-folder).")
-    seed: int | None = opt(0, "Base seed; null draws one at random (it is then logged).")
+    seed: int | None = opt(0, "Base seed; null draws one at random (it is then logged).", **SEED)
 
 
 @dataclass
@@ -71,21 +85,21 @@ class DataConfig:
     name: str = opt("fashion_mnist", "Dataset name from the registry.", choices=_datasets)
     root: str = opt("datasets", "Data root; each dataset looks in its own sub-folder (see datasets/README.md).")
     k_per_class: int | None = opt(20, "Labelled images per class (the low-data subset); null uses all.", min=1)
-    subset_seed: int = opt(0, "Seed of the labelled-subset draw (independent of run.seed).")
+    subset_seed: int = opt(0, "Seed of the labelled-subset draw (independent of run.seed).", **SEED)
     on_small_class: str = opt("error", "A class with fewer than 2 images: 'error' or 'skip' (with a warning).",
                               choices=_names("mvc.pairs", "SMALL_CLASS_POLICIES"))
     test_split: str = opt("test", "Split used for evaluation.", choices=_names("mvc.data", "EVAL_SPLITS"))
     test_fraction: float = opt(0.2, "Per-class fraction held out as 'test' by datasets without an official "
-                               "split (caltech101).", min=0, max=1, min_exclusive=True)
+                               "split (caltech101).", min=0, max=1, min_exclusive=True, max_exclusive=True)
     val_fraction: float = opt(0.1, "test_split=val on a dataset without a val split: this fraction of each "
-                              "class's remainder pool is held out as val.", min=0, max=1, min_exclusive=True)
+                              "class's remainder pool is held out as val.", min=0, max=1, min_exclusive=True, max_exclusive=True)
 
 
 @dataclass
 class PairsConfig:
     """Index pairs (condition, target) drawn within each class."""
     rounds: int = opt(10, "How many times each class's two random index lists are drawn and paired.", min=1)
-    seed: int = opt(0, "Seed of the pair draw.")
+    seed: int = opt(0, "Seed of the pair draw.", **SEED)
 
 
 @dataclass
@@ -106,9 +120,11 @@ class CaptionConfig:
 class TinyBaseConfig:
     """The tiny Stable-Diffusion-like base, built and pretrained locally (tiny profile only)."""
     image_size: int = opt(32, "Pixel resolution of the tiny base.", min=8)
-    latent_channels: int = opt(4, "VAE latent channels (4, as SD).", min=1)
-    vae_channels: list[int] = opt([16, 32, 32], "VAE block widths; downsampling factor = 2**(len-1) (32 px -> 8x8 latents).")
-    unet_channels: list[int] = opt([64, 128], "U-Net block widths.")
+    latent_channels: int = opt(4, "VAE latent channels (4, as SD; the InstructPix2Pix pipeline needs 4).", choices=[4])
+    vae_channels: list[int] = opt([16, 32, 32], "VAE block widths; downsampling factor = 2**(len-1) (32 px -> 8x8 latents).",
+                                   min=1, min_len=1)
+    unet_channels: list[int] = opt([64, 128], "U-Net block widths (each >= 8: its attention has 8 heads).", min=8,
+                                    min_len=1)
     text_hidden: int = opt(64, "CLIP text encoder width (SD-1.5: 768).", min=8)
     text_layers: int = opt(2, "CLIP text encoder layers.", min=1)
     max_length: int = opt(32, "Tokenizer max length (SD-1.5: 77).", min=8)
@@ -126,7 +142,7 @@ class TinyBaseConfig:
                                   "the base (null: the last weights).", min=0, max=1)
     num_samples: int = opt(32, "Text-to-image samples in the base's samples.png grid.", min=1)
     sample_steps: int = opt(25, "DDIM steps of those samples.", min=1)
-    seed: int = opt(0, "Seed of the pool subsample, the initialisation and the pretraining draws.")
+    seed: int = opt(0, "Seed of the pool subsample, the initialisation and the pretraining draws.", **SEED)
     cache_dir: str = opt("outputs/cache/tiny_base", "Where built bases are cached, keyed by this section's hash.")
 
 
@@ -146,8 +162,8 @@ class FinetuneConfig:
     grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
     max_steps: int = opt(1000, "Optimizer steps.", min=1)
     lr: float = opt(1e-4, "Learning rate (paper: 1e-4, Adam).", min=0, min_exclusive=True)
-    adam_beta1: float = opt(0.9, "Adam beta1.", min=0, max=1)
-    adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1)
+    adam_beta1: float = opt(0.9, "Adam beta1.", min=0, max=1, max_exclusive=True)
+    adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1, max_exclusive=True)
     weight_decay: float = opt(0.0, "Weight decay.", min=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", min=0)
     lr_scheduler: str = opt("constant", "LR schedule after the warm-up.", choices=_lr_schedules)
@@ -160,7 +176,8 @@ class FinetuneConfig:
     gradient_checkpointing: bool = opt(False, "U-Net gradient checkpointing.")
     attention: str = opt("sdpa", "Attention implementation.", choices=_names("mvc.finetune_setup", "ATTENTION"))
     use_ema: bool = opt(False, "Keep an EMA of the U-Net and save it.")
-    ema_decay: float = opt(0.9999, "EMA decay.", min=0, max=1)
+    ema_decay: float = opt(0.9999, "EMA decay (1 would never move the average).", min=0, max=1,
+                             max_exclusive=True)
     use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit Adam (GPU).")
     fused_adam: bool = opt(True, "torch's fused Adam kernel (CPU and CUDA): one pass over all weights "
                            "instead of one per tensor; false = torch's default Adam.")
@@ -180,7 +197,7 @@ class FinetuneConfig:
 @dataclass
 class MixingConfig:
     """Mixing Visual Concepts: edits of the prompt embedding (generate_mvc.py)."""
-    ops: list[str] = opt(["coarse", "fine"], "Operations cycled over the variants of each source.")
+    ops: list[str] = opt(["coarse", "fine"], "Operations cycled over the variants of each source.", min_len=1)
     coarse_mode: str = opt("shuffle", "Coarse op: permute tokens or swap them in from a donor.",
                            choices=_names("mvc.mixing", "COARSE_MODES"))
     coarse_stage: str = opt("tokens", "Where the coarse op runs: 'tokens' (token ids before the text encoder) or "
@@ -237,20 +254,20 @@ class ClassifierConfig:
     epochs: int = opt(30, "Epochs (ignored when `steps` is set).", min=1)
     steps: int | None = opt(None, "Optimizer-step budget; when set, each strategy's epochs = steps / its batches "
                                   "per epoch, so strategies with more data are not given more training.", min=1)
-    batch_size: int = opt(50, "Batch size (paper: 50).", min=1)
+    batch_size: int = opt(50, "Batch size (paper: 50; BatchNorm needs 2 or more).", min=2)
     optimizer: str = opt("adam", "Optimizer.", choices=_names("mvc.classifier.engine", "OPTIMIZERS"))
     lr: float = opt(1e-3, "Learning rate.", min=0, min_exclusive=True)
     momentum: float = opt(0.9, "SGD momentum.", min=0, max=1)
     weight_decay: float = opt(0.0, "Weight decay.", min=0)
     scheduler: str = opt("cosine", "LR schedule.", choices=_lr_schedules)
-    milestones: list[float] = opt([0.5, 0.75], "Multistep milestones as fractions of the epochs.")
+    milestones: list[float] = opt([0.5, 0.75], "Multistep milestones as fractions of the epochs.", min=0, max=1)
     gamma: float = opt(0.1, "Multistep factor.", min=0, min_exclusive=True)
     label_smoothing: float = opt(0.0, "Label smoothing.", min=0, max=1)
     mixed_precision: str = opt("no", "accelerate mixed precision.", choices=_precisions)
     probe: str = opt("none", "Feature probe on a frozen backbone instead of training ('none': train).",
                      choices=lambda: ["none", *_names("mvc.classifier.probe", "PROBES")()])
     kfold: int = opt(0, "Stratified k-fold on the labelled subset (0: use the test split).", min=0)
-    seeds: list[int] = opt([0], "Seeds; several report mean +- std.")
+    seeds: list[int] = opt([0], "Seeds; several report mean +- std.", min_len=1, unique=True, **SEED)
     num_workers: int = opt(0, "DataLoader workers.", min=0)
     checkpoint_every: int = opt(1, "Save a checkpoint every N epochs.", min=1)
     eval_every: int = opt(1, "Evaluate every N epochs (0: only after the last epoch).", min=0)
@@ -276,14 +293,14 @@ class EvaluateConfig:
     reference_lr: float = opt(2e-3, "Reference learning rate (Adam, cosine).", min=0, min_exclusive=True)
     reference_augment: str = opt("standard", "Reference augmentation.",
                                  choices=_names("mvc.classifier.augment", "AUGMENTATIONS"))
-    reference_seed: int = opt(0, "Seed of the reference's training.")
+    reference_seed: int = opt(0, "Seed of the reference's training.", **SEED)
     cache_dir: str = opt("outputs/cache/reference", "Where trained references are cached, keyed by dataset and settings.")
     real_limit: int | None = opt(2000, "Real test images (a fixed class-balanced subset) that diversity and the "
                                        "Fréchet distance compare with (null: all).", min=2)
     max_per_class: int = opt(400, "Images per class in the pairwise diversity (a random subset beyond).", min=2)
     cas: bool = opt(True, "Train classifiers on the synthetic set alone (CAS, classifier.* settings, pipeline.seeds).")
     real_curve: list[int] = opt([10, 20, 40, 80], "Labelled images per class of the real-only accuracy curve "
-                                "(--real-curve): what a strategy's accuracy is worth in real images.", min=1)
+                                "(--real-curve): what a strategy's accuracy is worth in real images.", min=1, min_len=1, unique=True)
     batch_size: int = opt(256, "Images per batch when computing the reference's features.", min=1)
 
 
@@ -291,8 +308,9 @@ class EvaluateConfig:
 class PipelineConfig:
     """The end-to-end run (run_pipeline.py): which classifier baselines, how many seeds."""
     runs: list[str] = opt(["real", "real+randaugment", "concat", "two_phase", "probabilistic"],
-                          "Classifier runs, each 'strategy' or 'strategy+augment'.")
-    seeds: list[int] = opt([0, 1, 2], "Classifier seeds; the report gives mean +- std over them.")
+                          "Classifier runs, each 'strategy' or 'strategy+augment'.", min_len=1, unique=True)
+    seeds: list[int] = opt([0, 1, 2], "Classifier seeds; the report gives mean +- std over them.", min_len=1,
+                            unique=True, **SEED)
     report: str = opt("results.md", "Report file name inside run.output_dir.")
 
 
@@ -318,12 +336,44 @@ class Config:
 
 
 def check_combinations(cfg: Config) -> None:
-    """Rules that span several keys (`validate` checks each key on its own)."""
+    """Rules that span several keys, or that a key's type and range cannot say (`validate` checks each
+    key on its own); each is checked here, once, when the config is built, before any work starts."""
+    from mvc.mixing import mixing_params, op_stages, parse_window
+    from mvc.prompts import validate_template
+
     t = cfg.train  # the three conditioning-dropout cases are disjoint: together at most certain
     p = t.drop_text_prob + t.drop_image_prob + t.drop_both_prob
     if p > 1.0 + 1e-9:
         raise MVCError(f"config keys train.drop_text_prob + train.drop_image_prob + train.drop_both_prob "
                        f"sum to {p:.3f} > 1")
+    checks = (("captions.prompt_template", lambda: validate_template(cfg.captions.prompt_template)),
+              ("mixing.window", lambda: parse_window(cfg.mixing.window)),
+              ("mixing.ops", lambda: [op_stages(op, mixing_params(cfg.mixing)) for op in cfg.mixing.ops]))
+    for key, check in checks:
+        try:
+            check()
+        except MVCError as e:
+            raise MVCError(f"config key {key}: {e}") from None
+    w = cfg.mixing.window
+    if isinstance(w, list) and not 0 <= w[0] < w[1]:
+        raise MVCError(f"config key mixing.window: [start, end) = {w} is not a non-empty range of token positions")
+    _check_widths(cfg.tiny)
+
+
+def _check_widths(tiny: TinyBaseConfig) -> None:
+    """The tiny base's block widths: diffusers' GroupNorm uses min(32, smallest width) groups, so every width
+    must be a multiple of it; each VAE block halves the image, which must stay at least 2 px."""
+    for key, widths in (("tiny.vae_channels", tiny.vae_channels), ("tiny.unet_channels", tiny.unet_channels)):
+        groups = min(32, min(widths))
+        odd = [w for w in widths if w % groups]
+        if odd:
+            raise MVCError(f"config key {key}: widths {widths} must all be multiples of {groups} "
+                           f"(the GroupNorm groups, min(32, smallest width)); {odd[0]} is not")
+    factor = 2 ** (len(tiny.vae_channels) - 1)
+    if tiny.image_size % factor or tiny.image_size // factor < 2:
+        raise MVCError(f"config key tiny.image_size: {tiny.image_size} px must be a multiple of {factor} (the VAE's "
+                       f"{len(tiny.vae_channels)} blocks halve it {len(tiny.vae_channels) - 1} times) and give "
+                       "latents of at least 2 px")
 
 
 #################################################################################
@@ -354,7 +404,10 @@ def _type_name(tp: Any) -> str:
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
-    """Check types, choices and ranges of every field of a (nested) config dataclass."""
+    """Check types, choices, list lengths and ranges of every field of a (nested) config dataclass.
+
+    Every float must be finite: `nan` compares false with any bound, so it would pass every range and then
+    change the meaning of a run (no clipping, no guidance) or reach torch as a traceback."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         key = f"{prefix}{f.name}"
@@ -372,22 +425,37 @@ def validate(cfg: Any, prefix: str = "") -> None:
             value = float(value)
         setattr(cfg, f.name, value)
         if not _type_ok(value, tp):
-            raise MVCError(f"config key {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise MVCError(f"config key {key}: expected {_type_name(tp)}, got {short_repr(value)} "
+                           f"({type(value).__name__})")
         m = f.metadata
         choices = m.get("choices")
         if choices is not None and value is not None:
             allowed = choices() if callable(choices) else choices
             if value not in allowed:
-                raise MVCError(f"config key {key}: unknown value {value!r}; choose one of {', '.join(map(str, allowed))}")
+                raise MVCError(f"config key {key}: unknown value {short_repr(value)}; choose one of "
+                               f"{', '.join(map(str, allowed))}")
+        if isinstance(value, list):
+            if m.get("min_len") and len(value) < m["min_len"]:
+                raise MVCError(f"config key {key}: needs at least {m['min_len']} value(s), got {short_repr(value)}")
+            if m.get("unique") and len(set(map(str, value))) < len(value):
+                raise MVCError(f"config key {key}: {short_repr(value)} repeats a value; give each once")
         nums = value if isinstance(value, list) else [value]
         for v in nums:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                lo, hi = m.get("min"), m.get("max")
-                if lo is not None and (v < lo or (m.get("min_exclusive") and v <= lo)):
-                    op = ">" if m.get("min_exclusive") else ">="
-                    raise MVCError(f"config key {key}: {v!r} is out of range; it must be {op} {lo}")
-                if hi is not None and v > hi:
-                    raise MVCError(f"config key {key}: {v!r} is out of range; it must be <= {hi}")
+                _check_range(key, v, m)
+
+
+def _check_range(key: str, v: float, m: dict) -> None:
+    """One number against a field's range (and, for a float, finiteness)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise MVCError(f"config key {key}: {v!r} is not a finite number")
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and (v < lo or (m.get("min_exclusive") and v <= lo)):
+        op = ">" if m.get("min_exclusive") else ">="
+        raise MVCError(f"config key {key}: {v!r} is out of range; it must be {op} {lo}")
+    if hi is not None and (v > hi or (m.get("max_exclusive") and v >= hi)):
+        op = "<" if m.get("max_exclusive") else "<="
+        raise MVCError(f"config key {key}: {v!r} is out of range; it must be {op} {hi}")
 
 
 #################################################################################
@@ -403,13 +471,21 @@ def _set_key(tree: dict, dotted: str, value: Any) -> None:
         names = {f.name: f for f in dataclasses.fields(cls)}
         if p not in names:
             where = ".".join(parts[:i]) or "top level"
-            raise MVCError(f"unknown config key {dotted!r}: {where} has {', '.join(names)}")
+            raise MVCError(f"unknown config key {short_repr(dotted)}: {where} has {', '.join(names)}")
+        sub = typing.get_type_hints(cls)[p]
         if i == len(parts) - 1:
+            if dataclasses.is_dataclass(sub):  # a whole section: a mapping of its keys, or null for its defaults
+                if value is not None and not isinstance(value, dict):
+                    raise MVCError(f"config section {dotted}: expected a mapping of its keys (or nothing, for the "
+                                   f"defaults), got {short_repr(value)}")
+                node.setdefault(p, {})
+                for key, v in _flatten(value or {}):
+                    _set_key(tree, f"{dotted}.{key}", v)
+                return
             node[p] = value
             return
-        sub = typing.get_type_hints(cls)[p]
         if not dataclasses.is_dataclass(sub):
-            raise MVCError(f"unknown config key {dotted!r}: {'.'.join(parts[:i + 1])} is not a section")
+            raise MVCError(f"unknown config key {short_repr(dotted)}: {'.'.join(parts[:i + 1])} is not a section")
         cls = sub
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
@@ -444,15 +520,87 @@ def _build(cls: Any, tree: dict) -> Any:
     return obj
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config file into a dict, with a clear error for a missing or malformed file."""
-    p = Path(path)
-    if not p.is_file():
-        raise MVCError(f"config file not found: {p}")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; a larger file is a mistake (or hostile)
+MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases (a few hundred bytes can expand to billions)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys (YAML says they are an error; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise MVCError(f"duplicate key {short_repr(key)} on lines {seen[key] + 1} and "
+                               f"{key_node.start_mark.line + 1}; give each key once")
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (an alias is the same node object,
+    so this is a count over a graph, cheap even when the expansion is not)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once
+        if isinstance(node, yaml.SequenceNode):
+            memo[id(node)] = 1 + sum(_expanded_size(n, memo) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[id(node)] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    return min(memo[id(node)], 10 * MAX_CONFIG_NODES)
+
+
+def _parse_yaml(text: str) -> Any:
+    """YAML text -> Python values (safe types only), refusing duplicate keys, alias blow-up and deep
+    nesting (MVCError)."""
+    loader = _ConfigLoader(text)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_CONFIG_NODES:
+            raise MVCError(f"it expands (through YAML aliases) to more than {MAX_CONFIG_NODES} values; "
+                           "write the settings out")
+        return loader.construct_document(node)
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise MVCError("it nests lists or mappings too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, and where (its message's first line is only the context)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem[:120]} at line {mark.line + 1}, column {mark.column + 1}"
+    return short_repr(str(e).splitlines()[0] if str(e) else type(e).__name__, 200)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a dict, with a one-line error for a file that is missing, not a
+    regular file, too large, not UTF-8, empty, malformed, alias-bombed or has duplicate keys."""
+    p = Path(path)
+    if not p.exists():
+        raise MVCError(f"config file not found: {p}")
+    if not p.is_file():  # a folder, or a FIFO/device whose reading could block forever
+        raise MVCError(f"config file {str(p)!r} is not a regular file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise MVCError(f"config file {p} is {p.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MVCError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        data = _parse_yaml(text)
     except yaml.YAMLError as e:
-        raise MVCError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise MVCError(f"{p}: not valid YAML ({_yaml_problem(e)})") from None
+    except MVCError as e:
+        raise MVCError(f"{p}: {e}") from None
+    if data is None:
+        raise MVCError(f"config file {p} is empty (or only comments); give its sections, or leave out --config "
+                       "for the defaults")
     if not isinstance(data, dict):
         raise MVCError(f"{p}: the top level must be a mapping of sections")
     return data
@@ -474,9 +622,11 @@ def make_config(tree: dict | None = None, overrides: dict[str, Any] | None = Non
 def parse_value(text: str) -> Any:
     """Parse a CLI value as YAML (so numbers, booleans, null and lists work)."""
     try:
-        return yaml.safe_load(text)
+        return _parse_yaml(text)
     except yaml.YAMLError:
         return text
+    except MVCError as e:
+        raise MVCError(f"command-line value {short_repr(text)}: {e}") from None
 
 
 def config_help() -> str:

@@ -41,11 +41,15 @@ from mvc.finetune_setup import (
 )
 from mvc.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
 from mvc.sd_io import resize
-from mvc.utils import MVCError, RunLogger, image_grid
+from mvc.utils import MVCError, RunLogger, fingerprint, image_grid
 
 log = logging.getLogger(__name__)
 
 PROMPT_FROM = ("target", "condition")  # whose caption a pair's prompt uses
+# train.* keys a resumed run may change without changing what it learns (max_steps: train longer)
+RESUME_FREE_KEYS = {"max_steps", "checkpoint_every", "checkpoints_keep", "validate_every", "num_validation",
+                    "validation_steps", "validation_guidance_scale", "validation_image_guidance_scale", "log_every",
+                    "gradient_checkpointing", "attention"}
 
 
 #################################################################################
@@ -130,6 +134,19 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
 #                                 Training loop                                 #
 #################################################################################
 
+def resume_record(cfg, dataset, cond: torch.Tensor, target: torch.Tensor, prompts: list[str], seed: int) -> dict:
+    """What a fine-tuning run's weights depend on (recorded in its checkpoints; a resume must match it):
+    the labelled subset, the pairs, the prompts (captioner and template), the base, the seed and the
+    train.* keys that change the result."""
+    rec = {"data": dataset.fingerprint(), "pairs": fingerprint(cond.numpy(), target.numpy()),
+           "prompts": fingerprint(prompts), "run.seed": int(seed),
+           **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
+           **{f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}}
+    if cfg.model.base == "tiny":
+        rec.update({f"tiny.{k}": v for k, v in dataclasses.asdict(cfg.tiny).items() if k != "cache_dir"})
+    return rec
+
+
 def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir: str | Path,
              resume: str | None = None, accelerator=None, final_dir: str | Path | None = None,
              source: str | None = None) -> dict:
@@ -181,7 +198,8 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     ema = build_ema(params, tc.ema_decay) if tc.use_ema else None
     sampler = GlobalBatchSampler(len(cond_all), seeds.generator(seed, "finetune.order"))
     step = 0
-    ckpt = resolve_resume(resume, ckpt_dir)
+    record = resume_record(cfg, dataset, cond_all, tgt_all, prompts, seed)
+    ckpt = resolve_resume(resume, ckpt_dir, kind="finetune", trained_on=record, fresh_ok=False)
     if ckpt is not None:
         load_trainable_state_dict(unet, ckpt["unet"])
         lr_sched.load_state_dict(ckpt["lr_scheduler"])
@@ -202,7 +220,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     bare = acc.unwrap_model(unet)
 
     # 3. Loop: each optimizer step = grad_accum micro-steps of the global batch B.
-    logger = RunLogger(out_dir, enabled=main)
+    logger = RunLogger(out_dir, enabled=main, truncate_to=step if ckpt is not None else -1)  # no replayed records
     logger.config(dataclasses.asdict(cfg), metrics=["train/loss"])
     if main:
         logger.scalars(step, {"cache_seconds": cache_s, "world_size": world, "seed": seed}, prefix="setup/")
@@ -259,7 +277,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
                     "unet": trainable_state_dict(bare), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema else None,
                     "sampler": sampler.state_dict(), "rng": rng_state(), "world_size": world,
-                }, dataclasses.asdict(cfg), keep=tc.checkpoints_keep)
+                }, dataclasses.asdict(cfg), keep=tc.checkpoints_keep, kind="finetune", trained_on=record)
             acc.wait_for_everyone()
     pbar.close()
 

@@ -27,10 +27,9 @@ import torch
 
 from mvc import seeds
 from mvc.captions import load_captions
-from mvc.mixing import ClassPrompts, check_donors, mix_prompts, mixing_params, op_stages, parse_op, parse_window
+from mvc.mixing import ClassPrompts, check_donors, mix_prompts, mixing_params, parse_window
 from mvc.models import load_ip2p_pipeline, pipeline_resolution
 from mvc.paths import RunPaths
-from mvc.prompts import validate_template
 from mvc.sd_io import encode_conditions, encode_ids, encode_prompts
 from mvc.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
 from mvc.utils import MVCError, atomic_write_json, batched
@@ -115,10 +114,6 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)
     out, model_dir = SyntheticSet(paths.synthetic), paths.final
     ops, window, params = list(cfg.mixing.ops), parse_window(cfg.mixing.window), mixing_params(cfg.mixing)
-    validate_template(cfg.captions.prompt_template)  # before any data or model loading
-    for op in ops:
-        parse_op(op)
-        op_stages(op, params)  # a composite that edits token ids after embeddings fails before any work
     if labelled is None:
         from mvc.data import load_splits
 

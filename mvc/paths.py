@@ -13,11 +13,13 @@
 ```
 
 Output options given as relative paths are taken inside `run.output_dir` and may not leave it; an
-absolute path is used as given (the user asked for that place on purpose).
+absolute path is used as given (the user asked for that place on purpose). No output may lie inside
+`data.root`: the run's folders would become part of the dataset (new "classes") the next time.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,33 @@ class RunPaths:
         return cls(root=root, final=final, synthetic=synthetic, grids=grids,
                    results_csv=output_path(root, cfg.classifier.results_csv, "results.csv", "classifier.results_csv"),
                    report=output_path(root, cfg.pipeline.report, "results.md", "pipeline.report"))
+
+    def check_outputs(self, cfg: Any) -> None:
+        """Refuse (one line) a run folder that is a file, cannot be created or written, or an output that lies
+        inside the data root; called when a stage starts, before it writes anything."""
+        data = Path(cfg.data.root).expanduser().resolve()
+        outputs = {"run.output_dir": self.root, "generate.out_dir": self.synthetic, "generate.grid_dir": self.grids,
+                   "classifier.results_csv": self.results_csv, "pipeline.report": self.report,
+                   "tiny.cache_dir": Path(cfg.tiny.cache_dir).expanduser(),
+                   "evaluate.cache_dir": Path(cfg.evaluate.cache_dir).expanduser()}
+        for key, path in outputs.items():
+            where = path.resolve()
+            if where == data or data in where.parents:
+                raise MVCError(f"{key} {str(path)!r} lies inside data.root {str(data)!r}: the run's files would become "
+                               "part of the dataset; put the outputs elsewhere")
+        syn, grids = self.synthetic.resolve(), self.grids.resolve()
+        if grids == syn or syn in grids.parents:  # its PNGs and tb/ would become files (and a class) of the set
+            raise MVCError(f"generate.grid_dir {str(self.grids)!r} lies inside the synthetic set {str(self.synthetic)!r}; "
+                           "put the grids beside it")
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise MVCError(f"run.output_dir {str(root)!r} is a file, not a folder; set another run.output_dir")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MVCError(f"cannot create run.output_dir {str(root)!r}: {e.strerror}; set another one") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise MVCError(f"run.output_dir {str(root)!r} is not writable; set another one or fix its permissions")
 
     def config_file(self, stage: str) -> Path:
         """The resolved config of one stage run."""

@@ -1,9 +1,11 @@
 """Starting a stage: every script runs the same three steps, parse -> start -> run.
 
 `start_stage` builds the accelerator, resolves the base seed once for all processes (a null seed is
-drawn and then recorded), and writes the resolved config into the run folder as
-`config-<stage>.yaml`; the stage then records the same config in its TensorBoard log (text and
-hparams, `RunLogger.config`), so runs compare in TensorBoard's HParams view.
+drawn and then recorded), checks that the outputs can be written where they go
+(`RunPaths.check_outputs`), removes the temporary files that writers killed in an earlier run left,
+and writes the resolved config into the run folder as `config-<stage>.yaml`; the stage then records
+the same config in its TensorBoard log (text and hparams, `RunLogger.config`), so runs compare in
+TensorBoard's HParams view.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from mvc.config import Config, save_config
 from mvc.distributed import broadcast_seed, make_accelerator
 from mvc.paths import RunPaths
+from mvc.utils import clean_stale_temps
 
 
 @dataclass
@@ -37,6 +40,8 @@ def start_stage(cfg: Config, name: str, mixed_precision: str | None = None, grad
     paths = RunPaths.of(cfg)
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    paths.check_outputs(cfg)
     if acc.is_main_process:
+        clean_stale_temps(paths.root, recursive=True)  # what writers killed in an earlier run left
         save_config(cfg, paths.config_file(name))
     return Stage(name, acc, cfg.run.seed, paths)

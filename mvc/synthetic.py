@@ -239,7 +239,7 @@ class SyntheticSet:
     def _own_temp(self, f: Path, planned: set[str]) -> bool:
         """A temp file `atomic_path` left for one of our planned files (`.<name>.<random>.png`)."""
         name = f.name
-        return name.startswith(".") and name.endswith(".png") and any(
+        return name.startswith(".") and name.endswith(".png") and f.is_file() and not f.is_symlink() and any(
             name.startswith(f".{Path(p).name}.") for p in planned if Path(p).parent.name == f.parent.name)
 
     # ---------------------------------------------------------------- reconcile
@@ -255,7 +255,7 @@ class SyntheticSet:
         Records whose file is missing or that fall outside the plan are dropped; duplicates keep the
         first; planned images without a record stay to be made (a file of ours there is overwritten).
         Our own temp files and our images outside the plan are deleted; anything else that is not ours
-        (a user's file, a link, a folder) is refused, never deleted.
+        (a user's file, also one under a planned name, a link, a folder) is refused, never deleted.
         """
         plan = {j.file: j for j in jobs}
         kept: dict[str, dict] = {}
@@ -277,7 +277,7 @@ class SyntheticSet:
                     rel = f"{d.name}/{f.name}"
                     if self._own_temp(f, set(plan)):
                         f.unlink()
-                    elif rel in kept or (rel in plan and self.is_ours(f)):
+                    elif rel in plan and self.is_ours(f):  # a record is no proof: the file may be a user's now
                         continue
                     elif self.is_ours(f):  # ours, from a larger plan (a smaller multiplier now)
                         f.unlink()
@@ -409,7 +409,7 @@ def write_grids(root: Path, grid_dir: Path, labelled: Any, jobs: Sequence[Job], 
     """Per class, rows = sources: real | coarse variants | fine variants; to disk and TensorBoard."""
     from PIL import Image
 
-    logger = RunLogger(grid_dir)
+    logger = RunLogger(grid_dir, truncate_to=-1)  # redrawn for the set as it is now: no record of an earlier run
     try:
         for label, cjobs in groupby(jobs, key=lambda j: j.label):
             by_src: dict[int, list[Job]] = {}

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import reprlib
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -25,17 +27,43 @@ class MVCError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a script's `main(argv)`, turning `MVCError` into one line on stderr and exit code 2."""
+    """Run a script's `main(argv)`, turning `MVCError` into one line on stderr and exit code 2.
+
+    A file-system refusal (permission, read-only or full disk) is the user's environment, not a bug:
+    it gets the same one line, naming the file."""
     try:
         main(argv)
     except MVCError as e:
-        _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {e.filename!r}" if e.filename else ""
+        _fail(f"cannot write or read{where}: {e.strerror}; check the folder's permissions and free space")
     except KeyboardInterrupt:
         _close_progress_bars()
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        print("interrupted: run the command again to continue (with --resume latest for train_mvc.py and "
+              "train_classifier.py)", file=sys.stderr)
         sys.exit(130)
+
+
+# errno values that mean "the machine refuses", whatever the code does: reported in one line
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+MAX_MESSAGE = 2000  # characters of an error line; longer ones are cut (a message must stay readable)
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` as one printable line: control characters escaped (a name with a newline cannot split it), cut
+    to `limit` characters."""
+    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return out if len(out) <= limit else out[: limit - 25] + f"... ({len(out) - limit + 25} more characters)"
+
+
+def _fail(message: str) -> None:
+    """Print `error: <message>` as one line and exit 2."""
+    _close_progress_bars()
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _close_progress_bars() -> None:
@@ -63,13 +91,23 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """Yield a temporary path next to `path`; on success it is renamed onto `path`, on error removed.
 
     Readers therefore see either the old file or the complete new one, never a half-written file.
-    The temporary name keeps the file's suffix so that writers which dispatch on it (PIL) work.
+    The temporary name (`.<name>.tmp-<pid>-<random><suffix>`) keeps the file's suffix, so that writers
+    which dispatch on it (PIL) work, and the writer's process id, so that `clean_stale_temps` can remove
+    what a killed writer left. It is created with mode 0666 less the user's umask, as `open` creates
+    files (`tempfile.mkstemp` would give 0600).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    make_parent(path)
+    if path.is_dir() and not path.is_symlink():
+        raise MVCError(f"cannot write {str(path)!r}: it is a folder")
+    suffix = suffix or path.suffix or ".tmp"
+    while True:
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
     try:
         yield tmp
         os.replace(tmp, path)
@@ -78,10 +116,24 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def make_parent(path: Path) -> None:
+    """Create the folder of `path`; a file in the way is an MVCError, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise MVCError(f"cannot create the folder of {str(path)!r}: a file is in the way") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the file `src` to `dst` atomically (a link at `dst` is replaced, never written through)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -113,7 +165,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     disturbed; `clean_stale_temps` removes the leftovers of killed writers.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,15 +180,39 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_stale_temps(folder: str | os.PathLike, name: str) -> None:
-    """Remove `.name.tmp-<pid>` / `.name.old-<pid>` folders of `atomic_dir` whose process is gone."""
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def clean_stale_temps(folder: str | os.PathLike, name: str | None = None, recursive: bool = False) -> int:
+    """Remove the temporary files and folders (`.<name>.tmp-<pid>...`, `.<name>.old-<pid>`) that
+    `atomic_path` / `atomic_dir` writers left when they were killed (their process is gone).
+
+    Only entries of `name` when given, else of any name; in sub-folders too when `recursive` (symbolic
+    links are never followed). Returns how many were removed.
+    """
     folder = Path(folder)
-    if not folder.is_dir():
-        return
-    for p in folder.glob(f".{name}.*-*"):
-        kind, _, pid = p.name[len(name) + 2:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    removed = 0
+    for root, dirs, files in os.walk(folder):  # never follows links
+        for entry in dirs + files:
+            m = _TEMP.match(entry)
+            if m is None or (name is not None and m["name"] != name) or _alive(int(m["pid"])):
+                continue
+            p = Path(root) / entry
+            if p.is_symlink():
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file():  # only what our writers make: plain files and folders
+                p.unlink(missing_ok=True)
+            else:
+                continue
+            removed += 1
+        if not recursive:
+            break
+        dirs[:] = [d for d in dirs if (Path(root) / d).exists()]  # do not descend into what is gone
+    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -158,7 +234,7 @@ def append_jsonl(path: str | os.PathLike, *records: dict) -> None:
     A torn last line left by an earlier crash is cut first, so a new line never follows a broken one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     repair_torn_tail(path)
     with open(path, "a") as f:
         f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
@@ -169,10 +245,15 @@ def append_jsonl(path: str | os.PathLike, *records: dict) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file, skipping a truncated last line left by a crash."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return []
+    if not path.is_file():  # a folder, a FIFO (reading it would block), a broken link
+        raise MVCError(f"{str(path)!r} is not a plain file; remove it")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise MVCError(f"{str(path)!r} is not UTF-8 text; fix or delete the file") from None
     out = []
-    lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -183,6 +264,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break
             raise MVCError(f"{path}: line {i + 1} is not valid JSON; fix or delete the file")
     return out
+
+
+def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> int:
+    """Rewrite a JSON-lines file (atomically) with only the records `keep` accepts; returns how many went."""
+    path = Path(path)
+    records = read_jsonl(path)
+    kept = [r for r in records if keep(r)]
+    if len(kept) < len(records):
+        atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in kept))
+    return len(records) - len(kept)
 
 
 #################################################################################
@@ -211,6 +302,14 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     return out
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters (an error line names a value, it does not print a huge one)."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 8, 8, 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def fingerprint(*items: Any) -> str:
     """A short, stable hash of JSON-serialisable items (or numpy arrays)."""
     h = hashlib.sha256()
@@ -234,7 +333,11 @@ class RunLogger:
     Disabled (a no-op) on non-main processes, so callers need not check the rank.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, jsonl_name: str = "log.jsonl"):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, jsonl_name: str = "log.jsonl",
+                 truncate_to: int | None = None):
+        """`truncate_to`: the step a (resumed) run continues after; the records and TensorBoard events of
+        later steps, which an interrupted run left and this one logs again, are dropped (-1: all of them,
+        for a run that starts afresh). None keeps everything."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.jsonl = self.run_dir / jsonl_name
@@ -242,7 +345,11 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            purge = None
+            if truncate_to is not None:
+                truncate_jsonl(self.jsonl, lambda r: int(r.get("step", 0)) <= truncate_to)
+                purge = truncate_to + 1  # TensorBoard hides earlier files' events at steps >= this
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         """Log a dict of scalars at `step`."""

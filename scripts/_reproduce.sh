@@ -11,7 +11,8 @@ PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 LAUNCH=("$PY" -m accelerate.commands.launch)
 resume=()
-out=$("$PY" -c "import sys; from mvc.config import make_config, load_yaml; print(make_config(load_yaml(sys.argv[1])).run.output_dir)" "$config")
+# the run folder as the stages will see it: the config file with the command line's overrides
+out=$("$PY" -c "import sys; from mvc.config import build_parser, parse_args; print(parse_args(build_parser(''), sys.argv[1:])[0].run.output_dir)" --config "$config" "$@")
 ls "$out"/mvc/checkpoints/checkpoint-*.pt >/dev/null 2>&1 && resume=(--resume latest)
 [ -f "$out/mvc/final/model_index.json" ] || "${LAUNCH[@]}" train_mvc.py --config "$config" "${resume[@]}" "$@"
 "${LAUNCH[@]}" generate_mvc.py --config "$config" "$@"

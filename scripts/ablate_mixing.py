@@ -12,8 +12,6 @@ settings and the accuracy of classifiers trained with them (--downstream-strateg
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mvc.config import build_parser, parse_args
 from mvc.utils import MVCError, run_cli
 
@@ -34,7 +32,8 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--downstream", nargs="+", default=None, metavar="SETTING",
                         help="settings (by name, as in the table) to train classifiers with")
     parser.add_argument("--downstream-strategy", default="probabilistic")
-    parser.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/ablation_mixing)")
+    parser.add_argument("--out", default=None, help="output folder, inside run.output_dir unless absolute "
+                                                     "(default: <run.output_dir>/ablation_mixing)")
     cfg, args = parse_args(parser, argv)
     for name in ("k", "s", "m", "seeds"):
         if not getattr(args, name):
@@ -46,10 +45,11 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     windows = [w if w in ("caption", "prompt", "all") else _span(w) for w in args.windows]
 
     from mvc.ablation import downstream, run_ablation, sweep
+    from mvc.paths import RunPaths, output_path
     from mvc.stage import start_stage
 
+    out = output_path(RunPaths.of(cfg).root, args.out, "ablation_mixing", "--out")  # refused before any work
     stage = start_stage(cfg, "ablate_mixing")
-    out = Path(args.out) if args.out else stage.paths.root / "ablation_mixing"
     settings = sweep(args.k, args.s, args.m, args.stages, args.modes, windows, cfg.mixing.coarse_k,
                      cfg.mixing.fine_s, cfg.mixing.fine_m)
     rows = run_ablation(cfg, stage.accelerator, settings, args.seeds, args.sources, args.variants, out,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,8 @@ def write_fashion_idx(root: Path, train_per_class: int = 6, test_per_class: int 
 
 
 def micro_argv(data_root: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    """CLI arguments of the micro profile on the fixture data, writing to `out`."""
+    """CLI arguments of the micro profile on the fixture data, writing to `out` and caching under `cache`
+    (never in the repository's outputs/)."""
     return ["--config", str(MICRO), f"--data.root={data_root}", f"--run.output_dir={out}",
             f"--tiny.cache_dir={cache}", f"--evaluate.cache_dir={Path(cache) / 'reference'}", *extra]
 
@@ -75,3 +78,18 @@ def write_random_ip2p(path: Path, tiny_cfg, words=()) -> Path:
     comps = build_tiny_components(tiny_cfg, list(words), in_channels=8)
     ip2p_pipeline(comps, comps["unet"]).save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 60):
+    """Fail (TimeoutError) instead of hanging when the body blocks, e.g. reading a FIFO nobody writes to."""
+    def hang(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -9,13 +9,16 @@ run_pipeline.py, scripts/ablate_mixing.py. Each case runs the script's `main` th
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +26,9 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from helpers import MICRO, micro_argv, write_fashion_idx, write_random_ip2p  # noqa: E402
+from helpers import MICRO, micro_argv, no_hang, write_fashion_idx, write_random_ip2p  # noqa: E402
 
+import evaluate_synthetic  # noqa: E402
 import generate_mvc  # noqa: E402
 import run_pipeline  # noqa: E402
 import train_classifier  # noqa: E402
@@ -49,6 +53,7 @@ SCRIPTS = {
     "predict": lambda argv: train_classifier.cli(["predict", *argv]),
     "run_pipeline": run_pipeline.cli,
     "ablate_mixing": ablate_mixing.cli,
+    "evaluate_synthetic": evaluate_synthetic.cli,
 }
 CONFIG_SCRIPTS = ["train_mvc", "generate_mvc", "train_classifier", "run_pipeline", "ablate_mixing"]
 
@@ -100,6 +105,14 @@ def env(tmp_path_factory, one_thread):
     (cut_img / "cut.jpg").write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     not_ckpt = base / "not_a_checkpoint.pt"
     not_ckpt.write_text("hello")
+    unsafe = base / "unsafe.pt"  # a pickle of an object that weights_only refuses (harmless if it were loaded)
+    torch.save({"format_version": 1, "x": PurePosixPath("x")}, unsafe)
+    scalar_section = base / "scalar_section.yaml"
+    scalar_section.write_text("train: fast\n")
+    latin1 = base / "latin1.yaml"
+    latin1.write_bytes(b"run:\n  output_dir: caf\xe9\n")
+    a_file = base / "a_file"
+    a_file.write_text("not a folder")
 
     # a random InstructPix2Pix folder shaped like the micro base (what train_mvc.py writes)
     from mvc.config import load_yaml, make_config
@@ -112,7 +125,8 @@ def env(tmp_path_factory, one_thread):
     ckpt = next((clf_out / "classifier").glob("real-*/checkpoints/checkpoint-*.pt"))
     yield SimpleNamespace(base=base, good=good, single=single, empty=empty, zero=zero, trunc=trunc, folder=folder,
                           zero_img=zero_img, cut_img=cut_img, not_ckpt=not_ckpt, model=model, ckpt=ckpt,
-                          nowhere=base / "does_not_exist")
+                          nowhere=base / "does_not_exist", unsafe=unsafe, scalar_section=scalar_section,
+                          latin1=latin1, a_file=a_file)
 
 
 def _fill(env, arg: str) -> str:
@@ -171,6 +185,18 @@ CONFIG_CASES = [
     ("negative-k", ["--mixing.coarse_k=0"], ["mixing.coarse_k", ">= 1"]),
     ("dropout-sum", ["--train.drop_text_prob=0.5", "--train.drop_image_prob=0.4", "--train.drop_both_prob=0.2"],
      ["train.drop_both_prob", "1.100 > 1"]),
+    # values that used to slip past validation (nan passes every range) or reach torch as a traceback
+    ("nan-float", ["--train.max_grad_norm=nan"], ["train.max_grad_norm", "not a finite number"]),
+    ("inf-count", ["--generate.multiplier=.inf"], ["generate.multiplier", "not a finite number"]),
+    ("adam-beta-one", ["--train.adam_beta2=1"], ["train.adam_beta2", "< 1"]),
+    ("seed-huge", ["--run.seed=99999999999999999999"], ["run.seed", "out of range"]),
+    ("seed-negative", ["--classifier.seeds=[-1]"], ["classifier.seeds", ">= 0"]),
+    ("empty-seeds", ["--pipeline.seeds=[]"], ["pipeline.seeds", "at least 1"]),
+    ("empty-widths", ["--tiny.unet_channels=[]"], ["tiny.unet_channels", "at least 1"]),
+    ("odd-widths", ["--tiny.unet_channels=[16,24]"], ["tiny.unet_channels", "multiples of 16"]),
+    ("template-spec", ["--captions.prompt_template={caption:>10}, {label}"], ["captions.prompt_template", "spec"]),
+    ("section-scalar", ["--config", "{scalar_section}"], ["config section train", "'fast'"]),
+    ("config-not-utf8", ["--config", "{latin1}"], ["not UTF-8"]),
 ]
 
 
@@ -205,6 +231,7 @@ CASES = [
     ("train-truncated-image", "train_mvc", TRUNC, ["cannot read image", "cut.jpg"]),
     ("train-template-without-label", "train_mvc", NO_LABEL, ["{label}"]),
     ("train-missing-base", "train_mvc", ["--model.base={nowhere}/sd"], ["model.base", "does_not_exist"]),
+    ("train-data-root-is-a-file", "train_mvc", ["--data.root={a_file}"], ["data.root", "is a file"]),
     ("train-resume-latest-none", "train_mvc", ["--model.base={model}", "--resume", "latest"], ["no checkpoint"]),
     # checked before any data or model loading: the missing checkpoint is reported, not the missing data
     ("train-resume-checked-first", "train_mvc", MISSING_ROOT + ["--model.base={nowhere}/sd", "--resume", "latest"],
@@ -261,6 +288,13 @@ CASES = [
      ["cannot read image", "cut.jpg"]),
     ("predict-batch-type", "predict", ["--checkpoint", "{ckpt}", "--images", "{folder}", "--batch-size", "x"],
      ["--batch-size"]),
+    ("predict-unsafe-pickle", "predict", ["--checkpoint", "{unsafe}", "--images", "{folder}"],
+     ["not a file torch can load safely", "not unpickled"]),
+    ("predict-batch-zero", "predict", ["--checkpoint", "{ckpt}", "--images", "{folder}", "--batch-size", "0"], [">= 1"]),
+    ("predict-out-is-a-folder", "predict", ["--checkpoint", "{ckpt}", "--images", "{folder}", "--out", "{folder}"],
+     ["it is a folder"]),
+    ("predict-out-under-a-file", "predict", ["--checkpoint", "{ckpt}", "--images", "{folder}", "--out",
+                                             "{a_file}/p.jsonl"], ["a file is in the way"]),
     # run_pipeline.py (each stage's own check, reached through the driver; or the driver's, before any work)
     ("pipe-missing-root", "run_pipeline", MISSING_ROOT, ["folder not found"]),
     ("pipe-empty-dataset", "run_pipeline", EMPTY, ["no usable images"]),
@@ -277,6 +311,10 @@ CASES = [
     ("ablate-s-larger-than-width", "ablate_mixing", MODEL + ["--k", "1", "--s", "17"], ["s=17"]),
     ("ablate-template-without-label", "ablate_mixing", MODEL + NO_LABEL, ["{label}"]),
     ("ablate-missing-root", "ablate_mixing", MODEL + MISSING_ROOT, ["folder not found"]),
+    # output options that would leave the run folder
+    ("ablate-out-leaves", "ablate_mixing", MODEL + ["--out", "../elsewhere"], ["--out", "leaves run.output_dir"]),
+    ("eval-name-leaves", "evaluate_synthetic", ["--name", "../../elsewhere"], ["--name", "leaves"]),
+    ("pipe-report-leaves", "run_pipeline", ["--pipeline.report=../r.md"], ["pipeline.report", "leaves"]),
 ]
 
 
@@ -289,14 +327,59 @@ def test_bad_input_is_one_error_line(case, env, tmp_path, capsys):
         assert not (tmp_path / "out" / "mvc").exists()
 
 
+@pytest.mark.parametrize("script", CONFIG_SCRIPTS)
+def test_an_output_folder_that_cannot_be_one_is_refused_in_every_script(script, env, tmp_path, capsys):
+    before = sorted(p.name for p in env.good.rglob("*"))
+    for args, words in ((["--run.output_dir={a_file}"], ["run.output_dir", "is a file"]),
+                        (["--run.output_dir={a_file}/sub"], ["cannot create run.output_dir"]),
+                        (["--run.output_dir={good}/run"], ["run.output_dir", "inside data.root"]),
+                        (["--generate.out_dir={good}/syn"], ["generate.out_dir", "inside data.root"]),
+                        (["--generate.grid_dir=synthetic/grids"], ["generate.grid_dir", "inside the synthetic set"])):
+        code, err = _run(script, _argv(env, tmp_path / "out", script, args), capsys)
+        _assert_one_error_line(code, err, words, alone=False)
+    assert sorted(p.name for p in env.good.rglob("*")) == before and env.a_file.read_text() == "not a folder"
+
+
+def test_resume_refuses_another_kind_or_other_data_in_one_line(env, tmp_path, capsys):
+    """--resume checks the checkpoint's kind and what it was trained on (data, pairs, prompts, settings)."""
+    out = tmp_path / "out"
+    argv = _argv(env, out, "train_mvc", ["--model.base={model}", "--train.max_steps=2", "--train.checkpoint_every=1"])
+    run_cli(train_mvc.cli, argv)
+    ckpts = sorted((out / "mvc" / "checkpoints").glob("checkpoint-*.pt"))
+    assert [p.name for p in ckpts] == ["checkpoint-00000001.pt", "checkpoint-00000002.pt"]
+    stamps = [p.stat().st_mtime_ns for p in ckpts]
+    for extra, words in (
+            (["--resume", "latest", "--data.subset_seed=1"], ["cannot resume", "other data, prompts"]),
+            (["--resume", "latest", "--pairs.seed=3"], ["cannot resume", "pairs"]),
+            (["--resume", "latest", "--train.lr=0.002"], ["cannot resume", "train.lr: 0.001 -> 0.002"]),
+            ([], ["checkpoints of an earlier run", "--resume latest"]),  # a fresh run would mix with them
+            (["--resume", str(env.ckpt)], ["classifier checkpoint, not a finetune one"]),
+            (["--resume", str(env.unsafe)], ["not unpickled"])):
+        code, err = _run("train_mvc", argv + extra, capsys)
+        _assert_one_error_line(code, err, words, alone=False)
+        assert "weights_only" not in err
+    code, err = _run("train_classifier", _argv(env, tmp_path / "clf", "train_classifier", ["--resume", str(ckpts[-1])]),
+                     capsys)
+    _assert_one_error_line(code, err, ["finetune checkpoint, not a classifier one"], alone=False)
+    assert [p.stat().st_mtime_ns for p in ckpts] == stamps  # nothing was touched by the refusals
+
+
+def test_predict_skips_special_files_instead_of_hanging(env, tmp_path):
+    folder = tmp_path / "images"
+    _png(folder / "a.png", 1)
+    os.mkfifo(folder / "b.png")  # opening a FIFO for reading blocks until someone writes
+    out = tmp_path / "pred.jsonl"
+    with no_hang():
+        run_cli(SCRIPTS["predict"], ["--checkpoint", str(env.ckpt), "--images", str(folder), "--out", str(out)])
+    assert [Path(json.loads(line)["file"]).name for line in out.read_text().splitlines()] == ["a.png"]
+
+
 #################################################################################
 #                          Real processes, no traceback                         #
 #################################################################################
 
 def test_cli_subprocesses_print_no_traceback(tmp_path):
     """The scripts' `__main__` path: python prints exactly the one line and exits 2."""
-    import os
-
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     runs = {
         "train_mvc.py": ([str(ROOT / "train_mvc.py"), "--config", str(tmp_path / "missing.yaml")],

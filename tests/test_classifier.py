@@ -16,7 +16,7 @@ from PIL import Image
 
 from mvc.classifier.engine import plan_lr
 from mvc.classifier.metrics import compute_metrics
-from mvc.classifier.strategies import STRATEGIES, build_strategy, list_strategies
+from mvc.classifier.strategies import STRATEGIES, build_strategy, chunk, list_strategies
 from mvc.config import make_config
 from mvc.data import ArraySource, ImageDataset
 from mvc.schedules import lr_multiplier
@@ -110,6 +110,14 @@ def test_real_and_concat_cover_their_images_once():
     again = build_strategy(_scfg(strategy="concat"), 23, 40)
     assert all((a == b).all() for a, b in zip(again.epoch_plan(0, 1).batches, concat.batches))
     assert not np.array_equal(np.concatenate(again.epoch_plan(1, 1).batches), idx)
+
+
+@pytest.mark.parametrize("n, batch", [(11, 10), (21, 10), (31, 10), (2, 1)])
+def test_a_trailing_batch_of_one_joins_the_previous_one(n, batch):
+    """BatchNorm cannot train on one image; every image still comes exactly once, in order."""
+    batches = chunk(np.arange(n), batch)
+    assert all(len(b) >= 2 for b in batches) or n < 2
+    assert np.concatenate(batches).tolist() == list(range(n))
 
 
 def test_concat_needs_synthetic():

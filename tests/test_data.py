@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_idx
+from helpers import no_hang, write_idx
 from PIL import Image
 
 import mvc.data.images as images_mod
@@ -479,6 +479,25 @@ def test_unreadable_folder_is_skipped_with_warning(tmp_path, monkeypatch, caplog
     monkeypatch.setattr(images_mod.os, "scandir", denied)
     with pytest.raises(MVCError, match="cannot read folder"):
         build_dataset("imagefolder", tmp_path, "train")
+
+
+def test_special_files_in_class_folders_are_skipped_never_opened(tmp_path, caplog):
+    import socket
+
+    make_class_tree(tmp_path / "train", ["a", "b"], 2)
+    os.mkfifo(tmp_path / "train" / "a" / "fifo.png")  # opening it for reading would block
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "train" / "b" / "sock.png"))
+    try:
+        with caplog.at_level(logging.WARNING), no_hang():
+            ds = build_dataset("imagefolder", tmp_path, "train")
+            assert ds.class_counts().tolist() == [2, 2]
+            with pytest.raises(MVCError, match="not a regular file"):
+                load_rgb(tmp_path / "train" / "a" / "fifo.png")
+    finally:
+        sock.close()
+    assert any("fifo.png (not a regular file)" in w and "sock.png (not a regular file)" in w
+               for w in _warnings(caplog))
 
 
 def test_empty_classes_and_empty_dataset(tmp_path, caplog):

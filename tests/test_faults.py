@@ -103,27 +103,33 @@ def test_killed_finetuning_resumes_to_the_same_weights(micro, tmp_path):
     run_cli(train_mvc.cli, argv + ["--resume", "latest"])
     diff = max_weight_diff(unet_weights(micro.ref / "mvc" / "final"), unet_weights(out / "mvc" / "final"))
     assert diff < 1e-5, f"killed after step {kill_at} (checkpoints {steps}): weights differ by {diff}"
-    # the resumed run logged only the steps it ran, after those of the killed one
+    # the resumed run logged only the steps it ran, after those of the killed one, each step once
     logged = [r["step"] for r in read_jsonl(out / "mvc" / "log.jsonl") if "train/loss" in r]
-    assert logged[-1] == STEPS
+    assert logged == list(range(1, STEPS + 1)), logged
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(micro, tmp_path, caplog):
     out = tmp_path / "run"
     shutil.copytree(micro.ref / "mvc" / "checkpoints", out / "mvc" / "checkpoints")
+    shutil.copy(micro.ref / "mvc" / "log.jsonl", out / "mvc" / "log.jsonl")  # it logged every step, the last too
     ckpts = list_checkpoints(out / "mvc" / "checkpoints")
     assert [p.name for p in ckpts][-2:] == [f"checkpoint-{STEPS - 1:08d}.pt", f"checkpoint-{STEPS:08d}.pt"]
     newest = ckpts[-1]
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # a truncated file, as a full disk or a bad copy leaves it
+    # what a writer killed during a checkpoint write leaves (its process is gone)
+    stale = out / "mvc" / "checkpoints" / f".checkpoint-{STEPS + 1:08d}.pt.tmp-999999999-k2j4.pt"
+    stale.write_bytes(data[:100])
 
     with caplog.at_level(logging.WARNING):
         run_cli(train_mvc.cli, micro_argv(micro.data, out, micro.cache, *TRAIN, "--resume", "latest"))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(newest.name in m and "unreadable" in m for m in warned), warned
-    # it resumed at step STEPS - 1, ran the last step again and rewrote that checkpoint whole
+    # it resumed at step STEPS - 1, ran the last step again and rewrote that checkpoint whole; the log holds
+    # each step once (the killed run's record of the replayed step is gone), and the temp file is removed
     logged = [r["step"] for r in read_jsonl(out / "mvc" / "log.jsonl") if "train/loss" in r]
-    assert logged == [STEPS]
+    assert logged == list(range(1, STEPS + 1))
+    assert not stale.exists()
     assert load_checkpoint(newest)["step"] == STEPS
     diff = max_weight_diff(unet_weights(micro.ref / "mvc" / "final"), unet_weights(out / "mvc" / "final"))
     assert diff < 1e-5, diff

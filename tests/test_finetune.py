@@ -67,6 +67,9 @@ class ToyDataset:
     def __getitem__(self, i):
         return self.images[i], int(self.targets[i])
 
+    def fingerprint(self) -> str:
+        return "toy-" + ",".join(self.ids)
+
 
 def toy_pairs():
     """Index pairs within each class (condition -> target)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import no_hang
 
 from mvc import seeds
 from mvc.config import make_config
@@ -96,3 +97,128 @@ def test_append_after_a_torn_line_starts_a_fresh_line(tmp_path):
     append_jsonl(path, {"a": 3}, {"a": 4})
     assert read_jsonl(path) == [{"a": 1}, {"a": 3}, {"a": 4}]
     assert json.loads(Path(path).read_text().splitlines()[-1]) == {"a": 4}
+
+
+def test_atomic_files_get_the_users_umask(tmp_path):
+    from mvc.checkpoint import save_checkpoint
+    from mvc.utils import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        ckpt = save_checkpoint(tmp_path / "ck", 1, {}, {}, kind="test")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert ckpt.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_temp_files_of_killed_writers_are_removed_at_the_next_start(tmp_path):
+    from mvc.utils import atomic_path
+
+    dead = 999999999  # no such process
+    (tmp_path / "sub").mkdir()
+    stale = [tmp_path / f".checkpoint-00000002.pt.tmp-{dead}-x8k2.pt", tmp_path / "sub" / f".a.png.tmp-{dead}-q1.png"]
+    for p in stale:
+        p.write_bytes(b"half")
+    live = tmp_path / f".b.json.tmp-{os.getpid()}-z9.json"  # a writer of this process, still at work
+    mine = tmp_path / ".notes.tmp"  # a user's file that only looks temporary
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir(exist_ok=True)
+    (outside / f".c.png.tmp-{dead}-r.png").write_bytes(b"keep")
+    (tmp_path / "link").symlink_to(outside)  # never followed
+    for p in (live, mine):
+        p.write_bytes(b"x")
+    assert clean_stale_temps(tmp_path) == 1  # this folder only
+    assert clean_stale_temps(tmp_path, recursive=True) == 1
+    assert not any(p.exists() for p in stale) and live.exists() and mine.exists()
+    assert (outside / f".c.png.tmp-{dead}-r.png").exists()
+    # the name atomic_path gives its temp file is one clean_stale_temps knows
+    with atomic_path(tmp_path / "d.txt") as tmp:
+        assert tmp.name.startswith(f".d.txt.tmp-{os.getpid()}-") and tmp.suffix == ".txt"
+        tmp.write_text("x")
+
+
+def test_run_cli_prints_every_user_error_as_one_short_line(tmp_path, capsys):
+    from mvc.utils import run_cli
+
+    def run(exc: BaseException) -> tuple[int, str]:
+        def main(argv):
+            raise exc
+        with pytest.raises(SystemExit) as e:
+            run_cli(main, [])
+        return e.value.code, capsys.readouterr().err
+
+    code, err = run(MVCError("class 'a\nb' has\r one image\x1b[2J"))  # a name with a newline or an escape code
+    assert code == 2 and err.count("\n") == 1 and "\\n" in err and "\x1b" not in err
+    code, err = run(MVCError("x" * 100_000))
+    assert code == 2 and err.count("\n") == 1 and len(err) < 2100
+    code, err = run(PermissionError(13, "Permission denied", "/data/out/config.yaml"))
+    assert code == 2 and err.count("\n") == 1 and "Permission denied" in err and "config.yaml" in err
+    code, err = run(OSError(28, "No space left on device", "/data/out/x.png"))
+    assert code == 2 and "No space left" in err
+    with pytest.raises(FileNotFoundError):  # not the environment: a bug, shown in full
+        run_cli(lambda argv: open(tmp_path / "missing" / "x"), [])
+
+
+def test_logs_are_truncated_to_the_resumed_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLogger(tmp_path)
+    for step in range(1, 6):
+        log.scalars(step, {"loss": float(step)})
+    log.close()
+    log = RunLogger(tmp_path, truncate_to=3)  # resumed after the checkpoint of step 3: steps 4, 5 come again
+    for step in (4, 5):
+        log.scalars(step, {"loss": 10.0 * step})
+    log.close()
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "log.jsonl")] == \
+        [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50)]
+    RunLogger(tmp_path, truncate_to=-1).close()  # a fresh start keeps nothing of an earlier run
+    assert read_jsonl(tmp_path / "log.jsonl") == []
+
+
+def test_json_lines_readers_refuse_special_files(tmp_path):
+    fifo = tmp_path / "metadata.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(MVCError, match="not a plain file"), no_hang():  # never opened: it would block forever
+        read_jsonl(fifo)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(MVCError, match="not UTF-8"):
+        read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_atomic_copy_replaces_a_link_instead_of_writing_through_it(tmp_path):
+    from mvc.utils import atomic_copy
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"user's")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "samples.png").symlink_to(outside)  # planted in the run folder
+    (tmp_path / "grid.png").write_bytes(b"grid")
+    atomic_copy(tmp_path / "grid.png", tmp_path / "run" / "samples.png")
+    assert outside.read_bytes() == b"user's"
+    assert not (tmp_path / "run" / "samples.png").is_symlink()
+    assert (tmp_path / "run" / "samples.png").read_bytes() == b"grid"
+
+
+def test_ctrl_c_mid_write_keeps_the_old_file_whole(tmp_path, capsys):
+    from mvc.utils import atomic_path, atomic_write_text, run_cli
+
+    target = tmp_path / "metadata.jsonl"
+    atomic_write_text(target, "old\n")
+
+    def main(argv):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    assert e.value.code == 130 and "--resume latest" in capsys.readouterr().err
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metadata.jsonl"]

@@ -120,6 +120,13 @@ def test_rerun_owns_only_its_files(tmp_path):
     with pytest.raises(MVCError, match="did not write"):
         s.reconcile(small)
     assert outside.is_file()
+    (tmp_path / "syn" / jobs[0].folder / "link.png").unlink()
+    # a planned image replaced by a user's file (its record still there): refused, the file kept as it is
+    planned = tmp_path / "syn" / small[0].file
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(planned)
+    with pytest.raises(MVCError, match=f"did not write.*{small[0].file}"):
+        s.reconcile(small)
+    assert Image.open(planned).getpixel((0, 0)) == (1, 2, 3)
 
 
 def test_settings_guard_and_odd_entries(tmp_path):

@@ -74,7 +74,7 @@ def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
     """Real train / val / test sets and the synthetic set of one (seed, fold) run (all `ImageDataset`s)."""
     from mvc.classifier.strategies import STRATEGIES
     from mvc.paths import RunPaths
-    from mvc.synthetic import load_synthetic_set
+    from mvc.synthetic import load_synthetic_set, set_fingerprint
 
     c = cfg.classifier
     if splits is None:
@@ -97,7 +97,7 @@ def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
         tr, va = stratified_split(train.targets, c.val_fraction, seeds.numpy_rng(cfg.data.subset_seed, "classifier.val"))
         train, val = train.subset(tr), train.subset(va)
         held_out |= set(val.ids)
-    syn = None
+    syn, syn_fp = None, None
     if STRATEGIES.get(c.strategy).needs_synthetic:
         syn_dir = c.synthetic_dir or RunPaths.of(cfg).synthetic
         syn = load_synthetic_set(syn_dir, classes, exclude_sources=held_out)
@@ -105,7 +105,9 @@ def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
             raise MVCError(f"strategy {c.strategy!r} needs synthetic images but {syn_dir} has none; "
                            f"run generate_mvc.py first, set classifier.synthetic_dir, or use --strategy real")
         syn = syn.subset(select_synthetic(syn.targets, len(train), c.synthetic_ratio, seed))
-    return {"classes": classes, "train": train, "val": val, "test": test, "synthetic": syn}
+        syn_fp = set_fingerprint(syn_dir)  # its settings and records: what a resume must find again
+    return {"classes": classes, "train": train, "val": val, "test": test, "synthetic": syn,
+            "synthetic_fingerprint": syn_fp}
 
 
 def select_synthetic(targets: np.ndarray, n_real: int, ratio: float | None, seed: int) -> np.ndarray:

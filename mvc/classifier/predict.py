@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from mvc.checkpoint import list_checkpoints, load_checkpoint
 from mvc.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
 from mvc.utils import MVCError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +42,7 @@ def load_classifier(checkpoint: str | os.PathLike) -> ClassifierBundle:
         path = cands[-1]
     elif not path.is_file():
         raise MVCError(f"classifier checkpoint not found: {path}")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, kind=("classifier", "reference"))
     if "model_meta" not in ckpt or "model" not in ckpt:
         raise MVCError(f"{path} is not a classifier checkpoint (no model_meta); pass one from classifier/<run>/checkpoints")
     meta = ModelMeta.from_dict(ckpt["model_meta"])
@@ -65,11 +68,19 @@ def predict_images(bundle: ClassifierBundle, images: Sequence, batch_size: int =
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under `folder` (recursive), sorted: the row order of `predict` on a folder."""
+    """Image files under `folder` (recursive), sorted: the row order of `predict` on a folder.
+
+    Special files (FIFOs, devices, sockets) are skipped with a warning, never opened: reading a FIFO
+    blocks until something writes to it."""
     root = Path(folder)
     if not root.is_dir():
         raise MVCError(f"image folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    named = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    special = [p for p in named if not p.is_file() and not p.is_dir()]
+    if special:
+        log.warning("skipping %d special file(s) (FIFO, device, socket or broken link): %s", len(special),
+                    ", ".join(repr(str(p)) for p in special[:3]) + (" ..." if len(special) > 3 else ""))
+    return [p for p in named if p.is_file()]
 
 
 def predict(checkpoint: str | os.PathLike | ClassifierBundle, images, batch_size: int = 64) -> np.ndarray:

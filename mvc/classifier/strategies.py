@@ -41,7 +41,8 @@ def chunk(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     (BatchNorm cannot train on a batch of one)."""
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        last = batches.pop()  # popped first: `batches[-2] = f(batches.pop())` would assign one place too early
+        batches[-1] = np.concatenate([batches[-1], last])
     return batches
 
 

@@ -38,16 +38,15 @@ RESUME_FREE_KEYS = {"seeds", "num_workers", "checkpoint_every", "checkpoints_kee
 #                               One training run                                #
 #################################################################################
 
-def _check_resume(state: dict, cfg) -> None:
-    """Refuse to resume a checkpoint made with different data/classifier settings."""
-    old = state.get("config", {})
-    new = dataclasses.asdict(cfg)
-    diffs = [f"data.{k}" for k in new["data"] if old.get("data", {}).get(k) != new["data"][k]]
-    diffs += [f"classifier.{k}" for k in new["classifier"]
-              if k not in RESUME_FREE_KEYS and old.get("classifier", {}).get(k) != new["classifier"][k]]
-    if diffs:
-        raise MVCError(f"cannot resume: the checkpoint was made with different {', '.join(diffs)}; "
-                       f"restore those settings or start fresh without --resume")
+def resume_record(cfg, seed: int, fold: int | None, data: dict) -> dict:
+    """What a classifier run's weights depend on (recorded in its checkpoints; a resume must match it): the
+    data.* and classifier.* keys that change the result, the seed and fold, and the images it trains on."""
+    syn = data["synthetic"]
+    return {**{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()},
+            **{f"classifier.{k}": v for k, v in dataclasses.asdict(cfg.classifier).items() if k not in RESUME_FREE_KEYS},
+            "seed": int(seed), "fold": fold, "train_images": data["train"].fingerprint(),
+            "synthetic_images": syn.fingerprint() if syn is not None else None,
+            "synthetic_set": data.get("synthetic_fingerprint")}
 
 
 def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = None,
@@ -80,9 +79,9 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
 
     # 2. resume or start fresh
     start, best, history = 0, None, []
-    state = resolve_resume(resume, ckpt_dir)
+    record = resume_record(cfg, seed, fold, d)
+    state = resolve_resume(resume, ckpt_dir, kind="classifier", trained_on=record)
     if state is not None:
-        _check_resume(state, cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = int(state["epoch"]), state.get("best"), list(state.get("history", []))
@@ -100,7 +99,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
         for ds in (real, syn):
             if ds is not None:
                 ds.warm(progress=main)
-    logger = RunLogger(run_dir, enabled=main)
+    logger = RunLogger(run_dir, enabled=main, truncate_to=start if state is not None else -1)  # no replayed records
     logger.config(dataclasses.asdict(cfg), metrics=["test_last/accuracy"])
     selected_on = "val" if val_ds is not None else "test"
 
@@ -150,7 +149,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
                     "optimizer": optimizer.state_dict(),
                     "epoch": done, "best": best, "history": history, "rng": rng_state(),
                     "classes": d["classes"], "model_meta": meta.to_dict(), "seed": int(seed),
-                }, dataclasses.asdict(cfg), keep=c.checkpoints_keep)
+                }, dataclasses.asdict(cfg), keep=c.checkpoints_keep, kind="classifier", trained_on=record)
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after and done < c.epochs:
             logger.close()

@@ -139,7 +139,10 @@ def build_dataset(name: str, root: str | Path, split: str = "train", **kw: Any) 
     unknown = [k for k in kw if k not in params]
     if unknown:
         raise MVCError(f"dataset {name!r} does not take option(s) {', '.join(unknown)}")
-    ds = builder(Path(root).expanduser(), split, **kw)
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():  # else a dataset with a fallback location would quietly use that
+        raise MVCError(f"data.root {str(root)!r} is a file, not a folder")
+    ds = builder(root, split, **kw)
     if len(ds) == 0:
         raise MVCError(f"dataset {name!r} split {split!r} under {root} has no usable images")
     return ds

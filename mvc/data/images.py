@@ -75,6 +75,8 @@ def load_rgb(path: str | os.PathLike):
     """Open and fully decode `path` as an RGB PIL image, or raise an MVCError naming the file."""
     from PIL import Image
 
+    if not Path(path).is_file():  # a FIFO would block, a device never end
+        raise MVCError(f"cannot read image {str(path)!r}: not a regular file")
     try:
         with Image.open(path) as im:
             im.load()
@@ -91,6 +93,8 @@ def verify_image(path: Path) -> str | None:
 
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "not an image"
+    if not path.is_file():  # a FIFO, device or socket: never opened (reading a FIFO blocks)
+        return "not a regular file"
     try:
         if path.stat().st_size == 0:
             return "empty file"
@@ -140,10 +144,11 @@ def scan_class_folders(split_dir: Path, classes: list[str], id_root: Path,
     present = list_class_dirs(split_dir, exclude)
     unknown = [c for c in present if c not in classes]
     if unknown and on_unknown == "error":
-        raise MVCError(f"{split_dir}: class folder(s) {_summary(unknown)} are not among the training classes; "
-                       f"add them to the training split or remove them")
+        raise MVCError(f"{split_dir}: class folder(s) {_summary(list(map(repr, unknown)))} are not among the training "
+                       "classes; add them to the training split or remove them")
     if unknown:
-        log.warning(f"{split_dir}: skipping class folder(s) not among the training classes: {_summary(unknown)}")
+        log.warning(f"{split_dir}: skipping class folder(s) not among the training classes: "
+                    f"{_summary(list(map(repr, unknown)))}")
     paths: list[Path] = []
     labels: list[int] = []
     bad: list[str] = []
@@ -179,6 +184,7 @@ def scan_class_folders(split_dir: Path, classes: list[str], id_root: Path,
     if unreadable:
         log.warning(f"skipping {len(unreadable)} unreadable folder(s): {_summary(unreadable)}")
     if empty and len(empty) < len(classes):
-        log.warning(f"{split_dir}: class(es) without usable images (they keep their index): {_summary(empty)}")
+        log.warning(f"{split_dir}: class(es) without usable images (they keep their index): "
+                    f"{_summary(list(map(repr, empty)))}")
     ids = [p.relative_to(id_root).as_posix() for p in paths]
     return paths, labels, ids

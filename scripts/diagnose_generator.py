@@ -13,8 +13,6 @@ diagnose.png, tb/, sets/}.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mvc.config import build_parser, parse_args
 from mvc.utils import MVCError, run_cli
 
@@ -29,7 +27,8 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--no-base", action="store_true", help="skip the base's text-to-image row")
     parser.add_argument("--selector", default=None, help="classifier checkpoint or run folder trained on the "
                         "labelled subset alone: its agreement is the column to choose settings by")
-    parser.add_argument("--out", default=None, help="output folder (default: <run.output_dir>/diagnose)")
+    parser.add_argument("--out", default=None, help="output folder, inside run.output_dir unless absolute "
+                        "(default: <run.output_dir>/diagnose)")
     cfg, args = parse_args(parser, argv)
     if args.variants < 1:
         raise MVCError("--variants must be >= 1")
@@ -37,10 +36,11 @@ def cli(argv: list[str] | None = None) -> list[dict]:
         raise MVCError("--guidance and --image-guidance take positive scales")
 
     from mvc.evaluation.diagnose import diagnose
+    from mvc.paths import RunPaths, output_path
     from mvc.stage import start_stage
 
+    out = output_path(RunPaths.of(cfg).root, args.out, "diagnose", "--out")  # refused before any work
     stage = start_stage(cfg, "diagnose")
-    out = Path(args.out) if args.out else stage.paths.root / "diagnose"
     rows = diagnose(cfg, stage.accelerator, out, args.variants, args.guidance, args.image_guidance,
                     base_rows=not args.no_base, selector=args.selector, progress=stage.is_main)
     if stage.is_main:

@@ -23,7 +23,7 @@ def main(cfg: Config, resume: str | None = None) -> dict:
 
     validate_template(cfg.captions.prompt_template)
     check_resume(resume, RunPaths.of(cfg).checkpoints)  # before the slow loading below
-    stage = start_stage(cfg, "train_mvc", cfg.train.mixed_precision, cfg.train.grad_accum)
+    stage = start_stage(cfg, "train_mvc", precision_from="train")
     return run(cfg, stage.accelerator, resume=resume)
 
 

@@ -1,10 +1,12 @@
 """Caption the labelled subset into the shared caption cache (<run.output_dir>/captions/).
 
     python caption_mvc.py --config configs/cifar10.yaml
+    accelerate launch caption_mvc.py --config configs/cifar10.yaml   # one shard per GPU, BLIP-2 in fp16
     python caption_mvc.py --config configs/cifar10.yaml --captions.captioner=lavis   # in the LAVIS environment
 
 train_mvc.py and generate_mvc.py caption what is missing themselves; this stage does it on its own,
-for example in another environment, so that the main stack later reads the cache.
+for example in another environment, so that the main stack later reads the cache (docs/lavis.md).
+Interrupted runs resume: captions are written a batch at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def main(cfg: Config) -> dict[str, str]:
     validate_template(cfg.captions.prompt_template)
     stage = start_stage(cfg, "caption_mvc")
     labelled, _, _ = load_splits(cfg.data)
-    caps = load_captions(cfg, labelled, progress=stage.is_main)
+    acc = stage.accelerator  # every process captions its share (BLIP-2 in fp16 on CUDA)
+    caps = load_captions(cfg, labelled, acc.is_main_process, acc.device, acc.process_index, acc.num_processes,
+                         acc.wait_for_everyone)
     if stage.is_main:
         print(f"{len(caps)} captions in {stage.paths.captions}")
     return caps

@@ -212,6 +212,22 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert m["f1_macro"] == pytest.approx(np.mean(f1))
 
 
+def test_confusion_figure_stays_readable_at_100_classes():
+    import matplotlib.pyplot as plt
+
+    from mvc.classifier.metrics import confusion_figure
+
+    small = confusion_figure(np.eye(4, dtype=int) * 5, ["a", "b", "c", "d"])
+    assert len(small.axes[0].texts) == 16  # every count written
+    cm = np.random.default_rng(0).integers(0, 9, (100, 100))
+    big = confusion_figure(cm, [f"class {i}" for i in range(100)])
+    w, h = big.get_size_inches() * 120  # the dpi RunLogger saves at
+    assert max(w, h) < 1600 and not big.axes[0].texts  # colour, not 10,000 numbers
+    assert 20 <= len(big.axes[0].get_xticklabels()) <= 40
+    plt.close(small)
+    plt.close(big)
+
+
 #################################################################################
 #                             Models and synthetic data                         #
 #################################################################################
@@ -229,6 +245,27 @@ def test_backbones_cifar_stem_and_errors():
         build_model("resnet_nope", 3)
     with pytest.raises(MVCError, match="cifar_stem"):
         build_model("vit_tiny_patch16_224", 3, cifar_stem=True)
+
+
+@pytest.mark.parametrize("name", ["autoaugment", "randaugment", "trivialaugment"])
+def test_classic_policies_run_after_crop_and_flip(name):
+    """As in torchvision's and timm's recipes, a policy is added to random crop + flip, not put in their place:
+    the policy's input is exactly the cropped and flipped batch."""
+    from mvc.classifier.augment import Augment, random_crop_flip
+    from mvc.classifier.models import ModelMeta
+
+    meta = ModelMeta("resnet10t", 3, False, 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    aug = Augment(meta, name)
+    seen = []
+    policy = aug.policy
+    aug.policy = lambda im: seen.append(im.clone()) or policy(im)
+    torch.manual_seed(0)
+    out = aug(x)
+    torch.manual_seed(0)
+    cropped = random_crop_flip(x, aug.pad)
+    assert aug.crop_flip and torch.equal(torch.stack(seen), cropped) and not torch.equal(cropped, x)
+    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
 
 
 def test_synthetic_reader_labels_from_metadata_and_folder_fallback(tmp_path):

@@ -174,6 +174,6 @@ def test_every_declared_dependency_is_imported():
                 imported.add(node.module)
     tops = {m.split(".")[0] for m in imported} | ({"tensorboard"} if "torch.utils.tensorboard" in imported else set())
     # safetensors is the weight format diffusers and transformers read and write for us
-    assert "use_safetensors=True" in (PKG / "models.py").read_text()
+    assert "safe_serialization=True" in (PKG / "models.py").read_text()
     unused = {d for d in declared if module_of.get(d, d) not in tops} - {"safetensors"}
     assert not unused, f"declared but never imported: {sorted(unused)}"

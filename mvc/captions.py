@@ -48,6 +48,12 @@ class Captioner:
     def __call__(self, images: Sequence[Any]) -> list[str]:
         raise NotImplementedError
 
+    def describe(self) -> dict:
+        """Name, cache key, and the device and dtype it runs in (None for captioners without a model)."""
+        device, dtype = getattr(self, "device", None), getattr(self, "dtype", None)
+        return {"captioner": self.name, "cache_key": self.cache_key, "device": None if device is None else str(device),
+                "dtype": None if dtype is None else str(dtype).replace("torch.", "")}
+
 
 def build_captioner(captions_cfg: Any, device: Any = None) -> Captioner:
     """Build the captioner named by `captions_cfg.captioner` (`device`: a torch device, default CPU)."""

@@ -204,46 +204,10 @@ def test_caption_cache_with_a_broken_record_is_an_error(tmp_path):
 #                                 BLIP-2, LAVIS                                 #
 #################################################################################
 
-def _save_tiny_blip2(folder):
-    """A random tiny BLIP-2 (vision 2 layers, Q-Former 2 layers, OPT 2 layers) + tokenizer + processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        BlipImageProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(["a photo of a shirt on a table", "two dogs running in the grass"] * 4, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    processor = Blip2Processor(BlipImageProcessor(size={"height": 30, "width": 30}), tok, num_query_tokens=4)
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=30, patch_size=6),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            vocab_size=100, max_position_embeddings=64),
-        text_config=dict(model_type="opt", vocab_size=len(processor.tokenizer), hidden_size=32, ffn_dim=64,
-                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-                         max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id),
-        num_query_tokens=4, image_token_index=image_token,
-    )
-    torch.manual_seed(0)
-    Blip2ForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
 def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
-    folder = tmp_path / "tiny-blip2"
-    _save_tiny_blip2(folder)
+    from mvc.standins import save_small_blip2
+
+    folder = save_small_blip2(tmp_path / "tiny-blip2")  # random weights, BLIP-2's classes, a small config
     cfg = CaptionConfig(captioner="blip2", model_id=str(folder), max_new_tokens=5)
     captioner = build_captioner(cfg)
     assert captioner.name == "blip2" and captioner._model is None  # loaded on first use only

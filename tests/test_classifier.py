@@ -268,6 +268,19 @@ def test_classic_policies_run_after_crop_and_flip(name):
     assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
 
 
+def test_wide_resnets_are_timm_models_and_config_validation_does_not_import_timm():
+    from mvc.classifier.models import build_model, check_backbone
+
+    check_backbone("wrn28_10")
+    big, meta = build_model("wrn28_10", 100, input_size=32)
+    assert 36.0e6 < sum(p.numel() for p in big.parameters()) < 37.0e6 and meta.input_size == 32  # WRN-28-10: 36.5 M
+    small, _ = build_model("wrn28_2", 10, input_size=32)
+    assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    r = _run([sys.executable, "-c", "import sys; from mvc.config import make_config; make_config(); "
+                                    "print(sorted(m for m in ('timm', 'torchvision', 'diffusers') if m in sys.modules))"])
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
+
+
 def test_synthetic_reader_labels_from_metadata_and_folder_fallback(tmp_path):
     from mvc.synthetic import load_synthetic_set
 

@@ -1,0 +1,82 @@
+"""The miniature full-profile run, scripts/smoke_full.sh: the real configs/<dataset>.yaml on CPU, overridden for
+scale only, through scripts/_reproduce.sh (BLIP-2 captions, fine-tuning and generation under accelerate launch,
+then the evaluation, every classifier run of the config and the report).
+
+CI runs Caltech101 (a pretrained ResNet-50 from the private hub cache, a drawn test split); MVC_TEST_FULL=1 adds
+CIFAR-10, CIFAR-100 (WRN-28-10, python batches) and the brain-tumour MRI folders (three recipes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = os.environ.get("MVC_TEST_FULL") == "1"
+
+
+def smoke(dataset: str, work: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "scripts/smoke_full.sh", dataset, str(work)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=3600)
+
+
+def summary(dataset: str, work: Path) -> subprocess.CompletedProcess:
+    over = (work / "overrides.txt").read_text().split("\n")
+    return subprocess.run([sys.executable, "scripts/smoke_full.py", "summary", dataset, str(work), *filter(None, over)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("dataset", [
+    "caltech101",
+    *[pytest.param(d, marks=pytest.mark.skipif(not FULL, reason="a few minutes each on 2 CPU cores: MVC_TEST_FULL=1"))
+      for d in ("cifar10", "cifar100", "brain_tumor")],
+])
+def test_miniature_full_profile_run(dataset, tmp_path):
+    import run_pipeline
+    from mvc.config import load_yaml, make_config
+
+    work = tmp_path / "work"
+    r = smoke(dataset, work)
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.loads(r.stdout)
+    assert s["checks"] == "passed"
+    # BLIP-2 (the config's captioner) through transformers, on the CPU in fp32
+    assert s["captioner"] == {"captioner": "blip2", "device": "cpu", "dtype": "float32", "images": s["captioner"]["images"],
+                              "processes": 1} and s["captioner"]["images"] > 0
+    # the SD-1.5-structured base, fine-tuned at the (scaled) resolution; generation samples at it
+    assert s["finetune"]["resolution"] == 64 and s["finetune"]["steps"] == 2 and s["generate"]["image_size"] == [64, 64]
+    assert (s["finetune"]["mixed_precision"], s["finetune"]["grad_accum"]) == ("no", 1)  # accelerate's config: no
+    assert s["generate"]["dtype"] == "fp32" and s["classifier"]["mixed_precision"] == "no"
+    # every classifier run of the config (every recipe), each with the same 3 optimizer steps
+    cfg = make_config(load_yaml(ROOT / "configs" / f"{dataset}.yaml"))
+    expected = {(run, rc.classifier.backbone) for rc in run_pipeline.recipe_configs(cfg) for run in cfg.pipeline.runs}
+    runs = s["classifier"]["runs"]
+    assert {(x["run"], x["backbone"]) for x in runs} == expected and {x["steps"] for x in runs} == {3}
+    for x in runs:
+        if x["run"] == "two_phase":
+            assert sum(x["phase_steps"].values()) == 3 and len(x["phase_steps"]) == 2
+    real = next(x for x in runs if x["run"] == "real")
+    prob = next(x for x in runs if x["run"] == "probabilistic")
+    assert prob["images_seen"] > real["images_seen"]  # more images in the same steps, and reported
+    report = Path(s["report"]).read_text()
+    assert "optimizer steps for every run" in report and "| two_phase |" in report
+
+    # the checks can fail: a run with another budget, an image at another size
+    metrics = next((work / "out" / "classifier").glob("concat-*/metrics.json"))
+    m = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**m, "steps": m["steps"] + 1}))
+    bad = summary(dataset, work)
+    assert bad.returncode == 1 and "took different optimizer steps" in bad.stderr
+    metrics.write_text(json.dumps(m))
+    from PIL import Image
+
+    png = next((work / "out" / "synthetic").rglob("*.png"))
+    Image.open(png).resize((32, 32)).save(png)
+    bad = summary(dataset, work)
+    assert bad.returncode == 1 and "the model was fine-tuned at 64 px" in bad.stderr

@@ -127,12 +127,12 @@ def encode_prompts_cache(tokenizer, text_encoder, prompts: list[str], batch_size
     (the U-Net's compute dtype: under fp16 mixed precision its cross-attention reads fp16 anyway)."""
     uniq = sorted(set(prompts))
     pos = {p: i for i, p in enumerate(uniq)}
-    out = [encode_prompts(tokenizer, text_encoder, chunk).to("cpu", dtype)
-           for chunk in tqdm(list(batched(uniq, batch_size)), desc="caching text embeddings",
-                             disable=not show_progress)]
-    table = torch.cat(out)  # (U, L, D)
-    index = torch.tensor([pos[p] for p in prompts], dtype=torch.long)  # (P,)
     empty = encode_prompts(tokenizer, text_encoder, [""])[0].to("cpu", dtype)  # (L, D)
+    table = torch.empty((len(uniq), *empty.shape), dtype=dtype)  # (U, L, D), filled in place: no second copy
+    for start in tqdm(range(0, len(uniq), batch_size), desc="caching text embeddings", disable=not show_progress):
+        chunk = uniq[start:start + batch_size]
+        table[start:start + len(chunk)] = encode_prompts(tokenizer, text_encoder, chunk).to("cpu", dtype)
+    index = torch.tensor([pos[p] for p in prompts], dtype=torch.long)  # (P,)
     return TextCache(table, index, empty)
 
 

@@ -34,7 +34,7 @@ from mvc.paths import RunPaths
 from mvc.prompts import validate_template
 from mvc.sd_io import encode_conditions, encode_ids, encode_prompts
 from mvc.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
-from mvc.utils import MVCError, atomic_write_json, batched
+from mvc.utils import MVCError, append_jsonl, atomic_write_json, batched
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
         counts = out.reconcile(jobs)
         summary.update(images=counts["images"], rejected=counts["rejected"])
         write_grids(out.root, paths.grids, labelled, jobs, g.grid_sources, summary)
-        atomic_write_json(paths.grids / "summary.json", summary)
+        atomic_write_json(paths.grids / "summary.json", summary)  # this run
+        append_jsonl(paths.grids / "runs.jsonl", summary)  # every run: which processes, device, dtype made the set
     return summary
 
 

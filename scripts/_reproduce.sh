@@ -7,7 +7,8 @@
 # accelerate, so that its precision applies), which skips the stages that are done. Every stage
 # resumes when the script is run again.
 # Environment: PYTHON (default .venv/bin/python, else python); MVC_LAUNCH_ARGS, extra flags for
-# `accelerate launch` (e.g. "--num_processes 2 --mixed_precision bf16").
+# `accelerate launch` of captioning, fine-tuning and generation (e.g. "--multi_gpu --num_processes 2
+# --mixed_precision bf16"; the pipeline, one process, takes only --mixed_precision from them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="$1"; shift
@@ -26,4 +27,11 @@ ls "$out"/mvc/checkpoints/checkpoint-*.pt >/dev/null 2>&1 && resume=(--resume la
 "${LAUNCH[@]}" caption_mvc.py --config "$config" "$@"
 [ -f "$out/mvc/final/model_index.json" ] || "${LAUNCH[@]}" train_mvc.py --config "$config" "${resume[@]}" "$@"
 "${LAUNCH[@]}" generate_mvc.py --config "$config" "$@"
-"${LAUNCH[@]}" --num_processes 1 run_pipeline.py --config "$config" "$@"
+one=()  # of MVC_LAUNCH_ARGS, what still applies to the one-process pipeline: the mixed precision
+for ((i = 0; i < ${#extra[@]}; i++)); do
+  case "${extra[i]}" in
+    --mixed_precision=*) one+=("${extra[i]}") ;;
+    --mixed_precision) one+=("${extra[i]}" "${extra[i + 1]:-}"); i=$((i + 1)) ;;
+  esac
+done
+"$PY" -m accelerate.commands.launch "${one[@]}" --num_processes 1 run_pipeline.py --config "$config" "$@"

@@ -206,10 +206,9 @@ def overrides(dataset: str, work: Path) -> list[str]:
 
 def prepare(dataset: str, work: Path) -> list[str]:
     """Write the fixture data, the stand-in models, the hub cache and accelerate's config; return the overrides."""
+    import run_pipeline
     from mvc.config import build_parser, parse_args
     from mvc.standins import save_sd15_structured, save_small_blip2
-
-    import run_pipeline
 
     rng = np.random.default_rng(0)
     train, test = PER_CLASS[dataset]
@@ -241,6 +240,7 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
     from mvc.config import build_parser, parse_args
     from mvc.models import training_info
     from mvc.paths import RunPaths
+    from mvc.utils import read_jsonl
 
     cfg, _ = parse_args(build_parser("smoke_full"), ["--config", str(ROOT / "configs" / f"{dataset}.yaml"), *argv])
     paths = RunPaths.of(cfg)
@@ -260,7 +260,8 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
         fails.append("no generated image")
     elif sizes != [(res, res)]:
         fails.append(f"generated images are {sizes}, the model was fine-tuned at {res} px")
-    gen = json.loads((paths.grids / "summary.json").read_text()) if (paths.grids / "summary.json").is_file() else {}
+    made = [r for r in read_jsonl(paths.grids / "runs.jsonl") if r.get("made")]  # the generation runs that made images
+    gen = made[-1] if made else {}
     runs = []
     for rc in run_pipeline.recipe_configs(cfg):
         steps = set()

@@ -198,7 +198,7 @@ def overrides(dataset: str, work: Path) -> list[str]:
            f"--evaluate.cache_dir={work / 'out' / 'cache' / 'reference'}",
            "--train.resolution=64", "--train.max_steps=2", "--train.batch_size=8", "--train.checkpoint_every=1",
            "--train.validation_steps=2", "--train.num_validation=2",
-           "--generate.num_inference_steps=2",
+           "--captions.max_new_tokens=8", "--generate.num_inference_steps=2", "--generate.per_class=4",
            "--classifier.steps=3", "--classifier.batch_size=8", "--classifier.input_size=32",
            "--classifier.num_workers=0", "--evaluate.reference_epochs=1", "--pipeline.seeds=[0]"]
     return out

@@ -93,3 +93,38 @@ def test_miniature_full_profile_run(dataset, tmp_path):
     Image.open(png).resize((32, 32)).save(png)
     bad = summary(dataset, work)
     assert bad.returncode == 1 and "the model was fine-tuned at 64 px" in bad.stderr
+
+
+def test_reproduce_script_finds_the_run_where_the_overrides_put_it(tmp_path):
+    """scripts/_reproduce.sh resolves run.output_dir with the user's overrides (not from the YAML alone): a
+    checkpoint there makes fine-tuning resume, a finished pipeline folder skips it. `accelerate launch` is the
+    edge replaced here: a stand-in python records the launches instead of running them."""
+    fake = tmp_path / "python"
+    log = tmp_path / "launches.txt"
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = "-m" ] && [ "$2" = "accelerate.commands.launch" ]; then\n'
+                    f'  shift 2; echo "$*" >> {log}; exit 0\nfi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "elsewhere"
+    env = {**os.environ, "PYTHON": str(fake), "MVC_LAUNCH_ARGS": "--multi_gpu --num_processes 2 --mixed_precision bf16"}
+
+    def launches() -> list[str]:
+        log.unlink(missing_ok=True)
+        r = subprocess.run(["bash", "scripts/_reproduce.sh", "configs/cifar10.yaml", f"--run.output_dir={out}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return log.read_text().splitlines()
+
+    (out / "mvc" / "checkpoints").mkdir(parents=True)
+    (out / "mvc" / "checkpoints" / "checkpoint-00000100.pt").write_bytes(b"")
+    first = launches()
+    assert [line.split(".py")[0].split()[-1] for line in first] == ["caption_mvc", "train_mvc", "generate_mvc",
+                                                                    "run_pipeline"]
+    assert "--resume latest" in first[1] and all(f"--run.output_dir={out}" in line for line in first)
+    assert first[0].startswith("--multi_gpu --num_processes 2 --mixed_precision bf16 caption_mvc.py")
+    assert first[3].startswith("--mixed_precision bf16 --num_processes 1 run_pipeline.py")  # one process
+    (out / "mvc" / "final").mkdir(parents=True)
+    (out / "mvc" / "final" / "model_index.json").write_text("{}")
+    assert [line.split(".py")[0].split()[-1] for line in launches()] == ["caption_mvc", "generate_mvc", "run_pipeline"]
+    bad = subprocess.run(["bash", "scripts/_reproduce.sh", "configs/cifar10.yaml", "--run.outputdir=x"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown config key 'run.outputdir'")

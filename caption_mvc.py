@@ -1,10 +1,12 @@
 """Caption the labelled subset into the shared caption cache (<run.output_dir>/captions/).
 
     python caption_mvc.py --config configs/cifar10.yaml
+    accelerate launch caption_mvc.py --config configs/cifar10.yaml   # one shard per GPU, BLIP-2 in fp16
     python caption_mvc.py --config configs/cifar10.yaml --captions.captioner=lavis   # in the LAVIS environment
 
 train_mvc.py and generate_mvc.py caption what is missing themselves; this stage does it on its own,
-for example in another environment, so that the main stack later reads the cache.
+for example in another environment, so that the main stack later reads the cache (docs/lavis.md).
+Interrupted runs resume: captions are written a batch at a time.
 """
 
 from __future__ import annotations
@@ -14,16 +16,28 @@ from mvc.utils import run_cli
 
 
 def main(cfg: Config) -> dict[str, str]:
-    """Start the stage and caption every labelled image that the cache lacks."""
-    from mvc.captions import load_captions
+    """Start the stage and caption every labelled image that the cache lacks; writes captions/summary.json."""
+    import time
+
+    from mvc.captions import build_captioner, load_captions
     from mvc.data import load_splits
     from mvc.stage import start_stage
+    from mvc.utils import atomic_write_json
 
     stage = start_stage(cfg, "caption_mvc")
     labelled, _, _ = load_splits(cfg.data)
-    caps = load_captions(cfg, labelled, progress=stage.is_main)
+    acc = stage.accelerator  # every process captions its share (BLIP-2 in fp16 on CUDA)
+    t0 = time.perf_counter()
+    caps = load_captions(cfg, labelled, acc.is_main_process, acc.device, acc.process_index, acc.num_processes,
+                         acc.wait_for_everyone)
     if stage.is_main:
-        print(f"{len(caps)} captions in {stage.paths.captions}")
+        # what the captioner ran as (building it loads no model)
+        info = build_captioner(cfg.captions, acc.device).describe()
+        atomic_write_json(stage.paths.captions / "summary.json", {
+            **info, "model": cfg.captions.model_id if cfg.captions.captioner == "blip2" else None,
+            "images": len(caps), "processes": acc.num_processes, "seconds": round(time.perf_counter() - t0, 2)})
+        print(f"{len(caps)} captions in {stage.paths.captions} ({info['captioner']} on {info['device']}, "
+              f"{info['dtype']})")
     return caps
 
 

@@ -24,7 +24,7 @@ def main(cfg: Config, set_dir: str | None = None, name: str | None = None, cas: 
     from mvc.evaluation.evaluate import evaluate_set, summary_row, table_markdown
     from mvc.stage import start_stage
 
-    stage = start_stage(cfg, "evaluate_synthetic", cfg.classifier.mixed_precision)
+    stage = start_stage(cfg, "evaluate_synthetic", precision_from="classifier")
     record = evaluate_set(cfg, set_dir or stage.paths.synthetic, stage.accelerator, name=name, cas=cas,
                           progress=stage.is_main)
     if stage.is_main:

@@ -2,10 +2,11 @@
 
     python run_pipeline.py --config configs/tiny.yaml
 
-Stages: fine-tuning (tiny base, captions, pairs, MVC fine-tuning) -> generation -> one classifier
-per (run, seed) from `pipeline.runs` x `pipeline.seeds` -> `results.md` with mean +- std, the wall
-time of each stage and figures. Each stage resumes: rerunning the command after an interruption
-skips what is finished and continues what is not.
+Stages: fine-tuning (tiny base, captions, pairs, MVC fine-tuning) -> generation -> evaluation -> one
+classifier per (recipe, run, seed) from `pipeline.recipes` x `pipeline.runs` x `pipeline.seeds` ->
+`results.md` with mean +- std, the optimizer steps and images each run got, the wall time of each
+stage and figures. Each stage resumes: rerunning the command after an interruption skips what is
+finished and continues what is not.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import generate_mvc
 import train_classifier
 import train_mvc
 from mvc.checkpoint import list_checkpoints
-from mvc.config import Config, build_parser, parse_args, save_config
+from mvc.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
 from mvc.paths import RunPaths
 from mvc.utils import MVCError, atomic_copy, atomic_path, atomic_write_json, atomic_write_text, run_cli
 
@@ -42,8 +43,9 @@ def split_run(run: str, default_augment: str | None = None) -> tuple[str, str | 
 
 
 def check_runs(cfg: Config) -> None:
-    """Refuse an unknown strategy or augmentation in pipeline.runs before the first stage, not after it."""
+    """Refuse an unknown strategy or augmentation in pipeline.runs, or a bad recipe, before the first stage."""
     from mvc.classifier.augment import AUGMENTATIONS
+    from mvc.classifier.models import check_backbone
     from mvc.classifier.strategies import list_strategies
 
     augments = AUGMENTATIONS.names()
@@ -52,6 +54,29 @@ def check_runs(cfg: Config) -> None:
         if strategy not in list_strategies() or (augment is not None and augment not in augments):
             raise MVCError(f"pipeline.runs: unknown run {run!r}; use 'strategy' or 'strategy+augment' with a strategy "
                            f"from {', '.join(list_strategies())} and an augmentation from {', '.join(augments)}")
+    for rc in recipe_configs(cfg):
+        check_backbone(rc.classifier.backbone)
+
+
+def recipe_configs(cfg: Config) -> list[Config]:
+    """One config per classifier recipe: each mapping of `pipeline.recipes` over the classifier section (the
+    section alone when there is none). Recipes are told apart by their backbone, which names their run folders."""
+    if not cfg.pipeline.recipes:
+        return [cfg]
+    tree, out = config_to_dict(cfg), []
+    for i, recipe in enumerate(cfg.pipeline.recipes):
+        fixed = sorted(set(recipe) & {"strategy", "seeds"})
+        if fixed:
+            raise MVCError(f"pipeline.recipes[{i}]: {', '.join(fixed)} come from pipeline.runs and pipeline.seeds")
+        try:
+            rc = make_config(tree, {f"classifier.{k}": v for k, v in recipe.items()})
+        except MVCError as e:
+            raise MVCError(f"pipeline.recipes[{i}]: {e}") from None
+        if any(o.classifier.backbone == rc.classifier.backbone for o in out):
+            raise MVCError(f"pipeline.recipes: two recipes use backbone {rc.classifier.backbone!r}; run folders are "
+                           "named after it, so give each recipe its own backbone")
+        out.append(rc)
+    return out
 
 
 def run_config(cfg: Config, strategy: str, augment: str, seed: int) -> Config:
@@ -118,16 +143,17 @@ def stage_evaluate(cfg: Config) -> None:
 
 
 def stage_classifiers(cfg: Config) -> None:
-    """One classifier per (run, seed); finished runs are skipped, interrupted ones resumed."""
-    for run in cfg.pipeline.runs:
-        strategy, augment = split_run(run, cfg.classifier.augment)
-        for seed in cfg.pipeline.seeds:
-            rdir = classifier_run_dir(cfg, strategy, augment, seed)
-            if (rdir / "metrics.json").is_file():
-                print(f"{rdir.name}: done, skipping")
-                continue
-            resume = "latest" if list_checkpoints(rdir / "checkpoints") else None
-            train_classifier.main(copy_config(run_config(cfg, strategy, augment, seed)), resume=resume)
+    """One classifier per (recipe, run, seed); finished runs are skipped, interrupted ones resumed."""
+    for rc in recipe_configs(cfg):
+        for run in rc.pipeline.runs:
+            strategy, augment = split_run(run, rc.classifier.augment)
+            for seed in rc.pipeline.seeds:
+                rdir = classifier_run_dir(rc, strategy, augment, seed)
+                if (rdir / "metrics.json").is_file():
+                    print(f"{rdir.name}: done, skipping")
+                    continue
+                resume = "latest" if list_checkpoints(rdir / "checkpoints") else None
+                train_classifier.main(copy_config(run_config(rc, strategy, augment, seed)), resume=resume)
 
 
 def copy_config(cfg: Config) -> Config:
@@ -148,24 +174,48 @@ def _metric(metrics: dict, key: str) -> float:
 
 
 def collect_results(cfg: Config) -> list[dict]:
-    """Mean and std over seeds of accuracy and macro F1, one row per pipeline run."""
+    """One row per (recipe, run): mean and std over seeds of accuracy and macro F1, and the optimizer steps
+    (with the two-phase split) and images each run trained on."""
     rows = []
-    for run in cfg.pipeline.runs:
-        strategy, augment = split_run(run, cfg.classifier.augment)
-        accs, f1s = [], []
-        for seed in cfg.pipeline.seeds:
-            path = classifier_run_dir(cfg, strategy, augment, seed) / "metrics.json"
-            if path.is_file():
-                m = json.loads(path.read_text())
-                accs.append(100 * _metric(m, "accuracy"))
-                f1s.append(100 * _metric(m, "f1_macro"))
-        rows.append({"run": run, "strategy": strategy, "augment": augment, "n": len(accs),
-                     "acc_mean": float(np.mean(accs)) if accs else float("nan"),
-                     "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-                     "f1_mean": float(np.mean(f1s)) if f1s else float("nan"),
-                     "f1_std": float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0,
-                     "accs": accs})
+    for rc in recipe_configs(cfg):
+        for run in rc.pipeline.runs:
+            strategy, augment = split_run(run, rc.classifier.augment)
+            ms = [json.loads(p.read_text()) for seed in rc.pipeline.seeds
+                  if (p := classifier_run_dir(rc, strategy, augment, seed) / "metrics.json").is_file()]
+            accs = [100 * _metric(m, "accuracy") for m in ms]
+            f1s = [100 * _metric(m, "f1_macro") for m in ms]
+            rows.append({"run": run, "backbone": rc.classifier.backbone, "strategy": strategy, "augment": augment,
+                         "n": len(accs), "acc_mean": float(np.mean(accs)) if accs else float("nan"),
+                         "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                         "f1_mean": float(np.mean(f1s)) if f1s else float("nan"),
+                         "f1_std": float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0,
+                         "accs": accs, "steps": sorted({m.get("steps") for m in ms if m.get("steps") is not None}),
+                         "phase_steps": ms[0].get("phase_steps", {}) if ms else {},
+                         "images": float(np.mean([m["images_seen"] for m in ms])) if ms and all(
+                             "images_seen" in m for m in ms) else None})
     return rows
+
+
+def steps_cell(row: dict) -> str:
+    """The optimizer steps of a run: '200', or '160 + 40' for the two phases."""
+    if len(row["phase_steps"]) > 1:
+        return " + ".join(str(v) for v in row["phase_steps"].values())
+    return " / ".join(str(v) for v in row["steps"]) or "?"
+
+
+def budget_sentence(rc: Config, rows: list[dict]) -> str:
+    """The recipe's budget in words: the same optimizer steps for every run, and how two_phase splits them."""
+    c = rc.classifier
+    steps = {v for r in rows for v in r["steps"]}
+    text = (f"{steps.pop()} optimizer steps for every run" if len(steps) == 1
+            else "optimizer steps differ between runs (see the table)" if steps else "no finished run")
+    split = next((r["phase_steps"] for r in rows if len(r["phase_steps"]) > 1), None)
+    if split:
+        p1, p2 = split.get("phase1", 0), split.get("phase2", 0)
+        text += f" (two_phase: {p1} on real + synthetic, then {p2} on real only at {c.two_phase_lr_scale:g}x LR)"
+    how = f"`{c.optimizer}` lr {c.lr:g}, `{c.scheduler}` schedule"
+    return (f"Backbone `{c.backbone}` ({'pretrained' if c.pretrained else 'from scratch'}), {how}, batch "
+            f"{c.batch_size}; {text}")
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> None:
@@ -180,7 +230,8 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
     ax.bar(x, [r["acc_mean"] for r in rows], yerr=[r["acc_std"] for r in rows], capsize=4, color="#8fb3d9")
     for i, r in enumerate(rows):
         ax.scatter([i] * len(r["accs"]), r["accs"], color="k", s=10, zorder=3)
-    ax.set_xticks(x, [r["run"] for r in rows], rotation=20, ha="right")
+    several = len({r.get("backbone") for r in rows}) > 1  # several recipes: name the backbone too
+    ax.set_xticks(x, [f"{r['run']} ({r['backbone']})" if several else r["run"] for r in rows], rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%)")
     lo = min((min(r["accs"]) for r in rows if r["accs"]), default=0)
     ax.set_ylim(max(0, lo - 5), min(100, max((max(r["accs"]) for r in rows if r["accs"]), default=100) + 3))
@@ -203,25 +254,32 @@ def write_report(cfg: Config, times: dict) -> Path:
     grids = sorted(paths.grids.glob("*.png"))
     if grids:
         atomic_copy(grids[0], figs / "samples.png")
+    from mvc.data import describe_eval_split
+
     n_syn = count_images(paths.synthetic)
     n_real = next((json.loads(p.read_text()).get("n_real") for p in sorted(paths.classifier.glob("*/metrics.json"))),
                   "?")
+    recipes = recipe_configs(cfg)
     lines = [
-        f"# MVC results: {cfg.data.name}, {cfg.data.k_per_class} labelled images per class",
+        f"# MVC results: {cfg.data.name}, "
+        + (f"{cfg.data.k_per_class} labelled images per class" if cfg.data.k_per_class else "every labelled image"),
         "",
-        f"Backbone `{cfg.classifier.backbone}` ({'pretrained' if cfg.classifier.pretrained else 'from scratch'}), "
-        + (f"{cfg.classifier.steps} optimizer steps for every run" if cfg.classifier.steps
-           else f"{cfg.classifier.epochs} epochs") + f", batch {cfg.classifier.batch_size}; "
-        f"{n_syn} synthetic images for {n_real} real ones; evaluated on the official test split"
+        f"{n_syn} synthetic images for {n_real} real ones; evaluated on {describe_eval_split(cfg.data)}"
         + (f" (a fixed class-balanced {cfg.classifier.test_limit} of it)" if cfg.classifier.test_limit else "")
-        + f"; mean ± std over seeds {cfg.pipeline.seeds}; metrics of the last epoch.",
-        "",
-        "| run | strategy | augmentation | accuracy (%) | macro F1 (%) | seeds |",
-        "|---|---|---|---|---|---|",
+        + f"; mean ± std over seeds {cfg.pipeline.seeds}; metrics of the last epoch. *steps*: the optimizer steps "
+        "of each run; *images seen* counts every image a run trained on, repeats included "
+        "(probabilistic adds synthetic images to each real batch, so it sees more images in the same steps).",
     ]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['strategy']} | {r['augment']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} "
-                     f"| {r['f1_mean']:.2f} ± {r['f1_std']:.2f} | {r['n']} |")
+    for rc in recipes:
+        mine = [r for r in rows if r["backbone"] == rc.classifier.backbone]
+        lines += ["", budget_sentence(rc, mine) + ".", "",
+                  "| run | strategy | augmentation | steps | images seen | accuracy (%) | macro F1 (%) | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            images = f"{r['images']:.0f}" if r["images"] is not None else "?"
+            lines.append(f"| {r['run']} | {r['strategy']} | {r['augment']} | {steps_cell(r)} | {images} "
+                         f"| {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['f1_mean']:.2f} ± {r['f1_std']:.2f} "
+                         f"| {r['n']} |")
     lines += synthetic_section(cfg, paths)
     lines += ["", "| stage | wall time |", "|---|---|"]
     for name, sec in times.items():

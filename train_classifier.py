@@ -21,7 +21,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
     from mvc.classifier.train import run_all
     from mvc.stage import start_stage
 
-    stage = start_stage(cfg, "train_classifier", cfg.classifier.mixed_precision)
+    stage = start_stage(cfg, "train_classifier", precision_from="classifier")
     records = run_all(cfg, stage.accelerator, resume=resume, stop_after=stop_after)
     if stage.is_main:
         for r in records:

@@ -21,7 +21,7 @@ def main(cfg: Config, resume: str | None = None) -> dict:
     from mvc.stage import start_stage
 
     check_resume(resume, RunPaths.of(cfg).checkpoints, fresh_ok=False)  # before the slow loading below
-    stage = start_stage(cfg, "train_mvc", cfg.train.mixed_precision, cfg.train.grad_accum)
+    stage = start_stage(cfg, "train_mvc", precision_from="train")
     return run(cfg, stage.accelerator, resume=resume)
 
 

@@ -109,6 +109,7 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
 
     from mvc.captions import load_captions
     from mvc.data import load_splits
+    from mvc.distributed import resolve_dtype
     from mvc.evaluation.evaluate import load_reference, real_subset, source_rows
     from mvc.evaluation.metrics import (
         diversity_ratio,
@@ -133,8 +134,9 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     labelled = small_subset(labelled_all, sources_per_class)
     if (np.bincount(labelled.targets, minlength=len(labelled.classes)) < 2).any():
         raise MVCError("the ablation needs at least 2 labelled images per class (donors)")
-    captions = load_captions(cfg, labelled_all, progress=False)
-    pipe = load_ip2p_pipeline(paths.final, cfg.generate.scheduler, accelerator.device)
+    captions = load_captions(cfg, labelled_all, progress=False, device=accelerator.device)
+    pipe = load_ip2p_pipeline(paths.final, cfg.generate.scheduler, accelerator.device,
+                              dtype=resolve_dtype(cfg.generate.dtype, accelerator.device))
     per_class = sources_per_class * variants
 
     # 1. every (setting, seed) set (a bad setting fails here, before the reference is trained)

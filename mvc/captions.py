@@ -48,6 +48,12 @@ class Captioner:
     def __call__(self, images: Sequence[Any]) -> list[str]:
         raise NotImplementedError
 
+    def describe(self) -> dict:
+        """Name, cache key, and the device and dtype it runs in (None for captioners without a model)."""
+        device, dtype = getattr(self, "device", None), getattr(self, "dtype", None)
+        return {"captioner": self.name, "cache_key": self.cache_key, "device": None if device is None else str(device),
+                "dtype": None if dtype is None else str(dtype).replace("torch.", "")}
+
 
 def build_captioner(captions_cfg: Any, device: Any = None) -> Captioner:
     """Build the captioner named by `captions_cfg.captioner` (`device`: a torch device, default CPU)."""
@@ -68,45 +74,99 @@ def caption_cache_path(output_dir: str | os.PathLike, captioner: Captioner | str
     return Path(output_dir) / "captions" / f"{safe_name(key)}-{dataset.fingerprint()}.jsonl"
 
 
-def load_captions(cfg: Any, dataset: Any, progress: bool = True) -> dict[str, str]:
+def load_captions(cfg: Any, dataset: Any, progress: bool = True, device: Any = None, rank: int = 0, world: int = 1,
+                  barrier: Callable[[], None] | None = None) -> dict[str, str]:
     """Captions of `dataset` by the configured captioner, from the shared cache under
-    `<run.output_dir>/captions/` (captioning only what is missing). Every stage calls this."""
-    captioner = build_captioner(cfg.captions)
+    `<run.output_dir>/captions/` (captioning only what is missing). Every stage calls this.
+
+    The captioner runs on `device` (BLIP-2 in fp16 on CUDA). With `world` processes, every one of them
+    must call this (with `barrier`, e.g. `accelerator.wait_for_everyone`): each captions its share of
+    the missing images, and every process returns all the captions.
+    """
+    captioner = build_captioner(cfg.captions, device)
     path = caption_cache_path(cfg.run.output_dir, captioner, dataset)
-    return caption_dataset(dataset, captioner, path, cfg.captions.batch_size, progress=progress)
+    caps = caption_dataset(dataset, captioner, path, cfg.captions.batch_size, progress=progress and rank == 0,
+                           rank=rank, world=world, barrier=barrier)
+    if device is not None:
+        from accelerate.utils import release_memory
+
+        del captioner
+        release_memory()  # garbage-collect the captioner, empty the device cache: the stage's models come next
+    return caps
 
 
-def caption_dataset(dataset: Any, captioner: Captioner, cache_path: str | os.PathLike,
-                    batch_size: int = 16, progress: bool = True) -> dict[str, str]:
+def shard_files(cache_path: str | os.PathLike) -> list[Path]:
+    """The per-process files of a sharded captioning run (`<cache stem>.rank<k>.jsonl`), merged at its end."""
+    p = Path(cache_path)
+    return sorted(p.parent.glob(f"{p.stem}.rank*.jsonl"))
+
+
+def read_caption_files(paths: Sequence[Path]) -> dict[str, str]:
+    """{id: caption} of caption files ({"id", "caption"} per line; a torn last line is skipped)."""
+    cached: dict[str, str] = {}
+    for path in paths:
+        for rec in read_jsonl(path):
+            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("caption"), str):
+                raise MVCError(f"{path}: a line is not a {{'id', 'caption'}} record; delete the file to recaption")
+            cached[str(rec["id"])] = rec["caption"]
+    return cached
+
+
+def caption_dataset(dataset: Any, captioner: Captioner, cache_path: str | os.PathLike, batch_size: int = 16,
+                    progress: bool = True, rank: int = 0, world: int = 1,
+                    barrier: Callable[[], None] | None = None) -> dict[str, str]:
     """Captions of every image of `dataset`, `{id: caption}`, read from / appended to `cache_path`.
 
     Ids already in the cache are not captioned again, so a rerun is free and an interrupted
-    run resumes where it stopped. Lines for ids not in `dataset` are kept but not returned.
+    run resumes where it stopped (a batch at a time). Lines for ids not in `dataset` are kept but
+    not returned. With `world` processes (pass `barrier`), process `rank` captions every world-th
+    missing image into its own shard file; after a barrier, rank 0 appends the shards to the cache
+    and deletes them, and every process reads the whole cache. Shards left by an interrupted run
+    count as cached and are merged by the next run, whatever its process count.
     """
     from tqdm.auto import tqdm
 
+    barrier = barrier or (lambda: None)
     path = Path(cache_path)
-    cached: dict[str, str] = {}
-    for rec in read_jsonl(path):
-        if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("caption"), str):
-            raise MVCError(f"{path}: a line is not a {{'id', 'caption'}} record; delete the file to recaption")
-        cached[str(rec["id"])] = rec["caption"]
+    cached = read_caption_files([path, *shard_files(path)])
     todo = [i for i, id_ in enumerate(dataset.ids) if id_ not in cached]
-    if todo:
-        log.info("captioning %d of %d images with %s -> %s", len(todo), len(dataset), captioner.name, path)
-        bar = tqdm(total=len(todo), desc=f"captions ({captioner.name})", unit="img", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start:start + batch_size]
+    if world > 1:
+        barrier()  # every process has read the same files before any of them writes
+    mine = todo[rank::world]
+    out = path if world == 1 else path.with_name(f"{path.stem}.rank{rank}.jsonl")
+    if mine:
+        log.info("captioning %d of %d images with %s%s -> %s", len(mine), len(dataset), captioner.name,
+                 f" (rank {rank} of {world})" if world > 1 else "", out)
+        bar = tqdm(total=len(mine), desc=f"captions ({captioner.name})", unit="img", disable=not progress)
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start:start + batch_size]
             images = [dataset.load_image(i) for i in idx]
             caps = captioner(images)
             if len(caps) != len(idx):
                 raise RuntimeError(f"captioner {captioner.name} returned {len(caps)} captions for {len(idx)} images")
             recs = [{"id": dataset.ids[i], "caption": " ".join(str(c).split())} for i, c in zip(idx, caps)]
-            append_jsonl(path, *recs)  # one fsync per batch
+            append_jsonl(out, *recs)  # one fsync per batch
             cached.update((r["id"], r["caption"]) for r in recs)
             bar.update(len(idx))
         bar.close()
+    if world > 1 or shard_files(path):
+        barrier()
+        if rank == 0:
+            merge_shards(path)
+        barrier()
+        cached = read_caption_files([path])
     return {id_: cached[id_] for id_ in dataset.ids}
+
+
+def merge_shards(cache_path: Path) -> None:
+    """Append the records of the shard files that the cache lacks, then delete the shards."""
+    shards = shard_files(cache_path)
+    have = read_caption_files([cache_path])
+    new = [{"id": k, "caption": v} for k, v in read_caption_files(shards).items() if k not in have]
+    if new:
+        append_jsonl(cache_path, *new)
+    for p in shards:
+        p.unlink(missing_ok=True)
 
 
 #################################################################################
@@ -221,20 +281,23 @@ def _check_model_source(model_id: str, what: str) -> None:
 
 
 class Blip2Captioner(Captioner):
-    """BLIP-2 (`Blip2ForConditionalGeneration`), greedy decoding; fp16 on GPU, fp32 on CPU.
+    """BLIP-2 (`Blip2ForConditionalGeneration`), greedy decoding, batched; fp16 on CUDA, fp32 on CPU
+    unless `dtype` names another (captions.dtype).
 
     The model is loaded on first use, so a stage whose captions are all cached never loads it.
     """
 
     name = "blip2"
 
-    def __init__(self, model_id: str, max_new_tokens: int = 30, device: Any = None):
+    def __init__(self, model_id: str, max_new_tokens: int = 30, device: Any = None, dtype: str | None = None):
         import torch
+
+        from mvc.distributed import resolve_dtype
 
         _check_model_source(model_id, "captions.model_id")
         self.model_id = model_id
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_dtype(dtype, self.device)
         self.max_new_tokens = max_new_tokens
         self._model = self._processor = None
 
@@ -282,7 +345,8 @@ class Blip2Captioner(Captioner):
 
 @CAPTIONERS.register("blip2")
 def _build_blip2(cfg: Any, device: Any = None) -> Captioner:
-    return Blip2Captioner(cfg.model_id, max_new_tokens=cfg.max_new_tokens, device=device)
+    return Blip2Captioner(cfg.model_id, max_new_tokens=cfg.max_new_tokens, device=device,
+                          dtype=getattr(cfg, "dtype", None))
 
 
 #################################################################################
@@ -290,22 +354,19 @@ def _build_blip2(cfg: Any, device: Any = None) -> Captioner:
 #################################################################################
 
 class LavisCaptioner(Captioner):
-    """BLIP-2 OPT through salesforce-lavis (the paper's code path); needs its own environment.
+    """BLIP-2 OPT through salesforce-lavis (the paper's code path); captions in its own environment.
 
-    The model is loaded on first use (a stage whose captions are all cached never loads it).
+    salesforce-lavis cannot be installed beside this stack (docs/lavis.md), so the hand-off is the
+    caption file: `caption_mvc.py --captions.captioner=lavis` in the LAVIS environment writes it, and
+    the main stack, run with the same settings, reads it as a cache hit. Building this captioner
+    therefore needs no lavis; only captioning a missing image does (a one-line error here).
     """
 
     name = "lavis"
 
     def __init__(self, model_name: str, model_type: str, max_new_tokens: int = 30, device: Any = None):
-        import importlib.util
-
         import torch
 
-        if importlib.util.find_spec("lavis") is None:
-            raise MVCError("captioner 'lavis' needs salesforce-lavis, which pins transformers<4.27 and cannot live "
-                           "beside this stack: pip install -r requirements-lavis.txt in a separate environment "
-                           "and run `python -m mvc.captions` there (or use captions.captioner=blip2)")
         self.model_name, self.model_type = model_name, model_type
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.max_new_tokens = max_new_tokens
@@ -316,9 +377,16 @@ class LavisCaptioner(Captioner):
         return f"{self.name}-{fingerprint(self.model_name, self.model_type, self.max_new_tokens)[:10]}"
 
     def __call__(self, images: Sequence[Any]) -> list[str]:
+        import importlib.util
+
         import torch
 
         if self.model is None:
+            if importlib.util.find_spec("lavis") is None:
+                raise MVCError("captioner 'lavis': images without a caption in the cache, and "
+                               "salesforce-lavis is not installed here (it pins transformers<4.27 and cannot live "
+                               "beside this stack): run caption_mvc.py with the same config in the LAVIS environment "
+                               "first (requirements-lavis.txt, docs/lavis.md), or use captions.captioner=blip2")
             from lavis.models import load_model_and_preprocess
 
             self.model, self.vis_processors, _ = load_model_and_preprocess(

@@ -70,6 +70,7 @@ _strategies = _names("mvc.classifier.strategies", "STRATEGIES")
 _samplers = _names("mvc.models", "SAMPLERS")
 _lr_schedules = _names("mvc.schedules", "LR_SCHEDULES")
 _precisions = _names("mvc.distributed", "PRECISIONS")
+_dtypes = _names("mvc.distributed", "DTYPES")
 
 
 @dataclass
@@ -107,7 +108,9 @@ class CaptionConfig:
     """Captioner and prompt template."""
     captioner: str = opt("attributes", "Captioner from the registry.", choices=_captioners)
     model_id: str = opt("Salesforce/blip2-opt-2.7b", "Hub id or local folder of the BLIP-2 / LAVIS captioner.")
-    batch_size: int = opt(16, "Images per captioner batch.", min=1)
+    batch_size: int = opt(16, "Images per captioner batch (per process).", min=1)
+    dtype: str | None = opt(None, "BLIP-2 weights and inputs: fp16, bf16 or fp32 (null: fp16 on CUDA, fp32 elsewhere).",
+                            choices=_dtypes)
     max_new_tokens: int = opt(30, "Longest caption, in tokens (blip2/lavis).", min=1)
     template_text: str = opt("an image", "The fixed caption of the 'template' captioner.")
     lavis_model: str = opt("blip2_opt", "LAVIS model name of the 'lavis' captioner.")
@@ -159,7 +162,8 @@ class FinetuneConfig:
     """InstructPix2Pix-style fine-tuning on the index pairs (train_mvc.py)."""
     resolution: int = opt(32, "Training resolution (SD-1.5: 256 or 512).", min=8)
     batch_size: int = opt(50, "Global batch per micro-step, split across processes (paper: 50).", min=1)
-    grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
+    grad_accum: int | None = opt(None, "Micro-batches per optimizer step (null: accelerate's "
+                                 "gradient_accumulation_steps, 1 unless configured there).", min=1)
     max_steps: int = opt(1000, "Optimizer steps.", min=1)
     lr: float = opt(1e-4, "Learning rate (paper: 1e-4, Adam).", min=0, min_exclusive=True)
     adam_beta1: float = opt(0.9, "Adam beta1.", min=0, max=1, max_exclusive=True)
@@ -172,7 +176,8 @@ class FinetuneConfig:
     drop_image_prob: float = opt(0.05, "P(drop only the image conditioning).", min=0, max=1)
     drop_both_prob: float = opt(0.05, "P(drop both).", min=0, max=1)
     random_flip: bool = opt(False, "Horizontal flips; latents of both orientations are cached when on.")
-    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=_precisions)
+    mixed_precision: str | None = opt(None, "Mixed precision: no, fp16 or bf16 (null: accelerate's, from `accelerate "
+                                      "config` or `accelerate launch --mixed_precision`).", choices=_precisions)
     gradient_checkpointing: bool = opt(False, "U-Net gradient checkpointing.")
     attention: str = opt("sdpa", "Attention implementation.", choices=_names("mvc.finetune_setup", "ATTENTION"))
     use_ema: bool = opt(False, "Keep an EMA of the U-Net and save it.")
@@ -225,6 +230,8 @@ class GenerateConfig:
     multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0)
     per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
     batch_size: int = opt(16, "Variants per U-Net batch.", min=1)
+    dtype: str | None = opt(None, "Pipeline weights: fp16, bf16 or fp32 (null: fp16 on CUDA, fp32 elsewhere).",
+                            choices=_dtypes)
     grid_sources: int = opt(4, "Sources per class in the sample grid.", min=1)
     grid_dir: str | None = opt(None, "Sample grids + TensorBoard (default: <out_dir>_grids, beside the ImageFolder "
                                      "so that it holds class folders only).")
@@ -244,16 +251,17 @@ class ClassifierConfig:
     synthetic_dir: str | None = opt(None, "Synthetic ImageFolder (default: <run.output_dir>/synthetic).")
     synthetic_ratio: float | None = opt(None, "Synthetic:real ratio used (null: all synthetic images).", min=0)
     two_phase_lr_scale: float = opt(0.1, "Phase-2 LR = this x LR.", min=0, min_exclusive=True)
-    two_phase_fraction: float = opt(0.2, "Fraction of epochs spent in phase 2.", min=0, max=1)
+    two_phase_fraction: float = opt(0.2, "Share of the step budget spent in phase 2 (real only).", min=0, max=1)
     prob_p: float = opt(0.8, "Probabilistic: P(a synthetic image joins the batch), per real image.", min=0, max=1)
     prob_mode: str = opt("append", "Probabilistic: 'append' (paper) or 'replace' (DA-Fusion).",
                          choices=_names("mvc.classifier.strategies", "PROB_MODES"))
     augment: str = opt("standard", "Classic augmentation.", choices=_names("mvc.classifier.augment", "AUGMENTATIONS"))
     autoaugment_policy: str = opt("cifar10", "AutoAugment policy.",
                                   choices=_names("mvc.classifier.augment", "AUTOAUGMENT_POLICIES"))
-    epochs: int = opt(30, "Epochs (ignored when `steps` is set).", min=1)
-    steps: int | None = opt(None, "Optimizer-step budget; when set, each strategy's epochs = steps / its batches "
-                                  "per epoch, so strategies with more data are not given more training.", min=1)
+    epochs: int = opt(30, "Budget in real-only epochs, used when `steps` is null: every strategy gets the "
+                      "optimizer steps of this many epochs over the real images.", min=1)
+    steps: int | None = opt(None, "Optimizer-step budget of every run (each strategy's epochs follow its epoch size, "
+                                  "so strategies with more data are not given more training).", min=1)
     batch_size: int = opt(50, "Batch size (paper: 50; BatchNorm needs 2 or more).", min=2)
     optimizer: str = opt("adam", "Optimizer.", choices=_names("mvc.classifier.engine", "OPTIMIZERS"))
     lr: float = opt(1e-3, "Learning rate.", min=0, min_exclusive=True)
@@ -263,7 +271,8 @@ class ClassifierConfig:
     milestones: list[float] = opt([0.5, 0.75], "Multistep milestones as fractions of the epochs.", min=0, max=1)
     gamma: float = opt(0.1, "Multistep factor.", min=0, min_exclusive=True)
     label_smoothing: float = opt(0.0, "Label smoothing.", min=0, max=1)
-    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=_precisions)
+    mixed_precision: str | None = opt(None, "Mixed precision: no, fp16 or bf16 (null: accelerate's).",
+                                      choices=_precisions)
     probe: str = opt("none", "Feature probe on a frozen backbone instead of training ('none': train).",
                      choices=lambda: ["none", *_names("mvc.classifier.probe", "PROBES")()])
     kfold: int = opt(0, "Stratified k-fold on the labelled subset (0: use the test split).", min=0)
@@ -312,6 +321,9 @@ class PipelineConfig:
     seeds: list[int] = opt([0, 1, 2], "Classifier seeds; the report gives mean +- std over them.", min_len=1,
                             unique=True, **SEED)
     report: str = opt("results.md", "Report file name inside run.output_dir.")
+    recipes: list[dict] = opt([], "Classifier recipes, each a mapping of classifier.* keys over the classifier "
+                              "section plus a 'name' (e.g. {name: efficientnet_b0, backbone: efficientnet_b0, "
+                              "optimizer: sgd}); every run of pipeline.runs is trained with each. []: the section as is.")
 
 
 @dataclass

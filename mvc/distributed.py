@@ -16,12 +16,18 @@ from mvc.seeds import resolve_seed
 from mvc.utils import MVCError
 
 PRECISIONS = ("no", "fp16", "bf16")  # accelerate's mixed-precision modes
+DTYPES = ("fp16", "bf16", "fp32")     # weight dtypes of inference models (captioner, generation pipeline)
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def make_accelerator(mixed_precision: str | None = None, grad_accum: int | None = None):
-    """An `Accelerator`; `None` leaves a setting to accelerate (`accelerate config` / `accelerate launch` flags)."""
+    """An `Accelerator`; `None` leaves a setting to accelerate (`accelerate config` / `accelerate launch` flags).
+
+    Runs are data-parallel (DDP, or one process): checkpoints and the exported pipeline read full
+    state dicts on the main process, so a sharded backend (FSDP, DeepSpeed, Megatron-LM) is refused.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import is_xpu_available
+    from accelerate.utils import GradientAccumulationPlugin, is_xpu_available
 
     # accelerate only picks multi-process CPU (gloo) when told `cpu=True`: do so for a torchrun /
     # accelerate-launch run on a machine without an accelerator
@@ -29,13 +35,33 @@ def make_accelerator(mixed_precision: str | None = None, grad_accum: int | None 
     kw: dict[str, Any] = {"cpu": multi and not torch.cuda.is_available() and not is_xpu_available()}
     if mixed_precision is not None:
         kw["mixed_precision"] = mixed_precision
-    if grad_accum is not None:
-        kw["gradient_accumulation_steps"] = int(grad_accum)
+    if grad_accum is not None:  # a plugin, because accelerate lets its environment variable win over the argument
+        kw["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=int(grad_accum))
     try:
-        return Accelerator(**kw)
+        acc = Accelerator(**kw)
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MVCError(f"cannot set up accelerate (mixed_precision={mixed_precision}): {first}") from None
+    kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise MVCError(f"accelerate is configured for {kind}; MVC runs data-parallel only (DDP, or one process): "
+                       "choose multi-GPU without FSDP/DeepSpeed in `accelerate config`")
+    return acc
+
+
+def accelerator_settings(acc: Any) -> dict:
+    """What an accelerator runs with: its mixed precision, gradient accumulation, processes and device."""
+    return {"mixed_precision": str(acc.mixed_precision), "grad_accum": int(acc.gradient_accumulation_steps),
+            "processes": int(acc.num_processes), "device": str(acc.device)}
+
+
+def resolve_dtype(name: str | None, device: Any) -> torch.dtype:
+    """The torch dtype of an inference model: `name` (fp16, bf16, fp32), else fp16 on CUDA and fp32 elsewhere."""
+    if name is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _TORCH_DTYPES:
+        raise MVCError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return _TORCH_DTYPES[name]
 
 
 def broadcast_object(acc: Any, obj: Any) -> Any:

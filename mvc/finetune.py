@@ -1,9 +1,11 @@
 """InstructPix2Pix fine-tuning maths: conditioning dropout, the one-off caches, and the loss.
 
 Speed comes from caching: every image of the labelled subset is VAE-encoded ONCE (posterior mean
-and std) and every prompt (plus the empty prompt) is text-encoded ONCE, before training; a step
-only indexes those tensors with the pair indices and runs the U-Net. Images and prompts are prepared
-by `mvc.sd_io`, the same functions generation uses.
+and std) and every distinct prompt (plus the empty prompt) is text-encoded ONCE, before training; a
+step only indexes those tensors with the pair indices and runs the U-Net. Images and prompts are
+prepared by `mvc.sd_io`, the same functions generation uses. The caches live in CPU memory and each
+step moves only its own rows to the accelerator: CIFAR's 50,000 captions are about 50,000 x 77 x 768
+values (5.9 GB in fp16), which would not fit beside SD-1.5 on most GPUs.
 
 Choices (kept identical to diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py):
 - the condition latent is the posterior MODE (= mean) of the condition image, unscaled, exactly what
@@ -65,25 +67,41 @@ def conditioning_dropout_masks(batch_size: int, p_text: float, p_image: float, p
 
 @dataclass
 class LatentCache:
-    """VAE posteriors of every image: mean/std (N, F, C, h, w), F = 2 when flips are cached."""
+    """VAE posteriors of every image: mean/std (N, F, C, h, w) float32, F = 2 when flips are cached."""
     mean: torch.Tensor
     std: torch.Tensor
     scaling_factor: float
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cache."""
+        return sum(t.numel() * t.element_size() for t in (self.mean, self.std))
+
     def to(self, device) -> "LatentCache":
-        """A copy on `device`."""
+        """A copy on `device` (training keeps it on the CPU; a benchmark may not)."""
         return LatentCache(self.mean.to(device), self.std.to(device), self.scaling_factor)
 
 
 @dataclass
 class TextCache:
-    """Text-encoder outputs: embeds (P, L, D) of each prompt, empty (L, D) of the prompt ""."""
-    embeds: torch.Tensor
+    """Text-encoder outputs, each distinct prompt once: table (U, L, D) of the distinct prompts,
+    index (P,) long of every image's prompt into it, empty (L, D) of the prompt ""."""
+    table: torch.Tensor
+    index: torch.Tensor
     empty: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cache."""
+        return sum(t.numel() * t.element_size() for t in (self.table, self.index, self.empty))
+
     def to(self, device) -> "TextCache":
-        """A copy on `device`."""
-        return TextCache(self.embeds.to(device), self.empty.to(device))
+        """A copy on `device` (training keeps it on the CPU; a benchmark may not)."""
+        return TextCache(self.table.to(device), self.index.to(device), self.empty.to(device))
+
+    def lookup(self, prompt_idx: torch.Tensor) -> torch.Tensor:
+        """Embeddings (b, L, D) of the prompts of images `prompt_idx` (b,)."""
+        return self.table[self.index[prompt_idx]]
 
 
 @torch.no_grad()
@@ -104,17 +122,18 @@ def encode_latents_cache(vae, dataset, resolution: int, batch_size: int = 64, fl
 
 @torch.no_grad()
 def encode_prompts_cache(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64,
-                         show_progress: bool = True) -> TextCache:
-    """Text-encode each distinct prompt once (mvc.sd_io; duplicates share a row) plus the empty prompt."""
+                         show_progress: bool = True, dtype: torch.dtype = torch.float32) -> TextCache:
+    """Text-encode each distinct prompt once (mvc.sd_io) plus the empty prompt, stored on the CPU in `dtype`
+    (the U-Net's compute dtype: under fp16 mixed precision its cross-attention reads fp16 anyway)."""
     uniq = sorted(set(prompts))
     pos = {p: i for i, p in enumerate(uniq)}
-    out = [encode_prompts(tokenizer, text_encoder, chunk).float().cpu()
-           for chunk in tqdm(list(batched(uniq, batch_size)), desc="caching text embeddings",
-                             disable=not show_progress)]
-    table = torch.cat(out)  # (U, L, D)
-    embeds = table[torch.tensor([pos[p] for p in prompts], dtype=torch.long)]  # (P, L, D)
-    empty = encode_prompts(tokenizer, text_encoder, [""])[0].float().cpu()  # (L, D)
-    return TextCache(embeds, empty)
+    empty = encode_prompts(tokenizer, text_encoder, [""])[0].to("cpu", dtype)  # (L, D)
+    table = torch.empty((len(uniq), *empty.shape), dtype=dtype)  # (U, L, D), filled in place: no second copy
+    for start in tqdm(range(0, len(uniq), batch_size), desc="caching text embeddings", disable=not show_progress):
+        chunk = uniq[start:start + batch_size]
+        table[start:start + len(chunk)] = encode_prompts(tokenizer, text_encoder, chunk).to("cpu", dtype)
+    index = torch.tensor([pos[p] for p in prompts], dtype=torch.long)  # (P,)
+    return TextCache(table, index, empty)
 
 
 #################################################################################
@@ -159,7 +178,7 @@ def gather_batch(latents: LatentCache, text: TextCache, cond_idx: torch.Tensor, 
     cond = latents.mean[cond_idx, f]  # (b, C, h, w), the posterior mode
     cond = cond * rnd.keep_image[:, None, None, None].to(cond.dtype)  # dropped image -> zeros
     target = (latents.mean[target_idx, f] + latents.std[target_idx, f] * rnd.eps) * latents.scaling_factor
-    emb = text.embeds[prompt_idx]  # (b, L, D)
+    emb = text.lookup(prompt_idx)  # (b, L, D)
     emb = torch.where(rnd.keep_text[:, None, None], emb, text.empty[None].to(emb.dtype))
     return {"cond_latents": cond, "target_latents": target, "text_embeds": emb}
 

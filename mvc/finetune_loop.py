@@ -10,7 +10,9 @@ Determinism across resume and across process counts, by construction:
 - each process's loss is sum(per-sample loss) * world / global_batch, so DDP's gradient averaging
   gives exactly the gradient of the global-batch mean (uneven shards included);
 - the LR schedule is stepped once per optimizer step by us (accelerate's prepared scheduler would
-  step once per process).
+  step once per process); an optimizer step is `accelerator.gradient_accumulation_steps` micro-steps
+  (train.grad_accum, or accelerate's own setting when that is null), so steps, optimizer updates and
+  the schedule always agree.
 The global RNGs are seeded per process (role "process", index rank) for any randomness inside the model.
 """
 
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mvc import seeds
 from mvc.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
-from mvc.distributed import broadcast_seed, make_accelerator
+from mvc.distributed import accelerator_settings, broadcast_seed, make_accelerator
 from mvc.finetune import draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch, ip2p_loss
 from mvc.finetune_setup import (
     build_ema,
@@ -50,6 +52,7 @@ PROMPT_FROM = ("target", "condition")  # whose caption a pair's prompt uses
 RESUME_FREE_KEYS = {"max_steps", "checkpoint_every", "checkpoints_keep", "validate_every", "num_validation",
                     "validation_steps", "validation_guidance_scale", "validation_image_guidance_scale", "log_every",
                     "gradient_checkpointing", "attention"}
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # text cache dtype per mixed precision (else fp32)
 
 
 #################################################################################
@@ -180,15 +183,21 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     if B < world:
         raise MVCError(f"train.batch_size={B} is smaller than the {world} processes; raise it")
 
-    # 1. One-off caches: VAE posteriors of every labelled image, text embeddings of every prompt.
+    # 1. One-off caches in CPU memory: VAE posteriors of every labelled image, text embeddings of every
+    #    distinct prompt (in the U-Net's compute dtype); each micro-step moves only its rows to the device.
     freeze(vae, text_encoder)
     vae.to(acc.device)
     text_encoder.to(acc.device)
     t0 = time.perf_counter()
-    latents = encode_latents_cache(vae, dataset, tc.resolution, flip=tc.random_flip,
-                                   show_progress=main).to(acc.device)
-    text = encode_prompts_cache(tokenizer, text_encoder, prompts, show_progress=main).to(acc.device)
+    latents = encode_latents_cache(vae, dataset, tc.resolution, flip=tc.random_flip, show_progress=main)
+    text = encode_prompts_cache(tokenizer, text_encoder, prompts, show_progress=main,
+                                dtype=CACHE_DTYPES.get(str(acc.mixed_precision), torch.float32))
     cache_s = time.perf_counter() - t0
+    if main:
+        log.info("caches in CPU memory (per process): latents %s %s = %.2f GB; text embeddings of %d distinct "
+                 "prompts (of %d) %s %s = %.2f GB; training with %s", tuple(latents.mean.shape), latents.mean.dtype,
+                 latents.nbytes / 1e9, len(text.table), len(prompts), tuple(text.table.shape), text.table.dtype,
+                 text.nbytes / 1e9, ", ".join(f"{k} {v}" for k, v in accelerator_settings(acc).items()))
 
     # 2. Trainable weights, optimizer, schedule, EMA, data order.
     params = prepare_unet(unet, tc)
@@ -219,11 +228,14 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
             log.info("resumed from step %d", step)
     bare = acc.unwrap_model(unet)
 
-    # 3. Loop: each optimizer step = grad_accum micro-steps of the global batch B.
+    # 3. Loop: each optimizer step = `accum` micro-steps of the global batch B.
+    accum = int(acc.gradient_accumulation_steps)
     logger = RunLogger(out_dir, enabled=main, truncate_to=step if ckpt is not None else -1)  # no replayed records
     logger.config(dataclasses.asdict(cfg), metrics=["train/loss"])
     if main:
-        logger.scalars(step, {"cache_seconds": cache_s, "world_size": world, "seed": seed}, prefix="setup/")
+        logger.scalars(step, {"cache_seconds": cache_s, "world_size": world, "seed": seed, "grad_accum": accum,
+                              "latent_cache_gb": latents.nbytes / 1e9, "text_cache_gb": text.nbytes / 1e9},
+                       prefix="setup/")
     shard = torch.tensor_split(torch.arange(B), world)[rank]
     rows = slice(int(shard[0]), int(shard[-1]) + 1)
     weight = world / B  # DDP averages over processes -> exact global-batch mean
@@ -235,13 +247,14 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     while step < tc.max_steps:
         t_start = time.perf_counter()
         step_loss, grad_norm = 0.0, float("nan")
-        for micro in range(tc.grad_accum):
+        for micro in range(accum):
             idx = sampler.next(B)[rows]
             rnd = draw_step_noise(B, latent_shape, ttimesteps, tc.random_flip, tc.drop_text_prob,
                                   tc.drop_image_prob, tc.drop_both_prob,
-                                  seeds.generator(seed, "finetune.step", step, micro))
-            rnd = rnd.rows(rows).to(acc.device)
-            batch = gather_batch(latents, text, cond_all[idx], tgt_all[idx], prompt_src[idx], rnd)
+                                  seeds.generator(seed, "finetune.step", step, micro)).rows(rows)
+            batch = gather_batch(latents, text, cond_all[idx], tgt_all[idx], prompt_src[idx], rnd)  # CPU rows
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            rnd = rnd.to(acc.device)
             with acc.accumulate(unet):
                 per_sample = ip2p_loss(unet, sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
                 local_sum = per_sample.sum()
@@ -255,14 +268,14 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
                     grad_norm = float(acc.clip_grad_norm_(params, max_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += total / tc.grad_accum
+            step_loss += total / accum
         if not optimizer.step_was_skipped:
             lr_sched.step()
         if ema is not None:
             ema.step(params)
         step += 1
         losses.append(step_loss)
-        ips = B * tc.grad_accum / (time.perf_counter() - t_start)
+        ips = B * accum / (time.perf_counter() - t_start)
         pbar.update(1)
         pbar.set_postfix(loss=f"{step_loss:.4f}")
         if main and (step % tc.log_every == 0 or step == 1 or step == tc.max_steps):
@@ -291,7 +304,9 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
             "captioner": cfg.captions.captioner, "ema": ema is not None, "lora_rank": tc.lora_rank})
     acc.wait_for_everyone()
     logger.close()
-    return {"losses": losses, "step": step, "final_dir": final_dir, "images_per_s": ips, "cache_seconds": cache_s}
+    return {"losses": losses, "step": step, "final_dir": final_dir, "images_per_s": ips, "cache_seconds": cache_s,
+            "grad_accum": accum, "mixed_precision": str(acc.mixed_precision),
+            "latent_cache_bytes": latents.nbytes, "text_cache_bytes": text.nbytes}
 
 
 #################################################################################
@@ -347,11 +362,14 @@ def run(cfg, accelerator, resume: str | None = None) -> dict:
     from mvc.prompts import make_prompt
 
     acc, paths = accelerator, RunPaths.of(cfg)
-    # Process 0 does any download / captioning / base building first; the others then read its caches.
+    # Process 0 does any download / base building first; the others then read its caches. Captioning is
+    # sharded: every process captions its share of what the cache lacks.
     with acc.main_process_first():
         labelled, pool, _test = load_splits(cfg.data)
         pairs = _pairs_for(cfg, labelled, paths.pairs, acc.is_main_process)
-        captions = load_captions(cfg, labelled)
+    captions = load_captions(cfg, labelled, acc.is_main_process, acc.device, acc.process_index, acc.num_processes,
+                             acc.wait_for_everyone)
+    with acc.main_process_first():
         source = base_source(cfg, pool, paths.root, progress=acc.is_main_process)
         components = load_base(cfg, pool, paths.root, source=source)
     prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])

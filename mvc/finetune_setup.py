@@ -113,7 +113,7 @@ def build_optimizer(params: list[torch.nn.Parameter], train_cfg) -> torch.optim.
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise MVCError("train.use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes; GPU only); "
+            raise MVCError("train.use_8bit_adam=true needs bitsandbytes (pip install '.[adam8bit]'; GPU); "
                            "or set train.use_8bit_adam=false") from None
         return bnb.optim.Adam8bit(params, **kw)
     fused = train_cfg.fused_adam and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -27,12 +27,13 @@ import torch
 
 from mvc import seeds
 from mvc.captions import load_captions
+from mvc.distributed import resolve_dtype
 from mvc.mixing import ClassPrompts, check_donors, mix_prompts, mixing_params, parse_window
 from mvc.models import load_ip2p_pipeline, pipeline_resolution
 from mvc.paths import RunPaths
 from mvc.sd_io import encode_conditions, encode_ids, encode_prompts
 from mvc.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
-from mvc.utils import MVCError, atomic_write_json, batched
+from mvc.utils import MVCError, append_jsonl, atomic_write_json, batched
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ def build_filter(checkpoint: str, classes: Sequence[str]) -> Callable[[list], np
     return lambda images: predict_images(bundle, images)
 
 
-def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: int) -> dict:
+def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: int, dtype: str = "fp32") -> dict:
     """Everything that changes the images (not the set size, batch size or grids)."""
     g = cfg.generate
-    return {
+    return {"dtype": dtype,
         "method": "mvc", "model_dir": str(Path(model_dir).resolve()), "data": labelled.fingerprint(),
         "classes": list(labelled.classes), "captioner": cfg.captions.captioner,
         "prompt_template": cfg.captions.prompt_template, "mixing": dataclasses.asdict(cfg.mixing),
@@ -121,17 +122,19 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     jobs = plan_jobs(labelled, ops, g.multiplier, g.per_class)
     check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, ops, params)
     res = resolve_resolution(cfg, model_dir, pipe)
+    dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
+    dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
     # 1. the main process records/checks the settings and reconciles files and records
-    settings = generation_settings(cfg, model_dir, labelled, res)
+    settings = generation_settings(cfg, model_dir, labelled, res, dtype_name)
     if main:
         settings = out.prepare(settings, labelled.classes)
         out.reconcile(jobs)
-        if captions is None:  # caption first on the main process; the others then read its cache
-            captions = load_captions(cfg, labelled, progress)
     barrier()
     if not main:  # checks what the main process recorded (records it only when this rank runs on its own)
         settings = out.prepare(settings, labelled.classes)
+    if captions is None:  # every process captions its share of what the cache lacks (usually nothing)
+        captions = load_captions(cfg, labelled, progress, device, rank, world, barrier)
     seed = int(settings["seed"])
     done = out.done()
     todo = [j for j in shard_jobs(jobs, rank, world) if j.file not in done]
@@ -140,13 +143,11 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     t0, made, rejected, clamped = time.perf_counter(), 0, 0, 0
     t_render = t0  # after loading: the img/s figure counts sampling only
     if todo:
-        if captions is None:
-            captions = load_captions(cfg, labelled, progress=False)
         missing = [labelled.ids[j.source] for j in todo if labelled.ids[j.source] not in captions]
         if missing:
             raise MVCError(f"no caption for {len(missing)} source image(s), e.g. {missing[0]!r}")
         if pipe is None:
-            pipe = load_ip2p_pipeline(model_dir, g.scheduler, device)
+            pipe = load_ip2p_pipeline(model_dir, g.scheduler, device, dtype=dtype)
         if predictor is None and g.filter_checkpoint:
             predictor = build_filter(g.filter_checkpoint, labelled.classes)
         neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])  # (1, T, D), the pipeline's unconditional text
@@ -195,13 +196,15 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     # 3. the main process merges every rank's records, then writes grids and a summary
     barrier()
     summary = {"rank": rank, "world": world, "planned": len(jobs), "made": made, "rejected_now": rejected,
-               "resolution": res, "seconds": round(seconds, 3), "load_seconds": round(seconds - render_s, 3),
+               "resolution": res, "dtype": dtype_name, "device": str(device if device is not None else "cpu"),
+               "seconds": round(seconds, 3), "load_seconds": round(seconds - render_s, 3),
                "images_per_s": round((made + rejected) / render_s, 4) if render_s > 0 else None}
     if main:
         counts = out.reconcile(jobs)
         summary.update(images=counts["images"], rejected=counts["rejected"])
         write_grids(out.root, paths.grids, labelled, jobs, g.grid_sources, summary)
-        atomic_write_json(paths.grids / "summary.json", summary)
+        atomic_write_json(paths.grids / "summary.json", summary)  # this run
+        append_jsonl(paths.grids / "runs.jsonl", summary)  # every run: which processes, device, dtype made the set
     return summary
 
 

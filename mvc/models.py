@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -191,10 +192,13 @@ def load_ip2p_pipeline(model_dir: str | os.PathLike, sampler: str = "euler_ances
     if not (path / "model_index.json").is_file():
         raise MVCError(f"no fine-tuned pipeline at {path} (model_index.json missing); run train_mvc.py first "
                        f"or set generate.model_dir")
+    # torch_dtype works in every diffusers release we support (>= 0.31); recent ones prefer `dtype` and warn
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+                path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise MVCError(f"cannot load the pipeline at {path}: {str(e).splitlines()[0]}") from None
     if pipe.unet.config.in_channels != 2 * pipe.vae.config.latent_channels:

@@ -33,9 +33,20 @@ class Stage:
         return bool(self.accelerator.is_main_process)
 
 
-def start_stage(cfg: Config, name: str, mixed_precision: str | None = None, grad_accum: int | None = None) -> Stage:
-    """Accelerator, shared seed (recorded in `cfg.run.seed`), logging, and `config-<name>.yaml` in the run folder."""
-    acc = make_accelerator(mixed_precision, grad_accum)
+def start_stage(cfg: Config, name: str, precision_from: str | None = None) -> Stage:
+    """Accelerator, shared seed (recorded in `cfg.run.seed`), logging, and `config-<name>.yaml` in the run folder.
+
+    `precision_from` names the config section ('train', 'classifier') whose `mixed_precision` (and
+    `grad_accum`) the accelerator takes; a null there is accelerate's own setting (`accelerate config`,
+    `accelerate launch --mixed_precision ...`). The values in effect are written back into that section,
+    so the recorded config says what ran.
+    """
+    section = getattr(cfg, precision_from) if precision_from else None
+    acc = make_accelerator(getattr(section, "mixed_precision", None), getattr(section, "grad_accum", None))
+    if section is not None:
+        section.mixed_precision = str(acc.mixed_precision)
+        if hasattr(section, "grad_accum"):
+            section.grad_accum = int(acc.gradient_accumulation_steps)
     cfg.run.seed = broadcast_seed(acc, cfg.run.seed)
     paths = RunPaths.of(cfg)
     logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,

@@ -160,6 +160,39 @@ def test_caption_cache_rerun_and_resume(tmp_path):
                                                                              ds.ids[7]: caps[ds.ids[7]]}
 
 
+def test_sharded_captioning_splits_the_work_and_merges_one_cache(tmp_path):
+    """Two processes (threads here, with a real barrier) each caption half of the missing images into their
+    own shard; both then read the one merged cache. Shards an interrupted run left count as captioned."""
+    import threading
+
+    from mvc.captions import shard_files
+
+    ds = toy_dataset(10)
+    path = tmp_path / "caps.jsonl"
+    caption_dataset(ds.subset([0, 1]), CountingCaptioner(), path, progress=False)  # 2 cached before
+    barrier = threading.Barrier(2, timeout=60)
+    capts, results = [CountingCaptioner(), CountingCaptioner()], [None, None]
+
+    def worker(rank):
+        results[rank] = caption_dataset(ds, capts[rank], path, batch_size=3, progress=False, rank=rank, world=2,
+                                        barrier=barrier.wait)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [c.seen for c in capts] == [4, 4]  # the 8 missing images, split in two
+    assert results[0] == results[1] and list(results[0]) == ds.ids and not shard_files(path)
+    assert sorted(json.loads(x)["id"] for x in path.read_text().splitlines()) == sorted(ds.ids)
+    # an interrupted sharded run left a shard: a one-process rerun reads it, merges it, captions the rest
+    more = toy_dataset(12)
+    (tmp_path / "caps.rank1.jsonl").write_text(json.dumps({"id": more.ids[10], "caption": "from a shard"}) + "\n")
+    third = CountingCaptioner()
+    caps = caption_dataset(more, third, path, progress=False)
+    assert third.seen == 1 and caps[more.ids[10]] == "from a shard" and not shard_files(path)
+
+
 def test_caption_cache_with_a_broken_record_is_an_error(tmp_path):
     path = tmp_path / "caps.jsonl"
     path.write_text('{"id": "x"}\n')
@@ -171,46 +204,10 @@ def test_caption_cache_with_a_broken_record_is_an_error(tmp_path):
 #                                 BLIP-2, LAVIS                                 #
 #################################################################################
 
-def _save_tiny_blip2(folder):
-    """A random tiny BLIP-2 (vision 2 layers, Q-Former 2 layers, OPT 2 layers) + tokenizer + processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        BlipImageProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(["a photo of a shirt on a table", "two dogs running in the grass"] * 4, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    processor = Blip2Processor(BlipImageProcessor(size={"height": 30, "width": 30}), tok, num_query_tokens=4)
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=30, patch_size=6),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            vocab_size=100, max_position_embeddings=64),
-        text_config=dict(model_type="opt", vocab_size=len(processor.tokenizer), hidden_size=32, ffn_dim=64,
-                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-                         max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id),
-        num_query_tokens=4, image_token_index=image_token,
-    )
-    torch.manual_seed(0)
-    Blip2ForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
 def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
-    folder = tmp_path / "tiny-blip2"
-    _save_tiny_blip2(folder)
+    from mvc.standins import save_small_blip2
+
+    folder = save_small_blip2(tmp_path / "tiny-blip2")  # random weights, BLIP-2's classes, a small config
     cfg = CaptionConfig(captioner="blip2", model_id=str(folder), max_new_tokens=5)
     captioner = build_captioner(cfg)
     assert captioner.name == "blip2" and captioner._model is None  # loaded on first use only
@@ -233,6 +230,9 @@ def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
         assert caption_cache_path(tmp_path, build_captioner(other), ds) != caption_cache_path(tmp_path, fresh, ds)
     # at most max_new_tokens new tokens per caption
     assert all(len(captioner.processor.tokenizer(c, add_special_tokens=False).input_ids) <= 5 for c in again)
+    # captions.dtype: half precision when asked (the default on CUDA), batched greedy captions still come out
+    half = build_captioner(CaptionConfig(captioner="blip2", model_id=str(folder), max_new_tokens=5, dtype="bf16"))
+    assert half.model.dtype == torch.bfloat16 and len(half([ds.load_image(0), ds.load_image(1)])) == 2
 
 
 def test_blip2_missing_folder_and_offline_hub_id_are_one_line_errors(tmp_path, monkeypatch):
@@ -244,14 +244,68 @@ def test_blip2_missing_folder_and_offline_hub_id_are_one_line_errors(tmp_path, m
     assert "\n" not in str(e.value)
 
 
-def test_lavis_without_its_environment_says_what_to_do():
-    try:  # lavis is never installed beside this stack (it pins transformers<4.27)
-        import lavis  # noqa: F401
-        pytest.skip("salesforce-lavis is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(MVCError, match="requirements-lavis.txt"):
-        build_captioner(CaptionConfig(captioner="lavis"))
+FAKE_LAVIS = """
+# Stands in for salesforce-lavis in its own environment: the real package's entry point and call signature.
+import torch
+
+
+class _Model:
+    def generate(self, samples, use_nucleus_sampling=False, num_beams=1, max_length=30):
+        return [f"a lavis caption of brightness {float(x.mean()):.3f}" for x in samples["image"]]
+
+
+def _eval(im):
+    return torch.tensor(__import__("numpy").asarray(im.resize((8, 8)), dtype="float32") / 255.0).permute(2, 0, 1)
+
+
+def load_model_and_preprocess(name, model_type, is_eval=False, device="cpu"):
+    assert (name, model_type, is_eval) == ("blip2_opt", "caption_coco_opt2.7b", True)
+    return _Model(), {"eval": _eval}, {}
+"""
+
+
+def test_lavis_hand_off_captions_from_its_environment_are_read_without_lavis(tmp_path, monkeypatch):
+    """The LAVIS environment runs caption_mvc.py with captioner=lavis; the main stack (no lavis installed)
+    reads that caption file as a cache hit with the same settings, and asks for the environment only
+    for an image that has no caption."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, micro_argv, write_fashion_idx
+
+    import caption_mvc
+    from mvc.captions import load_captions
+    from mvc.config import build_parser, parse_args
+    from mvc.data import load_splits
+
+    assert importlib.util.find_spec("lavis") is None  # this stack never has it
+    env_dir = tmp_path / "lavis-env"
+    (env_dir / "lavis").mkdir(parents=True)
+    (env_dir / "lavis" / "__init__.py").write_text("")
+    (env_dir / "lavis" / "models.py").write_text(FAKE_LAVIS)
+    data = write_fashion_idx(tmp_path / "data")
+    argv = micro_argv(data, tmp_path / "out", tmp_path / "cache", "--captions.captioner=lavis")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(env_dir), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "caption_mvc.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = list((tmp_path / "out" / "captions").glob("lavis-*.jsonl"))
+    assert len(files) == 1
+    written = {rec["id"]: rec["caption"] for rec in map(json.loads, files[0].read_text().splitlines())}
+    assert len(written) == 20 and all(c.startswith("a lavis caption") for c in written.values())
+
+    caps = caption_mvc.cli(argv)  # the main stack, in this process: every caption is a cache hit
+    assert caps == written and "lavis" not in sys.modules
+    cfg, _ = parse_args(build_parser("x"), argv)
+    labelled = load_splits(cfg.data)[0]
+    assert load_captions(cfg, labelled) == written
+    # an image the LAVIS run did not caption: one line that says where to caption it
+    files[0].write_text("".join(json.dumps({"id": k, "caption": v}) + "\n" for k, v in list(written.items())[1:]))
+    with pytest.raises(MVCError, match="LAVIS environment") as e:
+        load_captions(cfg, labelled)
+    assert "docs/lavis.md" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_template_captioner_uses_the_configured_text():

@@ -125,26 +125,53 @@ def test_concat_needs_synthetic():
         build_strategy(_scfg(strategy="concat"), 10, 0)
 
 
-def test_two_phase_switches_data_and_lr_at_the_right_epoch():
+def test_two_phase_splits_the_budget_in_steps_and_restarts_the_lr():
+    # budget: 10 real-only epochs of 2 batches = 20 steps; phase 2 = round(0.2 x 20) = 4 steps on real only
     cfg = _scfg(strategy="two_phase", epochs=10, two_phase_fraction=0.2, two_phase_lr_scale=0.1, scheduler="cosine")
     st = build_strategy(cfg, 20, 60)
-    for epoch in range(10):
+    assert st.phase_steps() == {"phase1": 16, "phase2": 4} and st.epochs == 4  # 8 + 8 concat steps, 2 + 2 real
+    step = {"phase1": 0, "phase2": 0}
+    for epoch in range(st.epochs):
         plan = st.epoch_plan(epoch, seed=0)
         idx = np.concatenate(plan.batches)
-        lr0 = plan_lr(cfg, plan, epoch, 0, len(plan.batches))
-        if epoch < 8:  # phase 1: real + synthetic, full LR (cosine over 8 epochs)
-            assert plan.phase == "phase1" and len(idx) == 80 and (idx >= 20).sum() == 60
-            assert lr0 == pytest.approx(lr_multiplier("cosine", epoch / 8, 1.0))
-        else:  # phase 2: real only, LR x 0.1, the schedule restarts
-            assert plan.phase == "phase2" and sorted(idx.tolist()) == list(range(20))
-            assert lr0 == pytest.approx(0.1 * lr_multiplier("cosine", (epoch - 8) / 2, 1.0))
-    assert plan_lr(cfg, st.epoch_plan(8, 0), 8, 0, 2) == pytest.approx(0.1)
+        for s, _ in enumerate(plan.batches):
+            total = 16 if plan.phase == "phase1" else 4
+            scale = 1.0 if plan.phase == "phase1" else 0.1
+            assert plan_lr(cfg, plan, s) == pytest.approx(scale * lr_multiplier("cosine", step[plan.phase] / total, 1.0))
+            step[plan.phase] += 1
+        if plan.phase == "phase1":  # real + synthetic, full LR, cosine over the 16 phase-1 steps
+            assert len(idx) == 80 and (idx >= 20).sum() == 60
+        else:  # real only, LR x 0.1, the schedule restarts
+            assert sorted(idx.tolist()) == list(range(20))
+    assert step == {"phase1": 16, "phase2": 4}
+    assert plan_lr(cfg, st.epoch_plan(2, 0), 0) == pytest.approx(0.1)  # the first phase-2 step
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("steps", [None, 37])
+def test_every_strategy_gets_the_same_optimizer_step_budget(steps, world):
+    """Equal compute: real, concat, two_phase, probabilistic and synthetic_only all take the same number of
+    optimizer steps (classifier.steps, else classifier.epochs real-only epochs), whatever their epoch size."""
+    from mvc.classifier.data import shard_batches
+    from mvc.classifier.strategies import chunk, num_batches
+
+    budget = steps or 10 * (num_batches(23, 10) // world)  # 23 real images in batches of 10: 2 batches
+    for name in ["real", "concat", "two_phase", "probabilistic", "synthetic_only"]:
+        st = build_strategy(_scfg(strategy=name, steps=steps), 23, 40, world)
+        taken = sum(len(shard_batches(st.epoch_plan(e, 0).batches, r, world)) for e in range(st.epochs)
+                    for r in range(world)) // world
+        assert st.total_steps == budget and taken == budget, name
+    assert all(num_batches(n, b) == len(chunk(np.arange(n), b)) for n in range(1, 40) for b in (1, 2, 5, 10))
+    images = {name: sum(build_strategy(_scfg(strategy=name), 23, 40).epoch_plan(e, 0).num_images
+                        for e in range(build_strategy(_scfg(strategy=name), 23, 40).epochs))
+              for name in ["real", "probabilistic"]}
+    assert images["real"] == 10 * 23 and images["probabilistic"] > 1.5 * images["real"]  # p = 0.8 appended
 
 
 @pytest.mark.parametrize("mode", ["append", "replace"])
 @pytest.mark.parametrize("p", [0.25, 0.8])
 def test_probabilistic_mixes_at_the_configured_rate(mode, p):
-    st = build_strategy(_scfg(strategy="probabilistic", prob_p=p, prob_mode=mode, batch_size=16), 200, 37)
+    st = build_strategy(_scfg(strategy="probabilistic", prob_p=p, prob_mode=mode, batch_size=16, epochs=30), 200, 37)
     n_syn = n_real_slots = 0
     for epoch in range(30):
         plan = st.epoch_plan(epoch, seed=3)
@@ -193,6 +220,22 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert m["f1_macro"] == pytest.approx(np.mean(f1))
 
 
+def test_confusion_figure_stays_readable_at_100_classes():
+    import matplotlib.pyplot as plt
+
+    from mvc.classifier.metrics import confusion_figure
+
+    small = confusion_figure(np.eye(4, dtype=int) * 5, ["a", "b", "c", "d"])
+    assert len(small.axes[0].texts) == 16  # every count written
+    cm = np.random.default_rng(0).integers(0, 9, (100, 100))
+    big = confusion_figure(cm, [f"class {i}" for i in range(100)])
+    w, h = big.get_size_inches() * 120  # the dpi RunLogger saves at
+    assert max(w, h) < 1600 and not big.axes[0].texts  # colour, not 10,000 numbers
+    assert 20 <= len(big.axes[0].get_xticklabels()) <= 40
+    plt.close(small)
+    plt.close(big)
+
+
 #################################################################################
 #                             Models and synthetic data                         #
 #################################################################################
@@ -210,6 +253,40 @@ def test_backbones_cifar_stem_and_errors():
         build_model("resnet_nope", 3)
     with pytest.raises(MVCError, match="cifar_stem"):
         build_model("vit_tiny_patch16_224", 3, cifar_stem=True)
+
+
+@pytest.mark.parametrize("name", ["autoaugment", "randaugment", "trivialaugment"])
+def test_classic_policies_run_after_crop_and_flip(name):
+    """As in torchvision's and timm's recipes, a policy is added to random crop + flip, not put in their place:
+    the policy's input is exactly the cropped and flipped batch."""
+    from mvc.classifier.augment import Augment, random_crop_flip
+    from mvc.classifier.models import ModelMeta
+
+    meta = ModelMeta("resnet10t", 3, False, 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    aug = Augment(meta, name)
+    seen = []
+    policy = aug.policy
+    aug.policy = lambda im: seen.append(im.clone()) or policy(im)
+    torch.manual_seed(0)
+    out = aug(x)
+    torch.manual_seed(0)
+    cropped = random_crop_flip(x, aug.pad)
+    assert aug.crop_flip and torch.equal(torch.stack(seen), cropped) and not torch.equal(cropped, x)
+    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
+
+
+def test_wide_resnets_are_timm_models_and_config_validation_does_not_import_timm():
+    from mvc.classifier.models import build_model, check_backbone
+
+    check_backbone("wrn28_10")
+    big, meta = build_model("wrn28_10", 100, input_size=32)
+    assert 36.0e6 < sum(p.numel() for p in big.parameters()) < 37.0e6 and meta.input_size == 32  # WRN-28-10: 36.5 M
+    small, _ = build_model("wrn28_2", 10, input_size=32)
+    assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    r = _run([sys.executable, "-c", "import sys; from mvc.config import make_config; make_config(); "
+                                    "print(sorted(m for m in ('timm', 'torchvision', 'diffusers') if m in sys.modules))"])
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
 
 
 def test_synthetic_reader_labels_from_metadata_and_folder_fallback(tmp_path):
@@ -388,7 +465,9 @@ def test_ddp_two_processes_on_cpu(tmp_path):
               "--master_port", str(port), str(script)], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = sorted(l for l in r.stdout.splitlines() if l.startswith("RANK"))
-    # 36 images / batch 6 = 6 global batches -> 3 steps per process
-    assert lines == ["RANK 0 WORLD 2 STEPS 3", "RANK 1 WORLD 2 STEPS 3"], r.stdout
+    # budget: 2 real-only epochs, each 18 images / batch 6 = 3 batches = 1 step of 2 batches -> 2 steps;
+    # concat's first epoch (36 images = 6 batches = 3 steps per process) is cut there
+    assert lines == ["RANK 0 WORLD 2 STEPS 2", "RANK 1 WORLD 2 STEPS 2"], r.stdout
     rec = json.loads(next((tmp_path / "out" / "classifier").glob("concat-*/metrics.json")).read_text())
     assert rec["world_size"] == 2 and rec["last"]["num_samples"] == 18
+    assert rec["steps"] == rec["budget_steps"] == 2 and rec["epochs"] == 1 and rec["images_seen"] == 4 * 6

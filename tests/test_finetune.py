@@ -188,6 +188,25 @@ def test_training_inputs_match_pipeline_sampling_batch(components):
     assert torch.count_nonzero(b["cond_latents"][2]) == 0 and torch.count_nonzero(b["cond_latents"][0]) > 0
 
 
+def test_text_cache_holds_each_distinct_prompt_once_on_the_cpu_and_its_size_is_reported(components, straight_run):
+    from mvc.sd_io import encode_prompts
+
+    comps = copy.deepcopy(components)
+    tok, te = comps["tokenizer"], comps["text_encoder"]
+    prompts = ["a dark object, a photo of class type x", "a bright object, a photo of class type y"]
+    prompts = [prompts[i] for i in (0, 1, 0, 0, 1)]
+    txt = encode_prompts_cache(tok, te, prompts, show_progress=False, dtype=torch.float16)
+    L, D = txt.empty.shape
+    assert txt.table.shape == (2, L, D) and txt.table.dtype == torch.float16 and txt.table.device.type == "cpu"
+    assert txt.nbytes == 2 * L * D * 2 + 5 * 8 + L * D * 2  # two rows, not five
+    assert torch.allclose(txt.lookup(torch.arange(5)).float(), encode_prompts(tok, te, prompts), atol=2e-3)
+    # fine-tuning reports the caches' sizes before its first step
+    out, res = straight_run
+    first = json.loads((out / "mvc" / "log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["setup/text_cache_gb"] == pytest.approx(res["text_cache_bytes"] / 1e9)
+    assert res["latent_cache_bytes"] > 0 and first["setup/grad_accum"] == 1
+
+
 #################################################################################
 #                                    Training                                   #
 #################################################################################
@@ -235,6 +254,62 @@ def test_resume_with_ema_and_grad_accum(tmp_path, components):
     assert np.allclose(res["losses"], ref["losses"][2:], rtol=1e-5, atol=1e-6)
     a, b = unet_weights(tmp_path / "a/mvc/final"), unet_weights(tmp_path / "b/mvc/final")
     assert max_weight_diff(a, b) < 1e-6
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """A clean accelerate state before and after (it is a process-wide singleton that keeps its precision)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_grad_accum_left_unset_comes_from_accelerate_and_drives_steps_and_schedule(tmp_path, components, monkeypatch,
+                                                                                    fresh_accelerate):
+    """train.grad_accum=null takes accelerate's gradient_accumulation_steps (here its environment variable): the
+    loop then runs that many micro-batches per optimizer step, exactly like an explicit train.grad_accum=2 (same
+    losses, same weights, schedule stepped once per update); an explicit value wins over accelerate's."""
+    ref, _ = run_finetune(tmp_path / "explicit", components, max_steps=3, grad_accum=2)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    res, _ = run_finetune(tmp_path / "env", components, max_steps=3, grad_accum=None)
+    assert res["grad_accum"] == 2 and res["step"] == 3
+    assert np.allclose(res["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+    a, b = unet_weights(tmp_path / "explicit/mvc/final"), unet_weights(tmp_path / "env/mvc/final")
+    assert max_weight_diff(a, b) < 1e-6
+    one, _ = run_finetune(tmp_path / "one", components, max_steps=1, grad_accum=1)
+    assert one["grad_accum"] == 1
+
+
+def test_mixed_precision_left_unset_comes_from_accelerate_and_is_recorded(tmp_path, monkeypatch, fresh_accelerate):
+    from mvc.config import load_yaml
+    from mvc.stage import start_stage
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    cfg = toy_config(tmp_path)
+    assert cfg.train.mixed_precision is None and cfg.train.grad_accum is None  # the defaults: accelerate decides
+    stage = start_stage(cfg, "train_mvc", precision_from="train")
+    assert stage.accelerator.mixed_precision == "bf16"
+    recorded = load_yaml(tmp_path / "config-train_mvc.yaml")["train"]
+    assert recorded["mixed_precision"] == "bf16" and recorded["grad_accum"] == 1
+
+
+def test_sharded_backends_are_refused_in_one_line(monkeypatch, fresh_accelerate):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from mvc.distributed import make_accelerator
+
+    class FSDPAccelerator(accelerate.Accelerator):  # what `accelerate config` with FSDP gives on a GPU machine
+        distributed_type = DistributedType.FSDP
+
+    monkeypatch.setattr(accelerate, "Accelerator", FSDPAccelerator)
+    with pytest.raises(MVCError, match="data-parallel only") as e:
+        make_accelerator()
+    assert "FSDP" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_final_folder_loads_with_plain_diffusers_and_generates(straight_run, components):

@@ -222,6 +222,22 @@ def test_two_shards_equal_one_process_and_batch_size_does_not_matter(tmp_path, m
         assert np.abs(pixels(a, f) - pixels(b, f)).max() <= 1
 
 
+def test_pipeline_dtype_fp32_on_cpu_by_default_bf16_when_asked(tmp_path, model_dir, labelled):
+    """generate.dtype: null loads the pipeline in fp32 on the CPU (fp16 on CUDA); bf16 loads it in bf16 and
+    samples in it; the dtype is one of the settings the set records (its images differ)."""
+    default = gen.generate_synthetic(make_cfg(tmp_path, model_dir, "fp32"), labelled=labelled, captions=CAPTIONS,
+                                     progress=False)
+    half = gen.generate_synthetic(make_cfg(tmp_path, model_dir, "bf16", **{"generate.dtype": "bf16"}),
+                                  labelled=labelled, captions=CAPTIONS, progress=False)
+    assert default["dtype"] == "fp32" and half["dtype"] == "bf16" and half["made"] == default["made"] == 8
+    recorded = {d: json.loads((tmp_path / d / "generation.json").read_text())["settings"]["dtype"]
+                for d in ("fp32", "bf16")}
+    assert recorded == {"fp32": "fp32", "bf16": "bf16"}
+    assert pngs(tmp_path / "fp32") == pngs(tmp_path / "bf16")
+    with pytest.raises(MVCError, match="generate.dtype"):
+        make_cfg(tmp_path, model_dir, **{"generate.dtype": "fp8"})
+
+
 def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
     """Our path (shared latents/embeddings, batch of 3) == one diffusers call per image with its prompt."""
     from mvc.prompts import make_prompt

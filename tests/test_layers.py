@@ -155,3 +155,25 @@ def test_scripts_are_installed_as_commands():
         sys.path.remove(str(ROOT))
     for mod in modules_:
         assert "sys.path" not in (ROOT / f"{mod}.py").read_text(), mod
+
+
+def test_every_declared_dependency_is_imported():
+    """pyproject's dependencies are what the code imports (einops was declared and never used)."""
+    import re
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in meta["project"]["dependencies"]}
+    module_of = {"scikit-learn": "sklearn", "pillow": "PIL", "pyyaml": "yaml"}
+    files = [*PKG.rglob("*.py"), *ROOT.glob("*.py")]
+    imported = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module)
+    tops = {m.split(".")[0] for m in imported} | ({"tensorboard"} if "torch.utils.tensorboard" in imported else set())
+    # safetensors is the weight format diffusers and transformers read and write for us
+    assert "safe_serialization=True" in (PKG / "models.py").read_text()
+    unused = {d for d in declared if module_of.get(d, d) not in tops} - {"safetensors"}
+    assert not unused, f"declared but never imported: {sorted(unused)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from helpers import micro_argv, write_fashion_idx  # noqa: E402
 
 import run_pipeline  # noqa: E402
 from mvc.config import load_yaml, make_config  # noqa: E402
-from mvc.utils import read_jsonl  # noqa: E402
+from mvc.utils import MVCError, read_jsonl  # noqa: E402
 
 RUNS = ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
 
@@ -169,3 +170,30 @@ def test_granularity_ablation_marks_no_ops_and_reports_effective_k(pipeline_run,
     assert not (out / out.name).exists()  # nothing was written into a doubled run folder
     down = json.loads((res / "downstream.json").read_text())
     assert down[0]["setting"] == "fine s=2 m=2" and 0 <= down[0]["accuracy"]["mean"] <= 1
+
+
+def test_recipes_are_classifier_mappings_checked_before_any_stage():
+    cfg = make_config(load_yaml(ROOT / "configs" / "brain_tumor.yaml"))
+    recipes = run_pipeline.recipe_configs(cfg)
+    assert [r.classifier.backbone for r in recipes] == ["resnet50", "wide_resnet50_2", "efficientnet_b0"]
+    eff = recipes[2].classifier
+    assert (eff.optimizer, eff.lr, eff.scheduler, eff.steps) == ("sgd", 0.02, "multistep", 5750)  # the budget stays
+    assert recipes[1].classifier.optimizer == "adam" and recipes[0].train == cfg.train
+    run_pipeline.check_runs(cfg)
+    for bad, words in [([{"backbone": "resnet50"}, {"backbone": "resnet50", "lr": 0.1}], "two recipes use backbone"),
+                       ([{"backbone": "resnet50", "strategy": "concat"}], "come from pipeline.runs"),
+                       ([{"optimizr": "sgd"}], "pipeline.recipes[0]: unknown config key 'classifier.optimizr'"),
+                       ([{"backbone": "resnet_nope"}], "unknown backbone 'resnet_nope'")]:
+        with pytest.raises(MVCError, match=re.escape(words)):
+            run_pipeline.check_runs(make_config(load_yaml(ROOT / "configs" / "brain_tumor.yaml"),
+                                                {"pipeline.recipes": bad}))
+
+
+def test_reports_name_the_split_they_evaluate_on():
+    from mvc.data import describe_eval_split
+
+    say = {d: describe_eval_split(make_config(load_yaml(ROOT / "configs" / f"{d}.yaml")).data)
+           for d in ("cifar10", "caltech101", "brain_tumor", "tiny")}
+    assert say["caltech101"].startswith("a seeded, class-stratified 20% test split") and "official" not in \
+        say["caltech101"].replace("no official", "")
+    assert {say[d] for d in ("cifar10", "brain_tumor", "tiny")} == {"the official test split"}

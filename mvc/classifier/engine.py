@@ -30,9 +30,9 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     return OPTIMIZERS.get(cfg.optimizer)(params, cfg, fused)
 
 
-def plan_lr(cfg, plan, epoch: int, step: int, steps: int) -> float:
-    """LR of `step` (0-based, of `steps`) in `epoch` under the epoch's plan (phase span and scale)."""
-    progress = (epoch - plan.phase_start + step / max(steps, 1)) / max(plan.phase_epochs, 1)
+def plan_lr(cfg, plan, step: int) -> float:
+    """LR of optimizer step `step` (0-based) of an epoch under its plan: the schedule spans the epoch's phase."""
+    progress = (plan.phase_step + step) / max(plan.phase_steps, 1)
     return float(cfg.lr) * plan.lr_scale * lr_multiplier(cfg.scheduler, progress, 1.0, milestones=cfg.milestones,
                                                          gamma=cfg.gamma)
 

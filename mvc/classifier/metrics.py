@@ -31,8 +31,18 @@ def compute_metrics(y_true, y_pred, num_classes: int) -> dict:
     }
 
 
+ANNOTATE_MAX = 25   # classes up to which every cell shows its count
+LABEL_MAX = 40      # classes up to which every class name is a tick label (beyond: every k-th)
+MAX_INCHES = 11.0   # the figure's side (at 120 dpi: at most about 1,300 px, whatever the class count)
+
+
 def confusion_figure(cm, classes: list[str], title: str = ""):
-    """A matplotlib figure of the confusion matrix (rows true, columns predicted), counts annotated."""
+    """A matplotlib figure of the confusion matrix (rows true, columns predicted), readable at any class count.
+
+    Up to ANNOTATE_MAX classes every cell carries its count; beyond, the colour (with a colour bar) does,
+    and rows are normalised by the class's test count so that classes of different sizes compare.
+    The side grows with the class count up to MAX_INCHES; beyond LABEL_MAX classes every k-th class is labelled.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,18 +50,27 @@ def confusion_figure(cm, classes: list[str], title: str = ""):
 
     cm = np.asarray(cm)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), [c[:12] for c in classes], rotation=90, fontsize=7)
-    ax.set_yticks(range(n), [c[:12] for c in classes], fontsize=7)
+    annotate = n <= ANNOTATE_MAX
+    side = min(1.5 + 0.45 * n, MAX_INCHES)
+    fig, ax = plt.subplots(figsize=(side + (0 if annotate else 1.2), side))
+    shown = cm if annotate else cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(shown, cmap="Blues", interpolation="nearest")
+    step = 1 if n <= LABEL_MAX else int(np.ceil(n / LABEL_MAX))
+    ticks = list(range(0, n, step))
+    size = 7 if n <= LABEL_MAX // 2 else 5
+    ax.set_xticks(ticks, [classes[i][:12] for i in ticks], rotation=90, fontsize=size)
+    ax.set_yticks(ticks, [classes[i][:12] for i in ticks], fontsize=size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    hi = cm.max() if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                    color="white" if cm[i, j] > hi / 2 else "black")
+    if annotate:
+        hi = cm.max() if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if cm[i, j] > hi / 2 else "black")
+    else:
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     return fig
 

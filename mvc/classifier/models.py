@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mvc.classifier import zoo  # noqa: F401  (registers wrn28_10, wrn28_2, mvc_refcnn with timm)
 from mvc.utils import MVCError
 
 
@@ -37,6 +36,9 @@ class ModelMeta:
 def check_backbone(name: str) -> None:
     """MVCError unless `name` is a timm model name (checked before any data is loaded)."""
     import timm
+
+    from mvc.classifier import zoo  # noqa: F401  (registers wrn28_10, wrn28_2, mvc_refcnn with timm; imported
+    #                                  here, not at the top, so that config validation does not import timm)
 
     if not timm.is_model(name):
         raise MVCError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models(), e.g. resnet18)")

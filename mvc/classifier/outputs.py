@@ -13,8 +13,8 @@ from mvc.paths import RunPaths
 from mvc.utils import RunLogger, atomic_write_json, safe_name
 
 CSV_COLUMNS = ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed", "fold", *SCALARS,
-               "best_accuracy", "best_epoch", "best_selected_on", "epochs", "steps", "n_real", "n_synthetic", "probe",
-               "run_dir"]
+               "best_accuracy", "best_epoch", "best_selected_on", "epochs", "steps", "images_seen", "n_real",
+               "n_synthetic", "probe", "run_dir"]
 
 
 def run_name(cfg, seed: int) -> str:
@@ -55,8 +55,8 @@ def csv_row(record: dict) -> dict:
     """One results-CSV row from a run record."""
     best = record.get("best") or {}
     return {**{k: record.get(k) for k in ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed",
-                                          "fold", "best_selected_on", "epochs", "steps", "n_real", "n_synthetic",
-                                          "probe", "run_dir"]},
+                                          "fold", "best_selected_on", "epochs", "steps", "images_seen", "n_real",
+                                          "n_synthetic", "probe", "run_dir"]},
             **{k: round(record["last"][k], 6) for k in SCALARS},
             "best_accuracy": round(best["accuracy"], 6) if best else None, "best_epoch": best.get("epoch")}
 

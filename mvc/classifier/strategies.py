@@ -2,18 +2,23 @@
 
 A strategy never touches pixels. It works in one *combined index space* where indices
 `0..n_real-1` are real images and `n_real..n_real+n_syn-1` are synthetic ones, and returns an
-`EpochPlan`: the list of batches (index arrays) of one epoch plus the LR scale and the span of
-the LR schedule. Plans are a pure function of (seed, epoch), so a resumed run replays exactly
+`EpochPlan`: the batches (index arrays) of one epoch, the LR scale, and where the epoch sits in its
+phase's LR schedule. Plans are a pure function of (seed, epoch), so a resumed run replays exactly
 the epochs it would have run, and every process of a DDP run agrees on the global plan (each
 then takes its own share of the batches).
+
+Equal compute. Every run of a comparison gets the same budget of optimizer steps (`step_budget`):
+`classifier.steps`, or else `classifier.epochs` real-only epochs' worth of steps. A strategy whose
+epoch is longer (real + synthetic) runs fewer epochs; the last epoch is cut where the budget ends.
+`two_phase` splits the budget in steps (phase 2 gets `round(two_phase_fraction * budget)`).
+`probabilistic` (append) puts more images into each step: its budget is the same in steps, and the
+run records how many images it saw (`EpochPlan.num_images`), which the report states.
 
 Importing this module is cheap (numpy only): config validation calls `list_strategies()`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,18 +51,48 @@ def chunk(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return batches
 
 
+def num_batches(n: int, batch_size: int) -> int:
+    """len(chunk(range(n), batch_size)), without drawing anything."""
+    k = -(-n // batch_size)
+    return k - 1 if k > 1 and n - (k - 1) * batch_size < 2 else k
+
+
+def step_budget(cfg, n_real: int, world: int = 1) -> int:
+    """Optimizer steps of every run of a comparison: `cfg.steps`, else `cfg.epochs` real-only epochs' worth.
+
+    With `world` processes an optimizer step takes `world` batches (one per process), so a real-only
+    epoch is `num_batches(n_real, batch_size) // world` steps.
+    """
+    if getattr(cfg, "steps", None):
+        return int(cfg.steps)
+    return int(cfg.epochs) * max(1, num_batches(n_real, int(cfg.batch_size)) // world)
+
+
 @dataclass
 class EpochPlan:
-    """One epoch: batches of combined indices, the LR scale, and the schedule span of its phase."""
+    """One epoch: batches of combined indices, the LR scale, and its place in its phase's LR schedule."""
     batches: list[np.ndarray]
     lr_scale: float = 1.0
     phase: str = "main"
-    phase_start: int = 0   # first epoch of this phase (the LR schedule restarts with each phase)
-    phase_epochs: int = 1  # epochs in this phase
+    phase_step: int = 0    # optimizer steps of this phase before this epoch (the LR schedule restarts per phase)
+    phase_steps: int = 1   # optimizer steps of the whole phase
 
     def num_synthetic(self, n_real: int) -> int:
         """How many synthetic images the epoch shows."""
         return int(sum(int((b >= n_real).sum()) for b in self.batches))
+
+    @property
+    def num_images(self) -> int:
+        """How many images the epoch shows (every process's batches together)."""
+        return int(sum(len(b) for b in self.batches))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of the budget with its own data, LR scale and LR schedule span."""
+    name: str
+    steps: int
+    lr_scale: float = 1.0
 
 
 #################################################################################
@@ -65,11 +100,15 @@ class EpochPlan:
 #################################################################################
 
 class Strategy:
-    """Base class: `epoch_plan(epoch, seed)` gives the batches of one epoch."""
+    """Base class: the budget's phases, and the batches of one full pass over a phase's data.
+
+    `epoch_plan(epoch, seed)` gives the run's epochs in order: full passes over each phase's data,
+    the last one of a phase cut where the phase's share of the budget ends.
+    """
     name = "base"
     needs_synthetic = False
 
-    def __init__(self, cfg, n_real: int, n_syn: int):
+    def __init__(self, cfg, n_real: int, n_syn: int, world: int = 1):
         if n_real < 1:
             raise MVCError("no real training images: check data.k_per_class and the dataset")
         if self.needs_synthetic and n_syn < 1:
@@ -78,8 +117,11 @@ class Strategy:
         self.cfg = cfg
         self.n_real = int(n_real)
         self.n_syn = int(n_syn) if self.needs_synthetic else 0
-        self.epochs = int(cfg.epochs)
         self.batch_size = int(cfg.batch_size)
+        self.world = int(world)
+        self.total_steps = step_budget(cfg, self.n_real, self.world)
+        self.phases = [p for p in self.split(self.total_steps) if p.steps > 0]
+        self._table = self._epoch_table()
 
     @classmethod
     def tag_for(cls, cfg) -> str:
@@ -90,9 +132,49 @@ class Strategy:
         """This strategy's tag (see `tag_for`)."""
         return self.tag_for(self.cfg)
 
-    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
-        """The batches of `epoch` (0-based) for base seed `seed`."""
+    # --- what a strategy defines -------------------------------------------------
+    def split(self, total: int) -> list[Phase]:
+        """The budget's phases (one by default)."""
+        return [Phase("main", total)]
+
+    def pass_size(self, phase: str) -> int:
+        """Images in one full pass over the phase's data (what its batches are cut from)."""
         raise NotImplementedError
+
+    def pass_batches(self, phase: str, epoch: int, seed: int) -> list[np.ndarray]:
+        """The batches of one full pass over the phase's data, drawn for the run's `epoch`."""
+        raise NotImplementedError
+
+    # --- the run's epochs ------------------------------------------------------
+    def _epoch_table(self) -> list[tuple[Phase, int, int]]:
+        """(phase, optimizer steps of the epoch, steps of the phase before it) for every epoch of the run."""
+        table = []
+        for ph in self.phases:
+            per = num_batches(self.pass_size(ph.name), self.batch_size) // self.world
+            if per < 1:
+                raise MVCError(f"an epoch of {self.name} ({ph.name}) has fewer batches than the {self.world} "
+                               f"processes; lower classifier.batch_size")
+            done = 0
+            while done < ph.steps:
+                n = min(per, ph.steps - done)
+                table.append((ph, n, done))
+                done += n
+        return table
+
+    @property
+    def epochs(self) -> int:
+        """Epochs of the run (the last one of each phase may be short)."""
+        return len(self._table)
+
+    def phase_steps(self) -> dict[str, int]:
+        """{phase: optimizer steps}: how the budget is split."""
+        return {p.name: p.steps for p in self.phases}
+
+    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
+        """The batches of `epoch` (0-based) for base seed `seed`: `world` batches per optimizer step."""
+        ph, n, done = self._table[epoch]
+        batches = self.pass_batches(ph.name, epoch, seed)[:n * self.world]
+        return EpochPlan(batches, lr_scale=ph.lr_scale, phase=ph.name, phase_step=done, phase_steps=ph.steps)
 
     def _shuffled(self, n: int, epoch: int, seed: int, salt: str) -> list[np.ndarray]:
         """A seeded permutation of `0..n-1` cut into batches."""
@@ -105,9 +187,12 @@ class RealOnly(Strategy):
     """Baseline: real images only (synthetic images are ignored)."""
     name = "real"
 
-    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
-        """One shuffled pass over the real images."""
-        return EpochPlan(self._shuffled(self.n_real, epoch, seed, "real"), phase_epochs=self.epochs)
+    def pass_size(self, phase: str) -> int:
+        return self.n_real
+
+    def pass_batches(self, phase: str, epoch: int, seed: int) -> list[np.ndarray]:
+        """A shuffled pass over the real images."""
+        return self._shuffled(self.n_real, epoch, seed, "real")
 
 
 @STRATEGIES.register("concat")
@@ -116,9 +201,12 @@ class Concat(Strategy):
     name = "concat"
     needs_synthetic = True
 
-    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
-        """One shuffled pass over real and synthetic images together."""
-        return EpochPlan(self._shuffled(self.n_real + self.n_syn, epoch, seed, "concat"), phase_epochs=self.epochs)
+    def pass_size(self, phase: str) -> int:
+        return self.n_real + self.n_syn
+
+    def pass_batches(self, phase: str, epoch: int, seed: int) -> list[np.ndarray]:
+        """A shuffled pass over real and synthetic images together."""
+        return self._shuffled(self.n_real + self.n_syn, epoch, seed, "concat")
 
 
 @STRATEGIES.register("synthetic_only")
@@ -127,36 +215,39 @@ class SyntheticOnly(Strategy):
     name = "synthetic_only"
     needs_synthetic = True
 
-    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
-        """One shuffled pass over the synthetic images (indices n_real..n_real+n_syn-1)."""
-        batches = self._shuffled(self.n_syn, epoch, seed, "synthetic_only")
-        return EpochPlan([b + self.n_real for b in batches], phase_epochs=self.epochs)
+    def pass_size(self, phase: str) -> int:
+        return self.n_syn
+
+    def pass_batches(self, phase: str, epoch: int, seed: int) -> list[np.ndarray]:
+        """A shuffled pass over the synthetic images (indices n_real..n_real+n_syn-1)."""
+        return [b + self.n_real for b in self._shuffled(self.n_syn, epoch, seed, "synthetic_only")]
 
 
 @STRATEGIES.register("two_phase")
 class TwoPhase(Strategy):
-    """Phase 1 on real + synthetic; phase 2 (the last `two_phase_fraction` of the epochs) on real only
-    at `two_phase_lr_scale` x LR. The LR schedule restarts at the phase switch (phase 2 is a short
-    fine-tuning run of its own, as in the paper)."""
+    """Phase 1 on real + synthetic; phase 2 (the last `two_phase_fraction` of the step budget) on real only
+    at `two_phase_lr_scale` x LR. The LR schedule restarts at the switch (phase 2 is a short fine-tuning
+    run of its own, as in the paper)."""
     name = "two_phase"
     needs_synthetic = True
 
-    def __init__(self, cfg, n_real: int, n_syn: int):
-        super().__init__(cfg, n_real, n_syn)
-        frac = float(cfg.two_phase_fraction)
-        p2 = int(round(self.epochs * frac))
-        if frac > 0 and self.epochs > 1:
-            p2 = max(p2, 1)  # a positive fraction always leaves at least one real-only epoch
-        self.phase2_epochs = min(p2, self.epochs)
-        self.phase1_epochs = self.epochs - self.phase2_epochs
+    def split(self, total: int) -> list[Phase]:
+        """Phase 2 gets round(fraction x budget) steps (at least one for a positive fraction), phase 1 the rest."""
+        frac = float(self.cfg.two_phase_fraction)
+        p2 = int(round(total * frac))
+        if frac > 0 and total > 1:
+            p2 = max(p2, 1)
+        p2 = min(p2, total)
+        return [Phase("phase1", total - p2), Phase("phase2", p2, float(self.cfg.two_phase_lr_scale))]
 
-    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
-        """Concat batches before the switch epoch, real-only batches with a scaled LR after it."""
-        if epoch < self.phase1_epochs:
-            return EpochPlan(self._shuffled(self.n_real + self.n_syn, epoch, seed, "phase1"),
-                             phase="phase1", phase_start=0, phase_epochs=self.phase1_epochs)
-        return EpochPlan(self._shuffled(self.n_real, epoch, seed, "phase2"), lr_scale=float(self.cfg.two_phase_lr_scale),
-                         phase="phase2", phase_start=self.phase1_epochs, phase_epochs=self.phase2_epochs)
+    def pass_size(self, phase: str) -> int:
+        return self.n_real + self.n_syn if phase == "phase1" else self.n_real
+
+    def pass_batches(self, phase: str, epoch: int, seed: int) -> list[np.ndarray]:
+        """Concat batches in phase 1, real-only batches in phase 2."""
+        if phase == "phase1":
+            return self._shuffled(self.n_real + self.n_syn, epoch, seed, "phase1")
+        return self._shuffled(self.n_real, epoch, seed, "phase2")
 
 
 @STRATEGIES.register("probabilistic")
@@ -165,7 +256,8 @@ class Probabilistic(Strategy):
     'append' adds it to the batch (the paper), 'replace' puts it in the real image's place (DA-Fusion).
 
     Synthetic images are drawn without replacement from a seeded stream of permutations of the
-    synthetic pool, so over the run every synthetic image is used about equally often.
+    synthetic pool, so over the run every synthetic image is used about equally often. An epoch is a
+    pass over the real images, so with 'append' a step sees about (1 + prob_p) x batch_size images.
     """
     name = "probabilistic"
     needs_synthetic = True
@@ -175,7 +267,10 @@ class Probabilistic(Strategy):
         """'probabilistic' (append) or 'probabilistic_replace'."""
         return cls.name if cfg.prob_mode == "append" else f"{cls.name}_{cfg.prob_mode}"
 
-    def epoch_plan(self, epoch: int, seed: int) -> EpochPlan:
+    def pass_size(self, phase: str) -> int:
+        return self.n_real
+
+    def pass_batches(self, phase: str, epoch: int, seed: int) -> list[np.ndarray]:
         """Real batches with synthetic indices appended / substituted at rate `prob_p`."""
         rng = epoch_rng(seed, epoch, "probabilistic")
         real = chunk(rng.permutation(self.n_real).astype(np.int64), self.batch_size)
@@ -198,20 +293,9 @@ class Probabilistic(Strategy):
             batches.append(b)
             h0 += len(mask)
             s0 += k
-        return EpochPlan(batches, phase_epochs=self.epochs)
+        return batches
 
 
-def build_strategy(cfg, n_real: int, n_syn: int) -> Strategy:
-    """Instantiate the strategy named by `cfg.strategy` (MVCError on an unknown name)."""
-    return STRATEGIES.get(cfg.strategy)(cfg, n_real, n_syn)
-
-
-def epochs_for_steps(cfg, n_real: int, n_syn: int, seed: int) -> int:
-    """Epochs that give about `cfg.steps` optimizer steps with this strategy (at least 1).
-
-    With a fixed step budget every strategy trains as long, whatever the size of its epoch
-    (a real-only epoch of 200 images is 4 steps at batch 50; real + 800 synthetic is 20).
-    """
-    one = build_strategy(dataclasses.replace(cfg, epochs=1), n_real, n_syn)
-    steps_per_epoch = max(1, len(one.epoch_plan(0, seed).batches))
-    return max(1, math.ceil(cfg.steps / steps_per_epoch))
+def build_strategy(cfg, n_real: int, n_syn: int, world: int = 1) -> Strategy:
+    """Instantiate the strategy named by `cfg.strategy` (MVCError on an unknown name) for `world` processes."""
+    return STRATEGIES.get(cfg.strategy)(cfg, n_real, n_syn, world)

@@ -25,7 +25,7 @@ from mvc.classifier.engine import build_optimizer, evaluate, plan_lr, train_one_
 from mvc.classifier.metrics import compute_metrics, mean_std
 from mvc.classifier.models import build_model
 from mvc.classifier.outputs import run_dir_for, write_run_outputs, write_summary
-from mvc.classifier.strategies import build_strategy, epochs_for_steps
+from mvc.classifier.strategies import build_strategy
 from mvc.utils import MVCError, RunLogger, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     data = Combined(real, syn)
     test_ds = prepared(d["test"], meta)
     val_ds = prepared(d["val"], meta) if d["val"] is not None else None
-    if c.steps is not None:  # a fixed optimizer-step budget: the epoch count follows the strategy's epoch size
-        c = dataclasses.replace(c, epochs=epochs_for_steps(c, data.n_real, data.n_syn, seed))
-    strategy = build_strategy(c, data.n_real, data.n_syn)
+    # the same optimizer-step budget for every strategy: the epoch count follows the strategy's epoch size
+    strategy = build_strategy(c, data.n_real, data.n_syn, world)
+    epochs = strategy.epochs
     optimizer = build_optimizer(model.parameters(), c)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
 
@@ -82,6 +82,9 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     record = resume_record(cfg, seed, fold, d)
     state = resolve_resume(resume, ckpt_dir, kind="classifier", trained_on=record)
     if state is not None:
+        if int(state.get("world_size", world)) != world:
+            raise MVCError(f"cannot resume: the checkpoint was made with {state['world_size']} process(es), this run "
+                           f"has {world} (the epoch plan depends on it); resume with the same number of processes")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = int(state["epoch"]), state.get("best"), list(state.get("history", []))
@@ -109,7 +112,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
 
     # 3. epochs: each one a pure function of (seed, epoch), so resuming replays exactly
     last = None
-    for epoch in range(start, c.epochs):
+    for epoch in range(start, epochs):
         seeds.seed_everything(seeds.derive_seed(seed, "classifier.epoch", rank, epoch))
         plan = strategy.epoch_plan(epoch, seed)
         batches = shard_batches(plan.batches, rank, world)
@@ -117,11 +120,13 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
                              augment)
         te = time.time()
         stats = train_one_epoch(model, loader, optimizer, accelerator, loss_fn,
-                                lambda s: plan_lr(c, plan, epoch, s, len(batches)), epoch, show_progress=main)
+                                lambda s: plan_lr(c, plan, s), epoch, show_progress=main)
         stats["epoch_time_s"] = round(time.time() - te, 3)
         stats["phase"] = plan.phase
+        stats["images_seen"] = plan.num_images  # every process's batches (stats["images"]: this process's)
+        stats["synthetic_seen"] = plan.num_synthetic(data.n_real)
         # evaluate every `eval_every` epochs (0: only the last one) and at the end
-        evaluate_now = epoch + 1 == c.epochs or (c.eval_every > 0 and (epoch + 1) % c.eval_every == 0)
+        evaluate_now = epoch + 1 == epochs or (c.eval_every > 0 and (epoch + 1) % c.eval_every == 0)
         last = None
         if evaluate_now and val_ds is not None:
             y, p = evaluate(model, eval_loader(val_ds, meta, c.batch_size * 2, rank, world), accelerator)
@@ -133,25 +138,25 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
             stats["test_accuracy"] = signal
         if evaluate_now and (best is None or signal > best["signal"]):
             m = last if last is not None else test_metrics()
-            if epoch + 1 == c.epochs:
+            if epoch + 1 == epochs:
                 last = m  # the final epoch's test metrics: not evaluated a second time below
             best = {"epoch": epoch + 1, "signal": float(signal), **m}
         history.append({"epoch": epoch + 1, **{k: (v if isinstance(v, (str, int)) else float(v)) for k, v in stats.items()}})
         logger.scalars(epoch + 1, {k: v for k, v in stats.items() if not isinstance(v, str)}, prefix="train/")
         if main:
-            log.info("epoch %d/%d %s", epoch + 1, c.epochs, {k: round(v, 4) if isinstance(v, float) else v
+            log.info("epoch %d/%d %s", epoch + 1, epochs, {k: round(v, 4) if isinstance(v, float) else v
                                                              for k, v in stats.items()})
         done = epoch + 1
-        if done % c.checkpoint_every == 0 or done == c.epochs or (stop_after is not None and done >= stop_after):
+        if done % c.checkpoint_every == 0 or done == epochs or (stop_after is not None and done >= stop_after):
             if main:
                 save_checkpoint(ckpt_dir, done, {
                     "model": accelerator.unwrap_model(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "epoch": done, "best": best, "history": history, "rng": rng_state(),
-                    "classes": d["classes"], "model_meta": meta.to_dict(), "seed": int(seed),
+                    "classes": d["classes"], "model_meta": meta.to_dict(), "seed": int(seed), "world_size": world,
                 }, dataclasses.asdict(cfg), keep=c.checkpoints_keep, kind="classifier", trained_on=record)
             accelerator.wait_for_everyone()
-        if stop_after is not None and done >= stop_after and done < c.epochs:
+        if stop_after is not None and done >= stop_after and done < epochs:
             logger.close()
             return None
 
@@ -161,12 +166,14 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     record = {
         "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
         "strategy": strategy.tag(), "augment": c.augment, "seed": int(seed), "fold": fold, "probe": c.probe,
-        "epochs": c.epochs, "steps": sum(h["steps"] for h in history), "n_real": data.n_real, "n_synthetic": data.n_syn,
+        "epochs": epochs, "steps": sum(h["steps"] for h in history), "budget_steps": strategy.total_steps,
+        "phase_steps": strategy.phase_steps(), "images_seen": sum(h["images_seen"] for h in history),
+        "synthetic_seen": sum(h["synthetic_seen"] for h in history), "n_real": data.n_real, "n_synthetic": data.n_syn,
         "n_val": len(val_ds) if val_ds is not None else 0, "n_test": len(test_ds), "classes": d["classes"],
         "best_selected_on": selected_on,
         "note": ("best = epoch with the best validation accuracy" if selected_on == "val" else
                  "best = epoch with the best TEST accuracy (optimistic; report 'last', or set classifier.val_fraction)"),
-        "last": {"epoch": c.epochs, **last}, "best": best, "history": history,
+        "last": {"epoch": epochs, **last}, "best": best, "history": history,
         "input_size": meta.input_size, "world_size": world, "time_s": round(time.time() - t0, 2),
         "run_dir": str(run_dir),
     }
@@ -197,6 +204,10 @@ def run_all(cfg, accelerator=None, splits=None, resume: str | None = None, stop_
     else:
         check_resume(resume, "")
     accelerator = accelerator or make_accelerator(c.mixed_precision)
+    if accelerator.gradient_accumulation_steps > 1:  # a budget step is one optimizer update of one batch per process
+        raise MVCError(f"classifier runs take one optimizer step per batch (classifier.steps counts them), but accelerate "
+                       f"accumulates {accelerator.gradient_accumulation_steps} batches per step; launch "
+                       "train_classifier.py without gradient accumulation, or raise classifier.batch_size instead")
     if splits is None:
         from mvc.data import load_splits
         with accelerator.main_process_first():

@@ -12,6 +12,7 @@ from mvc.data.dataset import (
                               FileSource,
                               ImageDataset,
                               build_dataset,
+                              describe_eval_split,
                               list_datasets,
                               load_splits,
                               low_data_subset,
@@ -20,5 +21,6 @@ from mvc.data.dataset import (
 )
 from mvc.data.images import load_rgb, to_rgb
 
-__all__ = ["DATASETS", "EVAL_SPLITS", "ArraySource", "FileSource", "ImageDataset", "build_dataset", "list_datasets", "load_splits",
-           "low_data_subset", "register_dataset", "stratified_split", "load_rgb", "to_rgb"]
+__all__ = ["DATASETS", "EVAL_SPLITS", "ArraySource", "FileSource", "ImageDataset", "build_dataset",
+           "describe_eval_split", "list_datasets", "load_splits", "low_data_subset", "register_dataset",
+           "stratified_split", "load_rgb", "to_rgb"]

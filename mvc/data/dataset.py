@@ -229,6 +229,21 @@ def load_splits(data_cfg: Any) -> tuple[ImageDataset, ImageDataset, ImageDataset
     return labelled, pool, test
 
 
+def describe_eval_split(data_cfg: Any) -> str:
+    """What `load_splits` evaluates on, in words for a report (Caltech101 has no official split: it is drawn)."""
+    builder = DATASETS.get(data_cfg.name)
+    if data_cfg.test_split == "val":
+        if _has_native_split(builder, Path(data_cfg.root), "val"):
+            return "the val split"
+        return f"a seeded {round(100 * data_cfg.val_fraction)}% per-class val split of the unlabelled remainder"
+    if "test_fraction" in inspect.signature(builder).parameters:
+        return (f"a seeded, class-stratified {round(100 * data_cfg.test_fraction)}% test split "
+                "(the dataset has no official one)")
+    if data_cfg.name == "imagefolder":
+        return "the folder's test split"
+    return "the official test split"
+
+
 def _has_native_split(builder: Callable, root: Path, split: str) -> bool:
     """True when the dataset itself provides `split` (and, for folders, it exists on disk)."""
     has = getattr(builder, "has_split", None)

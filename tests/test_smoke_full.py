@@ -1,0 +1,139 @@
+"""The miniature full-profile run, scripts/smoke_full.sh: the real configs/<dataset>.yaml on CPU, overridden for
+scale only, through scripts/_reproduce.sh (BLIP-2 captions, fine-tuning and generation under accelerate launch,
+then the evaluation, every classifier run of the config and the report).
+
+CI runs Caltech101 (a pretrained ResNet-50 from the private hub cache, a drawn test split); MVC_TEST_FULL=1 adds
+CIFAR-10, CIFAR-100 (WRN-28-10, python batches) and the brain-tumour MRI folders (three recipes, two CPU processes
+for captioning, fine-tuning and generation). MVC_SMOKE_PRECISION=bf16 (the accelerate config's precision) works too
+but is slow on a CPU (about 15 minutes for the brain-tumour run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = os.environ.get("MVC_TEST_FULL") == "1"
+
+
+# dataset -> (processes of captioning, fine-tuning and generation; the accelerate config's mixed precision)
+SETTINGS = {"caltech101": (1, "no"), "cifar10": (1, "no"), "cifar100": (1, "no"), "brain_tumor": (2, "no")}
+
+
+def smoke(dataset: str, work: Path) -> subprocess.CompletedProcess:
+    processes, precision = SETTINGS[dataset]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MVC_SMOKE_PRECISION": precision,
+           "MVC_LAUNCH_ARGS": f"--multi_gpu --num_processes {processes}" if processes > 1 else ""}
+    return subprocess.run(["bash", "scripts/smoke_full.sh", dataset, str(work)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=3600)
+
+
+def summary(dataset: str, work: Path) -> subprocess.CompletedProcess:
+    over = (work / "overrides.txt").read_text().split("\n")
+    return subprocess.run([sys.executable, "scripts/smoke_full.py", "summary", dataset, str(work), *filter(None, over)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("dataset", [
+    "caltech101",
+    *[pytest.param(d, marks=pytest.mark.skipif(not FULL, reason="a few minutes each on 2 CPU cores: MVC_TEST_FULL=1"))
+      for d in ("cifar10", "cifar100", "brain_tumor")],
+])
+def test_miniature_full_profile_run(dataset, tmp_path):
+    work = tmp_path / "work"
+    try:
+        check_run(dataset, work)
+    finally:  # its classifier checkpoints take gigabytes (2 GB here, 11 GB for the brain-tumour recipes)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_run(dataset: str, work: Path) -> None:
+    """Run the miniature run of `dataset` in `work` and check its summary, then that its checks can fail."""
+    import run_pipeline
+    from mvc.config import load_yaml, make_config
+
+    r = smoke(dataset, work)
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.loads(r.stdout)
+    assert s["checks"] == "passed"
+    processes, precision = SETTINGS[dataset]
+    # BLIP-2 (the config's captioner) through transformers, on the CPU in fp32, sharded over the processes
+    cap = s["captioner"]
+    assert (cap["captioner"], cap["dtype"], cap["processes"]) == ("blip2", "float32", processes)
+    assert cap["device"].startswith("cpu") and cap["images"] > 0
+    # the SD-1.5-structured base, fine-tuned at the (scaled) resolution; generation samples at it
+    assert s["finetune"]["resolution"] == 64 and s["finetune"]["steps"] == 2 and s["generate"]["image_size"] == [64, 64]
+    assert s["generate"]["processes"] == processes and s["generate"]["dtype"] == "fp32"  # fp32: the CPU default
+    # the configs leave precision to accelerate: what its config file says is what ran, in every stage
+    assert (s["finetune"]["mixed_precision"], s["finetune"]["grad_accum"]) == (precision, 1)
+    assert s["classifier"]["mixed_precision"] == precision
+    # every classifier run of the config (every recipe), each with the same 3 optimizer steps
+    cfg = make_config(load_yaml(ROOT / "configs" / f"{dataset}.yaml"))
+    expected = {(run, rc.classifier.backbone) for rc in run_pipeline.recipe_configs(cfg) for run in cfg.pipeline.runs}
+    runs = s["classifier"]["runs"]
+    assert {(x["run"], x["backbone"]) for x in runs} == expected and {x["steps"] for x in runs} == {3}
+    for x in runs:
+        if x["run"] == "two_phase":
+            assert sum(x["phase_steps"].values()) == 3 and len(x["phase_steps"]) == 2
+    real = next(x for x in runs if x["run"] == "real")
+    prob = next(x for x in runs if x["run"] == "probabilistic")
+    assert prob["images_seen"] > real["images_seen"]  # more images in the same steps, and reported
+    report = Path(s["report"]).read_text()
+    assert "optimizer steps for every run" in report and "| two_phase |" in report
+
+    # the checks can fail: a run with another budget, an image at another size
+    metrics = next((work / "out" / "classifier").glob("concat-*/metrics.json"))
+    m = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**m, "steps": m["steps"] + 1}))
+    bad = summary(dataset, work)
+    assert bad.returncode == 1 and "took different optimizer steps" in bad.stderr
+    metrics.write_text(json.dumps(m))
+    from PIL import Image
+
+    png = next((work / "out" / "synthetic").rglob("*.png"))
+    Image.open(png).resize((32, 32)).save(png)
+    bad = summary(dataset, work)
+    assert bad.returncode == 1 and "the model was fine-tuned at 64 px" in bad.stderr
+
+
+def test_reproduce_script_finds_the_run_where_the_overrides_put_it(tmp_path):
+    """scripts/_reproduce.sh resolves run.output_dir with the user's overrides (not from the YAML alone): a
+    checkpoint there makes fine-tuning resume, a finished pipeline folder skips it. `accelerate launch` is the
+    edge replaced here: a stand-in python records the launches instead of running them."""
+    fake = tmp_path / "python"
+    log = tmp_path / "launches.txt"
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = "-m" ] && [ "$2" = "accelerate.commands.launch" ]; then\n'
+                    f'  shift 2; echo "$*" >> {log}; exit 0\nfi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "elsewhere"
+    env = {**os.environ, "PYTHON": str(fake), "MVC_LAUNCH_ARGS": "--multi_gpu --num_processes 2 --mixed_precision bf16"}
+
+    def launches() -> list[str]:
+        log.unlink(missing_ok=True)
+        r = subprocess.run(["bash", "scripts/_reproduce.sh", "configs/cifar10.yaml", f"--run.output_dir={out}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return log.read_text().splitlines()
+
+    (out / "mvc" / "checkpoints").mkdir(parents=True)
+    (out / "mvc" / "checkpoints" / "checkpoint-00000100.pt").write_bytes(b"")
+    first = launches()
+    assert [line.split(".py")[0].split()[-1] for line in first] == ["caption_mvc", "train_mvc", "generate_mvc",
+                                                                    "run_pipeline"]
+    assert "--resume latest" in first[1] and all(f"--run.output_dir={out}" in line for line in first)
+    assert first[0].startswith("--multi_gpu --num_processes 2 --mixed_precision bf16 caption_mvc.py")
+    assert first[3].startswith("--mixed_precision bf16 --num_processes 1 run_pipeline.py")  # one process
+    (out / "mvc" / "final").mkdir(parents=True)
+    (out / "mvc" / "final" / "model_index.json").write_text("{}")
+    assert [line.split(".py")[0].split()[-1] for line in launches()] == ["caption_mvc", "generate_mvc", "run_pipeline"]
+    bad = subprocess.run(["bash", "scripts/_reproduce.sh", "configs/cifar10.yaml", "--run.outputdir=x"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown config key 'run.outputdir'")

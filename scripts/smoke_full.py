@@ -200,7 +200,8 @@ def overrides(dataset: str, work: Path) -> list[str]:
            "--train.validation_steps=2", "--train.num_validation=2",
            "--captions.max_new_tokens=8", "--generate.num_inference_steps=2", "--generate.per_class=4",
            "--classifier.steps=3", "--classifier.batch_size=8", "--classifier.input_size=32",
-           "--classifier.num_workers=0", "--evaluate.reference_epochs=1", "--pipeline.seeds=[0]"]
+           "--classifier.num_workers=0", "--evaluate.reference_epochs=1", "--evaluate.reference_input_size=32",
+           "--evaluate.reference_batch_size=16", "--pipeline.seeds=[0]"]
     return out
 
 
@@ -223,6 +224,8 @@ def prepare(dataset: str, work: Path) -> list[str]:
     for rc in run_pipeline.recipe_configs(cfg):
         if rc.classifier.pretrained:
             seed_timm_hub_cache(hf / "hub", rc.classifier.backbone)
+    if cfg.evaluate.reference_pretrained:  # the evaluation's reference starts from hub weights too
+        seed_timm_hub_cache(hf / "hub", cfg.evaluate.reference_backbone)
     write_accelerate_config(hf, os.environ.get("MVC_SMOKE_PRECISION", "no"))
     return over
 

@@ -1,8 +1,15 @@
-"""Generate the synthetic set with Mixing Visual Concepts from the fine-tuned InstructPix2Pix model.
+"""Generate the synthetic set with Mixing Visual Concepts from the fine-tuned InstructPix2Pix model (or a baseline).
 
     python generate_mvc.py --config configs/tiny.yaml [--generate.multiplier=4 --mixing.coarse_k=4 ...]
     python generate_mvc.py --config configs/tiny.yaml --mixing.coarse_stage=embeds   # paper-literal coarse op
+    python generate_mvc.py --config configs/tiny.yaml --generate.method=img2img --generate.strength=0.2
     accelerate launch --num_processes 2 generate_mvc.py --config configs/tiny.yaml   # sharded
+
+generate.method picks the generator (mvc/generators.py): mvc (default), mvc_nomix (mixing off), txt2img
+(the base, not fine-tuned, from the class prompt; generate.caption=true adds the image's caption) or
+img2img (SDEdit from each real image at generate.strength); txt2img and img2img need no fine-tuned model,
+and every method writes the same format, to <run.output_dir>/synthetic_<method>/ unless generate.out_dir
+says otherwise.
 
 Writes <run.output_dir>/synthetic/<NNN>_<class>/<source>_v<variant>.png + metadata.jsonl (an ImageFolder
 whose class indices are the dataset's), and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/.
@@ -27,7 +34,7 @@ def main(cfg: Config) -> dict:
     summary = generate_synthetic(cfg, rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                  device=acc.device, progress=acc.is_local_main_process)
     if acc.is_main_process:
-        print(f"synthetic set: {summary.get('images')} images ({summary.get('rejected')} rejected by the filter) "
+        print(f"synthetic set ({summary['method']}): {summary.get('images')} images ({summary.get('rejected')} rejected by the filter) "
               f"at {summary['resolution']} px, {summary['made']} made now at {summary['images_per_s']} img/s on rank 0")
     return summary
 

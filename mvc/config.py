@@ -71,6 +71,7 @@ _samplers = _names("mvc.models", "SAMPLERS")
 _lr_schedules = _names("mvc.schedules", "LR_SCHEDULES")
 _precisions = _names("mvc.distributed", "PRECISIONS")
 _dtypes = _names("mvc.distributed", "DTYPES")
+_generators = _names("mvc.generators", "GENERATORS")
 
 
 @dataclass
@@ -220,9 +221,20 @@ class MixingConfig:
 
 @dataclass
 class GenerateConfig:
-    """Synthetic-set generation (generate_mvc.py)."""
-    model_dir: str | None = opt(None, "Fine-tuned pipeline folder (default: <run.output_dir>/mvc/final).")
-    out_dir: str | None = opt(None, "Output folder (default: <run.output_dir>/synthetic).")
+    """Synthetic-set generation (generate_mvc.py), by any generator of the registry (`method`)."""
+    method: str = opt("mvc", "Generator: 'mvc' (the fine-tuned model, mixed prompts), 'mvc_nomix' (the same model, "
+                      "mixing off), 'txt2img' (the base, not fine-tuned, from the class prompt) or 'img2img' (SDEdit: "
+                      "the base from each real image noised to `strength`); txt2img and img2img need no fine-tuned "
+                      "model. Every one writes the same synthetic-set format.", choices=_generators)
+    model_dir: str | None = opt(None, "Fine-tuned pipeline folder of mvc / mvc_nomix (default: "
+                                "<run.output_dir>/mvc/final); txt2img / img2img sample model.base.")
+    out_dir: str | None = opt(None, "Output folder (default: <run.output_dir>/synthetic for mvc, "
+                              "<run.output_dir>/synthetic_<method> for the others).")
+    strength: float = opt(0.5, "img2img: how far from the real image, in (0, 1] (DA-Fusion: 0.5; the thesis: "
+                          "0.05-0.2); int(num_inference_steps x strength) denoising steps run, at least 1.",
+                          min=0, max=1, min_exclusive=True)
+    caption: bool = opt(False, "txt2img / img2img: prompt with the image's caption too (captions.prompt_template), "
+                        "not the class prompt alone (the template without {caption}).")
     num_inference_steps: int = opt(20, "Sampling steps.", min=1)
     guidance_scale: float = opt(3.0, "Text guidance.", min=0, min_exclusive=True)
     image_guidance_scale: float = opt(1.5, "Image guidance.", min=0, min_exclusive=True)
@@ -248,7 +260,8 @@ class ClassifierConfig:
     cifar_stem: bool = opt(True, "3x3 stride-1 stem without max-pool, for 32x32 inputs.")
     input_size: int | None = opt(32, "Input size (null: from the model's data config).", min=8)
     strategy: str = opt("real", "Synthetic-data strategy from the registry.", choices=_strategies)
-    synthetic_dir: str | None = opt(None, "Synthetic ImageFolder (default: <run.output_dir>/synthetic).")
+    synthetic_dir: str | None = opt(None, "Synthetic ImageFolder (default: the set generate.method writes, "
+                                    "<run.output_dir>/synthetic for mvc).")
     synthetic_ratio: float | None = opt(None, "Synthetic:real ratio used (null: all synthetic images).", min=0)
     two_phase_lr_scale: float = opt(0.1, "Phase-2 LR = this x LR.", min=0, min_exclusive=True)
     two_phase_fraction: float = opt(0.2, "Share of the step budget spent in phase 2 (real only).", min=0, max=1)
@@ -366,6 +379,10 @@ def check_combinations(cfg: Config) -> None:
             check()
         except MVCError as e:
             raise MVCError(f"config key {key}: {e}") from None
+    g = cfg.generate
+    if g.method == "img2img" and int(g.num_inference_steps * g.strength) < 1:
+        raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
+                       f"{g.num_inference_steps} give no img2img denoising step (int of the product); raise either")
     w = cfg.mixing.window
     if isinstance(w, list) and not 0 <= w[0] < w[1]:
         raise MVCError(f"config key mixing.window: [start, end) = {w} is not a non-empty range of token positions")

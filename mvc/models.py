@@ -8,6 +8,7 @@
   (generation samples at that resolution unless told otherwise). Its U-Net's `sample_size` is set to
   that resolution too, so diffusers' own defaults agree.
 - Samplers: the diffusers schedulers `generate.scheduler` names (`SAMPLERS`).
+- Baselines: the base sampled as it is, as diffusers' text-to-image or img2img pipeline (`base_pipeline`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,47 @@ def build_sampler(name: str, config: Any):
 
     cls_name, kw = SAMPLERS.get(name)
     return getattr(diffusers, cls_name).from_config(config, **kw)
+
+
+#################################################################################
+#                     The base, sampled as it is (baselines)                    #
+#################################################################################
+
+# generate.method -> the diffusers pipeline that samples the base without fine-tuning
+BASE_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline"}
+
+
+def base_pipeline(components: dict, kind: str = "txt2img", sampler: str = "euler_ancestral"):
+    """diffusers' StableDiffusionPipeline ('txt2img') or StableDiffusionImg2ImgPipeline ('img2img') from the
+    base's components (`load_pipeline_components`), with the chosen sampler and no safety checker."""
+    import diffusers
+
+    unet, vae = components["unet"], components["vae"]
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise MVCError(f"the base U-Net takes {unet.config.in_channels} input channels, not "
+                       f"{vae.config.latent_channels}: it is not a text-to-image model (an InstructPix2Pix folder?); "
+                       "give a StableDiffusion base as model.base")
+    cls = getattr(diffusers, BASE_PIPELINES[kind])
+    pipe = cls(vae=vae, text_encoder=components["text_encoder"], tokenizer=components["tokenizer"], unet=unet,
+               scheduler=build_sampler(sampler, components["scheduler"].config),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def base_resolution(base: str, revision: str | None = None) -> int:
+    """The native pixel size of a base (U-Net sample size x VAE factor), from its config files only."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    src = _resolve_source(base)
+    try:
+        unet = UNet2DConditionModel.load_config(src, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(src, subfolder="vae", revision=revision)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MVCError(f"cannot read the base pipeline {base!r}: {first} "
+                       f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})") from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 #################################################################################

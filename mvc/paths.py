@@ -8,6 +8,7 @@
   mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
   synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
   synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
+  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img)
   classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
   results.csv, results.md, figures/, stage_times.json
 ```
@@ -55,7 +56,8 @@ class RunPaths:
         """The paths named (or defaulted) by a config."""
         root = Path(cfg.run.output_dir).expanduser()
         g = cfg.generate
-        synthetic = output_path(root, g.out_dir, "synthetic", "generate.out_dir")
+        default = "synthetic" if g.method == "mvc" else f"synthetic_{g.method}"  # each generator its own set
+        synthetic = output_path(root, g.out_dir, default, "generate.out_dir")
         grids = (output_path(root, g.grid_dir, "", "generate.grid_dir") if g.grid_dir
                  else synthetic.parent / f"{synthetic.name}_grids")
         final = Path(g.model_dir).expanduser() if g.model_dir else root / "mvc" / "final"

@@ -44,6 +44,12 @@ def make_prompt(template: str, caption: str, label_name: str) -> str:
     return validate_template(template).format(caption=caption.strip(), label=label_name)
 
 
+def class_prompt(template: str, label_name: str) -> str:
+    """The template's class prompt alone: the template without its caption and the separators beside it
+    ("{caption}, a photo of class type {label}" -> "a photo of class type <label>")."""
+    return " ".join(make_prompt(template, "", label_name).split()).strip(" ,;:")
+
+
 def caption_token_span(tokenizer: Any, prompt_template: str, caption: str, label: str) -> tuple[int, int]:
     """[start, end) token positions of `caption` inside the tokenized prompt (BOS is position 0).
 

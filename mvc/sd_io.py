@@ -83,12 +83,34 @@ def encode_images(vae: Any, x: torch.Tensor, batch_size: int = 64) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
+def encode_posteriors(vae: Any, images: Sequence[Any], resolution: int,
+                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of PIL images at `resolution`: each (N, C, h, w) float32, unscaled."""
+    out = [encode_images(vae, images_to_tensor(chunk, resolution), batch_size)
+           for chunk in batched(list(images), batch_size)]
+    return torch.cat([m for m, _ in out]), torch.cat([s for _, s in out])
+
+
 def encode_conditions(vae: Any, images: Sequence[Any], resolution: int, batch_size: int = 64) -> torch.Tensor:
     """Condition latents (N, C, h, w) of PIL images, in the VAE's dtype: what the IP2P pipeline feeds its U-Net."""
-    dtype = next(vae.parameters()).dtype
-    out = [encode_images(vae, images_to_tensor(chunk, resolution), batch_size)[0]
-           for chunk in batched(list(images), batch_size)]
-    return torch.cat(out).to(dtype)
+    return encode_posteriors(vae, images, resolution, batch_size)[0].to(next(vae.parameters()).dtype)
+
+
+def sample_init_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor,
+                        generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Scaled initial latents (N, C, h, w) for img2img from posteriors (N, C, h, w): one posterior draw per
+    image with its own generator, times the VAE's scaling factor, in the VAE's dtype and on its device.
+
+    This is what `StableDiffusionImg2ImgPipeline.prepare_latents` does with a list of generators
+    (`latent_dist.sample(generator[i])` per image, then `scaling_factor *`), so handing the result to
+    the pipeline as `image` (4 channels: used as the latents) gives the pipeline's own images, while
+    each source is encoded once however many variants it has.
+    """
+    p = next(vae.parameters())
+    eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g, device=g.device, dtype=p.dtype)
+                     for g in generators]).to(p.device)  # (N, C, h, w), the draws diffusers' randn_tensor makes
+    z = mean.to(p.device, p.dtype) + std.to(p.device, p.dtype) * eps
+    return vae.config.scaling_factor * z
 
 
 #################################################################################

@@ -1,0 +1,394 @@
+"""The generators of synthetic sets, one registry (`generate.method`): MVC and the baselines it is judged against.
+
+Every generator fills the same plan (`mvc.synthetic.plan_jobs`: per class, per labelled source image, V
+variants with deterministic file names) through the same loop (`mvc.generate.generate_synthetic`: the
+settings check, resume, sharding, the filter, records and grids), so every set has one format and the
+classifier and the synthetic-set evaluation read each one without special cases. A generator says only
+what differs:
+
+| method      | model sampled                                   | prompt                                    | image input |
+|-------------|-------------------------------------------------|-------------------------------------------|-------------|
+| `mvc`       | the fine-tuned InstructPix2Pix folder           | caption + class prompt, mixed (`mvc.mixing`) | the source, as condition |
+| `mvc_nomix` | the same                                        | the same, unmixed (op `none`)             | the same |
+| `txt2img`   | the base, not fine-tuned (`StableDiffusionPipeline`) | the class prompt (+ the caption: `generate.caption`) | none |
+| `img2img`   | the base (`StableDiffusionImg2ImgPipeline`, SDEdit)  | the same                             | the source, noised to `generate.strength` |
+
+`mvc_nomix` isolates what mixing adds: its variants differ only in their diffusion noise. `txt2img` and
+`img2img` need no fine-tuned model; on the tiny profile their base never saw the labels (the domain gap
+the paper argues about). Each image's record holds `method`, the method's sampling parameters
+(`record_params`: guidance, steps, sampler, resolution, model; `strength` for img2img), `seed` and its
+own `generator_seed`, and `source_id` / `source_index`: the real image it was made from (null for
+`txt2img` without captions, which uses nothing of a real image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mvc import seeds
+from mvc.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+#################################################################################
+#                                  Rendering                                    #
+#################################################################################
+
+def render(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, cond_latents: torch.Tensor,
+           generators: list[torch.Generator], num_inference_steps: int, guidance_scale: float,
+           image_guidance_scale: float) -> list:
+    """One IP2P pipeline call for a batch: (B, T, D) embeddings, (B, 4, h, w) condition latents, B generators -> B PIL images."""
+    return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, image=cond_latents,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                image_guidance_scale=image_guidance_scale, generator=generators, output_type="pil").images
+
+
+def resolve_resolution(cfg: Any, model_dir: Path, pipe: Any = None) -> int:
+    """The sampling resolution of the fine-tuned model: `generate.resolution`, else the one it was tuned at."""
+    from mvc.models import load_ip2p_pipeline, pipeline_resolution, training_info
+
+    tuned = training_info(model_dir).get("resolution")
+    if cfg.generate.resolution is not None:
+        if tuned and int(tuned) != int(cfg.generate.resolution):
+            log.warning("generating at generate.resolution=%d, but %s was fine-tuned at %d px",
+                        cfg.generate.resolution, model_dir, tuned)
+        return int(cfg.generate.resolution)
+    if tuned:
+        return int(tuned)
+    if pipe is None:
+        pipe = load_ip2p_pipeline(model_dir, cfg.generate.scheduler)
+    return pipeline_resolution(model_dir, pipe)
+
+
+#################################################################################
+#                                  The protocol                                 #
+#################################################################################
+
+class Generator:
+    """One method, bound to a config: what it samples, which settings change its images, and how it renders
+    a batch of one class's jobs. `generate_synthetic` calls, in order: `check`, `model`, `resolution`,
+    `settings`; then, when images are missing, `load`, `begin`, and per class `start_class` + `render`."""
+    name = ""
+    finetuned = False  # samples the fine-tuned IP2P folder (run train_mvc.py first)
+
+    def __init__(self, cfg: Any):
+        self.cfg, self.g = cfg, cfg.generate
+
+    def ops(self) -> list[str]:
+        """The op of variant v is ops[v % len(ops)] (the plan's `op` field)."""
+        return ["none"]
+
+    def needs_captions(self) -> bool:
+        return False
+
+    def check(self, labelled: Any) -> None:
+        """Refuse, before any work, what this method cannot do with this labelled subset."""
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True) -> str:
+        """The folder (or hub id) this method samples; building it when it is the tiny base."""
+        raise NotImplementedError
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        raise NotImplementedError
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        """Everything that changes the images (not the set size, batch size or grids)."""
+        raise NotImplementedError
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+    def begin(self, pipe: Any, model: str, resolution: int) -> None:
+        """Once per run before the first class: what every batch shares."""
+        from mvc.sd_io import encode_prompts
+
+        self.neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])  # (1, T, D): the pipelines' unconditional text
+        self.params = self.record_params(model, resolution)
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        """The method's sampling parameters, recorded with every image (top-level fields of its record)."""
+        raise NotImplementedError
+
+    def start_class(self, pipe: Any, labelled: Any, label: int, jobs: Sequence[Any], captions: dict | None,
+                    resolution: int) -> Any:
+        raise NotImplementedError
+
+    def render(self, pipe: Any, state: Any, batch: Sequence[Any], seed: int,
+               generators: list[torch.Generator]) -> tuple[list, list[dict]]:
+        """B PIL images and, per image, the record fields beyond the plan's (prompt, caption, op_params...)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the last batch: warnings about what the run did."""
+
+
+GENERATORS: Registry[type[Generator]] = Registry("generate.method")
+
+
+def make_generator(cfg: Any) -> Generator:
+    """The generator `generate.method` names, bound to `cfg`."""
+    return GENERATORS.get(cfg.generate.method)(cfg)
+
+
+#################################################################################
+#                       MVC (and MVC without mixing)                            #
+#################################################################################
+
+@GENERATORS.register("mvc")
+class MVCGenerator(Generator):
+    """The paper's generator: the fine-tuned IP2P model on each source, its prompt mixed per variant."""
+    name = "mvc"
+    finetuned = True
+
+    def ops(self) -> list[str]:
+        return list(self.cfg.mixing.ops)
+
+    def needs_captions(self) -> bool:
+        return True
+
+    def check(self, labelled: Any) -> None:
+        from mvc.mixing import check_donors, mixing_params
+
+        check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
+                     mixing_params(self.cfg.mixing))
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True) -> str:
+        from mvc.paths import RunPaths
+
+        return str(RunPaths.of(self.cfg).final)
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        return resolve_resolution(self.cfg, Path(model), pipe)
+
+    def mixing_settings(self) -> dict:
+        return dataclasses.asdict(self.cfg.mixing)
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        cfg, g = self.cfg, self.g
+        return {"method": self.name, "model_dir": str(Path(model).resolve()), "data": labelled.fingerprint(),
+                "classes": list(labelled.classes), "captioner": cfg.captions.captioner,
+                "prompt_template": cfg.captions.prompt_template, "mixing": self.mixing_settings(),
+                "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale,
+                "image_guidance_scale": g.image_guidance_scale, "scheduler": g.scheduler, "resolution": resolution}
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        from mvc.models import load_ip2p_pipeline
+
+        return load_ip2p_pipeline(model, self.g.scheduler, device, dtype=dtype)
+
+    def begin(self, pipe: Any, model: str, resolution: int) -> None:
+        from mvc.mixing import mixing_params, parse_window
+        from mvc.sd_io import encode_ids
+
+        super().begin(pipe, model, resolution)
+        self.encode = lambda ids, mask: encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
+        self.window, self.mix_params, self.clamped = parse_window(self.cfg.mixing.window), mixing_params(self.cfg.mixing), 0
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        g = self.g
+        return {"guidance_scale": g.guidance_scale, "image_guidance_scale": g.image_guidance_scale,
+                "num_inference_steps": g.num_inference_steps, "scheduler": g.scheduler, "resolution": resolution,
+                "model_dir": str(model)}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.mixing import ClassPrompts
+        from mvc.sd_io import encode_conditions
+
+        sources = np.flatnonzero(np.asarray(labelled.targets) == label).tolist()
+        ids = [str(labelled.ids[s]) for s in sources]
+        ctx = ClassPrompts.build(sources, ids, [captions[i] for i in ids], labelled.classes[label],
+                                 self.cfg.captions.prompt_template, self.window, pipe.tokenizer, self.encode)
+        srcs = sorted({j.source for j in jobs})
+        lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.g.batch_size)
+        return ctx, {s: lat[i] for i, s in enumerate(srcs)}  # condition latents, each (4, h, w)
+
+    def render(self, pipe, state, batch, seed, generators):
+        from mvc.mixing import mix_prompts
+
+        ctx, cond = state
+        g = self.g
+        embeds, op_ps, cl = mix_prompts(batch, ctx, self.mix_params, seed, self.encode,
+                                        pipe.tokenizer.convert_ids_to_tokens)
+        self.clamped += cl
+        images = render(pipe, embeds, self.neg.expand(len(batch), -1, -1), torch.stack([cond[j.source] for j in batch]),
+                        generators, g.num_inference_steps, g.guidance_scale, g.image_guidance_scale)
+        return images, [{"op_params": op_p, "caption": ctx.captions[j.source]} for j, op_p in zip(batch, op_ps)]
+
+    def finish(self) -> None:
+        if getattr(self, "clamped", 0):
+            log.warning("%d variants had a caption window shorter than mixing.coarse_k/fine_m; k/m were lowered "
+                        "to the window size (recorded in op_params)", self.clamped)
+
+
+@GENERATORS.register("mvc_nomix")
+class MVCNoMixGenerator(MVCGenerator):
+    """The ablation that isolates mixing: the same fine-tuned model, sources and prompts, every variant unmixed."""
+    name = "mvc_nomix"
+
+    def ops(self) -> list[str]:
+        return ["none"]
+
+    def mixing_settings(self) -> dict:
+        return {"ops": ["none"]}  # no other mixing key changes an unmixed image
+
+
+#################################################################################
+#                  The base, not fine-tuned: txt2img and img2img                #
+#################################################################################
+
+class BaseGenerator(Generator):
+    """The base pipeline sampled as it is (`model.base`; the tiny base on the tiny profile), prompted with the
+    class prompt of `captions.prompt_template`, or with the whole prompt (the image's caption too) when
+    `generate.caption` is set."""
+
+    def needs_captions(self) -> bool:
+        return bool(self.g.caption)
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True) -> str:
+        from mvc.finetune_loop import base_source
+        from mvc.paths import RunPaths
+
+        if self.cfg.model.base == "tiny" and pool is None:
+            from mvc.data import load_splits
+
+            pool = load_splits(self.cfg.data)[1]
+        return base_source(self.cfg, pool, RunPaths.of(self.cfg).root, progress)
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        from mvc.models import base_resolution
+
+        if self.g.resolution is not None:
+            return int(self.g.resolution)
+        if pipe is not None:
+            return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        return base_resolution(model, self.cfg.model.revision if self.cfg.model.base != "tiny" else None)
+
+    def base_identity(self, model: str) -> dict:
+        p = Path(model).expanduser()
+        if p.is_dir():
+            return {"base": str(p.resolve())}
+        m = self.cfg.model
+        return {"base": model, "revision": m.revision, "variant": m.variant}
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        cfg, g = self.cfg, self.g
+        return {"method": self.name, **self.base_identity(model), "data": labelled.fingerprint(),
+                "classes": list(labelled.classes), "use_caption": bool(g.caption),
+                "captioner": cfg.captions.captioner if g.caption else None,
+                "prompt_template": cfg.captions.prompt_template, "num_inference_steps": g.num_inference_steps,
+                "guidance_scale": g.guidance_scale, "scheduler": g.scheduler, "resolution": resolution,
+                **self.extra_settings()}
+
+    def extra_settings(self) -> dict:
+        return {}
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        from mvc.finetune_loop import load_base
+        from mvc.models import base_pipeline
+        from mvc.paths import RunPaths
+
+        comps = load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
+        pipe = base_pipeline(comps, self.name, self.g.scheduler)
+        if dtype != pipe.unet.dtype:
+            pipe.to(dtype=dtype)
+        return pipe.to(device) if device is not None else pipe
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        g = self.g
+        return {"guidance_scale": g.guidance_scale, "num_inference_steps": g.num_inference_steps,
+                "scheduler": g.scheduler, "resolution": resolution, "use_caption": bool(g.caption), "base": str(model),
+                **self.extra_settings()}
+
+    def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
+        """Each source's prompt: the class prompt, or caption + class prompt (`captions.prompt_template`)."""
+        from mvc.prompts import class_prompt, make_prompt
+
+        template, name = self.cfg.captions.prompt_template, labelled.classes[label]
+        if not self.g.caption:
+            return {s: class_prompt(template, name) for s in sources}
+        return {s: make_prompt(template, captions[str(labelled.ids[s])], name) for s in sources}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.sd_io import encode_prompts
+
+        srcs = sorted({j.source for j in jobs})
+        prompts = self.prompts(labelled, label, srcs, captions)
+        uniq = sorted(set(prompts.values()))
+        emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, uniq)  # (U, T, D), each distinct prompt once
+        return {"prompts": prompts, "embeds": {s: emb[uniq.index(p)] for s, p in prompts.items()},
+                "captions": {s: captions[str(labelled.ids[s])] for s in srcs} if self.g.caption else {}}
+
+    def fields(self, state: dict, job: Any) -> dict:
+        out = {"prompt": state["prompts"][job.source]}
+        if self.g.caption:
+            out["caption"] = state["captions"][job.source]
+        return out
+
+
+@GENERATORS.register("txt2img")
+class Txt2ImgGenerator(BaseGenerator):
+    """Plain text-to-image with the base: what the paper argues MVC beats."""
+    name = "txt2img"
+
+    def render(self, pipe, state, batch, seed, generators):
+        g, res = self.g, self.params["resolution"]
+        embeds = torch.stack([state["embeds"][j.source] for j in batch])  # (B, T, D)
+        images = pipe(prompt_embeds=embeds, negative_prompt_embeds=self.neg.expand(len(batch), -1, -1), height=res,
+                      width=res, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
+                      generator=generators, output_type="pil").images
+        fields = [self.fields(state, j) for j in batch]
+        if not g.caption:  # nothing of a real image went in: no source (novelty and leakage checks skip it)
+            for f in fields:
+                f.update(source_id=None, source_index=None)
+        return images, fields
+
+
+@GENERATORS.register("img2img")
+class Img2ImgGenerator(BaseGenerator):
+    """SDEdit: each real image noised to `generate.strength` and denoised by the base with the class prompt."""
+    name = "img2img"
+
+    def extra_settings(self) -> dict:
+        return {"strength": self.g.strength}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.sd_io import encode_posteriors
+
+        state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
+        srcs = sorted({j.source for j in jobs})
+        mean, std = encode_posteriors(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.g.batch_size)
+        state["posterior"] = {s: (mean[i:i + 1], std[i:i + 1]) for i, s in enumerate(srcs)}  # each (1, 4, h, w)
+        return state
+
+    def render(self, pipe, state, batch, seed, generators):
+        from mvc.sd_io import sample_init_latents
+
+        g = self.g
+        mean = torch.cat([state["posterior"][j.source][0] for j in batch])
+        std = torch.cat([state["posterior"][j.source][1] for j in batch])
+        init = sample_init_latents(pipe.vae, mean, std, generators)  # (B, 4, h, w), the pipeline's own draws
+        embeds = torch.stack([state["embeds"][j.source] for j in batch])
+        images = pipe(prompt_embeds=embeds, negative_prompt_embeds=self.neg.expand(len(batch), -1, -1), image=init,
+                      strength=g.strength, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
+                      generator=generators, output_type="pil").images
+        return images, [self.fields(state, j) for j in batch]
+
+
+def img2img_steps(num_inference_steps: int, strength: float) -> int:
+    """Denoising steps img2img runs: diffusers' `get_timesteps`, int(steps * strength)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+SEED_ROLE = "generate.image"  # every method's per-image noise: seeds.generator(seed, SEED_ROLE, source, variant)
+
+
+def image_generators(seed: int, batch: Sequence[Any]) -> list[torch.Generator]:
+    """One generator per image of a batch, from (seed, source, variant): independent of batching and sharding."""
+    return [seeds.generator(seed, SEED_ROLE, j.source, j.variant) for j in batch]

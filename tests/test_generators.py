@@ -4,6 +4,7 @@ baselines need no fine-tuned model; reruns resume; a wrong method is one line.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -272,3 +273,37 @@ def test_every_shipped_config_selects_every_generator(path):
         cfg = make_config(tree, {"generate.method": m})
         assert cfg.generate.method == m
         assert RunPaths.of(cfg).synthetic.name == ("synthetic" if m == "mvc" else f"synthetic_{m}")
+
+
+@pytest.mark.parametrize("method", ["txt2img", "img2img"])
+def test_baselines_sample_an_sd15_structured_base(micro, tmp_path, method):
+    """The full profile's path: model.base a StableDiffusion folder with SD-1.5's classes and config keys (what
+    the hub id loads), sampled at its native size read from its config files (here 64 px)."""
+    from PIL import Image
+
+    from mvc.generate import generate_synthetic
+    from mvc.standins import save_sd15_structured
+
+    base = save_sd15_structured(tmp_path / "sd15")
+    cfg = config(micro, method, **{"model.base": str(base), "generate.out_dir": str(tmp_path / "set"),
+                                   "generate.per_class": 1})
+    s = generate_synthetic(cfg, labelled=micro.labelled, progress=False)
+    assert s["made"] == 10 and s["resolution"] == 64
+    recs = read_jsonl(tmp_path / "set" / "metadata.jsonl")
+    assert {r["base"] for r in recs} == {str(base)} and {r["method"] for r in recs} == {method}
+    assert all(Image.open(tmp_path / "set" / r["file"]).size == (64, 64) for r in recs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None
+                    or importlib.util.find_spec("datasets").origin is None, reason="the `datasets` library is not installed")
+@pytest.mark.parametrize("method", ["txt2img", "img2img"])
+def test_datasets_imagefolder_loader_reads_a_baseline_set(micro, method, monkeypatch, tmp_path):
+    """The `datasets` loader reads every method's set as it is, null source ids included."""
+    from datasets import load_dataset
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    where = set_dir(micro, method)
+    ds = load_dataset("imagefolder", data_files={"train": f"{where}/**"}, split="train", cache_dir=str(tmp_path / "hf"))
+    recs = read_jsonl(where / "metadata.jsonl")
+    assert len(ds) == len(recs) and sorted(ds["label"]) == sorted(r["label"] for r in recs)
+    assert set(ds["method"]) == {method}

@@ -82,8 +82,9 @@ def setting_config(cfg: Any, setting: Setting, out: Path, seed: int, per_class: 
     c = copy.deepcopy(cfg)
     c.run.seed = int(seed)
     c.mixing = dataclasses.replace(c.mixing, **setting.mixing)
-    c.generate = dataclasses.replace(c.generate, out_dir=str(out), grid_dir=str(out.parent / f"{out.name}_grids"),
-                                     per_class=per_class, multiplier=None, grid_sources=2)
+    c.generate = dataclasses.replace(c.generate, method="mvc", out_dir=str(out),  # an ablation of MVC's mixing
+                                     grid_dir=str(out.parent / f"{out.name}_grids"), per_class=per_class,
+                                     multiplier=None, grid_sources=2)
     return c
 
 
@@ -296,7 +297,8 @@ def downstream(cfg: Any, accelerator: Any, settings: list[Setting], strategy: st
         root = out / "downstream" / safe_name(st.name)
         c.run.output_dir = str(root)
         c.mixing = dataclasses.replace(c.mixing, **st.mixing)
-        c.generate = dataclasses.replace(c.generate, model_dir=str(RunPaths.of(cfg).final), out_dir=None, grid_dir=None)
+        c.generate = dataclasses.replace(c.generate, method="mvc", model_dir=str(RunPaths.of(cfg).final), out_dir=None,
+                                         grid_dir=None)
         c.classifier = dataclasses.replace(c.classifier, strategy=strategy, seeds=list(cfg.pipeline.seeds),
                                            results_csv=None, synthetic_dir=None)
         generate_synthetic(c, device=accelerator.device, progress=accelerator.is_main_process)

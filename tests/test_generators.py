@@ -71,6 +71,14 @@ def test_the_registry_is_what_the_config_offers():
         assert make_config(overrides={"generate.method": m}).generate.method == m
 
 
+def test_class_prompt_is_the_template_without_its_caption():
+    from mvc.prompts import class_prompt
+
+    assert class_prompt("{caption}, a photo of class type {label}", "Bag") == "a photo of class type Bag"
+    assert class_prompt("a photo of {label}: {caption}", "Bag") == "a photo of Bag"
+    assert class_prompt("a {caption} photo of a {label}", "Bag") == "a photo of a Bag"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_set_is_read_by_the_classifier_loader_and_the_evaluation(micro, method):
     from accelerate import Accelerator

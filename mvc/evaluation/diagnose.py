@@ -122,7 +122,8 @@ def row_config(cfg: Any, out: Path, ops: list[str], guidance: float, image_guida
     """The config that generates one row's synthetic set into `out`."""
     c = copy.deepcopy(cfg)
     c.mixing = dataclasses.replace(c.mixing, ops=list(ops))
-    c.generate = dataclasses.replace(c.generate, out_dir=str(out), grid_dir=str(out.parent / f"{out.name}_grids"),
+    c.generate = dataclasses.replace(c.generate, method="mvc", out_dir=str(out),  # the fine-tuned model's rows
+                                     grid_dir=str(out.parent / f"{out.name}_grids"),
                                      per_class=per_class, multiplier=None, guidance_scale=guidance,
                                      image_guidance_scale=image_guidance, filter_checkpoint=None)
     return c

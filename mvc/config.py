@@ -379,8 +379,10 @@ def check_combinations(cfg: Config) -> None:
             check()
         except MVCError as e:
             raise MVCError(f"config key {key}: {e}") from None
+    from mvc.generators import img2img_steps
+
     g = cfg.generate
-    if g.method == "img2img" and int(g.num_inference_steps * g.strength) < 1:
+    if g.method == "img2img" and img2img_steps(g.num_inference_steps, g.strength) < 1:
         raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
                        f"{g.num_inference_steps} give no img2img denoising step (int of the product); raise either")
     w = cfg.mixing.window

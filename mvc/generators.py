@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 #                                  Rendering                                    #
 #################################################################################
 
+SEED_ROLE = "generate.image"  # every method's per-image noise: seeds.generator(seed, SEED_ROLE, source, variant)
+
+
+def image_generators(seed: int, batch: Sequence[Any]) -> list[torch.Generator]:
+    """One generator per image of a batch, from (seed, source, variant): independent of batching and sharding."""
+    return [seeds.generator(seed, SEED_ROLE, j.source, j.variant) for j in batch]
+
+
 def render(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, cond_latents: torch.Tensor,
            generators: list[torch.Generator], num_inference_steps: int, guidance_scale: float,
            image_guidance_scale: float) -> list:
@@ -358,6 +366,10 @@ class Img2ImgGenerator(BaseGenerator):
     def extra_settings(self) -> dict:
         return {"strength": self.g.strength}
 
+    def record_params(self, model: str, resolution: int) -> dict:
+        return {**super().record_params(model, resolution),
+                "denoising_steps": img2img_steps(self.g.num_inference_steps, self.g.strength)}
+
     def start_class(self, pipe, labelled, label, jobs, captions, resolution):
         from mvc.sd_io import encode_posteriors
 
@@ -384,11 +396,3 @@ class Img2ImgGenerator(BaseGenerator):
 def img2img_steps(num_inference_steps: int, strength: float) -> int:
     """Denoising steps img2img runs: diffusers' `get_timesteps`, int(steps * strength)."""
     return min(int(num_inference_steps * strength), num_inference_steps)
-
-
-SEED_ROLE = "generate.image"  # every method's per-image noise: seeds.generator(seed, SEED_ROLE, source, variant)
-
-
-def image_generators(seed: int, batch: Sequence[Any]) -> list[torch.Generator]:
-    """One generator per image of a batch, from (seed, source, variant): independent of batching and sharding."""
-    return [seeds.generator(seed, SEED_ROLE, j.source, j.variant) for j in batch]

@@ -67,6 +67,7 @@ def set_dir(micro, method) -> Path:
 
 def test_the_registry_is_what_the_config_offers():
     assert GENERATORS.names()[:4] == METHODS
+    assert [GENERATORS.get(m).finetuned for m in METHODS] == [True, True, False, False]
     for m in METHODS:
         assert make_config(overrides={"generate.method": m}).generate.method == m
 
@@ -121,7 +122,7 @@ def test_records_name_method_parameters_seed_and_source(micro, method):
         else:
             assert r["source_id"] == ids[r["source_index"]]
         if method == "img2img":
-            assert r["strength"] == 0.5 and r["prompt"].startswith("a photo of class type")
+            assert r["strength"] == 0.5 and r["denoising_steps"] == 1 and r["prompt"].startswith("a photo of class type")
         if method.startswith("mvc"):
             assert r["model_dir"] == str(micro.model) and "image_guidance_scale" in r and r["caption"]
     gens = [r["generator_seed"] for r in recs]

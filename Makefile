@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   - the tiny end-to-end pipeline (CPU, offline)
 #   make test   - the test suite
+# `make small` runs the longer CPU profile (configs/small.yaml, about 75 minutes on 2 cores).
 # Both create .venv and install what is missing; `demo` also installs Debian's
 # dataset-fashion-mnist when it can (root or sudo), else torchvision downloads the data.
 
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo small test bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ data:
 
 demo: setup data
 	$(PY) run_pipeline.py --config $(CONFIG)
+
+small: setup data
+	$(PY) run_pipeline.py --config configs/small.yaml
 
 test: setup
 	$(PY) -m ruff check --quiet .

@@ -28,8 +28,13 @@ from mvc.config import Config, build_parser, config_to_dict, make_config, parse_
 from mvc.paths import RunPaths
 from mvc.utils import MVCError, atomic_copy, atomic_path, atomic_write_json, atomic_write_text, run_cli
 
-README_BEGIN = "<!-- results:begin (written by run_pipeline.py --update-readme) -->"
-README_END = "<!-- results:end -->"
+README_BEGIN = "<!-- results:begin {profile} (written by run_pipeline.py --update-readme) -->"
+README_END = "<!-- results:end {profile} -->"
+
+
+def profile_key(cfg: Config) -> str:
+    """The README section and docs/results/ folder of a run: the name of its output folder (tiny, small, ...)."""
+    return Path(cfg.run.output_dir).name
 
 
 #################################################################################
@@ -319,19 +324,23 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
             "![per-class fidelity and diversity](figures/synthetic_per_class.png)"]
 
 
-def update_readme(report: Path, readme: Path = Path("README.md"), docs: Path = Path("docs/results")) -> None:
-    """Copy the report and its figures into the README's results section, verbatim."""
+def update_readme(report: Path, profile: str = "tiny", readme: Path = Path("README.md"),
+                  docs: Path | None = None) -> None:
+    """Copy the report and its figures into the README's results section of `profile`, verbatim (figures go to
+    docs/results/<profile>/)."""
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise MVCError(f"{readme} has no results markers; add {README_BEGIN!r} and {README_END!r}")
+    begin, end = README_BEGIN.format(profile=profile), README_END.format(profile=profile)
+    if begin not in text or end not in text:
+        raise MVCError(f"{readme} has no results markers for profile {profile!r}; add {begin!r} and {end!r}")
+    docs = Path("docs/results") / profile if docs is None else docs
     docs.mkdir(parents=True, exist_ok=True)
     body = report.read_text()
     for fig in (report.parent / "figures").glob("*.png"):
         shutil.copyfile(fig, docs / fig.name)
     body = body.replace("](figures/", f"]({docs.as_posix()}/").replace("# MVC results", "### MVC results", 1)
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    atomic_write_text(readme, head + README_BEGIN + "\n" + body + README_END + tail)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(readme, head + begin + "\n" + body + end + tail)
 
 
 #################################################################################
@@ -356,7 +365,7 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     print(f"\nreport: {report}\n")
     print(report.read_text())
     if update_readme_too:
-        update_readme(report)
+        update_readme(report, profile_key(cfg))
     return report
 
 
@@ -364,7 +373,8 @@ def cli(argv: list[str] | None = None) -> Path:
     """Parse the config and flags, then run the pipeline."""
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--update-readme", action="store_true",
-                        help="Copy results.md and its figures into README.md's results section.")
+                        help="Copy results.md and its figures into README.md's results section of this profile "
+                        "(named by run.output_dir's last folder: tiny, small).")
     cfg, args = parse_args(parser, argv)
     return main(cfg, update_readme_too=args.update_readme)
 

@@ -1,7 +1,7 @@
 """Run every benchmark in bench/ and write bench/RESULTS.md from their JSON results.
 
     python bench/run_all.py            # all benchmarks
-    python bench/run_all.py pairs loader   # only bench_pairs.py and bench_loader.py
+    python bench/run_all.py pairs loader   # only bench_pairs.py and bench_loader.py (other sections kept)
 
 Each bench_<name>.py prints its own table and writes bench/results/<name>.json with a
 "title", a "rows" list of dicts, and optional "notes"; this script collates them.
@@ -49,20 +49,33 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def summarize() -> Path:
-    """Collate bench/results/*.json into bench/RESULTS.md."""
+    """Collate bench/results/*.json into bench/RESULTS.md. A section whose benchmark did not run this time
+    (no JSON here) keeps its earlier figures, so `run_all.py evaluation` updates one section only."""
+    out = HERE / "RESULTS.md"
+    sections: dict[str, list[str]] = {}
+    if out.is_file():  # the earlier sections, by title
+        title = None
+        for line in out.read_text().splitlines():
+            if line.startswith("## "):
+                title = line[3:]
+                sections[title] = []
+            elif title is not None:
+                sections[title].append(line)
+    for path in sorted((HERE / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        body = [""] + table(res.get("rows", [])) + [""]
+        body += [f"- {n}" for n in res.get("notes", [])] + [""]
+        sections[res.get("title", path.stem)] = body
     lines = ["# Benchmarks", "",
-             f"Written by `python bench/run_all.py` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
+             f"Written by `python bench/run_all.py`, last on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
              f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}. "
              "Ratios are measured side by side in one run.", ""]
-    for path in sorted((HERE / "results").glob("*.json")):
-        res = json.loads(path.read_text())
-        lines += [f"## {res.get('title', path.stem)}", ""] + table(res.get("rows", [])) + [""]
-        for n in res.get("notes", []):
-            lines.append(f"- {n}")
-        lines.append("")
-    out = HERE / "RESULTS.md"
-    out.write_text("\n".join(lines))
+    for title, body in sections.items():
+        while body and not body[-1].strip():
+            body = body[:-1]
+        lines += [f"## {title}"] + body + [""]
+    out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"\nwrote {out}")
     return out
 

@@ -26,7 +26,7 @@ from mvc.utils import MVCError, RunLogger, atomic_dir, atomic_write_json, clean_
 log = logging.getLogger(__name__)
 
 # Bump when the pretraining recipe changes, so cached bases built by an older recipe are not reused.
-RECIPE_VERSION = 3  # 2: deterministic tokenizer (train_bpe); 3: one resize filter (sd_io), named seeds
+RECIPE_VERSION = 4  # 2: deterministic tokenizer (train_bpe); 3: one resize filter (sd_io), named seeds; 4: min-SNR, EMA
 
 #################################################################################
 #                                 Components                                    #

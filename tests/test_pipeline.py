@@ -87,10 +87,16 @@ def test_rerun_resumes_without_redoing_finished_work(pipeline_run):
 def test_readme_results_section_is_replaced_verbatim(pipeline_run, tmp_path):
     out, report, _ = pipeline_run
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n\n{run_pipeline.README_BEGIN}\nold table\n{run_pipeline.README_END}\n\noutro\n")
-    run_pipeline.update_readme(report, readme=readme, docs=tmp_path / "docs")
+    marks = {p: (run_pipeline.README_BEGIN.format(profile=p), run_pipeline.README_END.format(profile=p))
+             for p in ("tiny", "small")}
+    readme.write_text(f"intro\n\n{marks['tiny'][0]}\nold table\n{marks['tiny'][1]}\n\n"
+                      f"{marks['small'][0]}\nsmall table\n{marks['small'][1]}\noutro\n")
+    run_pipeline.update_readme(report, "tiny", readme=readme, docs=tmp_path / "docs")
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
+    assert "small table" in text  # another profile's section is left alone
+    with pytest.raises(MVCError, match="no results markers for profile 'medium'"):
+        run_pipeline.update_readme(report, "medium", readme=readme, docs=tmp_path / "docs")
     assert "| real |" in text and (tmp_path / "docs" / "accuracy.png").is_file()
     assert f"]({(tmp_path / 'docs').as_posix()}/accuracy.png)" in text
 

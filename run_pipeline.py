@@ -7,6 +7,13 @@ classifier per (recipe, run, seed) from `pipeline.recipes` x `pipeline.runs` x `
 `results.md` with mean +- std, the optimizer steps and images each run got, the wall time of each
 stage and figures. Each stage resumes: rerunning the command after an interruption skips what is
 finished and continues what is not.
+
+    python run_pipeline.py --config configs/tiny.yaml --pipeline.generators='[mvc, mvc_nomix, txt2img, img2img]'
+
+adds the sets of other generators (`pipeline.generators`; the first is the main set, default [mvc]): each
+is generated, evaluated like the MVC set and trained on with the runs of `pipeline.generator_runs` over
+the same seeds, in stages of its own ("generation (img2img)", ...); results.md gets a synthetic-set row
+and accuracy rows per generator. MVC is fine-tuned only when a generator samples the fine-tuned model.
 """
 
 from __future__ import annotations
@@ -48,17 +55,28 @@ def split_run(run: str, default_augment: str | None = None) -> tuple[str, str | 
 
 
 def check_runs(cfg: Config) -> None:
-    """Refuse an unknown strategy or augmentation in pipeline.runs, or a bad recipe, before the first stage."""
+    """Refuse an unknown strategy or augmentation in pipeline.runs / pipeline.generator_runs, a generator run
+    that uses no synthetic image, a generate.method the pipeline would not make, or a bad recipe, before the
+    first stage."""
     from mvc.classifier.augment import AUGMENTATIONS
     from mvc.classifier.models import check_backbone
-    from mvc.classifier.strategies import list_strategies
+    from mvc.classifier.strategies import STRATEGIES, list_strategies
 
     augments = AUGMENTATIONS.names()
-    for run in cfg.pipeline.runs:
-        strategy, augment = split_run(run)
-        if strategy not in list_strategies() or (augment is not None and augment not in augments):
-            raise MVCError(f"pipeline.runs: unknown run {run!r}; use 'strategy' or 'strategy+augment' with a strategy "
-                           f"from {', '.join(list_strategies())} and an augmentation from {', '.join(augments)}")
+    extra = len(cfg.pipeline.generators) > 1
+    for key, runs in (("pipeline.runs", cfg.pipeline.runs), ("pipeline.generator_runs", cfg.pipeline.generator_runs)):
+        for run in runs:
+            strategy, augment = split_run(run)
+            if strategy not in list_strategies() or (augment is not None and augment not in augments):
+                raise MVCError(f"{key}: unknown run {run!r}; use 'strategy' or 'strategy+augment' with a strategy "
+                               f"from {', '.join(list_strategies())} and an augmentation from {', '.join(augments)}")
+            if key == "pipeline.generator_runs" and extra and not STRATEGIES.get(strategy).needs_synthetic:
+                raise MVCError(f"{key}: run {run!r} uses no synthetic image, so it is the same for every generator; "
+                               "keep it in pipeline.runs")
+    method, gens = cfg.generate.method, cfg.pipeline.generators
+    if method != "mvc" and method not in gens:
+        raise MVCError(f"generate.method={method} is not in pipeline.generators={gens}: the pipeline makes the sets of "
+                       f"pipeline.generators (the first is the main one); set pipeline.generators=[{method}, ...]")
     for rc in recipe_configs(cfg):
         check_backbone(rc.classifier.backbone)
 
@@ -88,6 +106,30 @@ def run_config(cfg: Config, strategy: str, augment: str, seed: int) -> Config:
     """The config of one classifier run of the pipeline: its strategy, augmentation and seed."""
     return dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, strategy=strategy, augment=augment,
                                                                    seeds=[seed]))
+
+
+def generator_config(cfg: Config, method: str, main: bool = False) -> Config:
+    """The pipeline's config for the set of one generator: `generate.method` set to it. The main set keeps the
+    user's output folders; any other set goes to its method's own default folders (synthetic_<method>/) and
+    its classifiers read it there."""
+    g = dataclasses.replace(cfg.generate, method=method)
+    c = cfg.classifier
+    if not main:
+        g = dataclasses.replace(g, out_dir=None, grid_dir=None)
+        c = dataclasses.replace(c, synthetic_dir=None)
+    return dataclasses.replace(cfg, generate=g, classifier=c)
+
+
+def extra_generators(cfg: Config) -> list[Config]:
+    """The configs of the generators of pipeline.generators after the first (the main set)."""
+    return [generator_config(cfg, m) for m in cfg.pipeline.generators[1:]]
+
+
+def needs_finetuning(cfg: Config) -> bool:
+    """Whether a generator of the pipeline samples the fine-tuned MVC model (mvc, mvc_nomix)."""
+    from mvc.generators import GENERATORS
+
+    return any(GENERATORS.get(m).finetuned for m in cfg.pipeline.generators)
 
 
 def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> Path:
@@ -147,10 +189,11 @@ def stage_evaluate(cfg: Config) -> None:
     evaluate_synthetic.main(copy_config(cfg))
 
 
-def stage_classifiers(cfg: Config) -> None:
-    """One classifier per (recipe, run, seed); finished runs are skipped, interrupted ones resumed."""
+def stage_classifiers(cfg: Config, runs: list[str] | None = None) -> None:
+    """One classifier per (recipe, run, seed) (runs: pipeline.runs unless given), on the set of cfg's
+    generate.method; finished runs are skipped, interrupted ones resumed."""
     for rc in recipe_configs(cfg):
-        for run in rc.pipeline.runs:
+        for run in (runs if runs is not None else rc.pipeline.runs):
             strategy, augment = split_run(run, rc.classifier.augment)
             for seed in rc.pipeline.seeds:
                 rdir = classifier_run_dir(rc, strategy, augment, seed)
@@ -179,17 +222,24 @@ def _metric(metrics: dict, key: str) -> float:
 
 
 def collect_results(cfg: Config) -> list[dict]:
-    """One row per (recipe, run): mean and std over seeds of accuracy and macro F1, and the optimizer steps
-    (with the two-phase split) and images each run trained on."""
+    """One row per (recipe, generator, run): mean and std over seeds of accuracy and macro F1, and the optimizer
+    steps (with the two-phase split) and images each run trained on. The main set's rows (every run of
+    pipeline.runs) come first, then those of each other generator (pipeline.generator_runs); `generator` is the
+    set's method, None for a run that uses no synthetic image."""
+    from mvc.classifier.outputs import synthetic_generator
+
     rows = []
-    for rc in recipe_configs(cfg):
-        for run in rc.pipeline.runs:
+    sets = [(cfg, cfg.pipeline.runs)] + [(gc, cfg.pipeline.generator_runs) for gc in extra_generators(cfg)]
+    for rc, runs in ((rc, runs) for gc, runs in sets for rc in recipe_configs(gc)):
+        for run in runs:
             strategy, augment = split_run(run, rc.classifier.augment)
             ms = [json.loads(p.read_text()) for seed in rc.pipeline.seeds
                   if (p := classifier_run_dir(rc, strategy, augment, seed) / "metrics.json").is_file()]
             accs = [100 * _metric(m, "accuracy") for m in ms]
             f1s = [100 * _metric(m, "f1_macro") for m in ms]
+            gen = synthetic_generator(run_config(rc, strategy, augment, 0))
             rows.append({"run": run, "backbone": rc.classifier.backbone, "strategy": strategy, "augment": augment,
+                         "generator": gen,
                          "n": len(accs), "acc_mean": float(np.mean(accs)) if accs else float("nan"),
                          "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
                          "f1_mean": float(np.mean(f1s)) if f1s else float("nan"),
@@ -223,6 +273,11 @@ def budget_sentence(rc: Config, rows: list[dict]) -> str:
             f"{c.batch_size}; {text}")
 
 
+def set_cell(row: dict) -> str:
+    """The synthetic set a row trained on: its generator, '-' for a run that uses none."""
+    return row.get("generator") or "-"
+
+
 def plot_accuracy(rows: list[dict], path: Path) -> None:
     """Bar chart of accuracy per run with std error bars and the individual seeds."""
     import matplotlib
@@ -236,7 +291,10 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
     for i, r in enumerate(rows):
         ax.scatter([i] * len(r["accs"]), r["accs"], color="k", s=10, zorder=3)
     several = len({r.get("backbone") for r in rows}) > 1  # several recipes: name the backbone too
-    ax.set_xticks(x, [f"{r['run']} ({r['backbone']})" if several else r["run"] for r in rows], rotation=20, ha="right")
+    sets = len({r.get("generator") for r in rows} - {None}) > 1  # several generators: name the set too
+    labels = [r["run"] + (f" @{set_cell(r)}" if sets and r.get("generator") else "")
+              + (f" ({r['backbone']})" if several else "") for r in rows]
+    ax.set_xticks(x, labels, rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%)")
     lo = min((min(r["accs"]) for r in rows if r["accs"]), default=0)
     ax.set_ylim(max(0, lo - 5), min(100, max((max(r["accs"]) for r in rows if r["accs"]), default=100) + 3))
@@ -265,6 +323,7 @@ def write_report(cfg: Config, times: dict) -> Path:
     n_real = next((json.loads(p.read_text()).get("n_real") for p in sorted(paths.classifier.glob("*/metrics.json"))),
                   "?")
     recipes = recipe_configs(cfg)
+    sets = len(cfg.pipeline.generators) > 1  # several generators: a column says which set each row trained on
     lines = [
         f"# MVC results: {cfg.data.name}, "
         + (f"{cfg.data.k_per_class} labelled images per class" if cfg.data.k_per_class else "every labelled image"),
@@ -273,16 +332,20 @@ def write_report(cfg: Config, times: dict) -> Path:
         + (f" (a fixed class-balanced {cfg.classifier.test_limit} of it)" if cfg.classifier.test_limit else "")
         + f"; mean ± std over seeds {cfg.pipeline.seeds}; metrics of the last epoch. *steps*: the optimizer steps "
         "of each run; *images seen* counts every image a run trained on, repeats included "
-        "(probabilistic adds synthetic images to each real batch, so it sees more images in the same steps).",
+        "(probabilistic adds synthetic images to each real batch, so it sees more images in the same steps)."
+        + (f" *set*: the generator of the synthetic set a run trained on (pipeline.generators: "
+           f"{', '.join(cfg.pipeline.generators)}; `-`: real images only); the synthetic-set count is the main set's."
+           if sets else ""),
     ]
     for rc in recipes:
         mine = [r for r in rows if r["backbone"] == rc.classifier.backbone]
         lines += ["", budget_sentence(rc, mine) + ".", "",
-                  "| run | strategy | augmentation | steps | images seen | accuracy (%) | macro F1 (%) | seeds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| run |" + (" set |" if sets else "") + " strategy | augmentation | steps | images seen | "
+                  "accuracy (%) | macro F1 (%) | seeds |", "|---|---|---|---|---|---|---|---|" + ("---|" if sets else "")]
         for r in mine:
             images = f"{r['images']:.0f}" if r["images"] is not None else "?"
-            lines.append(f"| {r['run']} | {r['strategy']} | {r['augment']} | {steps_cell(r)} | {images} "
+            lines.append(f"| {r['run']} |" + (f" {set_cell(r)} |" if sets else "")
+                         + f" {r['strategy']} | {r['augment']} | {steps_cell(r)} | {images} "
                          f"| {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['f1_mean']:.2f} ± {r['f1_std']:.2f} "
                          f"| {r['n']} |")
     lines += synthetic_section(cfg, paths)
@@ -298,15 +361,35 @@ def write_report(cfg: Config, times: dict) -> Path:
     return paths.report
 
 
-def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
-    """The synthetic-set table (from the evaluation stage's metrics.json) and its per-class figure."""
-    from mvc.evaluation.evaluate import summary_row, table_markdown
+def set_label(method: str) -> str:
+    """The synthetic-set table's name of a generator's set."""
+    return "MVC (`generate_mvc.py`)" if method == "mvc" else f"{method} (`generate.method={method}`)"
+
+
+def evaluation_record(cfg: Config) -> tuple[Path, dict] | None:
+    """The evaluation stage's folder and metrics.json of the set of cfg's generate.method (None before it ran)."""
     from mvc.utils import safe_name
 
+    paths = RunPaths.of(cfg)
     ev_dir = paths.evaluation / safe_name(paths.synthetic.name)
     if not (ev_dir / "metrics.json").is_file():
+        return None
+    return ev_dir, json.loads((ev_dir / "metrics.json").read_text())
+
+
+def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
+    """The synthetic-set table (from the evaluation stage's metrics.json: one row per generator of
+    pipeline.generators that has one) and the main set's per-class figure."""
+    from mvc.evaluation.evaluate import summary_row, table_markdown
+
+    main = evaluation_record(cfg)
+    if main is None:
         return []
-    rec = json.loads((ev_dir / "metrics.json").read_text())
+    ev_dir, rec = main
+    table = [(set_label(cfg.generate.method), summary_row(rec))]
+    for gc in extra_generators(cfg):
+        if (other := evaluation_record(gc)) is not None:
+            table.append((set_label(gc.generate.method), summary_row(other[1])))
     if (ev_dir / "figure.png").is_file():
         atomic_copy(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
     ref = rec["reference"]
@@ -320,7 +403,7 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
             "cosine distance to the source image / to the nearest other labelled image"
             + (f"; CAS: `{cas['backbone']}` trained on the synthetic images alone, tested on real ones "
                f"(seeds {cas['seeds']})." if cas else "."), "",
-            table_markdown([("MVC (`generate_mvc.py`)", summary_row(rec))]).rstrip(), "",
+            table_markdown(table).rstrip(), "",
             "![per-class fidelity and diversity](figures/synthetic_per_class.png)"]
 
 
@@ -352,15 +435,24 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     from mvc.seeds import resolve_seed
 
     check_runs(cfg)
+    cfg = generator_config(cfg, cfg.pipeline.generators[0], main=True)  # generate.method: the main set's
     cfg.run.seed = resolve_seed(cfg.run.seed)  # one drawn seed for every stage, recorded in config-pipeline.yaml
     paths = RunPaths.of(cfg)
     paths.check_outputs(cfg)
     save_config(cfg, paths.config_file("pipeline"))
     times = read_times(paths.stage_times)
-    run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times, paths.stage_times)
+    if needs_finetuning(cfg):  # txt2img / img2img alone sample the base: nothing to fine-tune
+        run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times,
+                  paths.stage_times)
     run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
     run_stage("evaluation (reference, metrics, CAS)", lambda: stage_evaluate(cfg), times, paths.stage_times)
     run_stage("classifiers", lambda: stage_classifiers(cfg), times, paths.stage_times)
+    for gc in extra_generators(cfg):  # the other generators' sets, each in stages of its own
+        m = gc.generate.method
+        run_stage(f"generation ({m})", lambda gc=gc: stage_generate(gc), times, paths.stage_times)
+        run_stage(f"evaluation ({m})", lambda gc=gc: stage_evaluate(gc), times, paths.stage_times)
+        run_stage(f"classifiers ({m})", lambda gc=gc: stage_classifiers(gc, gc.pipeline.generator_runs), times,
+                  paths.stage_times)
     report = write_report(cfg, times)
     print(f"\nreport: {report}\n")
     print(report.read_text())

@@ -261,7 +261,8 @@ class ClassifierConfig:
     input_size: int | None = opt(32, "Input size (null: from the model's data config).", min=8)
     strategy: str = opt("real", "Synthetic-data strategy from the registry.", choices=_strategies)
     synthetic_dir: str | None = opt(None, "Synthetic ImageFolder (default: the set generate.method writes, "
-                                    "<run.output_dir>/synthetic for mvc).")
+                                    "<run.output_dir>/synthetic for mvc). Runs on another generator's set are "
+                                    "named after it (`<strategy>-<augment>-<backbone>-<method>-seed<n>`).")
     synthetic_ratio: float | None = opt(None, "Synthetic:real ratio used (null: all synthetic images).", min=0)
     two_phase_lr_scale: float = opt(0.1, "Phase-2 LR = this x LR.", min=0, min_exclusive=True)
     two_phase_fraction: float = opt(0.2, "Share of the step budget spent in phase 2 (real only).", min=0, max=1)
@@ -337,6 +338,15 @@ class PipelineConfig:
     recipes: list[dict] = opt([], "Classifier recipes, each a mapping of classifier.* keys over the classifier "
                               "section plus a 'name' (e.g. {name: efficientnet_b0, backbone: efficientnet_b0, "
                               "optimizer: sgd}); every run of pipeline.runs is trained with each. []: the section as is.")
+    generators: list[str] = opt(["mvc"], "Generators (generate.method) whose synthetic sets the pipeline makes, "
+                                "evaluates (metrics and CAS) and trains on, e.g. [mvc, mvc_nomix, txt2img, img2img]: "
+                                "one synthetic-set row and accuracy rows each. The first is the main set (every run "
+                                "of pipeline.runs); each other gets the runs of pipeline.generator_runs, over the same "
+                                "seeds. MVC is fine-tuned only when one of them needs it (mvc, mvc_nomix).",
+                                min_len=1, unique=True)
+    generator_runs: list[str] = opt(["probabilistic", "two_phase"], "Classifier runs ('strategy' or "
+                                    "'strategy+augment', each using synthetic images) trained on the set of every "
+                                    "generator of pipeline.generators after the first.", min_len=1, unique=True)
 
 
 @dataclass
@@ -379,10 +389,14 @@ def check_combinations(cfg: Config) -> None:
             check()
         except MVCError as e:
             raise MVCError(f"config key {key}: {e}") from None
-    from mvc.generators import img2img_steps
+    from mvc.generators import GENERATORS, img2img_steps
 
     g = cfg.generate
-    if g.method == "img2img" and img2img_steps(g.num_inference_steps, g.strength) < 1:
+    unknown = [m for m in cfg.pipeline.generators if m not in GENERATORS.names()]
+    if unknown:
+        raise MVCError(f"config key pipeline.generators: unknown generator {unknown[0]!r}; choose from "
+                       f"{', '.join(GENERATORS.names())}")
+    if "img2img" in {g.method, *cfg.pipeline.generators} and img2img_steps(g.num_inference_steps, g.strength) < 1:
         raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
                        f"{g.num_inference_steps} give no img2img denoising step (int of the product); raise either")
     w = cfg.mixing.window

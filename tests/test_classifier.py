@@ -344,6 +344,7 @@ def test_training_reaches_high_accuracy_and_writes_outputs(trained):
     assert run.name == "probabilistic-standard-resnet10t-seed0"
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["best_selected_on"] == "test" and "optimistic" in saved["note"]
+    assert saved["generator"] == "mvc"  # the default set's method (generate.method), named in results.csv too
     assert len(saved["last"]["confusion_matrix"]) == 3 and (run / "confusion_last.png").stat().st_size > 0
     assert list((run / "tb").iterdir())
     rows = (out / "results.csv").read_text().splitlines()

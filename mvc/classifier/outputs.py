@@ -14,15 +14,39 @@ from mvc.utils import RunLogger, atomic_write_json, safe_name
 
 CSV_COLUMNS = ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed", "fold", *SCALARS,
                "best_accuracy", "best_epoch", "best_selected_on", "epochs", "steps", "images_seen", "n_real",
-               "n_synthetic", "probe", "run_dir"]
+               "n_synthetic", "generator", "probe", "run_dir"]  # generator: the synthetic set's method (none: blank)
+
+
+def synthetic_generator(cfg) -> str | None:
+    """The generator (`generate.method`) of the synthetic set a classifier run trains on; None when its strategy
+    uses no synthetic image. With `classifier.synthetic_dir`, the method that set's settings record (a set of
+    format 1 predates the registry: mvc), else `generate.method` (whose default folder the run reads)."""
+    c = cfg.classifier
+    if not STRATEGIES.get(c.strategy).needs_synthetic:
+        return None
+    if c.synthetic_dir:
+        import json
+
+        from mvc.synthetic import SETTINGS_FILE
+
+        settings = Path(c.synthetic_dir).expanduser() / SETTINGS_FILE
+        if settings.is_file():
+            try:
+                return str(json.loads(settings.read_text())["settings"].get("method", "mvc"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass  # not a settings file: the data loader refuses the set with its own message
+    return cfg.generate.method
 
 
 def run_name(cfg, seed: int) -> str:
-    """`<strategy>-<augment>-<backbone>-seed<seed>` (probes: `<strategy>-probe_<probe>-<backbone>-seed<seed>`)."""
+    """`<strategy>-<augment>-<backbone>-seed<seed>` (probes: `<strategy>-probe_<probe>-<backbone>-seed<seed>`);
+    a run on the set of another generator than mvc says which before the seed (`...-<backbone>-img2img-seed0`),
+    so runs on different sets never share a folder while the names of MVC runs stay what they were."""
     c = cfg.classifier
     tag = STRATEGIES.get(c.strategy).tag_for(c)
     mid = f"probe_{c.probe}" if c.probe != "none" else c.augment
-    return f"{tag}-{mid}-{safe_name(c.backbone)}-seed{seed}"
+    gen = synthetic_generator(cfg)
+    return f"{tag}-{mid}-{safe_name(c.backbone)}{'' if gen in (None, 'mvc') else '-' + safe_name(gen)}-seed{seed}"
 
 
 def run_dir_for(cfg, seed: int, fold: int | None = None) -> Path:
@@ -54,8 +78,8 @@ def write_run_outputs(record: dict, run_dir: Path, logger: RunLogger, cfg) -> No
 def csv_row(record: dict) -> dict:
     """One results-CSV row from a run record."""
     best = record.get("best") or {}
-    return {**{k: record.get(k) for k in ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed",
-                                          "fold", "best_selected_on", "epochs", "steps", "images_seen", "n_real",
+    return {**{k: record.get(k) for k in ["dataset", "k_per_class", "backbone", "strategy", "augment", "generator",
+                                          "seed", "fold", "best_selected_on", "epochs", "steps", "images_seen", "n_real",
                                           "n_synthetic", "probe", "run_dir"]},
             **{k: round(record["last"][k], 6) for k in SCALARS},
             "best_accuracy": round(best["accuracy"], 6) if best else None, "best_epoch": best.get("epoch")}

@@ -9,7 +9,7 @@ from mvc import seeds
 from mvc.classifier.data import Combined, eval_loader, prepare_data, prepared
 from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.models import build_model, extract_features
-from mvc.classifier.outputs import run_dir_for, write_run_outputs
+from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs
 from mvc.registry import Registry
 from mvc.utils import MVCError, RunLogger
 
@@ -71,7 +71,8 @@ def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None)
     run_dir = run_dir_for(cfg, seed, fold)
     record = {
         "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
-        "strategy": c.strategy, "augment": "none", "seed": int(seed), "fold": fold, "probe": c.probe,
+        "strategy": c.strategy, "augment": "none", "generator": synthetic_generator(cfg), "seed": int(seed),
+        "fold": fold, "probe": c.probe,
         "epochs": 0, "n_real": train.n_real, "n_synthetic": train.n_syn, "n_val": 0, "n_test": len(y_te),
         "classes": d["classes"], "best_selected_on": "none", "note": "feature probe: best = last",
         "last": {"epoch": 0, **m}, "best": {"epoch": 0, **m}, "history": [], "feature_dim": int(x_tr.shape[1]),

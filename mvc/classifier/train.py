@@ -24,7 +24,7 @@ from mvc.classifier.data import Combined, eval_loader, plan_loader, prepare_data
 from mvc.classifier.engine import build_optimizer, evaluate, plan_lr, train_one_epoch
 from mvc.classifier.metrics import compute_metrics, mean_std
 from mvc.classifier.models import build_model
-from mvc.classifier.outputs import run_dir_for, write_run_outputs, write_summary
+from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs, write_summary
 from mvc.classifier.strategies import build_strategy
 from mvc.utils import MVCError, RunLogger, atomic_write_json
 
@@ -165,7 +165,8 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
         last = test_metrics()
     record = {
         "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
-        "strategy": strategy.tag(), "augment": c.augment, "seed": int(seed), "fold": fold, "probe": c.probe,
+        "strategy": strategy.tag(), "augment": c.augment, "generator": synthetic_generator(cfg),
+        "synthetic_set": d.get("synthetic_fingerprint"), "seed": int(seed), "fold": fold, "probe": c.probe,
         "epochs": epochs, "steps": sum(h["steps"] for h in history), "budget_steps": strategy.total_steps,
         "phase_steps": strategy.phase_steps(), "images_seen": sum(h["images_seen"] for h in history),
         "synthetic_seen": sum(h["synthetic_seen"] for h in history), "n_real": data.n_real, "n_synthetic": data.n_syn,

@@ -40,8 +40,9 @@ README_END = "<!-- results:end {profile} -->"
 
 
 def profile_key(cfg: Config) -> str:
-    """The README section and docs/results/ folder of a run: the name of its output folder (tiny, small, ...)."""
-    return Path(cfg.run.output_dir).name
+    """The README section and docs/results/ folder of a run: the name of its output folder (tiny, small, ...),
+    with '-generators' when the run compares more than one generator (so `make demo`'s section stays its own)."""
+    return Path(cfg.run.output_dir).name + ("-generators" if len(cfg.pipeline.generators) > 1 else "")
 
 
 #################################################################################

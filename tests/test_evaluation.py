@@ -184,3 +184,12 @@ def test_shuffled_labels_score_near_chance_and_cas_trains_on_the_set(micro, tmp_
     cas_dir = Path(cfg.run.output_dir) / "evaluation" / "shuffled" / "cas" / "classifier"
     rec = json.loads(next(cas_dir.glob("synthetic_only-*/metrics.json")).read_text())
     assert rec["n_synthetic"] == len(images) and rec["strategy"] == "synthetic_only"
+
+
+def test_table_shows_a_missing_source_distance_as_a_dash():
+    from mvc.evaluation.evaluate import table_markdown
+
+    row = {"images": 8, "fidelity": 0.5, "diversity_ratio": 1.0, "fd": 2.0, "fd_real": 0.5,
+           "to_source": float("nan"), "to_nearest_other": 0.05, "cas_mean": None, "cas_std": None}
+    line = table_markdown([("txt2img", row)]).splitlines()[-1]
+    assert "| - / 0.050 | - |" in line and "nan" not in line

@@ -203,3 +203,10 @@ def test_reports_name_the_split_they_evaluate_on():
     assert say["caltech101"].startswith("a seeded, class-stratified 20% test split") and "official" not in \
         say["caltech101"].replace("no official", "")
     assert {say[d] for d in ("cifar10", "brain_tumor", "tiny")} == {"the official test split"}
+
+
+def test_readme_section_is_named_by_profile_and_comparison():
+    tiny = make_config({"run": {"output_dir": "outputs/tiny"}})
+    compare = make_config({"run": {"output_dir": "outputs/tiny"}, "pipeline": {"generators": ["mvc", "img2img"]}})
+    assert run_pipeline.profile_key(tiny) == "tiny"
+    assert run_pipeline.profile_key(compare) == "tiny-generators"  # never overwrites make demo's section

@@ -182,10 +182,13 @@ def table_markdown(rows: list[tuple[str, dict]], first: str = "set") -> str:
     """A markdown table of `summary_row`s (fidelity, diversity, FD-ref, novelty, CAS)."""
     lines = [f"| {first} | images | label fidelity (%) | diversity ratio | FD-ref (real floor) | "
              "novelty: to source / nearest other | CAS (%) |", "|---|---|---|---|---|---|---|"]
+    def num(v: float | None) -> str:  # no source image (txt2img): no distance to it
+        return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
     for label, r in rows:
         cas = f"{100 * r['cas_mean']:.1f} ± {100 * r['cas_std']:.1f}" if r.get("cas_mean") is not None else "-"
         lines.append(f"| {label} | {r['images']} | {100 * r['fidelity']:.1f} | {r['diversity_ratio']:.2f} | "
-                     f"{r['fd']:.2f} ({r['fd_real']:.2f}) | {r['to_source']:.3f} / {r['to_nearest_other']:.3f} | {cas} |")
+                     f"{r['fd']:.2f} ({r['fd_real']:.2f}) | {num(r['to_source'])} / {num(r['to_nearest_other'])} | {cas} |")
     return "\n".join(lines) + "\n"
 
 

@@ -343,7 +343,7 @@ class PipelineConfig:
                                 "one synthetic-set row and accuracy rows each. The first is the main set (every run "
                                 "of pipeline.runs); each other gets the runs of pipeline.generator_runs, over the same "
                                 "seeds. MVC is fine-tuned only when one of them needs it (mvc, mvc_nomix).",
-                                min_len=1, unique=True)
+                                choices=_generators, min_len=1, unique=True)
     generator_runs: list[str] = opt(["probabilistic", "two_phase"], "Classifier runs ('strategy' or "
                                     "'strategy+augment', each using synthetic images) trained on the set of every "
                                     "generator of pipeline.generators after the first.", min_len=1, unique=True)
@@ -389,13 +389,9 @@ def check_combinations(cfg: Config) -> None:
             check()
         except MVCError as e:
             raise MVCError(f"config key {key}: {e}") from None
-    from mvc.generators import GENERATORS, img2img_steps
+    from mvc.generators import img2img_steps
 
     g = cfg.generate
-    unknown = [m for m in cfg.pipeline.generators if m not in GENERATORS.names()]
-    if unknown:
-        raise MVCError(f"config key pipeline.generators: unknown generator {unknown[0]!r}; choose from "
-                       f"{', '.join(GENERATORS.names())}")
     if "img2img" in {g.method, *cfg.pipeline.generators} and img2img_steps(g.num_inference_steps, g.strength) < 1:
         raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
                        f"{g.num_inference_steps} give no img2img denoising step (int of the product); raise either")
@@ -474,11 +470,12 @@ def validate(cfg: Any, prefix: str = "") -> None:
                            f"({type(value).__name__})")
         m = f.metadata
         choices = m.get("choices")
-        if choices is not None and value is not None:
+        if choices is not None and value is not None:  # a list's choices are its items'
             allowed = choices() if callable(choices) else choices
-            if value not in allowed:
-                raise MVCError(f"config key {key}: unknown value {short_repr(value)}; choose one of "
-                               f"{', '.join(map(str, allowed))}")
+            for v in value if isinstance(value, list) else [value]:
+                if v not in allowed:
+                    raise MVCError(f"config key {key}: unknown value {short_repr(v)}; choose one of "
+                                   f"{', '.join(map(str, allowed))}")
         if isinstance(value, list):
             if m.get("min_len") and len(value) < m["min_len"]:
                 raise MVCError(f"config key {key}: needs at least {m['min_len']} value(s), got {short_repr(value)}")

@@ -382,15 +382,22 @@ def load_synthetic_set(root: str | os.PathLike, classes: Sequence[str], exclude_
                         FileSource([Path(root) / f for f in files]))
 
 
+def read_settings_file(root: str | os.PathLike) -> dict | None:
+    """A set's settings file ({"format", "settings", "fingerprint"}), None when it is missing or unreadable."""
+    try:
+        rec = json.loads((Path(root) / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def set_fingerprint(root: str | os.PathLike) -> str | None:
     """Identifies a set's content: its settings and its records (None without a settings file)."""
-    root = Path(root)
-    try:
-        settings = json.loads((root / SETTINGS_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+    rec = read_settings_file(root)
+    if rec is None:
         return None
-    meta = root / METADATA
-    return fingerprint(settings, meta.read_text() if meta.is_file() else "")
+    meta = Path(root) / METADATA
+    return fingerprint(rec.get("fingerprint"), meta.read_text() if meta.is_file() else "")
 
 
 def count_images(root: str | os.PathLike) -> int:

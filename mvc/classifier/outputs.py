@@ -25,16 +25,11 @@ def synthetic_generator(cfg) -> str | None:
     if not STRATEGIES.get(c.strategy).needs_synthetic:
         return None
     if c.synthetic_dir:
-        import json
+        from mvc.synthetic import read_settings_file
 
-        from mvc.synthetic import SETTINGS_FILE
-
-        settings = Path(c.synthetic_dir).expanduser() / SETTINGS_FILE
-        if settings.is_file():
-            try:
-                return str(json.loads(settings.read_text())["settings"].get("method", "mvc"))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                pass  # not a settings file: the data loader refuses the set with its own message
+        settings = (read_settings_file(Path(c.synthetic_dir).expanduser()) or {}).get("settings")
+        if isinstance(settings, dict):  # else not a settings file: the data loader refuses the set itself
+            return str(settings.get("method", "mvc"))
     return cfg.generate.method
 
 

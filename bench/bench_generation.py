@@ -55,7 +55,7 @@ def run_profile(profile: str) -> dict:
     """Run both paths of one profile on the same jobs; returns the raw figures."""
     from PIL import Image
 
-    from mvc.generate import render
+    from mvc.generators import render
     from mvc.mixing import apply_mixing
     from mvc.sd_io import encode_conditions, encode_prompts
 

@@ -33,7 +33,7 @@ import torch
 
 from mvc.captions import load_captions
 from mvc.distributed import resolve_dtype
-from mvc.generators import image_generators, make_generator, render, resolve_resolution  # noqa: F401 (re-exported)
+from mvc.generators import image_generators, make_generator
 from mvc.paths import RunPaths
 from mvc.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
 from mvc.utils import MVCError, append_jsonl, atomic_write_json, batched

@@ -16,6 +16,7 @@ import mvc.generate as gen
 from mvc import sd_io
 from mvc.config import TinyBaseConfig, make_config
 from mvc.data import ArraySource, ImageDataset
+from mvc.generators import render
 from mvc.models import SAMPLERS, build_sampler, load_ip2p_pipeline
 from mvc.synthetic import Job, SyntheticSet, class_folder, plan_jobs, shard_jobs, variants_per_source
 from mvc.utils import MVCError, read_jsonl
@@ -249,7 +250,7 @@ def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
     emb = encode(pipe, prompts)
     neg = encode(pipe, [""]).expand(len(srcs), -1, -1)
     lat = sd_io.encode_conditions(pipe.vae, images, 16)
-    ours = gen.render(pipe, emb, neg, lat, [make_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
+    ours = render(pipe, emb, neg, lat, [make_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
     for i, s in enumerate(srcs):
         ref = pipe(prompt=prompts[i], image=images[i], num_inference_steps=2, guidance_scale=3.0,
                    image_guidance_scale=1.5, generator=make_generator(0, s, 0)).images[0]
@@ -267,7 +268,7 @@ def test_every_scheduler_renders(pipe, scheduler):
     p.set_progress_bar_config(disable=True)
     assert type(p.scheduler).__name__ == SAMPLERS.get(scheduler)[0]
     e = encode(p, ["dark"])
-    ims = gen.render(p, e, encode(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
+    ims = render(p, e, encode(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
     assert ims[0].size == (16, 16)
 
 

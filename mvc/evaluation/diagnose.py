@@ -138,7 +138,8 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     from mvc.captions import load_captions
     from mvc.data import load_splits
     from mvc.evaluation.evaluate import load_reference, measure, real_subset, source_rows
-    from mvc.generate import generate_synthetic, resolve_resolution
+    from mvc.generate import generate_synthetic
+    from mvc.generators import resolve_resolution
     from mvc.models import load_ip2p_pipeline, training_info
     from mvc.sd_io import images_to_uint8
     from mvc.synthetic import load_synthetic_set

@@ -193,3 +193,31 @@ def test_table_shows_a_missing_source_distance_as_a_dash():
            "to_source": float("nan"), "to_nearest_other": 0.05, "cas_mean": None, "cas_std": None}
     line = table_markdown([("txt2img", row)]).splitlines()[-1]
     assert "| - / 0.050 | - |" in line and "nan" not in line
+
+
+def test_vae_probe_judges_each_variant_and_refuses_bad_ones(micro, tmp_path):
+    """scripts/probe_vae.py: one row per variant with its latent size, judged by the reference; a bad
+    variant or width is one line before any work."""
+    import sys
+
+    from helpers import MICRO
+
+    from mvc.utils import MVCError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import probe_vae
+
+    cfg, _ = micro
+    argv = ["--config", str(MICRO), f"--data.root={cfg.data.root}", f"--run.output_dir={tmp_path / 'run'}",
+            f"--evaluate.cache_dir={cfg.evaluate.cache_dir}", "--evaluate.reference_epochs=8",
+            "--evaluate.reference_batch_size=16", "--evaluate.reference_input_size=16", "--evaluate.real_limit=null",
+            "--data.k_per_class=3"]
+    rows = probe_vae.cli(argv + ["--variant", "8,16:2", "--variant", "8:2"])
+    assert [(r["vae_channels"], r["latent"], r["steps"]) for r in rows] == [([8, 16], 8, 2), ([8], 16, 2)]
+    assert all(0.0 <= r["fidelity"] <= 1.0 and len(r["per_class"]) == 10 for r in rows)
+    table = (tmp_path / "run" / "probe_vae" / "probe_vae.md").read_text()
+    assert "| 8-16 | 8x8x4 | 2 |" in table and "| 8 | 16x16x4 | 2 |" in table
+    with pytest.raises(MVCError, match="widths:steps"):
+        probe_vae.cli(argv + ["--variant", "8,16"])
+    with pytest.raises(MVCError, match="tiny.vae_channels"):
+        probe_vae.cli(argv + ["--variant", "8,12:2"])  # not multiples of the GroupNorm groups

@@ -105,6 +105,28 @@ class PairsConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Clustering-based sampling (the thesis, section 5.1; mvc/clustering.py): per class, k-means on image
+    embeddings, and only the most coherent clusters' most central images are fine-tuned on and generated from."""
+    method: str = opt("none", "'none' (every labelled image) or 'clusters' (the kept images of coherent clusters; "
+                      "fine-tuning and generation write to *_clusters folders).",
+                      choices=_names("mvc.clustering", "METHODS"))
+    embedder: str = opt("base_vae", "'base_vae' (the flattened VAE posterior means of model.base: label-free on the "
+                        "tiny profile, whose base never saw labels) or a timm model name (its pooled features, its "
+                        "own preprocessing; e.g. efficientnet_b0, the thesis' choice).")
+    pretrained: bool = opt(True, "timm embedders: pretrained weights from the HF hub cache (HF_HUB_OFFLINE is "
+                           "respected); false gives a random network's features.")
+    clusters_per_class: int = opt(3, "k of the per-class k-means (lowered, with a warning, for a class with fewer "
+                                  "images).", min=1)
+    keep_fraction: float = opt(0.8, "Share of each cluster's members kept, the closest to its centroid (at least 2 "
+                               "when the cluster has 2).", min=0, max=1, min_exclusive=True)
+    min_coherence: float = opt(0.85, "A cluster is kept when the mean cosine similarity of its kept members to the "
+                               "centroid is at least this ...", min=-1, max=1)
+    max_spread: float = opt(0.1, "... and their standard deviation at most this (1: no limit).", min=0, max=1)
+    seed: int = opt(0, "Seed of the k-means initialisations (independent of run.seed).", **SEED)
+
+
+@dataclass
 class CaptionConfig:
     """Captioner and prompt template."""
     captioner: str = opt("attributes", "Captioner from the registry.", choices=_captioners)
@@ -355,6 +377,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     tiny: TinyBaseConfig = field(default_factory=TinyBaseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -395,6 +418,10 @@ def check_combinations(cfg: Config) -> None:
     if "img2img" in {g.method, *cfg.pipeline.generators} and img2img_steps(g.num_inference_steps, g.strength) < 1:
         raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
                        f"{g.num_inference_steps} give no img2img denoising step (int of the product); raise either")
+    if cfg.sampling.method != "none":  # timm is imported only when clustering is asked for
+        from mvc.clustering import check_embedder
+
+        check_embedder(cfg.sampling.embedder)
     w = cfg.mixing.window
     if isinstance(w, list) and not 0 <= w[0] < w[1]:
         raise MVCError(f"config key mixing.window: [start, end) = {w} is not a non-empty range of token positions")

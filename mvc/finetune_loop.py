@@ -313,20 +313,37 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
 #                               Stage flow (main)                               #
 #################################################################################
 
-def _pairs_for(cfg, labelled, path: Path, main: bool):
+def _pairs_for(cfg, labelled, path: Path, main: bool, groups=None):
     """Pairs of the labelled subset: loaded from `path` when drawn from this subset with these settings,
-    else drawn and saved (pairs are derived data, so a stale file is replaced with a warning)."""
-    from mvc.pairs import build_pairs, load_pairs, save_pairs
+    else drawn and saved (pairs are derived data, so a stale file is replaced with a warning). With
+    `groups` (clustering-based sampling's `ConceptGroups`), pairs are drawn within each kept cluster."""
+    from mvc.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
 
+    ids = groups.group_ids() if groups is not None else None
     if path.is_file():
         try:
-            return load_pairs(path, labelled.fingerprint(), rounds=cfg.pairs.rounds, seed=cfg.pairs.seed)
+            return load_pairs(path, labelled.fingerprint(), rounds=cfg.pairs.rounds, seed=cfg.pairs.seed,
+                              grouping=grouping_fingerprint(ids))
         except MVCError as e:
             log.warning("%s; drawing new pairs", e)
-    pairs = build_pairs(labelled, cfg.pairs.rounds, cfg.pairs.seed, cfg.data.on_small_class)
+    pairs = build_pairs(labelled, cfg.pairs.rounds, cfg.pairs.seed, cfg.data.on_small_class, groups=ids)
     if main:
         save_pairs(path, pairs)
     return pairs
+
+
+def sampling_groups(cfg, labelled, pool, device=None, progress: bool = True):
+    """The concepts of clustering-based sampling (`mvc.clustering.ConceptGroups`), None when
+    sampling.method=none; the base_vae embedder embeds with the base's VAE (the tiny base built if needed)."""
+    from mvc.clustering import BASE_VAE, concept_groups
+    from mvc.paths import RunPaths
+
+    if cfg.sampling.method == "none":
+        return None
+    base = None
+    if cfg.sampling.embedder == BASE_VAE:
+        base = base_source(cfg, pool, RunPaths.of(cfg).root, progress)
+    return concept_groups(cfg, labelled, base, device)
 
 
 def base_source(cfg, pool, output_dir: Path, progress: bool = True) -> str:
@@ -354,7 +371,8 @@ def load_base(cfg, pool, output_dir: Path, progress: bool = True, source: str | 
 
 
 def run(cfg, accelerator, resume: str | None = None) -> dict:
-    """The train_mvc stage: splits -> pairs -> captions -> prompts -> base -> widen conv_in -> train -> final."""
+    """The train_mvc stage: splits -> (clusters) -> pairs -> captions -> prompts -> base -> widen conv_in -> train
+    -> final."""
     from mvc.captions import load_captions
     from mvc.data import load_splits
     from mvc.models import widen_conv_in
@@ -366,7 +384,8 @@ def run(cfg, accelerator, resume: str | None = None) -> dict:
     # sharded: every process captions its share of what the cache lacks.
     with acc.main_process_first():
         labelled, pool, _test = load_splits(cfg.data)
-        pairs = _pairs_for(cfg, labelled, paths.pairs, acc.is_main_process)
+        groups = sampling_groups(cfg, labelled, pool, acc.device, progress=acc.is_main_process)
+        pairs = _pairs_for(cfg, labelled, paths.pairs, acc.is_main_process, groups)
     captions = load_captions(cfg, labelled, acc.is_main_process, acc.device, acc.process_index, acc.num_processes,
                              acc.wait_for_everyone)
     with acc.main_process_first():

@@ -4,7 +4,10 @@ The loop is the same for every generator (`mvc.generators`): the plan (`plan_job
 labelled source, V variants), the settings check, resume (only missing images are made), sharding over
 processes, one `torch.Generator` per image seeded from (seed, source, variant), the optional filter,
 records, grids and a summary. The generator supplies the model, the settings that change its images and
-how a batch of one class is rendered.
+how a batch of one class is rendered. With clustering-based sampling (`sampling.method=clusters`,
+`mvc.clustering`), the plan draws its sources from the kept images only (the same class totals, more
+variants per kept source), each record names its source's `cluster`, and the set's settings record the
+sampling settings.
 
 MVC (`generate.method=mvc`, the default): for each class and each labelled (source) image, V variants
 are made: the source's prompt is mixed (`mvc.mixing`) with the variant's own generator, and the
@@ -22,6 +25,7 @@ diffusers'; the list of generators makes image i independent of the batch it is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from itertools import groupby
@@ -59,12 +63,16 @@ def build_filter(checkpoint: str, classes: Sequence[str]) -> Callable[[list], np
     return lambda images: predict_images(bundle, images)
 
 
-def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: int, dtype: str = "fp32") -> dict:
-    """Everything that changes the images (not the set size, batch size or grids), for `generate.method`."""
+def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: int, dtype: str = "fp32",
+                        groups: Any = None) -> dict:
+    """Everything that changes the images (not the set size, batch size or grids), for `generate.method`;
+    with clustering-based sampling (`groups`) its settings and key too, so such a set is never resumed
+    without them (a set made without clustering records no `sampling` key, as before it existed)."""
     g = cfg.generate
+    sampling = {"sampling": {**dataclasses.asdict(cfg.sampling), "key": groups.key}} if groups is not None else {}
     return {"dtype": dtype, **make_generator(cfg).settings(str(model_dir), labelled, resolution),
             "filter_checkpoint": g.filter_checkpoint,
-            "filter_threshold": g.filter_threshold if g.filter_checkpoint else None, "seed": cfg.run.seed}
+            "filter_threshold": g.filter_threshold if g.filter_checkpoint else None, "seed": cfg.run.seed, **sampling}
 
 
 #################################################################################
@@ -84,6 +92,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     """
     from tqdm.auto import tqdm
 
+    from mvc.finetune_loop import sampling_groups
+
     barrier = barrier or (lambda: None)
     g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)
     method = make_generator(cfg)
@@ -92,19 +102,22 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
         from mvc.data import load_splits
 
         labelled, pool, _test = load_splits(cfg.data)
-    jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class)
     method.check(labelled)
-    if main:  # the main process builds what the method samples (the tiny base) first; the others then read it
-        model = method.model(labelled, pool, progress)
+    if main:  # the main process builds what the method samples (the tiny base) and the clusters first; the
+        model = method.model(labelled, pool, progress)  # others then read them
+        groups = sampling_groups(cfg, labelled, pool, device, progress)
     barrier()
     if not main:
         model = method.model(labelled, pool, progress)
+        groups = sampling_groups(cfg, labelled, pool, device, progress)
+    jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class,
+                     sources=groups.kept_indices() if groups is not None else None)
     res = method.resolution(model, pipe)
     dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
     dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
     # 1. the main process records/checks the settings and reconciles files and records
-    settings = generation_settings(cfg, Path(model), labelled, res, dtype_name)
+    settings = generation_settings(cfg, Path(model), labelled, res, dtype_name, groups)
     if main:
         settings = out.prepare(settings, labelled.classes)
         out.reconcile(jobs)
@@ -140,7 +153,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
                 gens = image_generators(seed, batch)
                 images, fields = method.render(pipe, state, batch, seed, gens)
                 recs = [make_record(j, method=method.name, seed=seed, generator_seed=gen.initial_seed(),
-                                    **method.params, **f) for j, gen, f in zip(batch, gens, fields)]
+                                    **method.params, **f, **concept_field(groups, j)) for j, gen, f in
+                        zip(batch, gens, fields)]
                 keep = apply_filter(predictor, images, batch, recs, len(labelled.classes), g.filter_threshold)
                 for j, im, rec, k in zip(batch, images, recs, keep):
                     if k:
@@ -170,6 +184,11 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
         atomic_write_json(paths.grids / "summary.json", summary)  # this run
         append_jsonl(paths.grids / "runs.jsonl", summary)  # every run: which processes, device, dtype made the set
     return summary
+
+
+def concept_field(groups: Any, job: Any) -> dict:
+    """The record field of clustering-based sampling: the cluster of the image's source (none without it)."""
+    return {} if groups is None else {"cluster": groups.concept_of(job.source).cluster}
 
 
 def apply_filter(predictor: Callable[[list], np.ndarray] | None, images: list, batch: Sequence[Any], recs: list[dict],

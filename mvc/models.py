@@ -65,11 +65,28 @@ def load_pipeline_components(base: str, revision: str | None = None, variant: st
             "scheduler": DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw),
         }
     except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "0")
-        raise MVCError(f"cannot load the base pipeline {base!r}: {first} (HF_HUB_OFFLINE={offline}; "
-                       "a local folder needs safetensors weights)") from None
+        raise _load_error(base, e) from None
     return out
+
+
+def load_vae(base: str, revision: str | None = None, variant: str | None = None) -> Any:
+    """The base's VAE alone (AutoencoderKL, safetensors) from a diffusers folder or hub id."""
+    from diffusers import AutoencoderKL
+
+    src = _resolve_source(base)
+    try:
+        return AutoencoderKL.from_pretrained(src, subfolder="vae", revision=revision, variant=variant,
+                                             use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise _load_error(base, e) from None
+
+
+def _load_error(base: str, e: Exception) -> MVCError:
+    """One line for a base that cannot be loaded: the library's first line, and whether the hub is offline."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "0")
+    return MVCError(f"cannot load the base pipeline {base!r}: {first} (HF_HUB_OFFLINE={offline}; "
+                    "a local folder needs safetensors weights)")
 
 
 #################################################################################

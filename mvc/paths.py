@@ -5,10 +5,13 @@
   config-<stage>.yaml         resolved config of each stage run
   captions/                   caption caches (one JSON-lines file per captioner and dataset)
   pairs.npz                   index pairs
+  clusters/                   clustering-based sampling: <key>.json (the concepts) and <key>.png, per settings
   mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
   synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
   synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
   synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img)
+  mvc_clusters/, synthetic_clusters/, synthetic_<method>_clusters/
+                              the same with clustering-based sampling (sampling.method=clusters)
   classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
   results.csv, results.md, figures/, stage_times.json
 ```
@@ -45,6 +48,7 @@ def output_path(root: Path, value: str | None, default: str, key: str) -> Path:
 class RunPaths:
     """Every path of a run, from its config (`RunPaths.of(cfg)`)."""
     root: Path
+    mvc: Path
     final: Path
     synthetic: Path
     grids: Path
@@ -56,12 +60,15 @@ class RunPaths:
         """The paths named (or defaulted) by a config."""
         root = Path(cfg.run.output_dir).expanduser()
         g = cfg.generate
-        default = "synthetic" if g.method == "mvc" else f"synthetic_{g.method}"  # each generator its own set
+        # clustering-based sampling fine-tunes and generates from other images: its own folders, never mixed
+        suffix = "_clusters" if cfg.sampling.method == "clusters" else ""
+        default = ("synthetic" if g.method == "mvc" else f"synthetic_{g.method}") + suffix  # each generator its own
         synthetic = output_path(root, g.out_dir, default, "generate.out_dir")
         grids = (output_path(root, g.grid_dir, "", "generate.grid_dir") if g.grid_dir
                  else synthetic.parent / f"{synthetic.name}_grids")
-        final = Path(g.model_dir).expanduser() if g.model_dir else root / "mvc" / "final"
-        return cls(root=root, final=final, synthetic=synthetic, grids=grids,
+        mvc = root / f"mvc{suffix}"
+        final = Path(g.model_dir).expanduser() if g.model_dir else mvc / "final"
+        return cls(root=root, mvc=mvc, final=final, synthetic=synthetic, grids=grids,
                    results_csv=output_path(root, cfg.classifier.results_csv, "results.csv", "classifier.results_csv"),
                    report=output_path(root, cfg.pipeline.report, "results.md", "pipeline.report"))
 
@@ -105,8 +112,8 @@ class RunPaths:
         return self.root / "pairs.npz"
 
     @property
-    def mvc(self) -> Path:
-        return self.root / "mvc"
+    def clusters(self) -> Path:
+        return self.root / "clusters"
 
     @property
     def checkpoints(self) -> Path:

@@ -20,7 +20,8 @@ loader both read as it is:
   `source_id` / `source_index` (the real image it was made from; null when it used none), `variant`,
   `op`, then what the generator adds (`mvc.generators`): `method`, its sampling parameters (guidance,
   steps, sampler, resolution, model; `strength` for img2img), `seed` and the image's own
-  `generator_seed`, and its per-image fields (`op_params`, `caption`, `prompt`).
+  `generator_seed`, and its per-image fields (`op_params`, `caption`, `prompt`); with clustering-based
+  sampling (`mvc.clustering`) also `cluster`, the concept of its class that the source belongs to.
   Every generator writes this format, so readers never ask which one made a set.
 - Every PNG carries a text chunk naming the set's settings fingerprint, so a rerun knows which files
   are its own: it deletes or overwrites only those, never follows a symbolic link, and refuses to
@@ -111,8 +112,12 @@ def variants_per_source(n_sources: int, total: int) -> list[int]:
 
 
 def plan_jobs(labelled: Any, ops: Sequence[str], multiplier: float | None = 4.0,
-              per_class: int | None = None) -> list[Job]:
-    """Every image to make, in a fixed order (class, source, variant); variant v uses ops[v % len(ops)]."""
+              per_class: int | None = None, sources: Sequence[int] | None = None) -> list[Job]:
+    """Every image to make, in a fixed order (class, source, variant); variant v uses ops[v % len(ops)].
+
+    `sources` (labelled positions, optional; clustering-based sampling passes the kept images): only these
+    are used as sources. A class's total stays `class_target` of its real count, spread over its kept
+    sources, which then get more variants each."""
     ops = list(ops)
     if not ops:
         raise MVCError("mixing.ops is empty; give at least one op, e.g. [coarse, fine] (or [none] for no mixing)")
@@ -120,13 +125,17 @@ def plan_jobs(labelled: Any, ops: Sequence[str], multiplier: float | None = 4.0,
     targets = np.asarray(labelled.targets)
     n = len(labelled.classes)
     width = max(5, len(str(max(len(targets) - 1, 0))))
+    allowed = None if sources is None else {int(s) for s in sources}
     for c, name in enumerate(labelled.classes):
-        sources = np.flatnonzero(targets == c).tolist()
-        if not sources:
+        real = np.flatnonzero(targets == c).tolist()
+        if not real:
             continue
+        used = real if allowed is None else [s for s in real if s in allowed]
+        if not used:
+            raise MVCError(f"class {name!r} has {len(real)} labelled image(s) but none among the sources to use; "
+                           "every class needs at least one kept source")
         folder = class_folder(c, name, n)
-        for s, count in zip(sources, variants_per_source(len(sources), class_target(len(sources), multiplier,
-                                                                                      per_class))):
+        for s, count in zip(used, variants_per_source(len(used), class_target(len(real), multiplier, per_class))):
             for v in range(count):
                 jobs.append(Job(len(jobs), c, name, folder, int(s), str(labelled.ids[s]), v, ops[v % len(ops)], width))
     return jobs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,8 +45,9 @@ def check_backbone(name: str) -> None:
         raise MVCError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models(), e.g. resnet18)")
 
 
-def _create(name: str, pretrained: bool, num_classes: int) -> nn.Module:
-    """timm.create_model with one-line errors for unknown names and unreachable weights."""
+def _create(name: str, pretrained: bool, num_classes: int, pretrained_key: str = "classifier.pretrained") -> nn.Module:
+    """timm.create_model with one-line errors for unknown names and unreachable weights (`pretrained_key`: the
+    config key that asked for them)."""
     import timm
 
     check_backbone(name)
@@ -54,7 +56,8 @@ def _create(name: str, pretrained: bool, num_classes: int) -> nn.Module:
     except Exception as e:  # offline hub, missing weights, bad kwargs
         if pretrained:
             raise MVCError(f"cannot load pretrained weights for {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                           f"set classifier.pretrained=false or make the weights available in the HF cache") from None
+                           f"set {pretrained_key}=false or make the weights available in the HF cache "
+                           f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})") from None
         raise MVCError(f"cannot build backbone {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
@@ -100,9 +103,9 @@ def resolve_meta(model: nn.Module, backbone: str, num_classes: int, cifar_stem: 
 
 
 def build_model(backbone: str, num_classes: int, pretrained: bool = False, cifar_stem: bool = False,
-                input_size: int | None = None) -> tuple[nn.Module, ModelMeta]:
+                input_size: int | None = None, pretrained_key: str = "classifier.pretrained") -> tuple[nn.Module, ModelMeta]:
     """A timm classifier with `num_classes` outputs (0: pooled features) and its preprocessing meta."""
-    model = _create(backbone, pretrained, num_classes)
+    model = _create(backbone, pretrained, num_classes, pretrained_key)
     if cifar_stem:
         apply_cifar_stem(model)
     return model, resolve_meta(model, backbone, num_classes, cifar_stem, input_size)

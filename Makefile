@@ -1,7 +1,8 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   - the tiny end-to-end pipeline (CPU, offline)
 #   make test   - the test suite
-# `make small` runs the longer CPU profile (configs/small.yaml, about 75 minutes on 2 cores).
+# `make small` runs the longer CPU profile (configs/small.yaml, about 55 minutes on 2 cores);
+# `make compare` every generator of mvc/generators.py, with and without clustering-based sampling.
 # Both create .venv and install what is missing; `demo` also installs Debian's
 # dataset-fashion-mnist when it can (root or sudo), else torchvision downloads the data.
 
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo small test bench clean
+.PHONY: setup data demo small compare test bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ demo: setup data
 
 small: setup data
 	$(PY) run_pipeline.py --config configs/small.yaml
+
+compare: setup data
+	$(PY) scripts/compare_generators.py --config $(CONFIG)
 
 test: setup
 	$(PY) -m ruff check --quiet .

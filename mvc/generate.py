@@ -94,11 +94,11 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
         labelled, pool, _test = load_splits(cfg.data)
     jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class)
     method.check(labelled)
-    if main:  # the main process builds what the method samples (the tiny base) first; the others then read it
-        model = method.model(labelled, pool, progress)
+    if main:  # the main process builds what the method samples (the tiny base, embeddings) first; the others read it
+        model = method.model(labelled, pool, progress, device)
     barrier()
     if not main:
-        model = method.model(labelled, pool, progress)
+        model = method.model(labelled, pool, progress, device)
     res = method.resolution(model, pipe)
     dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
     dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")

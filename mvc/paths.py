@@ -8,7 +8,9 @@
   mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
   synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
   synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
-  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img)
+  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img, ...)
+  textual_inversion/          learned token embeddings: checkpoints/, tb/, log.jsonl, learned_embeds.safetensors,
+                              training.json (generate.method=textual_inversion)
   classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
   results.csv, results.md, figures/, stage_times.json
 ```
@@ -111,6 +113,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.mvc / "checkpoints"
+
+    @property
+    def textual_inversion(self) -> Path:
+        return self.root / "textual_inversion"
 
     @property
     def classifier(self) -> Path:

@@ -3,13 +3,15 @@
     python generate_mvc.py --config configs/tiny.yaml [--generate.multiplier=4 --mixing.coarse_k=4 ...]
     python generate_mvc.py --config configs/tiny.yaml --mixing.coarse_stage=embeds   # paper-literal coarse op
     python generate_mvc.py --config configs/tiny.yaml --generate.method=img2img --generate.strength=0.2
+    python generate_mvc.py --config configs/tiny.yaml --generate.method=textual_inversion   # DA-Fusion
     accelerate launch --num_processes 2 generate_mvc.py --config configs/tiny.yaml   # sharded
 
 generate.method picks the generator (mvc/generators.py): mvc (default), mvc_nomix (mixing off), txt2img
 (the base, not fine-tuned, from the class prompt; generate.caption=true adds the image's caption) or
-img2img (SDEdit from each real image at generate.strength); txt2img and img2img need no fine-tuned model,
-and every method writes the same format, to <run.output_dir>/synthetic_<method>/ unless generate.out_dir
-says otherwise.
+img2img (SDEdit from each real image at generate.strength) or textual_inversion (a token embedding learned
+per class first, under <run.output_dir>/textual_inversion/, then img2img with it in the prompt); these three
+need no fine-tuned model, and every method writes the same format, to <run.output_dir>/synthetic_<method>/
+unless generate.out_dir says otherwise.
 
 Writes <run.output_dir>/synthetic/<NNN>_<class>/<source>_v<variant>.png + metadata.jsonl (an ImageFolder
 whose class indices are the dataset's), and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/.

@@ -93,6 +93,17 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
     return ckpt
 
 
+def trained_on_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two `trained_on` records, for an error line ("" when nothing does):
+    the first three keys, then each with its old and new value."""
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not diff:
+        return ""
+    shown = "; ".join(f"{k}: {short_repr(old.get(k), 30)} -> {short_repr(new.get(k), 30)}" for k in diff[:3])
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    return f"{', '.join(diff[:3])}{more} ({shown})"
+
+
 def check_trained_on(ckpt: dict[str, Any], trained_on: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse (one line, naming what differs) to resume a checkpoint trained on anything else.
 
@@ -102,13 +113,10 @@ def check_trained_on(ckpt: dict[str, Any], trained_on: dict[str, Any], path: str
         saved = flatten(ckpt.get("config") or {})
         old = {k: saved[k] for k in trained_on if k in saved}
         trained_on = {k: trained_on[k] for k in old}
-    diff = sorted(k for k in set(old) | set(trained_on) if old.get(k) != trained_on.get(k))
+    diff = trained_on_diff(old, trained_on)
     if diff:
-        shown = "; ".join(f"{k}: {short_repr(old.get(k), 30)} -> {short_repr(trained_on.get(k), 30)}"
-                          for k in diff[:3])
-        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
-        raise MVCError(f"cannot resume from {Path(path).name}: it was trained on other {', '.join(diff[:3])}{more} "
-                       f"({shown}); restore those settings and data, or start fresh without --resume")
+        raise MVCError(f"cannot resume from {Path(path).name}: it was trained on other {diff}; restore those "
+                       "settings and data, or start fresh without --resume")
 
 
 def check_resume(resume: str | None, ckpt_dir: str | os.PathLike, fresh_ok: bool = True) -> None:

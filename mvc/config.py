@@ -245,14 +245,16 @@ class MixingConfig:
 class GenerateConfig:
     """Synthetic-set generation (generate_mvc.py), by any generator of the registry (`method`)."""
     method: str = opt("mvc", "Generator: 'mvc' (the fine-tuned model, mixed prompts), 'mvc_nomix' (the same model, "
-                      "mixing off), 'txt2img' (the base, not fine-tuned, from the class prompt) or 'img2img' (SDEdit: "
-                      "the base from each real image noised to `strength`); txt2img and img2img need no fine-tuned "
+                      "mixing off), 'txt2img' (the base, not fine-tuned, from the class prompt), 'img2img' (SDEdit: "
+                      "the base from each real image noised to `strength`) or 'textual_inversion' (DA-Fusion: a token "
+                      "embedding learned per class, section textual_inversion, then img2img from each real image "
+                      "with that token in the prompt); txt2img, img2img and textual_inversion need no fine-tuned "
                       "model. Every one writes the same synthetic-set format.", choices=_generators)
     model_dir: str | None = opt(None, "Fine-tuned pipeline folder of mvc / mvc_nomix (default: "
-                                "<run.output_dir>/mvc/final); txt2img / img2img sample model.base.")
+                                "<run.output_dir>/mvc/final); txt2img / img2img / textual_inversion sample model.base.")
     out_dir: str | None = opt(None, "Output folder (default: <run.output_dir>/synthetic for mvc, "
                               "<run.output_dir>/synthetic_<method> for the others).")
-    strength: float = opt(0.5, "img2img: how far from the real image, in (0, 1] (DA-Fusion: 0.5; the thesis: "
+    strength: float = opt(0.5, "img2img and textual_inversion: how far from the real image, in (0, 1] (DA-Fusion: 0.5; the thesis: "
                           "0.05-0.2); int(num_inference_steps x strength) denoising steps run, at least 1.",
                           min=0, max=1, min_exclusive=True)
     caption: bool = opt(False, "txt2img / img2img: prompt with the image's caption too (captions.prompt_template), "
@@ -272,6 +274,32 @@ class GenerateConfig:
     resolution: int | None = opt(None, "Source images are resized to this before encoding (null: the model's size).", min=8)
     filter_checkpoint: str | None = opt(None, "Real-data classifier checkpoint used to filter synthetic images.")
     filter_threshold: float = opt(0.5, "Keep an image when the filter's confidence in its class >= this.", min=0, max=1)
+
+
+TI_TEMPLATES = ["a photo of a {token}", "a picture of a {token}", "an image of a {token}", "a photo of the {token}",
+                "a close-up photo of a {token}", "a cropped photo of the {token}", "a dark photo of a {token}",
+                "a bright photo of a {token}"]
+
+
+@dataclass
+class TextualInversionConfig:
+    """Textual inversion (generate.method=textual_inversion): one token embedding learned per class on the frozen
+    base (DA-Fusion's recipe), written to <run.output_dir>/textual_inversion/ and reused while these keys stay."""
+    steps: int = opt(2000, "Optimizer steps, all concepts together (may be raised later: training continues).", min=1)
+    lr: float = opt(2e-3, "Adam learning rate of the learned vectors, constant (DA-Fusion and diffusers: 5e-4 times "
+                    "the batch size).", min=0, min_exclusive=True)
+    batch_size: int = opt(4, "Images per step; row r of step s trains concept (s * batch_size + r) mod C.", min=1)
+    num_vectors: int = opt(1, "Embedding vectors per concept (DA-Fusion: 1); more add the tokens <t>_1, <t>_2, ... that "
+                           "the pipelines expand <t> into.", min=1, max=16)
+    initializer: str | None = opt(None, "Word whose first token's embedding every concept starts from (null: the "
+                                  "concept's class name).")
+    templates: list[str] = opt(TI_TEMPLATES, "Training prompts, one drawn per image; {token} is the concept's "
+                               "placeholder (e.g. <mvc-class-3>).", min_len=1, unique=True)
+    prompt: str = opt("a photo of a {token}", "Generation prompt, img2img from each real image with its class's "
+                      "token (DA-Fusion: 'a photo of a {name}'); must hold {token}.")
+    checkpoint_every: int = opt(500, "Save a checkpoint every N steps (and at the last).", min=1)
+    checkpoints_keep: int = opt(2, "Checkpoints kept (oldest removed).", min=1)
+    log_every: int = opt(25, "Log scalars every N steps.", min=1)
 
 
 @dataclass
@@ -384,6 +412,7 @@ class Config:
     train: FinetuneConfig = field(default_factory=FinetuneConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -404,7 +433,11 @@ def check_combinations(cfg: Config) -> None:
     if p > 1.0 + 1e-9:
         raise MVCError(f"config keys train.drop_text_prob + train.drop_image_prob + train.drop_both_prob "
                        f"sum to {p:.3f} > 1")
+    ti = cfg.textual_inversion
     checks = (("captions.prompt_template", lambda: validate_template(cfg.captions.prompt_template)),
+              ("textual_inversion.templates",
+               lambda: [validate_template(t, ("token",), "a photo of a {token}") for t in ti.templates]),
+              ("textual_inversion.prompt", lambda: validate_template(ti.prompt, ("token",), "a photo of a {token}")),
               ("mixing.window", lambda: parse_window(cfg.mixing.window)),
               ("mixing.ops", lambda: [op_stages(op, mixing_params(cfg.mixing)) for op in cfg.mixing.ops]))
     for key, check in checks:
@@ -412,12 +445,16 @@ def check_combinations(cfg: Config) -> None:
             check()
         except MVCError as e:
             raise MVCError(f"config key {key}: {e}") from None
-    from mvc.generators import img2img_steps
+    if ti.initializer is not None and not ti.initializer.strip():
+        raise MVCError("config key textual_inversion.initializer: give a word, or null for the class name")
+    from mvc.generators import GENERATORS, Img2ImgGenerator, img2img_steps
 
     g = cfg.generate
-    if "img2img" in {g.method, *cfg.pipeline.generators} and img2img_steps(g.num_inference_steps, g.strength) < 1:
+    sdedit = [m for m in (g.method, *cfg.pipeline.generators) if issubclass(GENERATORS.get(m), Img2ImgGenerator)]
+    if sdedit and img2img_steps(g.num_inference_steps, g.strength) < 1:
         raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
-                       f"{g.num_inference_steps} give no img2img denoising step (int of the product); raise either")
+                       f"{g.num_inference_steps} give no img2img denoising step (int of the product) for "
+                       f"{sdedit[0]}; raise either")
     if cfg.sampling.method != "none":  # timm is imported only when clustering is asked for
         from mvc.clustering import check_embedder
 

@@ -183,17 +183,24 @@ def gather_batch(latents: LatentCache, text: TextCache, cond_idx: torch.Tensor, 
     return {"cond_latents": cond, "target_latents": target, "text_embeds": emb}
 
 
-def ip2p_loss(unet, noise_scheduler, cond_latents: torch.Tensor, target_latents: torch.Tensor,
-              text_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Per-sample noise-prediction MSE (b,) of the 8-channel U-Net (epsilon or v_prediction)."""
-    noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)  # (b, C, h, w)
-    model_in = torch.cat([noisy, cond_latents.to(noisy.dtype)], dim=1)  # (b, 2C, h, w)
+def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_embeds: torch.Tensor, noise: torch.Tensor,
+                          timesteps: torch.Tensor, cond_latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample noise-prediction MSE (b,) of a U-Net (epsilon or v_prediction) on scaled latents (b, C, h, w):
+    the text-to-image U-Net, or with `cond_latents` (b, C, h, w) concatenated the 8-channel InstructPix2Pix one."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (b, C, h, w)
+    model_in = noisy if cond_latents is None else torch.cat([noisy, cond_latents.to(noisy.dtype)], dim=1)
     pred = unet(model_in, timesteps, encoder_hidden_states=text_embeds, return_dict=False)[0]
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
     elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise MVCError(f"unsupported scheduler prediction_type {kind!r}; use epsilon or v_prediction")
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def ip2p_loss(unet, noise_scheduler, cond_latents: torch.Tensor, target_latents: torch.Tensor,
+              text_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample noise-prediction MSE (b,) of the 8-channel U-Net, the condition latent beside the noisy target."""
+    return noise_prediction_loss(unet, noise_scheduler, target_latents, text_embeds, noise, timesteps, cond_latents)

@@ -12,13 +12,16 @@ what differs:
 | `mvc_nomix` | the same                                        | the same, unmixed (op `none`)             | the same |
 | `txt2img`   | the base, not fine-tuned (`StableDiffusionPipeline`) | the class prompt (+ the caption: `generate.caption`) | none |
 | `img2img`   | the base (`StableDiffusionImg2ImgPipeline`, SDEdit)  | the same                             | the source, noised to `generate.strength` |
+| `textual_inversion` | the base + a token embedding learned per class (`mvc.textual_inversion`) | `textual_inversion.prompt` with the source's token | the same as img2img |
 
 `mvc_nomix` isolates what mixing adds: its variants differ only in their diffusion noise. `txt2img` and
 `img2img` need no fine-tuned model; on the tiny profile their base never saw the labels (the domain gap
 the paper argues about). Each image's record holds `method`, the method's sampling parameters
 (`record_params`: guidance, steps, sampler, resolution, model; `strength` for img2img), `seed` and its
 own `generator_seed`, and `source_id` / `source_index`: the real image it was made from (null for
-`txt2img` without captions, which uses nothing of a real image).
+`txt2img` without captions, which uses nothing of a real image). `textual_inversion` (DA-Fusion) learns its
+tokens when they are missing (`model()`; the other processes wait and then reuse them) and records each
+image's `token` and the `embeddings` file beside img2img's fields.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 
 from mvc import seeds
 from mvc.registry import Registry
+from mvc.utils import MVCError
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,9 @@ class Generator:
     def check(self, labelled: Any) -> None:
         """Refuse, before any work, what this method cannot do with this labelled subset."""
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True) -> str:
-        """The folder (or hub id) this method samples; building it when it is the tiny base."""
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        """The folder (or hub id) this method samples; building it (on `device`) when it is the tiny base or
+        learned embeddings."""
         raise NotImplementedError
 
     def resolution(self, model: str, pipe: Any = None) -> int:
@@ -167,7 +172,7 @@ class MVCGenerator(Generator):
         check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
                      mixing_params(self.cfg.mixing))
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True) -> str:
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.paths import RunPaths
 
         return str(RunPaths.of(self.cfg).final)
@@ -255,11 +260,12 @@ class BaseGenerator(Generator):
     """The base pipeline sampled as it is (`model.base`; the tiny base on the tiny profile), prompted with the
     class prompt of `captions.prompt_template`, or with the whole prompt (the image's caption too) when
     `generate.caption` is set."""
+    pipeline = ""  # the diffusers pipeline that samples the base (mvc.models.BASE_PIPELINES)
 
     def needs_captions(self) -> bool:
         return bool(self.g.caption)
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True) -> str:
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.finetune_loop import base_source
         from mvc.paths import RunPaths
 
@@ -278,18 +284,13 @@ class BaseGenerator(Generator):
             return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         return base_resolution(model, self.cfg.model.revision if self.cfg.model.base != "tiny" else None)
 
-    def base_identity(self, model: str) -> dict:
-        p = Path(model).expanduser()
-        if p.is_dir():
-            return {"base": str(p.resolve())}
-        m = self.cfg.model
-        return {"base": model, "revision": m.revision, "variant": m.variant}
-
     def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        from mvc.models import base_identity
+
         cfg, g = self.cfg, self.g
-        return {"method": self.name, **self.base_identity(model), "data": labelled.fingerprint(),
-                "classes": list(labelled.classes), "use_caption": bool(g.caption),
-                "captioner": cfg.captions.captioner if g.caption else None,
+        return {"method": self.name, **base_identity(model, cfg.model), "data": labelled.fingerprint(),
+                "classes": list(labelled.classes), "use_caption": self.needs_captions(),
+                "captioner": cfg.captions.captioner if self.needs_captions() else None,
                 "prompt_template": cfg.captions.prompt_template, "num_inference_steps": g.num_inference_steps,
                 "guidance_scale": g.guidance_scale, "scheduler": g.scheduler, "resolution": resolution,
                 **self.extra_settings()}
@@ -303,7 +304,7 @@ class BaseGenerator(Generator):
         from mvc.paths import RunPaths
 
         comps = load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
-        pipe = base_pipeline(comps, self.name, self.g.scheduler)
+        pipe = base_pipeline(comps, self.pipeline, self.g.scheduler)
         if dtype != pipe.unet.dtype:
             pipe.to(dtype=dtype)
         return pipe.to(device) if device is not None else pipe
@@ -311,7 +312,8 @@ class BaseGenerator(Generator):
     def record_params(self, model: str, resolution: int) -> dict:
         g = self.g
         return {"guidance_scale": g.guidance_scale, "num_inference_steps": g.num_inference_steps,
-                "scheduler": g.scheduler, "resolution": resolution, "use_caption": bool(g.caption), "base": str(model),
+                "scheduler": g.scheduler, "resolution": resolution, "use_caption": self.needs_captions(),
+                "base": str(model),
                 **self.extra_settings()}
 
     def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
@@ -319,7 +321,7 @@ class BaseGenerator(Generator):
         from mvc.prompts import class_prompt, make_prompt
 
         template, name = self.cfg.captions.prompt_template, labelled.classes[label]
-        if not self.g.caption:
+        if not self.needs_captions():
             return {s: class_prompt(template, name) for s in sources}
         return {s: make_prompt(template, captions[str(labelled.ids[s])], name) for s in sources}
 
@@ -331,11 +333,11 @@ class BaseGenerator(Generator):
         uniq = sorted(set(prompts.values()))
         emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, uniq)  # (U, T, D), each distinct prompt once
         return {"prompts": prompts, "embeds": {s: emb[uniq.index(p)] for s, p in prompts.items()},
-                "captions": {s: captions[str(labelled.ids[s])] for s in srcs} if self.g.caption else {}}
+                "captions": {s: captions[str(labelled.ids[s])] for s in srcs} if self.needs_captions() else {}}
 
     def fields(self, state: dict, job: Any) -> dict:
         out = {"prompt": state["prompts"][job.source]}
-        if self.g.caption:
+        if self.needs_captions():
             out["caption"] = state["captions"][job.source]
         return out
 
@@ -344,6 +346,7 @@ class BaseGenerator(Generator):
 class Txt2ImgGenerator(BaseGenerator):
     """Plain text-to-image with the base: what the paper argues MVC beats."""
     name = "txt2img"
+    pipeline = "txt2img"
 
     def render(self, pipe, state, batch, seed, generators):
         g, res = self.g, self.params["resolution"]
@@ -362,6 +365,7 @@ class Txt2ImgGenerator(BaseGenerator):
 class Img2ImgGenerator(BaseGenerator):
     """SDEdit: each real image noised to `generate.strength` and denoised by the base with the class prompt."""
     name = "img2img"
+    pipeline = "img2img"
 
     def extra_settings(self) -> dict:
         return {"strength": self.g.strength}
@@ -391,6 +395,103 @@ class Img2ImgGenerator(BaseGenerator):
                       strength=g.strength, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
                       generator=generators, output_type="pil").images
         return images, [self.fields(state, j) for j in batch]
+
+
+#################################################################################
+#                   Textual inversion (DA-Fusion): img2img + tokens             #
+#################################################################################
+
+@GENERATORS.register("textual_inversion")
+class TextualInversionGenerator(Img2ImgGenerator):
+    """DA-Fusion: a token embedding learned per concept (`mvc.textual_inversion`), then SDEdit from each real image
+    with its concept's token in `textual_inversion.prompt`. `model()` is the folder of the learned embeddings
+    (training them when missing); the base it names is what the img2img pipeline loads."""
+    name = "textual_inversion"
+
+    def needs_captions(self) -> bool:
+        return False  # the prompt is the token's (generate.caption is not used)
+
+    def concepts(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> list:
+        """The concepts to learn: one per class, or with clustering-based sampling (`sampling.method=clusters`)
+        one per kept cluster, each with its own token (`<mvc-class-3-c1>`) and its kept images."""
+        from mvc.clustering import training_concepts
+        from mvc.finetune_loop import sampling_groups
+        from mvc.textual_inversion import TOKEN, Concept, class_concepts
+
+        init = self.cfg.textual_inversion.initializer
+        groups = sampling_groups(self.cfg, labelled, pool, device, progress)
+        if groups is None:
+            return class_concepts(labelled, init)
+        return [Concept(label, TOKEN.format(label=label)[:-1] + f"-{suffix}>", tuple(idx), init or labelled.classes[label])
+                for label, suffix, idx in training_concepts(groups, labelled.targets)]
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        from mvc.textual_inversion import ensure_embeddings
+
+        base = super().model(labelled, pool, progress, device)
+        return str(ensure_embeddings(self.cfg, labelled, base, super().resolution(base),
+                                     self.concepts(labelled, pool, progress, device), device, progress))
+
+    def info(self, model: str) -> dict:
+        """`training.json` of the embeddings folder `model`."""
+        from mvc.textual_inversion import read_info
+
+        info = read_info(model)
+        if info is None:
+            raise MVCError(f"no learned embeddings in {model}; generate with generate.method=textual_inversion "
+                           "to train them")
+        return info
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        return int(self.info(model)["resolution"])  # trained at generate.resolution or the base's size
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        from mvc.textual_inversion import FREE_KEYS
+
+        info = self.info(model)
+        ti = self.cfg.textual_inversion
+        return {**super().settings(info["base"], labelled, resolution), "prompt_template": ti.prompt,
+                "textual_inversion": {k: v for k, v in dataclasses.asdict(ti).items()
+                                      if k not in FREE_KEYS - {"steps"}},
+                "embeddings": info["embeddings_fingerprint"]}
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        from mvc.textual_inversion import EMBEDS_FILE, load_learned_embeds
+
+        pipe = super().load(self.info(model)["base"], device, dtype)
+        load_learned_embeds(pipe, Path(model) / EMBEDS_FILE)
+        return pipe
+
+    def begin(self, pipe: Any, model: str, resolution: int) -> None:
+        super().begin(pipe, model, resolution)
+        self.learned = self.info(model)["concepts"]
+        missing = [c["token"] for c in self.learned if c["token"] not in pipe.tokenizer.get_vocab()]
+        if missing:
+            raise MVCError(f"the pipeline lacks the learned token {missing[0]}; load {model} into it first "
+                           "(mvc.textual_inversion.load_learned_embeds)")
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        from mvc.textual_inversion import EMBEDS_FILE
+
+        return {**super().record_params(self.info(model)["base"], resolution),
+                "embeddings": str(Path(model) / EMBEDS_FILE)}
+
+    def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
+        from mvc.textual_inversion import concept_prompt, source_tokens
+
+        tokens = source_tokens(self.learned, labelled.targets)
+        return {s: concept_prompt(self.cfg.textual_inversion.prompt, tokens[s]) for s in sources}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.textual_inversion import source_tokens
+
+        state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
+        tokens = source_tokens(self.learned, labelled.targets)
+        state["tokens"] = {s: tokens[s] for s in state["prompts"]}
+        return state
+
+    def fields(self, state: dict, job: Any) -> dict:
+        return {**super().fields(state, job), "token": state["tokens"][job.source]}
 
 
 def img2img_steps(num_inference_steps: int, strength: float) -> int:

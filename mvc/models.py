@@ -165,6 +165,15 @@ def base_pipeline(components: dict, kind: str = "txt2img", sampler: str = "euler
     return pipe
 
 
+def base_identity(base: str, model_cfg: Any) -> dict:
+    """What names a base in settings and records: a local folder by its resolved path, a hub id with the
+    `model.revision` and `model.variant` it is loaded with."""
+    p = Path(base).expanduser()
+    if p.is_dir():
+        return {"base": str(p.resolve())}
+    return {"base": base, "revision": model_cfg.revision, "variant": model_cfg.variant}
+
+
 def base_resolution(base: str, revision: str | None = None) -> int:
     """The native pixel size of a base (U-Net sample size x VAE factor), from its config files only."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

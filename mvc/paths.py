@@ -9,8 +9,10 @@
   mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
   synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
   synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
-  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img)
-  mvc_clusters/, synthetic_clusters/, synthetic_<method>_clusters/
+  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img, ...)
+  textual_inversion/          learned token embeddings: checkpoints/, tb/, log.jsonl, learned_embeds.safetensors,
+                              training.json (generate.method=textual_inversion)
+  mvc_clusters/, synthetic_clusters/, synthetic_<method>_clusters/, textual_inversion_clusters/
                               the same with clustering-based sampling (sampling.method=clusters)
   classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
   results.csv, results.md, figures/, stage_times.json
@@ -54,6 +56,7 @@ class RunPaths:
     grids: Path
     results_csv: Path
     report: Path
+    suffix: str = ""  # "_clusters" with clustering-based sampling: the folders of what is learned from the kept images
 
     @classmethod
     def of(cls, cfg: Any) -> "RunPaths":
@@ -68,7 +71,7 @@ class RunPaths:
                  else synthetic.parent / f"{synthetic.name}_grids")
         mvc = root / f"mvc{suffix}"
         final = Path(g.model_dir).expanduser() if g.model_dir else mvc / "final"
-        return cls(root=root, mvc=mvc, final=final, synthetic=synthetic, grids=grids,
+        return cls(root=root, mvc=mvc, final=final, synthetic=synthetic, grids=grids, suffix=suffix,
                    results_csv=output_path(root, cfg.classifier.results_csv, "results.csv", "classifier.results_csv"),
                    report=output_path(root, cfg.pipeline.report, "results.md", "pipeline.report"))
 
@@ -118,6 +121,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.mvc / "checkpoints"
+
+    @property
+    def textual_inversion(self) -> Path:
+        return self.root / f"textual_inversion{self.suffix}"
 
     @property
     def classifier(self) -> Path:

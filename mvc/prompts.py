@@ -14,28 +14,31 @@ from mvc.utils import MVCError
 DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
 
 
-def validate_template(template: str) -> str:
-    """Check a prompt template: it must use {caption} and {label}, plainly, and no other placeholder."""
+def validate_template(template: str, fields: tuple[str, ...] = ("caption", "label"),
+                      example: str = DEFAULT_TEMPLATE) -> str:
+    """Check a prompt template: it must use each of `fields` ({caption} and {label} by default), plainly, and no
+    other placeholder; errors suggest `example`."""
     if not isinstance(template, str):
         raise MVCError(f"prompt template must be text, got {template!r}")
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise MVCError(f"prompt template {template!r} is malformed ({e}); use e.g. {DEFAULT_TEMPLATE!r}") from None
-    fields = [f for _, f, _, _ in parts if f is not None]
-    extra = sorted({f for f in fields if f not in ("caption", "label")})
+        raise MVCError(f"prompt template {template!r} is malformed ({e}); use e.g. {example!r}") from None
+    used = [f for _, f, _, _ in parts if f is not None]
+    allowed = " and ".join("{" + f + "}" for f in fields)
+    extra = sorted({f for f in used if f not in fields})
     if extra:
         shown = ", ".join("{" + f + "}" for f in extra)
-        raise MVCError(f"prompt template {template!r} has unknown placeholder(s) {shown}; "
-                       "only {caption} and {label} are allowed")
+        raise MVCError(f"prompt template {template!r} has unknown placeholder(s) {shown}; only {allowed} "
+                       f"{'is' if len(fields) == 1 else 'are'} allowed")
     fancy = [f for _, f, spec, conv in parts if f is not None and (spec or conv)]
     if fancy:
         raise MVCError(f"prompt template {template!r} formats {{{fancy[0]}}} with a spec or conversion; "
-                       "write plain {caption} and {label}")
-    missing = [f for f in ("caption", "label") if f not in fields]
+                       f"write plain {allowed}")
+    missing = [f for f in fields if f not in used]
     if missing:
         shown = ", ".join("{" + f + "}" for f in missing)
-        raise MVCError(f"prompt template {template!r} lacks {shown}; use e.g. {DEFAULT_TEMPLATE!r}")
+        raise MVCError(f"prompt template {template!r} lacks {shown}; use e.g. {example!r}")
     return template
 
 

@@ -5,8 +5,9 @@ functions, so training and sampling cannot drift apart. Each one does what
 `StableDiffusionInstructPix2PixPipeline` does, through diffusers' own `VaeImageProcessor` and the
 pipeline's tokenizer settings:
 - images: RGB, resized to (R, R) with the image processor's filter (Lanczos), scaled to [-1, 1];
-- prompts: padded / truncated to the tokenizer's max length; the attention mask is passed to the
-  text encoder only when its config asks for one (CLIP's does not);
+- prompts: multi-vector textual-inversion tokens expanded, padded / truncated to the tokenizer's max
+  length; the attention mask is passed to the text encoder only when its config asks for one (CLIP's
+  does not);
 - image latents: the posterior MODE (= mean) for conditions, as the pipeline's `argmax` does.
 """
 
@@ -117,9 +118,23 @@ def sample_init_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor,
 #                                   Prompts                                     #
 #################################################################################
 
+def pipeline_texts(tokenizer: Any, texts: Sequence[str]) -> list[str]:
+    """Prompts as the SD pipelines tokenize them: a multi-vector textual-inversion token `<t>` (added with `<t>_1`,
+    `<t>_2`, ...) expanded to all its tokens by the pipelines' own `maybe_convert_prompt` (a no-op without
+    added tokens)."""
+    texts = list(texts)
+    if any(not t.special for t in getattr(tokenizer, "added_tokens_decoder", {}).values()):
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        texts = TextualInversionLoaderMixin().maybe_convert_prompt(texts, tokenizer)
+    return texts
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask (N, T) int64, padded / truncated to the tokenizer's max length."""
-    t = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    """Token ids and attention mask (N, T) int64 of `pipeline_texts`, padded / truncated to the tokenizer's
+    max length."""
+    texts = pipeline_texts(tokenizer, texts)
+    t = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                   return_tensors="pt")
     return t.input_ids, t.attention_mask
 

@@ -30,6 +30,8 @@ ROLES = {
     "finetune.order": "the fine-tuning pair order (epochs of permutations)",
     "finetune.step": "timesteps, noises, flips and dropout of one micro-batch; index: step, micro-step",
     "finetune.validation": "the validation grid's diffusion noise",
+    "textual_inversion.step": "the concept images, templates, timesteps and noises of one textual-inversion step; "
+                              "index: step",
     "generate.image": "the diffusion noise of one synthetic image; index: source, variant",
     "generate.mixing": "the mixing draw (donor, positions, slices) of one synthetic image; index: source, variant",
     "classifier.init": "a classifier's weight initialisation",

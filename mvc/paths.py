@@ -6,9 +6,11 @@
   captions/                   caption caches (one JSON-lines file per captioner and dataset)
   pairs.npz                   index pairs
   mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
+  dreambooth/                 DreamBooth (generate.method=dreambooth): class_images/<key>/, checkpoints/, tb/,
+                              log.jsonl, final/ (a StableDiffusionPipeline folder)
   synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
   synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
-  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img)
+  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img, dreambooth)
   classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
   results.csv, results.md, figures/, stage_times.json
 ```
@@ -111,6 +113,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.mvc / "checkpoints"
+
+    @property
+    def dreambooth(self) -> Path:
+        return self.root / "dreambooth"
 
     @property
     def classifier(self) -> Path:

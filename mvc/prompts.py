@@ -2,40 +2,51 @@
 
 The prompt of an image is `prompt_template` filled with its caption and class name (the paper:
 "<caption>, a photo of class type <label>"), so a caption that misses the class still names it.
+
+DreamBooth's prompts (`mvc.dreambooth`) are a second template, `dreambooth.instance_prompt`, filled with a
+concept's rare identifier and its class name ("a photo of zqx Bag"); its class prompt is the same template
+without the identifier ("a photo of Bag"), so the two differ by the identifier alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import string
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from mvc.utils import MVCError
 
 DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
+DEFAULT_INSTANCE_TEMPLATE = "a photo of {identifier} {label}"
 
 
 def validate_template(template: str) -> str:
     """Check a prompt template: it must use {caption} and {label}, plainly, and no other placeholder."""
+    return _check_placeholders(template, ("caption", "label"), DEFAULT_TEMPLATE)
+
+
+def _check_placeholders(template: str, names: tuple[str, ...], example: str) -> str:
+    """`template` uses each placeholder of `names`, plainly, and no other one (else a one-line MVCError)."""
     if not isinstance(template, str):
         raise MVCError(f"prompt template must be text, got {template!r}")
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise MVCError(f"prompt template {template!r} is malformed ({e}); use e.g. {DEFAULT_TEMPLATE!r}") from None
+        raise MVCError(f"prompt template {template!r} is malformed ({e}); use e.g. {example!r}") from None
     fields = [f for _, f, _, _ in parts if f is not None]
-    extra = sorted({f for f in fields if f not in ("caption", "label")})
+    allowed = " and ".join("{" + n + "}" for n in names)
+    extra = sorted({f for f in fields if f not in names})
     if extra:
         shown = ", ".join("{" + f + "}" for f in extra)
-        raise MVCError(f"prompt template {template!r} has unknown placeholder(s) {shown}; "
-                       "only {caption} and {label} are allowed")
+        raise MVCError(f"prompt template {template!r} has unknown placeholder(s) {shown}; only {allowed} are allowed")
     fancy = [f for _, f, spec, conv in parts if f is not None and (spec or conv)]
     if fancy:
         raise MVCError(f"prompt template {template!r} formats {{{fancy[0]}}} with a spec or conversion; "
-                       "write plain {caption} and {label}")
-    missing = [f for f in ("caption", "label") if f not in fields]
+                       f"write plain {allowed}")
+    missing = [f for f in names if f not in fields]
     if missing:
         shown = ", ".join("{" + f + "}" for f in missing)
-        raise MVCError(f"prompt template {template!r} lacks {shown}; use e.g. {DEFAULT_TEMPLATE!r}")
+        raise MVCError(f"prompt template {template!r} lacks {shown}; use e.g. {example!r}")
     return template
 
 
@@ -91,3 +102,49 @@ def _locate_caption(template: str, prompt: str, caption: str, label: str) -> int
     if i < 0:
         raise MVCError(f"cannot find the caption {caption!r} in the prompt {prompt!r}")
     return i
+
+
+#################################################################################
+#                       DreamBooth: identifiers and prompts                     #
+#################################################################################
+
+RARE_LETTERS = "zqxjkvw"  # the least frequent letters of English text: their strings carry little prior meaning
+
+
+def rare_identifiers() -> Iterator[str]:
+    """The default DreamBooth identifiers, always in the same order: strings of distinct rare letters, the
+    shortest first ("zqx", "zqj", ..., then four letters). Lowercase ASCII, so any byte-level BPE (CLIP's,
+    the tiny tokenizer) encodes each without an unknown token, and no two collide after CLIP's lower-casing."""
+    for n in itertools.count(3):
+        for letters in itertools.permutations(RARE_LETTERS, n):
+            yield "".join(letters)
+
+
+def validate_identifiers(identifiers: Sequence[str]) -> list[str]:
+    """Check DreamBooth identifiers: non-empty words without spaces or braces, distinct even ignoring case
+    (CLIP's tokenizer lower-cases its input)."""
+    seen: dict[str, str] = {}
+    for ident in identifiers:
+        if not isinstance(ident, str) or not ident or any(c.isspace() or c in "{}" for c in ident):
+            raise MVCError(f"identifier {ident!r} must be one word without spaces or braces, e.g. 'zqx'")
+        if ident.lower() in seen:
+            raise MVCError(f"identifiers {seen[ident.lower()]!r} and {ident!r} are the same word to CLIP's "
+                           "lower-casing tokenizer; give distinct ones")
+        seen[ident.lower()] = ident
+    return list(identifiers)
+
+
+def validate_instance_template(template: str) -> str:
+    """Check DreamBooth's instance-prompt template: it must use {identifier} and {label}, plainly, and no other."""
+    return _check_placeholders(template, ("identifier", "label"), DEFAULT_INSTANCE_TEMPLATE)
+
+
+def instance_prompt(template: str, identifier: str, label_name: str) -> str:
+    """A concept's prompt: the instance template filled with its identifier and class name."""
+    return validate_instance_template(template).format(identifier=identifier, label=label_name)
+
+
+def prior_prompt(template: str, label_name: str) -> str:
+    """DreamBooth's class prompt: the instance template without its identifier
+    ("a photo of {identifier} {label}" -> "a photo of <label>")."""
+    return " ".join(instance_prompt(template, "", label_name).split()).strip(" ,;:")

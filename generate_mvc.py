@@ -4,14 +4,18 @@
     python generate_mvc.py --config configs/tiny.yaml --mixing.coarse_stage=embeds   # paper-literal coarse op
     python generate_mvc.py --config configs/tiny.yaml --generate.method=img2img --generate.strength=0.2
     python generate_mvc.py --config configs/tiny.yaml --generate.method=textual_inversion   # DA-Fusion
+    python generate_mvc.py --config configs/tiny.yaml --generate.method=dreambooth   # trains DreamBooth first
     accelerate launch --num_processes 2 generate_mvc.py --config configs/tiny.yaml   # sharded
 
 generate.method picks the generator (mvc/generators.py): mvc (default), mvc_nomix (mixing off), txt2img
-(the base, not fine-tuned, from the class prompt; generate.caption=true adds the image's caption) or
-img2img (SDEdit from each real image at generate.strength) or textual_inversion (a token embedding learned
-per class first, under <run.output_dir>/textual_inversion/, then img2img with it in the prompt); these three
-need no fine-tuned model, and every method writes the same format, to <run.output_dir>/synthetic_<method>/
-unless generate.out_dir says otherwise.
+(the base, not fine-tuned, from the class prompt; generate.caption=true adds the image's caption),
+img2img (SDEdit from each real image at generate.strength), textual_inversion (a token embedding learned
+per class first, under <run.output_dir>/textual_inversion/, then img2img with it in the prompt) or
+dreambooth (the base fine-tuned with one rare identifier per class and prior preservation, the
+dreambooth.* keys: trained on first use into <run.output_dir>/dreambooth/final, resumed from its
+checkpoints when interrupted, reused afterwards); only mvc and mvc_nomix need train_mvc.py first, and
+every method writes the same format, to <run.output_dir>/synthetic_<method>/ unless generate.out_dir
+says otherwise.
 
 Writes <run.output_dir>/synthetic/<NNN>_<class>/<source>_v<variant>.png + metadata.jsonl (an ImageFolder
 whose class indices are the dataset's), and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/.

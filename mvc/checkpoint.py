@@ -104,8 +104,12 @@ def trained_on_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return f"{', '.join(diff[:3])}{more} ({shown})"
 
 
-def check_trained_on(ckpt: dict[str, Any], trained_on: dict[str, Any], path: str | os.PathLike) -> None:
-    """Refuse (one line, naming what differs) to resume a checkpoint trained on anything else.
+RESUME_FIX = "restore those settings and data, or start fresh without --resume"
+
+
+def check_trained_on(ckpt: dict[str, Any], trained_on: dict[str, Any], path: str | os.PathLike,
+                     fix: str = RESUME_FIX) -> None:
+    """Refuse (one line, naming what differs, then `fix`: what to do) to resume a checkpoint trained on anything else.
 
     A checkpoint older than `trained_on` records is compared on the config keys its saved config has."""
     old = ckpt.get("trained_on")
@@ -115,8 +119,7 @@ def check_trained_on(ckpt: dict[str, Any], trained_on: dict[str, Any], path: str
         trained_on = {k: trained_on[k] for k in old}
     diff = trained_on_diff(old, trained_on)
     if diff:
-        raise MVCError(f"cannot resume from {Path(path).name}: it was trained on other {diff}; restore those "
-                       "settings and data, or start fresh without --resume")
+        raise MVCError(f"cannot resume from {Path(path).name}: it was trained on other {diff}; {fix}")
 
 
 def check_resume(resume: str | None, ckpt_dir: str | os.PathLike, fresh_ok: bool = True) -> None:
@@ -137,9 +140,11 @@ def check_resume(resume: str | None, ckpt_dir: str | os.PathLike, fresh_ok: bool
 
 
 def resolve_resume(resume: str | None, ckpt_dir: str | os.PathLike, kind: str | None = None,
-                   trained_on: dict[str, Any] | None = None, fresh_ok: bool = True) -> dict[str, Any] | None:
+                   trained_on: dict[str, Any] | None = None, fresh_ok: bool = True,
+                   fix: str = RESUME_FIX) -> dict[str, Any] | None:
     """Load the checkpoint named by `resume`: None (start fresh), 'latest', or a path; check its kind and
-    what it was trained on. Temporary files a killed writer left in `ckpt_dir` are removed first.
+    what it was trained on (`fix`: what a refusal tells the user to do). Temporary files a killed writer left
+    in `ckpt_dir` are removed first.
 
     With 'latest', a corrupt newest checkpoint is skipped with a warning and the previous one is
     used; 'latest' with no checkpoint at all is an error (the user asked to resume).
@@ -155,18 +160,18 @@ def resolve_resume(resume: str | None, ckpt_dir: str | os.PathLike, kind: str | 
             except MVCError as e:
                 log.warning("skipping unreadable checkpoint %s (%s); trying the previous one", p.name, e)
                 continue
-            return _checked(ckpt, p, kind, trained_on)
+            return _checked(ckpt, p, kind, trained_on, fix)
         raise MVCError(f"--resume latest: every checkpoint in {ckpt_dir} is unreadable")
-    return _checked(load_checkpoint(resume), resume, kind, trained_on)
+    return _checked(load_checkpoint(resume), resume, kind, trained_on, fix)
 
 
 def _checked(ckpt: dict[str, Any], path: str | os.PathLike, kind: str | None,
-             trained_on: dict[str, Any] | None) -> dict[str, Any]:
+             trained_on: dict[str, Any] | None, fix: str = RESUME_FIX) -> dict[str, Any]:
     """`ckpt` after checking its kind and what it was trained on."""
     if kind is not None and checkpoint_kind(ckpt) != kind:
         raise MVCError(f"cannot resume from {path}: it is a {checkpoint_kind(ckpt)} checkpoint, not a {kind} one")
     if trained_on is not None:
-        check_trained_on(ckpt, trained_on, path)
+        check_trained_on(ckpt, trained_on, path, fix)
     return ckpt
 
 

@@ -190,14 +190,20 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_emb
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (b, C, h, w)
     model_in = noisy if cond_latents is None else torch.cat([noisy, cond_latents.to(noisy.dtype)], dim=1)
     pred = unet(model_in, timesteps, encoder_hidden_states=text_embeds, return_dict=False)[0]
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to predict (b, C, h, w): the noise (epsilon) or the velocity (v_prediction), as the
+    scheduler's `prediction_type` says."""
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise MVCError(f"unsupported scheduler prediction_type {kind!r}; use epsilon or v_prediction")
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise MVCError(f"unsupported scheduler prediction_type {kind!r}; use epsilon or v_prediction")
 
 
 def ip2p_loss(unet, noise_scheduler, cond_latents: torch.Tensor, target_latents: torch.Tensor,

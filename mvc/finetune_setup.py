@@ -11,7 +11,8 @@ from mvc.registry import Registry
 from mvc.schedules import lambda_lr
 from mvc.utils import MVCError
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the U-Net's attention projections
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the CLIP text encoder's
 
 
 #################################################################################
@@ -58,22 +59,28 @@ def set_attention(unet, kind: str) -> None:
     ATTENTION.get(kind)(unet)
 
 
-def prepare_unet(unet, train_cfg) -> list[torch.nn.Parameter]:
+def add_lora(model, rank: int, targets: list[str]) -> None:
+    """Freeze `model` and give the `targets` modules trainable LoRA adapters of `rank` (peft; B starts at zero,
+    so the model computes what it did)."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+
+
+def prepare_unet(unet, train_cfg, train_conv_in: bool = True) -> list[torch.nn.Parameter]:
     """Set attention / checkpointing / LoRA on the U-Net and return its trainable parameters.
 
     Full fine-tuning trains everything; with `lora_rank > 0` only the LoRA adapters (attention
-    projections) and `conv_in` (whose 4 new input channels must be learned) train.
+    projections) and, when `train_conv_in`, `conv_in` (whose 4 new InstructPix2Pix input channels must be
+    learned) train.
     """
     set_attention(unet, train_cfg.attention)
     if train_cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if train_cfg.lora_rank > 0:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=train_cfg.lora_rank, lora_alpha=train_cfg.lora_rank,
-                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        unet.conv_in.requires_grad_(True)
+        add_lora(unet, train_cfg.lora_rank, LORA_TARGETS)
+        unet.conv_in.requires_grad_(train_conv_in)
     else:
         unet.requires_grad_(True)
     unet.train()

@@ -64,13 +64,15 @@ def build_filter(checkpoint: str, classes: Sequence[str]) -> Callable[[list], np
 
 
 def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: int, dtype: str = "fp32",
-                        groups: Any = None) -> dict:
-    """Everything that changes the images (not the set size, batch size or grids), for `generate.method`;
-    with clustering-based sampling (`groups`) its settings and key too, so such a set is never resumed
-    without them (a set made without clustering records no `sampling` key, as before it existed)."""
+                        groups: Any = None, method: Any = None) -> dict:
+    """Everything that changes the images (not the set size, batch size or grids), for `method` (default: the
+    generator `generate.method` names); with clustering-based sampling (`groups`) its settings and key too, so
+    such a set is never resumed without them (a set made without clustering records no `sampling` key, as
+    before it existed)."""
     g = cfg.generate
+    method = method if method is not None else make_generator(cfg)
     sampling = {"sampling": {**dataclasses.asdict(cfg.sampling), "key": groups.key}} if groups is not None else {}
-    return {"dtype": dtype, **make_generator(cfg).settings(str(model_dir), labelled, resolution),
+    return {"dtype": dtype, **method.settings(str(model_dir), labelled, resolution),
             "filter_checkpoint": g.filter_checkpoint,
             "filter_threshold": g.filter_threshold if g.filter_checkpoint else None, "seed": cfg.run.seed, **sampling}
 
@@ -82,12 +84,13 @@ def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: in
 def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, str] | None = None, pipe: Any = None,
                        predictor: Callable[[list], np.ndarray] | None = None, rank: int = 0, world: int = 1,
                        barrier: Callable[[], None] | None = None, device: Any = None, progress: bool = True,
-                       pool: Any = None) -> dict:
+                       pool: Any = None, method: Any = None) -> dict:
     """Make the missing images of this process's share with `generate.method`; the main process (rank 0)
     prepares and merges.
 
     `labelled`, `captions`, `pipe`, `predictor` and `pool` (the tiny base's pretraining pool) default to what
-    the config names (tests inject them). With several processes, pass `barrier` (e.g.
+    the config names (tests inject them); `method`, to the generator `generate.method` names (a pre-step passes
+    one it configured, e.g. `DreamBoothGenerator(cfg, groups)` with several concepts per class). With several processes, pass `barrier` (e.g.
     `accelerator.wait_for_everyone`). Returns a summary dict (counts, images/s).
     """
     from tqdm.auto import tqdm
@@ -96,7 +99,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
 
     barrier = barrier or (lambda: None)
     g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)
-    method = make_generator(cfg)
+    method = method if method is not None else make_generator(cfg)
     out = SyntheticSet(paths.synthetic)
     if labelled is None:
         from mvc.data import load_splits
@@ -117,7 +120,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
     # 1. the main process records/checks the settings and reconciles files and records
-    settings = generation_settings(cfg, Path(model), labelled, res, dtype_name, groups)
+    settings = generation_settings(cfg, Path(model), labelled, res, dtype_name, groups, method)
     if main:
         settings = out.prepare(settings, labelled.classes)
         out.reconcile(jobs)

@@ -13,13 +13,18 @@ what differs:
 | `txt2img`   | the base, not fine-tuned (`StableDiffusionPipeline`) | the class prompt (+ the caption: `generate.caption`) | none |
 | `img2img`   | the base (`StableDiffusionImg2ImgPipeline`, SDEdit)  | the same                             | the source, noised to `generate.strength` |
 | `textual_inversion` | the base + a token embedding learned per class (`mvc.textual_inversion`) | `textual_inversion.prompt` with the source's token | the same as img2img |
+| `dreambooth` | the base fine-tuned by DreamBooth (`mvc.dreambooth`, a `StableDiffusionPipeline`) | the instance prompt of the source's concept ("a photo of zqx Bag") | none |
 
 `mvc_nomix` isolates what mixing adds: its variants differ only in their diffusion noise. `txt2img` and
 `img2img` need no fine-tuned model; on the tiny profile their base never saw the labels (the domain gap
-the paper argues about). Each image's record holds `method`, the method's sampling parameters
-(`record_params`: guidance, steps, sampler, resolution, model; `strength` for img2img), `seed` and its
+the paper argues about). `dreambooth` trains its own model the first time it runs (`<run.output_dir>/dreambooth/
+final`, one identifier per concept, prior preservation; reused afterwards). Each image's record holds `method`,
+the method's sampling parameters (`record_params`: guidance, steps, sampler, resolution, model; `strength` for
+img2img; the training's steps, LoRA rank, text-encoder flag and prior weight for dreambooth), `seed` and its
 own `generator_seed`, and `source_id` / `source_index`: the real image it was made from (null for
-`txt2img` without captions, which uses nothing of a real image). `textual_inversion` (DA-Fusion) learns its
+`txt2img` without captions, which uses nothing of a real image, and for `dreambooth`, whose image comes from
+its concept's identifier: every member of the concept shaped it, no single one; the record names the
+`concept`, its `identifier` and `concept_size`, and the model folder's `mvc_training.json` its members). `textual_inversion` (DA-Fusion) learns its
 tokens when they are missing (`model()`; the other processes wait and then reuse them) and records each
 image's `token` and the `embeddings` file beside img2img's fields.
 """
@@ -298,13 +303,17 @@ class BaseGenerator(Generator):
     def extra_settings(self) -> dict:
         return {}
 
-    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+    def components(self, model: str) -> dict:
+        """The components of the folder (or hub id) sampled."""
         from mvc.finetune_loop import load_base
-        from mvc.models import base_pipeline
         from mvc.paths import RunPaths
 
-        comps = load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
-        pipe = base_pipeline(comps, self.pipeline, self.g.scheduler)
+        return load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        from mvc.models import base_pipeline
+
+        pipe = base_pipeline(self.components(model), self.pipeline, self.g.scheduler)
         if dtype != pipe.unet.dtype:
             pipe.to(dtype=dtype)
         return pipe.to(device) if device is not None else pipe
@@ -349,13 +358,14 @@ class Txt2ImgGenerator(BaseGenerator):
     pipeline = "txt2img"
 
     def render(self, pipe, state, batch, seed, generators):
-        g, res = self.g, self.params["resolution"]
+        from mvc.models import sample_txt2img
+
+        g = self.g
         embeds = torch.stack([state["embeds"][j.source] for j in batch])  # (B, T, D)
-        images = pipe(prompt_embeds=embeds, negative_prompt_embeds=self.neg.expand(len(batch), -1, -1), height=res,
-                      width=res, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
-                      generator=generators, output_type="pil").images
+        images = sample_txt2img(pipe, embeds, self.neg.expand(len(batch), -1, -1), generators,
+                                self.params["resolution"], g.num_inference_steps, g.guidance_scale)
         fields = [self.fields(state, j) for j in batch]
-        if not g.caption:  # nothing of a real image went in: no source (novelty and leakage checks skip it)
+        if not self.needs_captions():  # nothing of one real image went in: no source (novelty, leakage checks skip it)
             for f in fields:
                 f.update(source_id=None, source_index=None)
         return images, fields
@@ -497,3 +507,110 @@ class TextualInversionGenerator(Img2ImgGenerator):
 def img2img_steps(num_inference_steps: int, strength: float) -> int:
     """Denoising steps img2img runs: diffusers' `get_timesteps`, int(steps * strength)."""
     return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+#################################################################################
+#                                  DreamBooth                                   #
+#################################################################################
+
+@GENERATORS.register("dreambooth")
+class DreamBoothGenerator(Txt2ImgGenerator):
+    """Text-to-image with the DreamBooth model (`mvc.dreambooth`), trained on first use: each source's variants
+    are sampled from the instance prompt of its concept. `groups` ((label, labelled indices) per concept) replaces
+    the default of one concept per class (a clustering pre-step passes them)."""
+    name = "dreambooth"
+
+    def __init__(self, cfg: Any, groups: Sequence[tuple[int, Sequence[int]]] | None = None):
+        super().__init__(cfg)
+        self.groups = groups
+        self._concepts: list | None = None
+
+    def needs_captions(self) -> bool:
+        return False
+
+    def concepts(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> list:
+        """The concepts (`mvc.dreambooth.make_concepts`), built once: `groups`, else with clustering-based sampling
+        (`sampling.method=clusters`) one per kept cluster with its kept images, else one per class."""
+        from mvc.dreambooth import make_concepts
+
+        if self._concepts is None:
+            groups = self.groups
+            if groups is None and self.cfg.sampling.method != "none":
+                from mvc.clustering import training_concepts
+                from mvc.finetune_loop import sampling_groups
+
+                if pool is None and self.cfg.model.base == "tiny":  # base_vae embeds with the tiny base
+                    from mvc.data import load_splits
+
+                    pool = load_splits(self.cfg.data)[1]
+                found = sampling_groups(self.cfg, labelled, pool, device, progress)
+                groups = [(label, idx) for label, _suffix, idx in training_concepts(found, labelled.targets)]
+            self._concepts = make_concepts(labelled, groups, self.cfg.dreambooth.identifiers)
+        return self._concepts
+
+    def check(self, labelled: Any) -> None:
+        have = {c.label for c in self.concepts(labelled)}
+        counts = np.bincount(labelled.targets, minlength=len(labelled.classes))
+        missing = [labelled.classes[c] for c in np.flatnonzero(counts) if c not in have]
+        if missing:
+            raise MVCError(f"no DreamBooth concept for class {missing[0]!r} (and {len(missing) - 1} more): every "
+                           "class with labelled images needs one to be generated")
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        from mvc.dreambooth import get_dreambooth
+
+        base = super().model(labelled, pool, progress, device)  # the tiny base is built first when it is missing
+        return str(get_dreambooth(self.cfg, labelled, self.concepts(labelled, pool, progress, device), base, progress))
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        return resolve_resolution(self.cfg, Path(model), pipe)  # the training resolution (mvc_training.json)
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        from mvc.models import training_info
+
+        g = self.g
+        return {"method": self.name, "model_dir": str(Path(model).resolve()),
+                "dreambooth": training_info(model)["settings"], "data": labelled.fingerprint(),
+                "classes": list(labelled.classes), "num_inference_steps": g.num_inference_steps,
+                "guidance_scale": g.guidance_scale, "scheduler": g.scheduler, "resolution": resolution}
+
+    def components(self, model: str) -> dict:
+        from mvc.models import load_pipeline_components
+
+        return load_pipeline_components(model)  # our own folder: no hub revision or variant
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        from mvc.models import training_info
+
+        info, g = training_info(model), self.g
+        return {"guidance_scale": g.guidance_scale, "num_inference_steps": g.num_inference_steps,
+                "scheduler": g.scheduler, "resolution": resolution, "model_dir": str(model),
+                "training_steps": info["steps"], "lora_rank": info["lora_rank"],
+                "train_text_encoder": info["train_text_encoder"], "prior_loss_weight": info["prior_loss_weight"]}
+
+    def source_concepts(self, labelled: Any, label: int, sources: Sequence[int]) -> dict[int, int]:
+        """Each source's concept: the one it belongs to; a source in none (a pre-step may leave images out) takes
+        one of its class's concepts by its position (the same in every run and shard)."""
+        concepts = self.concepts(labelled)
+        member = {i: k for k, c in enumerate(concepts) for i in c.indices}
+        own = [k for k, c in enumerate(concepts) if c.label == label]
+        return {s: member.get(s, own[s % len(own)]) for s in sources}
+
+    def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
+        from mvc.prompts import instance_prompt
+
+        concepts, template = self.concepts(labelled), self.cfg.dreambooth.instance_prompt
+        return {s: instance_prompt(template, concepts[k].identifier, labelled.classes[label])
+                for s, k in self.source_concepts(labelled, label, sources).items()}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
+        concepts = self.concepts(labelled)
+        of = self.source_concepts(labelled, label, sorted({j.source for j in jobs}))
+        state["concept"] = {s: (k, concepts[k]) for s, k in of.items()}
+        return state
+
+    def fields(self, state: dict, job: Any) -> dict:
+        k, c = state["concept"][job.source]
+        return {"prompt": state["prompts"][job.source], "concept": k, "identifier": c.identifier,
+                "concept_size": len(c.indices)}

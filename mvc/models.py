@@ -9,6 +9,8 @@
   that resolution too, so diffusers' own defaults agree.
 - Samplers: the diffusers schedulers `generate.scheduler` names (`SAMPLERS`).
 - Baselines: the base sampled as it is, as diffusers' text-to-image or img2img pipeline (`base_pipeline`).
+- DreamBooth (`mvc.dreambooth`): its fine-tuned model is a plain `StableDiffusionPipeline` folder (LoRA merged)
+  with the same `mvc_training.json` (`save_txt2img_folder`), sampled like the baselines.
 """
 
 from __future__ import annotations
@@ -174,6 +176,15 @@ def base_identity(base: str, model_cfg: Any) -> dict:
     return {"base": base, "revision": model_cfg.revision, "variant": model_cfg.variant}
 
 
+def sample_txt2img(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, generators: list,
+                   resolution: int, num_inference_steps: int, guidance_scale: float) -> list:
+    """One StableDiffusionPipeline call: (B, T, D) prompt and negative embeddings, B generators -> B PIL images
+    at resolution x resolution (each image's noise from its own generator, whatever the batch)."""
+    return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, height=resolution,
+                width=resolution, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                generator=generators, output_type="pil").images
+
+
 def base_resolution(base: str, revision: str | None = None) -> int:
     """The native pixel size of a base (U-Net sample size x VAE factor), from its config files only."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -222,17 +233,52 @@ def export_unet(unet: Any, ema: Any = None, resolution: int | None = None, vae_s
     return out
 
 
-def save_ip2p_folder(out_dir: str | os.PathLike, components: dict, unet: Any, training: dict,
-                     ema: Any = None) -> Path:
-    """Save the fine-tuned IP2P pipeline (safetensors) and `mvc_training.json` atomically: temp folder, rename."""
+def export_text_encoder(text_encoder: Any):
+    """A plain copy of a (LoRA-adapted) text encoder for saving: every adapter merged into its weights."""
+    out = copy.deepcopy(text_encoder)
+    if getattr(out, "peft_config", None):
+        from diffusers.utils import recurse_remove_peft_layers
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in out.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.merge()  # W <- W + scale * B @ A
+        recurse_remove_peft_layers(out)  # each adapted layer -> its (merged) base layer
+        del out.peft_config
+        out._hf_peft_config_loaded = False  # else save_pretrained would write the adapter only
+    out.requires_grad_(False)
+    out.eval()
+    return out
+
+
+def _save_folder(out_dir: str | os.PathLike, pipe: Any, training: dict) -> Path:
+    """Save `pipe` (safetensors) and `mvc_training.json` atomically: temp folder, rename."""
     out_dir = Path(out_dir)
     clean_stale_temps(out_dir.parent, out_dir.name)
-    f = vae_scale_factor(components["vae"])
     with atomic_dir(out_dir) as tmp:
-        exported = export_unet(unet, ema, training.get("resolution"), f)
-        ip2p_pipeline(components, exported).save_pretrained(tmp, safe_serialization=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2, default=str) + "\n")
     return out_dir
+
+
+def save_ip2p_folder(out_dir: str | os.PathLike, components: dict, unet: Any, training: dict,
+                     ema: Any = None) -> Path:
+    """Save the fine-tuned IP2P pipeline (safetensors) and `mvc_training.json` atomically."""
+    exported = export_unet(unet, ema, training.get("resolution"), vae_scale_factor(components["vae"]))
+    return _save_folder(out_dir, ip2p_pipeline(components, exported), training)
+
+
+def save_txt2img_folder(out_dir: str | os.PathLike, components: dict, unet: Any, text_encoder: Any,
+                        training: dict) -> Path:
+    """Save a fine-tuned text-to-image model (DreamBooth) as a StableDiffusionPipeline folder (LoRA merged, the
+    U-Net's sample size at the training resolution, the training scheduler) with `mvc_training.json`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"], text_encoder=export_text_encoder(text_encoder), tokenizer=components["tokenizer"],
+        unet=export_unet(unet, None, training.get("resolution"), vae_scale_factor(components["vae"])),
+        scheduler=components["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _save_folder(out_dir, pipe, training)
 
 
 def vae_scale_factor(vae: Any) -> int:

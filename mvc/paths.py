@@ -7,12 +7,15 @@
   pairs.npz                   index pairs
   clusters/                   clustering-based sampling: <key>.json (the concepts) and <key>.png, per settings
   mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
+  dreambooth/                 DreamBooth (generate.method=dreambooth): class_images/<key>/, checkpoints/, tb/,
+                              log.jsonl, final/ (a StableDiffusionPipeline folder)
   synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
   synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
-  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img, ...)
+  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img, textual_inversion, dreambooth)
   textual_inversion/          learned token embeddings: checkpoints/, tb/, log.jsonl, learned_embeds.safetensors,
                               training.json (generate.method=textual_inversion)
-  mvc_clusters/, synthetic_clusters/, synthetic_<method>_clusters/, textual_inversion_clusters/
+  mvc_clusters/, synthetic_clusters/, synthetic_<method>_clusters/, textual_inversion_clusters/,
+  dreambooth_clusters/
                               the same with clustering-based sampling (sampling.method=clusters)
   classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
   results.csv, results.md, figures/, stage_times.json
@@ -125,6 +128,10 @@ class RunPaths:
     @property
     def textual_inversion(self) -> Path:
         return self.root / f"textual_inversion{self.suffix}"
+
+    @property
+    def dreambooth(self) -> Path:
+        return self.root / f"dreambooth{self.suffix}"
 
     @property
     def classifier(self) -> Path:

@@ -2,16 +2,22 @@
 
 The prompt of an image is `prompt_template` filled with its caption and class name (the paper:
 "<caption>, a photo of class type <label>"), so a caption that misses the class still names it.
+
+DreamBooth's prompts (`mvc.dreambooth`) are a second template, `dreambooth.instance_prompt`, filled with a
+concept's rare identifier and its class name ("a photo of zqx Bag"); its class prompt is the same template
+without the identifier ("a photo of Bag"), so the two differ by the identifier alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import string
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from mvc.utils import MVCError
 
 DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
+DEFAULT_INSTANCE_TEMPLATE = "a photo of {identifier} {label}"
 
 
 def validate_template(template: str, fields: tuple[str, ...] = ("caption", "label"),
@@ -94,3 +100,49 @@ def _locate_caption(template: str, prompt: str, caption: str, label: str) -> int
     if i < 0:
         raise MVCError(f"cannot find the caption {caption!r} in the prompt {prompt!r}")
     return i
+
+
+#################################################################################
+#                       DreamBooth: identifiers and prompts                     #
+#################################################################################
+
+RARE_LETTERS = "zqxjkvw"  # the least frequent letters of English text: their strings carry little prior meaning
+
+
+def rare_identifiers() -> Iterator[str]:
+    """The default DreamBooth identifiers, always in the same order: strings of distinct rare letters, the
+    shortest first ("zqx", "zqj", ..., then four letters). Lowercase ASCII, so any byte-level BPE (CLIP's,
+    the tiny tokenizer) encodes each without an unknown token, and no two collide after CLIP's lower-casing."""
+    for n in itertools.count(3):
+        for letters in itertools.permutations(RARE_LETTERS, n):
+            yield "".join(letters)
+
+
+def validate_identifiers(identifiers: Sequence[str]) -> list[str]:
+    """Check DreamBooth identifiers: non-empty words without spaces or braces, distinct even ignoring case
+    (CLIP's tokenizer lower-cases its input)."""
+    seen: dict[str, str] = {}
+    for ident in identifiers:
+        if not isinstance(ident, str) or not ident or any(c.isspace() or c in "{}" for c in ident):
+            raise MVCError(f"identifier {ident!r} must be one word without spaces or braces, e.g. 'zqx'")
+        if ident.lower() in seen:
+            raise MVCError(f"identifiers {seen[ident.lower()]!r} and {ident!r} are the same word to CLIP's "
+                           "lower-casing tokenizer; give distinct ones")
+        seen[ident.lower()] = ident
+    return list(identifiers)
+
+
+def validate_instance_template(template: str) -> str:
+    """Check DreamBooth's instance-prompt template: it must use {identifier} and {label}, plainly, and no other."""
+    return validate_template(template, ("identifier", "label"), DEFAULT_INSTANCE_TEMPLATE)
+
+
+def instance_prompt(template: str, identifier: str, label_name: str) -> str:
+    """A concept's prompt: the instance template filled with its identifier and class name."""
+    return validate_instance_template(template).format(identifier=identifier, label=label_name)
+
+
+def prior_prompt(template: str, label_name: str) -> str:
+    """DreamBooth's class prompt: the instance template without its identifier
+    ("a photo of {identifier} {label}" -> "a photo of <label>")."""
+    return " ".join(instance_prompt(template, "", label_name).split()).strip(" ,;:")

@@ -139,16 +139,21 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.
     return t.input_ids, t.attention_mask
 
 
+def text_hidden_states(text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Text-encoder hidden states (N, T, D) of token ids (N, T) on the encoder's device, with gradients when it
+    trains (DreamBooth); the attention mask only when the encoder's config asks for it, as the SD pipelines do."""
+    device = next(text_encoder.parameters()).device
+    use_mask = mask is not None and getattr(text_encoder.config, "use_attention_mask", False)
+    return text_encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None)[0]
+
+
 @torch.no_grad()
 def encode_ids(text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor | None = None,
                batch_size: int = 64) -> torch.Tensor:
     """Text-encoder hidden states (N, T, D) of token ids (N, T), in the encoder's dtype, on its device."""
     p = next(text_encoder.parameters())
-    use_mask = mask is not None and getattr(text_encoder.config, "use_attention_mask", False)
-    out = []
-    for i in range(0, len(ids), batch_size):
-        m = mask[i:i + batch_size].to(p.device) if use_mask else None
-        out.append(text_encoder(ids[i:i + batch_size].to(p.device), attention_mask=m)[0])
+    out = [text_hidden_states(text_encoder, ids[i:i + batch_size], None if mask is None else mask[i:i + batch_size])
+           for i in range(0, len(ids), batch_size)]
     return torch.cat(out).to(p.dtype)
 
 

@@ -32,6 +32,9 @@ ROLES = {
     "finetune.validation": "the validation grid's diffusion noise",
     "textual_inversion.step": "the concept images, templates, timesteps and noises of one textual-inversion step; "
                               "index: step",
+    "dreambooth.prior": "DreamBooth's class (prior-preservation) image; index: class, image",
+    "dreambooth.order": "DreamBooth's order of instance (index 0) and class images (index 1): epochs of permutations",
+    "dreambooth.step": "timesteps, noises and posterior draws of one DreamBooth step; index: step",
     "generate.image": "the diffusion noise of one synthetic image; index: source, variant",
     "generate.mixing": "the mixing draw (donor, positions, slices) of one synthetic image; index: source, variant",
     "classifier.init": "a classifier's weight initialisation",

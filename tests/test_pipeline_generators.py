@@ -110,7 +110,7 @@ def test_only_generators_that_sample_the_finetuned_model_fine_tune():
     assert run_pipeline.needs_finetuning(cfg())
     assert run_pipeline.needs_finetuning(cfg("--pipeline.generators=[img2img, mvc_nomix]"))
     assert not run_pipeline.needs_finetuning(cfg("--pipeline.generators=[txt2img, img2img]"))
-    for extra, match in ((["--pipeline.generators=[mvc, dreambooth]"], "pipeline.generators: unknown value 'dreambooth'"),
+    for extra, match in ((["--pipeline.generators=[mvc, dreambooth2]"], "pipeline.generators: unknown value 'dreambooth2'"),
                          (["--pipeline.generators=[mvc, img2img]", "--generate.strength=0.01"], "no img2img denoising"),
                          (["--pipeline.generator_runs=[real]", "--pipeline.generators=[mvc, txt2img]"],
                           "uses no synthetic image"),

@@ -201,7 +201,11 @@ def overrides(dataset: str, work: Path) -> list[str]:
            "--captions.max_new_tokens=8", "--generate.num_inference_steps=2", "--generate.per_class=4",
            "--classifier.steps=3", "--classifier.batch_size=8", "--classifier.input_size=32",
            "--classifier.num_workers=0", "--evaluate.reference_epochs=1", "--evaluate.reference_input_size=32",
-           "--evaluate.reference_batch_size=16", "--pipeline.seeds=[0]"]
+           "--evaluate.reference_batch_size=16", "--pipeline.seeds=[0]",
+           # beside MVC's set, img2img's and DreamBooth's at SD-1.5 structure (the 64-px stand-in's native size)
+           "--pipeline.generators=[mvc, img2img, dreambooth]", "--pipeline.generator_runs=[probabilistic]",
+           "--dreambooth.max_steps=2", "--dreambooth.batch_size=2", "--dreambooth.num_class_images=1",
+           "--dreambooth.prior_steps=2", "--dreambooth.resolution=64", "--dreambooth.checkpoint_every=1"]
     return out
 
 
@@ -284,6 +288,15 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
                     fails.append(f"{run} ({m['backbone']}) took {m['steps']} steps of a {m['budget_steps']}-step budget")
         if len(steps) > 1:
             fails.append(f"the runs of {rc.classifier.backbone} took different optimizer steps: {sorted(steps)}")
+    others = {}
+    for method in cfg.pipeline.generators[1:]:  # the other generators' sets: made, at which size, by whom
+        where = RunPaths.of(run_pipeline.generator_config(cfg, method)).synthetic
+        recs = read_jsonl(where / "metadata.jsonl") if (where / "metadata.jsonl").is_file() else []
+        shapes = sorted({Image.open(p).size for p in sorted(where.rglob("*.png"))[:50]})
+        others[method] = {"images": len(recs), "image_size": list(shapes[0]) if len(shapes) == 1 else shapes,
+                          "methods": sorted({r.get("method") for r in recs})}
+        if not recs or others[method]["methods"] != [method]:
+            fails.append(f"the {method} set has {len(recs)} images made by {others[method]['methods']}")
     if not paths.report.is_file():
         fails.append("no results.md")
     train, clf = recorded("train_mvc").get("train", {}), recorded("train_classifier").get("classifier", {})
@@ -295,6 +308,7 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
         "generate": {"image_size": sizes[0] if len(sizes) == 1 else sizes, "images": gen.get("images"),
                      "dtype": gen.get("dtype"), "device": gen.get("device"), "processes": gen.get("world")},
         "classifier": {"mixed_precision": clf.get("mixed_precision"), "runs": runs},
+        "generators": others,
         "report": str(paths.report) if paths.report.is_file() else None,
         "checks": "passed" if not fails else fails,
     }

@@ -88,6 +88,12 @@ def check_run(dataset: str, work: Path) -> None:
     assert prob["images_seen"] > real["images_seen"]  # more images in the same steps, and reported
     report = Path(s["report"]).read_text()
     assert "optimizer steps for every run" in report and "| two_phase |" in report
+    # img2img's and DreamBooth's sets beside MVC's, from the SD-1.5-structured base (DreamBooth trained on it first)
+    for method in ("img2img", "dreambooth"):
+        assert s["generators"][method]["methods"] == [method] and s["generators"][method]["images"] > 0
+        assert s["generators"][method]["image_size"] == [64, 64]
+        assert f"| probabilistic | {method} | probabilistic |" in report
+    assert (work / "out" / "dreambooth" / "final" / "model_index.json").is_file()
 
     # the checks can fail: a run with another budget, an image at another size
     metrics = next((work / "out" / "classifier").glob("concat-*/metrics.json"))

@@ -17,7 +17,7 @@ The recipe, step by step (`get_dreambooth` reuses a finished model, else `train_
    written atomically, so an interrupted run makes only the missing ones and a retrain reuses them all.
 4. Loss (`prior_preservation_loss`): every step draws B instance images and B class images (each from its own
    endless permutation) and runs them through the U-Net in one batch; the per-sample MSE of the scheduler's
-   prediction target (epsilon or v, `mvc.finetune.prediction_target`) is averaged over each half:
+   prediction target (epsilon or v, `mvc.finetune.noise_prediction_loss`) is averaged over each half:
    instance + `prior_loss_weight` x prior. Latents are posterior samples of the VAE-encoded images, cached once.
 5. Weights: the whole U-Net (`lora_rank: 0`) or LoRA adapters on its attention projections
    (`mvc.finetune_setup`, as MVC's fine-tuning does); with `train_text_encoder` the text encoder too (fully,
@@ -49,13 +49,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mvc import seeds
 from mvc.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from mvc.distributed import make_accelerator
-from mvc.finetune import encode_latents_cache, prediction_target
+from mvc.finetune import encode_latents_cache, noise_prediction_loss
 from mvc.finetune_loop import GlobalBatchSampler, load_base
 from mvc.finetune_setup import (
     TEXT_LORA_TARGETS,
@@ -255,16 +254,6 @@ def class_images(cfg: Any, components: dict, labels: Sequence[int], classes: Seq
 #                                     Loss                                      #
 #################################################################################
 
-def denoising_mse(unet: Any, noise_scheduler: Any, latents: torch.Tensor, text_embeds: torch.Tensor,
-                  noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE (b,) of a text-to-image U-Net's prediction on scaled latents (b, C, h, w) noised at
-    `timesteps` (b,), conditioned on (b, T, D) text embeddings."""
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=text_embeds, return_dict=False)[0]
-    target = prediction_target(noise_scheduler, latents, noise, timesteps)
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-
-
 def prior_preservation_loss(per_sample: torch.Tensor, num_instance: int,
                             weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, instance loss, prior loss) of a batch whose first `num_instance` rows of `per_sample` (b,) are
@@ -377,8 +366,8 @@ def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base:
         with acc.autocast():
             embeds = (text_hidden_states(text_encoder, ids[rows].to(acc.device), mask[rows].to(acc.device))
                       if table is None else table[rows.to(table.device)])  # (n, T, D)
-            per_sample = denoising_mse(unet, sched, latents.to(acc.device), embeds, noise.to(acc.device),
-                                       t.to(acc.device))
+            per_sample = noise_prediction_loss(unet, sched, latents.to(acc.device), embeds, noise.to(acc.device),
+                                               t.to(acc.device))
         loss, inst_loss, prior_loss = prior_preservation_loss(per_sample, B, db.prior_loss_weight)
         if not math.isfinite(loss.item()):
             raise MVCError(f"non-finite DreamBooth loss ({loss.item()}) at step {step + 1}; lower dreambooth.lr")

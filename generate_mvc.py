@@ -33,9 +33,11 @@ from mvc.utils import run_cli
 def main(cfg: Config) -> dict:
     """Start the stage and generate this process's share of the synthetic set."""
     from mvc.generate import generate_synthetic
+    from mvc.paths import RunPaths
     from mvc.stage import start_stage
 
-    stage = start_stage(cfg, "generate_mvc")
+    # one config file per set (config-generate_mvc.yaml, config-generate_img2img_clusters.yaml, ...)
+    stage = start_stage(cfg, f"generate_{cfg.generate.method}{RunPaths.of(cfg).suffix}")
     acc = stage.accelerator
     summary = generate_synthetic(cfg, rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                  device=acc.device, progress=acc.is_local_main_process)

@@ -104,6 +104,13 @@ def test_each_set_is_read_by_the_classifier_loader_and_the_evaluation(micro, met
     assert np.isfinite(record["frechet"]["synthetic_vs_test"])
 
 
+def test_each_set_keeps_the_config_it_was_made_with(micro):
+    from mvc.config import load_yaml
+
+    for m in METHODS:  # one generate_mvc.py run per method in one run folder: none overwrote another's record
+        assert load_yaml(micro.out / f"config-generate_{m}.yaml")["generate"]["method"] == m
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_records_name_method_parameters_seed_and_source(micro, method):
     where = set_dir(micro, method)

@@ -96,7 +96,7 @@ def write_compare(out: Path, rows: list[dict], baselines: list[dict], runs: list
 
 
 def plot_compare(rows: list[dict], baselines: list[dict], runs: list[str], path: Path) -> None:
-    """Left: label fidelity and CAS per set; right: accuracy of each generator run (std bars, seeds as dots),
+    """Top: label fidelity and CAS per set; bottom: accuracy of each generator run (std bars, seeds as dots),
     the real-only baselines as horizontal lines."""
     import matplotlib
 
@@ -106,7 +106,7 @@ def plot_compare(rows: list[dict], baselines: list[dict], runs: list[str], path:
     rows = [r for r in rows if "fidelity" in r]
     labels = [r["generator"] + ("\n+clusters" if r["sampling"] != "none" else "") for r in rows]
     x = np.arange(len(rows))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(rows) * 2), 3.6))
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(7, 0.75 * len(rows)), 7.5), sharex=True)  # one column per set
     w = 0.38
     a.bar(x - w / 2, [100 * r["fidelity"] for r in rows], w, label="label fidelity", color="#8fb3d9")
     a.bar(x + w / 2, [100 * (r["cas_mean"] or 0) for r in rows], w, yerr=[100 * (r["cas_std"] or 0) for r in rows],
@@ -129,10 +129,10 @@ def plot_compare(rows: list[dict], baselines: list[dict], runs: list[str], path:
         b.set_ylim(max(0, min(accs) - 5), min(100, max(accs) + 3))
     b.set_ylabel("test accuracy (%)")
     b.set_title("classifiers on real + synthetic")
+    b.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
     for ax in (a, b):
-        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)

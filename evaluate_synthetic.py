@@ -21,12 +21,17 @@ from mvc.utils import run_cli
 def main(cfg: Config, set_dir: str | None = None, name: str | None = None, cas: bool | None = None,
          real_curve: bool = False) -> dict:
     """Start the stage, evaluate the set (and the real-only curve when asked)."""
-    from mvc.evaluation.evaluate import evaluate_set, summary_row, table_markdown
-    from mvc.stage import start_stage
+    from pathlib import Path
 
-    stage = start_stage(cfg, "evaluate_synthetic", precision_from="classifier")
-    record = evaluate_set(cfg, set_dir or stage.paths.synthetic, stage.accelerator, name=name, cas=cas,
-                          progress=stage.is_main)
+    from mvc.evaluation.evaluate import evaluate_set, summary_row, table_markdown
+    from mvc.paths import RunPaths
+    from mvc.stage import start_stage
+    from mvc.utils import safe_name
+
+    where = Path(set_dir) if set_dir else RunPaths.of(cfg).synthetic
+    name = name or safe_name(where.name)  # the set's folder under evaluation/, and its config file
+    stage = start_stage(cfg, f"evaluate_{name}", precision_from="classifier")
+    record = evaluate_set(cfg, where, stage.accelerator, name=name, cas=cas, progress=stage.is_main)
     if stage.is_main:
         print(table_markdown([(record["name"], summary_row(record))]))
         print(f"report: {stage.paths.evaluation / record['name'] / 'report.md'}")

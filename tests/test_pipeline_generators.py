@@ -69,6 +69,14 @@ def test_each_generator_gets_its_set_its_evaluation_and_its_rows(two_sets):
         assert sorted(r["generator"] for r in csv.DictReader(f)) == ["", "img2img", "mvc"]
 
 
+def test_each_set_keeps_the_configs_it_was_made_and_judged_with(two_sets):
+    out, _, _ = two_sets
+    for method, name in (("mvc", "synthetic"), ("img2img", "synthetic_img2img")):
+        made = load_yaml(out / f"config-generate_{method}.yaml")
+        judged = load_yaml(out / f"config-evaluate_{name}.yaml")
+        assert made["generate"]["method"] == judged["generate"]["method"] == method
+
+
 def test_runs_on_different_sets_never_share_a_folder(two_sets):
     out, _, _ = two_sets
     dirs = {}

@@ -26,10 +26,10 @@ def main(cfg: Config, set_dir: str | None = None, name: str | None = None, cas: 
     from mvc.evaluation.evaluate import evaluate_set, summary_row, table_markdown
     from mvc.paths import RunPaths
     from mvc.stage import start_stage
-    from mvc.utils import safe_name
+    from mvc.synthetic import set_name
 
     where = Path(set_dir) if set_dir else RunPaths.of(cfg).synthetic
-    name = name or safe_name(where.name)  # the set's folder under evaluation/, and its config file
+    name = name or set_name(where)  # the set's folder under evaluation/, and its config file
     stage = start_stage(cfg, f"evaluate_{name}", precision_from="classifier")
     record = evaluate_set(cfg, where, stage.accelerator, name=name, cas=cas, progress=stage.is_main)
     if stage.is_main:

@@ -35,9 +35,10 @@ def main(cfg: Config) -> dict:
     from mvc.generate import generate_synthetic
     from mvc.paths import RunPaths
     from mvc.stage import start_stage
+    from mvc.synthetic import set_name
 
-    # one config file per set (config-generate_mvc.yaml, config-generate_img2img_clusters.yaml, ...)
-    stage = start_stage(cfg, f"generate_{cfg.generate.method}{RunPaths.of(cfg).suffix}")
+    # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
+    stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")
     acc = stage.accelerator
     summary = generate_synthetic(cfg, rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                  device=acc.device, progress=acc.is_local_main_process)

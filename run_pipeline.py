@@ -179,11 +179,10 @@ def stage_generate(cfg: Config) -> None:
 def stage_evaluate(cfg: Config) -> None:
     """evaluate_synthetic on the synthetic set (fidelity, diversity, FD, novelty, CAS); skipped when the
     report is of this very set."""
-    from mvc.synthetic import set_fingerprint
-    from mvc.utils import safe_name
+    from mvc.synthetic import set_fingerprint, set_name
 
     paths = RunPaths.of(cfg)
-    done = paths.evaluation / safe_name(paths.synthetic.name) / "metrics.json"
+    done = paths.evaluation / set_name(paths.synthetic) / "metrics.json"
     if done.is_file() and json.loads(done.read_text()).get("set_fingerprint") == set_fingerprint(paths.synthetic):
         print("evaluation of this synthetic set found: skipping")
         return
@@ -369,10 +368,10 @@ def set_label(method: str) -> str:
 
 def evaluation_record(cfg: Config) -> tuple[Path, dict] | None:
     """The evaluation stage's folder and metrics.json of the set of cfg's generate.method (None before it ran)."""
-    from mvc.utils import safe_name
+    from mvc.synthetic import set_name
 
     paths = RunPaths.of(cfg)
-    ev_dir = paths.evaluation / safe_name(paths.synthetic.name)
+    ev_dir = paths.evaluation / set_name(paths.synthetic)
     if not (ev_dir / "metrics.json").is_file():
         return None
     return ev_dir, json.loads((ev_dir / "metrics.json").read_text())

@@ -400,6 +400,12 @@ def read_settings_file(root: str | os.PathLike) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
+def set_name(root: str | os.PathLike) -> str:
+    """A set's name: its folder's name, file-system safe. Its report lives in evaluation/<name>/ and the configs it
+    was made and judged with in config-generate_<name>.yaml and config-evaluate_<name>.yaml."""
+    return safe_name(Path(root).name)
+
+
 def set_fingerprint(root: str | os.PathLike) -> str | None:
     """Identifies a set's content: its settings and its records (None without a settings file)."""
     rec = read_settings_file(root)

@@ -108,7 +108,7 @@ def test_each_set_keeps_the_config_it_was_made_with(micro):
     from mvc.config import load_yaml
 
     for m in METHODS:  # one generate_mvc.py run per method in one run folder: none overwrote another's record
-        assert load_yaml(micro.out / f"config-generate_{m}.yaml")["generate"]["method"] == m
+        assert load_yaml(micro.out / f"config-generate_{set_dir(micro, m).name}.yaml")["generate"]["method"] == m
 
 
 @pytest.mark.parametrize("method", METHODS)

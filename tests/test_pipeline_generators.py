@@ -72,7 +72,7 @@ def test_each_generator_gets_its_set_its_evaluation_and_its_rows(two_sets):
 def test_each_set_keeps_the_configs_it_was_made_and_judged_with(two_sets):
     out, _, _ = two_sets
     for method, name in (("mvc", "synthetic"), ("img2img", "synthetic_img2img")):
-        made = load_yaml(out / f"config-generate_{method}.yaml")
+        made = load_yaml(out / f"config-generate_{name}.yaml")
         judged = load_yaml(out / f"config-evaluate_{name}.yaml")
         assert made["generate"]["method"] == judged["generate"]["method"] == method
 

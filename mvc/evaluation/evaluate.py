@@ -37,7 +37,7 @@ from mvc.evaluation.metrics import (
 )
 from mvc.evaluation.reference import Reference, features_and_probs, get_reference
 from mvc.paths import RunPaths
-from mvc.utils import MVCError, RunLogger, atomic_path, atomic_write_json, atomic_write_text, safe_name
+from mvc.utils import MVCError, RunLogger, atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def evaluate_set(cfg: Any, set_dir: str | Path, accelerator: Any, *, name: str |
                  ref: Reference | None = None, cas: bool | None = None, progress: bool = True) -> dict:
     """Measure the synthetic set at `set_dir`, train its CAS classifiers, and write the report."""
     from mvc.data import load_splits
-    from mvc.synthetic import load_synthetic_set
+    from mvc.synthetic import load_synthetic_set, set_name
 
     t0 = time.time()
     set_dir = Path(set_dir)
@@ -129,7 +129,7 @@ def evaluate_set(cfg: Any, set_dir: str | Path, accelerator: Any, *, name: str |
     ref = ref or load_reference(cfg, accelerator, progress)
     if list(ref.classes) != classes:
         raise MVCError(f"the reference in {ref.folder} was trained on other classes; delete it or set evaluate.cache_dir")
-    name = name or safe_name(set_dir.name)
+    name = name or set_name(set_dir)
     out = paths.evaluation / name
     from mvc.synthetic import set_fingerprint
 

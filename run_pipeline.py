@@ -74,6 +74,19 @@ def check_runs(cfg: Config) -> None:
             if key == "pipeline.generator_runs" and extra and not STRATEGIES.get(strategy).needs_synthetic:
                 raise MVCError(f"{key}: run {run!r} uses no synthetic image, so it is the same for every generator; "
                                "keep it in pipeline.runs")
+    if cfg.pipeline.long_factor:
+        for spec in cfg.pipeline.long_runs:
+            run, gen = split_long(spec)
+            strategy, augment = split_run(run)
+            if strategy not in list_strategies() or (augment is not None and augment not in augments):
+                raise MVCError(f"pipeline.long_runs: unknown run {spec!r}; use 'strategy[+augment][@generator]' with a "
+                               f"strategy from {', '.join(list_strategies())} and an augmentation from "
+                               f"{', '.join(augments)}")
+            if gen is not None and not STRATEGIES.get(strategy).needs_synthetic:
+                raise MVCError(f"pipeline.long_runs: run {spec!r} uses no synthetic image; drop '@{gen}'")
+            if gen is not None and gen not in cfg.pipeline.generators:
+                raise MVCError(f"pipeline.long_runs: run {spec!r} trains on the set of {gen}, which is not in "
+                               f"pipeline.generators={cfg.pipeline.generators}")
     method, gens = cfg.generate.method, cfg.pipeline.generators
     if method != "mvc" and method not in gens:
         raise MVCError(f"generate.method={method} is not in pipeline.generators={gens}: the pipeline makes the sets of "
@@ -124,6 +137,37 @@ def generator_config(cfg: Config, method: str, main: bool = False) -> Config:
 def extra_generators(cfg: Config) -> list[Config]:
     """The configs of the generators of pipeline.generators after the first (the main set)."""
     return [generator_config(cfg, m) for m in cfg.pipeline.generators[1:]]
+
+
+def split_long(spec: str) -> tuple[str, str | None]:
+    """'strategy[+augment][@generator]' -> (run, generator or None)."""
+    run, _, gen = spec.partition("@")
+    return run, (gen or None)
+
+
+def long_budget(cfg: Config) -> Config:
+    """The config of the long runs: pipeline.long_factor times the classifier's budget (steps, else epochs), with
+    a run tag naming the budget (`steps1000`), so their folders never meet the main runs'."""
+    c, f = cfg.classifier, cfg.pipeline.long_factor
+    if c.steps is not None:
+        c = dataclasses.replace(c, steps=c.steps * f, run_tag=f"steps{c.steps * f}")
+    else:
+        c = dataclasses.replace(c, epochs=c.epochs * f, run_tag=f"epochs{c.epochs * f}")
+    return dataclasses.replace(cfg, classifier=c)
+
+
+def long_runs(cfg: Config) -> list[tuple[Config, str]]:
+    """(config of the set, run) of every long run: pipeline.long_runs at the long budget, on the main set unless
+    the run names another generator; [] when pipeline.long_factor is 0."""
+    if not cfg.pipeline.long_factor:
+        return []
+    main = cfg.pipeline.generators[0]
+    out = []
+    for spec in cfg.pipeline.long_runs:
+        run, gen = split_long(spec)
+        gc = generator_config(cfg, gen or main, main=(gen or main) == main)
+        out.append((long_budget(gc), run))
+    return out
 
 
 def needs_finetuning(cfg: Config) -> bool:
@@ -221,34 +265,39 @@ def _metric(metrics: dict, key: str) -> float:
     return float(block[key])
 
 
-def collect_results(cfg: Config) -> list[dict]:
-    """One row per (recipe, generator, run): mean and std over seeds of accuracy and macro F1, and the optimizer
-    steps (with the two-phase split) and images each run trained on. The main set's rows (every run of
-    pipeline.runs) come first, then those of each other generator (pipeline.generator_runs); `generator` is the
-    set's method, None for a run that uses no synthetic image."""
+def result_row(rc: Config, run: str) -> dict:
+    """One results row: mean and std over pipeline.seeds of accuracy and macro F1 of `run` under the recipe config
+    `rc`, the optimizer steps (with the two-phase split) and images each run trained on, and its set's generator."""
     from mvc.classifier.outputs import synthetic_generator
 
-    rows = []
+    strategy, augment = split_run(run, rc.classifier.augment)
+    ms = [json.loads(p.read_text()) for seed in rc.pipeline.seeds
+          if (p := classifier_run_dir(rc, strategy, augment, seed) / "metrics.json").is_file()]
+    accs = [100 * _metric(m, "accuracy") for m in ms]
+    f1s = [100 * _metric(m, "f1_macro") for m in ms]
+    return {"run": run, "backbone": rc.classifier.backbone, "strategy": strategy, "augment": augment,
+            "generator": synthetic_generator(run_config(rc, strategy, augment, 0)),
+            "n": len(accs), "acc_mean": float(np.mean(accs)) if accs else float("nan"),
+            "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+            "f1_mean": float(np.mean(f1s)) if f1s else float("nan"),
+            "f1_std": float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0,
+            "accs": accs, "steps": sorted({m.get("steps") for m in ms if m.get("steps") is not None}),
+            "phase_steps": ms[0].get("phase_steps", {}) if ms else {},
+            "images": float(np.mean([m["images_seen"] for m in ms])) if ms and all(
+                "images_seen" in m for m in ms) else None}
+
+
+def collect_results(cfg: Config) -> list[dict]:
+    """One row per (recipe, generator, run) at the classifier's budget (`result_row`). The main set's rows (every
+    run of pipeline.runs) come first, then those of each other generator (pipeline.generator_runs); `generator` is
+    the set's method, None for a run that uses no synthetic image."""
     sets = [(cfg, cfg.pipeline.runs)] + [(gc, cfg.pipeline.generator_runs) for gc in extra_generators(cfg)]
-    for rc, runs in ((rc, runs) for gc, runs in sets for rc in recipe_configs(gc)):
-        for run in runs:
-            strategy, augment = split_run(run, rc.classifier.augment)
-            ms = [json.loads(p.read_text()) for seed in rc.pipeline.seeds
-                  if (p := classifier_run_dir(rc, strategy, augment, seed) / "metrics.json").is_file()]
-            accs = [100 * _metric(m, "accuracy") for m in ms]
-            f1s = [100 * _metric(m, "f1_macro") for m in ms]
-            gen = synthetic_generator(run_config(rc, strategy, augment, 0))
-            rows.append({"run": run, "backbone": rc.classifier.backbone, "strategy": strategy, "augment": augment,
-                         "generator": gen,
-                         "n": len(accs), "acc_mean": float(np.mean(accs)) if accs else float("nan"),
-                         "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-                         "f1_mean": float(np.mean(f1s)) if f1s else float("nan"),
-                         "f1_std": float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0,
-                         "accs": accs, "steps": sorted({m.get("steps") for m in ms if m.get("steps") is not None}),
-                         "phase_steps": ms[0].get("phase_steps", {}) if ms else {},
-                         "images": float(np.mean([m["images_seen"] for m in ms])) if ms and all(
-                             "images_seen" in m for m in ms) else None})
-    return rows
+    return [result_row(rc, run) for gc, runs in sets for rc in recipe_configs(gc) for run in runs]
+
+
+def collect_long_results(cfg: Config) -> list[dict]:
+    """The rows of pipeline.long_runs at the long budget ([] without long runs)."""
+    return [result_row(rc, run) for lc, run in long_runs(cfg) for rc in recipe_configs(lc)]
 
 
 def steps_cell(row: dict) -> str:
@@ -336,18 +385,18 @@ def write_report(cfg: Config, times: dict) -> Path:
         + (f" *set*: the generator of the synthetic set a run trained on (pipeline.generators: "
            f"{', '.join(cfg.pipeline.generators)}; `-`: real images only); the synthetic-set count is the main set's."
            if sets else ""),
+        "",
+        machine_line(),
     ]
+    long_rows = collect_long_results(cfg)
     for rc in recipes:
         mine = [r for r in rows if r["backbone"] == rc.classifier.backbone]
-        lines += ["", budget_sentence(rc, mine) + ".", "",
-                  "| run |" + (" set |" if sets else "") + " strategy | augmentation | steps | images seen | "
-                  "accuracy (%) | macro F1 (%) | seeds |", "|---|---|---|---|---|---|---|---|" + ("---|" if sets else "")]
-        for r in mine:
-            images = f"{r['images']:.0f}" if r["images"] is not None else "?"
-            lines.append(f"| {r['run']} |" + (f" {set_cell(r)} |" if sets else "")
-                         + f" {r['strategy']} | {r['augment']} | {steps_cell(r)} | {images} "
-                         f"| {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['f1_mean']:.2f} ± {r['f1_std']:.2f} "
-                         f"| {r['n']} |")
+        lines += ["", budget_sentence(rc, mine) + ".", "", *accuracy_table(mine, sets)]
+        mine_long = [r for r in long_rows if r["backbone"] == rc.classifier.backbone]
+        if mine_long:
+            lines += ["", f"The same recipe at {cfg.pipeline.long_factor}x the budget (pipeline.long_runs): "
+                      + budget_sentence(long_budget(rc), mine_long) + ".", "", *accuracy_table(mine_long, sets)]
+    lines += verdict_section(cfg, rows, long_rows)
     lines += synthetic_section(cfg, paths)
     lines += ["", "| stage | wall time |", "|---|---|"]
     for name, sec in times.items():
@@ -359,6 +408,86 @@ def write_report(cfg: Config, times: dict) -> Path:
                   "![samples](figures/samples.png)", ""]
     atomic_write_text(paths.report, "\n".join(lines) + "\n")
     return paths.report
+
+
+def accuracy_table(rows: list[dict], sets: bool) -> list[str]:
+    """The markdown accuracy table of `rows` (a *set* column when several generators are compared)."""
+    lines = ["| run |" + (" set |" if sets else "") + " strategy | augmentation | steps | images seen | "
+             "accuracy (%) | macro F1 (%) | seeds |", "|---|---|---|---|---|---|---|---|" + ("---|" if sets else "")]
+    for r in rows:
+        images = f"{r['images']:.0f}" if r["images"] is not None else "?"
+        lines.append(f"| {r['run']} |" + (f" {set_cell(r)} |" if sets else "")
+                     + f" {r['strategy']} | {r['augment']} | {steps_cell(r)} | {images} "
+                     f"| {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['f1_mean']:.2f} ± {r['f1_std']:.2f} "
+                     f"| {r['n']} |")
+    return lines
+
+
+def compare_rows(a: dict, b: dict) -> str:
+    """'x vs y (+d points, p = z)': the mean accuracies of rows a and b, their difference and Welch's t-test."""
+    from scipy.stats import ttest_ind
+
+    text = f"{a['acc_mean']:.2f} vs {b['acc_mean']:.2f} ({a['acc_mean'] - b['acc_mean']:+.2f} points"
+    if min(len(a["accs"]), len(b["accs"])) >= 2 and (a["acc_std"] > 0 or b["acc_std"] > 0):
+        text += f", p = {float(ttest_ind(a['accs'], b['accs'], equal_var=False).pvalue):.3f}"
+    return text + ")"
+
+
+def beats(a: dict, b: dict, alpha: float = 0.05) -> bool:
+    """Whether row `a` is more accurate than `b` beyond the seed spread: higher mean and Welch's p < alpha."""
+    from scipy.stats import ttest_ind
+
+    if not (a["accs"] and b["accs"]) or a["acc_mean"] <= b["acc_mean"]:
+        return False
+    if min(len(a["accs"]), len(b["accs"])) < 2 or (a["acc_std"] == 0 and b["acc_std"] == 0):
+        return False  # one seed (or no spread) cannot tell a difference from noise
+    return float(ttest_ind(a["accs"], b["accs"], equal_var=False).pvalue) < alpha
+
+
+def verdict_lines(rows: list[dict], main: str, budget: str) -> list[str]:
+    """For each run on the main set: does it beat the best real-only run and the same run on every other set?"""
+    real = [r for r in rows if r["generator"] is None and r["accs"]]
+    ours = [r for r in rows if r["generator"] == main and r["accs"]]
+    if not real or not ours:
+        return []
+    best_real = max(real, key=lambda r: r["acc_mean"])
+    out = []
+    for r in ours:
+        rivals = [o for o in rows if o["generator"] not in (None, main) and o["run"] == r["run"] and o["accs"]]
+        verdict = "yes" if beats(r, best_real) and all(beats(r, o) for o in rivals) else "no"
+        parts = [f"vs {best_real['run']}: {compare_rows(r, best_real)}"]
+        parts += [f"vs {o['generator']}: {compare_rows(r, o)}" for o in rivals]
+        out.append(f"- {budget}, {r['run']} on the {main} set: **{verdict}**; " + "; ".join(parts) + ".")
+    return out
+
+
+def verdict_section(cfg: Config, rows: list[dict], long_rows: list[dict]) -> list[str]:
+    """Does the main set help? Each of its runs against the best real-only run and the same run on each other
+    generator's set, at the classifier's budget and at the long one; 'yes' only beyond the seed spread."""
+    main = cfg.pipeline.generators[0]
+    lines = verdict_lines(rows, main, "equal budget")
+    if long_rows:
+        lines += verdict_lines(long_rows, main, f"{cfg.pipeline.long_factor}x budget")
+    if not lines:
+        return []
+    return ["", f"### Does the {main} set help?", "",
+            f"Each run on the {main} set against the most accurate run on real images alone and against the same run "
+            "on every other generator's set (same seeds, same budget): **yes** only when its mean accuracy is higher "
+            "and Welch's t-test over the seeds gives p < 0.05.", "", *lines]
+
+
+def machine_line() -> str:
+    """The machine the report was written on: the GPU (name, count) or the CPU cores, and torch's version."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        where = f"{torch.cuda.get_device_name(0)}" + (f" x{n}" if n > 1 else "") + f" (CUDA {torch.version.cuda})"
+    else:
+        where = "CPU only"
+    return f"Machine: {where}, {os.cpu_count()} CPU cores, torch {torch.__version__}."
 
 
 def set_label(method: str) -> str:
@@ -453,6 +582,9 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
         run_stage(f"evaluation ({m})", lambda gc=gc: stage_evaluate(gc), times, paths.stage_times)
         run_stage(f"classifiers ({m})", lambda gc=gc: stage_classifiers(gc, gc.pipeline.generator_runs), times,
                   paths.stage_times)
+    for spec, (lc, run) in zip(cfg.pipeline.long_runs, long_runs(cfg)):
+        run_stage(f"classifiers ({spec}, {cfg.pipeline.long_factor}x budget)",
+                  lambda lc=lc, run=run: stage_classifiers(lc, [run]), times, paths.stage_times)
     report = write_report(cfg, times)
     print(f"\nreport: {report}\n")
     print(report.read_text())

@@ -392,6 +392,9 @@ class ClassifierConfig:
                               "on test accuracy (optimistic, flagged in metrics.json).", min=0, max=0.9)
     test_limit: int | None = opt(None, "Evaluate on a fixed class-balanced subset of at most N test images (null: all).",
                                  min=1)
+    run_tag: str | None = opt(None, "A tag in the run folder's name before the seed (`...-<tag>-seed0`), so runs of "
+                              "one strategy under other settings (e.g. a longer budget: run_pipeline.py names its "
+                              "long runs `steps<N>`) keep folders of their own.")
 
 
 @dataclass
@@ -439,6 +442,13 @@ class PipelineConfig:
     generator_runs: list[str] = opt(["probabilistic", "two_phase"], "Classifier runs ('strategy' or "
                                     "'strategy+augment', each using synthetic images) trained on the set of every "
                                     "generator of pipeline.generators after the first.", min_len=1, unique=True)
+    long_factor: int = opt(0, "Also train pipeline.long_runs with this many times the classifier's step budget (e.g. "
+                           "5: more synthetic images may need more steps than the real ones alone); 0: no long runs.",
+                           min=0)
+    long_runs: list[str] = opt(["real+randaugment", "probabilistic"], "Runs trained at the long budget, each "
+                               "'strategy[+augment][@generator]' (a run using synthetic images trains on the set of "
+                               "@generator, one of pipeline.generators; default the first), over pipeline.seeds.",
+                               min_len=1, unique=True)
 
 
 @dataclass

@@ -372,14 +372,24 @@ class RunLogger:
             with atomic_path(path) as tmp:
                 image.save(tmp)
 
-    def figure(self, tag: str, fig, step: int, path: str | os.PathLike | None = None) -> None:
-        """Log a matplotlib figure to TensorBoard and to `path` (PNG) when given."""
+    def figure(self, tag: str, fig, step: int, path: str | os.PathLike | None = None):
+        """Log a matplotlib figure to TensorBoard and to `path` (PNG) when given; returns the rendered PIL image
+        (None when logging is off). The figure is drawn once: TensorBoard gets the PNG's pixels, since text-heavy
+        figures take most of a small classifier run's time to draw."""
         if not self.enabled:
-            return
+            return None
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
         if path is not None:
             with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        self._tb.add_figure(tag, fig, step, close=False)
+                Path(tmp).write_bytes(buf.getvalue())
+        image = Image.open(io.BytesIO(buf.getvalue()))
+        self.image(tag, image, step)
+        return image
 
     def config(self, config: dict, metrics: dict[str, float] | None = None) -> None:
         """Record a run's resolved config in TensorBoard: as YAML text, and as hparams (flattened keys) so

@@ -36,12 +36,14 @@ def synthetic_generator(cfg) -> str | None:
 def run_name(cfg, seed: int) -> str:
     """`<strategy>-<augment>-<backbone>-seed<seed>` (probes: `<strategy>-probe_<probe>-<backbone>-seed<seed>`);
     a run on the set of another generator than mvc says which before the seed (`...-<backbone>-img2img-seed0`),
-    so runs on different sets never share a folder while the names of MVC runs stay what they were."""
+    so runs on different sets never share a folder while the names of MVC runs stay what they were; then
+    `classifier.run_tag` when set (`...-steps1000-seed0`)."""
     c = cfg.classifier
     tag = STRATEGIES.get(c.strategy).tag_for(c)
     mid = f"probe_{c.probe}" if c.probe != "none" else c.augment
     gen = synthetic_generator(cfg)
-    return f"{tag}-{mid}-{safe_name(c.backbone)}{'' if gen in (None, 'mvc') else '-' + safe_name(gen)}-seed{seed}"
+    extra = ("" if gen in (None, "mvc") else "-" + safe_name(gen)) + (f"-{safe_name(c.run_tag)}" if c.run_tag else "")
+    return f"{tag}-{mid}-{safe_name(c.backbone)}{extra}-seed{seed}"
 
 
 def run_dir_for(cfg, seed: int, fold: int | None = None) -> Path:
@@ -60,14 +62,24 @@ def write_run_outputs(record: dict, run_dir: Path, logger: RunLogger, cfg) -> No
     import matplotlib.pyplot as plt
 
     atomic_write_json(run_dir / "metrics.json", record)
+    drawn = None  # (metrics, image) of the figure drawn last: 'best' is usually the last epoch, drawn once
     for which in ("last", "best"):
         m = record[which]
-        fig = confusion_figure(m["confusion_matrix"], record["classes"],
-                               f"{which} (epoch {m['epoch']}): accuracy {m['accuracy']:.3f}")
-        logger.figure(f"confusion/{which}", fig, m["epoch"], path=run_dir / f"confusion_{which}.png")
-        plt.close(fig)
+        path = run_dir / f"confusion_{which}.png"
+        if drawn is not None and drawn[1] is not None and _same_metrics(drawn[0], m):
+            logger.image(f"confusion/{which}", drawn[1], m["epoch"], path=path)
+        else:
+            fig = confusion_figure(m["confusion_matrix"], record["classes"],
+                                   f"epoch {m['epoch']}: accuracy {m['accuracy']:.3f}")
+            drawn = (m, logger.figure(f"confusion/{which}", fig, m["epoch"], path=path))
+            plt.close(fig)
         logger.scalars(m["epoch"], _scalars(m), prefix=f"test_{which}/")
     append_results_row(results_csv_path(cfg), csv_row(record))
+
+
+def _same_metrics(a: dict, b: dict) -> bool:
+    """Whether two metric blocks describe the same evaluation (epoch, accuracy and confusion matrix)."""
+    return a["epoch"] == b["epoch"] and a["accuracy"] == b["accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
 
 
 def csv_row(record: dict) -> dict:

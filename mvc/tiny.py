@@ -228,6 +228,7 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
         # so the CPU keeps the loop (and the cached CPU bases their bits)
         ema = EMAModel(params, decay=cfg.ema_decay, foreach=device.type != "cpu")
     z_all = latents.to(device)  # (N, C, h, w), on the device once
+    snr_table = snr_weights(scheduler, torch.arange(T), cfg.snr_gamma)  # (T,) on the CPU, elementwise: once
     hist = torch.zeros(cfg.unet_steps, 2, device=device)  # (steps, [loss, mean per-sample loss])
     bar = tqdm(range(cfg.unet_steps), desc="tiny base: U-Net", disable=not progress)
     for step in bar:
@@ -238,7 +239,7 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
         tok[drop] = null_ids
         noise = torch.randn(z0.shape, generator=gen).to(device, non_blocking=True)
         t_cpu = torch.randint(0, T, (len(idx),), generator=gen)
-        w = snr_weights(scheduler, t_cpu, cfg.snr_gamma)  # (B,), from the CPU timesteps: no device round trip
+        w = snr_table[t_cpu]  # (B,), no device round trip
         t = t_cpu.to(device, non_blocking=True)
         zt = scheduler.add_noise(z0, noise, t)
         with _amp(device, precision):

@@ -32,8 +32,13 @@ The recipe, step by step (`get_dreambooth` reuses a finished model, else `train_
    folder whose settings match is reused; other settings are refused in one line (as `train_mvc.py` refuses to
    resume another run), naming what differs.
 
-The main process trains (`generate_synthetic` builds the model on rank 0 while the others wait), on the
-accelerator's device and with its mixed precision.
+Every process trains, data-parallel, on the accelerator's device and with its mixed precision (`generate_synthetic`
+builds the base and the concepts on rank 0 first, then all call `get_dreambooth` together): the U-Net (and the text
+encoder when it trains, LoRA or not) go through `accelerate.prepare` (DDP under several processes); every process
+draws the same global batch (the data orders, the step's draws) and keeps its rows of each half, and its loss is
+scaled (`prior_preservation_loss`) so that DDP's average is the global batch's loss: 1 and N processes train the
+same weights up to float summation order. The class images are made by all processes, a share each; the main
+process writes checkpoints and the final folder. LoRA adapters start from `seeds` role `dreambooth.init`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,13 @@ Choices, each tied to what the pipelines do at sampling time:
   concept, a template, a timestep and the noises drawn from the step's own generator (role
   `textual_inversion.step`), so a resumed run draws exactly what the uninterrupted one would.
 - Loss: the base's noise-prediction MSE (`mvc.finetune.noise_prediction_loss`), Adam at a constant rate.
+- Accelerate: training runs on the stage accelerator's device with its mixed precision (autocast; the frozen
+  U-Net in the compute dtype, the VAE and text encoder in fp32; fp16's loss scaler through the prepared
+  optimizer), data-parallel over its processes: every process draws the same global batch and keeps its rows;
+  its loss is its rows' share of the global mean and the vectors' gradient is summed over processes, so every
+  process takes the same step (1 and N processes learn the same vectors up to float summation order). All
+  processes call `ensure_embeddings` together (`generate_synthetic` builds the base and the concepts first);
+  the main process writes the files. Losses are read at the logging cadence, not every step.
 
 Outputs, under `<run.output_dir>/textual_inversion/`: `checkpoints/` (vectors, optimizer, RNG, step, every
 `checkpoint_every` steps and at the end; the newest `checkpoints_keep` kept), `tb/` + `log.jsonl`,

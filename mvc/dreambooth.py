@@ -356,17 +356,7 @@ def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base:
 
     # 2. Trainable weights, optimizer, schedule, data order; resume this run's checkpoints; DDP.
     ocfg = optimizer_config(cfg)
-    # LoRA adapters start from random weights: drawn from the run's seed, the same in every process and every run
-    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-        torch.manual_seed(seeds.derive_seed(seed, "dreambooth.init"))
-        params = prepare_unet(unet, ocfg, train_conv_in=False)
-        if db.train_text_encoder:
-            if db.lora_rank > 0:
-                add_lora(text_encoder, db.lora_rank, TEXT_LORA_TARGETS)
-            else:
-                text_encoder.requires_grad_(True)
-            text_encoder.to(acc.device).train()
-            params += [p for p in text_encoder.parameters() if p.requires_grad]
+    params = _trainable(cfg, ocfg, unet, text_encoder, seed, acc.device)
     optimizer = build_optimizer(params, ocfg)
     lr_sched = build_lr_scheduler(optimizer, ocfg)
     inst_order = GlobalBatchSampler(len(data.inst_prompt), seeds.generator(seed, "dreambooth.order", 0))
@@ -390,22 +380,13 @@ def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base:
     bar = tqdm(total=db.max_steps, initial=step, desc="dreambooth", disable=not (progress and main))
     while step < db.max_steps:
         t_start = time.perf_counter()
-        inst = inst_order.next(B)  # the global batch, the same on every process
-        mean, std, rows = data.inst_cache.mean[inst, 0], data.inst_cache.std[inst, 0], data.inst_prompt[inst]
-        local = torch.arange(B)[keep]  # this process's rows of the global batch
-        if prior_order is not None:
-            pr = prior_order.next(B)
-            mean, std = torch.cat([mean, data.prior_cache.mean[pr, 0]]), torch.cat([std, data.prior_cache.std[pr, 0]])
-            rows = torch.cat([rows, data.prior_prompt[pr]])
-            local = torch.cat([local, B + local])
-        t, noise, eps = draw_step(len(rows), latent_shape, T, seeds.generator(seed, "dreambooth.step", step))
-        latents = ((mean + std * eps) * data.inst_cache.scaling_factor)[local]  # (b, C, h, w), a posterior sample each
-        rows = rows[local]
+        latents, rows, noise, t, n = _batch(data, inst_order, prior_order, B, keep, latent_shape, T,
+                                            seeds.generator(seed, "dreambooth.step", step))
         with acc.autocast():
             embeds = (text_hidden_states(text_encoder, data.ids[rows].to(acc.device), data.mask[rows].to(acc.device))
                       if table is None else table[rows.to(table.device)])  # (b, T, D)
             per_sample = noise_prediction_loss(unet, sched, latents.to(acc.device), embeds,
-                                               noise[local].to(acc.device), t[local].to(acc.device))
+                                               noise.to(acc.device), t.to(acc.device))
         loss, inst_loss, prior_loss = prior_preservation_loss(per_sample, keep.stop - keep.start, db.prior_loss_weight,
                                                               B, world)
         acc.backward(loss)
@@ -422,10 +403,9 @@ def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base:
             inst_l, prior_l = _read_losses(pending, step)
             total = inst_l + db.prior_loss_weight * prior_l
             bar.set_postfix(loss=f"{total:.4f}")
-            logger.scalars(step, {"loss": total, "instance_loss": inst_l, "prior_loss": prior_l,
-                                  "lr": lr_sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                                  "images_per_s": len(rows) * B / len(local) / (time.perf_counter() - t_start)},
-                           prefix="dreambooth/")
+            ips = n / (time.perf_counter() - t_start)  # global rows
+            logger.scalars(step, {"loss": total, "instance_loss": inst_l, "prior_loss": prior_l, "images_per_s": ips,
+                                  "lr": lr_sched.get_last_lr()[0], "grad_norm": float(grad_norm)}, prefix="dreambooth/")
         if save:
             if main:
                 _save(cfg, ckpt_dir, step, acc, unet, text_encoder, optimizer, lr_sched, inst_order, prior_order,
@@ -447,6 +427,42 @@ def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base:
             "seconds": round(time.perf_counter() - t0, 1)})
     acc.wait_for_everyone()
     return final
+
+
+def _trainable(cfg: Any, ocfg: Any, unet: Any, text_encoder: Any, seed: int, device: torch.device) -> list:
+    """Make the U-Net (and, with `train_text_encoder`, the text encoder) trainable, fully or through LoRA adapters;
+    returns the trainable parameters. LoRA adapters start from random weights drawn from the run's seed (role
+    `dreambooth.init`): the same in every process and every run."""
+    db = cfg.dreambooth
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seeds.derive_seed(seed, "dreambooth.init"))
+        params = prepare_unet(unet, ocfg, train_conv_in=False)
+        if db.train_text_encoder:
+            if db.lora_rank > 0:
+                add_lora(text_encoder, db.lora_rank, TEXT_LORA_TARGETS)
+            else:
+                text_encoder.requires_grad_(True)
+            text_encoder.to(device).train()
+            params += [p for p in text_encoder.parameters() if p.requires_grad]
+    return params
+
+
+def _batch(data: _Data, inst_order: Any, prior_order: Any, B: int, keep: slice, latent_shape: tuple, T: int,
+           generator: torch.Generator) -> tuple:
+    """One step's global batch (B instance rows, then B class rows; every process draws the same) and this
+    process's rows of it: (latents (b, C, h, w) posterior samples, prompt rows (b,), noise (b, C, h, w), timesteps
+    (b,), the global row count)."""
+    inst = inst_order.next(B)
+    mean, std, rows = data.inst_cache.mean[inst, 0], data.inst_cache.std[inst, 0], data.inst_prompt[inst]
+    local = torch.arange(B)[keep]  # this process's rows of the global batch
+    if prior_order is not None:
+        pr = prior_order.next(B)
+        mean, std = torch.cat([mean, data.prior_cache.mean[pr, 0]]), torch.cat([std, data.prior_cache.std[pr, 0]])
+        rows = torch.cat([rows, data.prior_prompt[pr]])
+        local = torch.cat([local, B + local])
+    t, noise, eps = draw_step(len(rows), latent_shape, T, generator)  # for the global batch
+    latents = (mean + std * eps) * data.inst_cache.scaling_factor
+    return latents[local], rows[local], noise[local], t[local], len(rows)
 
 
 def _read_losses(pending: list[torch.Tensor], step: int) -> tuple[float, float]:

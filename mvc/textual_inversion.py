@@ -378,24 +378,12 @@ def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts:
 
     # 3. Optimizer; the newest checkpoint when there is one.
     optimizer = torch.optim.Adam([vectors], lr=ti.lr)
-    step, seed = 0, broadcast_seed(acc, cfg.run.seed)
-    ckpt = resolve_resume("latest", ckpt_dir, kind=KIND) if list_checkpoints(ckpt_dir) else None
-    if ckpt is not None:
-        _refuse_other(ckpt["trained_on"], record, ckpt_dir, out_dir)
-        step, seed = int(ckpt["step"]), int(ckpt["seed"])
-        if step > ti.steps:
-            raise MVCError(f"{ckpt_dir} holds a run at step {step}, beyond textual_inversion.steps={ti.steps}; raise "
-                           f"it back, or delete {out_dir} to train anew")
-        with torch.no_grad():
-            vectors.copy_(ckpt["vectors"].to(vectors))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if world == 1 and int(ckpt.get("world_size", 1)) == 1:  # the global RNGs are per process
-            set_rng_state(ckpt["rng"])
-        log.info("textual inversion: continuing from step %d", step)
+    step, seed = _continue(ti, ckpt_dir, record, out_dir, vectors, optimizer, world)
+    seed = broadcast_seed(acc, cfg.run.seed) if seed is None else seed
     optimizer = acc.prepare(optimizer)  # fp16's loss scaling; the vectors' gradient is all-reduced below
 
     # 4. Loop: B rows a step (this process's share of them), the concepts in turn.
-    logger = RunLogger(out_dir, enabled=main, truncate_to=step if ckpt is not None else -1)
+    logger = RunLogger(out_dir, enabled=main, truncate_to=step if step else -1)
     logger.config(dataclasses.asdict(cfg), metrics=["textual_inversion/loss"])
     logger.scalars(step, {"cache_seconds": run.cache_s, "concepts": len(concepts), "images": run.num_images,
                           "seed": seed, "world_size": world}, prefix="setup/")
@@ -448,6 +436,27 @@ def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts:
                       step, seed, losses, run.cache_s, time.perf_counter() - t_train, ips)
     acc.wait_for_everyone()
     return {"losses": losses, "step": step, "images_per_s": ips}
+
+
+def _continue(ti: Any, ckpt_dir: Path, record: dict, out_dir: Path, vectors: torch.Tensor, optimizer: Any,
+              world: int) -> tuple[int, int | None]:
+    """Load the newest checkpoint (trained on `record`) into the vectors and the optimizer: (its step, its seed), or
+    (0, None) without one. The global RNGs are per process: restored in a one-process run only."""
+    ckpt = resolve_resume("latest", ckpt_dir, kind=KIND) if list_checkpoints(ckpt_dir) else None
+    if ckpt is None:
+        return 0, None
+    _refuse_other(ckpt["trained_on"], record, ckpt_dir, out_dir)
+    step = int(ckpt["step"])
+    if step > ti.steps:
+        raise MVCError(f"{ckpt_dir} holds a run at step {step}, beyond textual_inversion.steps={ti.steps}; raise "
+                       f"it back, or delete {out_dir} to train anew")
+    with torch.no_grad():
+        vectors.copy_(ckpt["vectors"].to(vectors))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if world == 1 and int(ckpt.get("world_size", 1)) == 1:
+        set_rng_state(ckpt["rng"])
+    log.info("textual inversion: continuing from step %d", step)
+    return step, int(ckpt["seed"])
 
 
 def _read_losses(pending: list[torch.Tensor], step: int) -> list[float]:

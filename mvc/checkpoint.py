@@ -176,20 +176,35 @@ def _checked(ckpt: dict[str, Any], path: str | os.PathLike, kind: str | None,
 
 
 def rng_state() -> dict[str, Any]:
-    """Capture python, numpy and torch CPU RNG states in a weights_only-loadable form."""
+    """Capture python, numpy and torch CPU RNG states, and every CUDA device's once CUDA is in use (left out
+    before, so that saving never starts CUDA), in a weights_only-loadable form."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": [int(x) for x in random.getstate()[1]],
         "python_pos": random.getstate()[2] if random.getstate()[2] is not None else -1,
         "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one (uint8) state per device
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the RNG states captured by `rng_state`."""
+    """Restore the RNG states captured by `rng_state`; a CUDA state (absent from CPU runs and from checkpoints
+    written before it was recorded) is restored when this process sees as many CUDA devices, else skipped with a
+    warning (the resumed run then draws other CUDA numbers than the uninterrupted one)."""
     pos = state["python_pos"]
     random.setstate((3, tuple(state["python"]), None if pos == -1 else pos))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is None:
+        return
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if here == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    else:
+        log.warning("the checkpoint's CUDA RNG state is of %d device(s), this process sees %d: not restored, so "
+                    "CUDA draws differ from the uninterrupted run's", len(cuda), here)

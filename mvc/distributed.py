@@ -49,6 +49,14 @@ def make_accelerator(mixed_precision: str | None = None, grad_accum: int | None 
     return acc
 
 
+def stage_precision() -> str:
+    """The mixed precision of the running stage's accelerator (accelerate's process-wide state), 'no' before any
+    is built; read without building one (a second `Accelerator` resets the first one's gradient accumulation)."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    return str(AcceleratorState().mixed_precision) if is_initialized() else "no"
+
+
 def accelerator_settings(acc: Any) -> dict:
     """What an accelerator runs with: its mixed precision, gradient accumulation, processes and device."""
     return {"mixed_precision": str(acc.mixed_precision), "grad_accum": int(acc.gradient_accumulation_steps),
@@ -62,6 +70,16 @@ def resolve_dtype(name: str | None, device: Any) -> torch.dtype:
     if name not in _TORCH_DTYPES:
         raise MVCError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return _TORCH_DTYPES[name]
+
+
+def shard_rows(batch_size: int, world: int, rank: int, what: str = "the batch size") -> slice:
+    """The contiguous rows of a global batch of `batch_size` that process `rank` of `world` keeps (as
+    `torch.tensor_split`: the first `batch_size % world` processes take one row more)."""
+    if batch_size < world:
+        raise MVCError(f"{what} ({batch_size}) is smaller than the {world} processes; raise it or use fewer processes")
+    q, r = divmod(batch_size, world)
+    start = rank * q + min(rank, r)
+    return slice(start, start + q + (rank < r))
 
 
 def broadcast_object(acc: Any, obj: Any) -> Any:

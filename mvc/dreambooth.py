@@ -32,8 +32,13 @@ The recipe, step by step (`get_dreambooth` reuses a finished model, else `train_
    folder whose settings match is reused; other settings are refused in one line (as `train_mvc.py` refuses to
    resume another run), naming what differs.
 
-The main process trains (`generate_synthetic` builds the model on rank 0 while the others wait), on the
-accelerator's device and with its mixed precision.
+Every process trains, data-parallel, on the accelerator's device and with its mixed precision (`generate_synthetic`
+builds the base and the concepts on rank 0 first, then all call `get_dreambooth` together): the U-Net (and the text
+encoder when it trains, LoRA or not) go through `accelerate.prepare` (DDP under several processes); every process
+draws the same global batch (the data orders, the step's draws) and keeps its rows of each half, and its loss is
+scaled (`prior_preservation_loss`) so that DDP's average is the global batch's loss: 1 and N processes train the
+same weights up to float summation order. The class images are made by all processes, a share each; the main
+process writes checkpoints and the final folder. LoRA adapters start from `seeds` role `dreambooth.init`.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from tqdm.auto import tqdm
 
 from mvc import seeds
 from mvc.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from mvc.distributed import make_accelerator
+from mvc.distributed import broadcast_object, make_accelerator, shard_rows
 from mvc.finetune import encode_latents_cache, noise_prediction_loss
 from mvc.finetune_loop import GlobalBatchSampler, load_base
 from mvc.finetune_setup import (
@@ -222,13 +227,15 @@ def class_image_files(folder: Path, label: int, classes: Sequence[str], n: int) 
 
 @torch.no_grad()
 def class_images(cfg: Any, components: dict, labels: Sequence[int], classes: Sequence[str], folder: Path,
-                 resolution: int, seed: int, device: Any = None, progress: bool = True) -> dict[int, list[Path]]:
+                 resolution: int, seed: int, device: Any = None, progress: bool = True, rank: int = 0,
+                 world: int = 1) -> dict[int, list[Path]]:
     """The class images of every class of `labels` (`dreambooth.num_class_images` each): the base's text-to-image
     samples of the class prompt, image i of class c from `seeds.generator(seed, "dreambooth.prior", c, i)`.
-    Only the missing files are made (each written atomically); returns the files per class."""
+    Only the missing files are made (each written atomically), process `rank` of `world` making every world-th
+    of them (the caller waits for all before reading); returns the files per class."""
     db = cfg.dreambooth
     files = {c: class_image_files(folder, c, classes, db.num_class_images) for c in labels}
-    todo = [(c, i, f) for c in labels for i, f in enumerate(files[c]) if not f.is_file()]
+    todo = [(c, i, f) for c in labels for i, f in enumerate(files[c]) if not f.is_file()][rank::world]
     if not todo:
         return files
     pipe = base_pipeline(components, "txt2img", db.prior_scheduler)
@@ -254,12 +261,19 @@ def class_images(cfg: Any, components: dict, labels: Sequence[int], classes: Seq
 #                                     Loss                                      #
 #################################################################################
 
-def prior_preservation_loss(per_sample: torch.Tensor, num_instance: int,
-                            weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, instance loss, prior loss) of a batch whose first `num_instance` rows of `per_sample` (b,) are
-    instance images and the rest class images: mean(instance) + weight * mean(prior) (prior 0 without rows)."""
-    inst = per_sample[:num_instance].mean()
-    prior = per_sample[num_instance:].mean() if len(per_sample) > num_instance else torch.zeros_like(inst)
+def prior_preservation_loss(per_sample: torch.Tensor, num_instance: int, weight: float, batch_size: int | None = None,
+                            world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, instance loss, prior loss) of rows whose first `num_instance` of `per_sample` (b,) are instance images
+    and the rest class images: instance + weight * prior (prior 0 without rows), each part the mean of its rows.
+
+    Data-parallel, `per_sample` is one process's shard of a global batch of `batch_size` instance and `batch_size`
+    class rows over `world` processes: each part is then sum(rows) * world / batch_size, so that the average over
+    processes (DDP's gradient averaging, a "mean" reduction of the parts) is the global batch's means."""
+    def part(rows: torch.Tensor) -> torch.Tensor:
+        return rows.mean() if batch_size is None else rows.sum() * (world / batch_size)
+
+    inst = part(per_sample[:num_instance])
+    prior = part(per_sample[num_instance:]) if len(per_sample) > num_instance else torch.zeros_like(inst)
     return inst + weight * prior, inst, prior
 
 
@@ -276,12 +290,56 @@ def draw_step(n: int, latent_shape: tuple[int, ...], num_train_timesteps: int,
 #                                   Training                                    #
 #################################################################################
 
+@dataclass
+class _Data:
+    """What the loop reads: the latent caches of instance and class images, the prompts' token ids, and which
+    prompt row each cached image takes."""
+    inst_cache: Any            # LatentCache of the instance images, (N, 1, C, h, w)
+    prior_cache: Any           # LatentCache of the class images, or None
+    ids: torch.Tensor          # (P, T) token ids: concept k's instance prompt is row k, then the class prompts
+    mask: torch.Tensor         # (P, T)
+    inst_prompt: torch.Tensor  # (N,) prompt row of each instance image
+    prior_prompt: torch.Tensor  # (M,) prompt row of each class image
+    labels: list               # the classes of the concepts
+
+
+def _data(cfg: Any, comps: dict, labelled: Any, concepts: Sequence[Concept], base: str, out_dir: Path,
+          resolution: int, seed: int, acc: Any, progress: bool) -> _Data:
+    """Class images (made by every process, a share each), then one-off caches: VAE posteriors of every instance
+    and class image, token ids of every prompt."""
+    db, classes = cfg.dreambooth, list(labelled.classes)
+    labels = sorted({c.label for c in concepts})
+    priors: dict[int, list[Path]] = {}
+    if prior_on(cfg):
+        folder = out_dir / "class_images" / fingerprint(prior_settings(cfg, base, resolution, seed))
+        if acc.is_main_process:
+            atomic_write_json(folder / "settings.json", prior_settings(cfg, base, resolution, seed))
+        priors = class_images(cfg, comps, labels, classes, folder, resolution, seed, acc.device, progress,
+                              acc.process_index, acc.num_processes)
+        acc.wait_for_everyone()  # every process's share is written
+    freeze(comps["vae"], comps["text_encoder"])
+    items = [(k, i) for k, c in enumerate(concepts) for i in c.indices]  # (concept, labelled index) per row
+    inst_cache = encode_latents_cache(comps["vae"], labelled.subset(np.array([i for _, i in items])), resolution,
+                                      show_progress=progress)
+    prior_rows = [(c, f) for c in labels for f in priors.get(c, [])]
+    prior_cache = (encode_latents_cache(comps["vae"], [(_load_rgb(f), c) for c, f in prior_rows], resolution,
+                                        show_progress=progress) if prior_rows else None)
+    prompts = ([instance_prompt(db.instance_prompt, c.identifier, classes[c.label]) for c in concepts]
+               + [prior_prompt(db.instance_prompt, classes[c]) for c in labels])
+    ids, mask = tokenize(comps["tokenizer"], prompts)  # (P, T)
+    return _Data(inst_cache, prior_cache, ids, mask, torch.tensor([k for k, _ in items]),
+                 torch.tensor([len(concepts) + labels.index(c) for c, _ in prior_rows], dtype=torch.long), labels)
+
+
 def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: str, out_dir: Path,
                      record: dict, resolution: int, seed: int, accelerator: Any, progress: bool = True) -> Path:
-    """Fine-tune the base on the concepts (resuming `out_dir/checkpoints` when it holds this run's checkpoints)
-    and save `out_dir/final`; returns that folder."""
+    """Fine-tune the base on the concepts, data-parallel over the accelerator's processes (resuming
+    `out_dir/checkpoints` when it holds this run's checkpoints); the main process saves `out_dir/final`, returned
+    on every process."""
     db, acc, t0 = cfg.dreambooth, accelerator, time.perf_counter()
-    ckpt_dir, classes = out_dir / "checkpoints", list(labelled.classes)
+    world, main = acc.num_processes, acc.is_main_process
+    ckpt_dir, classes, B = out_dir / "checkpoints", list(labelled.classes), db.batch_size
+    keep = shard_rows(B, world, acc.process_index, "dreambooth.batch_size")  # this process's rows of each half
     comps = load_base(cfg, None, RunPaths.of(cfg).root, source=base)
     unet, vae, text_encoder, tokenizer, sched = (comps[k] for k in ("unet", "vae", "text_encoder", "tokenizer",
                                                                     "scheduler"))
@@ -289,125 +347,170 @@ def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base:
         raise MVCError(f"the base U-Net takes {unet.config.in_channels} input channels: DreamBooth needs a "
                        "text-to-image base (not an InstructPix2Pix folder) as model.base")
     check_prompt_tokens(tokenizer, concepts, db.instance_prompt, classes)
-    B, use_prior = db.batch_size, prior_on(cfg)
 
-    # 1. Class images, then one-off caches: VAE posteriors of every instance and class image, token ids of every
-    #    prompt (concept k's instance prompt is row k, class c's prompt row K + position of c).
+    # 1. Class images and caches (on the accelerator's device).
     for m in (unet, vae, text_encoder):
         m.to(acc.device)
-    labels = sorted({c.label for c in concepts})
-    priors: dict[int, list[Path]] = {}
-    if use_prior:
-        folder = out_dir / "class_images" / fingerprint(prior_settings(cfg, base, resolution, seed))
-        atomic_write_json(folder / "settings.json", prior_settings(cfg, base, resolution, seed))
-        priors = class_images(cfg, comps, labels, classes, folder, resolution, seed, acc.device, progress)
-    freeze(vae, text_encoder)
-    items = [(k, i) for k, c in enumerate(concepts) for i in c.indices]  # (concept, labelled index) per row
-    inst_cache = encode_latents_cache(vae, labelled.subset(np.array([i for _, i in items])), resolution,
-                                      show_progress=progress)
-    prior_rows = [(c, f) for c in labels for f in priors.get(c, [])]
-    prior_cache = (encode_latents_cache(vae, [(_load_rgb(f), c) for c, f in prior_rows], resolution,
-                                        show_progress=progress) if prior_rows else None)
-    prompts = ([instance_prompt(db.instance_prompt, c.identifier, classes[c.label]) for c in concepts]
-               + [prior_prompt(db.instance_prompt, classes[c]) for c in labels])
-    ids, mask = tokenize(tokenizer, prompts)  # (P, T)
-    inst_prompt = torch.tensor([k for k, _ in items])
-    prior_prompt_row = torch.tensor([len(concepts) + labels.index(c) for c, _ in prior_rows], dtype=torch.long)
-    table = None if db.train_text_encoder else encode_ids(text_encoder, ids, mask).float()  # (P, T, D)
+    data = _data(cfg, comps, labelled, concepts, base, out_dir, resolution, seed, acc, progress and main)
+    table = None if db.train_text_encoder else encode_ids(text_encoder, data.ids, data.mask).float()  # (P, T, D)
 
-    # 2. Trainable weights, optimizer, schedule, data order; resume this run's checkpoints.
+    # 2. Trainable weights, optimizer, schedule, data order; resume this run's checkpoints; DDP.
     ocfg = optimizer_config(cfg)
-    params = prepare_unet(unet, ocfg, train_conv_in=False)
-    if db.train_text_encoder:
-        if db.lora_rank > 0:
-            add_lora(text_encoder, db.lora_rank, TEXT_LORA_TARGETS)
-        else:
-            text_encoder.requires_grad_(True)
-        text_encoder.to(acc.device).train()
-        params += [p for p in text_encoder.parameters() if p.requires_grad]
+    params = _trainable(cfg, ocfg, unet, text_encoder, seed, acc.device)
     optimizer = build_optimizer(params, ocfg)
     lr_sched = build_lr_scheduler(optimizer, ocfg)
-    inst_order = GlobalBatchSampler(len(items), seeds.generator(seed, "dreambooth.order", 0))
-    prior_order = GlobalBatchSampler(len(prior_rows), seeds.generator(seed, "dreambooth.order", 1)) if prior_rows else None
+    inst_order = GlobalBatchSampler(len(data.inst_prompt), seeds.generator(seed, "dreambooth.order", 0))
+    prior_order = (GlobalBatchSampler(len(data.prior_prompt), seeds.generator(seed, "dreambooth.order", 1))
+                   if data.prior_cache is not None else None)
     trained_on = {k: v for k, v in record.items() if k not in RESUME_FREE}
-    ckpt = resolve_resume("latest" if list_checkpoints(ckpt_dir) else None, ckpt_dir, kind=KIND, trained_on=trained_on,
-                          fix=f"restore those settings, or delete {ckpt_dir} to train anew")
-    step = 0
-    if ckpt is not None:
-        load_trainable_state_dict(unet, ckpt["unet"])
-        if db.train_text_encoder:
-            load_trainable_state_dict(text_encoder, ckpt["text_encoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_sched.load_state_dict(ckpt["lr_scheduler"])
-        inst_order.load_state_dict(ckpt["instance_order"])
-        if prior_order is not None:
-            prior_order.load_state_dict(ckpt["prior_order"])
-        set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
-        log.info("dreambooth: resumed from step %d", step)
-    optimizer = acc.prepare(optimizer)  # mixed-precision loss scaling; the models stay unwrapped (one process)
+    step = _resume(cfg, ckpt_dir, trained_on, unet, text_encoder, optimizer, lr_sched, inst_order, prior_order, world)
+    # the models through accelerate: DDP under several processes (each process's gradient, averaged, is the global
+    # batch's), its mixed precision's autocast; the optimizer for fp16's loss scaling
+    if db.train_text_encoder:
+        unet, text_encoder, optimizer = acc.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = acc.prepare(unet, optimizer)
 
-    # 3. Loop: B instance rows, then B class rows, in one U-Net call.
-    logger = RunLogger(out_dir, enabled=acc.is_main_process, truncate_to=step if ckpt is not None else -1)
+    # 3. Loop: this process's share of B instance rows, then of B class rows, in one U-Net call.
+    logger = RunLogger(out_dir, enabled=main, truncate_to=step if step else -1)
     logger.config(dataclasses.asdict(cfg), metrics=["dreambooth/loss"])
-    latent_shape, T = tuple(inst_cache.mean.shape[2:]), sched.config.num_train_timesteps
+    latent_shape, T = tuple(data.inst_cache.mean.shape[2:]), sched.config.num_train_timesteps
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    bar = tqdm(total=db.max_steps, initial=step, desc="dreambooth", disable=not progress)
+    pending: list[torch.Tensor] = []  # (instance, prior) global losses of the steps since the last read
+    bar = tqdm(total=db.max_steps, initial=step, desc="dreambooth", disable=not (progress and main))
     while step < db.max_steps:
         t_start = time.perf_counter()
-        inst = inst_order.next(B)
-        mean, std, rows = inst_cache.mean[inst, 0], inst_cache.std[inst, 0], inst_prompt[inst]
-        if prior_order is not None:
-            pr = prior_order.next(B)
-            mean, std = torch.cat([mean, prior_cache.mean[pr, 0]]), torch.cat([std, prior_cache.std[pr, 0]])
-            rows = torch.cat([rows, prior_prompt_row[pr]])
-        t, noise, eps = draw_step(len(rows), latent_shape, T, seeds.generator(seed, "dreambooth.step", step))
-        latents = (mean + std * eps) * inst_cache.scaling_factor  # (n, C, h, w), a posterior sample each
+        latents, rows, noise, t, n = _batch(data, inst_order, prior_order, B, keep, latent_shape, T,
+                                            seeds.generator(seed, "dreambooth.step", step))
         with acc.autocast():
-            embeds = (text_hidden_states(text_encoder, ids[rows].to(acc.device), mask[rows].to(acc.device))
-                      if table is None else table[rows.to(table.device)])  # (n, T, D)
-            per_sample = noise_prediction_loss(unet, sched, latents.to(acc.device), embeds, noise.to(acc.device),
-                                               t.to(acc.device))
-        loss, inst_loss, prior_loss = prior_preservation_loss(per_sample, B, db.prior_loss_weight)
-        if not math.isfinite(loss.item()):
-            raise MVCError(f"non-finite DreamBooth loss ({loss.item()}) at step {step + 1}; lower dreambooth.lr")
+            embeds = (text_hidden_states(text_encoder, data.ids[rows].to(acc.device), data.mask[rows].to(acc.device))
+                      if table is None else table[rows.to(table.device)])  # (b, T, D)
+            per_sample = noise_prediction_loss(unet, sched, latents.to(acc.device), embeds,
+                                               noise.to(acc.device), t.to(acc.device))
+        loss, inst_loss, prior_loss = prior_preservation_loss(per_sample, keep.stop - keep.start, db.prior_loss_weight,
+                                                              B, world)
         acc.backward(loss)
-        grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+        grad_norm = acc.clip_grad_norm_(params, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not optimizer.step_was_skipped:
             lr_sched.step()
+        pending.append(acc.reduce(torch.stack([inst_loss, prior_loss]).detach(), reduction="mean"))
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % db.log_every == 0 or step == 1 or step == db.max_steps:
-            logger.scalars(step, {"loss": loss.item(), "instance_loss": inst_loss.item(),
-                                  "prior_loss": prior_loss.item(), "lr": lr_sched.get_last_lr()[0],
-                                  "grad_norm": grad_norm, "images_per_s": len(rows) / (time.perf_counter() - t_start)},
-                           prefix="dreambooth/")
-        if step % db.checkpoint_every == 0 or step == db.max_steps:
-            save_checkpoint(ckpt_dir, step, {
-                "unet": trainable_state_dict(unet),
-                "text_encoder": trainable_state_dict(text_encoder) if db.train_text_encoder else None,
-                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                "instance_order": inst_order.state_dict(),
-                "prior_order": prior_order.state_dict() if prior_order is not None else None,
-                "rng": rng_state(), "world_size": 1,
-            }, dataclasses.asdict(cfg), keep=db.checkpoints_keep, kind=KIND, trained_on=trained_on)
+        save = step % db.checkpoint_every == 0 or step == db.max_steps
+        if save or step % db.log_every == 0 or step == 1:  # read the losses here only: no host sync per step
+            inst_l, prior_l = _read_losses(pending, step)
+            total = inst_l + db.prior_loss_weight * prior_l
+            bar.set_postfix(loss=f"{total:.4f}")
+            ips = n / (time.perf_counter() - t_start)  # global rows
+            logger.scalars(step, {"loss": total, "instance_loss": inst_l, "prior_loss": prior_l, "images_per_s": ips,
+                                  "lr": lr_sched.get_last_lr()[0], "grad_norm": float(grad_norm)}, prefix="dreambooth/")
+        if save:
+            if main:
+                _save(cfg, ckpt_dir, step, acc, unet, text_encoder, optimizer, lr_sched, inst_order, prior_order,
+                      trained_on)
+            acc.wait_for_everyone()
     bar.close()
     logger.close()
 
     # 4. The StableDiffusionPipeline folder generation samples, with what it was trained on.
     final = out_dir / "final"
-    save_txt2img_folder(final, comps, unet, text_encoder, {
-        "kind": KIND, "resolution": resolution, "vae_scale_factor": vae_scale_factor(vae), "steps": step,
-        "base": cfg.model.base, "base_source": base, "instance_prompt": db.instance_prompt,
-        "class_prompts": {classes[c]: prior_prompt(db.instance_prompt, classes[c]) for c in labels},
-        "num_class_images": db.num_class_images if use_prior else 0, "lora_rank": db.lora_rank,
-        "train_text_encoder": db.train_text_encoder, "prior_loss_weight": db.prior_loss_weight,
-        "concepts": [c.describe(labelled) for c in concepts], "settings": record,
-        "seconds": round(time.perf_counter() - t0, 1)})
+    if main:
+        save_txt2img_folder(final, comps, acc.unwrap_model(unet), acc.unwrap_model(text_encoder), {
+            "kind": KIND, "resolution": resolution, "vae_scale_factor": vae_scale_factor(vae), "steps": step,
+            "base": cfg.model.base, "base_source": base, "instance_prompt": db.instance_prompt,
+            "class_prompts": {classes[c]: prior_prompt(db.instance_prompt, classes[c]) for c in data.labels},
+            "num_class_images": db.num_class_images if prior_on(cfg) else 0, "lora_rank": db.lora_rank,
+            "train_text_encoder": db.train_text_encoder, "prior_loss_weight": db.prior_loss_weight,
+            "concepts": [c.describe(labelled) for c in concepts], "settings": record,
+            "seconds": round(time.perf_counter() - t0, 1)})
+    acc.wait_for_everyone()
     return final
+
+
+def _trainable(cfg: Any, ocfg: Any, unet: Any, text_encoder: Any, seed: int, device: torch.device) -> list:
+    """Make the U-Net (and, with `train_text_encoder`, the text encoder) trainable, fully or through LoRA adapters;
+    returns the trainable parameters. LoRA adapters start from random weights drawn from the run's seed (role
+    `dreambooth.init`): the same in every process and every run."""
+    db = cfg.dreambooth
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seeds.derive_seed(seed, "dreambooth.init"))
+        params = prepare_unet(unet, ocfg, train_conv_in=False)
+        if db.train_text_encoder:
+            if db.lora_rank > 0:
+                add_lora(text_encoder, db.lora_rank, TEXT_LORA_TARGETS)
+            else:
+                text_encoder.requires_grad_(True)
+            text_encoder.to(device).train()
+            params += [p for p in text_encoder.parameters() if p.requires_grad]
+    return params
+
+
+def _batch(data: _Data, inst_order: Any, prior_order: Any, B: int, keep: slice, latent_shape: tuple, T: int,
+           generator: torch.Generator) -> tuple:
+    """One step's global batch (B instance rows, then B class rows; every process draws the same) and this
+    process's rows of it: (latents (b, C, h, w) posterior samples, prompt rows (b,), noise (b, C, h, w), timesteps
+    (b,), the global row count)."""
+    inst = inst_order.next(B)
+    mean, std, rows = data.inst_cache.mean[inst, 0], data.inst_cache.std[inst, 0], data.inst_prompt[inst]
+    local = torch.arange(B)[keep]  # this process's rows of the global batch
+    if prior_order is not None:
+        pr = prior_order.next(B)
+        mean, std = torch.cat([mean, data.prior_cache.mean[pr, 0]]), torch.cat([std, data.prior_cache.std[pr, 0]])
+        rows = torch.cat([rows, data.prior_prompt[pr]])
+        local = torch.cat([local, B + local])
+    t, noise, eps = draw_step(len(rows), latent_shape, T, generator)  # for the global batch
+    latents = (mean + std * eps) * data.inst_cache.scaling_factor
+    return latents[local], rows[local], noise[local], t[local], len(rows)
+
+
+def _read_losses(pending: list[torch.Tensor], step: int) -> tuple[float, float]:
+    """The (instance, prior) losses of the last step, after checking every pending step's (emptying `pending`);
+    a non-finite one stops training on every process alike (they are reduced) before anything is saved."""
+    values = torch.stack(pending).tolist()  # (steps, 2)
+    pending.clear()
+    for k, (a, b) in enumerate(values):
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise MVCError(f"non-finite DreamBooth loss at step {step - len(values) + k + 1}; lower dreambooth.lr")
+    return values[-1][0], values[-1][1]
+
+
+def _resume(cfg: Any, ckpt_dir: Path, trained_on: dict, unet: Any, text_encoder: Any, optimizer: Any, lr_sched: Any,
+            inst_order: Any, prior_order: Any, world: int) -> int:
+    """Load this run's newest checkpoint into the (unwrapped) models, optimizer, schedule and data orders; the step
+    to continue from (0 without one). The global RNGs are per process: restored in a one-process run only."""
+    ckpt = resolve_resume("latest" if list_checkpoints(ckpt_dir) else None, ckpt_dir, kind=KIND, trained_on=trained_on,
+                          fix=f"restore those settings, or delete {ckpt_dir} to train anew")
+    if ckpt is None:
+        return 0
+    load_trainable_state_dict(unet, ckpt["unet"])
+    if cfg.dreambooth.train_text_encoder:
+        load_trainable_state_dict(text_encoder, ckpt["text_encoder"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_sched.load_state_dict(ckpt["lr_scheduler"])
+    inst_order.load_state_dict(ckpt["instance_order"])
+    if prior_order is not None:
+        prior_order.load_state_dict(ckpt["prior_order"])
+    if world == 1 and int(ckpt.get("world_size", 1)) == 1:
+        set_rng_state(ckpt["rng"])
+    log.info("dreambooth: resumed from step %d", int(ckpt["step"]))
+    return int(ckpt["step"])
+
+
+def _save(cfg: Any, ckpt_dir: Path, step: int, acc: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_sched: Any,
+          inst_order: Any, prior_order: Any, trained_on: dict) -> None:
+    """Write the checkpoint of `step` (trainable weights of the unwrapped models, optimizer, schedule, data orders,
+    RNGs, world size)."""
+    db = cfg.dreambooth
+    save_checkpoint(ckpt_dir, step, {
+        "unet": trainable_state_dict(acc.unwrap_model(unet)),
+        "text_encoder": trainable_state_dict(acc.unwrap_model(text_encoder)) if db.train_text_encoder else None,
+        "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+        "instance_order": inst_order.state_dict(),
+        "prior_order": prior_order.state_dict() if prior_order is not None else None,
+        "rng": rng_state(), "world_size": acc.num_processes,
+    }, dataclasses.asdict(cfg), keep=db.checkpoints_keep, kind=KIND, trained_on=trained_on)
 
 
 def _load_rgb(path: Path):
@@ -436,8 +539,8 @@ def get_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: s
     final = out / "final"
     acc = make_accelerator()  # the stage's (accelerate's) device and mixed precision
     resolution = training_resolution(cfg, base)
-    record = training_record(cfg, labelled, concepts, base, resolution, _seed(cfg, final, out / "checkpoints"),
-                             str(acc.mixed_precision))
+    seed = broadcast_object(acc, _seed(cfg, final, out / "checkpoints"))  # one seed for every process
+    record = training_record(cfg, labelled, concepts, base, resolution, seed, str(acc.mixed_precision))
     if (final / "model_index.json").is_file():
         info = training_info(final)
         if info.get("kind") != KIND:

@@ -342,21 +342,24 @@ def sampling_groups(cfg, labelled, pool, device=None, progress: bool = True):
         return None
     base = None
     if cfg.sampling.embedder == BASE_VAE:
-        base = base_source(cfg, pool, RunPaths.of(cfg).root, progress)
+        base = base_source(cfg, pool, RunPaths.of(cfg).root, progress, device)
     return concept_groups(cfg, labelled, base, device)
 
 
-def base_source(cfg, pool, output_dir: Path, progress: bool = True) -> str:
-    """What MVC fine-tunes: the tiny base's folder (built from the remainder `pool`, or taken from its
-    cache), else `model.base` (a hub id or a local diffusers folder)."""
+def base_source(cfg, pool, output_dir: Path, progress: bool = True, device=None, precision: str | None = None) -> str:
+    """What MVC fine-tunes: the tiny base's folder (built from the remainder `pool` on `device` with mixed
+    `precision`, default the running stage's accelerate precision; or taken from its cache), else `model.base`
+    (a hub id or a local diffusers folder)."""
     if cfg.model.base != "tiny":
         return cfg.model.base
+    from mvc.distributed import stage_precision
     from mvc.tiny import get_tiny_base
 
     if pool is None or len(pool) == 0:
         raise MVCError("model.base=tiny pretrains on the remainder pool, which is empty: lower data.k_per_class "
                        "(it must leave training images outside the labelled subset) or give a pretrained base")
-    return str(get_tiny_base(cfg.tiny, pool, output_dir=output_dir, progress=progress))
+    return str(get_tiny_base(cfg.tiny, pool, output_dir=output_dir, device=device, progress=progress,
+                             precision=precision or stage_precision()))
 
 
 def load_base(cfg, pool, output_dir: Path, progress: bool = True, source: str | None = None) -> dict:
@@ -389,7 +392,7 @@ def run(cfg, accelerator, resume: str | None = None) -> dict:
     captions = load_captions(cfg, labelled, acc.is_main_process, acc.device, acc.process_index, acc.num_processes,
                              acc.wait_for_everyone)
     with acc.main_process_first():
-        source = base_source(cfg, pool, paths.root, progress=acc.is_main_process)
+        source = base_source(cfg, pool, paths.root, acc.is_main_process, acc.device, str(acc.mixed_precision))
         components = load_base(cfg, pool, paths.root, source=source)
     prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])
                for i, t in zip(labelled.ids, labelled.targets)]

@@ -106,12 +106,13 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
 
         labelled, pool, _test = load_splits(cfg.data)
     method.check(labelled)
-    if main:  # the main process builds what the method samples (the tiny base) and the clusters first; the
-        model = method.model(labelled, pool, progress, device)  # others then read them
+    # the main process builds what the method samples (the tiny base) and the clusters first, the others then read
+    # them; a model trained data-parallel (textual inversion, DreamBooth) trains on every process together
+    model = method.shared_model(labelled, pool, progress, device, main, barrier)
+    if main:
         groups = sampling_groups(cfg, labelled, pool, device, progress)
     barrier()
     if not main:
-        model = method.model(labelled, pool, progress, device)
         groups = sampling_groups(cfg, labelled, pool, device, progress)
     jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class,
                      sources=groups.kept_indices() if groups is not None else None)

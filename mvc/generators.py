@@ -113,6 +113,14 @@ class Generator:
         learned embeddings."""
         raise NotImplementedError
 
+    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+                     main: bool = True, barrier: Any = None) -> str:
+        """`model()` on every process: the main process first (it builds what is missing, e.g. the tiny base), then
+        the others, which find it built (`barrier`: wait for every process)."""
+        model = self.model(labelled, pool, progress, device) if main else None
+        (barrier or (lambda: None))()
+        return model if main else self.model(labelled, pool, progress, device)
+
     def resolution(self, model: str, pipe: Any = None) -> int:
         raise NotImplementedError
 
@@ -278,7 +286,7 @@ class BaseGenerator(Generator):
             from mvc.data import load_splits
 
             pool = load_splits(self.cfg.data)[1]
-        return base_source(self.cfg, pool, RunPaths.of(self.cfg).root, progress)
+        return base_source(self.cfg, pool, RunPaths.of(self.cfg).root, progress, device)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
         from mvc.models import base_resolution
@@ -411,8 +419,22 @@ class Img2ImgGenerator(BaseGenerator):
 #                   Textual inversion (DA-Fusion): img2img + tokens             #
 #################################################################################
 
+class TrainedTogether:
+    """A generator whose model every process trains at once, data-parallel (textual inversion, DreamBooth)."""
+
+    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+                     main: bool = True, barrier: Any = None) -> str:
+        """The main process first builds what the model trains from (the tiny base, the concepts' clusters); then
+        every process calls `model()` together: all train (or all find the finished model)."""
+        if main:
+            self.concepts(labelled, pool, progress, device)
+            BaseGenerator.model(self, labelled, pool, progress, device)
+        (barrier or (lambda: None))()
+        return self.model(labelled, pool, progress and main, device)
+
+
 @GENERATORS.register("textual_inversion")
-class TextualInversionGenerator(Img2ImgGenerator):
+class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
     """DA-Fusion: a token embedding learned per concept (`mvc.textual_inversion`), then SDEdit from each real image
     with its concept's token in `textual_inversion.prompt`. `model()` is the folder of the learned embeddings
     (training them when missing); the base it names is what the img2img pipeline loads."""
@@ -440,7 +462,7 @@ class TextualInversionGenerator(Img2ImgGenerator):
 
         base = super().model(labelled, pool, progress, device)
         return str(ensure_embeddings(self.cfg, labelled, base, super().resolution(base),
-                                     self.concepts(labelled, pool, progress, device), device, progress))
+                                     self.concepts(labelled, pool, progress, device), progress=progress))
 
     def info(self, model: str) -> dict:
         """`training.json` of the embeddings folder `model`."""
@@ -514,7 +536,7 @@ def img2img_steps(num_inference_steps: int, strength: float) -> int:
 #################################################################################
 
 @GENERATORS.register("dreambooth")
-class DreamBoothGenerator(Txt2ImgGenerator):
+class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
     """Text-to-image with the DreamBooth model (`mvc.dreambooth`), trained on first use: each source's variants
     are sampled from the instance prompt of its concept. `groups` ((label, labelled indices) per concept) replaces
     the default of one concept per class (a clustering pre-step passes them)."""

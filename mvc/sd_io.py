@@ -143,7 +143,8 @@ def text_hidden_states(text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor 
     """Text-encoder hidden states (N, T, D) of token ids (N, T) on the encoder's device, with gradients when it
     trains (DreamBooth); the attention mask only when the encoder's config asks for it, as the SD pipelines do."""
     device = next(text_encoder.parameters()).device
-    use_mask = mask is not None and getattr(text_encoder.config, "use_attention_mask", False)
+    config = getattr(text_encoder, "module", text_encoder).config  # the model's own (under DDP: its wrapped module)
+    use_mask = mask is not None and getattr(config, "use_attention_mask", False)
     return text_encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None)[0]
 
 

@@ -34,6 +34,7 @@ ROLES = {
                               "index: step",
     "dreambooth.prior": "DreamBooth's class (prior-preservation) image; index: class, image",
     "dreambooth.order": "DreamBooth's order of instance (index 0) and class images (index 1): epochs of permutations",
+    "dreambooth.init": "the random initialisation of DreamBooth's LoRA adapters",
     "dreambooth.step": "timesteps, noises and posterior draws of one DreamBooth step; index: step",
     "generate.image": "the diffusion noise of one synthetic image; index: source, variant",
     "generate.mixing": "the mixing draw (donor, positions, slices) of one synthetic image; index: source, variant",

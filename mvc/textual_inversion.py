@@ -26,6 +26,13 @@ Choices, each tied to what the pipelines do at sampling time:
   concept, a template, a timestep and the noises drawn from the step's own generator (role
   `textual_inversion.step`), so a resumed run draws exactly what the uninterrupted one would.
 - Loss: the base's noise-prediction MSE (`mvc.finetune.noise_prediction_loss`), Adam at a constant rate.
+- Accelerate: training runs on the stage accelerator's device with its mixed precision (autocast; the frozen
+  U-Net in the compute dtype, the VAE and text encoder in fp32; fp16's loss scaler through the prepared
+  optimizer), data-parallel over its processes: every process draws the same global batch and keeps its rows;
+  its loss is its rows' share of the global mean and the vectors' gradient is summed over processes, so every
+  process takes the same step (1 and N processes learn the same vectors up to float summation order). All
+  processes call `ensure_embeddings` together (`generate_synthetic` builds the base and the concepts first);
+  the main process writes the files. Losses are read at the logging cadence, not every step.
 
 Outputs, under `<run.output_dir>/textual_inversion/`: `checkpoints/` (vectors, optimizer, RNG, step, every
 `checkpoint_every` steps and at the end; the newest `checkpoints_keep` kept), `tb/` + `log.jsonl`,
@@ -295,14 +302,16 @@ def load_learned_embeds(pipe: Any, path: str | Path) -> list[str]:
 #                                   Training                                    #
 #################################################################################
 
-def trained_on(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: dict, resolution: int) -> dict:
+def trained_on(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: dict, resolution: int,
+               precision: str = "no") -> dict:
     """What the learned vectors depend on (recorded in checkpoints and training.json; a reuse must match):
-    the labelled subset, the concepts, the base, the resolution, the seed and the textual_inversion.* keys
-    that change them."""
+    the labelled subset, the concepts, the base, the resolution, the seed, the textual_inversion.* keys
+    that change them and the mixed precision (only when not 'no', so fp32 results of older versions match)."""
     return {"data": labelled.fingerprint(), "concepts": fingerprint([dataclasses.asdict(c) for c in concepts]),
             **{f"model.{k}": v for k, v in base.items()}, "resolution": int(resolution), "run.seed": cfg.run.seed,
             **{f"textual_inversion.{k}": v for k, v in dataclasses.asdict(cfg.textual_inversion).items()
-               if k not in FREE_KEYS}}
+               if k not in FREE_KEYS},
+            **({"mixed_precision": precision} if precision != "no" else {})}
 
 
 def _refuse_other(old: dict, new: dict, what: Path, folder: Path) -> None:
@@ -314,10 +323,12 @@ def _refuse_other(old: dict, new: dict, what: Path, folder: Path) -> None:
 
 
 def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, concepts: Sequence[Concept] | None = None,
-                      device: Any = None, progress: bool = True) -> Path:
+                      accelerator: Any = None, progress: bool = True) -> Path:
     """The textual-inversion folder of this run with embeddings learned for `concepts` (default: one per
     class): reused when finished with these settings, else trained (or continued) on `base` (a folder or
-    hub id) at `resolution`."""
+    hub id) at `resolution` with `accelerator` (default: the stage's). Under several processes, every one
+    calls it together (they train data-parallel)."""
+    from mvc.distributed import make_accelerator
     from mvc.finetune_loop import load_base
     from mvc.models import base_identity
     from mvc.paths import RunPaths
@@ -326,7 +337,8 @@ def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, conce
     out, ti = paths.textual_inversion, cfg.textual_inversion
     concepts = list(concepts) if concepts is not None else class_concepts(labelled, ti.initializer)
     check_concepts(concepts, labelled)
-    record = trained_on(cfg, labelled, concepts, base_identity(base, cfg.model), resolution)
+    acc = accelerator if accelerator is not None else make_accelerator()
+    record = trained_on(cfg, labelled, concepts, base_identity(base, cfg.model), resolution, str(acc.mixed_precision))
     info = read_info(out)
     if info is not None:
         _refuse_other(info["trained_on"], record, out / INFO_FILE, out)
@@ -340,28 +352,152 @@ def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, conce
         if not done:
             log.warning("textual inversion: %s is missing or changed; writing it again", out / EMBEDS_FILE)
     components = load_base(cfg, None, paths.root, source=base)
-    train_textual_inversion(cfg, components, labelled, concepts, out, record, resolution, base, device, progress)
+    train_textual_inversion(cfg, components, labelled, concepts, out, record, resolution, base, acc, progress)
     return out
 
 
 def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts: Sequence[Concept], out_dir: Path,
-                            record: dict, resolution: int, base: str, device: Any = None,
+                            record: dict, resolution: int, base: str, accelerator: Any = None,
                             progress: bool = True) -> dict:
-    """Learn the concepts' vectors on the frozen base `components`; continue from the newest checkpoint in
-    `out_dir/checkpoints` when there is one (trained on `record`); write the embeddings and training.json.
-    Returns {"losses": per-step losses of this run, "step", "images_per_s"}."""
+    """Learn the concepts' vectors on the frozen base `components` with `accelerator` (default: the stage's), on
+    its device and with its mixed precision, data-parallel over its processes; continue from the newest checkpoint
+    in `out_dir/checkpoints` when there is one (trained on `record`); the main process writes the embeddings and
+    training.json. Returns {"losses": per-step global losses of this run, "step", "images_per_s"}."""
     from tqdm.auto import tqdm
 
-    from mvc.finetune import encode_latents_cache, noise_prediction_loss
+    from mvc.distributed import broadcast_seed, make_accelerator, shard_rows
+    from mvc.finetune import noise_prediction_loss
+
+    ti, acc = cfg.textual_inversion, accelerator if accelerator is not None else make_accelerator()
+    world, main, device = acc.num_processes, acc.is_main_process, acc.device
+    out_dir, B = Path(out_dir), ti.batch_size
+    ckpt_dir = out_dir / "checkpoints"
+    keep = shard_rows(B, world, acc.process_index, "textual_inversion.batch_size")  # this process's rows
+    run = _setup(cfg, components, labelled, concepts, resolution, acc, progress and main)
+    vectors, text_encoder, sched = run.vectors, components["text_encoder"], components["scheduler"]
+
+    # 3. Optimizer; the newest checkpoint when there is one.
+    optimizer = torch.optim.Adam([vectors], lr=ti.lr)
+    step, seed = _continue(ti, ckpt_dir, record, out_dir, vectors, optimizer, world)
+    seed = broadcast_seed(acc, cfg.run.seed) if seed is None else seed
+    optimizer = acc.prepare(optimizer)  # fp16's loss scaling; the vectors' gradient is all-reduced below
+
+    # 4. Loop: B rows a step (this process's share of them), the concepts in turn.
+    logger = RunLogger(out_dir, enabled=main, truncate_to=step if step else -1)
+    logger.config(dataclasses.asdict(cfg), metrics=["textual_inversion/loss"])
+    logger.scalars(step, {"cache_seconds": run.cache_s, "concepts": len(concepts), "images": run.num_images,
+                          "seed": seed, "world_size": world}, prefix="setup/")
+    T, shape = len(ti.templates), tuple(run.latents.mean.shape[2:])
+    sizes = [len(c.indices) for c in concepts]
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []  # global losses of the steps since the last read (on the device)
+    ips = float("nan")
+    t_train = time.perf_counter()
+    bar = tqdm(total=ti.steps, initial=step, desc="textual inversion", disable=not (progress and main))
+    while step < ti.steps:
+        t_step = time.perf_counter()
+        d = draw_step(step, B, sizes, T, shape, sched.config.num_train_timesteps,
+                      seeds.generator(seed, "textual_inversion.step", step))  # the global batch, on every process
+        img = torch.stack([run.members[c][i] for c, i in zip(d.concept.tolist(), d.image.tolist())])[keep]
+        z = (run.latents.mean[img, 0] + run.latents.std[img, 0] * d.eps[keep]) * run.latents.scaling_factor
+        p = (d.concept * T + d.template)[keep]  # (b,) prompt rows
+        with acc.autocast():
+            embeds = encode_learned(text_encoder, run.name, run.weight, run.rows, vectors,
+                                    run.prompt_ids[p].to(device), run.prompt_mask[p].to(device))  # (b, L, D)
+            per_sample = noise_prediction_loss(components["unet"], sched, z.to(device), embeds,
+                                               d.noise[keep].to(device), d.timesteps[keep].to(device))  # (b,)
+        local = per_sample.sum()
+        acc.backward(local / B)  # this process's share of the global-batch mean
+        if world > 1:  # every process gets the global batch's gradient, so the vectors stay equal everywhere
+            vectors.grad = acc.reduce(vectors.grad, reduction="sum")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append(acc.reduce(local.detach(), reduction="sum") / B)
+        step += 1
+        ips = B / (time.perf_counter() - t_step)
+        bar.update(1)
+        save = step % ti.checkpoint_every == 0 or step == ti.steps
+        if save or step % ti.log_every == 0 or step == 1:  # read the losses here only: no host sync per step
+            losses += _read_losses(pending, step)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            logger.scalars(step, {"loss": losses[-1], "lr": ti.lr, "images_per_s": ips,
+                                  "vector_norm": vectors.detach().norm(dim=1).mean().item()}, prefix="textual_inversion/")
+        if save:
+            if main:
+                save_checkpoint(ckpt_dir, step, {"vectors": vectors.detach().cpu().clone(),
+                                                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "seed": seed,
+                                                 "world_size": world},
+                                dataclasses.asdict(cfg), keep=ti.checkpoints_keep, kind=KIND, trained_on=record)
+            acc.wait_for_everyone()
+    bar.close()
+    logger.close()
+    if main:
+        _write_result(cfg, labelled, concepts, components["tokenizer"], out_dir, record, resolution, base, vectors,
+                      step, seed, losses, run.cache_s, time.perf_counter() - t_train, ips)
+    acc.wait_for_everyone()
+    return {"losses": losses, "step": step, "images_per_s": ips}
+
+
+def _continue(ti: Any, ckpt_dir: Path, record: dict, out_dir: Path, vectors: torch.Tensor, optimizer: Any,
+              world: int) -> tuple[int, int | None]:
+    """Load the newest checkpoint (trained on `record`) into the vectors and the optimizer: (its step, its seed), or
+    (0, None) without one. The global RNGs are per process: restored in a one-process run only."""
+    ckpt = resolve_resume("latest", ckpt_dir, kind=KIND) if list_checkpoints(ckpt_dir) else None
+    if ckpt is None:
+        return 0, None
+    _refuse_other(ckpt["trained_on"], record, ckpt_dir, out_dir)
+    step = int(ckpt["step"])
+    if step > ti.steps:
+        raise MVCError(f"{ckpt_dir} holds a run at step {step}, beyond textual_inversion.steps={ti.steps}; raise "
+                       f"it back, or delete {out_dir} to train anew")
+    with torch.no_grad():
+        vectors.copy_(ckpt["vectors"].to(vectors))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if world == 1 and int(ckpt.get("world_size", 1)) == 1:
+        set_rng_state(ckpt["rng"])
+    log.info("textual inversion: continuing from step %d", step)
+    return step, int(ckpt["seed"])
+
+
+def _read_losses(pending: list[torch.Tensor], step: int) -> list[float]:
+    """The global losses of the steps up to `step` not read yet (emptying `pending`); a non-finite one stops
+    training (every process raises alike: the losses are reduced) before anything is saved."""
+    values = torch.stack(pending).tolist()
+    pending.clear()
+    for k, v in enumerate(values):
+        if not math.isfinite(v):
+            raise MVCError(f"textual inversion: non-finite loss ({v}) at step {step - len(values) + k + 1}; lower "
+                           "textual_inversion.lr")
+    return values
+
+
+@dataclass
+class _Setup:
+    """What the loop reads: the learned vectors, the frozen text encoder's embedding, the caches."""
+    vectors: torch.Tensor      # (C * V, D) fp32, what trains
+    rows: torch.Tensor         # (C * V,) their rows in the embedding
+    weight: torch.Tensor       # (vocab, D) the embedding, never written
+    name: str                  # its parameter name
+    latents: Any               # LatentCache of the concept images, (M, 1, C, h, w)
+    members: list              # per concept, its images' cache rows
+    prompt_ids: torch.Tensor   # (C * T, L)
+    prompt_mask: torch.Tensor  # (C * T, L)
+    num_images: int
+    cache_s: float
+
+
+def _setup(cfg: Any, components: dict, labelled: Any, concepts: Sequence[Concept], resolution: int, acc: Any,
+           progress: bool) -> _Setup:
+    """Freeze the base on the accelerator's device (the U-Net in the compute dtype under mixed precision; the VAE
+    and the text encoder in fp32), add the placeholder tokens, and cache the concept images' posteriors and the
+    templates' token ids."""
+    from mvc.finetune import encode_latents_cache
+    from mvc.finetune_loop import CACHE_DTYPES
     from mvc.finetune_setup import freeze
     from mvc.sd_io import tokenize
 
     ti = cfg.textual_inversion
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    unet, vae, text_encoder, tokenizer, sched = (components[k] for k in
-                                                 ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
     if unet.config.in_channels != vae.config.latent_channels:
         raise MVCError(f"textual inversion needs a text-to-image base; this U-Net takes {unet.config.in_channels} "
                        "input channels (an InstructPix2Pix folder?)")
@@ -369,85 +505,32 @@ def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts:
     # 1. Frozen components, placeholder tokens, the vectors' initial values.
     freeze(unet, vae, text_encoder)
     ids = add_placeholders(tokenizer, text_encoder, concepts, ti.num_vectors)  # (C, V)
-    for m in (unet, vae, text_encoder):
-        m.to(device)
+    vae.to(acc.device)
+    text_encoder.to(acc.device)
+    unet.to(acc.device, CACHE_DTYPES.get(str(acc.mixed_precision), torch.float32))  # autocast computes in it anyway
     name = embedding_name(text_encoder)
     weight = text_encoder.get_input_embeddings().weight.detach()  # (vocab, D), never written again
-    rows = ids.flatten().to(device)  # (C * V,)
+    rows = ids.flatten().to(acc.device)  # (C * V,)
     vectors = weight[rows].clone().float().requires_grad_(True)  # (C * V, D), what trains
 
     # 2. One-off caches: the VAE posterior of every concept image, the token ids of every concept's templates.
     t0 = time.perf_counter()
     images = sorted({i for c in concepts for i in c.indices})
     pos = {i: k for k, i in enumerate(images)}
-    latents = encode_latents_cache(vae, labelled.subset(images), resolution, show_progress=progress)  # (M, 1, C, h, w)
+    latents = encode_latents_cache(vae, labelled.subset(images), resolution, show_progress=progress)
     members = [torch.tensor([pos[i] for i in c.indices]) for c in concepts]
     prompts = [concept_prompt(t, c.token) for c in concepts for t in ti.templates]
     prompt_ids, prompt_mask = tokenize(tokenizer, prompts)  # (C * T, L)
     _check_lengths(tokenizer, prompts + [concept_prompt(ti.prompt, c.token) for c in concepts])
-    cache_s = time.perf_counter() - t0
+    return _Setup(vectors, rows, weight, name, latents, members, prompt_ids, prompt_mask, len(images),
+                  time.perf_counter() - t0)
 
-    # 3. Optimizer; the newest checkpoint when there is one.
-    optimizer = torch.optim.Adam([vectors], lr=ti.lr)
-    step, seed = 0, seeds.resolve_seed(cfg.run.seed)
-    ckpt = resolve_resume("latest", ckpt_dir, kind=KIND) if list_checkpoints(ckpt_dir) else None
-    if ckpt is not None:
-        _refuse_other(ckpt["trained_on"], record, ckpt_dir, out_dir)
-        step, seed = int(ckpt["step"]), int(ckpt["seed"])
-        if step > ti.steps:
-            raise MVCError(f"{ckpt_dir} holds a run at step {step}, beyond textual_inversion.steps={ti.steps}; raise "
-                           f"it back, or delete {out_dir} to train anew")
-        with torch.no_grad():
-            vectors.copy_(ckpt["vectors"].to(vectors))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        log.info("textual inversion: continuing from step %d", step)
 
-    # 4. Loop: B rows a step, the concepts in turn.
-    logger = RunLogger(out_dir, truncate_to=step if ckpt is not None else -1)
-    logger.config(dataclasses.asdict(cfg), metrics=["textual_inversion/loss"])
-    logger.scalars(step, {"cache_seconds": cache_s, "concepts": len(concepts), "images": len(images), "seed": seed},
-                   prefix="setup/")
-    B, T, shape = ti.batch_size, len(ti.templates), tuple(latents.mean.shape[2:])
-    sizes = [len(c.indices) for c in concepts]
-    losses: list[float] = []
-    ips = float("nan")
-    t_train = time.perf_counter()
-    bar = tqdm(total=ti.steps, initial=step, desc="textual inversion", disable=not progress)
-    while step < ti.steps:
-        t_step = time.perf_counter()
-        d = draw_step(step, B, sizes, T, shape, sched.config.num_train_timesteps,
-                      seeds.generator(seed, "textual_inversion.step", step))
-        img = torch.stack([members[c][i] for c, i in zip(d.concept.tolist(), d.image.tolist())])  # (B,) cache rows
-        z = (latents.mean[img, 0] + latents.std[img, 0] * d.eps) * latents.scaling_factor  # (B, C, h, w)
-        p = d.concept * T + d.template  # (B,) prompt rows
-        embeds = encode_learned(text_encoder, name, weight, rows, vectors, prompt_ids[p].to(device),
-                                prompt_mask[p].to(device))  # (B, L, D)
-        loss = noise_prediction_loss(unet, sched, z.to(device), embeds, d.noise.to(device),
-                                     d.timesteps.to(device)).mean()
-        if not math.isfinite(loss.item()):
-            raise MVCError(f"textual inversion: non-finite loss ({loss.item()}) at step {step + 1}; lower "
-                           "textual_inversion.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        losses.append(loss.item())
-        ips = B / (time.perf_counter() - t_step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % ti.log_every == 0 or step == 1 or step == ti.steps:
-            logger.scalars(step, {"loss": losses[-1], "lr": ti.lr, "images_per_s": ips,
-                                  "vector_norm": vectors.detach().norm(dim=1).mean().item()}, prefix="textual_inversion/")
-        if step % ti.checkpoint_every == 0 or step == ti.steps:
-            save_checkpoint(ckpt_dir, step, {"vectors": vectors.detach().cpu().clone(),
-                                             "optimizer": optimizer.state_dict(), "rng": rng_state(), "seed": seed},
-                            dataclasses.asdict(cfg), keep=ti.checkpoints_keep, kind=KIND, trained_on=record)
-    bar.close()
-    logger.close()
-    train_s = time.perf_counter() - t_train
-
-    # 5. The embeddings, then training.json (the mark of a finished result).
+def _write_result(cfg: Any, labelled: Any, concepts: Sequence[Concept], tokenizer: Any, out_dir: Path, record: dict,
+                  resolution: int, base: str, vectors: torch.Tensor, step: int, seed: int, losses: list[float],
+                  cache_s: float, train_s: float, ips: float) -> None:
+    """The embeddings, then training.json (the mark of a finished result)."""
+    ti = cfg.textual_inversion
     emb = vectors.detach().view(len(concepts), ti.num_vectors, -1)  # (C, V, D)
     save_learned_embeds(out_dir / EMBEDS_FILE, [c.token for c in concepts], emb)
     init_tokens = tokenizer.convert_ids_to_tokens([first_token_id(tokenizer, c.initializer) for c in concepts])
@@ -462,7 +545,6 @@ def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts:
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "seconds": {"cache": round(cache_s, 3), "train": round(train_s, 3)},
         "images_per_s": None if math.isnan(ips) else round(ips, 3)})
-    return {"losses": losses, "step": step, "images_per_s": ips}
 
 
 def _check_lengths(tokenizer: Any, prompts: Sequence[str]) -> None:

@@ -1,7 +1,10 @@
 """The tiny profile's base model: a small Stable-Diffusion-like pipeline built from configs.
 
 It is made of the same classes as SD-1.5 (AutoencoderKL, UNet2DConditionModel, CLIPTextModel,
-CLIPTokenizer, DDPMScheduler), only smaller, so every script runs the same code path on it.
+CLIPTokenizer, DDPMScheduler), only smaller, so every script runs the same code path on it. It is built by one
+process (the main one; the others wait and read the cache) on the stage accelerator's device and with its mixed
+precision (`mvc.finetune_loop.base_source`); every draw comes from CPU generators, so the device changes no
+draw, and on a GPU the loop avoids host syncs (losses are read every 25 steps, on a device buffer).
 """
 
 from __future__ import annotations
@@ -97,55 +100,94 @@ def pretrain_lr(cfg: Any, step: int, total: int, warmup: int) -> float:
 #                                Pretraining                                    #
 #################################################################################
 
-def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float, step: int, what: str) -> None:
-    """One AdamW update at learning rate `lr`, gradients clipped to norm 1; a non-finite loss stops the build."""
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"tiny {what} pretraining diverged at step {step} (loss {loss.item()}); lower tiny.lr")
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed-precision modes -> autocast dtype
+
+
+def _amp(device: torch.device, precision: str):
+    """Autocast to the compute dtype of `precision` ('no', 'fp16', 'bf16') on `device`; off for 'no'."""
+    if precision not in ("no", *AMP_DTYPES):
+        raise MVCError(f"unknown mixed precision {precision!r}; use no, fp16 or bf16")
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(precision, torch.float32), enabled=precision != "no")
+
+
+def _update(opt: torch.optim.Optimizer, scaler: Any, loss: torch.Tensor, params: list, lr: float) -> None:
+    """One AdamW update at learning rate `lr`, gradients clipped to norm 1 (through fp16's loss scaler, which skips
+    a step whose gradients overflow; a no-op wrapper otherwise)."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
+
+
+def _check_finite(losses: torch.Tensor, what: str) -> None:
+    """Stop the build at the first non-finite loss of `losses` (steps 0.., on the device): one host sync, at the
+    logging cadence and before anything is saved, instead of one per step."""
+    bad = ~torch.isfinite(losses)
+    if bool(bad.any()):
+        step = int(bad.nonzero()[0, 0])
+        raise MVCError(f"tiny {what} pretraining diverged at step {step} (loss {losses[step].item()}); lower tiny.lr")
+
+
+def _log_point(step: int, total: int) -> bool:
+    """Whether `step` (0-based) shows progress, logs and checks the losses: every 25 steps and the last."""
+    return step % 25 == 0 or step == total - 1
 
 
 def pretrain_vae(vae: Any, images: torch.Tensor, cfg: Any, device: Any = None,
-                 logger: RunLogger | None = None, progress: bool = True) -> float:
-    """Train the VAE to reconstruct `images` (MSE + a small KL); returns the last-100-step mean MSE."""
+                 logger: RunLogger | None = None, progress: bool = True, precision: str = "no") -> float:
+    """Train the VAE to reconstruct `images` (MSE + a small KL) on `device` with mixed `precision` ('no', 'fp16',
+    'bf16'); returns the last-100-step mean MSE."""
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     vae.to(device).train()
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = seeds.generator(cfg.seed, "tiny.vae")
-    recent: list[float] = []
+    pool = images.to(device)  # (N, 3, S, S) uint8, on the device once
+    hist = torch.zeros(cfg.vae_steps, 2, device=device)  # (steps, [loss, mse]), read at the logging cadence only
     bar = tqdm(range(cfg.vae_steps), desc="tiny base: VAE", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        x = uint8_to_model(images[idx]).to(device)  # (B, 3, S, S)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=None)).sample
-        mse = F.mse_loss(rec, x)
-        kl = post.kl().mean() / post.mean[0].numel()  # per latent element, so the weight is size-free
-        loss = mse + cfg.vae_kl_weight * kl
-        _update(opt, loss, params, pretrain_lr(cfg, step, cfg.vae_steps, warmup=min(50, cfg.vae_steps)), step, "VAE")
-        recent = (recent + [mse.item()])[-100:]
-        if step % 25 == 0 or step == cfg.vae_steps - 1:
-            bar.set_postfix(mse=f"{np.mean(recent):.4f}")
+        x = uint8_to_model(pool[idx.to(device, non_blocking=True)])  # (B, 3, S, S)
+        with _amp(device, precision):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=None)).sample
+            mse = F.mse_loss(rec.float(), x)
+            kl = post.kl().float().mean() / post.mean[0].numel()  # per latent element, so the weight is size-free
+            loss = mse + cfg.vae_kl_weight * kl
+        _update(opt, scaler, loss, params, pretrain_lr(cfg, step, cfg.vae_steps, warmup=min(50, cfg.vae_steps)))
+        hist[step, 0], hist[step, 1] = loss.detach(), mse.detach()
+        if _log_point(step, cfg.vae_steps):
+            _check_finite(hist[:step + 1, 0], "VAE")
+            bar.set_postfix(mse=f"{np.mean(hist[max(0, step - 99):step + 1, 1].tolist()):.4f}")
             if logger is not None:
                 logger.scalars(step, {"mse": mse.item(), "kl": kl.item()}, prefix="vae/")
     vae.eval().requires_grad_(False)
+    _check_weights(params, "VAE")
+    recent = hist[-100:, 1].tolist()
     return float(np.mean(recent)) if recent else float("nan")
+
+
+def _check_weights(params: list, what: str) -> None:
+    """Refuse to keep weights that are not finite (a last update from an overflowing gradient), one host sync."""
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise MVCError(f"tiny {what} pretraining ended with non-finite weights; lower tiny.lr")
 
 
 @torch.no_grad()
 def encode_latents(vae: Any, images: torch.Tensor, batch_size: int = 256, device: Any = None) -> torch.Tensor:
-    """Posterior means of `images` (N, 3, S, S uint8): (N, C, S/f, S/f) float32, unscaled."""
+    """Posterior means of `images` (N, 3, S, S uint8), in fp32 on `device`: (N, C, S/f, S/f) float32 on the CPU,
+    unscaled (the U-Net's pretraining moves them back to its device once)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    out = [vae.encode(uint8_to_model(images[i:i + batch_size]).to(device)).latent_dist.mean.cpu()
+    out = [vae.encode(uint8_to_model(images[i:i + batch_size].to(device))).latent_dist.mean
            for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
@@ -161,14 +203,15 @@ def snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float | None) ->
 
 def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.Tensor, ids: torch.Tensor,
                   null_ids: torch.Tensor, cfg: Any, device: Any = None,
-                  logger: RunLogger | None = None, progress: bool = True) -> float:
-    """Text-to-image noise-prediction training on scaled latents (N, C, h, w) and token ids (N, L).
+                  logger: RunLogger | None = None, progress: bool = True, precision: str = "no") -> float:
+    """Text-to-image noise-prediction training on scaled latents (N, C, h, w) and token ids (N, L), on `device`
+    with mixed `precision` ('no', 'fp16', 'bf16').
 
     Captions are replaced by the empty prompt with probability `cfg.caption_dropout`, so that
     classifier-free guidance works; the text encoder is trained jointly when `cfg.train_text_encoder`.
     The loss is weighted by `snr_weights` (`cfg.snr_gamma`); with `cfg.ema_decay` the U-Net ends with
     the exponential moving average of its weights (and the text encoder with its own). Returns the
-    last-100-step mean loss.
+    last-100-step mean loss. Every draw comes from a CPU generator, so a device changes no draw.
     """
     from tqdm.auto import tqdm
 
@@ -177,41 +220,52 @@ def pretrain_unet(unet: Any, text_encoder: Any, scheduler: Any, latents: torch.T
     text_encoder.to(device).train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = seeds.generator(cfg.seed, "tiny.unet")
     T = scheduler.config.num_train_timesteps
     ema = None
     if cfg.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=cfg.ema_decay)
-    recent: list[float] = []
+        # foreach: one fused update for all tensors; its rounding differs in the last bit from the per-tensor loop,
+        # so the CPU keeps the loop (and the cached CPU bases their bits)
+        ema = EMAModel(params, decay=cfg.ema_decay, foreach=device.type != "cpu")
+    z_all = latents.to(device)  # (N, C, h, w), on the device once
+    snr_table = snr_weights(scheduler, torch.arange(T), cfg.snr_gamma)  # (T,) on the CPU, elementwise: once
+    hist = torch.zeros(cfg.unet_steps, 2, device=device)  # (steps, [loss, mean per-sample loss])
     bar = tqdm(range(cfg.unet_steps), desc="tiny base: U-Net", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-        z0 = latents[idx].to(device)  # (B, C, h, w)
+        z0 = z_all[idx.to(device, non_blocking=True)]  # (B, C, h, w)
         tok = ids[idx].clone()  # (B, L)
         drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
         tok[drop] = null_ids
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, T, (len(idx),), generator=gen).to(device)
+        noise = torch.randn(z0.shape, generator=gen).to(device, non_blocking=True)
+        t_cpu = torch.randint(0, T, (len(idx),), generator=gen)
+        w = snr_table[t_cpu]  # (B,), no device round trip
+        t = t_cpu.to(device, non_blocking=True)
         zt = scheduler.add_noise(z0, noise, t)
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            ehs = text_encoder(tok.to(device))[0]  # (B, L, D)
-        pred = unet(zt, t, encoder_hidden_states=ehs).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = (per_sample * snr_weights(scheduler, t, cfg.snr_gamma).to(per_sample)).mean()
-        _update(opt, loss, params, pretrain_lr(cfg, step, cfg.unet_steps, warmup=min(100, cfg.unet_steps)), step, "U-Net")
+        with _amp(device, precision):
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                ehs = text_encoder(tok.to(device, non_blocking=True))[0]  # (B, L, D)
+            pred = unet(zt, t, encoder_hidden_states=ehs).sample
+            per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+            loss = (per_sample * w.to(per_sample.device, non_blocking=True).to(per_sample)).mean()
+        _update(opt, scaler, loss, params, pretrain_lr(cfg, step, cfg.unet_steps, warmup=min(100, cfg.unet_steps)))
         if ema is not None:
             ema.step(params)
-        recent = (recent + [per_sample.mean().item()])[-100:]
-        if step % 25 == 0 or step == cfg.unet_steps - 1:
-            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+        hist[step, 0], hist[step, 1] = loss.detach(), per_sample.detach().mean()
+        if _log_point(step, cfg.unet_steps):
+            _check_finite(hist[:step + 1, 0], "U-Net")
+            bar.set_postfix(loss=f"{np.mean(hist[max(0, step - 99):step + 1, 1].tolist()):.4f}")
             if logger is not None:
                 logger.scalars(step, {"loss": loss.item()}, prefix="unet/")
     if ema is not None:
         ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
+    _check_weights(params, "U-Net")
+    recent = hist[-100:, 1].tolist()
     return float(np.mean(recent)) if recent else float("nan")
 
 
@@ -238,19 +292,24 @@ def sample_grid(pipe: Any, captions: list[str], real: torch.Tensor, seed: int, s
 #                                 Cache                                         #
 #################################################################################
 
-def tiny_base_key(cfg: Any, pool: Any, captioner_key: str) -> str:
-    """Hash of the tiny section (minus cache_dir), the pool's fingerprint, the captioner and the recipe."""
+def tiny_base_key(cfg: Any, pool: Any, captioner_key: str, precision: str = "no") -> str:
+    """Hash of the tiny section (minus cache_dir), the pool's fingerprint, the captioner, the recipe and the mixed
+    precision of the build (only when not 'no', so fp32 bases keep their keys, whichever device built them)."""
+    if precision not in ("no", *AMP_DTYPES):
+        raise MVCError(f"unknown mixed precision {precision!r} for the tiny base; use no, fp16 or bf16")
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
-    return fingerprint(RECIPE_VERSION, d, pool.fingerprint(), captioner_key)
+    extra = () if precision == "no" else (precision,)
+    return fingerprint(RECIPE_VERSION, d, pool.fingerprint(), captioner_key, *extra)
 
 
-def get_tiny_base(cfg: Any, pool: Any, captioner: Any = None,
-                  output_dir: str | os.PathLike | None = None, device: Any = None, progress: bool = True) -> Path:
+def get_tiny_base(cfg: Any, pool: Any, captioner: Any = None, output_dir: str | os.PathLike | None = None,
+                  device: Any = None, progress: bool = True, precision: str = "no") -> Path:
     """The folder of the tiny base pretrained on `pool` (a StableDiffusionPipeline), built once and cached.
 
     The base learns from the remainder pool (disjoint from the labelled subset) with label-free
     `attributes` captions, under `cfg.cache_dir/<key>/`; later calls with the same tiny section
-    and pool return the cached folder. The build is not resumable (a few minutes on 2 CPU cores):
+    and pool return the cached folder. It trains on `device` (default: the CPU) with mixed `precision` ('no',
+    'fp16', 'bf16': part of the key). The build is not resumable (a few minutes on 2 CPU cores):
     an interrupted build leaves only a temporary folder, removed by the next build.
     Pool captions are cached under `<output_dir>/captions/` when `output_dir` is given.
     """
@@ -260,7 +319,7 @@ def get_tiny_base(cfg: Any, pool: Any, captioner: Any = None,
     if len(pool) == 0:
         raise MVCError("the tiny base needs a non-empty remainder pool: lower data.k_per_class "
                        "or use model.base=<a pretrained diffusers folder>")
-    key = tiny_base_key(cfg, pool, captioner.cache_key)
+    key = tiny_base_key(cfg, pool, captioner.cache_key, precision)
     root = Path(cfg.cache_dir).expanduser()
     folder = root / key
     if (folder / "model_index.json").is_file():
@@ -268,14 +327,16 @@ def get_tiny_base(cfg: Any, pool: Any, captioner: Any = None,
         return folder
     clean_stale_temps(root, key)  # temp folders of killed builds
     with atomic_dir(folder) as tmp:
-        with torch.random.fork_rng(devices=[]):  # seeding the build must not touch the caller's RNG
-            _build_tiny_base(cfg, pool, captioner, tmp, output_dir, device, progress)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        # seeding the build must not touch the caller's RNGs: the CPU's, and the device's (the VAE's posterior draws)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _build_tiny_base(cfg, pool, captioner, tmp, output_dir, device, progress, precision)
     log.info("tiny base: built %s", folder)
     return folder
 
 
-def _build_tiny_base(cfg: Any, pool: Any, captioner: Any, out: Path,
-                     output_dir: str | os.PathLike | None, device: Any, progress: bool) -> None:
+def _build_tiny_base(cfg: Any, pool: Any, captioner: Any, out: Path, output_dir: str | os.PathLike | None,
+                     device: torch.device, progress: bool, precision: str) -> None:
     """Pretrain the tiny base on `pool` and save it (pipeline, samples.png, tiny_base.json, logs/) in `out`."""
     from diffusers import StableDiffusionPipeline
 
@@ -298,7 +359,7 @@ def _build_tiny_base(cfg: Any, pool: Any, captioner: Any, out: Path,
     logger = RunLogger(out / "logs")
     try:
         t1 = time.time()
-        vae_mse = pretrain_vae(vae, images, cfg, device, logger, progress)
+        vae_mse = pretrain_vae(vae, images, cfg, device, logger, progress, precision)
         t2 = time.time()
         # SD scales latents to unit variance before diffusion; its factor (0.18215) was measured the same way
         latents = encode_latents(vae, images, device=device)  # (N, C, h, w)
@@ -307,7 +368,7 @@ def _build_tiny_base(cfg: Any, pool: Any, captioner: Any, out: Path,
         ids = tokenize(tokenizer, captions)[0]  # (N, L)
         null_ids = tokenize(tokenizer, [""])[0][0]  # (L,)
         unet_loss = pretrain_unet(unet, text_encoder, scheduler, latents * scaling, ids, null_ids, cfg,
-                                  device, logger, progress)
+                                  device, logger, progress, precision)
         t3 = time.time()
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -320,8 +381,8 @@ def _build_tiny_base(cfg: Any, pool: Any, captioner: Any, out: Path,
         atomic_write_json(out / "tiny_base.json", {
             "recipe_version": RECIPE_VERSION, "tiny": dataclasses.asdict(cfg), "pool_fingerprint": pool.fingerprint(),
             "pool_size": len(pool), "captioner": captioner.name, "vae_mse": vae_mse, "unet_loss": unet_loss,
-            "scaling_factor": scaling, "seconds": {"data": t1 - t0, "vae": t2 - t1, "unet": t3 - t2,
-                                                   "total": time.time() - t0},
+            "scaling_factor": scaling, "device": device.type, "mixed_precision": precision,
+            "seconds": {"data": t1 - t0, "vae": t2 - t1, "unet": t3 - t2, "total": time.time() - t0},
         })
     finally:
         logger.close()

@@ -351,3 +351,75 @@ def test_clustering_based_sampling_trains_one_identifier_per_kept_cluster(micro,
     recs = read_records(tmp_path / "synthetic_dreambooth_clusters", micro.labelled.classes)
     assert summary["images"] == len(recs) == PER_CLASS * len(micro.labelled.classes)
     assert {r["identifier"] for r in recs} <= set(idents)
+
+
+#################################################################################
+#                              Several processes                                #
+#################################################################################
+
+def _close(a: dict, b: dict) -> None:
+    """Two state dicts equal up to float summation order: Adam divides by sqrt(v), so a gradient that is ~0 up to
+    rounding may flip its update's sign (a few lr-sized outliers); everything else agrees closely."""
+    assert set(a) == set(b)
+    d = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    assert d.mean().item() < 1e-5 and (d > 1e-5).float().mean().item() < 0.03 and d.max().item() < 5e-3, d.max()
+
+
+def test_two_processes_train_what_one_does_and_resume_it(micro, tmp_path):
+    """generate_mvc.py under torchrun (2 CPU processes, gloo): DDP over the U-Net and the text encoder, each
+    process its rows of every global batch; interrupted after the step-2 checkpoint and resumed, the 2-process run
+    ends with the one-process uninterrupted weights; so does LoRA (adapters only, merged)."""
+    import os
+    import socket
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from mvc.checkpoint import list_checkpoints, load_checkpoint
+
+    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(Path(__file__).resolve()), str(micro.data), str(micro.cache), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    ref, got = micro.out / "dreambooth" / "final", tmp_path / "full" / "dreambooth" / "final"
+    _close(unet_weights(ref), unet_weights(got))
+    _close(*[load_file(f / "text_encoder" / "model.safetensors") for f in (ref, got)])
+    ckpts = list_checkpoints(tmp_path / "full" / "dreambooth" / "checkpoints")
+    assert [load_checkpoint(p)["world_size"] for p in ckpts] == [2, 2]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "full" / "dreambooth" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4]  # resumed: each step logged once
+    assert len(read_jsonl(tmp_path / "full" / "synthetic_dreambooth" / "metadata.jsonl")) == PER_CLASS * 10
+    lora = train(config(micro, tmp_path / "lora_one", **LORA), micro.labelled)
+    _close(unet_weights(lora), unet_weights(tmp_path / "lora" / "dreambooth" / "final"))
+
+
+LORA = {"dreambooth.lora_rank": 2, "dreambooth.lr": 1e-2}
+
+
+def _worker(data: str, cache: str, out: str) -> None:
+    """torchrun worker of the test above: 2 steps, the final folder removed (a run killed after its step-2
+    checkpoint), then generate_mvc.py with 4 steps, which resumes and makes the set; then 4 LoRA steps."""
+    from mvc.data import load_splits
+    from mvc.distributed import make_accelerator
+    from mvc.generators import make_generator
+
+    argv = lambda run, *extra: micro_argv(Path(data), Path(out) / run, Path(cache),  # noqa: E731
+                                          "--generate.method=dreambooth", f"--generate.per_class={PER_CLASS}", *extra)
+    parse = lambda *a: parse_args(generate_mvc.build_parser("x"), argv(*a))[0]  # noqa: E731
+    acc = make_accelerator()
+    labelled = load_splits(parse("full").data)[0]
+    for cfg in (parse("full", "--dreambooth.max_steps=2"), parse("lora", *[f"--{k}={v}" for k, v in LORA.items()])):
+        final = make_generator(cfg).shared_model(labelled, None, False, acc.device, acc.is_main_process,
+                                                 acc.wait_for_everyone)
+        if cfg.dreambooth.max_steps == 2 and acc.is_main_process:
+            shutil.rmtree(final)
+        acc.wait_for_everyone()
+    generate_mvc.cli(argv("full"))
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])

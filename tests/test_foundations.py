@@ -222,3 +222,68 @@ def test_ctrl_c_mid_write_keeps_the_old_file_whole(tmp_path, capsys):
         run_cli(main, [])
     assert e.value.code == 130 and "--resume latest" in capsys.readouterr().err
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metadata.jsonl"]
+
+
+#################################################################################
+#                            RNG states in checkpoints                          #
+#################################################################################
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
+    """What a resumed run draws from python, numpy and torch is what the uninterrupted one drew."""
+    from mvc.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+    seeds.seed_everything(3)
+    _draws()
+    path = save_checkpoint(tmp_path, 1, {"rng": rng_state()}, {})
+    expected = _draws()
+    seeds.seed_everything(4)  # somewhere else entirely
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert _draws() == expected
+    if not torch.cuda.is_available():
+        assert "cuda" not in load_checkpoint(path)["rng"]  # saving never starts CUDA
+
+
+def test_a_checkpoint_written_before_cuda_states_were_recorded_still_resumes(tmp_path):
+    """The record as it was (python, numpy and torch CPU states only), saved and loaded as a checkpoint."""
+    import random
+
+    import numpy as np
+
+    from mvc.checkpoint import FORMAT_VERSION, load_checkpoint, set_rng_state
+
+    seeds.seed_everything(5)
+    np_state = np.random.get_state()
+    gauss = random.getstate()[2]
+    old = {"python": [int(x) for x in random.getstate()[1]], "python_pos": -1 if gauss is None else gauss,
+           "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+           "torch": torch.get_rng_state()}
+    torch.save({"format_version": FORMAT_VERSION, "kind": "finetune", "trained_on": {}, "step": 2, "config": {},
+                "rng": old}, tmp_path / "checkpoint-00000002.pt")
+    expected = _draws()
+    seeds.seed_everything(6)
+    set_rng_state(load_checkpoint(tmp_path / "checkpoint-00000002.pt")["rng"])
+    assert _draws() == expected
+
+
+def test_a_cuda_state_of_other_devices_is_skipped_with_one_warning(caplog):
+    """A CUDA state this process cannot take (another device count; no CUDA at all) restores the rest and says so."""
+    from mvc.checkpoint import rng_state, set_rng_state
+
+    seeds.seed_everything(7)
+    state = rng_state()
+    expected = _draws()
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * (n + 1)
+    with caplog.at_level("WARNING", logger="mvc.checkpoint"):
+        set_rng_state(state)
+    assert _draws() == expected
+    lines = [r.getMessage() for r in caplog.records if r.name == "mvc.checkpoint"]
+    assert len(lines) == 1 and "\n" not in lines[0] and f"of {n + 1} device(s), this process sees {n}" in lines[0]

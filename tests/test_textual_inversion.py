@@ -384,3 +384,57 @@ def test_clustering_based_sampling_learns_one_token_per_kept_cluster(micro, tmp_
     recs = read_records(tmp_path / "synthetic_textual_inversion_clusters", micro.labelled.classes)
     assert summary["images"] == len(recs) == PER_CLASS * 10
     assert all(r["source_index"] in by_source and r["token"] == by_source[r["source_index"]] for r in recs)
+
+
+#################################################################################
+#                              Several processes                                #
+#################################################################################
+
+def test_two_processes_learn_what_one_does_and_continue_their_run(micro, tmp_path):
+    """generate_mvc.py under torchrun (2 CPU processes, gloo): each process trains its rows of every global batch,
+    2 steps, then 4 (continued from the 2-process checkpoint); the vectors and the losses are the one-process
+    run's (float summation order apart), and the set is made."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(Path(__file__).resolve()), str(micro.data), str(micro.cache), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    folder = tmp_path / "textual_inversion"
+    ref, got = learned(micro.out / "textual_inversion"), learned(folder)
+    assert list(got) == list(ref)
+    d = torch.cat([(ref[k] - got[k]).abs().flatten() for k in ref])
+    assert d.max().item() < 1e-4, d.max().item()
+    loss = lambda f: [r["textual_inversion/loss"] for r in read_jsonl(f / "log.jsonl")  # noqa: E731
+                      if "textual_inversion/loss" in r]
+    assert len(loss(folder)) == 4 and np.allclose(loss(folder), loss(micro.out / "textual_inversion"), rtol=1e-5)
+    assert ti.read_info(folder)["steps"] == 4
+    ckpts = ti.list_checkpoints(folder / "checkpoints")
+    assert [torch.load(p, weights_only=True)["world_size"] for p in ckpts] == [2, 2]
+    assert len(read_jsonl(tmp_path / "synthetic_textual_inversion" / "metadata.jsonl")) == PER_CLASS * 10
+
+
+def _worker(data: str, cache: str, out: str) -> None:
+    """torchrun worker of the test above: 2 steps (every process trains: the generator's `shared_model`), then
+    generate_mvc.py with 4 steps, which continues them and makes the set."""
+    from mvc.data import load_splits
+    from mvc.distributed import make_accelerator
+    from mvc.generators import make_generator
+
+    argv = lambda *extra: micro_argv(Path(data), Path(out), Path(cache), f"--generate.per_class={PER_CLASS}",  # noqa: E731
+                                     "--generate.method=textual_inversion", *extra)
+    cfg = parse_args(generate_mvc.build_parser("x"), argv("--textual_inversion.steps=2"))[0]
+    acc = make_accelerator()
+    make_generator(cfg).shared_model(load_splits(cfg.data)[0], None, False, acc.device, acc.is_main_process,
+                                     acc.wait_for_everyone)
+    generate_mvc.cli(argv())
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])

@@ -17,6 +17,7 @@ from mvc.data import ArraySource, ImageDataset
 from mvc.finetune_loop import load_base
 from mvc.tiny import get_tiny_base, tiny_base_key
 from mvc.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
+from mvc.utils import MVCError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,3 +194,66 @@ def test_pretraining_with_ema_saves_the_average_not_the_last_weights(tmp_path):
     last, avg = finals[None][k], finals[0.5][k]
     assert not torch.allclose(last, avg)
     assert (avg - start[k]).norm() < (last - start[k]).norm()  # the average lags behind the last weights
+
+
+#################################################################################
+#                        Devices and mixed precision                            #
+#################################################################################
+
+def _unet_run(cfg, precision: str, latents=None):
+    """Pretrain a fresh micro U-Net (same start, same draws) under `precision`: (loss, U-Net state dict)."""
+    torch.manual_seed(0)
+    comps = tiny.build_tiny_components(cfg)
+    lat = torch.randn(16, cfg.latent_channels, 8, 8) if latents is None else latents
+    ids = tiny.tokenize(comps["tokenizer"], ["a dark object"] * 16)[0]
+    null = tiny.tokenize(comps["tokenizer"], [""])[0][0]
+    loss = tiny.pretrain_unet(comps["unet"], comps["text_encoder"], comps["scheduler"], lat, ids, null, cfg,
+                              progress=False, precision=precision)
+    return loss, comps["unet"].state_dict()
+
+
+def test_mixed_precision_pretraining_computes_in_its_dtype_and_keys_its_base_apart(tmp_path):
+    """bf16 autocast and fp16 with its loss scaler train (finite, other weights than fp32's); the precision joins
+    the cache key only when it is not 'no', so fp32 bases keep their keys; an unknown one is one line."""
+    cfg = micro_cfg(tmp_path, unet_steps=4, ema_decay=0.9)
+    fp32 = _unet_run(cfg, "no")
+    for precision in ("bf16", "fp16"):
+        loss, state = _unet_run(cfg, precision)
+        assert np.isfinite(loss) and not torch.equal(state["conv_in.weight"], fp32[1]["conv_in.weight"])
+    assert _unet_run(cfg, "no")[1]["conv_in.weight"].equal(fp32[1]["conv_in.weight"])  # fp32 replays exactly
+    pool = shapes_pool()
+    keys = {p: tiny_base_key(cfg, pool, "attributes", p) for p in ("no", "bf16", "fp16")}
+    assert keys["no"] == tiny_base_key(cfg, pool, "attributes") and len(set(keys.values())) == 3
+    with pytest.raises(MVCError, match="unknown mixed precision 'fp8'"):
+        tiny_base_key(cfg, pool, "attributes", "fp8")
+    folder = get_tiny_base(micro_cfg(tmp_path), pool, progress=False, precision="bf16")
+    info = json.loads((folder / "tiny_base.json").read_text())
+    assert folder.name == tiny_base_key(micro_cfg(tmp_path), pool, "attributes", "bf16")
+    assert info["mixed_precision"] == "bf16" and info["device"] == "cpu"
+
+
+def test_a_non_finite_loss_stops_pretraining_in_one_line(tmp_path):
+    """The losses are checked at the logging cadence (not every step) and before anything is kept: a NaN latent
+    stops the U-Net's pretraining, naming the step."""
+    cfg = micro_cfg(tmp_path, unet_steps=3)
+    lat = torch.full((16, cfg.latent_channels, 8, 8), float("nan"))
+    with pytest.raises(MVCError, match=r"^tiny U-Net pretraining diverged at step 0 \(loss nan\); lower tiny.lr$"):
+        _unet_run(cfg, "no", lat)
+
+
+def test_the_stage_precision_is_read_without_building_an_accelerator():
+    """base_source's default precision is the running stage's; reading it builds no second accelerator (which
+    would reset the first one's gradient accumulation)."""
+    from accelerate.state import AcceleratorState, GradientState, is_initialized
+
+    from mvc.distributed import make_accelerator, stage_precision
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        assert stage_precision() == "no" and not is_initialized()
+        acc = make_accelerator("bf16", grad_accum=2)
+        assert stage_precision() == "bf16" and acc.gradient_accumulation_steps == 2
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_tiny_base.py [--config configs/tiny.yaml] [--steps 30]
     .venv/bin/python bench/bench_tiny_base.py --variant '{"vae_channels": [32, 64]}'
+    python bench/bench_tiny_base.py --config configs/gpu.yaml --device cuda     # on a GPU
 
 Rows: the config's `tiny` recipe, then each `--variant` (a JSON object of `tiny.*` overrides; default: the
 first recipe, without min-SNR weighting and EMA), measured side by side in one process on the same pool images (real Fashion-MNIST training images when the data
@@ -27,15 +28,20 @@ from mvc.utils import atomic_write_json  # noqa: E402
 FIRST_RECIPE = '{"snr_gamma": null, "ema_decay": null}'
 
 
-def _time(fn, steps: int) -> float:
-    """Seconds per step of `fn(steps)` after a 3-step warm-up."""
+def _time(fn, steps: int, device: str) -> float:
+    """Seconds per step of `fn(steps)` after a 3-step warm-up (the device's queue drained before each clock)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fn(3)
+    sync()
     t0 = time.perf_counter()
     fn(steps)
+    sync()
     return (time.perf_counter() - t0) / steps
 
 
-def measure(tiny_cfg, images, ids, null_ids, steps: int) -> dict:
+def measure(tiny_cfg, images, ids, null_ids, steps: int, device: str = "cpu", precision: str = "no") -> dict:
     """Seconds per step and images/s of VAE and U-Net pretraining for one recipe."""
     import torch
 
@@ -49,17 +55,17 @@ def measure(tiny_cfg, images, ids, null_ids, steps: int) -> dict:
         c = copy.deepcopy(tiny_cfg)
         c.vae_steps = n
         vae.requires_grad_(True)
-        pretrain_vae(vae, images, c, progress=False)
+        pretrain_vae(vae, images, c, device, progress=False, precision=precision)
 
-    latents = encode_latents(vae, images[:512])
+    latents = encode_latents(vae, images[:512], device=device)
 
     def unet_steps(n):
         c = copy.deepcopy(tiny_cfg)
         c.unet_steps = n
         unet.requires_grad_(True)
-        pretrain_unet(unet, te, sched, latents, ids[:512], null_ids, c, progress=False)
+        pretrain_unet(unet, te, sched, latents, ids[:512], null_ids, c, device, progress=False, precision=precision)
 
-    s_vae, s_unet = _time(vae_steps, steps), _time(unet_steps, steps)
+    s_vae, s_unet = _time(vae_steps, steps, device), _time(unet_steps, steps, device)
     b = tiny_cfg.batch_size
     return {"latent": "x".join(map(str, latents.shape[1:])),
             "vae_params_M": round(sum(p.numel() for p in vae.parameters()) / 1e6, 3),
@@ -75,6 +81,8 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], help="JSON object of tiny.* overrides (default: the "
                    "first recipe, without min-SNR weighting and EMA, for the before/after figure)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "tiny_base.json"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"], help="mixed precision of the steps")
     args = p.parse_args()
 
     import torch
@@ -107,14 +115,15 @@ def main() -> None:
         recipes.append((v, c))
     rows = []
     for name, c in recipes:
-        r = {"recipe": name, **measure(c, images, ids, null_ids, args.steps)}
+        r = {"recipe": name, **measure(c, images, ids, null_ids, args.steps, args.device, args.precision)}
         base = rows[0] if rows else r
         r["vae_speed_ratio"] = round(r["vae_img_per_s"] / base["vae_img_per_s"], 2)
         r["unet_speed_ratio"] = round(r["unet_img_per_s"] / base["unet_img_per_s"], 2)
         rows.append(r)
         print(json.dumps(r), flush=True)
     atomic_write_json(args.out, {"title": "Tiny base pretraining throughput (images/s)", "rows": rows,
-                                 "notes": [f"{torch.get_num_threads()} torch threads; batch {cfg.tiny.batch_size}; "
+                                 "notes": [f"device {args.device}, precision {args.precision}; "
+                                           f"{torch.get_num_threads()} torch threads; batch {cfg.tiny.batch_size}; "
                                            f"{args.steps} steps per row after 3 warm-up steps; images: {source}"]})
 
 

@@ -323,7 +323,8 @@ def build_pipeline(unet, quick: bool, device: torch.device):
     with device:
         vae = AutoencoderKL(**{**SD15_VAE_CONFIG, **(SD15_MINI_VAE if quick else {})})
         te = CLIPTextModel(CLIPTextConfig(**{**SD15_TEXT_CONFIG, **(SD15_MINI_TEXT if quick else {}),
-                                             "vocab_size": max(len(tok), 1000)}))
+                                             "vocab_size": len(tok)}, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     comps = {"vae": vae.to(dtype).eval(), "text_encoder": te.to(dtype).eval(), "tokenizer": tok,
              "scheduler": DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)}
     return ip2p_pipeline(comps, copy.deepcopy(unet).to(dtype).eval())

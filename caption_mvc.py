@@ -21,6 +21,7 @@ def main(cfg: Config) -> dict[str, str]:
 
     from mvc.captions import build_captioner, load_captions
     from mvc.data import load_splits
+    from mvc.perf import peak_memory_gb
     from mvc.stage import start_stage
     from mvc.utils import atomic_write_json
 
@@ -35,7 +36,8 @@ def main(cfg: Config) -> dict[str, str]:
         info = build_captioner(cfg.captions, acc.device).describe()
         atomic_write_json(stage.paths.captions / "summary.json", {
             **info, "model": cfg.captions.model_id if cfg.captions.captioner == "blip2" else None,
-            "images": len(caps), "processes": acc.num_processes, "seconds": round(time.perf_counter() - t0, 2)})
+            "images": len(caps), "processes": acc.num_processes, "seconds": round(time.perf_counter() - t0, 2),
+            "peak_memory_gb": peak_memory_gb(acc.device)})  # of the main process (None off CUDA)
         print(f"{len(caps)} captions in {stage.paths.captions} ({info['captioner']} on {info['device']}, "
               f"{info['dtype']})")
     return caps

@@ -201,11 +201,24 @@ class FinetuneConfig:
     random_flip: bool = opt(False, "Horizontal flips; latents of both orientations are cached when on.")
     mixed_precision: str | None = opt(None, "Mixed precision: no, fp16 or bf16 (null: accelerate's, from `accelerate "
                                       "config` or `accelerate launch --mixed_precision`).", choices=_precisions)
-    gradient_checkpointing: bool = opt(False, "U-Net gradient checkpointing.")
+    gradient_checkpointing: bool | None = opt(None, "U-Net gradient checkpointing (recomputes activations: about "
+                                             "1/4 more U-Net FLOPs per step, far less memory). null: on only when "
+                                             "a probe of the step says it would not fit in free GPU memory without "
+                                             "(SD-1.5, 256 px, batch 50: 20.5 GB with it on an H200; "
+                                             "bench/bench_gpu.py measures both); off on the CPU.")
     attention: str = opt("sdpa", "Attention implementation.", choices=_names("mvc.finetune_setup", "ATTENTION"))
+    channels_last: bool = opt(False, "U-Net weights and activations in channels-last memory format (cuDNN's "
+                              "native layout for fp16/bf16 convolutions; slower on the CPU).")
+    compile: bool = opt(False, "torch.compile the U-Net's training step (1-2 minutes of compiling first; "
+                        "validation and export use the plain U-Net).")
+    tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on CUDA (what runs outside "
+                     "mixed precision); no effect elsewhere.")
     use_ema: bool = opt(False, "Keep an EMA of the U-Net and save it.")
     ema_decay: float = opt(0.9999, "EMA decay (1 would never move the average).", min=0, max=1,
                              max_exclusive=True)
+    ema_foreach: bool = opt(True, "Update the EMA with torch's multi-tensor (foreach) kernels: a few launches "
+                            "instead of three per weight tensor, at the cost of one transient copy of the "
+                            "trainable weights.")
     use_8bit_adam: bool = opt(False, "bitsandbytes 8-bit Adam (GPU).")
     fused_adam: bool = opt(True, "torch's fused Adam kernel (CPU and CUDA): one pass over all weights "
                            "instead of one per tensor; false = torch's default Adam.")
@@ -269,9 +282,17 @@ class GenerateConfig:
     scheduler: str = opt("euler_ancestral", "Sampler.", choices=_samplers)
     multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0)
     per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
-    batch_size: int = opt(16, "Variants per U-Net batch.", min=1)
+    batch_size: int | None = opt(None, "Variants per pipeline call (each is 2-3 U-Net rows). null: on CUDA as many "
+                                 "as free GPU memory holds (a probe of one image, at most 64), elsewhere 16.",
+                                 min=1)
     dtype: str | None = opt(None, "Pipeline weights: fp16, bf16 or fp32 (null: fp16 on CUDA, fp32 elsewhere).",
                             choices=_dtypes)
+    channels_last: bool = opt(False, "The U-Net in channels-last memory format (cuDNN's native layout for "
+                              "fp16/bf16 convolutions; slower on the CPU).")
+    compile: bool = opt(False, "torch.compile the pipeline's U-Net (1-2 minutes of compiling first, again for a "
+                        "new batch shape).")
+    tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls and convolutions on CUDA (generate.dtype=fp32); no "
+                     "effect elsewhere.")
     grid_sources: int = opt(4, "Sources per class in the sample grid.", min=1)
     grid_dir: str | None = opt(None, "Sample grids + TensorBoard (default: <out_dir>_grids, beside the ImageFolder "
                                      "so that it holds class folders only).")

@@ -245,7 +245,9 @@ def class_images(cfg: Any, components: dict, labels: Sequence[int], classes: Seq
     prompts = {c: encode_prompts(pipe.tokenizer, pipe.text_encoder, [prior_prompt(db.instance_prompt, classes[c])])
                for c in labels}  # each (1, T, D)
     bar = tqdm(total=len(todo), desc="dreambooth: class images", unit="img", disable=not progress)
-    for batch in batched(todo, cfg.generate.batch_size):
+    from mvc.generators import DEFAULT_BATCH
+
+    for batch in batched(todo, cfg.generate.batch_size or DEFAULT_BATCH):
         gens = [seeds.generator(seed, "dreambooth.prior", c, i) for c, i, _ in batch]
         images = sample_txt2img(pipe, torch.cat([prompts[c] for c, _, _ in batch]), neg.expand(len(batch), -1, -1),
                                 gens, resolution, db.prior_steps, db.prior_guidance_scale)

@@ -14,6 +14,13 @@ Determinism across resume and across process counts, by construction:
   (train.grad_accum, or accelerate's own setting when that is null), so steps, optimizer updates and
   the schedule always agree.
 The global RNGs are seeded per process (role "process", index rank) for any randomness inside the model.
+
+Speed (docs in mvc.config's train keys): no host sync per step -- each step's loss and gradient norm stay
+on the device (`PendingSteps`) and are read, and checked for non-finite values, only at the logging
+cadence and before any validation, checkpoint or export, so a run that went non-finite stops before it
+writes weights; gradient checkpointing only when a probe says the step would not fit without
+(`train.gradient_checkpointing=null`); optional channels-last, torch.compile of the training step, TF32,
+and the multi-tensor EMA update.
 """
 
 from __future__ import annotations
@@ -38,10 +45,13 @@ from mvc.finetune_setup import (
     build_optimizer,
     freeze,
     load_trainable_state_dict,
+    needs_checkpointing,
+    optimizer_state_bytes,
     prepare_unet,
     trainable_state_dict,
 )
 from mvc.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
+from mvc.perf import channels_last, compiled, peak_memory_gb, reset_peak_memory, set_tf32
 from mvc.sd_io import resize
 from mvc.utils import MVCError, RunLogger, fingerprint, image_grid
 
@@ -51,7 +61,7 @@ PROMPT_FROM = ("target", "condition")  # whose caption a pair's prompt uses
 # train.* keys a resumed run may change without changing what it learns (max_steps: train longer)
 RESUME_FREE_KEYS = {"max_steps", "checkpoint_every", "checkpoints_keep", "validate_every", "num_validation",
                     "validation_steps", "validation_guidance_scale", "validation_image_guidance_scale", "log_every",
-                    "gradient_checkpointing", "attention"}
+                    "gradient_checkpointing", "attention", "channels_last", "compile", "tf32", "ema_foreach"}
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # text cache dtype per mixed precision (else fp32)
 
 
@@ -134,6 +144,42 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
 
 
 #################################################################################
+#                        Per-step values, read at sync points                   #
+#################################################################################
+
+class PendingSteps:
+    """Losses and gradient norms of the steps since the last sync point, kept as device tensors (reading a
+    value waits for the accelerator, which then idles while the host prepares the next step)."""
+
+    def __init__(self, step: int):
+        self.step, self.losses, self.norm = step, [], None
+        self.images, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, images: int) -> None:
+        """One optimizer step: its global loss (a 0-d tensor), its gradient norm (None: not computed)."""
+        self.losses.append(loss.detach())
+        self.norm = grad_norm.detach() if grad_norm is not None else self.norm
+        self.images += images
+
+    def flush(self) -> tuple[list[float], float, float]:
+        """(losses, last gradient norm, images/s since the last flush), read in one sync; MVCError at the first
+        non-finite loss, before anything is written from the weights it produced."""
+        if not self.losses:
+            return [], float("nan"), float("nan")
+        vals = torch.stack(self.losses).float().cpu().tolist()  # the one host sync of the interval
+        norm = float(self.norm) if self.norm is not None else float("nan")
+        elapsed = time.perf_counter() - self.t0
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                raise MVCError(f"non-finite loss ({v}) at step {self.step + i + 1}; lower train.lr, use "
+                               "train.mixed_precision=no, or resume from an earlier checkpoint")
+        ips = self.images / elapsed if elapsed > 0 else float("nan")
+        self.step += len(vals)
+        self.losses, self.images, self.t0 = [], 0, time.perf_counter()
+        return vals, norm, ips
+
+
+#################################################################################
 #                                 Training loop                                 #
 #################################################################################
 
@@ -199,12 +245,16 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
                  latents.nbytes / 1e9, len(text.table), len(prompts), tuple(text.table.shape), text.table.dtype,
                  text.nbytes / 1e9, ", ".join(f"{k} {v}" for k, v in accelerator_settings(acc).items()))
 
-    # 2. Trainable weights, optimizer, schedule, EMA, data order.
+    # 2. Trainable weights (memory format, checkpointing), optimizer, schedule, EMA, data order.
+    set_tf32(tc.tf32, acc.device)
     params = prepare_unet(unet, tc)
     unet.to(acc.device)  # before the EMA copies its weights, so they live on the same device
+    channels_last(unet, tc.channels_last)
+    memory = choose_checkpointing(acc, unet, tc, params, -(-B // world), tuple(latents.mean.shape[3:]),
+                                  tuple(text.empty.shape), text.table.dtype)
     optimizer = build_optimizer(params, tc)
     lr_sched = build_lr_scheduler(optimizer, tc)
-    ema = build_ema(params, tc.ema_decay) if tc.use_ema else None
+    ema = build_ema(params, tc.ema_decay, tc.ema_foreach) if tc.use_ema else None
     sampler = GlobalBatchSampler(len(cond_all), seeds.generator(seed, "finetune.order"))
     step = 0
     record = resume_record(cfg, dataset, cond_all, tgt_all, prompts, seed)
@@ -227,6 +277,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
         if main:
             log.info("resumed from step %d", step)
     bare = acc.unwrap_model(unet)
+    step_unet = compiled(unet, tc.compile)  # the training step's forward; validation and export use `bare`
 
     # 3. Loop: each optimizer step = `accum` micro-steps of the global batch B.
     accum = int(acc.gradient_accumulation_steps)
@@ -234,8 +285,8 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     logger.config(dataclasses.asdict(cfg), metrics=["train/loss"])
     if main:
         logger.scalars(step, {"cache_seconds": cache_s, "world_size": world, "seed": seed, "grad_accum": accum,
-                              "latent_cache_gb": latents.nbytes / 1e9, "text_cache_gb": text.nbytes / 1e9},
-                       prefix="setup/")
+                              "latent_cache_gb": latents.nbytes / 1e9, "text_cache_gb": text.nbytes / 1e9,
+                              **{k: float(v) for k, v in memory.items() if v is not None}}, prefix="setup/")
     shard = torch.tensor_split(torch.arange(B), world)[rank]
     rows = slice(int(shard[0]), int(shard[-1]) + 1)
     weight = world / B  # DDP averages over processes -> exact global-batch mean
@@ -243,10 +294,11 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     ttimesteps = sched.config.num_train_timesteps
     losses: list[float] = []
     ips = float("nan")
+    pending = PendingSteps(step)
+    reset_peak_memory(acc.device)
     pbar = tqdm(total=tc.max_steps, initial=step, desc="fine-tuning", disable=not main)
     while step < tc.max_steps:
-        t_start = time.perf_counter()
-        step_loss, grad_norm = 0.0, float("nan")
+        step_loss, grad_norm = torch.zeros((), device=acc.device), None
         for micro in range(accum):
             idx = sampler.next(B)[rows]
             rnd = draw_step_noise(B, latent_shape, ttimesteps, tc.random_flip, tc.drop_text_prob,
@@ -256,35 +308,41 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             rnd = rnd.to(acc.device)
             with acc.accumulate(unet):
-                per_sample = ip2p_loss(unet, sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
+                per_sample = ip2p_loss(step_unet, sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
                 local_sum = per_sample.sum()
-                total = acc.reduce(local_sum.detach().clone(), reduction="sum").item() / B
-                if not math.isfinite(total):
-                    raise MVCError(f"non-finite loss ({total}) at step {step + 1}; lower train.lr, use "
-                                   "train.mixed_precision=no, or resume from an earlier checkpoint")
+                step_loss += acc.reduce(local_sum.detach().clone(), reduction="sum") / (B * accum)
                 acc.backward(local_sum * weight)
                 if acc.sync_gradients:
                     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-                    grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+                    grad_norm = acc.clip_grad_norm_(params, max_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += total / accum
         if not optimizer.step_was_skipped:
             lr_sched.step()
         if ema is not None:
             ema.step(params)
         step += 1
-        losses.append(step_loss)
-        ips = B * accum / (time.perf_counter() - t_start)
+        pending.add(step_loss, grad_norm, B * accum)
         pbar.update(1)
-        pbar.set_postfix(loss=f"{step_loss:.4f}")
-        if main and (step % tc.log_every == 0 or step == 1 or step == tc.max_steps):
-            logger.scalars(step, {"loss": step_loss, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
-                                  "images_per_s": ips}, prefix="train/")
-        if main and (step % tc.validate_every == 0 or step == tc.max_steps):
+        logs = step % tc.log_every == 0 or step == 1 or step == tc.max_steps
+        validates = step % tc.validate_every == 0 or step == tc.max_steps
+        saves = step % tc.checkpoint_every == 0 or step == tc.max_steps
+        if not (logs or validates or saves):
+            continue
+        # a sync point, on every process alike: read (and check) the steps since the last one
+        vals, norm, ips = pending.flush()
+        losses += vals
+        pbar.set_postfix(loss=f"{vals[-1]:.4f}")
+        if main and logs:
+            peak = peak_memory_gb(acc.device)
+            logger.scalars(step, {"loss": vals[-1], "lr": lr_sched.get_last_lr()[0], "grad_norm": norm,
+                                  "images_per_s": ips, **({"peak_memory_gb": peak} if peak is not None else {})},
+                           prefix="train/")
+        if main and validates:
             grid = validation_grid(components, bare, dataset, pairs, prompts, tc, seed, ema)
             logger.image("validation", grid, step, path=out_dir / "validation" / f"step-{step:06d}.png")
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            pending.t0 = time.perf_counter()  # the next interval times training only
+        if saves:
             if main:
                 save_checkpoint(ckpt_dir, step, {
                     "unet": trainable_state_dict(bare), "optimizer": optimizer.state_dict(),
@@ -292,6 +350,7 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
                     "sampler": sampler.state_dict(), "rng": rng_state(), "world_size": world,
                 }, dataclasses.asdict(cfg), keep=tc.checkpoints_keep, kind="finetune", trained_on=record)
             acc.wait_for_everyone()
+            pending.t0 = time.perf_counter()
     pbar.close()
 
     # 4. The diffusers folder generation loads (EMA weights when kept, LoRA merged).
@@ -306,7 +365,28 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     logger.close()
     return {"losses": losses, "step": step, "final_dir": final_dir, "images_per_s": ips, "cache_seconds": cache_s,
             "grad_accum": accum, "mixed_precision": str(acc.mixed_precision),
-            "latent_cache_bytes": latents.nbytes, "text_cache_bytes": text.nbytes}
+            "latent_cache_bytes": latents.nbytes, "text_cache_bytes": text.nbytes,
+            "gradient_checkpointing": memory["gradient_checkpointing"], "peak_memory_gb": peak_memory_gb(acc.device)}
+
+
+def choose_checkpointing(acc, unet, tc, params, rows: int, latent_size: tuple[int, ...], text_shape: tuple[int, int],
+                         text_dtype: torch.dtype) -> dict:
+    """Gradient checkpointing as train.gradient_checkpointing says; null: on when the memory probe of a step of
+    `rows` rows (this process's share, rounded up) says it would not fit without, on any process."""
+    if tc.gradient_checkpointing is not None:
+        return {"gradient_checkpointing": bool(tc.gradient_checkpointing)}  # prepare_unet applied it
+    out = needs_checkpointing(unet, acc.device, acc.autocast, rows, latent_size, text_shape, text_dtype,
+                              optimizer_state_bytes(params, tc, acc.num_processes))
+    if acc.num_processes > 1:  # one choice for every process: on when any needs it
+        flag = torch.tensor(float(out["gradient_checkpointing"]), device=acc.device)
+        out["gradient_checkpointing"] = bool(acc.reduce(flag, reduction="sum").item() > 0)
+    if out["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    if acc.is_main_process:
+        log.info("gradient checkpointing %s (train.gradient_checkpointing=null; %s)",
+                 "on" if out["gradient_checkpointing"] else "off",
+                 ", ".join(f"{k} {v}" for k, v in out.items() if k != "gradient_checkpointing") or "not on CUDA")
+    return out
 
 
 #################################################################################

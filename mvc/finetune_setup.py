@@ -1,8 +1,10 @@
-"""Fine-tuning set-up: which U-Net weights train (full or LoRA), attention, optimizer, LR schedule, EMA."""
+"""Fine-tuning set-up: which U-Net weights train (full or LoRA), attention, optimizer, LR schedule, EMA, and
+whether gradient checkpointing is needed (`needs_checkpointing`)."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Callable
 
 import torch
@@ -13,6 +15,8 @@ from mvc.utils import MVCError
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the U-Net's attention projections
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the CLIP text encoder's
+
+log = logging.getLogger(__name__)
 
 
 #################################################################################
@@ -132,8 +136,79 @@ def build_lr_scheduler(optimizer, train_cfg):
     return lambda_lr(optimizer, train_cfg.lr_scheduler, train_cfg.max_steps, train_cfg.lr_warmup_steps)
 
 
-def build_ema(params: list[torch.nn.Parameter], decay: float):
-    """diffusers' `EMAModel` of the trainable parameters ((1+n)/(10+n) warm-up of the decay, capped at `decay`)."""
+def build_ema(params: list[torch.nn.Parameter], decay: float, foreach: bool = False):
+    """diffusers' `EMAModel` of the trainable parameters ((1+n)/(10+n) warm-up of the decay, capped at `decay`);
+    `foreach`: its multi-tensor update (a few kernel launches per step instead of three per tensor)."""
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(params, decay=decay)
+    return EMAModel(params, decay=decay, foreach=foreach)
+
+
+#################################################################################
+#                   Gradient checkpointing only when memory needs it            #
+#################################################################################
+
+MEMORY_MARGIN = 0.85  # of the free memory a step may plan to use: kernels' workspaces and fragmentation need room
+
+
+def step_memory_need(peak_one: int, peak_two: int, rows: int, state_bytes: int) -> int:
+    """Bytes a training step of `rows` rows needs, from the peaks of probe steps on one and on two rows (each
+    above the memory in use before it; both hold the gradients and the weights' autocast copies once, the
+    activations once per row) plus `state_bytes` not yet allocated (optimizer state, EMA, DDP buckets)."""
+    per_row = max(peak_two - peak_one, 0)
+    return peak_one + per_row * (rows - 1) + state_bytes
+
+
+def probe_step_peak(unet, rows: int, latent_size: tuple[int, ...], text_shape: tuple[int, int],
+                    text_dtype: torch.dtype, autocast) -> int:
+    """Peak CUDA bytes above the current allocation of one forward + backward of `unet` on `rows` zero rows
+    under `autocast` (a context-manager factory); the gradients are dropped afterwards, the weights untouched."""
+    device = next(unet.parameters()).device
+    x = torch.zeros(rows, unet.config.in_channels, *latent_size, device=device)
+    emb = torch.zeros(rows, *text_shape, device=device, dtype=text_dtype)
+    t = torch.zeros(rows, dtype=torch.long, device=device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with autocast():
+            out = unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        out.float().pow(2).mean().backward()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    finally:
+        for p in unet.parameters():
+            p.grad = None
+
+
+def needs_checkpointing(unet, device, autocast, rows: int, latent_size: tuple[int, ...], text_shape: tuple[int, int],
+                        text_dtype: torch.dtype, state_bytes: int) -> dict:
+    """train.gradient_checkpointing=null: whether a step of `rows` rows needs gradient checkpointing to fit in
+    the free memory of a CUDA `device` (probe steps on 1 and 2 rows, `step_memory_need`); never elsewhere.
+    Returns {"gradient_checkpointing": bool, and on CUDA "need_gb", "free_gb"}."""
+    from mvc.perf import free_memory_bytes, is_cuda
+
+    if not is_cuda(device):
+        return {"gradient_checkpointing": False}
+    try:
+        peaks = [probe_step_peak(unet, r, latent_size, text_shape, text_dtype, autocast) for r in (1, 2)]
+    except Exception as e:  # out of memory already (or a probe that cannot run): the safe choice
+        torch.cuda.empty_cache()
+        log.warning("the memory probe of the training step failed (%s: %s); gradient checkpointing on",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return {"gradient_checkpointing": True, "need_gb": None, "free_gb": None}
+    need, free = step_memory_need(*peaks, rows, state_bytes), free_memory_bytes(device)
+    return {"gradient_checkpointing": need > MEMORY_MARGIN * free, "need_gb": round(need / 1e9, 2),
+            "free_gb": round(free / 1e9, 2)}
+
+
+def optimizer_state_bytes(params: list[torch.nn.Parameter], train_cfg, world: int) -> int:
+    """Bytes the optimizer (Adam: two fp32 moments; 8-bit Adam: two bytes), the EMA (one copy, one more
+    transient with foreach) and DDP's gradient buckets (several processes) will add to the weights."""
+    n = sum(p.numel() for p in params)
+    per = 2 if train_cfg.use_8bit_adam else 8
+    if train_cfg.use_ema:
+        per += 8 if train_cfg.ema_foreach else 4
+    if world > 1:
+        per += 4
+    return n * per

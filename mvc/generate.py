@@ -39,6 +39,7 @@ from mvc.captions import load_captions
 from mvc.distributed import resolve_dtype
 from mvc.generators import image_generators, make_generator
 from mvc.paths import RunPaths
+from mvc.perf import channels_last, free_memory_bytes, is_cuda, peak_memory_gb, reset_peak_memory, set_tf32
 from mvc.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
 from mvc.utils import MVCError, append_jsonl, atomic_write_json, batched
 
@@ -146,14 +147,16 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
             pipe = method.load(model, device, dtype)
         if predictor is None and g.filter_checkpoint:
             predictor = build_filter(g.filter_checkpoint, labelled.classes)
+        method.batch_size = prepare_pipeline(pipe, g, res, device)
         method.begin(pipe, model, res)
+        reset_peak_memory(device)
         t_render = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"generate (rank {rank})" if world > 1 else "generate", unit="img",
                    disable=not progress)
         for label, cjobs in groupby(todo, key=lambda j: j.label):
             cjobs = list(cjobs)
             state = method.start_class(pipe, labelled, label, cjobs, captions, res)
-            for batch in batched(cjobs, g.batch_size):
+            for batch in batched(cjobs, method.batch_size):
                 gens = image_generators(seed, batch)
                 images, fields = method.render(pipe, state, batch, seed, gens)
                 recs = [make_record(j, method=method.name, seed=seed, generator_seed=gen.initial_seed(),
@@ -180,7 +183,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
                "rejected_now": rejected, "resolution": res, "dtype": dtype_name,
                "device": str(device if device is not None else "cpu"),
                "seconds": round(seconds, 3), "load_seconds": round(seconds - render_s, 3),
-               "images_per_s": round((made + rejected) / render_s, 4) if render_s > 0 else None}
+               "images_per_s": round((made + rejected) / render_s, 4) if render_s > 0 else None,
+               "batch_size": method.batch_size, "peak_memory_gb": peak_memory_gb(device) if todo else None}
     if main:
         counts = out.reconcile(jobs)
         summary.update(images=counts["images"], rejected=counts["rejected"])
@@ -188,6 +192,63 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
         atomic_write_json(paths.grids / "summary.json", summary)  # this run
         append_jsonl(paths.grids / "runs.jsonl", summary)  # every run: which processes, device, dtype made the set
     return summary
+
+
+#################################################################################
+#                        Speed: levers and batch size                           #
+#################################################################################
+
+AUTO_BATCH_MAX = 64  # generate.batch_size=null on CUDA: at most this many images per call
+MEMORY_SHARE = 0.5   # ... using at most this share of the free memory (the probe is of one image)
+
+
+def prepare_pipeline(pipe: Any, g: Any, resolution: int, device: Any) -> int:
+    """Apply generate.tf32 / channels_last / compile to a loaded pipeline; return the images per call
+    (generate.batch_size, or when null as many as free CUDA memory holds, `DEFAULT_BATCH` elsewhere)."""
+    from mvc.generators import DEFAULT_BATCH
+
+    set_tf32(g.tf32, device)
+    channels_last(pipe.unet, g.channels_last)
+    size = g.batch_size
+    if size is None:
+        size = DEFAULT_BATCH
+        if is_cuda(device):
+            try:  # before compiling: the probe's shapes are not the run's
+                size = batch_from_memory(image_memory_bytes(pipe, resolution), free_memory_bytes(device))
+            except Exception as e:  # a probe that cannot run must not stop generation
+                log.warning("generate.batch_size=null: the memory probe failed (%s: %s); batches of %d",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", size)
+            log.info("generate.batch_size=null: %d images per pipeline call", size)
+    if g.compile:
+        pipe.unet.compile()  # in place: the pipeline keeps its U-Net object
+    return size
+
+
+def batch_from_memory(per_image: int, free: int, cap: int = AUTO_BATCH_MAX, share: float = MEMORY_SHARE) -> int:
+    """Images per call when one image needs `per_image` bytes and `free` bytes are free: at least 1, at most `cap`."""
+    return max(1, min(cap, int(share * free // max(per_image, 1))))
+
+
+@torch.no_grad()
+def image_memory_bytes(pipe: Any, resolution: int, chunks: int = 3) -> int:
+    """Peak CUDA bytes one image of a call needs: the larger of a U-Net pass on its guidance rows (`chunks`:
+    3 for InstructPix2Pix, 2 for classifier-free guidance) and the VAE decoding its latent."""
+    unet, vae = pipe.unet, pipe.vae
+    dev, size = unet.device, resolution // int(pipe.vae_scale_factor)
+    x = torch.zeros(chunks, unet.config.in_channels, size, size, device=dev, dtype=unet.dtype)
+    emb = torch.zeros(chunks, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=dev,
+                      dtype=unet.dtype)
+    z = torch.zeros(1, vae.config.latent_channels, size, size, device=dev, dtype=vae.dtype)
+    peaks = []
+    for run in (lambda: unet(x, torch.zeros(chunks, device=dev), encoder_hidden_states=emb),
+                lambda: vae.decode(z)):
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        run()
+        torch.cuda.synchronize(dev)
+        peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+    return int(max(peaks))
 
 
 def concept_field(groups: Any, job: Any) -> dict:

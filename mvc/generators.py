@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 #################################################################################
 
 SEED_ROLE = "generate.image"  # every method's per-image noise: seeds.generator(seed, SEED_ROLE, source, variant)
+DEFAULT_BATCH = 16  # images per pipeline call when generate.batch_size is null, off CUDA
 
 
 def image_generators(seed: int, batch: Sequence[Any]) -> list[torch.Generator]:
@@ -97,6 +98,7 @@ class Generator:
 
     def __init__(self, cfg: Any):
         self.cfg, self.g = cfg, cfg.generate
+        self.batch_size = self.g.batch_size or DEFAULT_BATCH  # images per pipeline call (generate_synthetic sizes it)
 
     def ops(self) -> list[str]:
         """The op of variant v is ops[v % len(ops)] (the plan's `op` field)."""
@@ -232,7 +234,7 @@ class MVCGenerator(Generator):
         ctx = ClassPrompts.build(sources, ids, [captions[i] for i in ids], labelled.classes[label],
                                  self.cfg.captions.prompt_template, self.window, pipe.tokenizer, self.encode)
         srcs = sorted({j.source for j in jobs})
-        lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.g.batch_size)
+        lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.batch_size)
         return ctx, {s: lat[i] for i, s in enumerate(srcs)}  # condition latents, each (4, h, w)
 
     def render(self, pipe, state, batch, seed, generators):
@@ -397,7 +399,7 @@ class Img2ImgGenerator(BaseGenerator):
 
         state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
         srcs = sorted({j.source for j in jobs})
-        mean, std = encode_posteriors(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.g.batch_size)
+        mean, std = encode_posteriors(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.batch_size)
         state["posterior"] = {s: (mean[i:i + 1], std[i:i + 1]) for i, s in enumerate(srcs)}  # each (1, 4, h, w)
         return state
 

@@ -172,15 +172,16 @@ def seed_timm_hub_cache(hub_cache: Path, backbone: str) -> str:
     return repo
 
 
-def write_accelerate_config(hf_home: Path, mixed_precision: str) -> Path:
-    """The file `accelerate config` writes (one machine, CPU), where `accelerate launch` reads its defaults."""
+def write_accelerate_config(hf_home: Path, mixed_precision: str, use_cpu: bool = True) -> Path:
+    """The file `accelerate config` writes (one machine; the CPU, or one GPU), where `accelerate launch` reads
+    its defaults."""
     import yaml
 
     path = hf_home / "accelerate" / "default_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "mixed_precision": mixed_precision,
-        "num_machines": 1, "num_processes": 1, "machine_rank": 0, "use_cpu": True, "dynamo_config": {},
+        "num_machines": 1, "num_processes": 1, "machine_rank": 0, "use_cpu": use_cpu, "dynamo_config": {},
         "debug": False, "downcast_bf16": "no", "gpu_ids": "all", "main_training_function": "main",
         "rdzv_backend": "static", "same_network": True, "tpu_env": [], "tpu_use_cluster": False,
         "tpu_use_sudo": False}))

@@ -42,3 +42,29 @@ def test_summary_updates_the_benchmarks_that_ran_and_keeps_the_others(tmp_path, 
     assert "old header" not in text and "| old |" not in text
     assert text.index("## Kept") < text.index("## Rerun")  # the earlier order is kept
     assert "| 1 |" in text and "| new |" in text and "- measured now" in text
+
+
+def test_gpu_bench_quick_measures_every_part_and_the_agreement_on_the_cpu(tmp_path):
+    """bench_gpu.py --quick: every fine-tuning variant and generation batch measured at a miniature width, the
+    slow and fast paths agreeing (loss curves, images from the same seeds), one JSON written; a spent budget
+    skips what is left instead of failing."""
+    import json
+
+    import bench_gpu
+
+    res = bench_gpu.main(["--quick", "--out", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    assert not res["errors"] and not res["skipped"] and res["matmul_peak"]["tflops"] > 0
+    train = {r["variant"]: r for r in res["rows"] if r["part"] == "train"}
+    assert set(train) == {"baseline", "all levers", "all levers, fp16 kept",
+                          *(f"+ {k}" for k in bench_gpu.ONE_AT_A_TIME)}
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in train.values())
+    assert train["baseline"]["speedup"] == 1.0 and train["baseline"]["checkpointing"]
+    gen = [r for r in res["rows"] if r["part"] == "generate"]
+    assert {r["batch"] for r in gen} == set(bench_gpu.QUICK.gen_batches) and all(r["images_per_s"] > 0 for r in gen)
+    agree = res["agreement"]
+    assert agree["train_fp16_kept"]["steps"] == bench_gpu.QUICK.agree_steps
+    assert agree["train_fp16_kept"]["max_rel_diff"] < 0.02 and agree["train_bf16"]["max_rel_diff"] < 0.1
+    assert agree["images"]["mean_abs_pixel_diff"] < 1.0 and agree["images"]["pixel_std"] > 1.0
+    spent = bench_gpu.main(["--quick", "--budget-s", "0", "--out", str(tmp_path / "none.json")])
+    assert spent["rows"] == [] and "train: baseline" in spent["skipped"] and "images" in spent["skipped"]

@@ -407,6 +407,58 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, components):
         run_finetune(tmp_path, bad, max_steps=2)
 
 
+def test_a_loss_gone_non_finite_between_sync_points_stops_before_any_weights_are_written(tmp_path, components):
+    """Losses are read at the logging cadence and before a checkpoint, not every step: a run whose loss turns
+    non-finite at step 3 stops at the next sync point (the checkpoint of step 4), naming step 3, and writes no
+    checkpoint and no final folder from the weights it produced."""
+    bad = copy.deepcopy(components)
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) >= 3 else output  # from the 3rd step's forward on
+
+    bad["unet"].conv_out.register_forward_hook(poison)
+    with pytest.raises(MVCError, match="non-finite loss .* at step 3;"):
+        run_finetune(tmp_path, bad, max_steps=6, log_every=100, checkpoint_every=4)
+    assert len(calls) == 4  # steps 3 and 4 ran before the sync point of step 4 read their losses
+    assert not list((tmp_path / "mvc").glob("checkpoints/checkpoint-*")) and not (tmp_path / "mvc" / "final").exists()
+
+
+def test_speed_levers_keep_the_loss_curve_and_the_weights(tmp_path, components):
+    """The fast path (no gradient checkpointing: null decides so off CUDA; channels-last; the foreach EMA update;
+    TF32, a no-op off CUDA) computes what the slow one does: the same loss curve over 20 steps and the same
+    exported (EMA) weights, up to float summation order."""
+    common = dict(max_steps=20, use_ema=True, ema_decay=0.9, log_every=7, batch_size=8)
+    slow, _ = run_finetune(tmp_path / "slow", components, gradient_checkpointing=True, channels_last=False,
+                           ema_foreach=False, tf32=False, **common)
+    fast, _ = run_finetune(tmp_path / "fast", components, gradient_checkpointing=None, channels_last=True,
+                           ema_foreach=True, tf32=True, **common)
+    assert (slow["gradient_checkpointing"], fast["gradient_checkpointing"]) == (True, False)
+    assert len(slow["losses"]) == len(fast["losses"]) == 20
+    np.testing.assert_allclose(fast["losses"], slow["losses"], rtol=1e-3)
+    a, b = unet_weights(tmp_path / "slow/mvc/final"), unet_weights(tmp_path / "fast/mvc/final")
+    d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    # Adam divides by sqrt(v): a gradient that is ~0 up to float summation order can flip its update sign (a
+    # few lr-sized outliers); everything else agrees closely
+    assert d.mean().item() < 1e-5 and (d > 1e-5).float().mean().item() < 0.03 and d.max().item() < 5e-3
+    setup = json.loads((tmp_path / "fast" / "mvc" / "log.jsonl").read_text().splitlines()[0])
+    assert setup["setup/gradient_checkpointing"] == 0.0  # what null decided, recorded
+    logged = [json.loads(x)["step"] for x in (tmp_path / "fast/mvc/log.jsonl").read_text().splitlines()[1:]]
+    assert logged == [1, 7, 14, 20]  # the logging cadence (and the last step)
+
+
+def test_step_memory_need_grows_with_rows_and_counts_the_state_to_come():
+    from mvc.config import FinetuneConfig
+    from mvc.finetune_setup import optimizer_state_bytes, step_memory_need
+
+    # a probe step of 1 row peaked at 10 units, of 2 rows at 13: 3 per row more; 50 rows, 7 units of state
+    assert step_memory_need(10, 13, 50, 7) == 10 + 3 * 49 + 7
+    params = [torch.nn.Parameter(torch.zeros(10, 10))]
+    assert optimizer_state_bytes(params, FinetuneConfig(use_ema=False), world=1) == 100 * 8  # Adam's two moments
+    assert optimizer_state_bytes(params, FinetuneConfig(use_ema=True, ema_foreach=True), world=2) == 100 * (8 + 8 + 4)
+
+
 def test_missing_optional_backends_are_clear_errors(components):
     from mvc.finetune_setup import build_optimizer, set_attention
 

@@ -439,3 +439,35 @@ generate_synthetic(cfg, labelled=t.make_labelled(), captions=t.CAPTIONS, rank=ac
     assert not list(b.glob("metadata.rank*"))
     for f in pngs(a):
         assert np.abs(pixels(a, f) - pixels(b, f)).max() <= 1
+
+
+#################################################################################
+#                                 speed levers                                  #
+#################################################################################
+
+def test_channels_last_and_a_batch_size_left_to_the_device_make_the_same_images(tmp_path, model_dir, pipe, labelled):
+    """generate.channels_last (a speed lever) makes the images of the contiguous U-Net (float noise: <= 1 level);
+    generate.batch_size=null is DEFAULT_BATCH off CUDA, and every run records its batch size and peak memory."""
+    from mvc.generators import DEFAULT_BATCH
+    from mvc.perf import channels_last
+
+    small = {"generate.per_class": 2}
+    try:
+        plain = run(make_cfg(tmp_path, model_dir, out="plain", **small), labelled, pipe)
+        fast = run(make_cfg(tmp_path, model_dir, out="fast", **small, **{"generate.channels_last": True,
+                                                                         "generate.batch_size": None}), labelled, pipe)
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    finally:
+        channels_last(pipe.unet, False)
+    assert (plain["batch_size"], fast["batch_size"]) == (4, DEFAULT_BATCH) and fast["peak_memory_gb"] is None
+    assert read_jsonl(tmp_path / "fast_grids" / "runs.jsonl")[-1]["batch_size"] == DEFAULT_BATCH
+    a, b = tmp_path / "plain", tmp_path / "fast"
+    assert pngs(a) == pngs(b) and len(pngs(a)) == 4
+    for f in pngs(a):
+        assert np.abs(pixels(a, f) - pixels(b, f)).max() <= 1
+
+
+def test_batch_from_memory_fills_a_share_of_the_free_memory_within_bounds():
+    assert gen.batch_from_memory(per_image=100, free=1000) == 5  # half the free memory
+    assert gen.batch_from_memory(per_image=1, free=10**12) == gen.AUTO_BATCH_MAX
+    assert gen.batch_from_memory(per_image=10**12, free=10) == 1  # one image whatever is free

@@ -2,7 +2,9 @@
 scale only, through scripts/_reproduce.sh (BLIP-2 captions, fine-tuning and generation under accelerate launch,
 then the evaluation, every classifier run of the config and the report).
 
-CI runs Caltech101 (a pretrained ResNet-50 from the private hub cache, a drawn test split); MVC_TEST_FULL=1 adds
+CI runs Caltech101 (a pretrained ResNet-50 from the private hub cache, a drawn test split) through
+scripts/gpu_check.sh --cpu, the GPU check at the miniature scale (the same run, then its performance summary and
+the same checks); MVC_TEST_FULL=1 adds
 CIFAR-10, CIFAR-100 (WRN-28-10, python batches) and the brain-tumour MRI folders (three recipes, two CPU processes
 for captioning, fine-tuning and generation). MVC_SMOKE_PRECISION=bf16 (the accelerate config's precision) works too
 but is slow on a CPU (about 15 minutes for the brain-tumour run).
@@ -32,8 +34,9 @@ def smoke(dataset: str, work: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "MVC_SMOKE_PRECISION": precision,
            "MVC_LAUNCH_ARGS": f"--multi_gpu --num_processes {processes}" if processes > 1 else ""}
-    return subprocess.run(["bash", "scripts/smoke_full.sh", dataset, str(work)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=3600)
+    script = ["scripts/gpu_check.sh", "--cpu"] if dataset == "caltech101" else ["scripts/smoke_full.sh", dataset]
+    return subprocess.run(["bash", *script, str(work)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=3600)
 
 
 def summary(dataset: str, work: Path) -> subprocess.CompletedProcess:
@@ -62,7 +65,10 @@ def check_run(dataset: str, work: Path) -> None:
 
     r = smoke(dataset, work)
     assert r.returncode == 0, r.stderr[-4000:]
-    s = json.loads(r.stdout)
+    out = json.loads(r.stdout)
+    if "stages" in out:  # scripts/gpu_check.sh: its measures, and the miniature run's summary inside
+        check_measures(out)
+    s = out.get("smoke", out)
     assert s["checks"] == "passed"
     processes, precision = SETTINGS[dataset]
     # BLIP-2 (the config's captioner) through transformers, on the CPU in fp32, sharded over the processes
@@ -108,6 +114,21 @@ def check_run(dataset: str, work: Path) -> None:
     Image.open(png).resize((32, 32)).save(png)
     bad = summary(dataset, work)
     assert bad.returncode == 1 and "the model was fine-tuned at 64 px" in bad.stderr
+
+
+def check_measures(out: dict) -> None:
+    """scripts/gpu_check.sh's summary on the CPU: every stage reached and measured (throughput, the share of the
+    matmul peak its FLOPs reach); GPU memory is not measured off CUDA; train.gradient_checkpointing=null is off."""
+    st = out["stages"]
+    assert out["run"]["exit"] == 0 and out["peak"]["tflops"] > 0 and out["checks"] == "passed"
+    for name in ("captioning", "fine-tuning", "generation (mvc)", "generation (img2img)", "generation (dreambooth)"):
+        assert st[name]["reached"] and st[name]["images_per_s"] > 0 and st[name]["peak_memory_gb"] is None, name
+    for name in ("fine-tuning", "generation (mvc)", "generation (img2img)", "generation (dreambooth)", "classifiers"):
+        assert st[name]["share_of_peak"] > 0 and st[name]["gflop_per_image"] > 0, name
+    assert st["fine-tuning"]["gradient_checkpointing"] is False and st["fine-tuning"]["steps"] == 2
+    assert st["generation (mvc)"]["unet_rows_per_image"] == 3 * 2  # text + image guidance, 2 steps
+    assert st["generation (mvc)"]["batch_size"] == 16  # generate.batch_size=null off CUDA
+    assert st["classifiers"]["steps_per_s"] > 0 and st["classifiers"]["runs"] >= 5
 
 
 def test_reproduce_script_finds_the_run_where_the_overrides_put_it(tmp_path):

@@ -26,6 +26,7 @@ from mvc.classifier.metrics import compute_metrics, mean_std
 from mvc.classifier.models import build_model
 from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs, write_summary
 from mvc.classifier.strategies import build_strategy
+from mvc.perf import peak_memory_gb, reset_peak_memory
 from mvc.utils import MVCError, RunLogger, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     run_dir = run_dir_for(cfg, seed, fold)
     ckpt_dir = run_dir / "checkpoints"
     t0 = time.time()
+    reset_peak_memory(accelerator.device)
 
     # 1. data and model (model init seeded identically on every rank; DDP also broadcasts rank 0's weights)
     d = prepare_data(cfg, seed, splits, fold)
@@ -176,6 +178,8 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
                  "best = epoch with the best TEST accuracy (optimistic; report 'last', or set classifier.val_fraction)"),
         "last": {"epoch": epochs, **last}, "best": best, "history": history,
         "input_size": meta.input_size, "world_size": world, "time_s": round(time.time() - t0, 2),
+        "train_steps_per_s": round(sum(h["steps"] for h in history) / max(sum(h["epoch_time_s"] for h in history), 1e-9), 3),
+        "peak_memory_gb": peak_memory_gb(accelerator.device),
         "run_dir": str(run_dir),
     }
     if main:

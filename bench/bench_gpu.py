@@ -254,6 +254,32 @@ def bench_train(unet, state0: dict, caches, sched, scale: Scale, device, flops: 
     return rows, curves
 
 
+def bench_lora(unet, caches, sched, scale: Scale, device, flops: dict, peak, budget: Budget, base: dict | None,
+               rank: int = 8) -> list:
+    """Full fine-tuning's peak memory against LoRA's: the all-levers step on a copy of the U-Net with rank-`rank`
+    adapters on the attention projections and conv_in trained (train.lora_rank's set-up). Its TFLOP/s count the
+    full backward, an upper bound (frozen weights get no weight gradient)."""
+    name = f"LoRA r{rank}, all levers"
+    if not budget.allows(f"train: {name}"):
+        return []
+    from mvc.finetune_setup import LORA_TARGETS, add_lora
+
+    print(f"train: {name} ...", file=sys.stderr, flush=True)
+    lora = None
+    try:
+        lora = copy.deepcopy(unet)
+        add_lora(lora, rank, LORA_TARGETS)
+        lora.conv_in.requires_grad_(True)
+        state = {k: v.detach().clone() for k, v in lora.state_dict().items()}
+        res = run_train(lora, state, caches, sched, ALL, scale, device, scale.warmup + scale.steps, scale.steps)
+    except Exception as e:
+        return [{"part": "train", "variant": name, **asdict(ALL), "error": f"{type(e).__name__}: {e}"[:300]}]
+    finally:
+        del lora
+        cleanup(device)
+    return [{**train_row(name, ALL, res, scale, flops, peak, base), "lora_rank": rank}]
+
+
 def curve_agreement(curves: dict, a: str, b: str, steps: int) -> dict | None:
     """Max and mean relative difference of two loss curves over their first `steps` steps."""
     if a not in curves or b not in curves:
@@ -433,6 +459,7 @@ def run(quick: bool, budget_s: float, compile_: bool, device: torch.device) -> d
     more, more_curves = bench_train(unet, state0, caches, sched, scale, device, flops, peak, budget,
                                     train_variants(scale, "more"), base)
     rows, curves = rows + more, {**curves, **more_curves}
+    rows += bench_lora(unet, caches, sched, scale, device, flops, peak, budget, base)
     out["agreement"].update(train_fp16_kept=curve_agreement(curves, "baseline", "all levers, fp16 kept", scale.agree_steps),
                             train_bf16=curve_agreement(curves, "baseline", "all levers", scale.agree_steps))
     if compile_:  # (e) last

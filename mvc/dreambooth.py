@@ -245,7 +245,7 @@ def class_images(cfg: Any, components: dict, labels: Sequence[int], classes: Seq
     prompts = {c: encode_prompts(pipe.tokenizer, pipe.text_encoder, [prior_prompt(db.instance_prompt, classes[c])])
                for c in labels}  # each (1, T, D)
     bar = tqdm(total=len(todo), desc="dreambooth: class images", unit="img", disable=not progress)
-    from mvc.generators import DEFAULT_BATCH
+    from mvc.perf import DEFAULT_BATCH
 
     for batch in batched(todo, cfg.generate.batch_size or DEFAULT_BATCH):
         gens = [seeds.generator(seed, "dreambooth.prior", c, i) for c, i, _ in batch]

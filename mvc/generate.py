@@ -205,7 +205,7 @@ MEMORY_SHARE = 0.5   # ... using at most this share of the free memory (the prob
 def prepare_pipeline(pipe: Any, g: Any, resolution: int, device: Any) -> int:
     """Apply generate.tf32 / channels_last / compile to a loaded pipeline; return the images per call
     (generate.batch_size, or when null as many as free CUDA memory holds, `DEFAULT_BATCH` elsewhere)."""
-    from mvc.generators import DEFAULT_BATCH
+    from mvc.perf import DEFAULT_BATCH
 
     set_tf32(g.tf32, device)
     channels_last(pipe.unet, g.channels_last)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from mvc import seeds
+from mvc.perf import DEFAULT_BATCH
 from mvc.registry import Registry
 from mvc.utils import MVCError
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 #################################################################################
 
 SEED_ROLE = "generate.image"  # every method's per-image noise: seeds.generator(seed, SEED_ROLE, source, variant)
-DEFAULT_BATCH = 16  # images per pipeline call when generate.batch_size is null, off CUDA
 
 
 def image_generators(seed: int, batch: Sequence[Any]) -> list[torch.Generator]:

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+DEFAULT_BATCH = 16  # images per pipeline call when generate.batch_size is null, off CUDA (no memory to size it from)
+
 
 def is_cuda(device: Any) -> bool:
     """Whether `device` (a torch.device, a string, or None) is a CUDA device."""

@@ -56,8 +56,9 @@ def test_gpu_bench_quick_measures_every_part_and_the_agreement_on_the_cpu(tmp_pa
     assert json.loads((tmp_path / "gpu.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     assert not res["errors"] and not res["skipped"] and res["matmul_peak"]["tflops"] > 0
     train = {r["variant"]: r for r in res["rows"] if r["part"] == "train"}
-    assert set(train) == {"baseline", "all levers", "all levers, fp16 kept",
+    assert set(train) == {"baseline", "all levers", "all levers, fp16 kept", "LoRA r8, all levers",
                           *(f"+ {k}" for k in bench_gpu.ONE_AT_A_TIME)}
+    assert train["LoRA r8, all levers"]["lora_rank"] == 8
     assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in train.values())
     assert train["baseline"]["speedup"] == 1.0 and train["baseline"]["checkpointing"]
     gen = [r for r in res["rows"] if r["part"] == "generate"]

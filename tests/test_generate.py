@@ -448,8 +448,7 @@ generate_synthetic(cfg, labelled=t.make_labelled(), captions=t.CAPTIONS, rank=ac
 def test_channels_last_and_a_batch_size_left_to_the_device_make_the_same_images(tmp_path, model_dir, pipe, labelled):
     """generate.channels_last (a speed lever) makes the images of the contiguous U-Net (float noise: <= 1 level);
     generate.batch_size=null is DEFAULT_BATCH off CUDA, and every run records its batch size and peak memory."""
-    from mvc.generators import DEFAULT_BATCH
-    from mvc.perf import channels_last
+    from mvc.perf import DEFAULT_BATCH, channels_last
 
     small = {"generate.per_class": 2}
     try:

@@ -516,9 +516,11 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
         return []
     ev_dir, rec = main
     table = [(set_label(cfg.generate.method), summary_row(rec))]
+    per_class = [(cfg.generate.method, rec)]
     for gc in extra_generators(cfg):
         if (other := evaluation_record(gc)) is not None:
             table.append((set_label(gc.generate.method), summary_row(other[1])))
+            per_class.append((gc.generate.method, other[1]))
     if (ev_dir / "figure.png").is_file():
         atomic_copy(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
     ref = rec["reference"]
@@ -532,8 +534,23 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
             "cosine distance to the source image / to the nearest other labelled image"
             + (f"; CAS: `{cas['backbone']}` trained on the synthetic images alone, tested on real ones "
                f"(seeds {cas['seeds']})." if cas else "."), "",
-            table_markdown(table).rstrip(), "",
+            table_markdown(table).rstrip(), "", *per_class_fidelity(per_class), "",
             "![per-class fidelity and diversity](figures/synthetic_per_class.png)"]
+
+
+def per_class_fidelity(records: list[tuple[str, dict]]) -> list[str]:
+    """Label fidelity (%) per class of each set (rows) beside the reference's accuracy on real test images."""
+    rec0 = records[0][1]
+    classes = [c[:12] for c in rec0["classes"]]
+    real = rec0.get("reference_accuracy_on_real_per_class")
+    lines = ["Label fidelity per class (%):", "", "| set | " + " | ".join(classes) + " |",
+             "|---|" + "---|" * len(classes)]
+    for method, rec in records:
+        lines.append(f"| {method} | " + " | ".join(f"{100 * v:.0f}" for v in rec["fidelity"]["per_class"]) + " |")
+    if real:
+        lines.append("| real test images (the reference's accuracy on them) | "
+                     + " | ".join(f"{100 * v:.0f}" for v in real) + " |")
+    return lines
 
 
 def update_readme(report: Path, profile: str = "tiny", readme: Path = Path("README.md"),

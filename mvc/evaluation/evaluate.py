@@ -94,6 +94,7 @@ def measure(ref: Reference, syn: Any, sources: np.ndarray, labelled: Any, real: 
         "images": len(syn),
         "fidelity": label_fidelity(p_syn.argmax(1), syn.targets, C),
         "reference_accuracy_on_real": label_fidelity(p_real.argmax(1), real.targets, C)["overall"],
+        "reference_accuracy_on_real_per_class": label_fidelity(p_real.argmax(1), real.targets, C)["per_class"],
         "diversity": {**diversity_ratio(div_syn, div_real), "synthetic_per_class": div_syn, "real_per_class": div_real},
         "frechet": {"synthetic_vs_test": frechet_distance(f_syn, f_real),
                     "labelled_vs_test": frechet_distance(f_lab, f_real), "feature_dim": int(f_syn.shape[1]),

@@ -57,7 +57,7 @@ def measure(tiny_cfg, images, ids, null_ids, steps: int, device: str = "cpu", pr
         vae.requires_grad_(True)
         pretrain_vae(vae, images, c, device, progress=False, precision=precision)
 
-    latents = encode_latents(vae, images[:512], device=device)
+    latents = encode_latents(vae.to(device), images[:512], device=device)
 
     def unet_steps(n):
         c = copy.deepcopy(tiny_cfg)

@@ -283,7 +283,7 @@ class GenerateConfig:
     multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0)
     per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
     batch_size: int | None = opt(None, "Variants per pipeline call (each is 2-3 U-Net rows). null: on CUDA as many "
-                                 "as free GPU memory holds (a probe of one image, at most 64), elsewhere 16.",
+                                 "as free GPU memory holds (a probe of one image, at most 128), elsewhere 16.",
                                  min=1)
     dtype: str | None = opt(None, "Pipeline weights: fp16, bf16 or fp32 (null: fp16 on CUDA, fp32 elsewhere).",
                             choices=_dtypes)

@@ -198,7 +198,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
 #                        Speed: levers and batch size                           #
 #################################################################################
 
-AUTO_BATCH_MAX = 64  # generate.batch_size=null on CUDA: at most this many images per call
+AUTO_BATCH_MAX = 128  # generate.batch_size=null on CUDA: at most this many images per call (H200: +50% 16 -> 128)
 MEMORY_SHARE = 0.5   # ... using at most this share of the free memory (the probe is of one image)
 
 

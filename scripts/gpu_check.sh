@@ -8,7 +8,7 @@
 #   usage: scripts/gpu_check.sh [--cpu] [WORKDIR]
 # --cpu: the same on the CPU at the miniature run's scale (what the tests run).
 # Environment: PYTHON; RUN_S (cap on the run in seconds, default 300 on the GPU: the summary then reports the
-# stages that finished); MVC_GPU_PRECISION (accelerate's mixed precision on the GPU: bf16 (default), fp16, no);
+# stages that finished); MVC_GPU_PRECISION (accelerate's mixed precision on the GPU: fp16 (default), bf16, no);
 # STEPS (fine-tuning steps, 30), PER_CLASS (images per class and generator, 16), CLF_STEPS (classifier steps, 20).
 # Exit status 0 when the run finished and its checks passed; the summary is printed either way.
 set -uo pipefail

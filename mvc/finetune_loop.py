@@ -191,8 +191,10 @@ def resume_record(cfg, dataset, cond: torch.Tensor, target: torch.Tensor, prompt
            "prompts": fingerprint(prompts), "run.seed": int(seed),
            **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
            **{f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}}
-    if cfg.model.base == "tiny":
-        rec.update({f"tiny.{k}": v for k, v in dataclasses.asdict(cfg.tiny).items() if k != "cache_dir"})
+    if cfg.model.base == "tiny":  # the settings of its key: where and how often the base saves change no weight
+        from mvc.tiny import NOT_IN_KEY
+
+        rec.update({f"tiny.{k}": v for k, v in dataclasses.asdict(cfg.tiny).items() if k not in NOT_IN_KEY})
     return rec
 
 

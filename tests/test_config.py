@@ -157,6 +157,7 @@ def test_every_float_key_refuses_nan_and_inf():
     ("tiny.vae_channels", [8, 12], ["multiples of 8"]),
     ("tiny.vae_channels", [8, 8, 8, 8, 8, 8], ["tiny.image_size"]),
     ("tiny.latent_channels", 3, ["choose one of 4"]),
+    ("tiny.checkpoint_every", 0, [">= 1"]),
     ("mixing.window", [5, 2], ["mixing.window", "non-empty"]),
     ("mixing.window", [1, 2, 3], ["mixing.window"]),
     ("mixing.ops", ["fine+coarse"], ["mixing.ops", "after editing embeddings"]),

@@ -125,6 +125,30 @@ def test_the_tiny_base_builds_on_cuda(micro, tmp_path, precision):
     assert np.isfinite(image).all()
 
 
+def test_a_tiny_base_build_killed_on_cuda_resumes_to_the_uninterrupted_one(micro, tmp_path, monkeypatch):
+    """Killed at U-Net step 25 of 30 (a checkpoint every 10): the build resumed on CUDA (AdamW and the EMA's foreach
+    update on the device, their states reloaded there) ends where the straight one does, up to summation order."""
+    import dataclasses
+
+    from test_tiny import Killed, base_tensors, crash_at_unet_step
+
+    from mvc.tiny import get_tiny_base
+
+    cfg = dataclasses.replace(micro.cfg.tiny, ema_decay=0.9, snr_gamma=5.0, unet_steps=30, vae_steps=30,
+                              checkpoint_every=10)
+    a, b = (dataclasses.replace(cfg, cache_dir=str(tmp_path / run)) for run in ("a", "b"))
+    with on_cuda():
+        straight = get_tiny_base(a, micro.pool, progress=False, device=CUDA)
+        with monkeypatch.context() as m:
+            crash_at_unet_step(m, 25)
+            with pytest.raises(Killed):
+                get_tiny_base(b, micro.pool, progress=False, device=CUDA)
+        resumed = get_tiny_base(b, micro.pool, progress=False, device=CUDA)
+    info = json.loads((resumed / "tiny_base.json").read_text())
+    assert info["resumes"] == 1 and info["device"] == "cuda"
+    close(base_tensors(straight), base_tensors(resumed))
+
+
 #################################################################################
 #                                  Fine-tuning                                  #
 #################################################################################

@@ -106,6 +106,7 @@ def test_micro_build_is_a_loadable_sampling_pipeline_and_is_cached(tmp_path, mon
     folder = get_tiny_base(cfg, pool, output_dir=tmp_path / "run", progress=False)
     assert folder.parent == tmp_path / "cache" and folder.name == tiny_base_key(cfg, pool, "attributes")
     assert not list(folder.parent.glob(".*tmp-*"))  # the temporary build folder was renamed away
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # and the partial build removed
     info = json.loads((folder / "tiny_base.json").read_text())
     assert info["pool_size"] == 48 and info["captioner"] == "attributes"
     assert (folder / "samples.png").is_file() and list((folder / "logs" / "tb").iterdir())
@@ -127,7 +128,9 @@ def test_micro_build_is_a_loadable_sampling_pipeline_and_is_cached(tmp_path, mon
         raise AssertionError("the tiny base was rebuilt")
     monkeypatch.setattr(tiny, "_build_tiny_base", no_build)
     mtime = (folder / "model_index.json").stat().st_mtime_ns
+    (folder.parent / f"{folder.name}.partial" / "unet").mkdir(parents=True)  # a build killed after publishing left it
     assert get_tiny_base(cfg, pool, progress=False) == folder
+    assert not (folder.parent / f"{folder.name}.partial").exists()
     assert (folder / "model_index.json").stat().st_mtime_ns == mtime
     # ... also through load_base (model.base=tiny), as train_mvc.py calls it
     full = dataclasses.replace(make_config(overrides={"model.base": "tiny"}), tiny=cfg)
@@ -140,17 +143,187 @@ def test_micro_build_is_a_loadable_sampling_pipeline_and_is_cached(tmp_path, mon
     assert tiny_base_key(micro_cfg(tmp_path / "elsewhere"), pool, "attributes") == folder.name
 
 
-def test_interrupted_build_leaves_no_base_and_is_cleaned_up(tmp_path, monkeypatch):
+def test_interrupted_build_publishes_nothing_and_keeps_only_its_partial_folder(tmp_path, monkeypatch):
     cfg = micro_cfg(tmp_path)
     pool = shapes_pool(16)
 
-    def interrupted(cfg, pool, captioner, out, *a):
+    def interrupted(cfg, pool, captioner, work, out, *a):
         (out / "model_index.json").write_text("{}")  # half a build
         raise KeyboardInterrupt
     monkeypatch.setattr(tiny, "_build_tiny_base", interrupted)
     with pytest.raises(KeyboardInterrupt):
         get_tiny_base(cfg, pool, progress=False)
-    assert not any((tmp_path / "cache").iterdir())  # neither a final nor a temporary folder is left
+    key = tiny_base_key(cfg, pool, "attributes")
+    # neither a final nor a temporary folder is left: only the partial build, for the next call to continue
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{key}.partial"]
+
+
+#################################################################################
+#                              Resumable build                                  #
+#################################################################################
+
+def resume_cfg(tmp_path, **kw):
+    """A micro build whose U-Net state matters (EMA, min-SNR, a high LR) and saves every 2 of its 7 U-Net steps."""
+    return micro_cfg(tmp_path, unet_steps=7, checkpoint_every=2, ema_decay=0.9, snr_gamma=5.0, lr=5e-3, **kw)
+
+
+def base_tensors(folder: Path) -> dict:
+    """Every tensor of a built base (VAE, U-Net, text encoder), by file and name."""
+    from safetensors.torch import load_file
+
+    return {f"{f.parent.name}/{k}": v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The resume tests' base built without a stop: (folder, its tensors, its log records, its tiny_base.json)."""
+    from mvc.utils import read_jsonl
+
+    folder = get_tiny_base(resume_cfg(tmp_path_factory.mktemp("straight")), shapes_pool(), progress=False)
+    info = json.loads((folder / "tiny_base.json").read_text())
+    return folder, base_tensors(folder), read_jsonl(folder / "logs" / "log.jsonl"), info
+
+
+class Killed(BaseException):
+    """The simulated kill: like SIGKILL or a time limit, no `except Exception` stops it."""
+
+
+def crash_at_unet_step(monkeypatch, k: int) -> None:
+    """Make the build die when it reaches U-Net step `k` (0-based)."""
+    real = tiny._unet_step
+
+    def step(run, scheduler, z_all, ids, null_ids, snr_table, cfg, step, precision):
+        if step == k:
+            raise Killed
+        real(run, scheduler, z_all, ids, null_ids, snr_table, cfg, step, precision)
+    monkeypatch.setattr(tiny, "_unet_step", step)
+
+
+def killed_build(tmp_path, monkeypatch, k: int) -> tuple:
+    """A resume_cfg build killed at U-Net step `k`: (config, its partial folder)."""
+    cfg = resume_cfg(tmp_path)
+    with monkeypatch.context() as m:
+        crash_at_unet_step(m, k)
+        with pytest.raises(Killed):
+            get_tiny_base(cfg, shapes_pool(), progress=False)
+    key = tiny_base_key(cfg, shapes_pool(), "attributes")
+    assert not (tmp_path / "cache" / key).exists()  # nothing was published
+    return cfg, tmp_path / "cache" / f"{key}.partial"
+
+
+def test_a_build_killed_in_the_unet_phase_resumes_to_the_uninterrupted_base(tmp_path, monkeypatch, straight):
+    """Killed at U-Net step 5 (checkpoints after the VAE and at step 4): the next call reuses the partial build
+    (SIGKILL leftovers cleaned), runs steps 4-6 only, and publishes the straight build's tensors bit for bit, its
+    log records once each, the seconds of both attempts and one resume; no partial folder is left."""
+    from mvc.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.utils import read_jsonl
+
+    cfg, partial = killed_build(tmp_path, monkeypatch, 5)
+    assert [p.name for p in list_checkpoints(partial / "vae")] == ["checkpoint-00000003.pt"]
+    assert [p.name for p in list_checkpoints(partial / "unet")] == ["checkpoint-00000004.pt"]  # only the newest
+    ckpt = load_checkpoint(partial / "unet" / "checkpoint-00000004.pt", kind="tiny_unet")  # weights_only
+    assert ckpt["step"] == 4 and len(ckpt["history"]) == 4 and ckpt["resumes"] == 0
+    assert set(ckpt["ema"]) >= {"shadow_params", "optimization_step"} and ckpt["optimizer"]["state"]
+    # what a SIGKILL would also leave: the build's temp folder and a half-written checkpoint, of dead processes
+    stale = [partial.parent / f".{partial.name.removesuffix('.partial')}.tmp-999999999",
+             partial / "unet" / ".checkpoint-00000006.pt.tmp-999999999-ab12.pt"]
+    stale[0].mkdir()
+    stale[1].write_bytes(b"half")
+
+    folder = get_tiny_base(cfg, shapes_pool(), progress=False)
+    assert folder.name == straight[0].name and not partial.exists() and not any(p.exists() for p in stale)
+    tensors = base_tensors(folder)
+    assert tensors.keys() == straight[1].keys() and len(tensors) > 50
+    assert all(torch.equal(tensors[k], straight[1][k]) for k in tensors)
+    assert read_jsonl(folder / "logs" / "log.jsonl") == straight[2]  # the replayed step 4 logged once
+    info = json.loads((folder / "tiny_base.json").read_text())
+    assert info["resumes"] == 1 and straight[3]["resumes"] == 0
+    for k in ("vae_mse", "unet_loss", "scaling_factor"):  # the U-Net's loss over its restored history too
+        assert info[k] == straight[3][k], k
+    secs, before = info["seconds"], ckpt["seconds"]
+    assert secs["vae"] >= before["vae"] > 0 and secs["unet"] > before["unet"] > 0
+    assert secs["data"] > before["data"] and secs["total"] > before["total"] >= sum(before[k] for k in
+                                                                                   ("data", "vae", "unet"))
+
+
+def test_a_build_killed_after_the_vae_skips_it_on_resume(tmp_path, monkeypatch, straight):
+    """Killed at U-Net step 1, before its first checkpoint: the resume loads the VAE, trains the U-Net from step 0,
+    and ends with the straight build's tensors; a second kill and resume counts two resumes."""
+    from mvc.utils import read_jsonl
+
+    cfg, partial = killed_build(tmp_path, monkeypatch, 1)
+    assert (partial / "vae").is_dir() and not (partial / "unet").exists()
+    monkeypatch.setattr(tiny, "pretrain_vae", lambda *a, **k: pytest.fail("the VAE was trained again"))
+    with monkeypatch.context() as m:
+        crash_at_unet_step(m, 3)  # this time after the U-Net's checkpoint at step 2
+        with pytest.raises(Killed):
+            get_tiny_base(cfg, shapes_pool(), progress=False)
+    folder = get_tiny_base(cfg, shapes_pool(), progress=False)
+    tensors = base_tensors(folder)
+    assert all(torch.equal(tensors[k], straight[1][k]) for k in straight[1])
+    assert read_jsonl(folder / "logs" / "log.jsonl") == straight[2]  # U-Net step 0, logged by the first kill, once
+    assert json.loads((folder / "tiny_base.json").read_text())["resumes"] == 2 and not partial.exists()
+
+
+def test_an_odd_partial_build_is_refused_in_one_line_and_kept(tmp_path, monkeypatch):
+    """A checkpoint of another device type, one beyond the U-Net's steps, and a truncated one are each refused in
+    one line that names the folder to delete; nothing is trained or removed."""
+    cfg, partial = killed_build(tmp_path, monkeypatch, 5)
+    path = partial / "unet" / "checkpoint-00000004.pt"
+    good = path.read_bytes()
+
+    def refused(edit, match: str) -> None:
+        ckpt = torch.load(path, weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, path)
+        with pytest.raises(MVCError, match=match) as e:
+            get_tiny_base(cfg, shapes_pool(), progress=False)
+        assert "\n" not in str(e.value) and f"delete {partial} to build the tiny base from scratch" in str(e.value)
+        assert path.is_file() and (partial / "vae").is_dir()
+        path.write_bytes(good)
+
+    refused(lambda c: c["trained_on"].update(device="cuda"),
+            r"trained on other device \(device: 'cuda' -> 'cpu'\); build on the device type that started it \(cuda\)")
+    refused(lambda c: c.update(step=9, history=torch.zeros(9, 2)), r"unet checkpoint .* is at step 9 of 7")
+    refused(lambda c: c.pop("generator"), r"unet checkpoint .* lacks generator")
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(MVCError, match=r"cannot read checkpoint .*; it is truncated or not a checkpoint; delete"):
+        get_tiny_base(cfg, shapes_pool(), progress=False)
+
+
+def test_a_second_builder_waits_for_the_first_and_finds_the_base(tmp_path, monkeypatch, straight):
+    """While one process holds a key's build lock, another call waits; once the base is published it returns it
+    without building."""
+    import shutil
+    import threading
+
+    cfg = resume_cfg(tmp_path)
+    folder = tmp_path / "cache" / straight[0].name
+    monkeypatch.setattr(tiny, "_build_tiny_base", lambda *a: pytest.fail("built although another process had"))
+    got = []
+    with tiny._locked(tmp_path / "cache" / f"{folder.name}.partial"):
+        waiter = threading.Thread(target=lambda: got.append(get_tiny_base(cfg, shapes_pool(), progress=False)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not got  # it waits on the lock
+        shutil.copytree(straight[0], folder)  # the first builder publishes
+    waiter.join(30)
+    assert got == [folder] and not (tmp_path / "cache" / f"{folder.name}.partial").exists()
+
+
+def test_the_checkpoint_cadence_is_not_part_of_the_key_nor_of_a_finetuning_record():
+    """Bases cached before tiny.checkpoint_every existed keep their key (it was 8453655b089b089e for micro_cfg with
+    recipe 4: change it with RECIPE_VERSION only)."""
+    pool = shapes_pool()
+    keys = {tiny_base_key(micro_cfg(Path(d), checkpoint_every=n), pool, "attributes") for d in ("a", "b")
+            for n in (1, 500)}
+    assert keys == {"8453655b089b089e"} and tiny.RECIPE_VERSION == 4
+    # nor of what a fine-tuning checkpoint on the tiny base was trained on: changing it blocks no resume
+    from mvc.finetune_loop import resume_record
+
+    rec = resume_record(make_config(overrides={"model.base": "tiny", "tiny.checkpoint_every": 7}), pool,
+                        torch.zeros(2, 3), torch.ones(2, 3), ["a"], 0)
+    assert "tiny.unet_steps" in rec and not {"tiny.checkpoint_every", "tiny.cache_dir"} & set(rec)
 
 
 def test_empty_pool_is_a_user_error(tmp_path):

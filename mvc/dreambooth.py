@@ -231,11 +231,14 @@ def class_images(cfg: Any, components: dict, labels: Sequence[int], classes: Seq
                  world: int = 1) -> dict[int, list[Path]]:
     """The class images of every class of `labels` (`dreambooth.num_class_images` each): the base's text-to-image
     samples of the class prompt, image i of class c from `seeds.generator(seed, "dreambooth.prior", c, i)`.
-    Only the missing files are made (each written atomically), process `rank` of `world` making every world-th
-    of them (the caller waits for all before reading); returns the files per class."""
+    Only the missing files are made (each written atomically), process `rank` of `world` making the missing ones
+    of every world-th file (the caller waits for all before reading); returns the files per class. The share is
+    taken of every file, not of the missing ones: a process that looks later, after another wrote some of its
+    share, must not take another share (which would leave files nobody makes)."""
     db = cfg.dreambooth
     files = {c: class_image_files(folder, c, classes, db.num_class_images) for c in labels}
-    todo = [(c, i, f) for c in labels for i, f in enumerate(files[c]) if not f.is_file()][rank::world]
+    plan = [(c, i, f) for c in labels for i, f in enumerate(files[c])]
+    todo = [(c, i, f) for c, i, f in plan[rank::world] if not f.is_file()]
     if not todo:
         return files
     pipe = base_pipeline(components, "txt2img", db.prior_scheduler)

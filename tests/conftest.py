@@ -1,6 +1,10 @@
-"""Test-wide settings: no network, a `slow` marker, and the `one_thread` fixture."""
+"""Test-wide settings: no network, a `slow` marker, the `one_thread` fixture, and the miniature full-profile run
+of tests/test_smoke_full.py started in the background when its test is selected."""
 
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 # No test may touch the network: the hub is offline, and so is torchvision's downloader.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,9 +14,48 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+_THREADS = pytest.StashKey[int]()  # torch's thread count before the background run started
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 CPU cores")
+
+
+def pytest_collection_finish(session):
+    """Start the miniature full-profile run of tests/test_smoke_full.py in the background when its test is selected.
+
+    It is a few minutes of processes of its own on one core; the rest of the suite runs in this process on the
+    other one (one torch thread from here on: a second OpenMP thread would spin-wait against the background run).
+    Its test waits for it and checks it where it stands in the order.
+    """
+    if session.config.option.collectonly or not session.items:
+        return
+    module = next((i.module for i in session.items if getattr(i, "module", None) is not None
+                   and i.module.__name__ == "test_smoke_full"), None)
+    if module is None:
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's basetemp, as tmp_path_factory gives it
+
+    def root() -> Path:
+        return factory.mktemp("smoke_background") if factory is not None else Path(tempfile.mkdtemp(prefix="mvc-smoke-"))
+
+    if module.start_background(session.items, root):
+        import torch
+
+        session.config.stash[_THREADS] = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """End the background run if its test did not take it (the session stopped early)."""
+    module = sys.modules.get("test_smoke_full")
+    if module is not None and hasattr(module, "stop_background"):
+        module.stop_background()
+    threads = session.config.stash.get(_THREADS, None)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -220,6 +220,7 @@ SINGLE = ["--data.name=imagefolder", "--data.root={single}"]
 TRUNC = ["--data.name=imagefolder", "--data.root={trunc}", "--data.k_per_class=null"]
 NO_LABEL = ["--captions.prompt_template={caption}, a photo"]
 MODEL = ["--generate.model_dir={model}"]
+ABLATE_FEW = ["--seeds", "0", "--m", "2", "--stages", "tokens", "--modes", "shuffle", "--windows", "caption"]
 
 # (id, script, args, words in the message)
 CASES = [
@@ -306,9 +307,10 @@ CASES = [
     ("ablate-missing-model", "ablate_mixing", ["--generate.model_dir={nowhere}/final"], ["no fine-tuned pipeline"]),
     ("ablate-k-type", "ablate_mixing", MODEL + ["--k", "x"], ["--k", "'x'"]),
     ("ablate-k-zero", "ablate_mixing", MODEL + ["--k", "0"], [">= 1"]),
-    ("ablate-k-larger-than-window", "ablate_mixing", MODEL + ["--mixing.window=[1,3]", "--k", "5", "--s", "1"],
-     ["k=5", "window"]),
-    ("ablate-s-larger-than-width", "ablate_mixing", MODEL + ["--k", "1", "--s", "17"], ["s=17"]),
+    # (one seed and the fewest settings before the bad one: the sweep generates every earlier setting's set first)
+    ("ablate-k-larger-than-window", "ablate_mixing", MODEL + ["--mixing.window=[1,3]", "--k", "5", "--s", "1"]
+     + ABLATE_FEW, ["k=5", "window"]),
+    ("ablate-s-larger-than-width", "ablate_mixing", MODEL + ["--k", "1", "--s", "17"] + ABLATE_FEW, ["s=17"]),
     ("ablate-template-without-label", "ablate_mixing", MODEL + NO_LABEL, ["{label}"]),
     ("ablate-missing-root", "ablate_mixing", MODEL + MISSING_ROOT, ["folder not found"]),
     # output options that would leave the run folder

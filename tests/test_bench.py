@@ -14,7 +14,10 @@ import bench_finetune  # noqa: E402
 import run_all  # noqa: E402
 
 
-def test_finetune_bench_times_all_three_variants_on_one_model():
+def test_finetune_bench_times_all_three_variants_on_one_model(monkeypatch):
+    # the tiny profile's components, at the smallest batch and cache (its 50-image batches time nothing more here)
+    monkeypatch.setitem(bench_finetune.PROFILES, "tiny", {**bench_finetune.PROFILES["tiny"], "batch": 2, "images": 8,
+                                                          "warmup": 1})
     res = bench_finetune.run_profile("tiny", rounds=1, steps=1)
     rows = {r["variant"]: r for r in res["rows"]}
     assert list(rows) == ["straight", "cached", "ours"]
@@ -44,13 +47,24 @@ def test_summary_updates_the_benchmarks_that_ran_and_keeps_the_others(tmp_path, 
     assert "| 1 |" in text and "| new |" in text and "- measured now" in text
 
 
-def test_gpu_bench_quick_measures_every_part_and_the_agreement_on_the_cpu(tmp_path):
+def test_gpu_bench_quick_measures_every_part_and_the_agreement_on_the_cpu(tmp_path, monkeypatch):
     """bench_gpu.py --quick: every fine-tuning variant and generation batch measured at a miniature width, the
     slow and fast paths agreeing (loss curves, images from the same seeds), one JSON written; a spent budget
     skips what is left instead of failing."""
     import json
 
     import bench_gpu
+
+    # FLOPs are counted on the meta device, seconds per call; the second run counts the same U-Net again
+    counted, count = {}, bench_gpu.perf.unet_flops
+
+    def unet_flops(config, *args, **kw):
+        key = json.dumps([config, args, kw], sort_keys=True, default=str)
+        if key not in counted:
+            counted[key] = count(config, *args, **kw)
+        return counted[key]
+
+    monkeypatch.setattr(bench_gpu.perf, "unet_flops", unet_flops)
 
     res = bench_gpu.main(["--quick", "--out", str(tmp_path / "gpu.json")])
     assert json.loads((tmp_path / "gpu.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))

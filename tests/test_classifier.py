@@ -425,13 +425,17 @@ def _run(args, **kw):
 
 
 def test_script_help_and_one_line_errors():
-    r = _run([sys.executable, "train_classifier.py", "--help"])
-    assert r.returncode == 0 and "--strategy" in r.stdout and "predict" in r.stdout
-    r = _run([sys.executable, "train_classifier.py", "--classifier.backbone=resnet_nope", "--run.output_dir=/nonexistent/x",
-              "--classifier.strategy=real", "--data.name=fashion_mnist"], timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["error: unknown backbone 'resnet_nope': not a timm model name "
-                                             "(see timm.list_models(), e.g. resnet18)"]
+    # the two processes at once (each spends its seconds importing torch)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "train_classifier.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for args in (["--help"], ["--classifier.backbone=resnet_nope", "--run.output_dir=/nonexistent/x",
+                                       "--classifier.strategy=real", "--data.name=fashion_mnist"])]
+    (help_out, _), (_, err) = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 0 and "--strategy" in help_out and "predict" in help_out
+    assert procs[1].returncode == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == ["error: unknown backbone 'resnet_nope': not a timm model name "
+                                         "(see timm.list_models(), e.g. resnet18)"]
 
 
 DDP_SCRIPT = """

@@ -171,6 +171,19 @@ def test_missing_class_images_are_made_on_the_next_run(micro, tmp_path):
                                                              "x", 16, 0)
 
 
+def test_processes_that_look_for_missing_class_images_at_different_times_make_every_one(micro, tmp_path):
+    """Each process's share of the class images is fixed by the files, not by what is missing when it looks: one
+    process done before the other starts (a late rank) still leaves every file made."""
+    from mvc.dreambooth import class_images
+
+    cfg = config(micro, tmp_path / "run", **{"dreambooth.num_class_images": 4})
+    comps = _base_components(micro)
+    for rank in (0, 1):  # rank 1 looks after rank 0 wrote its share
+        files = class_images(cfg, comps, [3, 5], micro.labelled.classes, tmp_path / "priors", 16, seed=0,
+                             progress=False, rank=rank, world=2)
+    assert [f.is_file() for fs in files.values() for f in fs] == [True] * 8
+
+
 def _base_components(micro):
     from mvc.finetune_loop import load_base
 

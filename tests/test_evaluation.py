@@ -66,6 +66,24 @@ def test_frechet_distance_is_zero_for_one_distribution_and_grows_with_a_shift():
     assert frechet_distance(u, v) == pytest.approx(4 + 4, rel=0.02)
 
 
+def test_frechet_distance_of_fewer_images_than_dimensions_is_the_full_formula():
+    """min(N, M) < D takes the nuclear norm of the centred factors' product: the D x D formula's value."""
+    def full(a, b):  # FID's formula through sqrt(S1) S2 sqrt(S1), D x D
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        w, v = np.linalg.eigh(s1)
+        root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
+        return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross
+
+    rng = np.random.default_rng(0)
+    for n, m, d in ((6, 9, 40), (12, 100, 64), (3, 2, 5)):  # both sets small; one small, one large; tiny
+        scale = rng.uniform(0, 2, d)
+        a = np.maximum(rng.normal(0, 1, (n, d)), 0) * scale  # non-negative, like ReLU features
+        b = np.maximum(rng.normal(0.3, 1, (m, d)), 0) * scale
+        assert frechet_distance(a, b) == pytest.approx(full(a, b), rel=1e-7)
+        assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_novelty_separates_copies_from_new_images():
     lab, _ = clusters(n_per_class=5, seed=3)
     src = np.arange(len(lab))

@@ -26,16 +26,16 @@ text encoder by default (mixing.coarse_stage=tokens); see docs/architecture.md, 
 
 from __future__ import annotations
 
-from mvc.config import Config, build_parser, parse_args
-from mvc.utils import run_cli
+from mvc.core.config import Config, build_parser, parse_args
+from mvc.core.utils import run_cli
 
 
 def main(cfg: Config) -> dict:
     """Start the stage and generate this process's share of the synthetic set."""
+    from mvc.core.paths import RunPaths
+    from mvc.core.stage import start_stage
+    from mvc.data.synthetic import set_name
     from mvc.generate import generate_synthetic
-    from mvc.paths import RunPaths
-    from mvc.stage import start_stage
-    from mvc.synthetic import set_name
 
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
     stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")

@@ -30,10 +30,10 @@ import evaluate_synthetic
 import generate_mvc
 import train_classifier
 import train_mvc
-from mvc.checkpoint import list_checkpoints
-from mvc.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
-from mvc.paths import RunPaths
-from mvc.utils import MVCError, atomic_copy, atomic_path, atomic_write_json, atomic_write_text, run_cli
+from mvc.core.checkpoint import list_checkpoints
+from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, atomic_copy, atomic_path, atomic_write_json, atomic_write_text, run_cli
 
 README_BEGIN = "<!-- results:begin {profile} (written by run_pipeline.py --update-readme) -->"
 README_END = "<!-- results:end {profile} -->"
@@ -223,7 +223,7 @@ def stage_generate(cfg: Config) -> None:
 def stage_evaluate(cfg: Config) -> None:
     """evaluate_synthetic on the synthetic set (fidelity, diversity, FD, novelty, CAS); skipped when the
     report is of this very set."""
-    from mvc.synthetic import set_fingerprint, set_name
+    from mvc.data.synthetic import set_fingerprint, set_name
 
     paths = RunPaths.of(cfg)
     done = paths.evaluation / set_name(paths.synthetic) / "metrics.json"
@@ -356,7 +356,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
 
 def write_report(cfg: Config, times: dict) -> Path:
     """results.md: the table (mean +- std over seeds), stage wall times and figures."""
-    from mvc.synthetic import count_images
+    from mvc.data.synthetic import count_images
 
     paths = RunPaths.of(cfg)
     figs = paths.figures
@@ -497,7 +497,7 @@ def set_label(method: str) -> str:
 
 def evaluation_record(cfg: Config) -> tuple[Path, dict] | None:
     """The evaluation stage's folder and metrics.json of the set of cfg's generate.method (None before it ran)."""
-    from mvc.synthetic import set_name
+    from mvc.data.synthetic import set_name
 
     paths = RunPaths.of(cfg)
     ev_dir = paths.evaluation / set_name(paths.synthetic)
@@ -578,7 +578,7 @@ def update_readme(report: Path, profile: str = "tiny", readme: Path = Path("READ
 
 def main(cfg: Config, update_readme_too: bool = False) -> Path:
     """Run every stage (resuming what is done) and write the report."""
-    from mvc.seeds import resolve_seed
+    from mvc.core.seeds import resolve_seed
 
     check_runs(cfg)
     cfg = generator_config(cfg, cfg.pipeline.generators[0], main=True)  # generate.method: the main set's

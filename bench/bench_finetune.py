@@ -62,7 +62,7 @@ def sd15_components() -> dict:
 
 def tiny_components() -> dict:
     """The tiny profile's default components (random weights; speed does not depend on them)."""
-    from mvc.config import TinyBaseConfig
+    from mvc.core.config import TinyBaseConfig
     from mvc.tiny import build_tiny_components
 
     return build_tiny_components(TinyBaseConfig(), [f"class{i}" for i in range(10)], in_channels=8)
@@ -92,7 +92,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     """Time the three variants of one profile in alternating rounds; returns rows and notes."""
     import torch
 
-    from mvc.config import FinetuneConfig
+    from mvc.core.config import FinetuneConfig
     from mvc.finetune import LatentCache, draw_step_noise, encode_prompts_cache, gather_batch, ip2p_loss
     from mvc.finetune_setup import build_optimizer, freeze, prepare_unet
     from mvc.sd_io import encode_images, encode_prompts
@@ -227,7 +227,7 @@ def main() -> None:
               "ours = cached + fused Adam (mvc's default train step). Median step time over alternating rounds, "
               "fp32, SDPA attention. Target: ours >= 1.25x straight on both profiles.",
               f"machine: {platform.machine()}, Python {platform.python_version()}"]
-    from mvc.utils import atomic_write_json
+    from mvc.core.utils import atomic_write_json
 
     atomic_write_json(out, {"title": "Fine-tuning: our train step vs the straightforward InstructPix2Pix step",
                             "rows": rows, "notes": notes, "profile_notes": profile_notes})

@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.config import TinyBaseConfig  # noqa: E402
-from mvc.seeds import generator  # noqa: E402
-from mvc.utils import atomic_write_json, batched  # noqa: E402
+from mvc.core.config import TinyBaseConfig  # noqa: E402
+from mvc.core.seeds import generator  # noqa: E402
+from mvc.core.utils import atomic_write_json, batched  # noqa: E402
 
 # images, sources, batch size, steps and resolution of each profile
 PROFILES = {"tiny": dict(images=16, sources=2, batch_size=16, steps=20, resolution=32),

@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc import perf  # noqa: E402
+from mvc.core import perf  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def run_train(unet, state0: dict, caches, sched, spec: Train, scale: Scale, devi
               total: int, timed: int) -> dict:
     """`total` steps of `spec` from the weights `state0` and seeded batches; the last `timed` are timed.
     Returns the per-step losses, the seconds of the timed steps and the peak memory."""
-    from mvc.config import FinetuneConfig
+    from mvc.core.config import FinetuneConfig
     from mvc.finetune import draw_step_noise, gather_batch, ip2p_loss
     from mvc.finetune_setup import build_ema, build_optimizer
 
@@ -296,7 +296,7 @@ def curve_agreement(curves: dict, a: str, b: str, steps: int) -> dict | None:
 
 def bench_generation(unet, scale: Scale, device, flops_per_row: int, peak, budget: Budget, compile_: bool) -> list:
     """U-Net passes of MVC generation (3 rows per image) in fp16, per lever and batch size."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the pipeline's dtype (mvc.distributed)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the pipeline's dtype (mvc.core.distributed)
     g16 = copy.deepcopy(unet).to(dtype).eval()
     h, d = scale.resolution // 8, g16.config.cross_attention_dim
     levers = [("fp16 + channels-last + compile", True, True)] if compile_ else [("fp16", False, False),

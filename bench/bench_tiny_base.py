@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.utils import atomic_write_json  # noqa: E402
+from mvc.core.utils import atomic_write_json  # noqa: E402
 
 # The recipe before docs/generator.md's changes that cost time per step (pool size and step counts do not).
 FIRST_RECIPE = '{"snr_gamma": null, "ema_decay": null}'
@@ -87,7 +87,7 @@ def main() -> None:
 
     import torch
 
-    from mvc.config import load_yaml, make_config
+    from mvc.core.config import load_yaml, make_config
     from mvc.sd_io import tokenize
     from mvc.tiny import build_tiny_components, pool_images
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from mvc.paths import RunPaths
-from mvc.utils import MVCError, RunLogger, atomic_write_json, atomic_write_text, safe_name
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, RunLogger, atomic_write_json, atomic_write_text, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,12 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     """Generate and measure every (setting, seed); returns one row per setting (mean ± std over seeds)."""
     from tqdm.auto import tqdm
 
-    from mvc.captions import load_captions
+    from mvc.core.distributed import resolve_dtype
+    from mvc.core.seeds import numpy_rng
+    from mvc.core.utils import read_jsonl
     from mvc.data import load_splits
-    from mvc.distributed import resolve_dtype
+    from mvc.data.captions import load_captions
+    from mvc.data.synthetic import load_synthetic_set
     from mvc.evaluation.evaluate import load_reference, real_subset, source_rows
     from mvc.evaluation.metrics import (
         diversity_ratio,
@@ -122,9 +125,6 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     from mvc.evaluation.reference import features_and_probs
     from mvc.generate import generate_synthetic
     from mvc.models import load_ip2p_pipeline
-    from mvc.seeds import numpy_rng
-    from mvc.synthetic import load_synthetic_set
-    from mvc.utils import read_jsonl
 
     paths = RunPaths.of(cfg)
     # absolute: generation takes a relative generate.out_dir as relative to the run folder

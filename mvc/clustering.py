@@ -24,8 +24,8 @@ side), and a generator tuned on all of them at once blends them. The recipe, per
    it is dropped. A class never vanishes: when none of its clusters passes, its most coherent one (of 2
    or more images, if it has one) is kept, with a warning.
 5. Each kept cluster is a concept: (label, cluster id, its selected images). Generation draws its
-   sources from the concepts (`mvc.synthetic.plan_jobs(sources=...)`: the same class totals, more variants
-   per kept source), MVC fine-tuning pairs images within a concept only (`mvc.pairs.build_pairs(groups=...)`),
+   sources from the concepts (`mvc.data.synthetic.plan_jobs(sources=...)`: the same class totals, more variants
+   per kept source), MVC fine-tuning pairs images within a concept only (`mvc.data.pairs.build_pairs(groups=...)`),
    and per-concept fine-tuning (DreamBooth, textual inversion) learns one identifier per concept
    (`training_concepts`).
 
@@ -49,9 +49,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mvc import seeds
-from mvc.paths import RunPaths
-from mvc.utils import MVCError, RunLogger, atomic_write_json, batched, fingerprint, image_grid
+from mvc.core import seeds
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, RunLogger, atomic_write_json, batched, fingerprint, image_grid
 
 log = logging.getLogger(__name__)
 

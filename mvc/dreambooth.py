@@ -6,7 +6,7 @@ The recipe, step by step (`get_dreambooth` reuses a finished model, else `train_
 1. Concepts (`make_concepts`): a concept is a class label, a rare identifier and the labelled images that
    show it; by default one concept per class. A caller may pass several groups of images per class instead
    (a clustering pre-step does), each becoming a concept with its own identifier. Identifiers are
-   `dreambooth.identifiers` in concept order, else `mvc.prompts.rare_identifiers` (strings of rare letters,
+   `dreambooth.identifiers` in concept order, else `mvc.data.prompts.rare_identifiers` (strings of rare letters,
    the same every run); they are checked with the base's own tokenizer (distinct tokens, no unknown token,
    prompts not cut off), the tiny byte-level BPE and CLIP's alike.
 2. Prompts: a concept's instance prompt is `dreambooth.instance_prompt` ("a photo of {identifier} {label}");
@@ -25,7 +25,7 @@ The recipe, step by step (`get_dreambooth` reuses a finished model, else `train_
    betas, fused or 8-bit Adam, gradient clipping, attention) is the train section's.
 6. Determinism: the data order comes from generators of its own (saved in checkpoints) and every other draw of
    a step from `seeds.generator(seed, "dreambooth.step", step)`, so a resumed run ends with the weights of an
-   uninterrupted one. Checkpoints (`mvc.checkpoint`, every `checkpoint_every` steps, `checkpoints_keep` kept)
+   uninterrupted one. Checkpoints (`mvc.core.checkpoint`, every `checkpoint_every` steps, `checkpoints_keep` kept)
    are resumed automatically by the next run with the same settings.
 7. Output: `<run.output_dir>/dreambooth/final/`, a StableDiffusionPipeline folder (safetensors, LoRA merged)
    with `mvc_training.json` (steps, resolution, concepts with identifiers and members, the settings). A finished
@@ -56,9 +56,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mvc import seeds
-from mvc.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from mvc.distributed import broadcast_object, make_accelerator, shard_rows
+from mvc.core import seeds
+from mvc.core.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mvc.core.distributed import broadcast_object, make_accelerator, shard_rows
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, batched, fingerprint
+from mvc.data.prompts import instance_prompt, prior_prompt, rare_identifiers, validate_identifiers
+from mvc.data.synthetic import class_folder
 from mvc.finetune import encode_latents_cache, noise_prediction_loss
 from mvc.finetune_loop import GlobalBatchSampler, load_base
 from mvc.finetune_setup import (
@@ -80,11 +91,7 @@ from mvc.models import (
     training_info,
     vae_scale_factor,
 )
-from mvc.paths import RunPaths
-from mvc.prompts import instance_prompt, prior_prompt, rare_identifiers, validate_identifiers
 from mvc.sd_io import encode_ids, encode_prompts, text_hidden_states, tokenize
-from mvc.synthetic import class_folder
-from mvc.utils import MVCError, RunLogger, atomic_path, atomic_write_json, batched, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +252,7 @@ def class_images(cfg: Any, components: dict, labels: Sequence[int], classes: Seq
     prompts = {c: encode_prompts(pipe.tokenizer, pipe.text_encoder, [prior_prompt(db.instance_prompt, classes[c])])
                for c in labels}  # each (1, T, D)
     bar = tqdm(total=len(todo), desc="dreambooth: class images", unit="img", disable=not progress)
-    from mvc.perf import DEFAULT_BATCH
+    from mvc.core.perf import DEFAULT_BATCH
 
     for batch in batched(todo, cfg.generate.batch_size or DEFAULT_BATCH):
         gens = [seeds.generator(seed, "dreambooth.prior", c, i) for c, i, _ in batch]

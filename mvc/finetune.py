@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mvc.core.utils import MVCError, batched
 from mvc.sd_io import encode_images, encode_prompts, images_to_tensor
-from mvc.utils import MVCError, batched
 
 #################################################################################
 #                            Conditioning dropout                               #

@@ -15,7 +15,7 @@ Determinism across resume and across process counts, by construction:
   the schedule always agree.
 The global RNGs are seeded per process (role "process", index rank) for any randomness inside the model.
 
-Speed (docs in mvc.config's train keys): no host sync per step -- each step's loss and gradient norm stay
+Speed (docs in mvc.core.config's train keys): no host sync per step -- each step's loss and gradient norm stay
 on the device (`PendingSteps`) and are read, and checked for non-finite values, only at the logging
 cadence and before any validation, checkpoint or export, so a run that went non-finite stops before it
 writes weights; gradient checkpointing only when a probe says the step would not fit without
@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mvc import seeds
-from mvc.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
-from mvc.distributed import accelerator_settings, broadcast_seed, make_accelerator
+from mvc.core import seeds
+from mvc.core.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
+from mvc.core.distributed import accelerator_settings, broadcast_seed, make_accelerator
+from mvc.core.perf import channels_last, compiled, peak_memory_gb, reset_peak_memory, set_tf32
+from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
 from mvc.finetune import draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch, ip2p_loss
 from mvc.finetune_setup import (
     build_ema,
@@ -51,9 +53,7 @@ from mvc.finetune_setup import (
     trainable_state_dict,
 )
 from mvc.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
-from mvc.perf import channels_last, compiled, peak_memory_gb, reset_peak_memory, set_tf32
 from mvc.sd_io import resize
-from mvc.utils import MVCError, RunLogger, fingerprint, image_grid
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ def _pairs_for(cfg, labelled, path: Path, main: bool, groups=None):
     """Pairs of the labelled subset: loaded from `path` when drawn from this subset with these settings,
     else drawn and saved (pairs are derived data, so a stale file is replaced with a warning). With
     `groups` (clustering-based sampling's `ConceptGroups`), pairs are drawn within each kept cluster."""
-    from mvc.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
+    from mvc.data.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
 
     ids = groups.group_ids() if groups is not None else None
     if path.is_file():
@@ -418,7 +418,7 @@ def sampling_groups(cfg, labelled, pool, device=None, progress: bool = True):
     """The concepts of clustering-based sampling (`mvc.clustering.ConceptGroups`), None when
     sampling.method=none; the base_vae embedder embeds with the base's VAE (the tiny base built if needed)."""
     from mvc.clustering import BASE_VAE, concept_groups
-    from mvc.paths import RunPaths
+    from mvc.core.paths import RunPaths
 
     if cfg.sampling.method == "none":
         return None
@@ -434,7 +434,7 @@ def base_source(cfg, pool, output_dir: Path, progress: bool = True, device=None,
     (a hub id or a local diffusers folder)."""
     if cfg.model.base != "tiny":
         return cfg.model.base
-    from mvc.distributed import stage_precision
+    from mvc.core.distributed import stage_precision
     from mvc.tiny import get_tiny_base
 
     if pool is None or len(pool) == 0:
@@ -458,11 +458,11 @@ def load_base(cfg, pool, output_dir: Path, progress: bool = True, source: str | 
 def run(cfg, accelerator, resume: str | None = None) -> dict:
     """The train_mvc stage: splits -> (clusters) -> pairs -> captions -> prompts -> base -> widen conv_in -> train
     -> final."""
-    from mvc.captions import load_captions
+    from mvc.core.paths import RunPaths
     from mvc.data import load_splits
+    from mvc.data.captions import load_captions
+    from mvc.data.prompts import make_prompt
     from mvc.models import widen_conv_in
-    from mvc.paths import RunPaths
-    from mvc.prompts import make_prompt
 
     acc, paths = accelerator, RunPaths.of(cfg)
     # Process 0 does any download / base building first; the others then read its caches. Captioning is

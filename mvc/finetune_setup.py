@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from mvc.registry import Registry
-from mvc.schedules import lambda_lr
-from mvc.utils import MVCError
+from mvc.core.registry import Registry
+from mvc.core.schedules import lambda_lr
+from mvc.core.utils import MVCError
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the U-Net's attention projections
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the CLIP text encoder's
@@ -132,7 +132,7 @@ def build_optimizer(params: list[torch.nn.Parameter], train_cfg) -> torch.optim.
 
 
 def build_lr_scheduler(optimizer, train_cfg):
-    """The LR schedule (mvc.schedules) with warm-up, stepped once per optimizer step (never per process)."""
+    """The LR schedule (mvc.core.schedules) with warm-up, stepped once per optimizer step (never per process)."""
     return lambda_lr(optimizer, train_cfg.lr_scheduler, train_cfg.max_steps, train_cfg.lr_warmup_steps)
 
 
@@ -186,7 +186,7 @@ def needs_checkpointing(unet, device, autocast, rows: int, latent_size: tuple[in
     """train.gradient_checkpointing=null: whether a step of `rows` rows needs gradient checkpointing to fit in
     the free memory of a CUDA `device` (probe steps on 1 and 2 rows, `step_memory_need`); never elsewhere.
     Returns {"gradient_checkpointing": bool, and on CUDA "need_gb", "free_gb"}."""
-    from mvc.perf import free_memory_bytes, is_cuda
+    from mvc.core.perf import free_memory_bytes, is_cuda
 
     if not is_cuda(device):
         return {"gradient_checkpointing": False}

@@ -12,7 +12,7 @@ sampling settings.
 MVC (`generate.method=mvc`, the default): for each class and each labelled (source) image, V variants
 are made: the source's prompt is mixed (`mvc.mixing`) with the variant's own generator, and the
 fine-tuned InstructPix2Pix pipeline turns (mixed embedding, source image) into an image, written in the
-synthetic-set format (`mvc.synthetic`).
+synthetic-set format (`mvc.data.synthetic`).
 
 Batching: per class, the token ids and embeddings of all its prompts are computed once
 (`ClassPrompts`), and the condition latent of each source once (`mvc.sd_io`, as the pipeline does);
@@ -35,13 +35,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mvc.captions import load_captions
-from mvc.distributed import resolve_dtype
+from mvc.core.distributed import resolve_dtype
+from mvc.core.paths import RunPaths
+from mvc.core.perf import channels_last, free_memory_bytes, is_cuda, peak_memory_gb, reset_peak_memory, set_tf32
+from mvc.core.utils import MVCError, append_jsonl, atomic_write_json, batched
+from mvc.data.captions import load_captions
+from mvc.data.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
 from mvc.generators import image_generators, make_generator
-from mvc.paths import RunPaths
-from mvc.perf import channels_last, free_memory_bytes, is_cuda, peak_memory_gb, reset_peak_memory, set_tf32
-from mvc.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
-from mvc.utils import MVCError, append_jsonl, atomic_write_json, batched
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ MEMORY_SHARE = 0.5   # ... using at most this share of the free memory (the prob
 def prepare_pipeline(pipe: Any, g: Any, resolution: int, device: Any) -> int:
     """Apply generate.tf32 / channels_last / compile to a loaded pipeline; return the images per call
     (generate.batch_size, or when null as many as free CUDA memory holds, `DEFAULT_BATCH` elsewhere)."""
-    from mvc.perf import DEFAULT_BATCH
+    from mvc.core.perf import DEFAULT_BATCH
 
     set_tf32(g.tf32, device)
     channels_last(pipe.unet, g.channels_last)

@@ -1,6 +1,6 @@
 """The generators of synthetic sets, one registry (`generate.method`): MVC and the baselines it is judged against.
 
-Every generator fills the same plan (`mvc.synthetic.plan_jobs`: per class, per labelled source image, V
+Every generator fills the same plan (`mvc.data.synthetic.plan_jobs`: per class, per labelled source image, V
 variants with deterministic file names) through the same loop (`mvc.generate.generate_synthetic`: the
 settings check, resume, sharding, the filter, records and grids), so every set has one format and the
 classifier and the synthetic-set evaluation read each one without special cases. A generator says only
@@ -39,10 +39,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mvc import seeds
-from mvc.perf import DEFAULT_BATCH
-from mvc.registry import Registry
-from mvc.utils import MVCError
+from mvc.core import seeds
+from mvc.core.perf import DEFAULT_BATCH
+from mvc.core.registry import Registry
+from mvc.core.utils import MVCError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class MVCGenerator(Generator):
                      mixing_params(self.cfg.mixing))
 
     def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
-        from mvc.paths import RunPaths
+        from mvc.core.paths import RunPaths
 
         return str(RunPaths.of(self.cfg).final)
 
@@ -281,8 +281,8 @@ class BaseGenerator(Generator):
         return bool(self.g.caption)
 
     def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        from mvc.core.paths import RunPaths
         from mvc.finetune_loop import base_source
-        from mvc.paths import RunPaths
 
         if self.cfg.model.base == "tiny" and pool is None:
             from mvc.data import load_splits
@@ -315,8 +315,8 @@ class BaseGenerator(Generator):
 
     def components(self, model: str) -> dict:
         """The components of the folder (or hub id) sampled."""
+        from mvc.core.paths import RunPaths
         from mvc.finetune_loop import load_base
-        from mvc.paths import RunPaths
 
         return load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
 
@@ -337,7 +337,7 @@ class BaseGenerator(Generator):
 
     def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
         """Each source's prompt: the class prompt, or caption + class prompt (`captions.prompt_template`)."""
-        from mvc.prompts import class_prompt, make_prompt
+        from mvc.data.prompts import class_prompt, make_prompt
 
         template, name = self.cfg.captions.prompt_template, labelled.classes[label]
         if not self.needs_captions():
@@ -621,7 +621,7 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
         return {s: member.get(s, own[s % len(own)]) for s in sources}
 
     def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
-        from mvc.prompts import instance_prompt
+        from mvc.data.prompts import instance_prompt
 
         concepts, template = self.concepts(labelled), self.cfg.dreambooth.instance_prompt
         return {s: instance_prompt(template, concepts[k].identifier, labelled.classes[label])

@@ -32,10 +32,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mvc import seeds
-from mvc.prompts import caption_token_span, make_prompt
-from mvc.registry import Registry
-from mvc.utils import MVCError
+from mvc.core import seeds
+from mvc.core.registry import Registry
+from mvc.core.utils import MVCError
+from mvc.data.prompts import caption_token_span, make_prompt
 
 Window = tuple[int, int] | Sequence[tuple[int, int]] | torch.Tensor | None
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from mvc.registry import Registry
-from mvc.utils import MVCError, atomic_dir, clean_stale_temps
+from mvc.core.registry import Registry
+from mvc.core.utils import MVCError, atomic_dir, clean_stale_temps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 TRAINING_FILE = "mvc_training.json"

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mvc.utils import batched
+from mvc.core.utils import batched
 
 #################################################################################
 #                                    Images                                     #

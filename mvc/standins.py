@@ -11,7 +11,7 @@ from the model hub. For a run without network or GPU (the miniature full-profile
   with an OPT-style byte-level BPE tokenizer trained locally.
 
 Both load through the same code paths as the hub ids (`mvc.models.load_pipeline_components`,
-`mvc.captions.Blip2Captioner`): only the folder replaces the hub. Their outputs mean nothing.
+`mvc.data.captions.Blip2Captioner`): only the folder replaces the hub. Their outputs mean nothing.
 """
 
 from __future__ import annotations

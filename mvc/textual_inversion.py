@@ -67,9 +67,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mvc import seeds
-from mvc.checkpoint import list_checkpoints, resolve_resume, rng_state, save_checkpoint, set_rng_state, trained_on_diff
-from mvc.utils import MVCError, RunLogger, atomic_path, atomic_write_json, fingerprint
+from mvc.core import seeds
+from mvc.core.checkpoint import (
+    list_checkpoints,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trained_on_diff,
+)
+from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +135,7 @@ def check_concepts(concepts: Sequence[Concept], labelled: Any) -> None:
 
 def concept_prompt(template: str, token: str) -> str:
     """A prompt of a concept: `template` (which must hold {token} and nothing else) filled with its token."""
-    from mvc.prompts import validate_template
+    from mvc.data.prompts import validate_template
 
     return validate_template(template, ("token",), EXAMPLE_TEMPLATE).format(token=token)
 
@@ -328,10 +335,10 @@ def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, conce
     class): reused when finished with these settings, else trained (or continued) on `base` (a folder or
     hub id) at `resolution` with `accelerator` (default: the stage's). Under several processes, every one
     calls it together (they train data-parallel)."""
-    from mvc.distributed import make_accelerator
+    from mvc.core.distributed import make_accelerator
+    from mvc.core.paths import RunPaths
     from mvc.finetune_loop import load_base
     from mvc.models import base_identity
-    from mvc.paths import RunPaths
 
     paths = RunPaths.of(cfg)
     out, ti = paths.textual_inversion, cfg.textual_inversion
@@ -365,7 +372,7 @@ def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts:
     training.json. Returns {"losses": per-step global losses of this run, "step", "images_per_s"}."""
     from tqdm.auto import tqdm
 
-    from mvc.distributed import broadcast_seed, make_accelerator, shard_rows
+    from mvc.core.distributed import broadcast_seed, make_accelerator, shard_rows
     from mvc.finetune import noise_prediction_loss
 
     ti, acc = cfg.textual_inversion, accelerator if accelerator is not None else make_accelerator()

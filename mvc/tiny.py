@@ -23,12 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mvc import seeds
-from mvc.checkpoint import check_trained_on, list_checkpoints, load_checkpoint, save_checkpoint
-from mvc.schedules import lr_multiplier
-from mvc.sd_io import images_to_uint8, tokenize, uint8_to_model
-from mvc.tokenizer import build_tiny_tokenizer
-from mvc.utils import (
+from mvc.core import seeds
+from mvc.core.checkpoint import check_trained_on, list_checkpoints, load_checkpoint, save_checkpoint
+from mvc.core.schedules import lr_multiplier
+from mvc.core.utils import (
     MVCError,
     RunLogger,
     atomic_dir,
@@ -38,6 +36,8 @@ from mvc.utils import (
     image_grid,
     truncate_jsonl,
 )
+from mvc.sd_io import images_to_uint8, tokenize, uint8_to_model
+from mvc.tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def get_tiny_base(cfg: Any, pool: Any, captioner: Any = None, output_dir: str | 
     process at a time builds a key (others wait on a lock, then find it built).
     Pool captions are cached under `<output_dir>/captions/` when `output_dir` is given.
     """
-    from mvc.captions import AttributeCaptioner
+    from mvc.data.captions import AttributeCaptioner
 
     captioner = captioner if captioner is not None else AttributeCaptioner()
     if len(pool) == 0:
@@ -536,7 +536,7 @@ class PartialBuild:
 def _pool_data(cfg: Any, pool: Any, captioner: Any, work: Path, output_dir: str | os.PathLike | None,
                progress: bool) -> tuple[Any, list[str], torch.Tensor]:
     """The pretraining pool (subsampled to `cfg.pool_size`), its captions (cached) and images (N, 3, S, S) uint8."""
-    from mvc.captions import caption_cache_path, caption_dataset
+    from mvc.data.captions import caption_cache_path, caption_dataset
 
     if cfg.pool_size is not None and cfg.pool_size < len(pool):
         rng = seeds.numpy_rng(cfg.seed, "tiny.pool")

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 import run_pipeline
-from mvc.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
-from mvc.utils import atomic_path, atomic_write_json, atomic_write_text, run_cli
+from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
+from mvc.core.utils import atomic_path, atomic_write_json, atomic_write_text, run_cli
 
 GENERATORS = ["mvc", "mvc_nomix", "txt2img", "img2img", "dreambooth", "textual_inversion"]
 SAMPLING = ["none", "clusters"]

@@ -213,7 +213,7 @@ def overrides(dataset: str, work: Path) -> list[str]:
 def prepare(dataset: str, work: Path) -> list[str]:
     """Write the fixture data, the stand-in models, the hub cache and accelerate's config; return the overrides."""
     import run_pipeline
-    from mvc.config import build_parser, parse_args
+    from mvc.core.config import build_parser, parse_args
     from mvc.standins import save_sd15_structured, save_small_blip2
 
     rng = np.random.default_rng(0)
@@ -245,10 +245,10 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
     from PIL import Image
 
     import run_pipeline
-    from mvc.config import build_parser, parse_args
+    from mvc.core.config import build_parser, parse_args
+    from mvc.core.paths import RunPaths
+    from mvc.core.utils import read_jsonl
     from mvc.models import training_info
-    from mvc.paths import RunPaths
-    from mvc.utils import read_jsonl
 
     cfg, _ = parse_args(build_parser("smoke_full"), ["--config", str(ROOT / "configs" / f"{dataset}.yaml"), *argv])
     paths = RunPaths.of(cfg)

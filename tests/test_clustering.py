@@ -16,12 +16,12 @@ from helpers import MICRO, write_random_ip2p
 
 import mvc.clustering as clustering
 from mvc.clustering import Concept, ConceptGroups, cluster_classes, concept_groups, n_selected, training_concepts
-from mvc.config import load_yaml, make_config
+from mvc.core.config import load_yaml, make_config
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, fingerprint, read_jsonl
 from mvc.data import ArraySource, ImageDataset
-from mvc.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
-from mvc.paths import RunPaths
-from mvc.synthetic import class_target, plan_jobs
-from mvc.utils import MVCError, fingerprint, read_jsonl
+from mvc.data.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
+from mvc.data.synthetic import class_target, plan_jobs
 
 
 def blobs(centres: list[np.ndarray], sizes: list[int], noise: list[float], seed: int = 0) -> np.ndarray:
@@ -171,7 +171,7 @@ def same(a, b) -> bool:
 def test_pairs_stay_within_groups_and_record_them(tmp_path, caplog):
     t = np.repeat([0, 1], [7, 5])
     groups = np.array([0, 0, 0, 1, 1, -1, 2, 0, 0, 1, -1, -1])  # class 1: group 1 is a single image
-    with caplog.at_level(logging.WARNING, logger="mvc.pairs"):
+    with caplog.at_level(logging.WARNING, logger="mvc.data.pairs"):
         p = build_pairs(t, 4, 0, groups=groups)
     assert "group(s) with a single image" in caplog.text
     assert (groups[p.cond] == groups[p.target]).all() and (t[p.cond] == t[p.target]).all()

@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:
 from helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx  # noqa: E402
 
 import generate_mvc  # noqa: E402
-from mvc.config import make_config, parse_args  # noqa: E402
-from mvc.utils import MVCError, read_jsonl  # noqa: E402
+from mvc.core.config import make_config, parse_args  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl  # noqa: E402
 
 PER_CLASS = 2
 
@@ -67,8 +67,8 @@ def class_image_stamps(out: Path) -> dict[Path, int]:
 
 def test_the_set_is_read_without_special_cases(micro):
     from mvc.classifier.data import prepare_data
-    from mvc.paths import RunPaths
-    from mvc.synthetic import load_synthetic_set, read_records
+    from mvc.core.paths import RunPaths
+    from mvc.data.synthetic import load_synthetic_set, read_records
 
     where = RunPaths.of(micro.cfg).synthetic
     assert where.name == "synthetic_dreambooth"
@@ -83,7 +83,7 @@ def test_the_set_is_read_without_special_cases(micro):
 
 
 def test_records_name_method_parameters_concept_and_no_single_source(micro):
-    from mvc.paths import RunPaths
+    from mvc.core.paths import RunPaths
 
     where = RunPaths.of(micro.cfg).synthetic
     settings = json.loads((where / "generation.json").read_text())["settings"]
@@ -220,7 +220,7 @@ def test_resume_equals_uninterrupted(micro, tmp_path, monkeypatch):
 
 
 def test_lora_trains_only_the_adapters_and_saves_them_merged(micro, tmp_path):
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
     cfg = config(micro, tmp_path / "run", **{"dreambooth.lora_rank": 2, "dreambooth.train_text_encoder": True,
                                              "dreambooth.max_steps": 2, "dreambooth.lr": 1e-2})
@@ -241,8 +241,8 @@ def test_lora_trains_only_the_adapters_and_saves_them_merged(micro, tmp_path):
 def test_default_identifiers_are_rare_distinct_deterministic_and_tokenize(micro):
     from itertools import islice
 
+    from mvc.data.prompts import rare_identifiers
     from mvc.dreambooth import check_prompt_tokens, make_concepts
-    from mvc.prompts import rare_identifiers
     from mvc.tokenizer import build_tiny_tokenizer
 
     first = list(islice(rare_identifiers(), 600))
@@ -335,8 +335,8 @@ def test_trains_and_samples_an_sd15_structured_base(micro, tmp_path):
 def test_clustering_based_sampling_trains_one_identifier_per_kept_cluster(micro, tmp_path):
     """sampling.method=clusters: one concept (identifier) per kept cluster with its kept images, in its own
     dreambooth_clusters/ folder; each image's record names the concept of a kept source."""
+    from mvc.data.synthetic import read_records
     from mvc.models import training_info
-    from mvc.synthetic import read_records
 
     summary = generate_mvc.cli(micro.argv(tmp_path, "--sampling.method=clusters", "--sampling.clusters_per_class=2",
                                           "--dreambooth.max_steps=2"))
@@ -375,7 +375,7 @@ def test_two_processes_train_what_one_does_and_resume_it(micro, tmp_path):
 
     from safetensors.torch import load_file
 
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
     with socket.socket() as sock:  # a free port, so parallel test runs do not collide
         sock.bind(("127.0.0.1", 0))
@@ -403,8 +403,8 @@ LORA = {"dreambooth.lora_rank": 2, "dreambooth.lr": 1e-2}
 def _worker(data: str, cache: str, out: str) -> None:
     """torchrun worker of the test above: 2 steps, the final folder removed (a run killed after its step-2
     checkpoint), then generate_mvc.py with 4 steps, which resumes and makes the set; then 4 LoRA steps."""
+    from mvc.core.distributed import make_accelerator
     from mvc.data import load_splits
-    from mvc.distributed import make_accelerator
     from mvc.generators import make_generator
 
     argv = lambda run, *extra: micro_argv(Path(data), Path(out) / run, Path(cache),  # noqa: E731

@@ -25,7 +25,8 @@ if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
 
 from helpers import max_weight_diff, unet_weights  # noqa: E402
 
-from mvc.config import TinyBaseConfig, make_config  # noqa: E402
+from mvc.core.config import TinyBaseConfig, make_config  # noqa: E402
+from mvc.core.utils import MVCError  # noqa: E402
 from mvc.finetune import (  # noqa: E402
     conditioning_dropout_masks,
     draw_step_noise,
@@ -34,7 +35,6 @@ from mvc.finetune import (  # noqa: E402
     gather_batch,
     ip2p_loss,
 )
-from mvc.utils import MVCError  # noqa: E402
 
 CLASSES = ["shirt", "shoe", "bag", "coat"]
 TINY = TinyBaseConfig(image_size=16, vae_channels=[8, 16], unet_channels=[16, 32], text_hidden=32,
@@ -285,8 +285,8 @@ def test_grad_accum_left_unset_comes_from_accelerate_and_drives_steps_and_schedu
 
 
 def test_mixed_precision_left_unset_comes_from_accelerate_and_is_recorded(tmp_path, monkeypatch, fresh_accelerate):
-    from mvc.config import load_yaml
-    from mvc.stage import start_stage
+    from mvc.core.config import load_yaml
+    from mvc.core.stage import start_stage
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
     cfg = toy_config(tmp_path)
@@ -301,7 +301,7 @@ def test_sharded_backends_are_refused_in_one_line(monkeypatch, fresh_accelerate)
     import accelerate
     from accelerate.utils import DistributedType
 
-    from mvc.distributed import make_accelerator
+    from mvc.core.distributed import make_accelerator
 
     class FSDPAccelerator(accelerate.Accelerator):  # what `accelerate config` with FSDP gives on a GPU machine
         distributed_type = DistributedType.FSDP
@@ -449,7 +449,7 @@ def test_speed_levers_keep_the_loss_curve_and_the_weights(tmp_path, components):
 
 
 def test_step_memory_need_grows_with_rows_and_counts_the_state_to_come():
-    from mvc.config import FinetuneConfig
+    from mvc.core.config import FinetuneConfig
     from mvc.finetune_setup import optimizer_state_bytes, step_memory_need
 
     # a probe step of 1 row peaked at 10 units, of 2 rows at 13: 3 per row more; 50 rows, 7 units of state
@@ -472,7 +472,7 @@ def test_missing_optional_backends_are_clear_errors(components):
 
 
 def test_fused_adam_is_the_default_and_takes_the_same_steps_as_torchs_default_adam():
-    from mvc.config import FinetuneConfig
+    from mvc.core.config import FinetuneConfig
     from mvc.finetune_setup import build_optimizer
 
     torch.manual_seed(0)

@@ -14,12 +14,12 @@ from PIL import Image
 
 import mvc.generate as gen
 from mvc import sd_io
-from mvc.config import TinyBaseConfig, make_config
+from mvc.core.config import TinyBaseConfig, make_config
+from mvc.core.utils import MVCError, read_jsonl
 from mvc.data import ArraySource, ImageDataset
+from mvc.data.synthetic import Job, SyntheticSet, class_folder, plan_jobs, shard_jobs, variants_per_source
 from mvc.generators import render
 from mvc.models import SAMPLERS, build_sampler, load_ip2p_pipeline
-from mvc.synthetic import Job, SyntheticSet, class_folder, plan_jobs, shard_jobs, variants_per_source
-from mvc.utils import MVCError, read_jsonl
 
 try:
     from test_synthetic import _has_datasets_library
@@ -241,7 +241,7 @@ def test_pipeline_dtype_fp32_on_cpu_by_default_bf16_when_asked(tmp_path, model_d
 
 def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
     """Our path (shared latents/embeddings, batch of 3) == one diffusers call per image with its prompt."""
-    from mvc.prompts import make_prompt
+    from mvc.data.prompts import make_prompt
 
     template = "{caption}, a photo of class type {label}"
     srcs = [0, 3]
@@ -401,7 +401,7 @@ def test_user_errors(tmp_path, model_dir, pipe, labelled):
 
 def test_cli_bad_value_is_one_line(capsys):
     import generate_mvc
-    from mvc.utils import run_cli
+    from mvc.core.utils import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli(generate_mvc.cli, ["--generate.scheduler=heun"])
@@ -448,7 +448,7 @@ generate_synthetic(cfg, labelled=t.make_labelled(), captions=t.CAPTIONS, rank=ac
 def test_channels_last_and_a_batch_size_left_to_the_device_make_the_same_images(tmp_path, model_dir, pipe, labelled):
     """generate.channels_last (a speed lever) makes the images of the contiguous U-Net (float noise: <= 1 level);
     generate.batch_size=null is DEFAULT_BATCH off CUDA, and every run records its batch size and peak memory."""
-    from mvc.perf import DEFAULT_BATCH, channels_last
+    from mvc.core.perf import DEFAULT_BATCH, channels_last
 
     small = {"generate.per_class": 2}
     try:

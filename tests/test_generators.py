@@ -21,10 +21,10 @@ if str(ROOT) not in sys.path:
 from helpers import micro_argv, write_fashion_idx, write_random_ip2p  # noqa: E402
 
 import generate_mvc  # noqa: E402
-from mvc.config import load_yaml, make_config, parse_args  # noqa: E402
+from mvc.core.config import load_yaml, make_config, parse_args  # noqa: E402
+from mvc.core.paths import RunPaths  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl, run_cli  # noqa: E402
 from mvc.generators import GENERATORS  # noqa: E402
-from mvc.paths import RunPaths  # noqa: E402
-from mvc.utils import MVCError, read_jsonl, run_cli  # noqa: E402
 
 METHODS = ["mvc", "mvc_nomix", "txt2img", "img2img"]
 PER_CLASS = 2
@@ -73,7 +73,7 @@ def test_the_registry_is_what_the_config_offers():
 
 
 def test_class_prompt_is_the_template_without_its_caption():
-    from mvc.prompts import class_prompt
+    from mvc.data.prompts import class_prompt
 
     assert class_prompt("{caption}, a photo of class type {label}", "Bag") == "a photo of class type Bag"
     assert class_prompt("a photo of {label}: {caption}", "Bag") == "a photo of Bag"
@@ -105,7 +105,7 @@ def test_each_set_is_read_by_the_classifier_loader_and_the_evaluation(micro, met
 
 
 def test_each_set_keeps_the_config_it_was_made_with(micro):
-    from mvc.config import load_yaml
+    from mvc.core.config import load_yaml
 
     for m in METHODS:  # one generate_mvc.py run per method in one run folder: none overwrote another's record
         assert load_yaml(micro.out / f"config-generate_{set_dir(micro, m).name}.yaml")["generate"]["method"] == m
@@ -225,10 +225,10 @@ def test_img2img_batches_equal_the_plain_diffusers_pipeline(micro):
     """Our path (each source encoded once, posterior drawn with the image's generator, latents handed to the
     pipeline) == StableDiffusionImg2ImgPipeline called on the PIL image with the same generator."""
     from mvc import sd_io
+    from mvc.data.synthetic import plan_jobs
     from mvc.finetune_loop import load_base
     from mvc.generators import make_generator
     from mvc.models import base_pipeline
-    from mvc.synthetic import plan_jobs
 
     cfg = config(micro, "img2img", **{"generate.num_inference_steps": 4})
     gen = make_generator(cfg)

@@ -17,8 +17,8 @@ if str(ROOT) not in sys.path:
 from helpers import write_fashion_idx  # noqa: E402
 
 import run_pipeline  # noqa: E402
-from mvc.config import build_parser, load_yaml, make_config, parse_args  # noqa: E402
-from mvc.utils import MVCError  # noqa: E402
+from mvc.core.config import build_parser, load_yaml, make_config, parse_args  # noqa: E402
+from mvc.core.utils import MVCError  # noqa: E402
 
 GPU = ROOT / "configs" / "gpu.yaml"
 

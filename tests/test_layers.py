@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "mvc"
 
 # Layers, lowest first (docs/architecture.md). A module may import modules of its own layer or below.
-UTILITIES = {"mvc", "mvc.utils", "mvc.seeds", "mvc.registry", "mvc.paths", "mvc.schedules", "mvc.distributed"}
-METHOD = {"mvc.prompts", "mvc.sd_io", "mvc.tokenizer", "mvc.pairs", "mvc.mixing", "mvc.synthetic", "mvc.captions",
-          "mvc.models", "mvc.checkpoint"}
-CONFIG = {"mvc.config", "mvc.stage"}
+UTILITIES = {"mvc", "mvc.core", "mvc.core.utils", "mvc.core.seeds", "mvc.core.registry", "mvc.core.paths", "mvc.core.schedules", "mvc.core.distributed"}
+METHOD = {"mvc.data.prompts", "mvc.sd_io", "mvc.tokenizer", "mvc.data.pairs", "mvc.mixing", "mvc.data.synthetic", "mvc.data.captions",
+          "mvc.models", "mvc.core.checkpoint"}
+CONFIG = {"mvc.core.config", "mvc.core.stage"}
 # the issue's "low-level" modules: they import no stage and no config
 LOW = UTILITIES | METHOD
 
@@ -132,8 +132,8 @@ def test_no_import_cycle():
 
 def test_the_cycle_check_sees_function_local_imports(tmp_path):
     """The walker is not blind to the imports that hide in functions (the ones that made the old cycles)."""
-    (tmp_path / "a.py").write_text("def f():\n    from mvc.config import Config\n")
-    assert imports_of("mvc.x", tmp_path / "a.py", {"mvc.config"}) == {"mvc.config"}
+    (tmp_path / "a.py").write_text("def f():\n    from mvc.core.config import Config\n")
+    assert imports_of("mvc.x", tmp_path / "a.py", {"mvc.core.config"}) == {"mvc.core.config"}
     (tmp_path / "b.py").write_text("import importlib\nm = importlib.import_module('mvc.generate')\n")
     assert imports_of("mvc.x", tmp_path / "b.py", {"mvc.generate"}) == {"mvc.generate"}
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from mvc.core.utils import MVCError
+from mvc.data.prompts import caption_token_span
 from mvc.mixing import (
     MIXING_OPS,
     apply_mixing,
@@ -14,8 +16,6 @@ from mvc.mixing import (
     op_stages,
     parse_op,
 )
-from mvc.prompts import caption_token_span
-from mvc.utils import MVCError
 
 B, T, D = 3, 16, 32
 

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from mvc.config import TinyBaseConfig, make_config
+from mvc.core.config import TinyBaseConfig, make_config
+from mvc.core.utils import MVCError
 from mvc.finetune_loop import load_base
 from mvc.models import load_pipeline_components, widen_conv_in
 from mvc.tiny import build_tiny_components
-from mvc.utils import MVCError
 
 
 def micro_cfg():

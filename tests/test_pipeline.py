@@ -17,8 +17,8 @@ if str(ROOT) not in sys.path:
 from helpers import micro_argv, write_fashion_idx  # noqa: E402
 
 import run_pipeline  # noqa: E402
-from mvc.config import load_yaml, make_config  # noqa: E402
-from mvc.utils import MVCError, read_jsonl  # noqa: E402
+from mvc.core.config import load_yaml, make_config  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl  # noqa: E402
 
 RUNS = ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
 
@@ -133,7 +133,7 @@ def test_diagnosis_measures_each_stage_of_the_chain(pipeline_run, tmp_path):
 def test_the_reference_may_not_select_or_filter(pipeline_run, tmp_path):
     """The evaluation-only reference refuses to be a diagnosis selector or a generation filter, in one line."""
     out, _, argv = pipeline_run
-    from mvc.utils import MVCError
+    from mvc.core.utils import MVCError
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import diagnose_generator

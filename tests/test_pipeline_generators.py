@@ -18,9 +18,9 @@ if str(ROOT) not in sys.path:
 from helpers import micro_argv, write_fashion_idx  # noqa: E402
 
 import run_pipeline  # noqa: E402
-from mvc.config import load_yaml, make_config, parse_args  # noqa: E402
-from mvc.synthetic import set_fingerprint  # noqa: E402
-from mvc.utils import MVCError  # noqa: E402
+from mvc.core.config import load_yaml, make_config, parse_args  # noqa: E402
+from mvc.core.utils import MVCError  # noqa: E402
+from mvc.data.synthetic import set_fingerprint  # noqa: E402
 
 GENERATORS = ["mvc", "img2img"]
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mvc import sd_io
-from mvc.config import TinyBaseConfig
+from mvc.core.config import TinyBaseConfig
 from mvc.data import ArraySource, ImageDataset
 
 TINY = TinyBaseConfig(image_size=32, vae_channels=[8, 16, 16], unet_channels=[16, 32], text_hidden=32,

@@ -61,7 +61,7 @@ def test_miniature_full_profile_run(dataset, tmp_path):
 def check_run(dataset: str, work: Path) -> None:
     """Run the miniature run of `dataset` in `work` and check its summary, then that its checks can fail."""
     import run_pipeline
-    from mvc.config import load_yaml, make_config
+    from mvc.core.config import load_yaml, make_config
 
     r = smoke(dataset, work)
     assert r.returncode == 0, r.stderr[-4000:]

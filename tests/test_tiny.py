@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import mvc.tiny as tiny
-from mvc.config import TinyBaseConfig, make_config
+from mvc.core.config import TinyBaseConfig, make_config
+from mvc.core.utils import MVCError
 from mvc.data import ArraySource, ImageDataset
 from mvc.finetune_loop import load_base
 from mvc.tiny import get_tiny_base, tiny_base_key
 from mvc.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
-from mvc.utils import MVCError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def base_tensors(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The resume tests' base built without a stop: (folder, its tensors, its log records, its tiny_base.json)."""
-    from mvc.utils import read_jsonl
+    from mvc.core.utils import read_jsonl
 
     folder = get_tiny_base(resume_cfg(tmp_path_factory.mktemp("straight")), shapes_pool(), progress=False)
     info = json.loads((folder / "tiny_base.json").read_text())
@@ -215,8 +215,8 @@ def test_a_build_killed_in_the_unet_phase_resumes_to_the_uninterrupted_base(tmp_
     """Killed at U-Net step 5 (checkpoints after the VAE and at step 4): the next call reuses the partial build
     (SIGKILL leftovers cleaned), runs steps 4-6 only, and publishes the straight build's tensors bit for bit, its
     log records once each, the seconds of both attempts and one resume; no partial folder is left."""
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
-    from mvc.utils import read_jsonl
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.core.utils import read_jsonl
 
     cfg, partial = killed_build(tmp_path, monkeypatch, 5)
     assert [p.name for p in list_checkpoints(partial / "vae")] == ["checkpoint-00000003.pt"]
@@ -249,7 +249,7 @@ def test_a_build_killed_in_the_unet_phase_resumes_to_the_uninterrupted_base(tmp_
 def test_a_build_killed_after_the_vae_skips_it_on_resume(tmp_path, monkeypatch, straight):
     """Killed at U-Net step 1, before its first checkpoint: the resume loads the VAE, trains the U-Net from step 0,
     and ends with the straight build's tensors; a second kill and resume counts two resumes."""
-    from mvc.utils import read_jsonl
+    from mvc.core.utils import read_jsonl
 
     cfg, partial = killed_build(tmp_path, monkeypatch, 1)
     assert (partial / "vae").is_dir() and not (partial / "unet").exists()
@@ -327,7 +327,7 @@ def test_the_checkpoint_cadence_is_not_part_of_the_key_nor_of_a_finetuning_recor
 
 
 def test_empty_pool_is_a_user_error(tmp_path):
-    from mvc.utils import MVCError
+    from mvc.core.utils import MVCError
 
     with pytest.raises(MVCError, match="remainder pool"):
         get_tiny_base(micro_cfg(tmp_path), shapes_pool(4).subset([]), progress=False)
@@ -419,7 +419,7 @@ def test_the_stage_precision_is_read_without_building_an_accelerator():
     would reset the first one's gradient accumulation)."""
     from accelerate.state import AcceleratorState, GradientState, is_initialized
 
-    from mvc.distributed import make_accelerator, stage_precision
+    from mvc.core.distributed import make_accelerator, stage_precision
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

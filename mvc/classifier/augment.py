@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from mvc.registry import Registry
+from mvc.core.registry import Registry
 
 AUGMENTATIONS: Registry[Callable[..., list] | None] = Registry("augmentation")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mvc.registry import Registry
-from mvc.schedules import lr_multiplier
-from mvc.utils import MVCError
+from mvc.core.registry import Registry
+from mvc.core.schedules import lr_multiplier
+from mvc.core.utils import MVCError
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 OPTIMIZERS.register("adam")(lambda params, cfg, fused: torch.optim.Adam(

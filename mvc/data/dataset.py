@@ -9,11 +9,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mvc import seeds
-from mvc.registry import Registry
-from mvc.seeds import resolve_seed
-from mvc.utils import MVCError
-from mvc.utils import fingerprint as _hash
+from mvc.core import seeds
+from mvc.core.registry import Registry
+from mvc.core.seeds import resolve_seed
+from mvc.core.utils import MVCError
+from mvc.core.utils import fingerprint as _hash
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvc import seeds
-from mvc.paths import RunPaths
-from mvc.utils import MVCError, RunLogger, atomic_write_json, atomic_write_text, safe_name
+from mvc.core import seeds
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, RunLogger, atomic_write_json, atomic_write_text, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,14 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     """Measure every stage of the chain (module docstring) and write the report; returns the rows.
 
     `selector`: a classifier checkpoint (or run folder) trained on the labelled subset alone (see above)."""
-    from mvc.captions import load_captions
     from mvc.data import load_splits
+    from mvc.data.captions import load_captions
+    from mvc.data.synthetic import load_synthetic_set
     from mvc.evaluation.evaluate import load_reference, measure, real_subset, source_rows
     from mvc.generate import generate_synthetic
     from mvc.generators import resolve_resolution
     from mvc.models import load_ip2p_pipeline, training_info
     from mvc.sd_io import images_to_uint8
-    from mvc.synthetic import load_synthetic_set
 
     paths = RunPaths.of(cfg)
     # absolute: generation takes a relative generate.out_dir as relative to the run folder

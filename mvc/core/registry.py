@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, TypeVar
 
-from mvc.utils import MVCError
+from mvc.core.utils import MVCError
 
 T = TypeVar("T")
 

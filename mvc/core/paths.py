@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvc.utils import MVCError
+from mvc.core.utils import MVCError
 
 
 def output_path(root: Path, value: str | None, default: str, key: str) -> Path:

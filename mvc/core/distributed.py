@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from mvc.seeds import resolve_seed
-from mvc.utils import MVCError
+from mvc.core.seeds import resolve_seed
+from mvc.core.utils import MVCError
 
 PRECISIONS = ("no", "fp16", "bf16")  # accelerate's mixed-precision modes
 DTYPES = ("fp16", "bf16", "fp32")     # weight dtypes of inference models (captioner, generation pipeline)

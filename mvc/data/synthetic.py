@@ -44,8 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mvc.seeds import resolve_seed
-from mvc.utils import (
+from mvc.core.seeds import resolve_seed
+from mvc.core.utils import (
     MVCError,
     RunLogger,
     append_jsonl,

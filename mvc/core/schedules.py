@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from mvc.registry import Registry
+from mvc.core.registry import Registry
 
 LR_SCHEDULES: Registry[Callable[..., float]] = Registry("LR schedule")
 

@@ -14,10 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from mvc.config import Config, save_config
-from mvc.distributed import broadcast_seed, make_accelerator
-from mvc.paths import RunPaths
-from mvc.utils import clean_stale_temps
+from mvc.core.config import Config, save_config
+from mvc.core.distributed import broadcast_seed, make_accelerator
+from mvc.core.paths import RunPaths
+from mvc.core.utils import clean_stale_temps
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvc.utils import MVCError, atomic_path, clean_stale_temps, flatten, short_repr
+from mvc.core.utils import MVCError, atomic_path, clean_stale_temps, flatten, short_repr
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")

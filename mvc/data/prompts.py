@@ -14,7 +14,7 @@ import itertools
 import string
 from typing import Any, Iterator, Sequence
 
-from mvc.utils import MVCError
+from mvc.core.utils import MVCError
 
 DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
 DEFAULT_INSTANCE_TEMPLATE = "a photo of {identifier} {label}"

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from mvc.utils import MVCError, atomic_write_text, short_repr
+from mvc.core.utils import MVCError, atomic_write_text, short_repr
 
 
 def opt(default: Any, help: str, *, choices: Callable[[], list] | list | None = None,
@@ -42,7 +42,7 @@ def opt(default: Any, help: str, *, choices: Callable[[], list] | list | None = 
     return field(default=default, metadata=meta)
 
 
-SEED_MAX = 2**63 - 1  # seeds are hashed into 63-bit streams (mvc.seeds); arrays store them as int64
+SEED_MAX = 2**63 - 1  # seeds are hashed into 63-bit streams (mvc.core.seeds); arrays store them as int64
 SEED = {"min": 0, "max": SEED_MAX}
 
 
@@ -65,12 +65,12 @@ def _names(module: str, attr: str) -> Callable[[], list]:
 
 
 _datasets = _names("mvc.data", "DATASETS")
-_captioners = _names("mvc.captions", "CAPTIONERS")
+_captioners = _names("mvc.data.captions", "CAPTIONERS")
 _strategies = _names("mvc.classifier.strategies", "STRATEGIES")
 _samplers = _names("mvc.models", "SAMPLERS")
-_lr_schedules = _names("mvc.schedules", "LR_SCHEDULES")
-_precisions = _names("mvc.distributed", "PRECISIONS")
-_dtypes = _names("mvc.distributed", "DTYPES")
+_lr_schedules = _names("mvc.core.schedules", "LR_SCHEDULES")
+_precisions = _names("mvc.core.distributed", "PRECISIONS")
+_dtypes = _names("mvc.core.distributed", "DTYPES")
 _generators = _names("mvc.generators", "GENERATORS")
 
 
@@ -89,7 +89,7 @@ class DataConfig:
     k_per_class: int | None = opt(20, "Labelled images per class (the low-data subset); null uses all.", min=1)
     subset_seed: int = opt(0, "Seed of the labelled-subset draw (independent of run.seed).", **SEED)
     on_small_class: str = opt("error", "A class with fewer than 2 images: 'error' or 'skip' (with a warning).",
-                              choices=_names("mvc.pairs", "SMALL_CLASS_POLICIES"))
+                              choices=_names("mvc.data.pairs", "SMALL_CLASS_POLICIES"))
     test_split: str = opt("test", "Split used for evaluation.", choices=_names("mvc.data", "EVAL_SPLITS"))
     test_fraction: float = opt(0.2, "Per-class fraction held out as 'test' by datasets without an official "
                                "split (caltech101).", min=0, max=1, min_exclusive=True, max_exclusive=True)
@@ -504,8 +504,8 @@ class Config:
 def check_combinations(cfg: Config) -> None:
     """Rules that span several keys, or that a key's type and range cannot say (`validate` checks each
     key on its own); each is checked here, once, when the config is built, before any work starts."""
+    from mvc.data.prompts import validate_identifiers, validate_instance_template, validate_template
     from mvc.mixing import mixing_params, op_stages, parse_window
-    from mvc.prompts import validate_identifiers, validate_instance_template, validate_template
 
     t = cfg.train  # the three conditioning-dropout cases are disjoint: together at most certain
     p = t.drop_text_prob + t.drop_image_prob + t.drop_both_prob

@@ -1,4 +1,4 @@
-"""Captioners and the per-image caption cache (prompts are built by `mvc.prompts`).
+"""Captioners and the per-image caption cache (prompts are built by `mvc.data.prompts`).
 
 A captioner is a callable `captioner(images: list[PIL.Image]) -> list[str]` with a `name`.
 Captions are cached in one JSON-lines file per (captioner, dataset) — `{"id", "caption"}` per
@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mvc.registry import Registry
-from mvc.utils import MVCError, append_jsonl, fingerprint, read_jsonl, safe_name
+from mvc.core.registry import Registry
+from mvc.core.utils import MVCError, append_jsonl, fingerprint, read_jsonl, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class Blip2Captioner(Captioner):
     def __init__(self, model_id: str, max_new_tokens: int = 30, device: Any = None, dtype: str | None = None):
         import torch
 
-        from mvc.distributed import resolve_dtype
+        from mvc.core.distributed import resolve_dtype
 
         _check_model_source(model_id, "captions.model_id")
         self.model_id = model_id

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from mvc import seeds
-from mvc.seeds import resolve_seed
-from mvc.utils import MVCError, atomic_path
-from mvc.utils import fingerprint as _hash
+from mvc.core import seeds
+from mvc.core.seeds import resolve_seed
+from mvc.core.utils import MVCError, atomic_path
+from mvc.core.utils import fingerprint as _hash
 
 log = logging.getLogger(__name__)
 

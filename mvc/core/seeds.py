@@ -55,7 +55,7 @@ ROLES = {
 def _check_role(role: str) -> None:
     base = role.split(":", 1)[0]
     if base not in ROLES:
-        raise ValueError(f"unknown seed role {role!r}; add it to mvc.seeds.ROLES")
+        raise ValueError(f"unknown seed role {role!r}; add it to mvc.core.seeds.ROLES")
 
 
 def derive_seed(seed: int, role: str, *index: int) -> int:

@@ -7,7 +7,7 @@
     python generate_mvc.py --config configs/tiny.yaml --generate.method=dreambooth   # trains DreamBooth first
     accelerate launch --num_processes 2 generate_mvc.py --config configs/tiny.yaml   # sharded
 
-generate.method picks the generator (mvc/generators.py): mvc (default), mvc_nomix (mixing off), txt2img
+generate.method picks the generator (mvc/generation/generators.py): mvc (default), mvc_nomix (mixing off), txt2img
 (the base, not fine-tuned, from the class prompt; generate.caption=true adds the image's caption),
 img2img (SDEdit from each real image at generate.strength), textual_inversion (a token embedding learned
 per class first, under <run.output_dir>/textual_inversion/, then img2img with it in the prompt) or
@@ -35,7 +35,7 @@ def main(cfg: Config) -> dict:
     from mvc.core.paths import RunPaths
     from mvc.core.stage import start_stage
     from mvc.data.synthetic import set_name
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
     stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")

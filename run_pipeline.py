@@ -172,7 +172,7 @@ def long_runs(cfg: Config) -> list[tuple[Config, str]]:
 
 def needs_finetuning(cfg: Config) -> bool:
     """Whether a generator of the pipeline samples the fine-tuned MVC model (mvc, mvc_nomix)."""
-    from mvc.generators import GENERATORS
+    from mvc.generation.generators import GENERATORS
 
     return any(GENERATORS.get(m).finetuned for m in cfg.pipeline.generators)
 

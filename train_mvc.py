@@ -18,7 +18,7 @@ def main(cfg: Config, resume: str | None = None) -> dict:
     from mvc.core.checkpoint import check_resume
     from mvc.core.paths import RunPaths
     from mvc.core.stage import start_stage
-    from mvc.finetune_loop import run
+    from mvc.diffusion.finetune_loop import run
 
     check_resume(resume, RunPaths.of(cfg).checkpoints, fresh_ok=False)  # before the slow loading below
     stage = start_stage(cfg, "train_mvc", precision_from="train")

@@ -58,7 +58,7 @@ def _stage(name: str, argv: list[str]) -> dict:
     size = ""
     if name == "tiny base":
         from mvc.data import load_splits
-        from mvc.tiny import get_tiny_base
+        from mvc.diffusion.tiny import get_tiny_base
 
         _, pool, _ = load_splits(cfg.data)
         get_tiny_base(cfg.tiny, pool, output_dir=cfg.run.output_dir, progress=False)

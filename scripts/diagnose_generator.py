@@ -37,7 +37,7 @@ def cli(argv: list[str] | None = None) -> list[dict]:
 
     from mvc.core.paths import RunPaths, output_path
     from mvc.core.stage import start_stage
-    from mvc.evaluation.diagnose import diagnose
+    from mvc.studies.diagnose import diagnose
 
     out = output_path(RunPaths.of(cfg).root, args.out, "diagnose", "--out")  # refused before any work
     stage = start_stage(cfg, "diagnose")

@@ -58,7 +58,7 @@ def write_full_width_sd15(folder: Path) -> None:
     """The SD-1.5 stand-in at SD-1.5's own widths (the miniature sizes blanked), replacing the folder."""
     import shutil
 
-    import mvc.standins as s
+    import mvc.diffusion.standins as s
 
     s.SD15_MINI_UNET, s.SD15_MINI_VAE, s.SD15_MINI_TEXT = {}, {}, {}
     shutil.rmtree(folder, ignore_errors=True)
@@ -141,7 +141,7 @@ def generator_stage(cfg, method: str, peak_tflops) -> dict:
     from mvc.core.paths import RunPaths
     from mvc.core.perf import unet_flops
     from mvc.core.utils import read_jsonl
-    from mvc.generators import img2img_steps
+    from mvc.generation.generators import img2img_steps
 
     gc = run_pipeline.generator_config(cfg, method)
     paths, g = RunPaths.of(gc), gc.generate

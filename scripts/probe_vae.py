@@ -54,10 +54,10 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     from mvc.core.stage import start_stage
     from mvc.core.utils import atomic_write_json, atomic_write_text
     from mvc.data import load_splits
-    from mvc.evaluation.diagnose import in_memory, vae_round_trip
+    from mvc.diffusion.sd_io import images_to_uint8
+    from mvc.diffusion.tiny import build_tiny_components, pool_images, pretrain_vae
     from mvc.evaluation.evaluate import load_reference, measure, real_subset
-    from mvc.sd_io import images_to_uint8
-    from mvc.tiny import build_tiny_components, pool_images, pretrain_vae
+    from mvc.studies.diagnose import in_memory, vae_round_trip
 
     tinies = []
     for widths, steps in variants:

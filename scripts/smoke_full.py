@@ -7,7 +7,7 @@
 - data/: fixture images in DATASET's real on-disk layout (CIFAR python batches pickled as the
   Python 2 originals, Caltech101's `101_ObjectCategories/` with its `BACKGROUND_Google/`, the Kaggle
   brain-tumour `Training/` and `Testing/` folders), a few images per class;
-- models/: an SD-1.5-structured base and a BLIP-2 from a small config (`mvc.standins`), the local
+- models/: an SD-1.5-structured base and a BLIP-2 from a small config (`mvc.diffusion.standins`), the local
   folders that stand in for the configs' hub ids;
 - hf/: the model hub's cache with random weights for every pretrained timm backbone the config
   names (timm reads its ImageNet weights from there, offline, as from a warm cache), and the
@@ -214,7 +214,7 @@ def prepare(dataset: str, work: Path) -> list[str]:
     """Write the fixture data, the stand-in models, the hub cache and accelerate's config; return the overrides."""
     import run_pipeline
     from mvc.core.config import build_parser, parse_args
-    from mvc.standins import save_sd15_structured, save_small_blip2
+    from mvc.diffusion.standins import save_sd15_structured, save_small_blip2
 
     rng = np.random.default_rng(0)
     train, test = PER_CLASS[dataset]
@@ -248,7 +248,7 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
     from mvc.core.config import build_parser, parse_args
     from mvc.core.paths import RunPaths
     from mvc.core.utils import read_jsonl
-    from mvc.models import training_info
+    from mvc.diffusion.models import training_info
 
     cfg, _ = parse_args(build_parser("smoke_full"), ["--config", str(ROOT / "configs" / f"{dataset}.yaml"), *argv])
     paths = RunPaths.of(cfg)

@@ -24,7 +24,7 @@ from mvc.data.captions import (
     list_captioners,
 )
 from mvc.data.prompts import make_prompt, validate_template
-from mvc.tokenizer import BASE_WORDS
+from mvc.diffusion.tokenizer import BASE_WORDS
 
 
 def toy_dataset(n=10, size=28, seed=0):
@@ -205,7 +205,7 @@ def test_caption_cache_with_a_broken_record_is_an_error(tmp_path):
 #################################################################################
 
 def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
-    from mvc.standins import save_small_blip2
+    from mvc.diffusion.standins import save_small_blip2
 
     folder = save_small_blip2(tmp_path / "tiny-blip2")  # random weights, BLIP-2's classes, a small config
     cfg = CaptionConfig(captioner="blip2", model_id=str(folder), max_new_tokens=5)

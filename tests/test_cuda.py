@@ -62,7 +62,7 @@ def micro(tmp_path_factory):
     import generate_mvc
     from mvc.core.config import parse_args
     from mvc.data import load_splits
-    from mvc.finetune_loop import base_source
+    from mvc.diffusion.finetune_loop import base_source
 
     root = tmp_path_factory.mktemp("cuda")
     data = write_fashion_idx(root / "data")
@@ -108,7 +108,7 @@ def test_the_tiny_base_builds_on_cuda(micro, tmp_path, precision):
 
     from diffusers import StableDiffusionPipeline
 
-    from mvc.tiny import get_tiny_base, tiny_base_key
+    from mvc.diffusion.tiny import get_tiny_base, tiny_base_key
 
     cfg = dataclasses.replace(micro.cfg.tiny, cache_dir=str(tmp_path), ema_decay=0.9, snr_gamma=5.0, unet_steps=30,
                               vae_steps=30)
@@ -132,7 +132,7 @@ def test_a_tiny_base_build_killed_on_cuda_resumes_to_the_uninterrupted_one(micro
 
     from test_tiny import Killed, base_tensors, crash_at_unet_step
 
-    from mvc.tiny import get_tiny_base
+    from mvc.diffusion.tiny import get_tiny_base
 
     cfg = dataclasses.replace(micro.cfg.tiny, ema_decay=0.9, snr_gamma=5.0, unet_steps=30, vae_steps=30,
                               checkpoint_every=10)
@@ -179,7 +179,7 @@ def test_textual_inversion_on_cuda_resumes_to_the_uninterrupted_run(micro, tmp_p
     """4 straight steps == 2 steps, then continued to 4; under bf16 it trains too and records its precision."""
     from safetensors.torch import load_file
 
-    from mvc import textual_inversion as ti
+    from mvc.diffusion import textual_inversion as ti
 
     def learn(run: str, precision: str, *extra: str) -> Path:
         cfg = micro.config(tmp_path / run, "--generate.method=textual_inversion", *extra)
@@ -201,7 +201,7 @@ def test_dreambooth_on_cuda_resumes_to_the_uninterrupted_run(micro, tmp_path):
     """4 straight steps == 2 steps (the final folder then removed: a run killed after its checkpoint), resumed to 4;
     LoRA under fp16 (accelerate's loss scaler) trains too."""
     from mvc.core.utils import read_jsonl
-    from mvc.dreambooth import get_dreambooth, make_concepts
+    from mvc.diffusion.dreambooth import get_dreambooth, make_concepts
 
     concepts = make_concepts(micro.labelled)
 

@@ -52,7 +52,7 @@ def config(micro, out, **over):
 
 def train(cfg, labelled):
     """Train (or reuse) the DreamBooth model of `cfg`: its final folder."""
-    from mvc.generators import make_generator
+    from mvc.generation.generators import make_generator
 
     return Path(make_generator(cfg).model(labelled, progress=False))
 
@@ -121,7 +121,7 @@ def test_final_folder_is_a_plain_diffusers_pipeline(micro):
 #################################################################################
 
 def test_class_images_are_made_once_and_a_finished_model_is_reused(micro):
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     stamps = class_image_stamps(micro.out)
     assert len(stamps) == 10 * micro.cfg.dreambooth.num_class_images
@@ -134,7 +134,7 @@ def test_class_images_are_made_once_and_a_finished_model_is_reused(micro):
 def test_other_training_settings_are_refused_and_never_mix_into_the_set(micro, tmp_path):
     """A finished model trained otherwise is refused (naming the key); trained anew, it reuses the class images
     but its set cannot join the existing one."""
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     out = tmp_path / "run"
     shutil.copytree(micro.out, out, symlinks=True)
@@ -155,7 +155,7 @@ def test_other_training_settings_are_refused_and_never_mix_into_the_set(micro, t
 
 
 def test_missing_class_images_are_made_on_the_next_run(micro, tmp_path):
-    from mvc.dreambooth import class_images, prior_settings
+    from mvc.diffusion.dreambooth import class_images, prior_settings
 
     cfg = config(micro, tmp_path / "run")
     folder = tmp_path / "priors"
@@ -172,7 +172,7 @@ def test_missing_class_images_are_made_on_the_next_run(micro, tmp_path):
 
 
 def _base_components(micro):
-    from mvc.finetune_loop import load_base
+    from mvc.diffusion.finetune_loop import load_base
 
     base = json.loads((micro.out / "dreambooth" / "final" / "mvc_training.json").read_text())["base_source"]
     return load_base(micro.cfg, None, micro.out, source=base)
@@ -191,7 +191,7 @@ def test_resume_equals_uninterrupted(micro, tmp_path, monkeypatch):
     (U-Net and text encoder)."""
     from safetensors.torch import load_file
 
-    import mvc.dreambooth as db
+    import mvc.diffusion.dreambooth as db
 
     over = {"dreambooth.train_text_encoder": True, "dreambooth.lr_warmup_steps": 2}
     straight = train(config(micro, tmp_path / "a", **over), micro.labelled)
@@ -242,8 +242,8 @@ def test_default_identifiers_are_rare_distinct_deterministic_and_tokenize(micro)
     from itertools import islice
 
     from mvc.data.prompts import rare_identifiers
-    from mvc.dreambooth import check_prompt_tokens, make_concepts
-    from mvc.tokenizer import build_tiny_tokenizer
+    from mvc.diffusion.dreambooth import check_prompt_tokens, make_concepts
+    from mvc.diffusion.tokenizer import build_tiny_tokenizer
 
     first = list(islice(rare_identifiers(), 600))
     assert first == list(islice(rare_identifiers(), 600)) and len(set(first)) == 600
@@ -263,9 +263,9 @@ def test_default_identifiers_are_rare_distinct_deterministic_and_tokenize(micro)
 def test_concepts_from_a_caller_several_per_class(micro, tmp_path):
     """A pre-step's groups (here: each labelled image its own concept) train one model with one identifier per
     group; each source is generated from its own concept's prompt."""
-    from mvc.dreambooth import make_concepts
-    from mvc.generate import generate_synthetic
-    from mvc.generators import DreamBoothGenerator
+    from mvc.diffusion.dreambooth import make_concepts
+    from mvc.generation.generate import generate_synthetic
+    from mvc.generation.generators import DreamBoothGenerator
 
     targets = np.asarray(micro.labelled.targets)
     groups = [(int(targets[i]), [i]) for i in range(len(targets))]
@@ -287,7 +287,7 @@ def test_concepts_from_a_caller_several_per_class(micro, tmp_path):
 
 
 def test_prior_preservation_loss_contract():
-    from mvc.dreambooth import prior_preservation_loss
+    from mvc.diffusion.dreambooth import prior_preservation_loss
 
     per = torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0])  # 2 instance rows, 3 class rows
     loss, inst, prior = prior_preservation_loss(per, 2, 0.5)
@@ -320,8 +320,8 @@ def test_bad_settings_are_one_line(key, value, match):
 def test_trains_and_samples_an_sd15_structured_base(micro, tmp_path):
     """The full profile's path: model.base a StableDiffusion folder with SD-1.5's classes and config keys (PNDM
     scheduler, 77-token CLIP tokenizer), trained and sampled at its native size (here 64 px)."""
-    from mvc.generate import generate_synthetic
-    from mvc.standins import save_sd15_structured
+    from mvc.diffusion.standins import save_sd15_structured
+    from mvc.generation.generate import generate_synthetic
 
     base = save_sd15_structured(tmp_path / "sd15")
     cfg = config(micro, tmp_path / "run", **{"model.base": str(base), "generate.per_class": 1,
@@ -336,7 +336,7 @@ def test_clustering_based_sampling_trains_one_identifier_per_kept_cluster(micro,
     """sampling.method=clusters: one concept (identifier) per kept cluster with its kept images, in its own
     dreambooth_clusters/ folder; each image's record names the concept of a kept source."""
     from mvc.data.synthetic import read_records
-    from mvc.models import training_info
+    from mvc.diffusion.models import training_info
 
     summary = generate_mvc.cli(micro.argv(tmp_path, "--sampling.method=clusters", "--sampling.clusters_per_class=2",
                                           "--dreambooth.max_steps=2"))
@@ -405,7 +405,7 @@ def _worker(data: str, cache: str, out: str) -> None:
     checkpoint), then generate_mvc.py with 4 steps, which resumes and makes the set; then 4 LoRA steps."""
     from mvc.core.distributed import make_accelerator
     from mvc.data import load_splits
-    from mvc.generators import make_generator
+    from mvc.generation.generators import make_generator
 
     argv = lambda run, *extra: micro_argv(Path(data), Path(out) / run, Path(cache),  # noqa: E731
                                           "--generate.method=dreambooth", f"--generate.per_class={PER_CLASS}", *extra)

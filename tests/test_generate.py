@@ -12,14 +12,14 @@ import torch
 from helpers import write_random_ip2p
 from PIL import Image
 
-import mvc.generate as gen
-from mvc import sd_io
+import mvc.generation.generate as gen
 from mvc.core.config import TinyBaseConfig, make_config
 from mvc.core.utils import MVCError, read_jsonl
 from mvc.data import ArraySource, ImageDataset
 from mvc.data.synthetic import Job, SyntheticSet, class_folder, plan_jobs, shard_jobs, variants_per_source
-from mvc.generators import render
-from mvc.models import SAMPLERS, build_sampler, load_ip2p_pipeline
+from mvc.diffusion import sd_io
+from mvc.diffusion.models import SAMPLERS, build_sampler, load_ip2p_pipeline
+from mvc.generation.generators import render
 
 try:
     from test_synthetic import _has_datasets_library
@@ -280,7 +280,7 @@ def test_embed_shuffle_is_invisible_to_the_unet_token_shuffle_is_not(pipe):
     """Why mixing.coarse_stage defaults to 'tokens': SD's cross-attention has no positions on the text side,
     so permuting the encoder's OUTPUT vectors leaves the U-Net's prediction unchanged (float rounding);
     permuting the token ids BEFORE the encoder (positions + causal attention) changes it."""
-    from mvc.mixing import coarse_mix
+    from mvc.generation.mixing import coarse_mix
 
     ids, _ = sd_io.tokenize(pipe.tokenizer, ["dark small round shape, a photo of class type trouser"])  # (1, T)
     emb = sd_io.encode_ids(pipe.text_encoder, ids)  # (1, T, D)
@@ -325,7 +325,7 @@ def test_default_coarse_changes_the_image_embed_stage_shuffle_does_not(tmp_path,
 
 def test_token_swap_stays_inside_both_captions(pipe, labelled):
     """Swap at the token stage: positions where source and donor both have caption tokens (never EOS/template)."""
-    from mvc.mixing import ClassPrompts, mix_prompts, mixing_params
+    from mvc.generation.mixing import ClassPrompts, mix_prompts, mixing_params
 
     cfg = make_config(overrides={"mixing.coarse_mode": "swap", "mixing.coarse_k": 4})
     enc = lambda ids, mask: sd_io.encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
@@ -421,7 +421,7 @@ sys.path.insert(0, {str(ROOT)!r})
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from accelerate import Accelerator
 import test_generate as t
-from mvc.generate import generate_synthetic
+from mvc.generation.generate import generate_synthetic
 acc = Accelerator()
 cfg = t.make_cfg(__import__('pathlib').Path({str(tmp_path)!r}), {str(model_dir)!r}, out='ddp')
 generate_synthetic(cfg, labelled=t.make_labelled(), captions=t.CAPTIONS, rank=acc.process_index,

@@ -17,8 +17,8 @@ PKG = ROOT / "mvc"
 
 # Layers, lowest first (docs/architecture.md). A module may import modules of its own layer or below.
 UTILITIES = {"mvc", "mvc.core", "mvc.core.utils", "mvc.core.seeds", "mvc.core.registry", "mvc.core.paths", "mvc.core.schedules", "mvc.core.distributed"}
-METHOD = {"mvc.data.prompts", "mvc.sd_io", "mvc.tokenizer", "mvc.data.pairs", "mvc.mixing", "mvc.data.synthetic", "mvc.data.captions",
-          "mvc.models", "mvc.core.checkpoint"}
+METHOD = {"mvc.data.prompts", "mvc.diffusion.sd_io", "mvc.diffusion.tokenizer", "mvc.data.pairs", "mvc.generation.mixing", "mvc.data.synthetic", "mvc.data.captions",
+          "mvc.diffusion.models", "mvc.core.checkpoint", "mvc.diffusion", "mvc.generation"}
 CONFIG = {"mvc.core.config", "mvc.core.stage"}
 # the issue's "low-level" modules: they import no stage and no config
 LOW = UTILITIES | METHOD
@@ -84,7 +84,7 @@ def graph() -> dict[str, set[str]]:
 def test_every_module_has_a_layer_and_the_low_layers_are_the_documented_ones():
     mods = set(modules())
     assert LOW <= mods, LOW - mods
-    assert {"mvc.finetune", "mvc.finetune_loop", "mvc.generate", "mvc.tiny", "mvc.classifier.train"} <= mods
+    assert {"mvc.diffusion.finetune", "mvc.diffusion.finetune_loop", "mvc.generation.generate", "mvc.diffusion.tiny", "mvc.classifier.train"} <= mods
 
 
 def test_imports_point_down_only():
@@ -134,8 +134,8 @@ def test_the_cycle_check_sees_function_local_imports(tmp_path):
     """The walker is not blind to the imports that hide in functions (the ones that made the old cycles)."""
     (tmp_path / "a.py").write_text("def f():\n    from mvc.core.config import Config\n")
     assert imports_of("mvc.x", tmp_path / "a.py", {"mvc.core.config"}) == {"mvc.core.config"}
-    (tmp_path / "b.py").write_text("import importlib\nm = importlib.import_module('mvc.generate')\n")
-    assert imports_of("mvc.x", tmp_path / "b.py", {"mvc.generate"}) == {"mvc.generate"}
+    (tmp_path / "b.py").write_text("import importlib\nm = importlib.import_module('mvc.generation.generate')\n")
+    assert imports_of("mvc.x", tmp_path / "b.py", {"mvc.generation.generate"}) == {"mvc.generation.generate"}
 
 
 def test_scripts_are_installed_as_commands():
@@ -174,6 +174,6 @@ def test_every_declared_dependency_is_imported():
                 imported.add(node.module)
     tops = {m.split(".")[0] for m in imported} | ({"tensorboard"} if "torch.utils.tensorboard" in imported else set())
     # safetensors is the weight format diffusers and transformers read and write for us
-    assert "safe_serialization=True" in (PKG / "models.py").read_text()
+    assert "safe_serialization=True" in (PKG / "diffusion" / "models.py").read_text()
     unused = {d for d in declared if module_of.get(d, d) not in tops} - {"safetensors"}
     assert not unused, f"declared but never imported: {sorted(unused)}"

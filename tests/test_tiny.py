@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import mvc.tiny as tiny
+import mvc.diffusion.tiny as tiny
 from mvc.core.config import TinyBaseConfig, make_config
 from mvc.core.utils import MVCError
 from mvc.data import ArraySource, ImageDataset
-from mvc.finetune_loop import load_base
-from mvc.tiny import get_tiny_base, tiny_base_key
-from mvc.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
+from mvc.diffusion.finetune_loop import load_base
+from mvc.diffusion.tiny import get_tiny_base, tiny_base_key
+from mvc.diffusion.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_bpe_merges_the_most_frequent_pair_first_and_breaks_ties_by_text():
 
 def test_tokenizer_ids_are_the_same_in_every_process():
     """The tiny base, and the synthetic data after it, depend on the ids: they must not vary per process."""
-    code = ("import hashlib, json; from mvc.tokenizer import build_tiny_tokenizer; "
+    code = ("import hashlib, json; from mvc.diffusion.tokenizer import build_tiny_tokenizer; "
             "t = build_tiny_tokenizer(['ankle boot', 't-shirt/top']); "
             "print(hashlib.sha256(json.dumps(sorted(t.get_vocab().items())).encode()).hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
@@ -85,7 +85,7 @@ def test_a_build_in_another_process_is_byte_identical(tmp_path):
     """The tiny base (tokenizer, VAE, U-Net, text encoder) is the same whichever process builds it."""
     here = get_tiny_base(micro_cfg(tmp_path / "a"), shapes_pool(), progress=False)
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
-            "from test_tiny import micro_cfg, shapes_pool; from mvc.tiny import get_tiny_base; "
+            "from test_tiny import micro_cfg, shapes_pool; from mvc.diffusion.tiny import get_tiny_base; "
             "print(get_tiny_base(micro_cfg(Path(sys.argv[1])), shapes_pool(), progress=False))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b"), str(ROOT / "tests")], capture_output=True,
                          text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "7"})
@@ -319,7 +319,7 @@ def test_the_checkpoint_cadence_is_not_part_of_the_key_nor_of_a_finetuning_recor
             for n in (1, 500)}
     assert keys == {"8453655b089b089e"} and tiny.RECIPE_VERSION == 4
     # nor of what a fine-tuning checkpoint on the tiny base was trained on: changing it blocks no resume
-    from mvc.finetune_loop import resume_record
+    from mvc.diffusion.finetune_loop import resume_record
 
     rec = resume_record(make_config(overrides={"model.base": "tiny", "tiny.checkpoint_every": 7}), pool,
                         torch.zeros(2, 3), torch.ones(2, 3), ["a"], 0)

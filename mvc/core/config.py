@@ -67,11 +67,11 @@ def _names(module: str, attr: str) -> Callable[[], list]:
 _datasets = _names("mvc.data", "DATASETS")
 _captioners = _names("mvc.data.captions", "CAPTIONERS")
 _strategies = _names("mvc.classifier.strategies", "STRATEGIES")
-_samplers = _names("mvc.models", "SAMPLERS")
+_samplers = _names("mvc.diffusion.models", "SAMPLERS")
 _lr_schedules = _names("mvc.core.schedules", "LR_SCHEDULES")
 _precisions = _names("mvc.core.distributed", "PRECISIONS")
 _dtypes = _names("mvc.core.distributed", "DTYPES")
-_generators = _names("mvc.generators", "GENERATORS")
+_generators = _names("mvc.generation.generators", "GENERATORS")
 
 
 @dataclass
@@ -106,11 +106,11 @@ class PairsConfig:
 
 @dataclass
 class SamplingConfig:
-    """Clustering-based sampling (the thesis, section 5.1; mvc/clustering.py): per class, k-means on image
+    """Clustering-based sampling (the thesis, section 5.1; mvc/diffusion/clustering.py): per class, k-means on image
     embeddings, and only the most coherent clusters' most central images are fine-tuned on and generated from."""
     method: str = opt("none", "'none' (every labelled image) or 'clusters' (the kept images of coherent clusters; "
                       "fine-tuning and generation write to *_clusters folders).",
-                      choices=_names("mvc.clustering", "METHODS"))
+                      choices=_names("mvc.diffusion.clustering", "METHODS"))
     embedder: str = opt("base_vae", "'base_vae' (the flattened VAE posterior means of model.base: label-free on the "
                         "tiny profile, whose base never saw labels) or a timm model name (its pooled features, its "
                         "own preprocessing; e.g. efficientnet_b0, the thesis' choice).")
@@ -211,7 +211,7 @@ class FinetuneConfig:
                                              "a probe of the step says it would not fit in free GPU memory without "
                                              "(SD-1.5, 256 px, batch 50: 20.5 GB with it on an H200; "
                                              "bench/bench_gpu.py measures both); off on the CPU.")
-    attention: str = opt("sdpa", "Attention implementation.", choices=_names("mvc.finetune_setup", "ATTENTION"))
+    attention: str = opt("sdpa", "Attention implementation.", choices=_names("mvc.diffusion.finetune_setup", "ATTENTION"))
     channels_last: bool = opt(False, "U-Net weights and activations in channels-last memory format (cuDNN's "
                               "native layout for fp16/bf16 convolutions; slower on the CPU).")
     compile: bool = opt(False, "torch.compile the U-Net's training step (1-2 minutes of compiling first; "
@@ -236,7 +236,7 @@ class FinetuneConfig:
     validation_guidance_scale: float = opt(3.0, "Text guidance of validation images.", min=0)
     validation_image_guidance_scale: float = opt(1.5, "Image guidance of validation images.", min=0)
     prompt_from: str = opt("target", "Whose caption a pair's prompt uses (IP2P: the image to generate).",
-                           choices=_names("mvc.finetune_loop", "PROMPT_FROM"))
+                           choices=_names("mvc.diffusion.finetune_loop", "PROMPT_FROM"))
     log_every: int = opt(10, "Log scalars every N steps.", min=1)
 
 
@@ -245,17 +245,17 @@ class MixingConfig:
     """Mixing Visual Concepts: edits of the prompt embedding (generate_mvc.py)."""
     ops: list[str] = opt(["coarse", "fine"], "Operations cycled over the variants of each source.", min_len=1)
     coarse_mode: str = opt("shuffle", "Coarse op: permute tokens or swap them in from a donor.",
-                           choices=_names("mvc.mixing", "COARSE_MODES"))
+                           choices=_names("mvc.generation.mixing", "COARSE_MODES"))
     coarse_stage: str = opt("tokens", "Where the coarse op runs: 'tokens' (token ids before the text encoder) or "
                             "'embeds' (its output; a shuffle there is invisible to the U-Net's cross-attention).",
-                            choices=_names("mvc.mixing", "STAGES"))
+                            choices=_names("mvc.generation.mixing", "STAGES"))
     coarse_k: int = opt(4, "Token vectors chosen for the coarse op.", min=1)
     window: str | list[int] = opt("caption", "Token positions mixing may touch: 'caption' (the caption's tokens), "
                                   "'prompt' (every prompt token but BOS/EOS: caption and class prompt), 'all' (every "
                                   "position but BOS, padding too), or a fixed [start, end).")
     fine_m: int = opt(3, "Token vectors whose slice is replaced (fine op).", min=1)
     fine_s: int = opt(4, "Dimensions per slice (paper: < 10 of 768).", min=1)
-    fine_source: str = opt("donor", "Where the fine slice comes from.", choices=_names("mvc.mixing", "FINE_SOURCES"))
+    fine_source: str = opt("donor", "Where the fine slice comes from.", choices=_names("mvc.generation.mixing", "FINE_SOURCES"))
     fine_contiguous: bool = opt(True, "Contiguous slice (else scattered dimensions).")
 
 
@@ -334,7 +334,7 @@ class TextualInversionConfig:
 
 @dataclass
 class DreamBoothConfig:
-    """DreamBooth (generate.method=dreambooth, mvc/dreambooth.py): ONE model fine-tuned for every class, one rare
+    """DreamBooth (generate.method=dreambooth, mvc/diffusion/dreambooth.py): ONE model fine-tuned for every class, one rare
     identifier per concept (a class by default), with prior preservation. The defaults suit the tiny profile;
     the full-profile configs set SD-1.5 values. Adam's betas, fused / 8-bit Adam, gradient clipping and the
     attention implementation are the train section's."""
@@ -505,7 +505,7 @@ def check_combinations(cfg: Config) -> None:
     """Rules that span several keys, or that a key's type and range cannot say (`validate` checks each
     key on its own); each is checked here, once, when the config is built, before any work starts."""
     from mvc.data.prompts import validate_identifiers, validate_instance_template, validate_template
-    from mvc.mixing import mixing_params, op_stages, parse_window
+    from mvc.generation.mixing import mixing_params, op_stages, parse_window
 
     t = cfg.train  # the three conditioning-dropout cases are disjoint: together at most certain
     p = t.drop_text_prob + t.drop_image_prob + t.drop_both_prob
@@ -528,7 +528,7 @@ def check_combinations(cfg: Config) -> None:
             raise MVCError(f"config key {key}: {e}") from None
     if ti.initializer is not None and not ti.initializer.strip():
         raise MVCError("config key textual_inversion.initializer: give a word, or null for the class name")
-    from mvc.generators import GENERATORS, Img2ImgGenerator, img2img_steps
+    from mvc.generation.generators import GENERATORS, Img2ImgGenerator, img2img_steps
 
     g = cfg.generate
     sdedit = [m for m in (g.method, *cfg.pipeline.generators) if issubclass(GENERATORS.get(m), Img2ImgGenerator)]
@@ -537,7 +537,7 @@ def check_combinations(cfg: Config) -> None:
                        f"{g.num_inference_steps} give no img2img denoising step (int of the product) for "
                        f"{sdedit[0]}; raise either")
     if cfg.sampling.method != "none":  # timm is imported only when clustering is asked for
-        from mvc.clustering import check_embedder
+        from mvc.diffusion.clustering import check_embedder
 
         check_embedder(cfg.sampling.embedder)
     w = cfg.mixing.window

@@ -8,7 +8,7 @@ another image); when it has exactly one, its `q` value is swapped with a random 
 of the row (neither position can then hold its own image). Both lists stay permutations, so every
 image is a condition exactly `rounds` times and a target exactly `rounds` times.
 
-With a grouping (clustering-based sampling, `mvc.clustering`), the same draw runs within each group of
+With a grouping (clustering-based sampling, `mvc.diffusion.clustering`), the same draw runs within each group of
 a class instead of the whole class: an image is paired only with images of its own concept, images
 outside every group are never paired, and a group of one image gives no pair. The pairs file records
 the grouping's fingerprint, so pairs drawn with another grouping (or none) are never reused.
@@ -115,7 +115,7 @@ def build_pairs(data: Any, rounds: int, seed: int | None = 0, on_small_class: st
     class, then round; each class uses its own generator seeded from (seed, class).
 
     `groups` (N,) int, optional: a group id per image (-1: left out), e.g. the kept clusters of
-    `mvc.clustering.ConceptGroups.group_ids()`. Pairs are then drawn within each group of each class:
+    `mvc.diffusion.clustering.ConceptGroups.group_ids()`. Pairs are then drawn within each group of each class:
     `rounds` x (group size) per group, ordered by class, group, round; each group uses its own
     generator seeded from (seed, class, group). A group of one image gives none (a warning).
     """

@@ -3,7 +3,7 @@
 The prompt of an image is `prompt_template` filled with its caption and class name (the paper:
 "<caption>, a photo of class type <label>"), so a caption that misses the class still names it.
 
-DreamBooth's prompts (`mvc.dreambooth`) are a second template, `dreambooth.instance_prompt`, filled with a
+DreamBooth's prompts (`mvc.diffusion.dreambooth`) are a second template, `dreambooth.instance_prompt`, filled with a
 concept's rare identifier and its class name ("a photo of zqx Bag"); its class prompt is the same template
 without the identifier ("a photo of Bag"), so the two differ by the identifier alone.
 """

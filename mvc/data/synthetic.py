@@ -18,10 +18,10 @@ loader both read as it is:
   `load_dataset("imagefolder", data_files={"train": "<set>/**"})`: its `label` column is then ours.
 - A record holds `file_name` (relative path; the `datasets` loader's key), `label`, `class_name`,
   `source_id` / `source_index` (the real image it was made from; null when it used none), `variant`,
-  `op`, then what the generator adds (`mvc.generators`): `method`, its sampling parameters (guidance,
+  `op`, then what the generator adds (`mvc.generation.generators`): `method`, its sampling parameters (guidance,
   steps, sampler, resolution, model; `strength` for img2img), `seed` and the image's own
   `generator_seed`, and its per-image fields (`op_params`, `caption`, `prompt`); with clustering-based
-  sampling (`mvc.clustering`) also `cluster`, the concept of its class that the source belongs to.
+  sampling (`mvc.diffusion.clustering`) also `cluster`, the concept of its class that the source belongs to.
   Every generator writes this format, so readers never ask which one made a set.
 - Every PNG carries a text chunk naming the set's settings fingerprint, so a rerun knows which files
   are its own: it deletes or overwrites only those, never follows a symbolic link, and refuses to

@@ -17,10 +17,10 @@ The recipe, step by step (`get_dreambooth` reuses a finished model, else `train_
    written atomically, so an interrupted run makes only the missing ones and a retrain reuses them all.
 4. Loss (`prior_preservation_loss`): every step draws B instance images and B class images (each from its own
    endless permutation) and runs them through the U-Net in one batch; the per-sample MSE of the scheduler's
-   prediction target (epsilon or v, `mvc.finetune.noise_prediction_loss`) is averaged over each half:
+   prediction target (epsilon or v, `mvc.diffusion.finetune.noise_prediction_loss`) is averaged over each half:
    instance + `prior_loss_weight` x prior. Latents are posterior samples of the VAE-encoded images, cached once.
 5. Weights: the whole U-Net (`lora_rank: 0`) or LoRA adapters on its attention projections
-   (`mvc.finetune_setup`, as MVC's fine-tuning does); with `train_text_encoder` the text encoder too (fully,
+   (`mvc.diffusion.finetune_setup`, as MVC's fine-tuning does); with `train_text_encoder` the text encoder too (fully,
    or LoRA adapters on its attention projections when `lora_rank > 0`). The optimizer implementation (Adam
    betas, fused or 8-bit Adam, gradient clipping, attention) is the train section's.
 6. Determinism: the data order comes from generators of its own (saved in checkpoints) and every other draw of
@@ -70,9 +70,9 @@ from mvc.core.paths import RunPaths
 from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, batched, fingerprint
 from mvc.data.prompts import instance_prompt, prior_prompt, rare_identifiers, validate_identifiers
 from mvc.data.synthetic import class_folder
-from mvc.finetune import encode_latents_cache, noise_prediction_loss
-from mvc.finetune_loop import GlobalBatchSampler, load_base
-from mvc.finetune_setup import (
+from mvc.diffusion.finetune import encode_latents_cache, noise_prediction_loss
+from mvc.diffusion.finetune_loop import GlobalBatchSampler, load_base
+from mvc.diffusion.finetune_setup import (
     TEXT_LORA_TARGETS,
     add_lora,
     build_lr_scheduler,
@@ -82,7 +82,7 @@ from mvc.finetune_setup import (
     prepare_unet,
     trainable_state_dict,
 )
-from mvc.models import (
+from mvc.diffusion.models import (
     base_identity,
     base_pipeline,
     base_resolution,
@@ -91,7 +91,7 @@ from mvc.models import (
     training_info,
     vae_scale_factor,
 )
-from mvc.sd_io import encode_ids, encode_prompts, text_hidden_states, tokenize
+from mvc.diffusion.sd_io import encode_ids, encode_prompts, text_hidden_states, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def base_id(cfg: Any, base: str) -> dict:
 
 def optimizer_config(cfg: Any) -> Any:
     """The train section with DreamBooth's own steps, LR, schedule, weight decay, LoRA rank and checkpointing:
-    what `mvc.finetune_setup`'s builders read."""
+    what `mvc.diffusion.finetune_setup`'s builders read."""
     db = cfg.dreambooth
     return dataclasses.replace(cfg.train, max_steps=db.max_steps, lr=db.lr, lr_scheduler=db.lr_scheduler,
                                lr_warmup_steps=db.lr_warmup_steps, weight_decay=db.weight_decay,

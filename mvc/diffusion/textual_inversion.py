@@ -5,14 +5,14 @@ A concept is a class label, a placeholder token and the labelled images the toke
 its labelled images); a pre-step (clustering) may pass several per class instead. Training learns, for
 every concept, the input-embedding vector(s) of its token such that the frozen base, prompted with
 "a photo of a <mvc-class-3>", denoises that concept's images. Generation (`generate.method=
-textual_inversion`, `mvc.generators`) then runs img2img from each real image with its concept's token
+textual_inversion`, `mvc.generation.generators`) then runs img2img from each real image with its concept's token
 in the prompt.
 
 Choices, each tied to what the pipelines do at sampling time:
 - Tokens: `tokenizer.add_tokens` makes each placeholder an added token, matched whole before the BPE
   runs, so it is one token for the tiny tokenizer and for CLIP's alike (`add_placeholders` checks it).
   With `num_vectors > 1` the tokens `<t>_1`, `<t>_2`, ... are added too (diffusers' multi-vector naming),
-  and `mvc.sd_io.tokenize` expands `<t>` in a prompt to all of them, as the pipelines'
+  and `mvc.diffusion.sd_io.tokenize` expands `<t>` in a prompt to all of them, as the pipelines'
   `maybe_convert_prompt` does. Their new rows of the text encoder's input embedding start from the
   embedding of the first token of the initializer word (`textual_inversion.initializer`, else the
   concept's class name).
@@ -25,7 +25,7 @@ Choices, each tied to what the pipelines do at sampling time:
   s trains concept (s * B + r) mod C (class-balanced, like DA-Fusion's sampler), with an image of that
   concept, a template, a timestep and the noises drawn from the step's own generator (role
   `textual_inversion.step`), so a resumed run draws exactly what the uninterrupted one would.
-- Loss: the base's noise-prediction MSE (`mvc.finetune.noise_prediction_loss`), Adam at a constant rate.
+- Loss: the base's noise-prediction MSE (`mvc.diffusion.finetune.noise_prediction_loss`), Adam at a constant rate.
 - Accelerate: training runs on the stage accelerator's device with its mixed precision (autocast; the frozen
   U-Net in the compute dtype, the VAE and text encoder in fp32; fp16's loss scaler through the prepared
   optimizer), data-parallel over its processes: every process draws the same global batch and keeps its rows;
@@ -217,7 +217,7 @@ def encode_learned(text_encoder: Any, name: str, weight: torch.Tensor, rows: tor
     from torch.func import functional_call
 
     learned = weight.index_put((rows,), vectors.to(weight.dtype))  # (V, D), a new tensor
-    use_mask = mask is not None and getattr(text_encoder.config, "use_attention_mask", False)  # as mvc.sd_io
+    use_mask = mask is not None and getattr(text_encoder.config, "use_attention_mask", False)  # as mvc.diffusion.sd_io
     return functional_call(text_encoder, {name: learned}, (ids,), {"attention_mask": mask if use_mask else None})[0]
 
 
@@ -337,8 +337,8 @@ def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, conce
     calls it together (they train data-parallel)."""
     from mvc.core.distributed import make_accelerator
     from mvc.core.paths import RunPaths
-    from mvc.finetune_loop import load_base
-    from mvc.models import base_identity
+    from mvc.diffusion.finetune_loop import load_base
+    from mvc.diffusion.models import base_identity
 
     paths = RunPaths.of(cfg)
     out, ti = paths.textual_inversion, cfg.textual_inversion
@@ -373,7 +373,7 @@ def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts:
     from tqdm.auto import tqdm
 
     from mvc.core.distributed import broadcast_seed, make_accelerator, shard_rows
-    from mvc.finetune import noise_prediction_loss
+    from mvc.diffusion.finetune import noise_prediction_loss
 
     ti, acc = cfg.textual_inversion, accelerator if accelerator is not None else make_accelerator()
     world, main, device = acc.num_processes, acc.is_main_process, acc.device
@@ -498,10 +498,10 @@ def _setup(cfg: Any, components: dict, labelled: Any, concepts: Sequence[Concept
     """Freeze the base on the accelerator's device (the U-Net in the compute dtype under mixed precision; the VAE
     and the text encoder in fp32), add the placeholder tokens, and cache the concept images' posteriors and the
     templates' token ids."""
-    from mvc.finetune import encode_latents_cache
-    from mvc.finetune_loop import CACHE_DTYPES
-    from mvc.finetune_setup import freeze
-    from mvc.sd_io import tokenize
+    from mvc.diffusion.finetune import encode_latents_cache
+    from mvc.diffusion.finetune_loop import CACHE_DTYPES
+    from mvc.diffusion.finetune_setup import freeze
+    from mvc.diffusion.sd_io import tokenize
 
     ti = cfg.textual_inversion
     unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
@@ -556,7 +556,7 @@ def _write_result(cfg: Any, labelled: Any, concepts: Sequence[Concept], tokenize
 
 def _check_lengths(tokenizer: Any, prompts: Sequence[str]) -> None:
     """Refuse a template or prompt that the tokenizer's max length would cut (its learned tokens could be lost)."""
-    from mvc.sd_io import pipeline_texts
+    from mvc.diffusion.sd_io import pipeline_texts
 
     budget = int(tokenizer.model_max_length)
     for p, text in zip(prompts, pipeline_texts(tokenizer, prompts)):

@@ -9,7 +9,7 @@
   that resolution too, so diffusers' own defaults agree.
 - Samplers: the diffusers schedulers `generate.scheduler` names (`SAMPLERS`).
 - Baselines: the base sampled as it is, as diffusers' text-to-image or img2img pipeline (`base_pipeline`).
-- DreamBooth (`mvc.dreambooth`): its fine-tuned model is a plain `StableDiffusionPipeline` folder (LoRA merged)
+- DreamBooth (`mvc.diffusion.dreambooth`): its fine-tuned model is a plain `StableDiffusionPipeline` folder (LoRA merged)
   with the same `mvc_training.json` (`save_txt2img_folder`), sampled like the baselines.
 """
 
@@ -364,7 +364,7 @@ def build_sd15_shape(parts: tuple[str, ...] = ("unet", "vae", "text_encoder")) -
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mvc.tokenizer import build_tiny_tokenizer
+    from mvc.diffusion.tokenizer import build_tiny_tokenizer
 
     out: dict = {}
     if "unet" in parts:

@@ -1,21 +1,21 @@
 """Synthetic-set generation: the one loop that turns the plan into images, for every `generate.method`.
 
-The loop is the same for every generator (`mvc.generators`): the plan (`plan_jobs`: per class, per
+The loop is the same for every generator (`mvc.generation.generators`): the plan (`plan_jobs`: per class, per
 labelled source, V variants), the settings check, resume (only missing images are made), sharding over
 processes, one `torch.Generator` per image seeded from (seed, source, variant), the optional filter,
 records, grids and a summary. The generator supplies the model, the settings that change its images and
 how a batch of one class is rendered. With clustering-based sampling (`sampling.method=clusters`,
-`mvc.clustering`), the plan draws its sources from the kept images only (the same class totals, more
+`mvc.diffusion.clustering`), the plan draws its sources from the kept images only (the same class totals, more
 variants per kept source), each record names its source's `cluster`, and the set's settings record the
 sampling settings.
 
 MVC (`generate.method=mvc`, the default): for each class and each labelled (source) image, V variants
-are made: the source's prompt is mixed (`mvc.mixing`) with the variant's own generator, and the
+are made: the source's prompt is mixed (`mvc.generation.mixing`) with the variant's own generator, and the
 fine-tuned InstructPix2Pix pipeline turns (mixed embedding, source image) into an image, written in the
 synthetic-set format (`mvc.data.synthetic`).
 
 Batching: per class, the token ids and embeddings of all its prompts are computed once
-(`ClassPrompts`), and the condition latent of each source once (`mvc.sd_io`, as the pipeline does);
+(`ClassPrompts`), and the condition latent of each source once (`mvc.diffusion.sd_io`, as the pipeline does);
 per batch, the token-edited prompts go through the text encoder in one call; then the batch goes
 through the *diffusers pipeline itself* with `prompt_embeds`, `negative_prompt_embeds` and the
 precomputed latents as `image` (the pipeline passes 4-channel tensors through as latents), plus one
@@ -41,7 +41,7 @@ from mvc.core.perf import channels_last, free_memory_bytes, is_cuda, peak_memory
 from mvc.core.utils import MVCError, append_jsonl, atomic_write_json, batched
 from mvc.data.captions import load_captions
 from mvc.data.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
-from mvc.generators import image_generators, make_generator
+from mvc.generation.generators import image_generators, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     """
     from tqdm.auto import tqdm
 
-    from mvc.finetune_loop import sampling_groups
+    from mvc.diffusion.finetune_loop import sampling_groups
 
     barrier = barrier or (lambda: None)
     g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)

@@ -3,7 +3,7 @@
 Speed comes from caching: every image of the labelled subset is VAE-encoded ONCE (posterior mean
 and std) and every distinct prompt (plus the empty prompt) is text-encoded ONCE, before training; a
 step only indexes those tensors with the pair indices and runs the U-Net. Images and prompts are
-prepared by `mvc.sd_io`, the same functions generation uses. The caches live in CPU memory and each
+prepared by `mvc.diffusion.sd_io`, the same functions generation uses. The caches live in CPU memory and each
 step moves only its own rows to the accelerator: CIFAR's 50,000 captions are about 50,000 x 77 x 768
 values (5.9 GB in fp16), which would not fit beside SD-1.5 on most GPUs.
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mvc.core.utils import MVCError, batched
-from mvc.sd_io import encode_images, encode_prompts, images_to_tensor
+from mvc.diffusion.sd_io import encode_images, encode_prompts, images_to_tensor
 
 #################################################################################
 #                            Conditioning dropout                               #
@@ -107,7 +107,7 @@ class TextCache:
 @torch.no_grad()
 def encode_latents_cache(vae, dataset, resolution: int, batch_size: int = 64, flip: bool = False,
                          show_progress: bool = True) -> LatentCache:
-    """VAE-encode every image of `dataset` once (mvc.sd_io, as the pipeline does): posterior mean and std,
+    """VAE-encode every image of `dataset` once (mvc.diffusion.sd_io, as the pipeline does): posterior mean and std,
     both orientations if `flip`."""
     means, stds = [], []
     for chunk in tqdm(list(batched(range(len(dataset)), batch_size)), desc="caching VAE latents",
@@ -123,7 +123,7 @@ def encode_latents_cache(vae, dataset, resolution: int, batch_size: int = 64, fl
 @torch.no_grad()
 def encode_prompts_cache(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64,
                          show_progress: bool = True, dtype: torch.dtype = torch.float32) -> TextCache:
-    """Text-encode each distinct prompt once (mvc.sd_io) plus the empty prompt, stored on the CPU in `dtype`
+    """Text-encode each distinct prompt once (mvc.diffusion.sd_io) plus the empty prompt, stored on the CPU in `dtype`
     (the U-Net's compute dtype: under fp16 mixed precision its cross-attention reads fp16 anyway)."""
     uniq = sorted(set(prompts))
     pos = {p: i for i, p in enumerate(uniq)}

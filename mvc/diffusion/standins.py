@@ -10,7 +10,7 @@ from the model hub. For a run without network or GPU (the miniature full-profile
 - `save_small_blip2`: a `Blip2ForConditionalGeneration` + `Blip2Processor` folder from a small config,
   with an OPT-style byte-level BPE tokenizer trained locally.
 
-Both load through the same code paths as the hub ids (`mvc.models.load_pipeline_components`,
+Both load through the same code paths as the hub ids (`mvc.diffusion.models.load_pipeline_components`,
 `mvc.data.captions.Blip2Captioner`): only the folder replaces the hub. Their outputs mean nothing.
 """
 
@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from mvc.models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from mvc.diffusion.models import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
 # Tiny widths over SD-1.5's configs (every key is SD-1.5's; only sizes change). Widths are multiples of
 # SD-1.5's 32 normalisation groups; 4 levels each, as SD-1.5: the VAE downsamples 8x.
@@ -44,7 +44,7 @@ def save_sd15_structured(folder: str | os.PathLike, words: Iterable[str] = (), s
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mvc.tokenizer import build_tiny_tokenizer
+    from mvc.diffusion.tokenizer import build_tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer((*CAPTION_WORDS, *words), max_length=SD15_TEXT_CONFIG["max_position_embeddings"])
@@ -63,11 +63,11 @@ def save_sd15_structured(folder: str | os.PathLike, words: Iterable[str] = (), s
 
 def opt_style_tokenizer(words: Iterable[str], vocab_size: int = 1000):
     """A byte-level BPE tokenizer like OPT's (`</s>` as BOS and EOS, `<pad>`, `<unk>`), trained on `words`
-    with `mvc.tokenizer.train_bpe` (deterministic: the same words give the same ids in every process)."""
+    with `mvc.diffusion.tokenizer.train_bpe` (deterministic: the same words give the same ids in every process)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from mvc.tokenizer import train_bpe
+    from mvc.diffusion.tokenizer import train_bpe
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=True)
     pieces = [p for w in words for p, _ in pre.pre_tokenize_str(w)]

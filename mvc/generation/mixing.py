@@ -328,7 +328,7 @@ class ClassPrompts:
         `window`: 'caption' (each caption's token span), 'prompt' (each prompt's tokens but BOS and EOS),
         'all' (every position but BOS, padding included) or a fixed (start, end).
         """
-        from mvc.sd_io import tokenize
+        from mvc.diffusion.sd_io import tokenize
 
         sources = [int(s) for s in sources]
         prompts = {s: make_prompt(template, c, class_name) for s, c in zip(sources, captions)}

@@ -59,7 +59,7 @@ def to_hwc(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def vae_round_trip(vae: Any, images: torch.Tensor, batch_size: int = 128) -> np.ndarray:
     """Decode(encode mean) of (N, 3, R, R) uint8 images -> (N, R, R, 3) uint8."""
-    from mvc.sd_io import encode_images, uint8_to_model
+    from mvc.diffusion.sd_io import encode_images, uint8_to_model
 
     p = next(vae.parameters())
     out = []
@@ -75,7 +75,7 @@ def base_samples(base: str, captions: list[str], resolution: int, seed: int, ste
     """Text-to-image samples of the base pipeline from `captions` (DDIM), one seeded generator each."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from mvc.models import load_pipeline_components
+    from mvc.diffusion.models import load_pipeline_components
 
     comps = load_pipeline_components(base)
     pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -138,11 +138,11 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     from mvc.data import load_splits
     from mvc.data.captions import load_captions
     from mvc.data.synthetic import load_synthetic_set
+    from mvc.diffusion.models import load_ip2p_pipeline, training_info
+    from mvc.diffusion.sd_io import images_to_uint8
     from mvc.evaluation.evaluate import load_reference, measure, real_subset, source_rows
-    from mvc.generate import generate_synthetic
-    from mvc.generators import resolve_resolution
-    from mvc.models import load_ip2p_pipeline, training_info
-    from mvc.sd_io import images_to_uint8
+    from mvc.generation.generate import generate_synthetic
+    from mvc.generation.generators import resolve_resolution
 
     paths = RunPaths.of(cfg)
     # absolute: generation takes a relative generate.out_dir as relative to the run folder

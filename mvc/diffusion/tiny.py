@@ -3,7 +3,7 @@
 It is made of the same classes as SD-1.5 (AutoencoderKL, UNet2DConditionModel, CLIPTextModel,
 CLIPTokenizer, DDPMScheduler), only smaller, so every script runs the same code path on it. It is built by one
 process (the main one; the others wait and read the cache) on the stage accelerator's device and with its mixed
-precision (`mvc.finetune_loop.base_source`); every draw comes from CPU generators, so the device changes no
+precision (`mvc.diffusion.finetune_loop.base_source`); every draw comes from CPU generators, so the device changes no
 draw, and on a GPU the loop avoids host syncs (losses are read every 25 steps, on a device buffer). The build
 checkpoints as it goes and a killed one resumes (`get_tiny_base`).
 """
@@ -36,8 +36,8 @@ from mvc.core.utils import (
     image_grid,
     truncate_jsonl,
 )
-from mvc.sd_io import images_to_uint8, tokenize, uint8_to_model
-from mvc.tokenizer import build_tiny_tokenizer
+from mvc.diffusion.sd_io import images_to_uint8, tokenize, uint8_to_model
+from mvc.diffusion.tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def build_tiny_components(cfg: Any, extra_words: Iterable[str] = (), in_channels
 #################################################################################
 
 def pool_images(dataset: Any, size: int, progress: bool = True, chunk: int = 1024) -> torch.Tensor:
-    """Every image of `dataset` at size x size (the SD input resize of `mvc.sd_io`): (N, 3, size, size) uint8."""
+    """Every image of `dataset` at size x size (the SD input resize of `mvc.diffusion.sd_io`): (N, 3, size, size) uint8."""
     from tqdm.auto import tqdm
 
     out = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)

@@ -1,19 +1,19 @@
 """The generators of synthetic sets, one registry (`generate.method`): MVC and the baselines it is judged against.
 
 Every generator fills the same plan (`mvc.data.synthetic.plan_jobs`: per class, per labelled source image, V
-variants with deterministic file names) through the same loop (`mvc.generate.generate_synthetic`: the
+variants with deterministic file names) through the same loop (`mvc.generation.generate.generate_synthetic`: the
 settings check, resume, sharding, the filter, records and grids), so every set has one format and the
 classifier and the synthetic-set evaluation read each one without special cases. A generator says only
 what differs:
 
 | method      | model sampled                                   | prompt                                    | image input |
 |-------------|-------------------------------------------------|-------------------------------------------|-------------|
-| `mvc`       | the fine-tuned InstructPix2Pix folder           | caption + class prompt, mixed (`mvc.mixing`) | the source, as condition |
+| `mvc`       | the fine-tuned InstructPix2Pix folder           | caption + class prompt, mixed (`mvc.generation.mixing`) | the source, as condition |
 | `mvc_nomix` | the same                                        | the same, unmixed (op `none`)             | the same |
 | `txt2img`   | the base, not fine-tuned (`StableDiffusionPipeline`) | the class prompt (+ the caption: `generate.caption`) | none |
 | `img2img`   | the base (`StableDiffusionImg2ImgPipeline`, SDEdit)  | the same                             | the source, noised to `generate.strength` |
-| `textual_inversion` | the base + a token embedding learned per class (`mvc.textual_inversion`) | `textual_inversion.prompt` with the source's token | the same as img2img |
-| `dreambooth` | the base fine-tuned by DreamBooth (`mvc.dreambooth`, a `StableDiffusionPipeline`) | the instance prompt of the source's concept ("a photo of zqx Bag") | none |
+| `textual_inversion` | the base + a token embedding learned per class (`mvc.diffusion.textual_inversion`) | `textual_inversion.prompt` with the source's token | the same as img2img |
+| `dreambooth` | the base fine-tuned by DreamBooth (`mvc.diffusion.dreambooth`, a `StableDiffusionPipeline`) | the instance prompt of the source's concept ("a photo of zqx Bag") | none |
 
 `mvc_nomix` isolates what mixing adds: its variants differ only in their diffusion noise. `txt2img` and
 `img2img` need no fine-tuned model; on the tiny profile their base never saw the labels (the domain gap
@@ -70,7 +70,7 @@ def render(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, con
 
 def resolve_resolution(cfg: Any, model_dir: Path, pipe: Any = None) -> int:
     """The sampling resolution of the fine-tuned model: `generate.resolution`, else the one it was tuned at."""
-    from mvc.models import load_ip2p_pipeline, pipeline_resolution, training_info
+    from mvc.diffusion.models import load_ip2p_pipeline, pipeline_resolution, training_info
 
     tuned = training_info(model_dir).get("resolution")
     if cfg.generate.resolution is not None:
@@ -135,7 +135,7 @@ class Generator:
 
     def begin(self, pipe: Any, model: str, resolution: int) -> None:
         """Once per run before the first class: what every batch shares."""
-        from mvc.sd_io import encode_prompts
+        from mvc.diffusion.sd_io import encode_prompts
 
         self.neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])  # (1, T, D): the pipelines' unconditional text
         self.params = self.record_params(model, resolution)
@@ -182,7 +182,7 @@ class MVCGenerator(Generator):
         return True
 
     def check(self, labelled: Any) -> None:
-        from mvc.mixing import check_donors, mixing_params
+        from mvc.generation.mixing import check_donors, mixing_params
 
         check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
                      mixing_params(self.cfg.mixing))
@@ -207,13 +207,13 @@ class MVCGenerator(Generator):
                 "image_guidance_scale": g.image_guidance_scale, "scheduler": g.scheduler, "resolution": resolution}
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
-        from mvc.models import load_ip2p_pipeline
+        from mvc.diffusion.models import load_ip2p_pipeline
 
         return load_ip2p_pipeline(model, self.g.scheduler, device, dtype=dtype)
 
     def begin(self, pipe: Any, model: str, resolution: int) -> None:
-        from mvc.mixing import mixing_params, parse_window
-        from mvc.sd_io import encode_ids
+        from mvc.diffusion.sd_io import encode_ids
+        from mvc.generation.mixing import mixing_params, parse_window
 
         super().begin(pipe, model, resolution)
         self.encode = lambda ids, mask: encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
@@ -226,8 +226,8 @@ class MVCGenerator(Generator):
                 "model_dir": str(model)}
 
     def start_class(self, pipe, labelled, label, jobs, captions, resolution):
-        from mvc.mixing import ClassPrompts
-        from mvc.sd_io import encode_conditions
+        from mvc.diffusion.sd_io import encode_conditions
+        from mvc.generation.mixing import ClassPrompts
 
         sources = np.flatnonzero(np.asarray(labelled.targets) == label).tolist()
         ids = [str(labelled.ids[s]) for s in sources]
@@ -238,7 +238,7 @@ class MVCGenerator(Generator):
         return ctx, {s: lat[i] for i, s in enumerate(srcs)}  # condition latents, each (4, h, w)
 
     def render(self, pipe, state, batch, seed, generators):
-        from mvc.mixing import mix_prompts
+        from mvc.generation.mixing import mix_prompts
 
         ctx, cond = state
         g = self.g
@@ -275,14 +275,14 @@ class BaseGenerator(Generator):
     """The base pipeline sampled as it is (`model.base`; the tiny base on the tiny profile), prompted with the
     class prompt of `captions.prompt_template`, or with the whole prompt (the image's caption too) when
     `generate.caption` is set."""
-    pipeline = ""  # the diffusers pipeline that samples the base (mvc.models.BASE_PIPELINES)
+    pipeline = ""  # the diffusers pipeline that samples the base (mvc.diffusion.models.BASE_PIPELINES)
 
     def needs_captions(self) -> bool:
         return bool(self.g.caption)
 
     def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.core.paths import RunPaths
-        from mvc.finetune_loop import base_source
+        from mvc.diffusion.finetune_loop import base_source
 
         if self.cfg.model.base == "tiny" and pool is None:
             from mvc.data import load_splits
@@ -291,7 +291,7 @@ class BaseGenerator(Generator):
         return base_source(self.cfg, pool, RunPaths.of(self.cfg).root, progress, device)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
-        from mvc.models import base_resolution
+        from mvc.diffusion.models import base_resolution
 
         if self.g.resolution is not None:
             return int(self.g.resolution)
@@ -300,7 +300,7 @@ class BaseGenerator(Generator):
         return base_resolution(model, self.cfg.model.revision if self.cfg.model.base != "tiny" else None)
 
     def settings(self, model: str, labelled: Any, resolution: int) -> dict:
-        from mvc.models import base_identity
+        from mvc.diffusion.models import base_identity
 
         cfg, g = self.cfg, self.g
         return {"method": self.name, **base_identity(model, cfg.model), "data": labelled.fingerprint(),
@@ -316,12 +316,12 @@ class BaseGenerator(Generator):
     def components(self, model: str) -> dict:
         """The components of the folder (or hub id) sampled."""
         from mvc.core.paths import RunPaths
-        from mvc.finetune_loop import load_base
+        from mvc.diffusion.finetune_loop import load_base
 
         return load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
-        from mvc.models import base_pipeline
+        from mvc.diffusion.models import base_pipeline
 
         pipe = base_pipeline(self.components(model), self.pipeline, self.g.scheduler)
         if dtype != pipe.unet.dtype:
@@ -345,7 +345,7 @@ class BaseGenerator(Generator):
         return {s: make_prompt(template, captions[str(labelled.ids[s])], name) for s in sources}
 
     def start_class(self, pipe, labelled, label, jobs, captions, resolution):
-        from mvc.sd_io import encode_prompts
+        from mvc.diffusion.sd_io import encode_prompts
 
         srcs = sorted({j.source for j in jobs})
         prompts = self.prompts(labelled, label, srcs, captions)
@@ -368,7 +368,7 @@ class Txt2ImgGenerator(BaseGenerator):
     pipeline = "txt2img"
 
     def render(self, pipe, state, batch, seed, generators):
-        from mvc.models import sample_txt2img
+        from mvc.diffusion.models import sample_txt2img
 
         g = self.g
         embeds = torch.stack([state["embeds"][j.source] for j in batch])  # (B, T, D)
@@ -395,7 +395,7 @@ class Img2ImgGenerator(BaseGenerator):
                 "denoising_steps": img2img_steps(self.g.num_inference_steps, self.g.strength)}
 
     def start_class(self, pipe, labelled, label, jobs, captions, resolution):
-        from mvc.sd_io import encode_posteriors
+        from mvc.diffusion.sd_io import encode_posteriors
 
         state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
         srcs = sorted({j.source for j in jobs})
@@ -404,7 +404,7 @@ class Img2ImgGenerator(BaseGenerator):
         return state
 
     def render(self, pipe, state, batch, seed, generators):
-        from mvc.sd_io import sample_init_latents
+        from mvc.diffusion.sd_io import sample_init_latents
 
         g = self.g
         mean = torch.cat([state["posterior"][j.source][0] for j in batch])
@@ -437,7 +437,7 @@ class TrainedTogether:
 
 @GENERATORS.register("textual_inversion")
 class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
-    """DA-Fusion: a token embedding learned per concept (`mvc.textual_inversion`), then SDEdit from each real image
+    """DA-Fusion: a token embedding learned per concept (`mvc.diffusion.textual_inversion`), then SDEdit from each real image
     with its concept's token in `textual_inversion.prompt`. `model()` is the folder of the learned embeddings
     (training them when missing); the base it names is what the img2img pipeline loads."""
     name = "textual_inversion"
@@ -448,9 +448,9 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
     def concepts(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> list:
         """The concepts to learn: one per class, or with clustering-based sampling (`sampling.method=clusters`)
         one per kept cluster, each with its own token (`<mvc-class-3-c1>`) and its kept images."""
-        from mvc.clustering import training_concepts
-        from mvc.finetune_loop import sampling_groups
-        from mvc.textual_inversion import TOKEN, Concept, class_concepts
+        from mvc.diffusion.clustering import training_concepts
+        from mvc.diffusion.finetune_loop import sampling_groups
+        from mvc.diffusion.textual_inversion import TOKEN, Concept, class_concepts
 
         init = self.cfg.textual_inversion.initializer
         groups = sampling_groups(self.cfg, labelled, pool, device, progress)
@@ -460,7 +460,7 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
                 for label, suffix, idx in training_concepts(groups, labelled.targets)]
 
     def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
-        from mvc.textual_inversion import ensure_embeddings
+        from mvc.diffusion.textual_inversion import ensure_embeddings
 
         base = super().model(labelled, pool, progress, device)
         return str(ensure_embeddings(self.cfg, labelled, base, super().resolution(base),
@@ -468,7 +468,7 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
 
     def info(self, model: str) -> dict:
         """`training.json` of the embeddings folder `model`."""
-        from mvc.textual_inversion import read_info
+        from mvc.diffusion.textual_inversion import read_info
 
         info = read_info(model)
         if info is None:
@@ -480,7 +480,7 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
         return int(self.info(model)["resolution"])  # trained at generate.resolution or the base's size
 
     def settings(self, model: str, labelled: Any, resolution: int) -> dict:
-        from mvc.textual_inversion import FREE_KEYS
+        from mvc.diffusion.textual_inversion import FREE_KEYS
 
         info = self.info(model)
         ti = self.cfg.textual_inversion
@@ -490,7 +490,7 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
                 "embeddings": info["embeddings_fingerprint"]}
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
-        from mvc.textual_inversion import EMBEDS_FILE, load_learned_embeds
+        from mvc.diffusion.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
         pipe = super().load(self.info(model)["base"], device, dtype)
         load_learned_embeds(pipe, Path(model) / EMBEDS_FILE)
@@ -502,22 +502,22 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
         missing = [c["token"] for c in self.learned if c["token"] not in pipe.tokenizer.get_vocab()]
         if missing:
             raise MVCError(f"the pipeline lacks the learned token {missing[0]}; load {model} into it first "
-                           "(mvc.textual_inversion.load_learned_embeds)")
+                           "(mvc.diffusion.textual_inversion.load_learned_embeds)")
 
     def record_params(self, model: str, resolution: int) -> dict:
-        from mvc.textual_inversion import EMBEDS_FILE
+        from mvc.diffusion.textual_inversion import EMBEDS_FILE
 
         return {**super().record_params(self.info(model)["base"], resolution),
                 "embeddings": str(Path(model) / EMBEDS_FILE)}
 
     def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
-        from mvc.textual_inversion import concept_prompt, source_tokens
+        from mvc.diffusion.textual_inversion import concept_prompt, source_tokens
 
         tokens = source_tokens(self.learned, labelled.targets)
         return {s: concept_prompt(self.cfg.textual_inversion.prompt, tokens[s]) for s in sources}
 
     def start_class(self, pipe, labelled, label, jobs, captions, resolution):
-        from mvc.textual_inversion import source_tokens
+        from mvc.diffusion.textual_inversion import source_tokens
 
         state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
         tokens = source_tokens(self.learned, labelled.targets)
@@ -539,7 +539,7 @@ def img2img_steps(num_inference_steps: int, strength: float) -> int:
 
 @GENERATORS.register("dreambooth")
 class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
-    """Text-to-image with the DreamBooth model (`mvc.dreambooth`), trained on first use: each source's variants
+    """Text-to-image with the DreamBooth model (`mvc.diffusion.dreambooth`), trained on first use: each source's variants
     are sampled from the instance prompt of its concept. `groups` ((label, labelled indices) per concept) replaces
     the default of one concept per class (a clustering pre-step passes them)."""
     name = "dreambooth"
@@ -553,15 +553,15 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
         return False
 
     def concepts(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> list:
-        """The concepts (`mvc.dreambooth.make_concepts`), built once: `groups`, else with clustering-based sampling
+        """The concepts (`mvc.diffusion.dreambooth.make_concepts`), built once: `groups`, else with clustering-based sampling
         (`sampling.method=clusters`) one per kept cluster with its kept images, else one per class."""
-        from mvc.dreambooth import make_concepts
+        from mvc.diffusion.dreambooth import make_concepts
 
         if self._concepts is None:
             groups = self.groups
             if groups is None and self.cfg.sampling.method != "none":
-                from mvc.clustering import training_concepts
-                from mvc.finetune_loop import sampling_groups
+                from mvc.diffusion.clustering import training_concepts
+                from mvc.diffusion.finetune_loop import sampling_groups
 
                 if pool is None and self.cfg.model.base == "tiny":  # base_vae embeds with the tiny base
                     from mvc.data import load_splits
@@ -581,7 +581,7 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
                            "class with labelled images needs one to be generated")
 
     def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
-        from mvc.dreambooth import get_dreambooth
+        from mvc.diffusion.dreambooth import get_dreambooth
 
         base = super().model(labelled, pool, progress, device)  # the tiny base is built first when it is missing
         return str(get_dreambooth(self.cfg, labelled, self.concepts(labelled, pool, progress, device), base, progress))
@@ -590,7 +590,7 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
         return resolve_resolution(self.cfg, Path(model), pipe)  # the training resolution (mvc_training.json)
 
     def settings(self, model: str, labelled: Any, resolution: int) -> dict:
-        from mvc.models import training_info
+        from mvc.diffusion.models import training_info
 
         g = self.g
         return {"method": self.name, "model_dir": str(Path(model).resolve()),
@@ -599,12 +599,12 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
                 "guidance_scale": g.guidance_scale, "scheduler": g.scheduler, "resolution": resolution}
 
     def components(self, model: str) -> dict:
-        from mvc.models import load_pipeline_components
+        from mvc.diffusion.models import load_pipeline_components
 
         return load_pipeline_components(model)  # our own folder: no hub revision or variant
 
     def record_params(self, model: str, resolution: int) -> dict:
-        from mvc.models import training_info
+        from mvc.diffusion.models import training_info
 
         info, g = training_info(model), self.g
         return {"guidance_scale": g.guidance_scale, "num_inference_steps": g.num_inference_steps,

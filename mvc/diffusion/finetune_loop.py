@@ -40,8 +40,8 @@ from mvc.core.checkpoint import resolve_resume, rng_state, save_checkpoint, set_
 from mvc.core.distributed import accelerator_settings, broadcast_seed, make_accelerator
 from mvc.core.perf import channels_last, compiled, peak_memory_gb, reset_peak_memory, set_tf32
 from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
-from mvc.finetune import draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch, ip2p_loss
-from mvc.finetune_setup import (
+from mvc.diffusion.finetune import draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch, ip2p_loss
+from mvc.diffusion.finetune_setup import (
     build_ema,
     build_lr_scheduler,
     build_optimizer,
@@ -52,8 +52,8 @@ from mvc.finetune_setup import (
     prepare_unet,
     trainable_state_dict,
 )
-from mvc.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
-from mvc.sd_io import resize
+from mvc.diffusion.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
+from mvc.diffusion.sd_io import resize
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def resume_record(cfg, dataset, cond: torch.Tensor, target: torch.Tensor, prompt
            **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
            **{f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}}
     if cfg.model.base == "tiny":  # the settings of its key: where and how often the base saves change no weight
-        from mvc.tiny import NOT_IN_KEY
+        from mvc.diffusion.tiny import NOT_IN_KEY
 
         rec.update({f"tiny.{k}": v for k, v in dataclasses.asdict(cfg.tiny).items() if k not in NOT_IN_KEY})
     return rec
@@ -415,10 +415,10 @@ def _pairs_for(cfg, labelled, path: Path, main: bool, groups=None):
 
 
 def sampling_groups(cfg, labelled, pool, device=None, progress: bool = True):
-    """The concepts of clustering-based sampling (`mvc.clustering.ConceptGroups`), None when
+    """The concepts of clustering-based sampling (`mvc.diffusion.clustering.ConceptGroups`), None when
     sampling.method=none; the base_vae embedder embeds with the base's VAE (the tiny base built if needed)."""
-    from mvc.clustering import BASE_VAE, concept_groups
     from mvc.core.paths import RunPaths
+    from mvc.diffusion.clustering import BASE_VAE, concept_groups
 
     if cfg.sampling.method == "none":
         return None
@@ -435,7 +435,7 @@ def base_source(cfg, pool, output_dir: Path, progress: bool = True, device=None,
     if cfg.model.base != "tiny":
         return cfg.model.base
     from mvc.core.distributed import stage_precision
-    from mvc.tiny import get_tiny_base
+    from mvc.diffusion.tiny import get_tiny_base
 
     if pool is None or len(pool) == 0:
         raise MVCError("model.base=tiny pretrains on the remainder pool, which is empty: lower data.k_per_class "
@@ -447,7 +447,7 @@ def base_source(cfg, pool, output_dir: Path, progress: bool = True, device=None,
 def load_base(cfg, pool, output_dir: Path, progress: bool = True, source: str | None = None) -> dict:
     """The base's unet, vae, text_encoder, tokenizer and scheduler (U-Net not yet widened), from
     `source` (default: `base_source`)."""
-    from mvc.models import load_pipeline_components
+    from mvc.diffusion.models import load_pipeline_components
 
     source = source or base_source(cfg, pool, output_dir, progress)
     if cfg.model.base == "tiny":
@@ -462,7 +462,7 @@ def run(cfg, accelerator, resume: str | None = None) -> dict:
     from mvc.data import load_splits
     from mvc.data.captions import load_captions
     from mvc.data.prompts import make_prompt
-    from mvc.models import widen_conv_in
+    from mvc.diffusion.models import widen_conv_in
 
     acc, paths = accelerator, RunPaths.of(cfg)
     # Process 0 does any download / base building first; the others then read its caches. Captioning is

@@ -237,8 +237,8 @@ def embed_timm(name: str, pretrained: bool, dataset: Any, device: Any = None) ->
 
 
 def embed_vae(vae: Any, dataset: Any, resolution: int, device: Any = None) -> np.ndarray:
-    """Flattened VAE posterior means (N, C*h*w) of every image of `dataset` at `resolution` (`mvc.sd_io`)."""
-    from mvc.sd_io import encode_posteriors
+    """Flattened VAE posterior means (N, C*h*w) of every image of `dataset` at `resolution` (`mvc.diffusion.sd_io`)."""
+    from mvc.diffusion.sd_io import encode_posteriors
 
     vae = (vae.to(device) if device is not None else vae).eval()
     out = []
@@ -264,7 +264,7 @@ def embed(cfg: Any, dataset: Any, base: str | None, device: Any = None) -> np.nd
     s = cfg.sampling
     if s.embedder != BASE_VAE:
         return embed_timm(s.embedder, s.pretrained, dataset, device)
-    from mvc.models import base_resolution, load_vae
+    from mvc.diffusion.models import base_resolution, load_vae
 
     revision = cfg.model.revision if cfg.model.base != "tiny" else None
     vae = load_vae(base, revision, cfg.model.variant if cfg.model.base != "tiny" else None)
@@ -285,7 +285,7 @@ def concept_groups(cfg: Any, labelled: Any, base: str | None = None, device: Any
     `<run.output_dir>/clusters/<key>.json` when it is there, else computed and written (with the figure).
 
     `base` is the base model's folder or hub id, needed by the `base_vae` embedder (the caller resolves it:
-    `mvc.finetune_loop.sampling_groups`)."""
+    `mvc.diffusion.finetune_loop.sampling_groups`)."""
     s = cfg.sampling
     if s.method == "none":
         return None

@@ -114,6 +114,7 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     from mvc.data import load_splits
     from mvc.data.captions import load_captions
     from mvc.data.synthetic import load_synthetic_set
+    from mvc.diffusion.models import load_ip2p_pipeline
     from mvc.evaluation.evaluate import load_reference, real_subset, source_rows
     from mvc.evaluation.metrics import (
         diversity_ratio,
@@ -123,8 +124,7 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
         within_class_diversity,
     )
     from mvc.evaluation.reference import features_and_probs
-    from mvc.generate import generate_synthetic
-    from mvc.models import load_ip2p_pipeline
+    from mvc.generation.generate import generate_synthetic
 
     paths = RunPaths.of(cfg)
     # absolute: generation takes a relative generate.out_dir as relative to the run folder
@@ -289,7 +289,7 @@ def downstream(cfg: Any, accelerator: Any, settings: list[Setting], strategy: st
     (`strategy`, pipeline.seeds, the classifier.* budget): accuracy mean ± std per setting."""
     from mvc.classifier.metrics import sample_std
     from mvc.classifier.train import run_all
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     rows, out = [], Path(out).resolve()
     for st in settings:

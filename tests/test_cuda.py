@@ -62,7 +62,7 @@ def micro(tmp_path_factory):
     import generate_mvc
     from mvc.core.config import parse_args
     from mvc.data import load_splits
-    from mvc.diffusion.finetune_loop import base_source
+    from mvc.diffusion.inputs import base_source
 
     root = tmp_path_factory.mktemp("cuda")
     data = write_fashion_idx(root / "data")

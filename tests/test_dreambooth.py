@@ -172,7 +172,7 @@ def test_missing_class_images_are_made_on_the_next_run(micro, tmp_path):
 
 
 def _base_components(micro):
-    from mvc.diffusion.finetune_loop import load_base
+    from mvc.diffusion.inputs import load_base
 
     base = json.loads((micro.out / "dreambooth" / "final" / "mvc_training.json").read_text())["base_source"]
     return load_base(micro.cfg, None, micro.out, source=base)

@@ -226,7 +226,7 @@ def test_img2img_batches_equal_the_plain_diffusers_pipeline(micro):
     pipeline) == StableDiffusionImg2ImgPipeline called on the PIL image with the same generator."""
     from mvc.data.synthetic import plan_jobs
     from mvc.diffusion import sd_io
-    from mvc.diffusion.finetune_loop import load_base
+    from mvc.diffusion.inputs import load_base
     from mvc.diffusion.models import base_pipeline
     from mvc.generation.generators import make_generator
 

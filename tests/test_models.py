@@ -6,7 +6,7 @@ import torch
 
 from mvc.core.config import TinyBaseConfig, make_config
 from mvc.core.utils import MVCError
-from mvc.diffusion.finetune_loop import load_base
+from mvc.diffusion.inputs import load_base
 from mvc.diffusion.models import load_pipeline_components, widen_conv_in
 from mvc.diffusion.tiny import build_tiny_components
 

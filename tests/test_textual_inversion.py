@@ -117,7 +117,7 @@ def test_gradients_reach_the_learned_vectors_only(micro):
 def test_the_embeddings_load_through_diffusers_load_textual_inversion(micro):
     from safetensors import safe_open
 
-    from mvc.diffusion.finetune_loop import load_base
+    from mvc.diffusion.inputs import load_base
     from mvc.diffusion.models import base_pipeline
 
     folder = micro.out / "textual_inversion"

@@ -15,7 +15,7 @@ import mvc.diffusion.tiny as tiny
 from mvc.core.config import TinyBaseConfig, make_config
 from mvc.core.utils import MVCError
 from mvc.data import ArraySource, ImageDataset
-from mvc.diffusion.finetune_loop import load_base
+from mvc.diffusion.inputs import load_base
 from mvc.diffusion.tiny import get_tiny_base, tiny_base_key
 from mvc.diffusion.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
 

@@ -285,7 +285,7 @@ def concept_groups(cfg: Any, labelled: Any, base: str | None = None, device: Any
     `<run.output_dir>/clusters/<key>.json` when it is there, else computed and written (with the figure).
 
     `base` is the base model's folder or hub id, needed by the `base_vae` embedder (the caller resolves it:
-    `mvc.diffusion.finetune_loop.sampling_groups`)."""
+    `mvc.diffusion.inputs.sampling_groups`)."""
     s = cfg.sampling
     if s.method == "none":
         return None

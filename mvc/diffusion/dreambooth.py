@@ -71,7 +71,7 @@ from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, 
 from mvc.data.prompts import instance_prompt, prior_prompt, rare_identifiers, validate_identifiers
 from mvc.data.synthetic import class_folder
 from mvc.diffusion.finetune import encode_latents_cache, noise_prediction_loss
-from mvc.diffusion.finetune_loop import GlobalBatchSampler, load_base
+from mvc.diffusion.finetune_loop import GlobalBatchSampler
 from mvc.diffusion.finetune_setup import (
     TEXT_LORA_TARGETS,
     add_lora,
@@ -82,6 +82,7 @@ from mvc.diffusion.finetune_setup import (
     prepare_unet,
     trainable_state_dict,
 )
+from mvc.diffusion.inputs import load_base
 from mvc.diffusion.models import (
     base_identity,
     base_pipeline,

@@ -36,6 +36,9 @@ from tqdm.auto import tqdm
 from mvc.core.utils import MVCError, batched
 from mvc.diffusion.sd_io import encode_images, encode_prompts, images_to_tensor
 
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # text cache dtype per mixed precision (else fp32)
+
+
 #################################################################################
 #                            Conditioning dropout                               #
 #################################################################################

@@ -40,7 +40,14 @@ from mvc.core.checkpoint import resolve_resume, rng_state, save_checkpoint, set_
 from mvc.core.distributed import accelerator_settings, broadcast_seed, make_accelerator
 from mvc.core.perf import channels_last, compiled, peak_memory_gb, reset_peak_memory, set_tf32
 from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
-from mvc.diffusion.finetune import draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch, ip2p_loss
+from mvc.diffusion.finetune import (
+    CACHE_DTYPES,
+    draw_step_noise,
+    encode_latents_cache,
+    encode_prompts_cache,
+    gather_batch,
+    ip2p_loss,
+)
 from mvc.diffusion.finetune_setup import (
     build_ema,
     build_lr_scheduler,
@@ -52,6 +59,7 @@ from mvc.diffusion.finetune_setup import (
     prepare_unet,
     trainable_state_dict,
 )
+from mvc.diffusion.inputs import base_source, load_base, sampling_groups
 from mvc.diffusion.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
 from mvc.diffusion.sd_io import resize
 
@@ -62,7 +70,6 @@ PROMPT_FROM = ("target", "condition")  # whose caption a pair's prompt uses
 RESUME_FREE_KEYS = {"max_steps", "checkpoint_every", "checkpoints_keep", "validate_every", "num_validation",
                     "validation_steps", "validation_guidance_scale", "validation_image_guidance_scale", "log_every",
                     "gradient_checkpointing", "attention", "channels_last", "compile", "tf32", "ema_foreach"}
-CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # text cache dtype per mixed precision (else fp32)
 
 
 #################################################################################
@@ -412,47 +419,6 @@ def _pairs_for(cfg, labelled, path: Path, main: bool, groups=None):
     if main:
         save_pairs(path, pairs)
     return pairs
-
-
-def sampling_groups(cfg, labelled, pool, device=None, progress: bool = True):
-    """The concepts of clustering-based sampling (`mvc.diffusion.clustering.ConceptGroups`), None when
-    sampling.method=none; the base_vae embedder embeds with the base's VAE (the tiny base built if needed)."""
-    from mvc.core.paths import RunPaths
-    from mvc.diffusion.clustering import BASE_VAE, concept_groups
-
-    if cfg.sampling.method == "none":
-        return None
-    base = None
-    if cfg.sampling.embedder == BASE_VAE:
-        base = base_source(cfg, pool, RunPaths.of(cfg).root, progress, device)
-    return concept_groups(cfg, labelled, base, device)
-
-
-def base_source(cfg, pool, output_dir: Path, progress: bool = True, device=None, precision: str | None = None) -> str:
-    """What MVC fine-tunes: the tiny base's folder (built from the remainder `pool` on `device` with mixed
-    `precision`, default the running stage's accelerate precision; or taken from its cache), else `model.base`
-    (a hub id or a local diffusers folder)."""
-    if cfg.model.base != "tiny":
-        return cfg.model.base
-    from mvc.core.distributed import stage_precision
-    from mvc.diffusion.tiny import get_tiny_base
-
-    if pool is None or len(pool) == 0:
-        raise MVCError("model.base=tiny pretrains on the remainder pool, which is empty: lower data.k_per_class "
-                       "(it must leave training images outside the labelled subset) or give a pretrained base")
-    return str(get_tiny_base(cfg.tiny, pool, output_dir=output_dir, device=device, progress=progress,
-                             precision=precision or stage_precision()))
-
-
-def load_base(cfg, pool, output_dir: Path, progress: bool = True, source: str | None = None) -> dict:
-    """The base's unet, vae, text_encoder, tokenizer and scheduler (U-Net not yet widened), from
-    `source` (default: `base_source`)."""
-    from mvc.diffusion.models import load_pipeline_components
-
-    source = source or base_source(cfg, pool, output_dir, progress)
-    if cfg.model.base == "tiny":
-        return load_pipeline_components(source)
-    return load_pipeline_components(source, revision=cfg.model.revision, variant=cfg.model.variant)
 
 
 def run(cfg, accelerator, resume: str | None = None) -> dict:

@@ -337,7 +337,7 @@ def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, conce
     calls it together (they train data-parallel)."""
     from mvc.core.distributed import make_accelerator
     from mvc.core.paths import RunPaths
-    from mvc.diffusion.finetune_loop import load_base
+    from mvc.diffusion.inputs import load_base
     from mvc.diffusion.models import base_identity
 
     paths = RunPaths.of(cfg)
@@ -498,8 +498,7 @@ def _setup(cfg: Any, components: dict, labelled: Any, concepts: Sequence[Concept
     """Freeze the base on the accelerator's device (the U-Net in the compute dtype under mixed precision; the VAE
     and the text encoder in fp32), add the placeholder tokens, and cache the concept images' posteriors and the
     templates' token ids."""
-    from mvc.diffusion.finetune import encode_latents_cache
-    from mvc.diffusion.finetune_loop import CACHE_DTYPES
+    from mvc.diffusion.finetune import CACHE_DTYPES, encode_latents_cache
     from mvc.diffusion.finetune_setup import freeze
     from mvc.diffusion.sd_io import tokenize
 

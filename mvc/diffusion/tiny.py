@@ -3,7 +3,7 @@
 It is made of the same classes as SD-1.5 (AutoencoderKL, UNet2DConditionModel, CLIPTextModel,
 CLIPTokenizer, DDPMScheduler), only smaller, so every script runs the same code path on it. It is built by one
 process (the main one; the others wait and read the cache) on the stage accelerator's device and with its mixed
-precision (`mvc.diffusion.finetune_loop.base_source`); every draw comes from CPU generators, so the device changes no
+precision (`mvc.diffusion.inputs.base_source`); every draw comes from CPU generators, so the device changes no
 draw, and on a GPU the loop avoids host syncs (losses are read every 25 steps, on a device buffer). The build
 checkpoints as it goes and a killed one resumes (`get_tiny_base`).
 """

@@ -96,7 +96,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     """
     from tqdm.auto import tqdm
 
-    from mvc.diffusion.finetune_loop import sampling_groups
+    from mvc.diffusion.inputs import sampling_groups
 
     barrier = barrier or (lambda: None)
     g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)

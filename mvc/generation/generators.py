@@ -282,7 +282,7 @@ class BaseGenerator(Generator):
 
     def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.core.paths import RunPaths
-        from mvc.diffusion.finetune_loop import base_source
+        from mvc.diffusion.inputs import base_source
 
         if self.cfg.model.base == "tiny" and pool is None:
             from mvc.data import load_splits
@@ -316,7 +316,7 @@ class BaseGenerator(Generator):
     def components(self, model: str) -> dict:
         """The components of the folder (or hub id) sampled."""
         from mvc.core.paths import RunPaths
-        from mvc.diffusion.finetune_loop import load_base
+        from mvc.diffusion.inputs import load_base
 
         return load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
 
@@ -449,7 +449,7 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
         """The concepts to learn: one per class, or with clustering-based sampling (`sampling.method=clusters`)
         one per kept cluster, each with its own token (`<mvc-class-3-c1>`) and its kept images."""
         from mvc.diffusion.clustering import training_concepts
-        from mvc.diffusion.finetune_loop import sampling_groups
+        from mvc.diffusion.inputs import sampling_groups
         from mvc.diffusion.textual_inversion import TOKEN, Concept, class_concepts
 
         init = self.cfg.textual_inversion.initializer
@@ -561,7 +561,7 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
             groups = self.groups
             if groups is None and self.cfg.sampling.method != "none":
                 from mvc.diffusion.clustering import training_concepts
-                from mvc.diffusion.finetune_loop import sampling_groups
+                from mvc.diffusion.inputs import sampling_groups
 
                 if pool is None and self.cfg.model.base == "tiny":  # base_vae embeds with the tiny base
                     from mvc.data import load_splits

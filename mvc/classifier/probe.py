@@ -10,13 +10,14 @@ from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.models import build_model, extract_features
 from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs
 from mvc.core import seeds
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, publish_choices
 from mvc.core.utils import MVCError, RunLogger
 
 PROBE_STRATEGIES = ("real", "concat")
 
 # name -> builder(seed) of the sklearn head that follows a StandardScaler ("none" in the config: no probe)
 PROBES: Registry[Callable] = Registry("probe")
+publish_choices("probe", PROBES)
 
 
 @PROBES.register("logreg")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
+from mvc.core.registry import choices, config_rule_of
 from mvc.core.utils import MVCError, atomic_write_text, short_repr
 
 
@@ -50,28 +51,16 @@ SEED = {"min": 0, "max": SEED_MAX}
 #                                  Sections                                     #
 #################################################################################
 
-# Choices come from the registries (and tuples) of the modules that implement them, imported when a
-# config is validated; none of those modules imports this one.
-
-def _names(module: str, attr: str) -> Callable[[], list]:
-    """A zero-argument callable returning the names of `module.attr` (a Registry, or a tuple of names)."""
-    def names() -> list:
-        import importlib
-
-        obj = getattr(importlib.import_module(module), attr)
-        return obj.names() if hasattr(obj, "names") else list(obj)
-    names.__name__ = f"{module}.{attr}"
-    return names
-
-
-_datasets = _names("mvc.data", "DATASETS")
-_captioners = _names("mvc.data.captions", "CAPTIONERS")
-_strategies = _names("mvc.classifier.strategies", "STRATEGIES")
-_samplers = _names("mvc.diffusion.models", "SAMPLERS")
-_lr_schedules = _names("mvc.core.schedules", "LR_SCHEDULES")
-_precisions = _names("mvc.core.distributed", "PRECISIONS")
-_dtypes = _names("mvc.core.distributed", "DTYPES")
-_generators = _names("mvc.generation.generators", "GENERATORS")
+# Choices are the names the packages that implement them publish (`mvc.core.registry.publish_choices`), read
+# when a config is validated; this module imports none of those packages.
+_datasets = choices("dataset")
+_captioners = choices("captioner")
+_strategies = choices("strategy")
+_samplers = choices("sampler")
+_lr_schedules = choices("lr schedule")
+_precisions = choices("precision")
+_dtypes = choices("dtype")
+_generators = choices("generator")
 
 
 @dataclass
@@ -89,8 +78,8 @@ class DataConfig:
     k_per_class: int | None = opt(20, "Labelled images per class (the low-data subset); null uses all.", min=1)
     subset_seed: int = opt(0, "Seed of the labelled-subset draw (independent of run.seed).", **SEED)
     on_small_class: str = opt("error", "A class with fewer than 2 images: 'error' or 'skip' (with a warning).",
-                              choices=_names("mvc.data.pairs", "SMALL_CLASS_POLICIES"))
-    test_split: str = opt("test", "Split used for evaluation.", choices=_names("mvc.data", "EVAL_SPLITS"))
+                              choices=choices("small-class policy"))
+    test_split: str = opt("test", "Split used for evaluation.", choices=choices("eval split"))
     test_fraction: float = opt(0.2, "Per-class fraction held out as 'test' by datasets without an official "
                                "split (caltech101).", min=0, max=1, min_exclusive=True, max_exclusive=True)
     val_fraction: float = opt(0.1, "test_split=val on a dataset without a val split: this fraction of each "
@@ -110,7 +99,7 @@ class SamplingConfig:
     embeddings, and only the most coherent clusters' most central images are fine-tuned on and generated from."""
     method: str = opt("none", "'none' (every labelled image) or 'clusters' (the kept images of coherent clusters; "
                       "fine-tuning and generation write to *_clusters folders).",
-                      choices=_names("mvc.diffusion.clustering", "METHODS"))
+                      choices=choices("sampling method"))
     embedder: str = opt("base_vae", "'base_vae' (the flattened VAE posterior means of model.base: label-free on the "
                         "tiny profile, whose base never saw labels) or a timm model name (its pooled features, its "
                         "own preprocessing; e.g. efficientnet_b0, the thesis' choice).")
@@ -211,7 +200,7 @@ class FinetuneConfig:
                                              "a probe of the step says it would not fit in free GPU memory without "
                                              "(SD-1.5, 256 px, batch 50: 20.5 GB with it on an H200; "
                                              "bench/bench_gpu.py measures both); off on the CPU.")
-    attention: str = opt("sdpa", "Attention implementation.", choices=_names("mvc.diffusion.finetune_setup", "ATTENTION"))
+    attention: str = opt("sdpa", "Attention implementation.", choices=choices("attention"))
     channels_last: bool = opt(False, "U-Net weights and activations in channels-last memory format (cuDNN's "
                               "native layout for fp16/bf16 convolutions; slower on the CPU).")
     compile: bool = opt(False, "torch.compile the U-Net's training step (1-2 minutes of compiling first; "
@@ -236,7 +225,7 @@ class FinetuneConfig:
     validation_guidance_scale: float = opt(3.0, "Text guidance of validation images.", min=0)
     validation_image_guidance_scale: float = opt(1.5, "Image guidance of validation images.", min=0)
     prompt_from: str = opt("target", "Whose caption a pair's prompt uses (IP2P: the image to generate).",
-                           choices=_names("mvc.diffusion.finetune_loop", "PROMPT_FROM"))
+                           choices=choices("prompt source"))
     log_every: int = opt(10, "Log scalars every N steps.", min=1)
 
 
@@ -245,17 +234,17 @@ class MixingConfig:
     """Mixing Visual Concepts: edits of the prompt embedding (generate_mvc.py)."""
     ops: list[str] = opt(["coarse", "fine"], "Operations cycled over the variants of each source.", min_len=1)
     coarse_mode: str = opt("shuffle", "Coarse op: permute tokens or swap them in from a donor.",
-                           choices=_names("mvc.generation.mixing", "COARSE_MODES"))
+                           choices=choices("coarse mode"))
     coarse_stage: str = opt("tokens", "Where the coarse op runs: 'tokens' (token ids before the text encoder) or "
                             "'embeds' (its output; a shuffle there is invisible to the U-Net's cross-attention).",
-                            choices=_names("mvc.generation.mixing", "STAGES"))
+                            choices=choices("mixing stage"))
     coarse_k: int = opt(4, "Token vectors chosen for the coarse op.", min=1)
     window: str | list[int] = opt("caption", "Token positions mixing may touch: 'caption' (the caption's tokens), "
                                   "'prompt' (every prompt token but BOS/EOS: caption and class prompt), 'all' (every "
                                   "position but BOS, padding too), or a fixed [start, end).")
     fine_m: int = opt(3, "Token vectors whose slice is replaced (fine op).", min=1)
     fine_s: int = opt(4, "Dimensions per slice (paper: < 10 of 768).", min=1)
-    fine_source: str = opt("donor", "Where the fine slice comes from.", choices=_names("mvc.generation.mixing", "FINE_SOURCES"))
+    fine_source: str = opt("donor", "Where the fine slice comes from.", choices=choices("fine source"))
     fine_contiguous: bool = opt(True, "Contiguous slice (else scattered dimensions).")
 
 
@@ -386,16 +375,16 @@ class ClassifierConfig:
     two_phase_fraction: float = opt(0.2, "Share of the step budget spent in phase 2 (real only).", min=0, max=1)
     prob_p: float = opt(0.8, "Probabilistic: P(a synthetic image joins the batch), per real image.", min=0, max=1)
     prob_mode: str = opt("append", "Probabilistic: 'append' (paper) or 'replace' (DA-Fusion).",
-                         choices=_names("mvc.classifier.strategies", "PROB_MODES"))
-    augment: str = opt("standard", "Classic augmentation.", choices=_names("mvc.classifier.augment", "AUGMENTATIONS"))
+                         choices=choices("probabilistic mode"))
+    augment: str = opt("standard", "Classic augmentation.", choices=choices("augmentation"))
     autoaugment_policy: str = opt("cifar10", "AutoAugment policy.",
-                                  choices=_names("mvc.classifier.augment", "AUTOAUGMENT_POLICIES"))
+                                  choices=choices("autoaugment policy"))
     epochs: int = opt(30, "Budget in real-only epochs, used when `steps` is null: every strategy gets the "
                       "optimizer steps of this many epochs over the real images.", min=1)
     steps: int | None = opt(None, "Optimizer-step budget of every run (each strategy's epochs follow its epoch size, "
                                   "so strategies with more data are not given more training).", min=1)
     batch_size: int = opt(50, "Batch size (paper: 50; BatchNorm needs 2 or more).", min=2)
-    optimizer: str = opt("adam", "Optimizer.", choices=_names("mvc.classifier.engine", "OPTIMIZERS"))
+    optimizer: str = opt("adam", "Optimizer.", choices=choices("optimizer"))
     lr: float = opt(1e-3, "Learning rate.", min=0, min_exclusive=True)
     momentum: float = opt(0.9, "SGD momentum.", min=0, max=1)
     weight_decay: float = opt(0.0, "Weight decay.", min=0)
@@ -406,7 +395,7 @@ class ClassifierConfig:
     mixed_precision: str | None = opt(None, "Mixed precision: no, fp16 or bf16 (null: accelerate's).",
                                       choices=_precisions)
     probe: str = opt("none", "Feature probe on a frozen backbone instead of training ('none': train).",
-                     choices=lambda: ["none", *_names("mvc.classifier.probe", "PROBES")()])
+                     choices=lambda: ["none", *choices("probe")()])
     kfold: int = opt(0, "Stratified k-fold on the labelled subset (0: use the test split).", min=0)
     seeds: list[int] = opt([0], "Seeds; several report mean +- std.", min_len=1, unique=True, **SEED)
     num_workers: int = opt(0, "DataLoader workers.", min=0)
@@ -436,7 +425,7 @@ class EvaluateConfig:
     reference_batch_size: int = opt(128, "Reference batch size.", min=2)
     reference_lr: float = opt(2e-3, "Reference learning rate (Adam, cosine).", min=0, min_exclusive=True)
     reference_augment: str = opt("standard", "Reference augmentation.",
-                                 choices=_names("mvc.classifier.augment", "AUGMENTATIONS"))
+                                 choices=choices("augmentation"))
     reference_seed: int = opt(0, "Seed of the reference's training.", **SEED)
     cache_dir: str = opt("outputs/cache/reference", "Where trained references are cached, keyed by dataset and settings.")
     real_limit: int | None = opt(2000, "Real test images (a fixed class-balanced subset) that diversity and the "
@@ -501,45 +490,32 @@ class Config:
         check_combinations(self)
 
 
+# Rules spanning keys that need a package's knowledge, checked in this order; each is registered under its key by
+# the package that has it (`mvc.core.registry.config_rule`): the caption template by mvc.data.prompts, textual
+# inversion's by mvc.diffusion.textual_inversion, the mixing window and ops by mvc.generation.mixing, DreamBooth's
+# prompt and identifiers by mvc.diffusion.dreambooth, img2img's steps by mvc.generation.generators, the embedder
+# by mvc.diffusion.clustering.
+PACKAGE_RULES = ("captions.prompt_template", "textual_inversion.templates", "textual_inversion.prompt",
+                 "mixing.window", "mixing.ops", "dreambooth.instance_prompt", "dreambooth.identifiers",
+                 "textual_inversion.initializer", "generate.strength", "sampling.embedder")
+
+
 def check_combinations(cfg: Config) -> None:
     """Rules that span several keys, or that a key's type and range cannot say (`validate` checks each
     key on its own); each is checked here, once, when the config is built, before any work starts."""
-    from mvc.data.prompts import validate_identifiers, validate_instance_template, validate_template
-    from mvc.generation.mixing import mixing_params, op_stages, parse_window
-
     t = cfg.train  # the three conditioning-dropout cases are disjoint: together at most certain
     p = t.drop_text_prob + t.drop_image_prob + t.drop_both_prob
     if p > 1.0 + 1e-9:
         raise MVCError(f"config keys train.drop_text_prob + train.drop_image_prob + train.drop_both_prob "
                        f"sum to {p:.3f} > 1")
-    ti = cfg.textual_inversion
-    checks = (("captions.prompt_template", lambda: validate_template(cfg.captions.prompt_template)),
-              ("textual_inversion.templates",
-               lambda: [validate_template(t, ("token",), "a photo of a {token}") for t in ti.templates]),
-              ("textual_inversion.prompt", lambda: validate_template(ti.prompt, ("token",), "a photo of a {token}")),
-              ("mixing.window", lambda: parse_window(cfg.mixing.window)),
-              ("mixing.ops", lambda: [op_stages(op, mixing_params(cfg.mixing)) for op in cfg.mixing.ops]),
-              ("dreambooth.instance_prompt", lambda: validate_instance_template(cfg.dreambooth.instance_prompt)),
-              ("dreambooth.identifiers", lambda: validate_identifiers(cfg.dreambooth.identifiers)))
-    for key, check in checks:
+    for key in PACKAGE_RULES:
+        check, names_keys = config_rule_of(key)
         try:
-            check()
+            check(cfg)
         except MVCError as e:
+            if names_keys:
+                raise
             raise MVCError(f"config key {key}: {e}") from None
-    if ti.initializer is not None and not ti.initializer.strip():
-        raise MVCError("config key textual_inversion.initializer: give a word, or null for the class name")
-    from mvc.generation.generators import GENERATORS, Img2ImgGenerator, img2img_steps
-
-    g = cfg.generate
-    sdedit = [m for m in (g.method, *cfg.pipeline.generators) if issubclass(GENERATORS.get(m), Img2ImgGenerator)]
-    if sdedit and img2img_steps(g.num_inference_steps, g.strength) < 1:
-        raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
-                       f"{g.num_inference_steps} give no img2img denoising step (int of the product) for "
-                       f"{sdedit[0]}; raise either")
-    if cfg.sampling.method != "none":  # timm is imported only when clustering is asked for
-        from mvc.diffusion.clustering import check_embedder
-
-        check_embedder(cfg.sampling.embedder)
     w = cfg.mixing.window
     if isinstance(w, list) and not 0 <= w[0] < w[1]:
         raise MVCError(f"config key mixing.window: [start, end) = {w} is not a non-empty range of token positions")

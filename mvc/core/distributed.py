@@ -12,11 +12,14 @@ from typing import Any
 
 import torch
 
+from mvc.core.registry import publish_choices
 from mvc.core.seeds import resolve_seed
 from mvc.core.utils import MVCError
 
 PRECISIONS = ("no", "fp16", "bf16")  # accelerate's mixed-precision modes
 DTYPES = ("fp16", "bf16", "fp32")     # weight dtypes of inference models (captioner, generation pipeline)
+publish_choices("precision", PRECISIONS)
+publish_choices("dtype", DTYPES)
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

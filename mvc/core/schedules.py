@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, publish_choices
 
 LR_SCHEDULES: Registry[Callable[..., float]] = Registry("LR schedule")
+publish_choices("lr schedule", LR_SCHEDULES)
 
 
 @LR_SCHEDULES.register("constant")

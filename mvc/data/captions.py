@@ -22,13 +22,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, publish_choices
 from mvc.core.utils import MVCError, append_jsonl, fingerprint, read_jsonl, safe_name
 
 log = logging.getLogger(__name__)
 
 # name -> builder(captions_cfg, device) -> captioner
 CAPTIONERS: Registry[Callable[..., "Captioner"]] = Registry("captioner")
+publish_choices("captioner", CAPTIONERS)
 
 def list_captioners() -> list[str]:
     """Names of the registered captioners (cheap: no model is loaded)."""

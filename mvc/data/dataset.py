@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mvc.core import seeds
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, publish_choices
 from mvc.core.seeds import resolve_seed
 from mvc.core.utils import MVCError
 from mvc.core.utils import fingerprint as _hash
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 DATASETS: Registry[Callable[..., "ImageDataset"]] = Registry("dataset")
 EVAL_SPLITS = ("test", "val")  # what data.test_split may name
+publish_choices("dataset", DATASETS)  # filled by mvc.data.sources
+publish_choices("eval split", EVAL_SPLITS)
 
 
 def list_datasets() -> list[str]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mvc.core import seeds
+from mvc.core.registry import publish_choices
 from mvc.core.seeds import resolve_seed
 from mvc.core.utils import MVCError, atomic_path
 from mvc.core.utils import fingerprint as _hash
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PAIRS_FORMAT = 1
 SMALL_CLASS_POLICIES = ("error", "skip")  # a class with fewer than 2 images: refuse it, or leave it out
+publish_choices("small-class policy", SMALL_CLASS_POLICIES)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import itertools
 import string
 from typing import Any, Iterator, Sequence
 
+from mvc.core.registry import config_rule
 from mvc.core.utils import MVCError
 
 DEFAULT_TEMPLATE = "{caption}, a photo of class type {label}"
@@ -146,3 +147,12 @@ def prior_prompt(template: str, label_name: str) -> str:
     """DreamBooth's class prompt: the instance template without its identifier
     ("a photo of {identifier} {label}" -> "a photo of <label>")."""
     return " ".join(instance_prompt(template, "", label_name).split()).strip(" ,;:")
+
+
+#################################################################################
+#                        Config rules (mvc.core.registry)                       #
+#################################################################################
+
+@config_rule("captions.prompt_template")
+def _caption_template(cfg: Any) -> None:
+    validate_template(cfg.captions.prompt_template)

@@ -51,11 +51,13 @@ import numpy as np
 
 from mvc.core import seeds
 from mvc.core.paths import RunPaths
+from mvc.core.registry import config_rule, publish_choices
 from mvc.core.utils import MVCError, RunLogger, atomic_write_json, batched, fingerprint, image_grid
 
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "clusters")  # sampling.method
+publish_choices("sampling method", METHODS)
 BASE_VAE = "base_vae"  # the embedder that is not a timm name
 FORMAT = 1  # of the clusters/<key>.json file
 N_INIT = 10  # k-means restarts per class (the best inertia wins)
@@ -357,3 +359,13 @@ def write_figure(folder: Path, key: str, labelled: Any, rec: dict) -> None:
         logger.image(f"clusters/{key}", image_grid(rows), 0, path=folder / f"{key}.png")
     finally:
         logger.close()
+
+
+#################################################################################
+#                        Config rules (mvc.core.registry)                       #
+#################################################################################
+
+@config_rule("sampling.embedder", names_keys=True)
+def _embedder(cfg: Any) -> None:
+    if cfg.sampling.method != "none":  # timm is imported only when clustering is asked for
+        check_embedder(cfg.sampling.embedder)

@@ -67,8 +67,15 @@ from mvc.core.checkpoint import (
 )
 from mvc.core.distributed import broadcast_object, make_accelerator, shard_rows
 from mvc.core.paths import RunPaths
+from mvc.core.registry import config_rule
 from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, batched, fingerprint
-from mvc.data.prompts import instance_prompt, prior_prompt, rare_identifiers, validate_identifiers
+from mvc.data.prompts import (
+    instance_prompt,
+    prior_prompt,
+    rare_identifiers,
+    validate_identifiers,
+    validate_instance_template,
+)
 from mvc.data.synthetic import class_folder
 from mvc.diffusion.finetune import encode_latents_cache, noise_prediction_loss
 from mvc.diffusion.finetune_loop import GlobalBatchSampler
@@ -565,3 +572,17 @@ def get_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: s
                        f"{' ...' if len(diff) > 4 else ''}); restore them, or delete {final} and {out / 'checkpoints'} "
                        "to train anew (the class images are kept)")
     return train_dreambooth(cfg, labelled, concepts, base, out, record, resolution, record["seed"], acc, progress)
+
+
+#################################################################################
+#                        Config rules (mvc.core.registry)                       #
+#################################################################################
+
+@config_rule("dreambooth.instance_prompt")
+def _instance_prompt(cfg: Any) -> None:
+    validate_instance_template(cfg.dreambooth.instance_prompt)
+
+
+@config_rule("dreambooth.identifiers")
+def _identifiers(cfg: Any) -> None:
+    validate_identifiers(cfg.dreambooth.identifiers)

@@ -39,6 +39,7 @@ from mvc.core import seeds
 from mvc.core.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
 from mvc.core.distributed import accelerator_settings, broadcast_seed, make_accelerator
 from mvc.core.perf import channels_last, compiled, peak_memory_gb, reset_peak_memory, set_tf32
+from mvc.core.registry import publish_choices
 from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
 from mvc.diffusion.finetune import (
     CACHE_DTYPES,
@@ -66,6 +67,7 @@ from mvc.diffusion.sd_io import resize
 log = logging.getLogger(__name__)
 
 PROMPT_FROM = ("target", "condition")  # whose caption a pair's prompt uses
+publish_choices("prompt source", PROMPT_FROM)
 # train.* keys a resumed run may change without changing what it learns (max_steps: train longer)
 RESUME_FREE_KEYS = {"max_steps", "checkpoint_every", "checkpoints_keep", "validate_every", "num_validation",
                     "validation_steps", "validation_guidance_scale", "validation_image_guidance_scale", "log_every",

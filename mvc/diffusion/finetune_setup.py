@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, publish_choices
 from mvc.core.schedules import lambda_lr
 from mvc.core.utils import MVCError
 
@@ -31,6 +31,7 @@ def freeze(*modules) -> None:
 
 
 ATTENTION: Registry[Callable] = Registry("attention implementation")
+publish_choices("attention", ATTENTION)
 
 
 @ATTENTION.register("sdpa")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, publish_choices
 from mvc.core.utils import MVCError, atomic_dir, clean_stale_temps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -127,6 +127,7 @@ def widen_conv_in(unet: Any, in_channels: int = 8) -> Any:
 
 # config name -> (diffusers scheduler class, extra kwargs)
 SAMPLERS: Registry[tuple[str, dict]] = Registry("sampler")
+publish_choices("sampler", SAMPLERS)
 SAMPLERS.register("euler_ancestral")(("EulerAncestralDiscreteScheduler", {}))
 SAMPLERS.register("euler")(("EulerDiscreteScheduler", {}))
 SAMPLERS.register("ddim")(("DDIMScheduler", {}))

@@ -76,6 +76,7 @@ from mvc.core.checkpoint import (
     set_rng_state,
     trained_on_diff,
 )
+from mvc.core.registry import config_rule
 from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, fingerprint
 
 log = logging.getLogger(__name__)
@@ -562,3 +563,29 @@ def _check_lengths(tokenizer: Any, prompts: Sequence[str]) -> None:
         if len(tokenizer(text).input_ids) > budget:  # BOS + tokens + EOS
             raise MVCError(f"textual inversion: the prompt {p!r} needs more than the tokenizer's {budget} tokens; "
                            "shorten it or lower textual_inversion.num_vectors")
+
+
+#################################################################################
+#                        Config rules (mvc.core.registry)                       #
+#################################################################################
+
+@config_rule("textual_inversion.templates")
+def _training_templates(cfg: Any) -> None:
+    from mvc.data.prompts import validate_template
+
+    for t in cfg.textual_inversion.templates:
+        validate_template(t, ("token",), EXAMPLE_TEMPLATE)
+
+
+@config_rule("textual_inversion.prompt")
+def _generation_prompt(cfg: Any) -> None:
+    from mvc.data.prompts import validate_template
+
+    validate_template(cfg.textual_inversion.prompt, ("token",), EXAMPLE_TEMPLATE)
+
+
+@config_rule("textual_inversion.initializer")
+def _initializer(cfg: Any) -> None:
+    word = cfg.textual_inversion.initializer
+    if word is not None and not word.strip():
+        raise MVCError("give a word, or null for the class name")

@@ -41,7 +41,7 @@ import torch
 
 from mvc.core import seeds
 from mvc.core.perf import DEFAULT_BATCH
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, config_rule, publish_choices
 from mvc.core.utils import MVCError
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class Generator:
 
 
 GENERATORS: Registry[type[Generator]] = Registry("generate.method")
+publish_choices("generator", GENERATORS)
 
 
 def make_generator(cfg: Any) -> Generator:
@@ -638,3 +639,18 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
         k, c = state["concept"][job.source]
         return {"prompt": state["prompts"][job.source], "concept": k, "identifier": c.identifier,
                 "concept_size": len(c.indices)}
+
+
+#################################################################################
+#                        Config rules (mvc.core.registry)                       #
+#################################################################################
+
+@config_rule("generate.strength", names_keys=True)
+def _img2img_steps(cfg: Any) -> None:
+    """Every SDEdit generator the config runs (generate.method, pipeline.generators) denoises at least one step."""
+    g = cfg.generate
+    sdedit = [m for m in (g.method, *cfg.pipeline.generators) if issubclass(GENERATORS.get(m), Img2ImgGenerator)]
+    if sdedit and img2img_steps(g.num_inference_steps, g.strength) < 1:
+        raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
+                       f"{g.num_inference_steps} give no img2img denoising step (int of the product) for "
+                       f"{sdedit[0]}; raise either")

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mvc.core import seeds
-from mvc.core.registry import Registry
+from mvc.core.registry import Registry, config_rule, publish_choices
 from mvc.core.utils import MVCError
 from mvc.data.prompts import caption_token_span, make_prompt
 
@@ -43,6 +43,9 @@ Window = tuple[int, int] | Sequence[tuple[int, int]] | torch.Tensor | None
 STAGES = ("tokens", "embeds")  # token ids before the text encoder, its output embeddings
 COARSE_MODES = ("shuffle", "swap")  # permute tokens of the window / take them from a donor
 FINE_SOURCES = ("donor", "self", "noise")  # where a fine slice's new values come from
+publish_choices("mixing stage", STAGES)
+publish_choices("coarse mode", COARSE_MODES)
+publish_choices("fine source", FINE_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -447,3 +450,18 @@ def check_donors(class_sizes: Sequence[int], class_names: Sequence[str], ops: Se
         if needs and int(n) == 1:
             raise MVCError(f"class {name!r} has one labelled image, but donor mixing needs two: "
                            f"set mixing.coarse_mode=shuffle and mixing.fine_source=self (or noise)")
+
+
+#################################################################################
+#                        Config rules (mvc.core.registry)                       #
+#################################################################################
+
+@config_rule("mixing.window")
+def _window(cfg: Any) -> None:
+    parse_window(cfg.mixing.window)
+
+
+@config_rule("mixing.ops")
+def _ops(cfg: Any) -> None:
+    for op in cfg.mixing.ops:
+        op_stages(op, mixing_params(cfg.mixing))

@@ -137,13 +137,13 @@ def finetune_stage(paths, cfg, peak_tflops) -> dict:
 
 def generator_stage(cfg, method: str, peak_tflops) -> dict:
     """A generator's last run (runs.jsonl): images/s, batch size, peak memory, and the U-Net FLOP share."""
-    import run_pipeline
     from mvc.core.paths import RunPaths
     from mvc.core.perf import unet_flops
     from mvc.core.utils import read_jsonl
     from mvc.generation.generators import img2img_steps
+    from mvc.studies import pipeline
 
-    gc = run_pipeline.generator_config(cfg, method)
+    gc = pipeline.generator_config(cfg, method)
     paths, g = RunPaths.of(gc), gc.generate
     runs = [r for r in read_jsonl(paths.grids / "runs.jsonl") if r.get("made")] if (
         paths.grids / "runs.jsonl").is_file() else []

@@ -77,8 +77,7 @@ from mvc.data.prompts import (
     validate_instance_template,
 )
 from mvc.data.synthetic import class_folder
-from mvc.diffusion.finetune import encode_latents_cache, noise_prediction_loss
-from mvc.diffusion.finetune_loop import GlobalBatchSampler
+from mvc.diffusion.finetune import GlobalBatchSampler, encode_latents_cache, noise_prediction_loss
 from mvc.diffusion.finetune_setup import (
     TEXT_LORA_TARGETS,
     add_lora,

@@ -1,4 +1,4 @@
-"""InstructPix2Pix fine-tuning maths: conditioning dropout, the one-off caches, and the loss.
+"""InstructPix2Pix fine-tuning maths: conditioning dropout, the one-off caches, the global batch order, the loss.
 
 Speed comes from caching: every image of the labelled subset is VAE-encoded ONCE (posterior mean
 and std) and every distinct prompt (plus the empty prompt) is text-encoded ONCE, before training; a
@@ -137,6 +137,48 @@ def encode_prompts_cache(tokenizer, text_encoder, prompts: list[str], batch_size
         table[start:start + len(chunk)] = encode_prompts(tokenizer, text_encoder, chunk).to("cpu", dtype)
     index = torch.tensor([pos[p] for p in prompts], dtype=torch.long)  # (P,)
     return TextCache(table, index, empty)
+
+
+#################################################################################
+#                              Global batch order                               #
+#################################################################################
+
+class GlobalBatchSampler:
+    """Endless stream of pair indices: epoch after epoch, a fresh permutation from its own generator."""
+
+    def __init__(self, num_pairs: int, generator: torch.Generator):
+        if num_pairs < 1:
+            raise MVCError("no training pairs: the labelled subset needs classes with at least 2 images")
+        self.n = num_pairs
+        self.gen = generator
+        self.order = torch.randperm(self.n, generator=self.gen)
+        self.pos = 0
+        self.epoch = 0
+
+    def next(self, size: int) -> torch.Tensor:
+        """The next `size` pair indices (long), crossing into the next epoch's permutation when needed."""
+        out = []
+        while size > 0:
+            if self.pos >= self.n:
+                self.order = torch.randperm(self.n, generator=self.gen)
+                self.pos, self.epoch = 0, self.epoch + 1
+            take = min(size, self.n - self.pos)
+            out.append(self.order[self.pos:self.pos + take])
+            self.pos += take
+            size -= take
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        """Generator state, current permutation and position (weights_only-loadable)."""
+        return {"gen": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state_dict` was taken."""
+        if len(state["order"]) != self.n:
+            raise MVCError(f"the checkpoint was trained on {len(state['order'])} pairs, this run has {self.n}; "
+                           "resume with the same data and pairs config")
+        self.gen.set_state(state["gen"])
+        self.order, self.pos, self.epoch = state["order"].clone(), int(state["pos"]), int(state["epoch"])
 
 
 #################################################################################

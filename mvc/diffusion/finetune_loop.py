@@ -43,6 +43,7 @@ from mvc.core.registry import publish_choices
 from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
 from mvc.diffusion.finetune import (
     CACHE_DTYPES,
+    GlobalBatchSampler,
     draw_step_noise,
     encode_latents_cache,
     encode_prompts_cache,
@@ -72,48 +73,6 @@ publish_choices("prompt source", PROMPT_FROM)
 RESUME_FREE_KEYS = {"max_steps", "checkpoint_every", "checkpoints_keep", "validate_every", "num_validation",
                     "validation_steps", "validation_guidance_scale", "validation_image_guidance_scale", "log_every",
                     "gradient_checkpointing", "attention", "channels_last", "compile", "tf32", "ema_foreach"}
-
-
-#################################################################################
-#                              Global batch order                               #
-#################################################################################
-
-class GlobalBatchSampler:
-    """Endless stream of pair indices: epoch after epoch, a fresh permutation from its own generator."""
-
-    def __init__(self, num_pairs: int, generator: torch.Generator):
-        if num_pairs < 1:
-            raise MVCError("no training pairs: the labelled subset needs classes with at least 2 images")
-        self.n = num_pairs
-        self.gen = generator
-        self.order = torch.randperm(self.n, generator=self.gen)
-        self.pos = 0
-        self.epoch = 0
-
-    def next(self, size: int) -> torch.Tensor:
-        """The next `size` pair indices (long), crossing into the next epoch's permutation when needed."""
-        out = []
-        while size > 0:
-            if self.pos >= self.n:
-                self.order = torch.randperm(self.n, generator=self.gen)
-                self.pos, self.epoch = 0, self.epoch + 1
-            take = min(size, self.n - self.pos)
-            out.append(self.order[self.pos:self.pos + take])
-            self.pos += take
-            size -= take
-        return torch.cat(out)
-
-    def state_dict(self) -> dict:
-        """Generator state, current permutation and position (weights_only-loadable)."""
-        return {"gen": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state_dict` was taken."""
-        if len(state["order"]) != self.n:
-            raise MVCError(f"the checkpoint was trained on {len(state['order'])} pairs, this run has {self.n}; "
-                           "resume with the same data and pairs config")
-        self.gen.set_state(state["gen"])
-        self.order, self.pos, self.epoch = state["order"].clone(), int(state["pos"]), int(state["epoch"])
 
 
 #################################################################################

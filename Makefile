@@ -2,7 +2,7 @@
 #   make demo   - the tiny end-to-end pipeline (CPU, offline)
 #   make test   - the test suite
 # `make small` runs the longer CPU profile (configs/small.yaml, about 55 minutes on 2 cores);
-# `make compare` every generator of mvc/generators.py, with and without clustering-based sampling.
+# `make compare` every generator of mvc/generation/generators.py, with and without clustering-based sampling.
 # Both create .venv and install what is missing; `demo` also installs Debian's
 # dataset-fashion-mnist when it can (root or sudo), else torchvision downloads the data.
 

@@ -11,19 +11,19 @@ Interrupted runs resume: captions are written a batch at a time.
 
 from __future__ import annotations
 
-from mvc.config import Config, build_parser, parse_args
-from mvc.utils import run_cli
+from mvc.core.config import Config, build_parser, parse_args
+from mvc.core.utils import run_cli
 
 
 def main(cfg: Config) -> dict[str, str]:
     """Start the stage and caption every labelled image that the cache lacks; writes captions/summary.json."""
     import time
 
-    from mvc.captions import build_captioner, load_captions
+    from mvc.core.perf import peak_memory_gb
+    from mvc.core.stage import start_stage
+    from mvc.core.utils import atomic_write_json
     from mvc.data import load_splits
-    from mvc.perf import peak_memory_gb
-    from mvc.stage import start_stage
-    from mvc.utils import atomic_write_json
+    from mvc.data.captions import build_captioner, load_captions
 
     stage = start_stage(cfg, "caption_mvc")
     labelled, _, _ = load_splits(cfg.data)

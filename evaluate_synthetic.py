@@ -14,8 +14,8 @@ of real images per class it is worth (<run.output_dir>/evaluation/real_curve.{js
 
 from __future__ import annotations
 
-from mvc.config import Config, build_parser, parse_args
-from mvc.utils import run_cli
+from mvc.core.config import Config, build_parser, parse_args
+from mvc.core.utils import run_cli
 
 
 def main(cfg: Config, set_dir: str | None = None, name: str | None = None, cas: bool | None = None,
@@ -23,10 +23,10 @@ def main(cfg: Config, set_dir: str | None = None, name: str | None = None, cas: 
     """Start the stage, evaluate the set (and the real-only curve when asked)."""
     from pathlib import Path
 
+    from mvc.core.paths import RunPaths
+    from mvc.core.stage import start_stage
+    from mvc.data.synthetic import set_name
     from mvc.evaluation.evaluate import evaluate_set, summary_row, table_markdown
-    from mvc.paths import RunPaths
-    from mvc.stage import start_stage
-    from mvc.synthetic import set_name
 
     where = Path(set_dir) if set_dir else RunPaths.of(cfg).synthetic
     name = name or set_name(where)  # the set's folder under evaluation/, and its config file
@@ -45,8 +45,8 @@ def write_real_curve(cfg: Config, stage) -> dict:
     import numpy as np
 
     from mvc.classifier.outputs import run_accuracies
+    from mvc.core.utils import atomic_write_json, atomic_write_text
     from mvc.evaluation.evaluate import curve_figure, equivalents, real_curve
-    from mvc.utils import atomic_write_json, atomic_write_text
 
     curve = real_curve(cfg, stage.accelerator)
     accs = {r: float(np.mean(v)) for r, v in run_accuracies(cfg, cfg.pipeline.runs, cfg.pipeline.seeds,
@@ -74,7 +74,7 @@ def cli(argv: list[str] | None = None) -> dict:
     parser.add_argument("--real-curve", action="store_true", help="Also the real-only curve and equivalent real images.")
     cfg, args = parse_args(parser, argv)
     if args.name is not None:  # the report folder: inside <run.output_dir>/evaluation unless absolute
-        from mvc.paths import RunPaths, output_path
+        from mvc.core.paths import RunPaths, output_path
 
         output_path(RunPaths.of(cfg).evaluation, args.name, "", "--name")
     return main(cfg, args.set, args.name, cas=False if args.no_cas else None, real_curve=args.real_curve)

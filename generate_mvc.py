@@ -7,7 +7,7 @@
     python generate_mvc.py --config configs/tiny.yaml --generate.method=dreambooth   # trains DreamBooth first
     accelerate launch --num_processes 2 generate_mvc.py --config configs/tiny.yaml   # sharded
 
-generate.method picks the generator (mvc/generators.py): mvc (default), mvc_nomix (mixing off), txt2img
+generate.method picks the generator (mvc/generation/generators.py): mvc (default), mvc_nomix (mixing off), txt2img
 (the base, not fine-tuned, from the class prompt; generate.caption=true adds the image's caption),
 img2img (SDEdit from each real image at generate.strength), textual_inversion (a token embedding learned
 per class first, under <run.output_dir>/textual_inversion/, then img2img with it in the prompt) or
@@ -26,16 +26,16 @@ text encoder by default (mixing.coarse_stage=tokens); see docs/architecture.md, 
 
 from __future__ import annotations
 
-from mvc.config import Config, build_parser, parse_args
-from mvc.utils import run_cli
+from mvc.core.config import Config, build_parser, parse_args
+from mvc.core.utils import run_cli
 
 
 def main(cfg: Config) -> dict:
     """Start the stage and generate this process's share of the synthetic set."""
-    from mvc.generate import generate_synthetic
-    from mvc.paths import RunPaths
-    from mvc.stage import start_stage
-    from mvc.synthetic import set_name
+    from mvc.core.paths import RunPaths
+    from mvc.core.stage import start_stage
+    from mvc.data.synthetic import set_name
+    from mvc.generation.generate import generate_synthetic
 
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
     stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")

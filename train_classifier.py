@@ -12,14 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-from mvc.config import CLIParser, Config, build_parser, parse_args
-from mvc.utils import MVCError, run_cli
+from mvc.core.config import CLIParser, Config, build_parser, parse_args
+from mvc.core.utils import MVCError, run_cli
 
 
 def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> list[dict]:
     """Start the stage and train every seed (and fold) of the config; returns the run records."""
     from mvc.classifier.train import run_all
-    from mvc.stage import start_stage
+    from mvc.core.stage import start_stage
 
     stage = start_stage(cfg, "train_classifier", precision_from="classifier")
     records = run_all(cfg, stage.accelerator, resume=resume, stop_after=stop_after)
@@ -34,7 +34,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
 def predict_cli(argv: list[str]) -> None:
     """`predict`: print (or write as JSON lines) the predicted class and probabilities of every image."""
     from mvc.classifier.predict import list_images, load_classifier, predict
-    from mvc.utils import atomic_write_text
+    from mvc.core.utils import atomic_write_text
 
     p = CLIParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="Checkpoint file, or a classifier run folder (newest checkpoint).")

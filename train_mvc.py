@@ -9,16 +9,16 @@ mvc/final/ (a StableDiffusionInstructPix2PixPipeline folder).
 
 from __future__ import annotations
 
-from mvc.config import Config, build_parser, parse_args
-from mvc.utils import run_cli
+from mvc.core.config import Config, build_parser, parse_args
+from mvc.core.utils import run_cli
 
 
 def main(cfg: Config, resume: str | None = None) -> dict:
     """Start the stage and fine-tune (`run_pipeline.py` calls this with its resolved config)."""
-    from mvc.checkpoint import check_resume
-    from mvc.finetune_loop import run
-    from mvc.paths import RunPaths
-    from mvc.stage import start_stage
+    from mvc.core.checkpoint import check_resume
+    from mvc.core.paths import RunPaths
+    from mvc.core.stage import start_stage
+    from mvc.diffusion.finetune_loop import run
 
     check_resume(resume, RunPaths.of(cfg).checkpoints, fresh_ok=False)  # before the slow loading below
     stage = start_stage(cfg, "train_mvc", precision_from="train")

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.utils import atomic_write_json  # noqa: E402
+from mvc.core.utils import atomic_write_json  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "classifier_step.json"
 
@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     from mvc.classifier.augment import Augment
     from mvc.classifier.engine import build_optimizer
     from mvc.classifier.models import build_model
-    from mvc.config import ClassifierConfig
+    from mvc.core.config import ClassifierConfig
 
     torch.manual_seed(0)
     cfg = ClassifierConfig(backbone=args.backbone, input_size=args.size, batch_size=args.batch)

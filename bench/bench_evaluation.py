@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.utils import atomic_write_json  # noqa: E402
+from mvc.core.utils import atomic_write_json  # noqa: E402
 
 
 def main() -> None:
@@ -37,10 +37,10 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from mvc.config import load_yaml, make_config
+    from mvc.core.config import load_yaml, make_config
     from mvc.data import load_splits
+    from mvc.data.synthetic import Job, SyntheticSet, class_folder, make_record
     from mvc.evaluation.evaluate import evaluate_set, load_reference
-    from mvc.synthetic import Job, SyntheticSet, class_folder, make_record
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

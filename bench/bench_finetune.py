@@ -52,8 +52,8 @@ VARIANTS = ("straight", "cached", "ours")
 #################################################################################
 
 def sd15_components() -> dict:
-    """SD-1.5-shaped components with random weights (mvc.models' configs, written from the published ones)."""
-    from mvc.models import build_sd15_shape, widen_conv_in
+    """SD-1.5-shaped components with random weights (mvc.diffusion.models' configs, written from the published ones)."""
+    from mvc.diffusion.models import build_sd15_shape, widen_conv_in
 
     parts = build_sd15_shape()
     parts["unet"] = widen_conv_in(parts["unet"])
@@ -62,15 +62,15 @@ def sd15_components() -> dict:
 
 def tiny_components() -> dict:
     """The tiny profile's default components (random weights; speed does not depend on them)."""
-    from mvc.config import TinyBaseConfig
-    from mvc.tiny import build_tiny_components
+    from mvc.core.config import TinyBaseConfig
+    from mvc.diffusion.tiny import build_tiny_components
 
     return build_tiny_components(TinyBaseConfig(), [f"class{i}" for i in range(10)], in_channels=8)
 
 
 def base_components(base: str) -> dict:
     """The components of a diffusers text-to-image folder or hub id (real weights), U-Net widened."""
-    from mvc.models import load_pipeline_components, widen_conv_in
+    from mvc.diffusion.models import load_pipeline_components, widen_conv_in
 
     parts = load_pipeline_components(base)
     parts["unet"] = widen_conv_in(parts["unet"])
@@ -92,10 +92,10 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
     """Time the three variants of one profile in alternating rounds; returns rows and notes."""
     import torch
 
-    from mvc.config import FinetuneConfig
-    from mvc.finetune import LatentCache, draw_step_noise, encode_prompts_cache, gather_batch, ip2p_loss
-    from mvc.finetune_setup import build_optimizer, freeze, prepare_unet
-    from mvc.sd_io import encode_images, encode_prompts
+    from mvc.core.config import FinetuneConfig
+    from mvc.diffusion.finetune import LatentCache, draw_step_noise, encode_prompts_cache, gather_batch, ip2p_loss
+    from mvc.diffusion.finetune_setup import build_optimizer, freeze, prepare_unet
+    from mvc.diffusion.sd_io import encode_images, encode_prompts
 
     torch.manual_seed(0)
     spec = dict(PROFILES[profile])
@@ -227,7 +227,7 @@ def main() -> None:
               "ours = cached + fused Adam (mvc's default train step). Median step time over alternating rounds, "
               "fp32, SDPA attention. Target: ours >= 1.25x straight on both profiles.",
               f"machine: {platform.machine()}, Python {platform.python_version()}"]
-    from mvc.utils import atomic_write_json
+    from mvc.core.utils import atomic_write_json
 
     atomic_write_json(out, {"title": "Fine-tuning: our train step vs the straightforward InstructPix2Pix step",
                             "rows": rows, "notes": notes, "profile_notes": profile_notes})

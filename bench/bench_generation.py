@@ -9,7 +9,7 @@ the same components, scheduler (Euler ancestral), steps, guidance, mixed prompt 
 per-image generators.
 - plain: `pipe(prompt_embeds=e[None], image=<PIL source>, generator=g)` once per image (the pipeline
   encodes the source image and the empty negative prompt on every call, U-Net batch = 3);
-- batched (mvc.generate): condition latents and the negative embedding computed once per source,
+- batched (mvc.generation.generate): condition latents and the negative embedding computed once per source,
   then `render` on batches of `--batch-size` images (U-Net batch = 3 x batch size).
 Prints a table and writes bench/results/generation.json; also checks both give the same images.
 """
@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.config import TinyBaseConfig  # noqa: E402
-from mvc.seeds import generator  # noqa: E402
-from mvc.utils import atomic_write_json, batched  # noqa: E402
+from mvc.core.config import TinyBaseConfig  # noqa: E402
+from mvc.core.seeds import generator  # noqa: E402
+from mvc.core.utils import atomic_write_json, batched  # noqa: E402
 
 # images, sources, batch size, steps and resolution of each profile
 PROFILES = {"tiny": dict(images=16, sources=2, batch_size=16, steps=20, resolution=32),
@@ -39,8 +39,8 @@ PROFILES = {"tiny": dict(images=16, sources=2, batch_size=16, steps=20, resoluti
 
 def build_pipe(profile: str):
     """A random IP2P pipeline of the profile's shape (random weights are fine for throughput)."""
-    from mvc.models import build_sd15_shape, ip2p_pipeline, widen_conv_in
-    from mvc.tiny import build_tiny_components
+    from mvc.diffusion.models import build_sd15_shape, ip2p_pipeline, widen_conv_in
+    from mvc.diffusion.tiny import build_tiny_components
 
     torch.manual_seed(0)
     if profile == "tiny":
@@ -55,9 +55,9 @@ def run_profile(profile: str) -> dict:
     """Run both paths of one profile on the same jobs; returns the raw figures."""
     from PIL import Image
 
-    from mvc.generators import render
-    from mvc.mixing import apply_mixing
-    from mvc.sd_io import encode_conditions, encode_prompts
+    from mvc.diffusion.sd_io import encode_conditions, encode_prompts
+    from mvc.generation.generators import render
+    from mvc.generation.mixing import apply_mixing
 
     spec = PROFILES[profile]
     n_img, n_src, bsz, steps, res = (spec[k] for k in ("images", "sources", "batch_size", "steps", "resolution"))
@@ -117,7 +117,7 @@ def main(argv=None) -> list[dict]:
     for r in results:
         plain = {"profile": r["profile"], "path": "plain pipeline, 1 image per call", "seconds": r["plain_seconds"],
                  "images_per_s": r["plain_images_per_s"], "speedup": 1.0}
-        ours = {"profile": r["profile"], "path": f"mvc.generate, batch {r['batch_size']}",
+        ours = {"profile": r["profile"], "path": f"mvc.generation.generate, batch {r['batch_size']}",
                 "seconds": r["batched_seconds"], "images_per_s": r["batched_images_per_s"], "speedup": r["speedup"]}
         for row in (plain, ours):
             rows.append(row)

@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc import perf  # noqa: E402
+from mvc.core import perf  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ class Budget:
 
 def unet_config(quick: bool) -> dict:
     """SD-1.5's U-Net config with the 8-channel conv_in (the miniature stand-in's widths with --quick)."""
-    from mvc.models import SD15_UNET_CONFIG
-    from mvc.standins import SD15_MINI_UNET
+    from mvc.diffusion.models import SD15_UNET_CONFIG
+    from mvc.diffusion.standins import SD15_MINI_UNET
 
     return {**SD15_UNET_CONFIG, **(SD15_MINI_UNET if quick else {}), "in_channels": 8}
 
@@ -121,7 +121,7 @@ def build_unet(config: dict, device: torch.device):
 def fake_caches(scale: Scale, text_dim: int, latent_channels: int = 4):
     """Latent and text caches of random values in CPU memory, as train_mvc.py holds them (fp32 latents, text in
     the compute dtype: fp16 here, converted per variant)."""
-    from mvc.finetune import LatentCache, TextCache
+    from mvc.diffusion.finetune import LatentCache, TextCache
 
     g = torch.Generator().manual_seed(0)
     h = scale.resolution // 8
@@ -159,9 +159,9 @@ def run_train(unet, state0: dict, caches, sched, spec: Train, scale: Scale, devi
               total: int, timed: int) -> dict:
     """`total` steps of `spec` from the weights `state0` and seeded batches; the last `timed` are timed.
     Returns the per-step losses, the seconds of the timed steps and the peak memory."""
-    from mvc.config import FinetuneConfig
-    from mvc.finetune import draw_step_noise, gather_batch, ip2p_loss
-    from mvc.finetune_setup import build_ema, build_optimizer
+    from mvc.core.config import FinetuneConfig
+    from mvc.diffusion.finetune import draw_step_noise, gather_batch, ip2p_loss
+    from mvc.diffusion.finetune_setup import build_ema, build_optimizer
 
     latents, text = caches
     with torch.no_grad():
@@ -262,7 +262,7 @@ def bench_lora(unet, caches, sched, scale: Scale, device, flops: dict, peak, bud
     name = f"LoRA r{rank}, all levers"
     if not budget.allows(f"train: {name}"):
         return []
-    from mvc.finetune_setup import LORA_TARGETS, add_lora
+    from mvc.diffusion.finetune_setup import LORA_TARGETS, add_lora
 
     print(f"train: {name} ...", file=sys.stderr, flush=True)
     lora = None
@@ -296,7 +296,7 @@ def curve_agreement(curves: dict, a: str, b: str, steps: int) -> dict | None:
 
 def bench_generation(unet, scale: Scale, device, flops_per_row: int, peak, budget: Budget, compile_: bool) -> list:
     """U-Net passes of MVC generation (3 rows per image) in fp16, per lever and batch size."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the pipeline's dtype (mvc.distributed)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the pipeline's dtype (mvc.core.distributed)
     g16 = copy.deepcopy(unet).to(dtype).eval()
     h, d = scale.resolution // 8, g16.config.cross_attention_dim
     levers = [("fp16 + channels-last + compile", True, True)] if compile_ else [("fp16", False, False),
@@ -342,9 +342,9 @@ def build_pipeline(unet, quick: bool, device: torch.device):
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mvc.models import SD15_TEXT_CONFIG, SD15_VAE_CONFIG, ip2p_pipeline
-    from mvc.standins import SD15_MINI_TEXT, SD15_MINI_VAE, SD15_SCHEDULER_CONFIG
-    from mvc.tokenizer import build_tiny_tokenizer
+    from mvc.diffusion.models import SD15_TEXT_CONFIG, SD15_VAE_CONFIG, ip2p_pipeline
+    from mvc.diffusion.standins import SD15_MINI_TEXT, SD15_MINI_VAE, SD15_SCHEDULER_CONFIG
+    from mvc.diffusion.tokenizer import build_tiny_tokenizer
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tok = build_tiny_tokenizer(max_length=77)
@@ -361,8 +361,8 @@ def build_pipeline(unet, quick: bool, device: torch.device):
 
 def image_agreement(pipe, scale: Scale, device, n: int = 4) -> dict:
     """n images from the same seeds: batches of 2, contiguous (slow) vs one batch, channels-last (fast)."""
-    from mvc.generators import render
-    from mvc.sd_io import encode_prompts
+    from mvc.diffusion.sd_io import encode_prompts
+    from mvc.generation.generators import render
 
     h = scale.resolution // 8
     g = torch.Generator().manual_seed(0)
@@ -386,7 +386,7 @@ def image_agreement(pipe, scale: Scale, device, n: int = 4) -> dict:
 
 def auto_batch(pipe, scale: Scale, device) -> dict:
     """The batch size generate.batch_size=null picks for this pipeline on `device` (CUDA only)."""
-    from mvc.generate import batch_from_memory, image_memory_bytes
+    from mvc.generation.generate import batch_from_memory, image_memory_bytes
 
     if device.type != "cuda":
         return {"auto_batch_size": None, "note": "sized from free memory on CUDA only"}
@@ -434,7 +434,7 @@ def run(quick: bool, budget_s: float, compile_: bool, device: torch.device) -> d
     """Every part in order, each failing softly; the JSON-ready results."""
     from diffusers import DDPMScheduler
 
-    from mvc.standins import SD15_SCHEDULER_CONFIG
+    from mvc.diffusion.standins import SD15_SCHEDULER_CONFIG
 
     scale = QUICK if quick else Scale()
     budget, t0 = Budget(budget_s), time.perf_counter()

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_loader.py [--real 500 --synthetic 2000 --epochs 3 --repeats 3 --workers 0]
 
 All loaders are built by the classifier package itself (`mvc.classifier.data.prepared`, `Combined`,
-`plan_loader`, `mvc.synthetic.load_synthetic_set`; batches from `mvc.classifier.strategies`), with the same transforms
+`plan_loader`, `mvc.data.synthetic.load_synthetic_set`; batches from `mvc.classifier.strategies`), with the same transforms
 (resnet18's preprocessing at 32x32, 'standard' crop+flip augmentation) and batch size 50:
 - real: the `real` strategy over in-memory 28x28 grayscale images (Fashion-MNIST-like);
 - append / replace: the `probabilistic` strategy, p=0.8, drawing from a synthetic ImageFolder of
@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.utils import atomic_write_json  # noqa: E402
+from mvc.core.utils import atomic_write_json  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "loader.json"
 CLASSES = [f"class {c}" for c in range(10)]
@@ -61,7 +61,7 @@ def write_synthetic(root: Path, n: int, size: int = 32) -> None:
     """A synthetic set of `n` RGB PNGs, written by the synthetic-set format's own writer (as every generator is)."""
     from PIL import Image
 
-    from mvc.synthetic import SyntheticSet, make_record, plan_jobs
+    from mvc.data.synthetic import SyntheticSet, make_record, plan_jobs
 
     rng = np.random.default_rng(1)
     real = make_real(max(10, n // 10))  # the sources (their ids name the files); variants carry the images
@@ -76,7 +76,7 @@ def write_synthetic(root: Path, n: int, size: int = 32) -> None:
 
 def classifier_cfg(strategy: str, mode: str = "append", p: float = 0.8, batch_size: int = 50):
     """The classifier config fields the strategies read."""
-    from mvc.config import ClassifierConfig
+    from mvc.core.config import ClassifierConfig
 
     return ClassifierConfig(strategy=strategy, prob_mode=mode, prob_p=p, batch_size=batch_size, epochs=100)
 
@@ -86,7 +86,7 @@ def build(name: str, real, syn_root: Path, meta, augment: str, workers: int):
     from mvc.classifier.augment import Augment
     from mvc.classifier.data import Combined, prepared
     from mvc.classifier.strategies import build_strategy
-    from mvc.synthetic import load_synthetic_set
+    from mvc.data.synthetic import load_synthetic_set
 
     cfg = classifier_cfg("real" if name == "real" else "probabilistic", name if name != "real" else "append")
     syn = None
@@ -100,7 +100,7 @@ def build(name: str, real, syn_root: Path, meta, augment: str, workers: int):
 def run_epochs(ld, epochs: range) -> dict:
     """Iterate the epochs' loaders; seconds, images and real images delivered."""
     from mvc.classifier.data import plan_loader
-    from mvc.seeds import generator
+    from mvc.core.seeds import generator
 
     n_img = n_real = 0
     t0 = time.perf_counter()

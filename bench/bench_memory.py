@@ -49,8 +49,8 @@ def _stage(name: str, argv: list[str]) -> dict:
     import generate_mvc
     import train_classifier
     import train_mvc
-    from mvc.config import build_parser, parse_args
-    from mvc.utils import run_cli
+    from mvc.core.config import build_parser, parse_args
+    from mvc.core.utils import run_cli
 
     after_imports = peak_mb()
     cfg, _ = parse_args(build_parser("bench"), argv)
@@ -58,7 +58,7 @@ def _stage(name: str, argv: list[str]) -> dict:
     size = ""
     if name == "tiny base":
         from mvc.data import load_splits
-        from mvc.tiny import get_tiny_base
+        from mvc.diffusion.tiny import get_tiny_base
 
         _, pool, _ = load_splits(cfg.data)
         get_tiny_base(cfg.tiny, pool, output_dir=cfg.run.output_dir, progress=False)
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
              "after_imports.",
              "fine-tuning reuses the tiny base built by the previous stage (a cache hit), as a real run does after "
              "its first time; generation uses the fine-tuned folder of the stage before it."]
-    from mvc.utils import atomic_write_json
+    from mvc.core.utils import atomic_write_json
 
     atomic_write_json(Path(args.out), {"title": "Peak memory per stage (micro profile, CPU)", "rows": rows, "notes": notes})
     print(f"wrote {args.out}")

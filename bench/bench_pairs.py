@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvc.pairs import build_pairs, load_pairs, save_pairs
+from mvc.data.pairs import build_pairs, load_pairs, save_pairs
 
 OUT = Path(__file__).resolve().parent / "results" / "pairs.json"
 

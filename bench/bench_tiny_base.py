@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mvc.utils import atomic_write_json  # noqa: E402
+from mvc.core.utils import atomic_write_json  # noqa: E402
 
 # The recipe before docs/generator.md's changes that cost time per step (pool size and step counts do not).
 FIRST_RECIPE = '{"snr_gamma": null, "ema_decay": null}'
@@ -45,7 +45,7 @@ def measure(tiny_cfg, images, ids, null_ids, steps: int, device: str = "cpu", pr
     """Seconds per step and images/s of VAE and U-Net pretraining for one recipe."""
     import torch
 
-    from mvc.tiny import build_tiny_components, encode_latents, pretrain_unet, pretrain_vae
+    from mvc.diffusion.tiny import build_tiny_components, encode_latents, pretrain_unet, pretrain_vae
 
     torch.manual_seed(0)
     comps = build_tiny_components(tiny_cfg)
@@ -87,9 +87,9 @@ def main() -> None:
 
     import torch
 
-    from mvc.config import load_yaml, make_config
-    from mvc.sd_io import tokenize
-    from mvc.tiny import build_tiny_components, pool_images
+    from mvc.core.config import load_yaml, make_config
+    from mvc.diffusion.sd_io import tokenize
+    from mvc.diffusion.tiny import build_tiny_components, pool_images
 
     cfg = make_config(load_yaml(args.config))
     try:

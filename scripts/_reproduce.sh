@@ -18,8 +18,8 @@ read -r -a extra <<< "${MVC_LAUNCH_ARGS:-}"
 LAUNCH=("$PY" -m accelerate.commands.launch "${extra[@]}")
 # run.output_dir as the stages resolve it: the config file with the overrides given here (a bad
 # override fails here, in one line, before any stage starts)
-out=$("$PY" -c "import sys; from mvc.config import build_parser, parse_args
-from mvc.utils import run_cli
+out=$("$PY" -c "import sys; from mvc.core.config import build_parser, parse_args
+from mvc.core.utils import run_cli
 run_cli(lambda argv: print(parse_args(build_parser('_reproduce.sh'), argv)[0].run.output_dir), sys.argv[1:])" \
   --config "$config" "$@")
 resume=()

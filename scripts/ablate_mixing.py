@@ -12,8 +12,8 @@ settings and the accuracy of classifiers trained with them (--downstream-strateg
 
 from __future__ import annotations
 
-from mvc.config import build_parser, parse_args
-from mvc.utils import MVCError, run_cli
+from mvc.core.config import build_parser, parse_args
+from mvc.core.utils import MVCError, run_cli
 
 
 def cli(argv: list[str] | None = None) -> list[dict]:
@@ -44,9 +44,9 @@ def cli(argv: list[str] | None = None) -> list[dict]:
         raise MVCError("--sources must be >= 2 (donors come from the other sources of a class)")
     windows = [w if w in ("caption", "prompt", "all") else _span(w) for w in args.windows]
 
-    from mvc.ablation import downstream, run_ablation, sweep
-    from mvc.paths import RunPaths, output_path
-    from mvc.stage import start_stage
+    from mvc.core.paths import RunPaths, output_path
+    from mvc.core.stage import start_stage
+    from mvc.studies.ablation import downstream, run_ablation, sweep
 
     out = output_path(RunPaths.of(cfg).root, args.out, "ablation_mixing", "--out")  # refused before any work
     stage = start_stage(cfg, "ablate_mixing")

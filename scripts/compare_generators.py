@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 
 import run_pipeline
-from mvc.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
-from mvc.utils import atomic_path, atomic_write_json, atomic_write_text, run_cli
+from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
+from mvc.core.utils import atomic_path, atomic_write_json, atomic_write_text, run_cli
+from mvc.studies.pipeline import check_runs, generator_config
+from mvc.studies.report import collect_results, evaluation_record, update_readme
 
 GENERATORS = ["mvc", "mvc_nomix", "txt2img", "img2img", "dreambooth", "textual_inversion"]
 SAMPLING = ["none", "clusters"]
@@ -42,11 +44,11 @@ def mode_rows(cfg: Config, mode: str) -> list[dict]:
     """One row per generator of a finished mode: its synthetic-set metrics and the accuracy of each generator run."""
     from mvc.evaluation.evaluate import summary_row
 
-    results = run_pipeline.collect_results(cfg)
+    results = collect_results(cfg)
     rows = []
     for method in cfg.pipeline.generators:
-        gc = run_pipeline.generator_config(cfg, method, main=method == cfg.pipeline.generators[0])
-        rec = run_pipeline.evaluation_record(gc)
+        gc = generator_config(cfg, method, main=method == cfg.pipeline.generators[0])
+        rec = evaluation_record(gc)
         acc = {r["run"]: {"mean": r["acc_mean"], "std": r["acc_std"], "accs": r["accs"]}
                for r in results if r["generator"] == method and r["run"] in cfg.pipeline.generator_runs}
         rows.append({"generator": method, "sampling": mode, **(summary_row(rec[1]) if rec else {}), "accuracy": acc})
@@ -56,7 +58,7 @@ def mode_rows(cfg: Config, mode: str) -> list[dict]:
 def baseline_rows(cfg: Config, baselines: list[str]) -> list[dict]:
     """The real-only runs of the first mode (the same for every generator)."""
     return [{"run": r["run"], "mean": r["acc_mean"], "std": r["acc_std"], "accs": r["accs"]}
-            for r in run_pipeline.collect_results(cfg) if r["run"] in baselines]
+            for r in collect_results(cfg) if r["run"] in baselines]
 
 
 def write_compare(out: Path, rows: list[dict], baselines: list[dict], runs: list[str], cfg: Config,
@@ -153,7 +155,7 @@ def cli(argv: list[str] | None = None) -> Path:
     for i, mode in enumerate(args.sampling):  # every config is checked before the first stage runs
         extra = list(args.baselines) if i == 0 else []
         c = mode_config(cfg, out, mode, list(args.generators), extra + [r for r in runs if r not in extra])
-        run_pipeline.check_runs(c)
+        check_runs(c)
         configs.append(c)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config-compare.yaml")
@@ -167,13 +169,13 @@ def cli(argv: list[str] | None = None) -> Path:
         minutes[mode] = minutes.get(mode, 0.0) + (time.perf_counter() - t0) / 60
         atomic_write_json(times_path, minutes)
     for mode, c in zip(args.sampling, configs):
-        c = run_pipeline.generator_config(c, c.pipeline.generators[0], main=True)
+        c = generator_config(c, c.pipeline.generators[0], main=True)
         rows += mode_rows(c, mode)
-    base = run_pipeline.generator_config(configs[0], configs[0].pipeline.generators[0], main=True)
+    base = generator_config(configs[0], configs[0].pipeline.generators[0], main=True)
     report = write_compare(out, rows, baseline_rows(base, list(args.baselines)), runs, cfg, minutes)
     print(report.read_text())
     if args.update_readme:
-        run_pipeline.update_readme(report, "compare")
+        update_readme(report, "compare")
     return report
 
 

@@ -13,8 +13,8 @@ diagnose.png, tb/, sets/}.
 
 from __future__ import annotations
 
-from mvc.config import build_parser, parse_args
-from mvc.utils import MVCError, run_cli
+from mvc.core.config import build_parser, parse_args
+from mvc.core.utils import MVCError, run_cli
 
 
 def cli(argv: list[str] | None = None) -> list[dict]:
@@ -35,9 +35,9 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     if min(args.guidance + args.image_guidance) <= 0:
         raise MVCError("--guidance and --image-guidance take positive scales")
 
-    from mvc.evaluation.diagnose import diagnose
-    from mvc.paths import RunPaths, output_path
-    from mvc.stage import start_stage
+    from mvc.core.paths import RunPaths, output_path
+    from mvc.core.stage import start_stage
+    from mvc.studies.diagnose import diagnose
 
     out = output_path(RunPaths.of(cfg).root, args.out, "diagnose", "--out")  # refused before any work
     stage = start_stage(cfg, "diagnose")

@@ -58,7 +58,7 @@ def write_full_width_sd15(folder: Path) -> None:
     """The SD-1.5 stand-in at SD-1.5's own widths (the miniature sizes blanked), replacing the folder."""
     import shutil
 
-    import mvc.standins as s
+    import mvc.diffusion.standins as s
 
     s.SD15_MINI_UNET, s.SD15_MINI_VAE, s.SD15_MINI_TEXT = {}, {}, {}
     shutil.rmtree(folder, ignore_errors=True)
@@ -86,7 +86,7 @@ def peak(mode: str) -> dict:
     """The matmul yardstick: bf16 8192^3 on the GPU, fp32 1024^3 on the CPU."""
     import torch
 
-    from mvc.perf import matmul_tflops
+    from mvc.core.perf import matmul_tflops
 
     if mode == "gpu":
         dev, n, dtype = torch.device("cuda"), 8192, torch.bfloat16
@@ -116,8 +116,8 @@ def share(flops_per_s: float | None, peak_tflops: float | None) -> float | None:
 
 def finetune_stage(paths, cfg, peak_tflops) -> dict:
     """The fine-tuning log's last interval: images/s, peak memory, checkpointing, and the FLOP share."""
-    from mvc.perf import unet_flops
-    from mvc.utils import read_jsonl
+    from mvc.core.perf import unet_flops
+    from mvc.core.utils import read_jsonl
 
     log = read_jsonl(paths.mvc / "log.jsonl") if (paths.mvc / "log.jsonl").is_file() else []
     train = [r for r in log if "train/images_per_s" in r]
@@ -137,13 +137,13 @@ def finetune_stage(paths, cfg, peak_tflops) -> dict:
 
 def generator_stage(cfg, method: str, peak_tflops) -> dict:
     """A generator's last run (runs.jsonl): images/s, batch size, peak memory, and the U-Net FLOP share."""
-    import run_pipeline
-    from mvc.generators import img2img_steps
-    from mvc.paths import RunPaths
-    from mvc.perf import unet_flops
-    from mvc.utils import read_jsonl
+    from mvc.core.paths import RunPaths
+    from mvc.core.perf import unet_flops
+    from mvc.core.utils import read_jsonl
+    from mvc.generation.generators import img2img_steps
+    from mvc.studies import pipeline
 
-    gc = run_pipeline.generator_config(cfg, method)
+    gc = pipeline.generator_config(cfg, method)
     paths, g = RunPaths.of(gc), gc.generate
     runs = [r for r in read_jsonl(paths.grids / "runs.jsonl") if r.get("made")] if (
         paths.grids / "runs.jsonl").is_file() else []
@@ -167,7 +167,7 @@ def classifier_stage(cfg, out: Path, peak_tflops) -> dict:
     import torch
 
     from mvc.classifier.models import build_model
-    from mvc.perf import count_flops
+    from mvc.core.perf import count_flops
 
     recs = [json.loads(p.read_text()) for p in sorted(out.rglob("metrics.json"))]
     recs = [r for r in recs if "train_steps_per_s" in r]
@@ -190,8 +190,8 @@ def summary(work: Path, peak_file: Path, argv: list[str]) -> tuple[dict, list[st
     """The performance summary of a run and the miniature run's checks (failed ones listed)."""
     import smoke_full
 
-    from mvc.config import build_parser, parse_args
-    from mvc.paths import RunPaths
+    from mvc.core.config import build_parser, parse_args
+    from mvc.core.paths import RunPaths
 
     cfg, _ = parse_args(build_parser("gpu_check"), ["--config", str(ROOT / "configs" / f"{DATASET}.yaml"), *argv])
     paths = RunPaths.of(cfg)

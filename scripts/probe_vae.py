@@ -22,8 +22,8 @@ import dataclasses
 import logging
 import time
 
-from mvc.config import build_parser, parse_args
-from mvc.utils import MVCError, run_cli
+from mvc.core.config import build_parser, parse_args
+from mvc.core.utils import MVCError, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,15 @@ def cli(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
     import torch
 
-    from mvc.config import _check_widths
+    from mvc.core.config import _check_widths
+    from mvc.core.paths import RunPaths
+    from mvc.core.stage import start_stage
+    from mvc.core.utils import atomic_write_json, atomic_write_text
     from mvc.data import load_splits
-    from mvc.evaluation.diagnose import in_memory, vae_round_trip
+    from mvc.diffusion.sd_io import images_to_uint8
+    from mvc.diffusion.tiny import build_tiny_components, pool_images, pretrain_vae
     from mvc.evaluation.evaluate import load_reference, measure, real_subset
-    from mvc.paths import RunPaths
-    from mvc.sd_io import images_to_uint8
-    from mvc.stage import start_stage
-    from mvc.tiny import build_tiny_components, pool_images, pretrain_vae
-    from mvc.utils import atomic_write_json, atomic_write_text
+    from mvc.studies.diagnose import in_memory, vae_round_trip
 
     tinies = []
     for widths, steps in variants:

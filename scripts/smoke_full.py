@@ -7,7 +7,7 @@
 - data/: fixture images in DATASET's real on-disk layout (CIFAR python batches pickled as the
   Python 2 originals, Caltech101's `101_ObjectCategories/` with its `BACKGROUND_Google/`, the Kaggle
   brain-tumour `Training/` and `Testing/` folders), a few images per class;
-- models/: an SD-1.5-structured base and a BLIP-2 from a small config (`mvc.standins`), the local
+- models/: an SD-1.5-structured base and a BLIP-2 from a small config (`mvc.diffusion.standins`), the local
   folders that stand in for the configs' hub ids;
 - hf/: the model hub's cache with random weights for every pretrained timm backbone the config
   names (timm reads its ImageNet weights from there, offline, as from a warm cache), and the
@@ -212,9 +212,9 @@ def overrides(dataset: str, work: Path) -> list[str]:
 
 def prepare(dataset: str, work: Path) -> list[str]:
     """Write the fixture data, the stand-in models, the hub cache and accelerate's config; return the overrides."""
-    import run_pipeline
-    from mvc.config import build_parser, parse_args
-    from mvc.standins import save_sd15_structured, save_small_blip2
+    from mvc.core.config import build_parser, parse_args
+    from mvc.diffusion.standins import save_sd15_structured, save_small_blip2
+    from mvc.studies import pipeline
 
     rng = np.random.default_rng(0)
     train, test = PER_CLASS[dataset]
@@ -226,7 +226,7 @@ def prepare(dataset: str, work: Path) -> list[str]:
     over = overrides(dataset, work)
     cfg, _ = parse_args(build_parser("smoke_full"), ["--config", str(ROOT / "configs" / f"{dataset}.yaml"), *over])
     hf = Path(os.environ.get("HF_HOME", work / "hf"))
-    for rc in run_pipeline.recipe_configs(cfg):
+    for rc in pipeline.recipe_configs(cfg):
         if rc.classifier.pretrained:
             seed_timm_hub_cache(hf / "hub", rc.classifier.backbone)
     if cfg.evaluate.reference_pretrained:  # the evaluation's reference starts from hub weights too
@@ -244,11 +244,11 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
     import yaml
     from PIL import Image
 
-    import run_pipeline
-    from mvc.config import build_parser, parse_args
-    from mvc.models import training_info
-    from mvc.paths import RunPaths
-    from mvc.utils import read_jsonl
+    from mvc.core.config import build_parser, parse_args
+    from mvc.core.paths import RunPaths
+    from mvc.core.utils import read_jsonl
+    from mvc.diffusion.models import training_info
+    from mvc.studies import pipeline
 
     cfg, _ = parse_args(build_parser("smoke_full"), ["--config", str(ROOT / "configs" / f"{dataset}.yaml"), *argv])
     paths = RunPaths.of(cfg)
@@ -271,12 +271,12 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
     made = [r for r in read_jsonl(paths.grids / "runs.jsonl") if r.get("made")]  # the generation runs that made images
     gen = made[-1] if made else {}
     runs = []
-    for rc in run_pipeline.recipe_configs(cfg):
+    for rc in pipeline.recipe_configs(cfg):
         steps = set()
         for run in rc.pipeline.runs:
-            strategy, augment = run_pipeline.split_run(run, rc.classifier.augment)
+            strategy, augment = pipeline.split_run(run, rc.classifier.augment)
             for seed in rc.pipeline.seeds:
-                p = run_pipeline.classifier_run_dir(rc, strategy, augment, seed) / "metrics.json"
+                p = pipeline.classifier_run_dir(rc, strategy, augment, seed) / "metrics.json"
                 if not p.is_file():
                     fails.append(f"classifier run {run} ({rc.classifier.backbone}, seed {seed}) has no metrics.json")
                     continue
@@ -291,7 +291,7 @@ def summary(dataset: str, argv: list[str]) -> tuple[dict, list[str]]:
             fails.append(f"the runs of {rc.classifier.backbone} took different optimizer steps: {sorted(steps)}")
     others = {}
     for method in cfg.pipeline.generators[1:]:  # the other generators' sets: made, at which size, by whom
-        where = RunPaths.of(run_pipeline.generator_config(cfg, method)).synthetic
+        where = RunPaths.of(pipeline.generator_config(cfg, method)).synthetic
         recs = read_jsonl(where / "metadata.jsonl") if (where / "metadata.jsonl").is_file() else []
         shapes = sorted({Image.open(p).size for p in sorted(where.rglob("*.png"))[:50]})
         others[method] = {"images": len(recs), "image_size": list(shapes[0]) if len(shapes) == 1 else shapes,

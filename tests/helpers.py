@@ -71,8 +71,8 @@ def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 def write_random_ip2p(path: Path, tiny_cfg, words=()) -> Path:
     """A random InstructPix2Pix folder of the tiny shape `tiny_cfg`, saved the way train_mvc.py saves one."""
-    from mvc.models import ip2p_pipeline
-    from mvc.tiny import build_tiny_components
+    from mvc.diffusion.models import ip2p_pipeline
+    from mvc.diffusion.tiny import build_tiny_components
 
     torch.manual_seed(0)
     comps = build_tiny_components(tiny_cfg, list(words), in_channels=8)

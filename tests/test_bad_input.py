@@ -2,7 +2,7 @@
 
 Scripts: train_mvc.py, generate_mvc.py, train_classifier.py (and its `predict` subcommand),
 run_pipeline.py, scripts/ablate_mixing.py. Each case runs the script's `main` through
-`mvc.utils.run_cli` in-process (as `python script.py ...` does, minus the interpreter start-up);
+`mvc.core.utils.run_cli` in-process (as `python script.py ...` does, minus the interpreter start-up);
 `test_cli_subprocesses_print_no_traceback` runs three of them as real processes.
 """
 
@@ -33,7 +33,7 @@ import generate_mvc  # noqa: E402
 import run_pipeline  # noqa: E402
 import train_classifier  # noqa: E402
 import train_mvc  # noqa: E402
-from mvc.utils import run_cli  # noqa: E402
+from mvc.core.utils import run_cli  # noqa: E402
 
 
 def _load_script(path: Path):
@@ -115,7 +115,7 @@ def env(tmp_path_factory, one_thread):
     a_file.write_text("not a folder")
 
     # a random InstructPix2Pix folder shaped like the micro base (what train_mvc.py writes)
-    from mvc.config import load_yaml, make_config
+    from mvc.core.config import load_yaml, make_config
 
     model = write_random_ip2p(base / "model", make_config(load_yaml(MICRO)).tiny)
     # a classifier checkpoint, made by train_classifier.py itself (one micro epoch)

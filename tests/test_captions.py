@@ -10,7 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mvc.captions import (
+from mvc.core.config import CaptionConfig
+from mvc.core.utils import MVCError
+from mvc.data import ArraySource, ImageDataset
+from mvc.data.captions import (
     CAPTIONERS,
     AttributeCaptioner,
     Captioner,
@@ -20,11 +23,8 @@ from mvc.captions import (
     caption_dataset,
     list_captioners,
 )
-from mvc.config import CaptionConfig
-from mvc.data import ArraySource, ImageDataset
-from mvc.prompts import make_prompt, validate_template
-from mvc.tokenizer import BASE_WORDS
-from mvc.utils import MVCError
+from mvc.data.prompts import make_prompt, validate_template
+from mvc.diffusion.tokenizer import BASE_WORDS
 
 
 def toy_dataset(n=10, size=28, seed=0):
@@ -165,7 +165,7 @@ def test_sharded_captioning_splits_the_work_and_merges_one_cache(tmp_path):
     own shard; both then read the one merged cache. Shards an interrupted run left count as captioned."""
     import threading
 
-    from mvc.captions import shard_files
+    from mvc.data.captions import shard_files
 
     ds = toy_dataset(10)
     path = tmp_path / "caps.jsonl"
@@ -205,7 +205,7 @@ def test_caption_cache_with_a_broken_record_is_an_error(tmp_path):
 #################################################################################
 
 def test_blip2_tiny_random_model_through_the_real_loading_path(tmp_path):
-    from mvc.standins import save_small_blip2
+    from mvc.diffusion.standins import save_small_blip2
 
     folder = save_small_blip2(tmp_path / "tiny-blip2")  # random weights, BLIP-2's classes, a small config
     cfg = CaptionConfig(captioner="blip2", model_id=str(folder), max_new_tokens=5)
@@ -276,9 +276,9 @@ def test_lavis_hand_off_captions_from_its_environment_are_read_without_lavis(tmp
     from helpers import ROOT, micro_argv, write_fashion_idx
 
     import caption_mvc
-    from mvc.captions import load_captions
-    from mvc.config import build_parser, parse_args
+    from mvc.core.config import build_parser, parse_args
     from mvc.data import load_splits
+    from mvc.data.captions import load_captions
 
     assert importlib.util.find_spec("lavis") is None  # this stack never has it
     env_dir = tmp_path / "lavis-env"

@@ -17,10 +17,10 @@ from PIL import Image
 from mvc.classifier.engine import plan_lr
 from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.strategies import STRATEGIES, build_strategy, chunk, list_strategies
-from mvc.config import make_config
+from mvc.core.config import make_config
+from mvc.core.schedules import lr_multiplier
+from mvc.core.utils import MVCError, safe_name
 from mvc.data import ArraySource, ImageDataset
-from mvc.schedules import lr_multiplier
-from mvc.utils import MVCError, safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
@@ -49,7 +49,7 @@ def make_splits(n_train: int = 8, n_test: int = 10):
 def write_synthetic(root: Path, real: ImageDataset, per_image: int = 2, with_metadata: bool = True,
                     folders=None) -> None:
     """A synthetic set in the documented layout: copies of real images + metadata.jsonl."""
-    from mvc.synthetic import class_folder
+    from mvc.data.synthetic import class_folder
 
     folders = folders or (lambda y: class_folder(y, CLASSES[y], len(CLASSES)))
     lines = []
@@ -284,13 +284,13 @@ def test_wide_resnets_are_timm_models_and_config_validation_does_not_import_timm
     assert 36.0e6 < sum(p.numel() for p in big.parameters()) < 37.0e6 and meta.input_size == 32  # WRN-28-10: 36.5 M
     small, _ = build_model("wrn28_2", 10, input_size=32)
     assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    r = _run([sys.executable, "-c", "import sys; from mvc.config import make_config; make_config(); "
+    r = _run([sys.executable, "-c", "import sys; from mvc.core.config import make_config; make_config(); "
                                     "print(sorted(m for m in ('timm', 'torchvision', 'diffusers') if m in sys.modules))"])
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
 
 
 def test_synthetic_reader_labels_from_metadata_and_folder_fallback(tmp_path):
-    from mvc.synthetic import load_synthetic_set
+    from mvc.data.synthetic import load_synthetic_set
 
     real = FakeImages(2, 0, "train")
     write_synthetic(tmp_path / "a", real, per_image=1)
@@ -374,8 +374,8 @@ def test_predict_scores_a_folder(trained, tmp_path):
 
 
 def test_resume_equals_not_stopping(tmp_path, accelerator):
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
     from mvc.classifier.train import run_classifier
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
     splits = make_splits(n_train=6, n_test=6)
     finals = []
@@ -444,7 +444,7 @@ sys.path.insert(0, {tests!r})
 from test_classifier import make_splits, tiny_cfg, write_synthetic
 from pathlib import Path
 from mvc.classifier.train import run_all
-from mvc.distributed import make_accelerator
+from mvc.core.distributed import make_accelerator
 out = Path({out!r})
 cfg = tiny_cfg(out, strategy="concat", epochs=2, batch_size=6)
 acc = make_accelerator(cfg.classifier.mixed_precision)

@@ -14,14 +14,21 @@ import numpy as np
 import pytest
 from helpers import MICRO, write_random_ip2p
 
-import mvc.clustering as clustering
-from mvc.clustering import Concept, ConceptGroups, cluster_classes, concept_groups, n_selected, training_concepts
-from mvc.config import load_yaml, make_config
+import mvc.diffusion.clustering as clustering
+from mvc.core.config import load_yaml, make_config
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, fingerprint, read_jsonl
 from mvc.data import ArraySource, ImageDataset
-from mvc.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
-from mvc.paths import RunPaths
-from mvc.synthetic import class_target, plan_jobs
-from mvc.utils import MVCError, fingerprint, read_jsonl
+from mvc.data.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
+from mvc.data.synthetic import class_target, plan_jobs
+from mvc.diffusion.clustering import (
+    Concept,
+    ConceptGroups,
+    cluster_classes,
+    concept_groups,
+    n_selected,
+    training_concepts,
+)
 
 
 def blobs(centres: list[np.ndarray], sizes: list[int], noise: list[float], seed: int = 0) -> np.ndarray:
@@ -82,7 +89,7 @@ def test_keep_fraction_keeps_the_members_closest_to_the_centroid():
 
 
 def test_a_class_never_vanishes_and_a_singleton_is_no_concept(caplog):
-    with caplog.at_level(logging.WARNING, logger="mvc.clustering"):
+    with caplog.at_level(logging.WARNING, logger="mvc.diffusion.clustering"):
         clusters, images = run(min_coherence=1.0)  # nothing is perfectly coherent
     for label in (0, 1):
         kept = [c for c in clusters if c["label"] == label and c["kept"]]
@@ -98,7 +105,7 @@ def test_a_class_never_vanishes_and_a_singleton_is_no_concept(caplog):
 
 
 def test_more_clusters_than_images_is_clamped_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="mvc.clustering"):
+    with caplog.at_level(logging.WARNING, logger="mvc.diffusion.clustering"):
         clusters, _ = run(FEATURES[:3], np.array([0, 0, 0]), k=5, min_coherence=-1.0)
     assert len(clusters) == 3 and "one cluster per image" in caplog.text
 
@@ -171,7 +178,7 @@ def same(a, b) -> bool:
 def test_pairs_stay_within_groups_and_record_them(tmp_path, caplog):
     t = np.repeat([0, 1], [7, 5])
     groups = np.array([0, 0, 0, 1, 1, -1, 2, 0, 0, 1, -1, -1])  # class 1: group 1 is a single image
-    with caplog.at_level(logging.WARNING, logger="mvc.pairs"):
+    with caplog.at_level(logging.WARNING, logger="mvc.data.pairs"):
         p = build_pairs(t, 4, 0, groups=groups)
     assert "group(s) with a single image" in caplog.text
     assert (groups[p.cond] == groups[p.target]).all() and (t[p.cond] == t[p.target]).all()
@@ -188,14 +195,14 @@ def test_pairs_stay_within_groups_and_record_them(tmp_path, caplog):
 
 
 def test_pairs_file_is_redrawn_when_the_clusters_change(tmp_path, caplog):
-    from mvc.finetune_loop import _pairs_for
+    from mvc.diffusion.finetune_loop import _pairs_for
 
     ds = toy(np.repeat([0, 1], 4))
     cfg = make_config(overrides={"pairs.rounds": 2})
     g = ConceptGroups([Concept(0, 0, (0, 1)), Concept(0, 1, (2, 3)), Concept(1, 0, (4, 5, 6))], len(ds))
     path = tmp_path / "pairs.npz"
     whole = _pairs_for(cfg, ds, path, True)
-    with caplog.at_level(logging.WARNING, logger="mvc.finetune_loop"):
+    with caplog.at_level(logging.WARNING, logger="mvc.diffusion.finetune_loop"):
         grouped = _pairs_for(cfg, ds, path, True, g)
     assert "drawing new pairs" in caplog.text
     assert (g.group_ids()[grouped.cond] == g.group_ids()[grouped.target]).all() and 7 not in grouped.cond
@@ -253,8 +260,8 @@ def test_a_timm_embedder_uses_its_own_preprocessing_and_missing_weights_are_one_
 
 
 def test_generation_with_clusters_samples_kept_sources_and_records_them(tmp_path, base):
-    from mvc.generate import generate_synthetic
-    from mvc.models import load_ip2p_pipeline
+    from mvc.diffusion.models import load_ip2p_pipeline
+    from mvc.generation.generate import generate_synthetic
 
     ds = toy(np.repeat([0, 1], 6))
     caps = {i: "dark small" for i in ds.ids}

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from helpers import no_hang
 
-from mvc.config import Config, build_parser, load_yaml, make_config, parse_args, save_config
-from mvc.utils import MVCError
+from mvc.core.config import Config, build_parser, load_yaml, make_config, parse_args, save_config
+from mvc.core.utils import MVCError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

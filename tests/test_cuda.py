@@ -29,7 +29,7 @@ def accelerator(precision: str):
     """A fresh accelerate state with `precision` on the default device (CUDA here), reset again after."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from mvc.distributed import make_accelerator
+    from mvc.core.distributed import make_accelerator
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -60,9 +60,9 @@ def micro(tmp_path_factory):
     """Fixture data, the micro config of a method, its labelled subset and pool, and the micro tiny base (built on
     CUDA, cached for the module)."""
     import generate_mvc
-    from mvc.config import parse_args
+    from mvc.core.config import parse_args
     from mvc.data import load_splits
-    from mvc.finetune_loop import base_source
+    from mvc.diffusion.inputs import base_source
 
     root = tmp_path_factory.mktemp("cuda")
     data = write_fashion_idx(root / "data")
@@ -83,7 +83,7 @@ def micro(tmp_path_factory):
 #################################################################################
 
 def test_the_rng_record_holds_and_restores_cudas_states(tmp_path):
-    from mvc.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from mvc.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
     torch.cuda.manual_seed_all(1)
     torch.randn(3, device=CUDA)
@@ -108,7 +108,7 @@ def test_the_tiny_base_builds_on_cuda(micro, tmp_path, precision):
 
     from diffusers import StableDiffusionPipeline
 
-    from mvc.tiny import get_tiny_base, tiny_base_key
+    from mvc.diffusion.tiny import get_tiny_base, tiny_base_key
 
     cfg = dataclasses.replace(micro.cfg.tiny, cache_dir=str(tmp_path), ema_decay=0.9, snr_gamma=5.0, unet_steps=30,
                               vae_steps=30)
@@ -132,7 +132,7 @@ def test_a_tiny_base_build_killed_on_cuda_resumes_to_the_uninterrupted_one(micro
 
     from test_tiny import Killed, base_tensors, crash_at_unet_step
 
-    from mvc.tiny import get_tiny_base
+    from mvc.diffusion.tiny import get_tiny_base
 
     cfg = dataclasses.replace(micro.cfg.tiny, ema_decay=0.9, snr_gamma=5.0, unet_steps=30, vae_steps=30,
                               checkpoint_every=10)
@@ -157,7 +157,7 @@ def test_finetuning_on_cuda_resumes_to_the_uninterrupted_run(tmp_path):
     """With EMA: 4 straight steps == 2, then a resume to 4; the checkpoints hold CUDA's RNG states."""
     from test_finetune import build_components, run_finetune
 
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
     comps = build_components()
     kw = {"use_ema": True, "ema_decay": 0.9, "checkpoint_every": 2}
@@ -179,7 +179,7 @@ def test_textual_inversion_on_cuda_resumes_to_the_uninterrupted_run(micro, tmp_p
     """4 straight steps == 2 steps, then continued to 4; under bf16 it trains too and records its precision."""
     from safetensors.torch import load_file
 
-    from mvc import textual_inversion as ti
+    from mvc.diffusion import textual_inversion as ti
 
     def learn(run: str, precision: str, *extra: str) -> Path:
         cfg = micro.config(tmp_path / run, "--generate.method=textual_inversion", *extra)
@@ -200,8 +200,8 @@ def test_textual_inversion_on_cuda_resumes_to_the_uninterrupted_run(micro, tmp_p
 def test_dreambooth_on_cuda_resumes_to_the_uninterrupted_run(micro, tmp_path):
     """4 straight steps == 2 steps (the final folder then removed: a run killed after its checkpoint), resumed to 4;
     LoRA under fp16 (accelerate's loss scaler) trains too."""
-    from mvc.dreambooth import get_dreambooth, make_concepts
-    from mvc.utils import read_jsonl
+    from mvc.core.utils import read_jsonl
+    from mvc.diffusion.dreambooth import get_dreambooth, make_concepts
 
     concepts = make_concepts(micro.labelled)
 

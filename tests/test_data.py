@@ -18,9 +18,9 @@ from PIL import Image
 
 import mvc.data.images as images_mod
 import mvc.data.sources as sources
-from mvc.config import make_config
+from mvc.core.config import make_config
+from mvc.core.utils import MVCError, safe_join, safe_name
 from mvc.data import DATASETS, ImageDataset, build_dataset, list_datasets, load_rgb, load_splits, low_data_subset
-from mvc.utils import MVCError, safe_join, safe_name
 
 #################################################################################
 #                     Fixtures in each dataset's real format                    #
@@ -538,6 +538,6 @@ def test_load_rgb_names_missing_file(tmp_path):
 
 
 def test_registry_is_the_mvc_registry():
-    from mvc.registry import Registry
+    from mvc.core.registry import Registry
 
     assert isinstance(DATASETS, Registry) and "fashion_mnist" in DATASETS

@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:
 from helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx  # noqa: E402
 
 import generate_mvc  # noqa: E402
-from mvc.config import make_config, parse_args  # noqa: E402
-from mvc.utils import MVCError, read_jsonl  # noqa: E402
+from mvc.core.config import make_config, parse_args  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl  # noqa: E402
 
 PER_CLASS = 2
 
@@ -52,7 +52,7 @@ def config(micro, out, **over):
 
 def train(cfg, labelled):
     """Train (or reuse) the DreamBooth model of `cfg`: its final folder."""
-    from mvc.generators import make_generator
+    from mvc.generation.generators import make_generator
 
     return Path(make_generator(cfg).model(labelled, progress=False))
 
@@ -67,8 +67,8 @@ def class_image_stamps(out: Path) -> dict[Path, int]:
 
 def test_the_set_is_read_without_special_cases(micro):
     from mvc.classifier.data import prepare_data
-    from mvc.paths import RunPaths
-    from mvc.synthetic import load_synthetic_set, read_records
+    from mvc.core.paths import RunPaths
+    from mvc.data.synthetic import load_synthetic_set, read_records
 
     where = RunPaths.of(micro.cfg).synthetic
     assert where.name == "synthetic_dreambooth"
@@ -83,7 +83,7 @@ def test_the_set_is_read_without_special_cases(micro):
 
 
 def test_records_name_method_parameters_concept_and_no_single_source(micro):
-    from mvc.paths import RunPaths
+    from mvc.core.paths import RunPaths
 
     where = RunPaths.of(micro.cfg).synthetic
     settings = json.loads((where / "generation.json").read_text())["settings"]
@@ -121,7 +121,7 @@ def test_final_folder_is_a_plain_diffusers_pipeline(micro):
 #################################################################################
 
 def test_class_images_are_made_once_and_a_finished_model_is_reused(micro):
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     stamps = class_image_stamps(micro.out)
     assert len(stamps) == 10 * micro.cfg.dreambooth.num_class_images
@@ -134,7 +134,7 @@ def test_class_images_are_made_once_and_a_finished_model_is_reused(micro):
 def test_other_training_settings_are_refused_and_never_mix_into_the_set(micro, tmp_path):
     """A finished model trained otherwise is refused (naming the key); trained anew, it reuses the class images
     but its set cannot join the existing one."""
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     out = tmp_path / "run"
     shutil.copytree(micro.out, out, symlinks=True)
@@ -155,7 +155,7 @@ def test_other_training_settings_are_refused_and_never_mix_into_the_set(micro, t
 
 
 def test_missing_class_images_are_made_on_the_next_run(micro, tmp_path):
-    from mvc.dreambooth import class_images, prior_settings
+    from mvc.diffusion.dreambooth import class_images, prior_settings
 
     cfg = config(micro, tmp_path / "run")
     folder = tmp_path / "priors"
@@ -185,7 +185,7 @@ def test_processes_that_look_for_missing_class_images_at_different_times_make_ev
 
 
 def _base_components(micro):
-    from mvc.finetune_loop import load_base
+    from mvc.diffusion.inputs import load_base
 
     base = json.loads((micro.out / "dreambooth" / "final" / "mvc_training.json").read_text())["base_source"]
     return load_base(micro.cfg, None, micro.out, source=base)
@@ -204,7 +204,7 @@ def test_resume_equals_uninterrupted(micro, tmp_path, monkeypatch):
     (U-Net and text encoder)."""
     from safetensors.torch import load_file
 
-    import mvc.dreambooth as db
+    import mvc.diffusion.dreambooth as db
 
     over = {"dreambooth.train_text_encoder": True, "dreambooth.lr_warmup_steps": 2}
     straight = train(config(micro, tmp_path / "a", **over), micro.labelled)
@@ -233,7 +233,7 @@ def test_resume_equals_uninterrupted(micro, tmp_path, monkeypatch):
 
 
 def test_lora_trains_only_the_adapters_and_saves_them_merged(micro, tmp_path):
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
     cfg = config(micro, tmp_path / "run", **{"dreambooth.lora_rank": 2, "dreambooth.train_text_encoder": True,
                                              "dreambooth.max_steps": 2, "dreambooth.lr": 1e-2})
@@ -254,9 +254,9 @@ def test_lora_trains_only_the_adapters_and_saves_them_merged(micro, tmp_path):
 def test_default_identifiers_are_rare_distinct_deterministic_and_tokenize(micro):
     from itertools import islice
 
-    from mvc.dreambooth import check_prompt_tokens, make_concepts
-    from mvc.prompts import rare_identifiers
-    from mvc.tokenizer import build_tiny_tokenizer
+    from mvc.data.prompts import rare_identifiers
+    from mvc.diffusion.dreambooth import check_prompt_tokens, make_concepts
+    from mvc.diffusion.tokenizer import build_tiny_tokenizer
 
     first = list(islice(rare_identifiers(), 600))
     assert first == list(islice(rare_identifiers(), 600)) and len(set(first)) == 600
@@ -276,9 +276,9 @@ def test_default_identifiers_are_rare_distinct_deterministic_and_tokenize(micro)
 def test_concepts_from_a_caller_several_per_class(micro, tmp_path):
     """A pre-step's groups (here: each labelled image its own concept) train one model with one identifier per
     group; each source is generated from its own concept's prompt."""
-    from mvc.dreambooth import make_concepts
-    from mvc.generate import generate_synthetic
-    from mvc.generators import DreamBoothGenerator
+    from mvc.diffusion.dreambooth import make_concepts
+    from mvc.generation.generate import generate_synthetic
+    from mvc.generation.generators import DreamBoothGenerator
 
     targets = np.asarray(micro.labelled.targets)
     groups = [(int(targets[i]), [i]) for i in range(len(targets))]
@@ -300,7 +300,7 @@ def test_concepts_from_a_caller_several_per_class(micro, tmp_path):
 
 
 def test_prior_preservation_loss_contract():
-    from mvc.dreambooth import prior_preservation_loss
+    from mvc.diffusion.dreambooth import prior_preservation_loss
 
     per = torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0])  # 2 instance rows, 3 class rows
     loss, inst, prior = prior_preservation_loss(per, 2, 0.5)
@@ -333,8 +333,8 @@ def test_bad_settings_are_one_line(key, value, match):
 def test_trains_and_samples_an_sd15_structured_base(micro, tmp_path):
     """The full profile's path: model.base a StableDiffusion folder with SD-1.5's classes and config keys (PNDM
     scheduler, 77-token CLIP tokenizer), trained and sampled at its native size (here 64 px)."""
-    from mvc.generate import generate_synthetic
-    from mvc.standins import save_sd15_structured
+    from mvc.diffusion.standins import save_sd15_structured
+    from mvc.generation.generate import generate_synthetic
 
     base = save_sd15_structured(tmp_path / "sd15")
     cfg = config(micro, tmp_path / "run", **{"model.base": str(base), "generate.per_class": 1,
@@ -348,8 +348,8 @@ def test_trains_and_samples_an_sd15_structured_base(micro, tmp_path):
 def test_clustering_based_sampling_trains_one_identifier_per_kept_cluster(micro, tmp_path):
     """sampling.method=clusters: one concept (identifier) per kept cluster with its kept images, in its own
     dreambooth_clusters/ folder; each image's record names the concept of a kept source."""
-    from mvc.models import training_info
-    from mvc.synthetic import read_records
+    from mvc.data.synthetic import read_records
+    from mvc.diffusion.models import training_info
 
     summary = generate_mvc.cli(micro.argv(tmp_path, "--sampling.method=clusters", "--sampling.clusters_per_class=2",
                                           "--dreambooth.max_steps=2"))
@@ -388,7 +388,7 @@ def test_two_processes_train_what_one_does_and_resume_it(micro, tmp_path):
 
     from safetensors.torch import load_file
 
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
     with socket.socket() as sock:  # a free port, so parallel test runs do not collide
         sock.bind(("127.0.0.1", 0))
@@ -416,9 +416,9 @@ LORA = {"dreambooth.lora_rank": 2, "dreambooth.lr": 1e-2}
 def _worker(data: str, cache: str, out: str) -> None:
     """torchrun worker of the test above: 2 steps, the final folder removed (a run killed after its step-2
     checkpoint), then generate_mvc.py with 4 steps, which resumes and makes the set; then 4 LoRA steps."""
+    from mvc.core.distributed import make_accelerator
     from mvc.data import load_splits
-    from mvc.distributed import make_accelerator
-    from mvc.generators import make_generator
+    from mvc.generation.generators import make_generator
 
     argv = lambda run, *extra: micro_argv(Path(data), Path(out) / run, Path(cache),  # noqa: E731
                                           "--generate.method=dreambooth", f"--generate.per_class={PER_CLASS}", *extra)

@@ -115,7 +115,7 @@ def test_equivalent_real_interpolates_in_log_size_and_bounds_outside():
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory, one_thread):
     """Micro data (12 train / 4 test images per class), a config whose reference trains in seconds, the splits."""
-    from mvc.config import make_config
+    from mvc.core.config import make_config
     from mvc.data import load_splits
 
     base = tmp_path_factory.mktemp("eval")
@@ -131,7 +131,7 @@ def micro(tmp_path_factory, one_thread):
 
 def write_copies(root, images, labels, classes, source_ids=None):
     """A synthetic set (the format's own writer) whose images are the given PIL images."""
-    from mvc.synthetic import Job, SyntheticSet, class_folder, make_record
+    from mvc.data.synthetic import Job, SyntheticSet, class_folder, make_record
 
     s = SyntheticSet(root)
     s.prepare({"method": "copies", "seed": 0}, classes)
@@ -220,7 +220,7 @@ def test_vae_probe_judges_each_variant_and_refuses_bad_ones(micro, tmp_path):
 
     from helpers import MICRO
 
-    from mvc.utils import MVCError
+    from mvc.core.utils import MVCError
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import probe_vae

@@ -33,9 +33,9 @@ from helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx
 
 import generate_mvc  # noqa: E402
 import train_mvc  # noqa: E402
-from mvc.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint  # noqa: E402
-from mvc.synthetic import class_folder  # noqa: E402
-from mvc.utils import read_jsonl, run_cli  # noqa: E402
+from mvc.core.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint  # noqa: E402
+from mvc.core.utils import read_jsonl, run_cli  # noqa: E402
+from mvc.data.synthetic import class_folder  # noqa: E402
 
 STEPS = 6  # fine-tuning steps of every run here
 TRAIN = [f"--train.max_steps={STEPS}", "--train.checkpoint_every=1", "--train.checkpoints_keep=3"]

@@ -25,8 +25,9 @@ if str(ROOT) not in sys.path:  # when torchrun runs this file as a script
 
 from helpers import max_weight_diff, unet_weights  # noqa: E402
 
-from mvc.config import TinyBaseConfig, make_config  # noqa: E402
-from mvc.finetune import (  # noqa: E402
+from mvc.core.config import TinyBaseConfig, make_config  # noqa: E402
+from mvc.core.utils import MVCError  # noqa: E402
+from mvc.diffusion.finetune import (  # noqa: E402
     conditioning_dropout_masks,
     draw_step_noise,
     encode_latents_cache,
@@ -34,7 +35,6 @@ from mvc.finetune import (  # noqa: E402
     gather_batch,
     ip2p_loss,
 )
-from mvc.utils import MVCError  # noqa: E402
 
 CLASSES = ["shirt", "shoe", "bag", "coat"]
 TINY = TinyBaseConfig(image_size=16, vae_channels=[8, 16], unet_channels=[16, 32], text_hidden=32,
@@ -89,7 +89,7 @@ def toy_prompts(ds):
 
 def build_components():
     """Seeded random tiny InstructPix2Pix components (8-channel U-Net)."""
-    from mvc.tiny import build_tiny_components
+    from mvc.diffusion.tiny import build_tiny_components
 
     torch.manual_seed(0)
     return build_tiny_components(TINY, CLASSES, in_channels=8)
@@ -108,7 +108,7 @@ def toy_config(out_dir, **train):
 
 def run_finetune(out_dir, components, resume=None, **train):
     """finetune() on the toy data with a deep copy of `components`."""
-    from mvc.finetune_loop import finetune
+    from mvc.diffusion.finetune_loop import finetune
 
     ds = ToyDataset()
     comps = copy.deepcopy(components)
@@ -154,7 +154,7 @@ def test_dropout_masks_rates_disjoint_and_deterministic():
 def test_training_inputs_match_pipeline_sampling_batch(components):
     """Dropped text = the pipeline's empty-prompt embedding; dropped image = its zero image latent; kept
     image = the posterior mode the pipeline uses. Checked by recording the pipeline's U-Net call."""
-    from mvc.models import ip2p_pipeline
+    from mvc.diffusion.models import ip2p_pipeline
 
     comps = copy.deepcopy(components)
     ds = ToyDataset()
@@ -189,7 +189,7 @@ def test_training_inputs_match_pipeline_sampling_batch(components):
 
 
 def test_text_cache_holds_each_distinct_prompt_once_on_the_cpu_and_its_size_is_reported(components, straight_run):
-    from mvc.sd_io import encode_prompts
+    from mvc.diffusion.sd_io import encode_prompts
 
     comps = copy.deepcopy(components)
     tok, te = comps["tokenizer"], comps["text_encoder"]
@@ -285,8 +285,8 @@ def test_grad_accum_left_unset_comes_from_accelerate_and_drives_steps_and_schedu
 
 
 def test_mixed_precision_left_unset_comes_from_accelerate_and_is_recorded(tmp_path, monkeypatch, fresh_accelerate):
-    from mvc.config import load_yaml
-    from mvc.stage import start_stage
+    from mvc.core.config import load_yaml
+    from mvc.core.stage import start_stage
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
     cfg = toy_config(tmp_path)
@@ -301,7 +301,7 @@ def test_sharded_backends_are_refused_in_one_line(monkeypatch, fresh_accelerate)
     import accelerate
     from accelerate.utils import DistributedType
 
-    from mvc.distributed import make_accelerator
+    from mvc.core.distributed import make_accelerator
 
     class FSDPAccelerator(accelerate.Accelerator):  # what `accelerate config` with FSDP gives on a GPU machine
         distributed_type = DistributedType.FSDP
@@ -330,8 +330,8 @@ def test_final_folder_records_its_resolution_and_generation_samples_at_it(tmp_pa
     import logging
 
     from mvc.data import ArraySource, ImageDataset
-    from mvc.generate import generate_synthetic
-    from mvc.models import TRAINING_FILE, training_info
+    from mvc.diffusion.models import TRAINING_FILE, training_info
+    from mvc.generation.generate import generate_synthetic
 
     run_finetune(tmp_path, components, max_steps=1, resolution=8)
     final = tmp_path / "mvc" / "final"
@@ -358,8 +358,8 @@ def test_final_folder_records_its_resolution_and_generation_samples_at_it(tmp_pa
 
 
 def test_validation_grid_shows_the_ema_weights_and_restores_the_trained_ones(tmp_path, components):
-    from mvc.finetune_loop import validation_grid
-    from mvc.finetune_setup import build_ema, prepare_unet
+    from mvc.diffusion.finetune_loop import validation_grid
+    from mvc.diffusion.finetune_setup import build_ema, prepare_unet
 
     comps = copy.deepcopy(components)
     tc = toy_config(tmp_path).train
@@ -380,8 +380,8 @@ def test_validation_grid_shows_the_ema_weights_and_restores_the_trained_ones(tmp
 def test_lora_is_merged_into_the_saved_unet(tmp_path, components):
     from diffusers import UNet2DConditionModel
 
-    from mvc.finetune_setup import prepare_unet
-    from mvc.models import export_unet
+    from mvc.diffusion.finetune_setup import prepare_unet
+    from mvc.diffusion.models import export_unet
 
     unet = copy.deepcopy(components["unet"])
     params = prepare_unet(unet, toy_config(tmp_path, lora_rank=4).train)
@@ -449,8 +449,8 @@ def test_speed_levers_keep_the_loss_curve_and_the_weights(tmp_path, components):
 
 
 def test_step_memory_need_grows_with_rows_and_counts_the_state_to_come():
-    from mvc.config import FinetuneConfig
-    from mvc.finetune_setup import optimizer_state_bytes, step_memory_need
+    from mvc.core.config import FinetuneConfig
+    from mvc.diffusion.finetune_setup import optimizer_state_bytes, step_memory_need
 
     # a probe step of 1 row peaked at 10 units, of 2 rows at 13: 3 per row more; 50 rows, 7 units of state
     assert step_memory_need(10, 13, 50, 7) == 10 + 3 * 49 + 7
@@ -460,7 +460,7 @@ def test_step_memory_need_grows_with_rows_and_counts_the_state_to_come():
 
 
 def test_missing_optional_backends_are_clear_errors(components):
-    from mvc.finetune_setup import build_optimizer, set_attention
+    from mvc.diffusion.finetune_setup import build_optimizer, set_attention
 
     if __import__("importlib").util.find_spec("xformers") is None:
         with pytest.raises(MVCError, match="xformers"):
@@ -472,8 +472,8 @@ def test_missing_optional_backends_are_clear_errors(components):
 
 
 def test_fused_adam_is_the_default_and_takes_the_same_steps_as_torchs_default_adam():
-    from mvc.config import FinetuneConfig
-    from mvc.finetune_setup import build_optimizer
+    from mvc.core.config import FinetuneConfig
+    from mvc.diffusion.finetune_setup import build_optimizer
 
     torch.manual_seed(0)
     start = torch.randn(300, 7)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import no_hang
 
-from mvc import seeds
-from mvc.config import make_config
-from mvc.paths import RunPaths
-from mvc.utils import MVCError, RunLogger, append_jsonl, atomic_dir, clean_stale_temps, read_jsonl
+from mvc.core import seeds
+from mvc.core.config import make_config
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, RunLogger, append_jsonl, atomic_dir, clean_stale_temps, read_jsonl
 
 
 def test_seed_roles_are_independent_named_and_repeatable():
@@ -100,8 +100,8 @@ def test_append_after_a_torn_line_starts_a_fresh_line(tmp_path):
 
 
 def test_atomic_files_get_the_users_umask(tmp_path):
-    from mvc.checkpoint import save_checkpoint
-    from mvc.utils import atomic_write_text
+    from mvc.core.checkpoint import save_checkpoint
+    from mvc.core.utils import atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -117,7 +117,7 @@ def test_atomic_files_get_the_users_umask(tmp_path):
 
 
 def test_temp_files_of_killed_writers_are_removed_at_the_next_start(tmp_path):
-    from mvc.utils import atomic_path
+    from mvc.core.utils import atomic_path
 
     dead = 999999999  # no such process
     (tmp_path / "sub").mkdir()
@@ -143,7 +143,7 @@ def test_temp_files_of_killed_writers_are_removed_at_the_next_start(tmp_path):
 
 
 def test_run_cli_prints_every_user_error_as_one_short_line(tmp_path, capsys):
-    from mvc.utils import run_cli
+    from mvc.core.utils import run_cli
 
     def run(exc: BaseException) -> tuple[int, str]:
         def main(argv):
@@ -195,7 +195,7 @@ def test_json_lines_readers_refuse_special_files(tmp_path):
 
 
 def test_atomic_copy_replaces_a_link_instead_of_writing_through_it(tmp_path):
-    from mvc.utils import atomic_copy
+    from mvc.core.utils import atomic_copy
 
     outside = tmp_path / "outside.png"
     outside.write_bytes(b"user's")
@@ -209,7 +209,7 @@ def test_atomic_copy_replaces_a_link_instead_of_writing_through_it(tmp_path):
 
 
 def test_ctrl_c_mid_write_keeps_the_old_file_whole(tmp_path, capsys):
-    from mvc.utils import atomic_path, atomic_write_text, run_cli
+    from mvc.core.utils import atomic_path, atomic_write_text, run_cli
 
     target = tmp_path / "metadata.jsonl"
     atomic_write_text(target, "old\n")
@@ -238,7 +238,7 @@ def _draws() -> tuple:
 
 def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
     """What a resumed run draws from python, numpy and torch is what the uninterrupted one drew."""
-    from mvc.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from mvc.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
     seeds.seed_everything(3)
     _draws()
@@ -257,7 +257,7 @@ def test_a_checkpoint_written_before_cuda_states_were_recorded_still_resumes(tmp
 
     import numpy as np
 
-    from mvc.checkpoint import FORMAT_VERSION, load_checkpoint, set_rng_state
+    from mvc.core.checkpoint import FORMAT_VERSION, load_checkpoint, set_rng_state
 
     seeds.seed_everything(5)
     np_state = np.random.get_state()
@@ -275,15 +275,15 @@ def test_a_checkpoint_written_before_cuda_states_were_recorded_still_resumes(tmp
 
 def test_a_cuda_state_of_other_devices_is_skipped_with_one_warning(caplog):
     """A CUDA state this process cannot take (another device count; no CUDA at all) restores the rest and says so."""
-    from mvc.checkpoint import rng_state, set_rng_state
+    from mvc.core.checkpoint import rng_state, set_rng_state
 
     seeds.seed_everything(7)
     state = rng_state()
     expected = _draws()
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * (n + 1)
-    with caplog.at_level("WARNING", logger="mvc.checkpoint"):
+    with caplog.at_level("WARNING", logger="mvc.core.checkpoint"):
         set_rng_state(state)
     assert _draws() == expected
-    lines = [r.getMessage() for r in caplog.records if r.name == "mvc.checkpoint"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mvc.core.checkpoint"]
     assert len(lines) == 1 and "\n" not in lines[0] and f"of {n + 1} device(s), this process sees {n}" in lines[0]

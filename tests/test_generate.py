@@ -12,14 +12,14 @@ import torch
 from helpers import write_random_ip2p
 from PIL import Image
 
-import mvc.generate as gen
-from mvc import sd_io
-from mvc.config import TinyBaseConfig, make_config
+import mvc.generation.generate as gen
+from mvc.core.config import TinyBaseConfig, make_config
+from mvc.core.utils import MVCError, read_jsonl
 from mvc.data import ArraySource, ImageDataset
-from mvc.generators import render
-from mvc.models import SAMPLERS, build_sampler, load_ip2p_pipeline
-from mvc.synthetic import Job, SyntheticSet, class_folder, plan_jobs, shard_jobs, variants_per_source
-from mvc.utils import MVCError, read_jsonl
+from mvc.data.synthetic import Job, SyntheticSet, class_folder, plan_jobs, shard_jobs, variants_per_source
+from mvc.diffusion import sd_io
+from mvc.diffusion.models import SAMPLERS, build_sampler, load_ip2p_pipeline
+from mvc.generation.generators import render
 
 try:
     from test_synthetic import _has_datasets_library
@@ -241,7 +241,7 @@ def test_pipeline_dtype_fp32_on_cpu_by_default_bf16_when_asked(tmp_path, model_d
 
 def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
     """Our path (shared latents/embeddings, batch of 3) == one diffusers call per image with its prompt."""
-    from mvc.prompts import make_prompt
+    from mvc.data.prompts import make_prompt
 
     template = "{caption}, a photo of class type {label}"
     srcs = [0, 3]
@@ -280,7 +280,7 @@ def test_embed_shuffle_is_invisible_to_the_unet_token_shuffle_is_not(pipe):
     """Why mixing.coarse_stage defaults to 'tokens': SD's cross-attention has no positions on the text side,
     so permuting the encoder's OUTPUT vectors leaves the U-Net's prediction unchanged (float rounding);
     permuting the token ids BEFORE the encoder (positions + causal attention) changes it."""
-    from mvc.mixing import coarse_mix
+    from mvc.generation.mixing import coarse_mix
 
     ids, _ = sd_io.tokenize(pipe.tokenizer, ["dark small round shape, a photo of class type trouser"])  # (1, T)
     emb = sd_io.encode_ids(pipe.text_encoder, ids)  # (1, T, D)
@@ -325,7 +325,7 @@ def test_default_coarse_changes_the_image_embed_stage_shuffle_does_not(tmp_path,
 
 def test_token_swap_stays_inside_both_captions(pipe, labelled):
     """Swap at the token stage: positions where source and donor both have caption tokens (never EOS/template)."""
-    from mvc.mixing import ClassPrompts, mix_prompts, mixing_params
+    from mvc.generation.mixing import ClassPrompts, mix_prompts, mixing_params
 
     cfg = make_config(overrides={"mixing.coarse_mode": "swap", "mixing.coarse_k": 4})
     enc = lambda ids, mask: sd_io.encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
@@ -401,7 +401,7 @@ def test_user_errors(tmp_path, model_dir, pipe, labelled):
 
 def test_cli_bad_value_is_one_line(capsys):
     import generate_mvc
-    from mvc.utils import run_cli
+    from mvc.core.utils import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli(generate_mvc.cli, ["--generate.scheduler=heun"])
@@ -421,7 +421,7 @@ sys.path.insert(0, {str(ROOT)!r})
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from accelerate import Accelerator
 import test_generate as t
-from mvc.generate import generate_synthetic
+from mvc.generation.generate import generate_synthetic
 acc = Accelerator()
 cfg = t.make_cfg(__import__('pathlib').Path({str(tmp_path)!r}), {str(model_dir)!r}, out='ddp')
 generate_synthetic(cfg, labelled=t.make_labelled(), captions=t.CAPTIONS, rank=acc.process_index,
@@ -448,7 +448,7 @@ generate_synthetic(cfg, labelled=t.make_labelled(), captions=t.CAPTIONS, rank=ac
 def test_channels_last_and_a_batch_size_left_to_the_device_make_the_same_images(tmp_path, model_dir, pipe, labelled):
     """generate.channels_last (a speed lever) makes the images of the contiguous U-Net (float noise: <= 1 level);
     generate.batch_size=null is DEFAULT_BATCH off CUDA, and every run records its batch size and peak memory."""
-    from mvc.perf import DEFAULT_BATCH, channels_last
+    from mvc.core.perf import DEFAULT_BATCH, channels_last
 
     small = {"generate.per_class": 2}
     try:

@@ -21,10 +21,10 @@ if str(ROOT) not in sys.path:
 from helpers import micro_argv, write_fashion_idx, write_random_ip2p  # noqa: E402
 
 import generate_mvc  # noqa: E402
-from mvc.config import load_yaml, make_config, parse_args  # noqa: E402
-from mvc.generators import GENERATORS  # noqa: E402
-from mvc.paths import RunPaths  # noqa: E402
-from mvc.utils import MVCError, read_jsonl, run_cli  # noqa: E402
+from mvc.core.config import load_yaml, make_config, parse_args  # noqa: E402
+from mvc.core.paths import RunPaths  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl, run_cli  # noqa: E402
+from mvc.generation.generators import GENERATORS  # noqa: E402
 
 METHODS = ["mvc", "mvc_nomix", "txt2img", "img2img"]
 PER_CLASS = 2
@@ -73,7 +73,7 @@ def test_the_registry_is_what_the_config_offers():
 
 
 def test_class_prompt_is_the_template_without_its_caption():
-    from mvc.prompts import class_prompt
+    from mvc.data.prompts import class_prompt
 
     assert class_prompt("{caption}, a photo of class type {label}", "Bag") == "a photo of class type Bag"
     assert class_prompt("a photo of {label}: {caption}", "Bag") == "a photo of Bag"
@@ -105,7 +105,7 @@ def test_each_set_is_read_by_the_classifier_loader_and_the_evaluation(micro, met
 
 
 def test_each_set_keeps_the_config_it_was_made_with(micro):
-    from mvc.config import load_yaml
+    from mvc.core.config import load_yaml
 
     for m in METHODS:  # one generate_mvc.py run per method in one run folder: none overwrote another's record
         assert load_yaml(micro.out / f"config-generate_{set_dir(micro, m).name}.yaml")["generate"]["method"] == m
@@ -169,7 +169,7 @@ def test_baselines_need_no_finetuned_model_and_mvc_does(micro, tmp_path, capsys)
 
 
 def test_txt2img_with_captions_uses_the_caption_and_keeps_the_source(micro, tmp_path):
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     cfg = config(micro, "txt2img", **{"generate.caption": True, "generate.out_dir": str(tmp_path / "cap"),
                                       "generate.per_class": 1})
@@ -189,7 +189,7 @@ def _starting_points(base: Path, labelled, recs: list[dict], res: int = 16) -> l
     decoded (the micro VAE is a poor one, so this, not the source, is what a tiny strength stays near)."""
     from diffusers import AutoencoderKL
 
-    from mvc import sd_io
+    from mvc.diffusion import sd_io
 
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     mean, std = sd_io.encode_posteriors(vae, [labelled.load_image(r["source_index"]) for r in recs], res)
@@ -204,7 +204,7 @@ def test_img2img_strength_controls_the_distance_to_the_source(micro, tmp_path):
     latent); larger strengths move further, the largest furthest (from pure noise)."""
     from PIL import Image
 
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     dist = {}
     for strength in (0.05, 0.5, 1.0):
@@ -224,11 +224,11 @@ def test_img2img_strength_controls_the_distance_to_the_source(micro, tmp_path):
 def test_img2img_batches_equal_the_plain_diffusers_pipeline(micro):
     """Our path (each source encoded once, posterior drawn with the image's generator, latents handed to the
     pipeline) == StableDiffusionImg2ImgPipeline called on the PIL image with the same generator."""
-    from mvc import sd_io
-    from mvc.finetune_loop import load_base
-    from mvc.generators import make_generator
-    from mvc.models import base_pipeline
-    from mvc.synthetic import plan_jobs
+    from mvc.data.synthetic import plan_jobs
+    from mvc.diffusion import sd_io
+    from mvc.diffusion.inputs import load_base
+    from mvc.diffusion.models import base_pipeline
+    from mvc.generation.generators import make_generator
 
     cfg = config(micro, "img2img", **{"generate.num_inference_steps": 4})
     gen = make_generator(cfg)
@@ -297,8 +297,8 @@ def test_baselines_sample_an_sd15_structured_base(micro, tmp_path, method):
     the hub id loads), sampled at its native size read from its config files (here 64 px)."""
     from PIL import Image
 
-    from mvc.generate import generate_synthetic
-    from mvc.standins import save_sd15_structured
+    from mvc.diffusion.standins import save_sd15_structured
+    from mvc.generation.generate import generate_synthetic
 
     base = save_sd15_structured(tmp_path / "sd15")
     cfg = config(micro, method, **{"model.base": str(base), "generate.out_dir": str(tmp_path / "set"),
@@ -331,7 +331,7 @@ def test_baseline_shards_and_batches_do_not_change_the_set(micro, tmp_path, meth
     image's noise (and img2img's posterior draw) comes from its own generator."""
     from PIL import Image
 
-    from mvc.generate import generate_synthetic
+    from mvc.generation.generate import generate_synthetic
 
     small = {"generate.per_class": 1, "generate.num_inference_steps": 4}
     one = config(micro, method, **small, **{"generate.out_dir": str(tmp_path / "one"), "generate.batch_size": 8})

@@ -17,8 +17,9 @@ if str(ROOT) not in sys.path:
 from helpers import write_fashion_idx  # noqa: E402
 
 import run_pipeline  # noqa: E402
-from mvc.config import build_parser, load_yaml, make_config, parse_args  # noqa: E402
-from mvc.utils import MVCError  # noqa: E402
+from mvc.core.config import build_parser, load_yaml, make_config, parse_args  # noqa: E402
+from mvc.core.utils import MVCError  # noqa: E402
+from mvc.studies.report import beats, verdict_lines  # noqa: E402
 
 GPU = ROOT / "configs" / "gpu.yaml"
 
@@ -106,13 +107,13 @@ def test_the_verdict_says_yes_only_beyond_the_seed_spread():
     real = _row(None, [70.0, 70.5, 69.5], run="real+randaugment")
     clear = _row("mvc", [75.0, 75.5, 74.5])
     noisy = _row("mvc", [71.0, 68.0, 73.0])
-    assert run_pipeline.beats(clear, real) and not run_pipeline.beats(real, clear)
-    assert not run_pipeline.beats(noisy, real)  # higher mean, inside the spread
-    assert not run_pipeline.beats(_row("mvc", [80.0]), _row(None, [70.0]))  # one seed
-    lines = run_pipeline.verdict_lines([real, clear, _row("mvc_nomix", [74.8, 75.4, 74.9])], "mvc", "equal budget")
+    assert beats(clear, real) and not beats(real, clear)
+    assert not beats(noisy, real)  # higher mean, inside the spread
+    assert not beats(_row("mvc", [80.0]), _row(None, [70.0]))  # one seed
+    lines = verdict_lines([real, clear, _row("mvc_nomix", [74.8, 75.4, 74.9])], "mvc", "equal budget")
     assert lines[0].startswith("- equal budget, probabilistic on the mvc set: **no**")  # mixing not beyond spread
     assert "vs mvc_nomix: 75.00 vs 75.03" in lines[0]
-    lines = run_pipeline.verdict_lines([real, clear, _row("mvc_nomix", [70.0, 70.2, 69.9])], "mvc", "equal budget")
+    lines = verdict_lines([real, clear, _row("mvc_nomix", [70.0, 70.2, 69.9])], "mvc", "equal budget")
     assert "**yes**" in lines[0]
 
 

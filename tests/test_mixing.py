@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from mvc.mixing import (
+from mvc.core.utils import MVCError
+from mvc.data.prompts import caption_token_span
+from mvc.generation.mixing import (
     MIXING_OPS,
     apply_mixing,
     coarse_indices,
@@ -14,8 +16,6 @@ from mvc.mixing import (
     op_stages,
     parse_op,
 )
-from mvc.prompts import caption_token_span
-from mvc.utils import MVCError
 
 B, T, D = 3, 16, 32
 
@@ -268,7 +268,7 @@ def test_bad_arguments_are_one_line_mvc_errors(x, donor, call):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from mvc.tokenizer import build_tiny_tokenizer
+    from mvc.diffusion.tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer(["trouser", "ankle", "boot"], max_length=32)
 
@@ -307,7 +307,7 @@ def test_caption_span_truncated_and_empty(tokenizer):
 
 def _ctx(windows, caption_windows=True, T=16):
     """A ClassPrompts of 3 sources with the given caption windows (token ids 0..T-1, random embeddings)."""
-    from mvc.mixing import ClassPrompts
+    from mvc.generation.mixing import ClassPrompts
 
     srcs = [0, 1, 2]
     return ClassPrompts(srcs, {s: f"id{s}" for s in srcs}, {s: "c" for s in srcs},
@@ -316,7 +316,7 @@ def _ctx(windows, caption_windows=True, T=16):
 
 
 def test_plan_draws_a_donor_of_the_same_class_never_the_source_and_is_deterministic():
-    from mvc.mixing import plan_mix
+    from mvc.generation.mixing import plan_mix
 
     ctx = _ctx([(1, 6), (1, 4), (1, 9)])
     params = {"mode": "swap", "k": 3, "coarse_stage": "tokens", "m": 2, "s": 2, "source": "donor", "contiguous": True}
@@ -334,7 +334,7 @@ def test_plan_draws_a_donor_of_the_same_class_never_the_source_and_is_determinis
 
 
 def test_plan_clamps_to_short_caption_windows_and_refuses_what_cannot_fit():
-    from mvc.mixing import plan_mix
+    from mvc.generation.mixing import plan_mix
 
     ctx = _ctx([(1, 3), (1, 3), (1, 3)])
     params = {"mode": "shuffle", "k": 5, "coarse_stage": "tokens", "m": 4, "s": 2, "source": "self", "contiguous": True}
@@ -352,7 +352,7 @@ def test_plan_clamps_to_short_caption_windows_and_refuses_what_cannot_fit():
 
 
 def test_window_setting_is_parsed_once():
-    from mvc.mixing import parse_window
+    from mvc.generation.mixing import parse_window
 
     assert [parse_window(w) for w in ("caption", "prompt", "all")] == ["caption", "prompt", "all"]
     assert parse_window([2, 9]) == (2, 9)
@@ -362,7 +362,7 @@ def test_window_setting_is_parsed_once():
 
 
 def test_mix_prompts_encodes_all_token_edits_in_one_call():
-    from mvc.mixing import mix_prompts
+    from mvc.generation.mixing import mix_prompts
 
     ctx = _ctx([(1, 8)] * 3)
     calls = []

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from mvc.config import TinyBaseConfig, make_config
-from mvc.finetune_loop import load_base
-from mvc.models import load_pipeline_components, widen_conv_in
-from mvc.tiny import build_tiny_components
-from mvc.utils import MVCError
+from mvc.core.config import TinyBaseConfig, make_config
+from mvc.core.utils import MVCError
+from mvc.diffusion.inputs import load_base
+from mvc.diffusion.models import load_pipeline_components, widen_conv_in
+from mvc.diffusion.tiny import build_tiny_components
 
 
 def micro_cfg():
@@ -55,7 +55,7 @@ def test_widen_conv_in_skips_an_instructpix2pix_unet_and_rejects_other_counts():
 
 
 def test_sd15_unet_shape_takes_the_surgery_and_a_forward():
-    from mvc.models import build_sd15_shape
+    from mvc.diffusion.models import build_sd15_shape
 
     torch.manual_seed(0)
     unet = build_sd15_shape(("unet",))["unet"].eval()

@@ -7,9 +7,9 @@ import logging
 import numpy as np
 import pytest
 
+from mvc.core.utils import MVCError
 from mvc.data import ArraySource, ImageDataset, low_data_subset
-from mvc.pairs import Pairs, _derange_rows, build_pairs, load_pairs, save_pairs
-from mvc.utils import MVCError
+from mvc.data.pairs import Pairs, _derange_rows, build_pairs, load_pairs, save_pairs
 
 
 def toy_dataset(counts: list[int], name: str = "toy") -> ImageDataset:

@@ -17,8 +17,9 @@ if str(ROOT) not in sys.path:
 from helpers import micro_argv, write_fashion_idx  # noqa: E402
 
 import run_pipeline  # noqa: E402
-from mvc.config import load_yaml, make_config  # noqa: E402
-from mvc.utils import MVCError, read_jsonl  # noqa: E402
+from mvc.core.config import load_yaml, make_config  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl  # noqa: E402
+from mvc.studies.report import README_BEGIN, README_END  # noqa: E402
 
 RUNS = ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
 
@@ -87,7 +88,7 @@ def test_rerun_resumes_without_redoing_finished_work(pipeline_run):
 def test_readme_results_section_is_replaced_verbatim(pipeline_run, tmp_path):
     out, report, _ = pipeline_run
     readme = tmp_path / "README.md"
-    marks = {p: (run_pipeline.README_BEGIN.format(profile=p), run_pipeline.README_END.format(profile=p))
+    marks = {p: (README_BEGIN.format(profile=p), README_END.format(profile=p))
              for p in ("tiny", "small")}
     readme.write_text(f"intro\n\n{marks['tiny'][0]}\nold table\n{marks['tiny'][1]}\n\n"
                       f"{marks['small'][0]}\nsmall table\n{marks['small'][1]}\noutro\n")
@@ -133,7 +134,7 @@ def test_diagnosis_measures_each_stage_of_the_chain(pipeline_run, tmp_path):
 def test_the_reference_may_not_select_or_filter(pipeline_run, tmp_path):
     """The evaluation-only reference refuses to be a diagnosis selector or a generation filter, in one line."""
     out, _, argv = pipeline_run
-    from mvc.utils import MVCError
+    from mvc.core.utils import MVCError
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import diagnose_generator

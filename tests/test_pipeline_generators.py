@@ -18,9 +18,10 @@ if str(ROOT) not in sys.path:
 from helpers import micro_argv, write_fashion_idx  # noqa: E402
 
 import run_pipeline  # noqa: E402
-from mvc.config import load_yaml, make_config, parse_args  # noqa: E402
-from mvc.synthetic import set_fingerprint  # noqa: E402
-from mvc.utils import MVCError  # noqa: E402
+from mvc.core.config import load_yaml, make_config, parse_args  # noqa: E402
+from mvc.core.utils import MVCError  # noqa: E402
+from mvc.data.synthetic import set_fingerprint  # noqa: E402
+from mvc.studies.report import collect_results  # noqa: E402
 
 GENERATORS = ["mvc", "img2img"]
 
@@ -55,7 +56,7 @@ def test_each_generator_gets_its_set_its_evaluation_and_its_rows(two_sets):
     assert "| run | set | strategy |" in text
     assert "| real | - | real |" in text and "| probabilistic | mvc | probabilistic |" in text
     assert "| probabilistic | img2img | probabilistic |" in text
-    rows = run_pipeline.collect_results(make_config(load_yaml(out / "config-pipeline.yaml")))
+    rows = collect_results(make_config(load_yaml(out / "config-pipeline.yaml")))
     assert [(r["run"], r["generator"], r["n"]) for r in rows] == [
         ("real", None, 1), ("probabilistic", "mvc", 1), ("probabilistic", "img2img", 1)]
     # each set's stages add their wall time; the tiny profile's own stage names are unchanged

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mvc import sd_io
-from mvc.config import TinyBaseConfig
+from mvc.core.config import TinyBaseConfig
 from mvc.data import ArraySource, ImageDataset
+from mvc.diffusion import sd_io
 
 TINY = TinyBaseConfig(image_size=32, vae_channels=[8, 16, 16], unet_channels=[16, 32], text_hidden=32,
                       text_layers=1, max_length=16)
@@ -18,7 +18,7 @@ TINY = TinyBaseConfig(image_size=32, vae_channels=[8, 16, 16], unet_channels=[16
 
 @pytest.fixture(scope="module")
 def components():
-    from mvc.tiny import build_tiny_components
+    from mvc.diffusion.tiny import build_tiny_components
 
     torch.manual_seed(0)
     return build_tiny_components(TINY, ["coat"], in_channels=8)
@@ -53,8 +53,8 @@ def test_resize_is_the_pipeline_image_processor(dataset):
 def test_condition_latents_agree_between_training_generation_and_the_pipeline(components, dataset):
     """The condition latent of the fine-tuning cache == what generation computes == what
     StableDiffusionInstructPix2PixPipeline feeds its U-Net, for 28-px images at resolution 32."""
-    from mvc.finetune import encode_latents_cache
-    from mvc.models import ip2p_pipeline
+    from mvc.diffusion.finetune import encode_latents_cache
+    from mvc.diffusion.models import ip2p_pipeline
 
     vae = components["vae"]
     cache = encode_latents_cache(vae, dataset, 32, show_progress=False)  # (N, 1, 4, 8, 8)
@@ -89,7 +89,7 @@ def test_condition_latents_agree_between_training_generation_and_the_pipeline(co
 
 
 def test_prompts_encode_as_the_pipeline_does(components):
-    from mvc.models import ip2p_pipeline
+    from mvc.diffusion.models import ip2p_pipeline
 
     pipe = ip2p_pipeline(components, components["unet"])
     prompts = ["a dark small coat", ""]

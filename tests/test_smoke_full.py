@@ -136,7 +136,7 @@ def test_miniature_full_profile_run(dataset, tmp_path):
 def check_run(dataset: str, run: Run) -> None:
     """Wait for the miniature run of `dataset` and check its summary, then that its checks can fail."""
     import run_pipeline
-    from mvc.config import load_yaml, make_config
+    from mvc.core.config import load_yaml, make_config
 
     work = run.work
     r = run.result()

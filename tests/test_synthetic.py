@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mvc.core.utils import MVCError, read_jsonl
 from mvc.data import ArraySource, ImageDataset
-from mvc.synthetic import (
+from mvc.data.synthetic import (
     SyntheticSet,
     class_folder,
     count_images,
@@ -19,7 +20,6 @@ from mvc.synthetic import (
     plan_jobs,
     read_records,
 )
-from mvc.utils import MVCError, read_jsonl
 
 # names whose alphabetical order is not the dataset's order, one that needs escaping, and a class
 # (index 3) without labelled images, hence without synthetic ones

@@ -20,9 +20,9 @@ if str(ROOT) not in sys.path:
 from helpers import micro_argv, write_fashion_idx  # noqa: E402
 
 import generate_mvc  # noqa: E402
-from mvc import textual_inversion as ti  # noqa: E402
-from mvc.config import make_config, parse_args  # noqa: E402
-from mvc.utils import MVCError, read_jsonl, run_cli  # noqa: E402
+from mvc.core.config import make_config, parse_args  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl, run_cli  # noqa: E402
+from mvc.diffusion import textual_inversion as ti  # noqa: E402
 
 PER_CLASS = 2
 
@@ -67,7 +67,7 @@ def learned(folder: Path) -> dict[str, torch.Tensor]:
 def test_only_the_placeholder_rows_change(micro, tmp_path):
     """Training writes no weight: U-Net, VAE and text encoder stay bit-identical, the new rows keep their initial
     value (the initializer's row); the learned vectors moved away from it."""
-    from mvc.models import load_pipeline_components
+    from mvc.diffusion.models import load_pipeline_components
 
     comps = load_pipeline_components(micro.base)
     before = {k: {n: p.clone() for n, p in comps[k].state_dict().items()} for k in ("unet", "vae", "text_encoder")}
@@ -94,8 +94,8 @@ def test_only_the_placeholder_rows_change(micro, tmp_path):
 
 def test_gradients_reach_the_learned_vectors_only(micro):
     """The frozen text encoder gets no gradient; each prompt's vector does, an unused concept's does not."""
-    from mvc.models import load_pipeline_components
-    from mvc.sd_io import tokenize
+    from mvc.diffusion.models import load_pipeline_components
+    from mvc.diffusion.sd_io import tokenize
 
     comps = load_pipeline_components(micro.base)
     te, tok = comps["text_encoder"], comps["tokenizer"]
@@ -117,8 +117,8 @@ def test_gradients_reach_the_learned_vectors_only(micro):
 def test_the_embeddings_load_through_diffusers_load_textual_inversion(micro):
     from safetensors import safe_open
 
-    from mvc.finetune_loop import load_base
-    from mvc.models import base_pipeline
+    from mvc.diffusion.inputs import load_base
+    from mvc.diffusion.models import base_pipeline
 
     folder = micro.out / "textual_inversion"
     state = learned(folder)
@@ -142,9 +142,9 @@ def test_multi_vector_sets_equal_plain_diffusers_prompts(micro, tmp_path):
     """With 2 vectors per token, our batches (prompts expanded and encoded once per class, posteriors drawn with
     each image's generator) == StableDiffusionImg2ImgPipeline called with the text prompt after
     load_textual_inversion: the recorded prompt is what a user passes."""
-    from mvc import sd_io
-    from mvc.generators import make_generator
-    from mvc.synthetic import plan_jobs
+    from mvc.data.synthetic import plan_jobs
+    from mvc.diffusion import sd_io
+    from mvc.generation.generators import make_generator
 
     cfg = config(micro, tmp_path, "--textual_inversion.num_vectors=2", "--textual_inversion.steps=2",
                  "--generate.num_inference_steps=4")
@@ -232,8 +232,8 @@ def test_other_generation_settings_keep_the_embeddings_and_the_set_refuses_them(
 
 def test_the_set_is_read_without_special_cases(micro):
     from mvc.classifier.data import prepare_data
-    from mvc.paths import RunPaths
-    from mvc.synthetic import load_synthetic_set, read_records
+    from mvc.core.paths import RunPaths
+    from mvc.data.synthetic import load_synthetic_set, read_records
 
     where = RunPaths.of(micro.cfg).synthetic
     assert where.name == "synthetic_textual_inversion"
@@ -343,8 +343,8 @@ def micro_tokenizer(micro):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_selects_textual_inversion(path):
-    from mvc.config import load_yaml
-    from mvc.paths import RunPaths
+    from mvc.core.config import load_yaml
+    from mvc.core.paths import RunPaths
 
     cfg = make_config(load_yaml(path), {"generate.method": "textual_inversion"})
     paths = RunPaths.of(cfg)
@@ -354,8 +354,8 @@ def test_every_shipped_config_selects_textual_inversion(path):
 def test_an_sd15_structured_base_learns_and_samples(micro, tmp_path):
     """The full profile's path: a StableDiffusion folder with SD-1.5's classes (77-token CLIP text encoder), its
     tokens learned at its native 64 px and sampled by img2img."""
-    from mvc.generate import generate_synthetic
-    from mvc.standins import save_sd15_structured
+    from mvc.diffusion.standins import save_sd15_structured
+    from mvc.generation.generate import generate_synthetic
 
     base = save_sd15_structured(tmp_path / "sd15")
     cfg = config(micro, tmp_path / "run", f"--model.base={base}", "--textual_inversion.steps=2",
@@ -372,7 +372,7 @@ def test_clustering_based_sampling_learns_one_token_per_kept_cluster(micro, tmp_
     their own folder, and each image is made from a kept source with its cluster's token."""
     import re
 
-    from mvc.synthetic import read_records
+    from mvc.data.synthetic import read_records
 
     extra = ("--sampling.method=clusters", "--sampling.clusters_per_class=2", "--textual_inversion.steps=2")
     summary = generate_mvc.cli(micro.argv(tmp_path, *extra))
@@ -423,9 +423,9 @@ def test_two_processes_learn_what_one_does_and_continue_their_run(micro, tmp_pat
 def _worker(data: str, cache: str, out: str) -> None:
     """torchrun worker of the test above: 2 steps (every process trains: the generator's `shared_model`), then
     generate_mvc.py with 4 steps, which continues them and makes the set."""
+    from mvc.core.distributed import make_accelerator
     from mvc.data import load_splits
-    from mvc.distributed import make_accelerator
-    from mvc.generators import make_generator
+    from mvc.generation.generators import make_generator
 
     argv = lambda *extra: micro_argv(Path(data), Path(out), Path(cache), f"--generate.per_class={PER_CLASS}",  # noqa: E731
                                      "--generate.method=textual_inversion", *extra)

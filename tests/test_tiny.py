@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import mvc.tiny as tiny
-from mvc.config import TinyBaseConfig, make_config
+import mvc.diffusion.tiny as tiny
+from mvc.core.config import TinyBaseConfig, make_config
+from mvc.core.utils import MVCError
 from mvc.data import ArraySource, ImageDataset
-from mvc.finetune_loop import load_base
-from mvc.tiny import get_tiny_base, tiny_base_key
-from mvc.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
-from mvc.utils import MVCError
+from mvc.diffusion.inputs import load_base
+from mvc.diffusion.tiny import get_tiny_base, tiny_base_key
+from mvc.diffusion.tokenizer import BASE_WORDS, build_tiny_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_bpe_merges_the_most_frequent_pair_first_and_breaks_ties_by_text():
 
 def test_tokenizer_ids_are_the_same_in_every_process():
     """The tiny base, and the synthetic data after it, depend on the ids: they must not vary per process."""
-    code = ("import hashlib, json; from mvc.tokenizer import build_tiny_tokenizer; "
+    code = ("import hashlib, json; from mvc.diffusion.tokenizer import build_tiny_tokenizer; "
             "t = build_tiny_tokenizer(['ankle boot', 't-shirt/top']); "
             "print(hashlib.sha256(json.dumps(sorted(t.get_vocab().items())).encode()).hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
@@ -85,7 +85,7 @@ def test_a_build_in_another_process_is_byte_identical(tmp_path):
     """The tiny base (tokenizer, VAE, U-Net, text encoder) is the same whichever process builds it."""
     here = get_tiny_base(micro_cfg(tmp_path / "a"), shapes_pool(), progress=False)
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
-            "from test_tiny import micro_cfg, shapes_pool; from mvc.tiny import get_tiny_base; "
+            "from test_tiny import micro_cfg, shapes_pool; from mvc.diffusion.tiny import get_tiny_base; "
             "print(get_tiny_base(micro_cfg(Path(sys.argv[1])), shapes_pool(), progress=False))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b"), str(ROOT / "tests")], capture_output=True,
                          text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "7"})
@@ -177,7 +177,7 @@ def base_tensors(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The resume tests' base built without a stop: (folder, its tensors, its log records, its tiny_base.json)."""
-    from mvc.utils import read_jsonl
+    from mvc.core.utils import read_jsonl
 
     folder = get_tiny_base(resume_cfg(tmp_path_factory.mktemp("straight")), shapes_pool(), progress=False)
     info = json.loads((folder / "tiny_base.json").read_text())
@@ -215,8 +215,8 @@ def test_a_build_killed_in_the_unet_phase_resumes_to_the_uninterrupted_base(tmp_
     """Killed at U-Net step 5 (checkpoints after the VAE and at step 4): the next call reuses the partial build
     (SIGKILL leftovers cleaned), runs steps 4-6 only, and publishes the straight build's tensors bit for bit, its
     log records once each, the seconds of both attempts and one resume; no partial folder is left."""
-    from mvc.checkpoint import list_checkpoints, load_checkpoint
-    from mvc.utils import read_jsonl
+    from mvc.core.checkpoint import list_checkpoints, load_checkpoint
+    from mvc.core.utils import read_jsonl
 
     cfg, partial = killed_build(tmp_path, monkeypatch, 5)
     assert [p.name for p in list_checkpoints(partial / "vae")] == ["checkpoint-00000003.pt"]
@@ -249,7 +249,7 @@ def test_a_build_killed_in_the_unet_phase_resumes_to_the_uninterrupted_base(tmp_
 def test_a_build_killed_after_the_vae_skips_it_on_resume(tmp_path, monkeypatch, straight):
     """Killed at U-Net step 1, before its first checkpoint: the resume loads the VAE, trains the U-Net from step 0,
     and ends with the straight build's tensors; a second kill and resume counts two resumes."""
-    from mvc.utils import read_jsonl
+    from mvc.core.utils import read_jsonl
 
     cfg, partial = killed_build(tmp_path, monkeypatch, 1)
     assert (partial / "vae").is_dir() and not (partial / "unet").exists()
@@ -319,7 +319,7 @@ def test_the_checkpoint_cadence_is_not_part_of_the_key_nor_of_a_finetuning_recor
             for n in (1, 500)}
     assert keys == {"8453655b089b089e"} and tiny.RECIPE_VERSION == 4
     # nor of what a fine-tuning checkpoint on the tiny base was trained on: changing it blocks no resume
-    from mvc.finetune_loop import resume_record
+    from mvc.diffusion.finetune_loop import resume_record
 
     rec = resume_record(make_config(overrides={"model.base": "tiny", "tiny.checkpoint_every": 7}), pool,
                         torch.zeros(2, 3), torch.ones(2, 3), ["a"], 0)
@@ -327,7 +327,7 @@ def test_the_checkpoint_cadence_is_not_part_of_the_key_nor_of_a_finetuning_recor
 
 
 def test_empty_pool_is_a_user_error(tmp_path):
-    from mvc.utils import MVCError
+    from mvc.core.utils import MVCError
 
     with pytest.raises(MVCError, match="remainder pool"):
         get_tiny_base(micro_cfg(tmp_path), shapes_pool(4).subset([]), progress=False)
@@ -419,7 +419,7 @@ def test_the_stage_precision_is_read_without_building_an_accelerator():
     would reset the first one's gradient accumulation)."""
     from accelerate.state import AcceleratorState, GradientState, is_initialized
 
-    from mvc.distributed import make_accelerator, stage_precision
+    from mvc.core.distributed import make_accelerator, stage_precision
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -1,8 +1,8 @@
 """Classifier training with synthetic data: backbones, strategies, augmentations, metrics, predict.
 
 `mvc.classifier.predict` is the module (its `predict` function: `from mvc.classifier.predict import predict`).
-Attributes are imported lazily so that `mvc.classifier.strategies.list_strategies()` (used by config
-validation) does not pull in timm, torchvision or matplotlib.
+Attributes are imported lazily so that importing the package (as `mvc` does, for the choices its strategies,
+augmentations, optimizers and probes publish) does not pull in timm, torchvision or matplotlib.
 """
 
 from __future__ import annotations

@@ -18,10 +18,12 @@ from typing import Callable
 
 import torch
 
-from mvc.registry import Registry
+from mvc.core.registry import Registry, publish_choices
 
 AUGMENTATIONS: Registry[Callable[..., list] | None] = Registry("augmentation")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
+publish_choices("augmentation", AUGMENTATIONS)
+publish_choices("autoaugment policy", AUTOAUGMENT_POLICIES)
 
 
 def _policy(name: str) -> Callable[[str], list]:

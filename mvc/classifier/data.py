@@ -2,7 +2,7 @@
 follow a strategy's plan.
 
 Real images come from the dataset registry (`mvc.data`), synthetic ones from the synthetic-set format
-(`mvc.synthetic`); both go through the model's preprocessing (`mvc.classifier.augment`).
+(`mvc.data.synthetic`); both go through the model's preprocessing (`mvc.classifier.augment`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mvc import seeds
 from mvc.classifier.augment import Augment, build_pre
-from mvc.seeds import seed_worker
-from mvc.utils import MVCError
+from mvc.core import seeds
+from mvc.core.seeds import seed_worker
+from mvc.core.utils import MVCError
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def kfold_splits(targets: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarra
 def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
     """Real train / val / test sets and the synthetic set of one (seed, fold) run (all `ImageDataset`s)."""
     from mvc.classifier.strategies import STRATEGIES
-    from mvc.paths import RunPaths
-    from mvc.synthetic import load_synthetic_set, set_fingerprint
+    from mvc.core.paths import RunPaths
+    from mvc.data.synthetic import load_synthetic_set, set_fingerprint
 
     c = cfg.classifier
     if splits is None:

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mvc.registry import Registry
-from mvc.schedules import lr_multiplier
-from mvc.utils import MVCError
+from mvc.core.registry import Registry, publish_choices
+from mvc.core.schedules import lr_multiplier
+from mvc.core.utils import MVCError
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+publish_choices("optimizer", OPTIMIZERS)
 OPTIMIZERS.register("adam")(lambda params, cfg, fused: torch.optim.Adam(
     params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused))
 OPTIMIZERS.register("adamw")(lambda params, cfg, fused: torch.optim.AdamW(

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mvc.utils import MVCError
+from mvc.core.utils import MVCError
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mvc.classifier.metrics import SCALARS, confusion_figure, mean_std
 from mvc.classifier.strategies import STRATEGIES
-from mvc.paths import RunPaths
-from mvc.utils import RunLogger, atomic_write_json, safe_name
+from mvc.core.paths import RunPaths
+from mvc.core.utils import RunLogger, atomic_write_json, safe_name
 
 CSV_COLUMNS = ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed", "fold", *SCALARS,
                "best_accuracy", "best_epoch", "best_selected_on", "epochs", "steps", "images_seen", "n_real",
@@ -25,7 +25,7 @@ def synthetic_generator(cfg) -> str | None:
     if not STRATEGIES.get(c.strategy).needs_synthetic:
         return None
     if c.synthetic_dir:
-        from mvc.synthetic import read_settings_file
+        from mvc.data.synthetic import read_settings_file
 
         settings = (read_settings_file(Path(c.synthetic_dir).expanduser()) or {}).get("settings")
         if isinstance(settings, dict):  # else not a settings file: the data loader refuses the set itself

@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from mvc.checkpoint import list_checkpoints, load_checkpoint
+from mvc.core.checkpoint import list_checkpoints, load_checkpoint
+from mvc.core.utils import MVCError
 from mvc.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
-from mvc.utils import MVCError
 
 log = logging.getLogger(__name__)
 

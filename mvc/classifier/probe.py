@@ -5,18 +5,19 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from mvc import seeds
 from mvc.classifier.data import Combined, eval_loader, prepare_data, prepared
 from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.models import build_model, extract_features
 from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs
-from mvc.registry import Registry
-from mvc.utils import MVCError, RunLogger
+from mvc.core import seeds
+from mvc.core.registry import Registry, publish_choices
+from mvc.core.utils import MVCError, RunLogger
 
 PROBE_STRATEGIES = ("real", "concat")
 
 # name -> builder(seed) of the sklearn head that follows a StandardScaler ("none" in the config: no probe)
 PROBES: Registry[Callable] = Registry("probe")
+publish_choices("probe", PROBES)
 
 
 @PROBES.register("logreg")

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mvc import seeds
-from mvc.registry import Registry
-from mvc.utils import MVCError
+from mvc.core import seeds
+from mvc.core.registry import Registry, publish_choices
+from mvc.core.utils import MVCError
 
 STRATEGIES: Registry[type["Strategy"]] = Registry("strategy")
 PROB_MODES = ("append", "replace")  # probabilistic: add the synthetic image to the batch / take the real one's place
+publish_choices("strategy", STRATEGIES)
+publish_choices("probabilistic mode", PROB_MODES)
 
 
 def list_strategies() -> list[str]:

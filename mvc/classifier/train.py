@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 
-from mvc import seeds
-from mvc.checkpoint import check_resume, list_checkpoints, resolve_resume, rng_state, save_checkpoint
 from mvc.classifier.augment import Augment
 from mvc.classifier.data import Combined, eval_loader, plan_loader, prepare_data, prepared, shard_batches
 from mvc.classifier.engine import build_optimizer, evaluate, plan_lr, train_one_epoch
@@ -26,8 +24,10 @@ from mvc.classifier.metrics import compute_metrics, mean_std
 from mvc.classifier.models import build_model
 from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs, write_summary
 from mvc.classifier.strategies import build_strategy
-from mvc.perf import peak_memory_gb, reset_peak_memory
-from mvc.utils import MVCError, RunLogger, atomic_write_json
+from mvc.core import seeds
+from mvc.core.checkpoint import check_resume, list_checkpoints, resolve_resume, rng_state, save_checkpoint
+from mvc.core.perf import peak_memory_gb, reset_peak_memory
+from mvc.core.utils import MVCError, RunLogger, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
 def run_all(cfg, accelerator=None, splits=None, resume: str | None = None, stop_after: int | None = None) -> list[dict]:
     """Every seed of `classifier.seeds` (and every fold when `classifier.kfold`), then the summary."""
     from mvc.classifier.models import check_backbone
-    from mvc.distributed import make_accelerator
-    from mvc.paths import RunPaths
+    from mvc.core.distributed import make_accelerator
+    from mvc.core.paths import RunPaths
 
     c = cfg.classifier
     check_backbone(c.backbone)

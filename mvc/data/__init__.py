@@ -1,4 +1,6 @@
-"""Datasets: one `ImageDataset` class, a registry of on-disk layouts, low-data subsets.
+"""Data and formats: the real datasets (one `ImageDataset` class, a registry of on-disk layouts, low-data
+subsets), the synthetic-set format (`synthetic`), captioners and the caption cache (`captions`), prompts
+(`prompts`) and index pairs (`pairs`).
 
 `list_datasets()` only lists names: importing this package reads nothing from disk and imports
 neither torchvision nor PIL (they are imported when an image is opened).

@@ -9,16 +9,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mvc import seeds
-from mvc.registry import Registry
-from mvc.seeds import resolve_seed
-from mvc.utils import MVCError
-from mvc.utils import fingerprint as _hash
+from mvc.core import seeds
+from mvc.core.registry import Registry, publish_choices
+from mvc.core.seeds import resolve_seed
+from mvc.core.utils import MVCError
+from mvc.core.utils import fingerprint as _hash
 
 log = logging.getLogger(__name__)
 
 DATASETS: Registry[Callable[..., "ImageDataset"]] = Registry("dataset")
 EVAL_SPLITS = ("test", "val")  # what data.test_split may name
+publish_choices("dataset", DATASETS)  # filled by mvc.data.sources
+publish_choices("eval split", EVAL_SPLITS)
 
 
 def list_datasets() -> list[str]:

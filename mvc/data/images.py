@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mvc.utils import MVCError
+from mvc.core.utils import MVCError
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mvc.core.utils import MVCError
 from mvc.data.dataset import ArraySource, FileSource, ImageDataset, register_dataset, stratified_split
 from mvc.data.images import list_class_dirs, scan_class_folders
-from mvc.utils import MVCError
 
 log = logging.getLogger(__name__)
 

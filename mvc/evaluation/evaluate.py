@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from mvc import seeds
+from mvc.core import seeds
+from mvc.core.paths import RunPaths
+from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, atomic_write_text
 from mvc.evaluation.metrics import (
     diversity_ratio,
     equivalent_real,
@@ -36,8 +38,6 @@ from mvc.evaluation.metrics import (
     within_class_diversity,
 )
 from mvc.evaluation.reference import Reference, features_and_probs, get_reference
-from mvc.paths import RunPaths
-from mvc.utils import MVCError, RunLogger, atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def measure(ref: Reference, syn: Any, sources: np.ndarray, labelled: Any, real: 
 
 def source_rows(set_dir: Path, classes: list[str], labelled: Any, syn: Any) -> np.ndarray:
     """Row of each synthetic image's source in `labelled` (-1 when it has none or it is not labelled)."""
-    from mvc.synthetic import read_records
+    from mvc.data.synthetic import read_records
 
     by_file = {r["file_name"]: r.get("source_id") for r in read_records(set_dir, classes)}
     pos = {str(i): n for n, i in enumerate(labelled.ids)}
@@ -117,7 +117,7 @@ def evaluate_set(cfg: Any, set_dir: str | Path, accelerator: Any, *, name: str |
                  ref: Reference | None = None, cas: bool | None = None, progress: bool = True) -> dict:
     """Measure the synthetic set at `set_dir`, train its CAS classifiers, and write the report."""
     from mvc.data import load_splits
-    from mvc.synthetic import load_synthetic_set, set_name
+    from mvc.data.synthetic import load_synthetic_set, set_name
 
     t0 = time.time()
     set_dir = Path(set_dir)
@@ -132,7 +132,7 @@ def evaluate_set(cfg: Any, set_dir: str | Path, accelerator: Any, *, name: str |
         raise MVCError(f"the reference in {ref.folder} was trained on other classes; delete it or set evaluate.cache_dir")
     name = name or set_name(set_dir)
     out = paths.evaluation / name
-    from mvc.synthetic import set_fingerprint
+    from mvc.data.synthetic import set_fingerprint
 
     record = {"set": str(set_dir), "name": name, "set_fingerprint": set_fingerprint(set_dir),
               "dataset": cfg.data.name, "classes": classes, "note": NOTE,

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mvc import seeds
-from mvc.utils import MVCError, atomic_write_json, fingerprint
+from mvc.core import seeds
+from mvc.core.utils import MVCError, atomic_write_json, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def get_reference(ev: Any, train: Any, test: Any, accelerator: Any, progress: bo
 
 def load_reference(folder: str | Path) -> Reference:
     """A cached reference folder (checkpoint + reference.json)."""
-    from mvc.checkpoint import load_checkpoint
     from mvc.classifier.models import ModelMeta, build_from_meta
+    from mvc.core.checkpoint import load_checkpoint
 
     folder = Path(folder)
     try:
@@ -85,15 +85,15 @@ def load_reference(folder: str | Path) -> Reference:
 
 def _train(ev: Any, train: Any, test: Any, folder: Path, accelerator: Any, progress: bool) -> None:
     """Train the reference on every image of `train`, measure it on `test`, save it atomically."""
-    from mvc.checkpoint import save_checkpoint
     from mvc.classifier.augment import Augment
     from mvc.classifier.data import eval_loader, plan_loader, prepared
     from mvc.classifier.engine import evaluate, train_one_epoch
     from mvc.classifier.metrics import compute_metrics
     from mvc.classifier.models import build_model
     from mvc.classifier.strategies import chunk
-    from mvc.schedules import lr_multiplier
-    from mvc.utils import atomic_dir
+    from mvc.core.checkpoint import save_checkpoint
+    from mvc.core.schedules import lr_multiplier
+    from mvc.core.utils import atomic_dir
 
     t0 = time.time()
     seed = ev.reference_seed

@@ -1,0 +1,273 @@
+"""Synthetic-set generation: the one loop that turns the plan into images, for every `generate.method`.
+
+The loop is the same for every generator (`mvc.generation.generators`): the plan (`plan_jobs`: per class, per
+labelled source, V variants), the settings check, resume (only missing images are made), sharding over
+processes, one `torch.Generator` per image seeded from (seed, source, variant), the optional filter,
+records, grids and a summary. The generator supplies the model, the settings that change its images and
+how a batch of one class is rendered. With clustering-based sampling (`sampling.method=clusters`,
+`mvc.diffusion.clustering`), the plan draws its sources from the kept images only (the same class totals, more
+variants per kept source), each record names its source's `cluster`, and the set's settings record the
+sampling settings.
+
+MVC (`generate.method=mvc`, the default): for each class and each labelled (source) image, V variants
+are made: the source's prompt is mixed (`mvc.generation.mixing`) with the variant's own generator, and the
+fine-tuned InstructPix2Pix pipeline turns (mixed embedding, source image) into an image, written in the
+synthetic-set format (`mvc.data.synthetic`).
+
+Batching: per class, the token ids and embeddings of all its prompts are computed once
+(`ClassPrompts`), and the condition latent of each source once (`mvc.diffusion.sd_io`, as the pipeline does);
+per batch, the token-edited prompts go through the text encoder in one call; then the batch goes
+through the *diffusers pipeline itself* with `prompt_embeds`, `negative_prompt_embeds` and the
+precomputed latents as `image` (the pipeline passes 4-channel tensors through as latents), plus one
+`torch.Generator` per image. Calling the pipeline keeps the scheduler and guidance maths exactly
+diffusers'; the list of generators makes image i independent of the batch it is in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from mvc.core.distributed import resolve_dtype
+from mvc.core.paths import RunPaths
+from mvc.core.perf import channels_last, free_memory_bytes, is_cuda, peak_memory_gb, reset_peak_memory, set_tf32
+from mvc.core.utils import MVCError, append_jsonl, atomic_write_json, batched
+from mvc.data.captions import load_captions
+from mvc.data.synthetic import SyntheticSet, make_record, plan_jobs, shard_jobs, write_grids
+from mvc.generation.generators import image_generators, make_generator
+
+log = logging.getLogger(__name__)
+
+
+#################################################################################
+#                                  Filtering                                    #
+#################################################################################
+
+def build_filter(checkpoint: str, classes: Sequence[str]) -> Callable[[list], np.ndarray]:
+    """A predictor `images -> probs (N, C)` from a classifier checkpoint trained on the labelled subset."""
+    from mvc.classifier import load_classifier, predict_images
+
+    bundle = load_classifier(checkpoint)
+    if bundle.kind == "reference":
+        raise MVCError(f"generate.filter_checkpoint {checkpoint} is the evaluation-only reference classifier, which "
+                       "never filters; give a classifier trained on the labelled subset (train_classifier.py)")
+    if list(bundle.classes) != list(classes):
+        raise MVCError(f"the filter classifier {checkpoint} was trained on other classes "
+                       f"({len(bundle.classes)}) than this dataset ({len(classes)})")
+    return lambda images: predict_images(bundle, images)
+
+
+def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: int, dtype: str = "fp32",
+                        groups: Any = None, method: Any = None) -> dict:
+    """Everything that changes the images (not the set size, batch size or grids), for `method` (default: the
+    generator `generate.method` names); with clustering-based sampling (`groups`) its settings and key too, so
+    such a set is never resumed without them (a set made without clustering records no `sampling` key, as
+    before it existed)."""
+    g = cfg.generate
+    method = method if method is not None else make_generator(cfg)
+    sampling = {"sampling": {**dataclasses.asdict(cfg.sampling), "key": groups.key}} if groups is not None else {}
+    return {"dtype": dtype, **method.settings(str(model_dir), labelled, resolution),
+            "filter_checkpoint": g.filter_checkpoint,
+            "filter_threshold": g.filter_threshold if g.filter_checkpoint else None, "seed": cfg.run.seed, **sampling}
+
+
+#################################################################################
+#                                  Generation                                   #
+#################################################################################
+
+def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, str] | None = None, pipe: Any = None,
+                       predictor: Callable[[list], np.ndarray] | None = None, rank: int = 0, world: int = 1,
+                       barrier: Callable[[], None] | None = None, device: Any = None, progress: bool = True,
+                       pool: Any = None, method: Any = None) -> dict:
+    """Make the missing images of this process's share with `generate.method`; the main process (rank 0)
+    prepares and merges.
+
+    `labelled`, `captions`, `pipe`, `predictor` and `pool` (the tiny base's pretraining pool) default to what
+    the config names (tests inject them); `method`, to the generator `generate.method` names (a pre-step passes
+    one it configured, e.g. `DreamBoothGenerator(cfg, groups)` with several concepts per class). With several processes, pass `barrier` (e.g.
+    `accelerator.wait_for_everyone`). Returns a summary dict (counts, images/s).
+    """
+    from tqdm.auto import tqdm
+
+    from mvc.diffusion.inputs import sampling_groups
+
+    barrier = barrier or (lambda: None)
+    g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)
+    method = method if method is not None else make_generator(cfg)
+    out = SyntheticSet(paths.synthetic)
+    if labelled is None:
+        from mvc.data import load_splits
+
+        labelled, pool, _test = load_splits(cfg.data)
+    method.check(labelled)
+    # the main process builds what the method samples (the tiny base) and the clusters first, the others then read
+    # them; a model trained data-parallel (textual inversion, DreamBooth) trains on every process together
+    model = method.shared_model(labelled, pool, progress, device, main, barrier)
+    if main:
+        groups = sampling_groups(cfg, labelled, pool, device, progress)
+    barrier()
+    if not main:
+        groups = sampling_groups(cfg, labelled, pool, device, progress)
+    jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class,
+                     sources=groups.kept_indices() if groups is not None else None)
+    res = method.resolution(model, pipe)
+    dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
+    dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+    # 1. the main process records/checks the settings and reconciles files and records
+    settings = generation_settings(cfg, Path(model), labelled, res, dtype_name, groups, method)
+    if main:
+        settings = out.prepare(settings, labelled.classes)
+        out.reconcile(jobs)
+    barrier()
+    if not main:  # checks what the main process recorded (records it only when this rank runs on its own)
+        settings = out.prepare(settings, labelled.classes)
+    if captions is None and method.needs_captions():  # every process captions its share of what the cache lacks
+        captions = load_captions(cfg, labelled, progress, device, rank, world, barrier)
+    seed = int(settings["seed"])
+    done = out.done()
+    todo = [j for j in shard_jobs(jobs, rank, world) if j.file not in done]
+
+    # 2. this process's share
+    t0, made, rejected = time.perf_counter(), 0, 0
+    t_render = t0  # after loading: the img/s figure counts sampling only
+    if todo:
+        if method.needs_captions():
+            missing = [labelled.ids[j.source] for j in todo if labelled.ids[j.source] not in captions]
+            if missing:
+                raise MVCError(f"no caption for {len(missing)} source image(s), e.g. {missing[0]!r}")
+        if pipe is None:
+            pipe = method.load(model, device, dtype)
+        if predictor is None and g.filter_checkpoint:
+            predictor = build_filter(g.filter_checkpoint, labelled.classes)
+        method.batch_size = prepare_pipeline(pipe, g, res, device)
+        method.begin(pipe, model, res)
+        reset_peak_memory(device)
+        t_render = time.perf_counter()
+        bar = tqdm(total=len(todo), desc=f"generate (rank {rank})" if world > 1 else "generate", unit="img",
+                   disable=not progress)
+        for label, cjobs in groupby(todo, key=lambda j: j.label):
+            cjobs = list(cjobs)
+            state = method.start_class(pipe, labelled, label, cjobs, captions, res)
+            for batch in batched(cjobs, method.batch_size):
+                gens = image_generators(seed, batch)
+                images, fields = method.render(pipe, state, batch, seed, gens)
+                recs = [make_record(j, method=method.name, seed=seed, generator_seed=gen.initial_seed(),
+                                    **method.params, **f, **concept_field(groups, j)) for j, gen, f in
+                        zip(batch, gens, fields)]
+                keep = apply_filter(predictor, images, batch, recs, len(labelled.classes), g.filter_threshold)
+                for j, im, rec, k in zip(batch, images, recs, keep):
+                    if k:
+                        out.save_image(im, j)
+                        out.append(rank, rec)  # after the file exists: a record always has its file
+                        made += 1
+                    else:
+                        out.append(rank, rec, rejected=True)
+                        rejected += 1
+                bar.update(len(batch))
+        bar.close()
+        method.finish()
+    t_end = time.perf_counter()
+    seconds, render_s = t_end - t0, t_end - t_render
+
+    # 3. the main process merges every rank's records, then writes grids and a summary
+    barrier()
+    summary = {"method": method.name, "rank": rank, "world": world, "planned": len(jobs), "made": made,
+               "rejected_now": rejected, "resolution": res, "dtype": dtype_name,
+               "device": str(device if device is not None else "cpu"),
+               "seconds": round(seconds, 3), "load_seconds": round(seconds - render_s, 3),
+               "images_per_s": round((made + rejected) / render_s, 4) if render_s > 0 else None,
+               "batch_size": method.batch_size, "peak_memory_gb": peak_memory_gb(device) if todo else None}
+    if main:
+        counts = out.reconcile(jobs)
+        summary.update(images=counts["images"], rejected=counts["rejected"])
+        write_grids(out.root, paths.grids, labelled, jobs, g.grid_sources, summary)
+        atomic_write_json(paths.grids / "summary.json", summary)  # this run
+        append_jsonl(paths.grids / "runs.jsonl", summary)  # every run: which processes, device, dtype made the set
+    return summary
+
+
+#################################################################################
+#                        Speed: levers and batch size                           #
+#################################################################################
+
+AUTO_BATCH_MAX = 128  # generate.batch_size=null on CUDA: at most this many images per call (H200: +50% 16 -> 128)
+MEMORY_SHARE = 0.5   # ... using at most this share of the free memory (the probe is of one image)
+
+
+def prepare_pipeline(pipe: Any, g: Any, resolution: int, device: Any) -> int:
+    """Apply generate.tf32 / channels_last / compile to a loaded pipeline; return the images per call
+    (generate.batch_size, or when null as many as free CUDA memory holds, `DEFAULT_BATCH` elsewhere)."""
+    from mvc.core.perf import DEFAULT_BATCH
+
+    set_tf32(g.tf32, device)
+    channels_last(pipe.unet, g.channels_last)
+    size = g.batch_size
+    if size is None:
+        size = DEFAULT_BATCH
+        if is_cuda(device):
+            try:  # before compiling: the probe's shapes are not the run's
+                size = batch_from_memory(image_memory_bytes(pipe, resolution), free_memory_bytes(device))
+            except Exception as e:  # a probe that cannot run must not stop generation
+                log.warning("generate.batch_size=null: the memory probe failed (%s: %s); batches of %d",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "", size)
+            log.info("generate.batch_size=null: %d images per pipeline call", size)
+    if g.compile:
+        pipe.unet.compile()  # in place: the pipeline keeps its U-Net object
+    return size
+
+
+def batch_from_memory(per_image: int, free: int, cap: int = AUTO_BATCH_MAX, share: float = MEMORY_SHARE) -> int:
+    """Images per call when one image needs `per_image` bytes and `free` bytes are free: at least 1, at most `cap`."""
+    return max(1, min(cap, int(share * free // max(per_image, 1))))
+
+
+@torch.no_grad()
+def image_memory_bytes(pipe: Any, resolution: int, chunks: int = 3) -> int:
+    """Peak CUDA bytes one image of a call needs: the larger of a U-Net pass on its guidance rows (`chunks`:
+    3 for InstructPix2Pix, 2 for classifier-free guidance) and the VAE decoding its latent."""
+    unet, vae = pipe.unet, pipe.vae
+    dev, size = unet.device, resolution // int(pipe.vae_scale_factor)
+    x = torch.zeros(chunks, unet.config.in_channels, size, size, device=dev, dtype=unet.dtype)
+    emb = torch.zeros(chunks, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=dev,
+                      dtype=unet.dtype)
+    z = torch.zeros(1, vae.config.latent_channels, size, size, device=dev, dtype=vae.dtype)
+    peaks = []
+    for run in (lambda: unet(x, torch.zeros(chunks, device=dev), encoder_hidden_states=emb),
+                lambda: vae.decode(z)):
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        run()
+        torch.cuda.synchronize(dev)
+        peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+    return int(max(peaks))
+
+
+def concept_field(groups: Any, job: Any) -> dict:
+    """The record field of clustering-based sampling: the cluster of the image's source (none without it)."""
+    return {} if groups is None else {"cluster": groups.concept_of(job.source).cluster}
+
+
+def apply_filter(predictor: Callable[[list], np.ndarray] | None, images: list, batch: Sequence[Any], recs: list[dict],
+                 num_classes: int, threshold: float) -> list[bool]:
+    """Which images of a batch to keep: all without a filter; else those the filter assigns to their class
+    with confidence >= `threshold` (the score is recorded either way)."""
+    if predictor is None:
+        return [True] * len(batch)
+    probs = np.asarray(predictor(images))  # (B, C)
+    if probs.ndim != 2 or probs.shape != (len(batch), num_classes):
+        raise MVCError(f"the filter returned probabilities of shape {probs.shape}, expected ({len(batch)}, {num_classes})")
+    keep = []
+    for i, j in enumerate(batch):
+        score = float(probs[i, j.label])
+        recs[i]["filter_score"] = score
+        keep.append(int(probs[i].argmax()) == j.label and score >= threshold)
+    return keep

@@ -1,0 +1,656 @@
+"""The generators of synthetic sets, one registry (`generate.method`): MVC and the baselines it is judged against.
+
+Every generator fills the same plan (`mvc.data.synthetic.plan_jobs`: per class, per labelled source image, V
+variants with deterministic file names) through the same loop (`mvc.generation.generate.generate_synthetic`: the
+settings check, resume, sharding, the filter, records and grids), so every set has one format and the
+classifier and the synthetic-set evaluation read each one without special cases. A generator says only
+what differs:
+
+| method      | model sampled                                   | prompt                                    | image input |
+|-------------|-------------------------------------------------|-------------------------------------------|-------------|
+| `mvc`       | the fine-tuned InstructPix2Pix folder           | caption + class prompt, mixed (`mvc.generation.mixing`) | the source, as condition |
+| `mvc_nomix` | the same                                        | the same, unmixed (op `none`)             | the same |
+| `txt2img`   | the base, not fine-tuned (`StableDiffusionPipeline`) | the class prompt (+ the caption: `generate.caption`) | none |
+| `img2img`   | the base (`StableDiffusionImg2ImgPipeline`, SDEdit)  | the same                             | the source, noised to `generate.strength` |
+| `textual_inversion` | the base + a token embedding learned per class (`mvc.diffusion.textual_inversion`) | `textual_inversion.prompt` with the source's token | the same as img2img |
+| `dreambooth` | the base fine-tuned by DreamBooth (`mvc.diffusion.dreambooth`, a `StableDiffusionPipeline`) | the instance prompt of the source's concept ("a photo of zqx Bag") | none |
+
+`mvc_nomix` isolates what mixing adds: its variants differ only in their diffusion noise. `txt2img` and
+`img2img` need no fine-tuned model; on the tiny profile their base never saw the labels (the domain gap
+the paper argues about). `dreambooth` trains its own model the first time it runs (`<run.output_dir>/dreambooth/
+final`, one identifier per concept, prior preservation; reused afterwards). Each image's record holds `method`,
+the method's sampling parameters (`record_params`: guidance, steps, sampler, resolution, model; `strength` for
+img2img; the training's steps, LoRA rank, text-encoder flag and prior weight for dreambooth), `seed` and its
+own `generator_seed`, and `source_id` / `source_index`: the real image it was made from (null for
+`txt2img` without captions, which uses nothing of a real image, and for `dreambooth`, whose image comes from
+its concept's identifier: every member of the concept shaped it, no single one; the record names the
+`concept`, its `identifier` and `concept_size`, and the model folder's `mvc_training.json` its members). `textual_inversion` (DA-Fusion) learns its
+tokens when they are missing (`model()`; the other processes wait and then reuse them) and records each
+image's `token` and the `embeddings` file beside img2img's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mvc.core import seeds
+from mvc.core.perf import DEFAULT_BATCH
+from mvc.core.registry import Registry, config_rule, publish_choices
+from mvc.core.utils import MVCError
+
+log = logging.getLogger(__name__)
+
+
+#################################################################################
+#                                  Rendering                                    #
+#################################################################################
+
+SEED_ROLE = "generate.image"  # every method's per-image noise: seeds.generator(seed, SEED_ROLE, source, variant)
+
+
+def image_generators(seed: int, batch: Sequence[Any]) -> list[torch.Generator]:
+    """One generator per image of a batch, from (seed, source, variant): independent of batching and sharding."""
+    return [seeds.generator(seed, SEED_ROLE, j.source, j.variant) for j in batch]
+
+
+def render(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, cond_latents: torch.Tensor,
+           generators: list[torch.Generator], num_inference_steps: int, guidance_scale: float,
+           image_guidance_scale: float) -> list:
+    """One IP2P pipeline call for a batch: (B, T, D) embeddings, (B, 4, h, w) condition latents, B generators -> B PIL images."""
+    return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, image=cond_latents,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                image_guidance_scale=image_guidance_scale, generator=generators, output_type="pil").images
+
+
+def resolve_resolution(cfg: Any, model_dir: Path, pipe: Any = None) -> int:
+    """The sampling resolution of the fine-tuned model: `generate.resolution`, else the one it was tuned at."""
+    from mvc.diffusion.models import load_ip2p_pipeline, pipeline_resolution, training_info
+
+    tuned = training_info(model_dir).get("resolution")
+    if cfg.generate.resolution is not None:
+        if tuned and int(tuned) != int(cfg.generate.resolution):
+            log.warning("generating at generate.resolution=%d, but %s was fine-tuned at %d px",
+                        cfg.generate.resolution, model_dir, tuned)
+        return int(cfg.generate.resolution)
+    if tuned:
+        return int(tuned)
+    if pipe is None:
+        pipe = load_ip2p_pipeline(model_dir, cfg.generate.scheduler)
+    return pipeline_resolution(model_dir, pipe)
+
+
+#################################################################################
+#                                  The protocol                                 #
+#################################################################################
+
+class Generator:
+    """One method, bound to a config: what it samples, which settings change its images, and how it renders
+    a batch of one class's jobs. `generate_synthetic` calls, in order: `check`, `model`, `resolution`,
+    `settings`; then, when images are missing, `load`, `begin`, and per class `start_class` + `render`."""
+    name = ""
+    finetuned = False  # samples the fine-tuned IP2P folder (run train_mvc.py first)
+
+    def __init__(self, cfg: Any):
+        self.cfg, self.g = cfg, cfg.generate
+        self.batch_size = self.g.batch_size or DEFAULT_BATCH  # images per pipeline call (generate_synthetic sizes it)
+
+    def ops(self) -> list[str]:
+        """The op of variant v is ops[v % len(ops)] (the plan's `op` field)."""
+        return ["none"]
+
+    def needs_captions(self) -> bool:
+        return False
+
+    def check(self, labelled: Any) -> None:
+        """Refuse, before any work, what this method cannot do with this labelled subset."""
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        """The folder (or hub id) this method samples; building it (on `device`) when it is the tiny base or
+        learned embeddings."""
+        raise NotImplementedError
+
+    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+                     main: bool = True, barrier: Any = None) -> str:
+        """`model()` on every process: the main process first (it builds what is missing, e.g. the tiny base), then
+        the others, which find it built (`barrier`: wait for every process)."""
+        model = self.model(labelled, pool, progress, device) if main else None
+        (barrier or (lambda: None))()
+        return model if main else self.model(labelled, pool, progress, device)
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        raise NotImplementedError
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        """Everything that changes the images (not the set size, batch size or grids)."""
+        raise NotImplementedError
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+    def begin(self, pipe: Any, model: str, resolution: int) -> None:
+        """Once per run before the first class: what every batch shares."""
+        from mvc.diffusion.sd_io import encode_prompts
+
+        self.neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])  # (1, T, D): the pipelines' unconditional text
+        self.params = self.record_params(model, resolution)
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        """The method's sampling parameters, recorded with every image (top-level fields of its record)."""
+        raise NotImplementedError
+
+    def start_class(self, pipe: Any, labelled: Any, label: int, jobs: Sequence[Any], captions: dict | None,
+                    resolution: int) -> Any:
+        raise NotImplementedError
+
+    def render(self, pipe: Any, state: Any, batch: Sequence[Any], seed: int,
+               generators: list[torch.Generator]) -> tuple[list, list[dict]]:
+        """B PIL images and, per image, the record fields beyond the plan's (prompt, caption, op_params...)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the last batch: warnings about what the run did."""
+
+
+GENERATORS: Registry[type[Generator]] = Registry("generate.method")
+publish_choices("generator", GENERATORS)
+
+
+def make_generator(cfg: Any) -> Generator:
+    """The generator `generate.method` names, bound to `cfg`."""
+    return GENERATORS.get(cfg.generate.method)(cfg)
+
+
+#################################################################################
+#                       MVC (and MVC without mixing)                            #
+#################################################################################
+
+@GENERATORS.register("mvc")
+class MVCGenerator(Generator):
+    """The paper's generator: the fine-tuned IP2P model on each source, its prompt mixed per variant."""
+    name = "mvc"
+    finetuned = True
+
+    def ops(self) -> list[str]:
+        return list(self.cfg.mixing.ops)
+
+    def needs_captions(self) -> bool:
+        return True
+
+    def check(self, labelled: Any) -> None:
+        from mvc.generation.mixing import check_donors, mixing_params
+
+        check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
+                     mixing_params(self.cfg.mixing))
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        from mvc.core.paths import RunPaths
+
+        return str(RunPaths.of(self.cfg).final)
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        return resolve_resolution(self.cfg, Path(model), pipe)
+
+    def mixing_settings(self) -> dict:
+        return dataclasses.asdict(self.cfg.mixing)
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        cfg, g = self.cfg, self.g
+        return {"method": self.name, "model_dir": str(Path(model).resolve()), "data": labelled.fingerprint(),
+                "classes": list(labelled.classes), "captioner": cfg.captions.captioner,
+                "prompt_template": cfg.captions.prompt_template, "mixing": self.mixing_settings(),
+                "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale,
+                "image_guidance_scale": g.image_guidance_scale, "scheduler": g.scheduler, "resolution": resolution}
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        from mvc.diffusion.models import load_ip2p_pipeline
+
+        return load_ip2p_pipeline(model, self.g.scheduler, device, dtype=dtype)
+
+    def begin(self, pipe: Any, model: str, resolution: int) -> None:
+        from mvc.diffusion.sd_io import encode_ids
+        from mvc.generation.mixing import mixing_params, parse_window
+
+        super().begin(pipe, model, resolution)
+        self.encode = lambda ids, mask: encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
+        self.window, self.mix_params, self.clamped = parse_window(self.cfg.mixing.window), mixing_params(self.cfg.mixing), 0
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        g = self.g
+        return {"guidance_scale": g.guidance_scale, "image_guidance_scale": g.image_guidance_scale,
+                "num_inference_steps": g.num_inference_steps, "scheduler": g.scheduler, "resolution": resolution,
+                "model_dir": str(model)}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.diffusion.sd_io import encode_conditions
+        from mvc.generation.mixing import ClassPrompts
+
+        sources = np.flatnonzero(np.asarray(labelled.targets) == label).tolist()
+        ids = [str(labelled.ids[s]) for s in sources]
+        ctx = ClassPrompts.build(sources, ids, [captions[i] for i in ids], labelled.classes[label],
+                                 self.cfg.captions.prompt_template, self.window, pipe.tokenizer, self.encode)
+        srcs = sorted({j.source for j in jobs})
+        lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.batch_size)
+        return ctx, {s: lat[i] for i, s in enumerate(srcs)}  # condition latents, each (4, h, w)
+
+    def render(self, pipe, state, batch, seed, generators):
+        from mvc.generation.mixing import mix_prompts
+
+        ctx, cond = state
+        g = self.g
+        embeds, op_ps, cl = mix_prompts(batch, ctx, self.mix_params, seed, self.encode,
+                                        pipe.tokenizer.convert_ids_to_tokens)
+        self.clamped += cl
+        images = render(pipe, embeds, self.neg.expand(len(batch), -1, -1), torch.stack([cond[j.source] for j in batch]),
+                        generators, g.num_inference_steps, g.guidance_scale, g.image_guidance_scale)
+        return images, [{"op_params": op_p, "caption": ctx.captions[j.source]} for j, op_p in zip(batch, op_ps)]
+
+    def finish(self) -> None:
+        if getattr(self, "clamped", 0):
+            log.warning("%d variants had a caption window shorter than mixing.coarse_k/fine_m; k/m were lowered "
+                        "to the window size (recorded in op_params)", self.clamped)
+
+
+@GENERATORS.register("mvc_nomix")
+class MVCNoMixGenerator(MVCGenerator):
+    """The ablation that isolates mixing: the same fine-tuned model, sources and prompts, every variant unmixed."""
+    name = "mvc_nomix"
+
+    def ops(self) -> list[str]:
+        return ["none"]
+
+    def mixing_settings(self) -> dict:
+        return {"ops": ["none"]}  # no other mixing key changes an unmixed image
+
+
+#################################################################################
+#                  The base, not fine-tuned: txt2img and img2img                #
+#################################################################################
+
+class BaseGenerator(Generator):
+    """The base pipeline sampled as it is (`model.base`; the tiny base on the tiny profile), prompted with the
+    class prompt of `captions.prompt_template`, or with the whole prompt (the image's caption too) when
+    `generate.caption` is set."""
+    pipeline = ""  # the diffusers pipeline that samples the base (mvc.diffusion.models.BASE_PIPELINES)
+
+    def needs_captions(self) -> bool:
+        return bool(self.g.caption)
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        from mvc.core.paths import RunPaths
+        from mvc.diffusion.inputs import base_source
+
+        if self.cfg.model.base == "tiny" and pool is None:
+            from mvc.data import load_splits
+
+            pool = load_splits(self.cfg.data)[1]
+        return base_source(self.cfg, pool, RunPaths.of(self.cfg).root, progress, device)
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        from mvc.diffusion.models import base_resolution
+
+        if self.g.resolution is not None:
+            return int(self.g.resolution)
+        if pipe is not None:
+            return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        return base_resolution(model, self.cfg.model.revision if self.cfg.model.base != "tiny" else None)
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        from mvc.diffusion.models import base_identity
+
+        cfg, g = self.cfg, self.g
+        return {"method": self.name, **base_identity(model, cfg.model), "data": labelled.fingerprint(),
+                "classes": list(labelled.classes), "use_caption": self.needs_captions(),
+                "captioner": cfg.captions.captioner if self.needs_captions() else None,
+                "prompt_template": cfg.captions.prompt_template, "num_inference_steps": g.num_inference_steps,
+                "guidance_scale": g.guidance_scale, "scheduler": g.scheduler, "resolution": resolution,
+                **self.extra_settings()}
+
+    def extra_settings(self) -> dict:
+        return {}
+
+    def components(self, model: str) -> dict:
+        """The components of the folder (or hub id) sampled."""
+        from mvc.core.paths import RunPaths
+        from mvc.diffusion.inputs import load_base
+
+        return load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        from mvc.diffusion.models import base_pipeline
+
+        pipe = base_pipeline(self.components(model), self.pipeline, self.g.scheduler)
+        if dtype != pipe.unet.dtype:
+            pipe.to(dtype=dtype)
+        return pipe.to(device) if device is not None else pipe
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        g = self.g
+        return {"guidance_scale": g.guidance_scale, "num_inference_steps": g.num_inference_steps,
+                "scheduler": g.scheduler, "resolution": resolution, "use_caption": self.needs_captions(),
+                "base": str(model),
+                **self.extra_settings()}
+
+    def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
+        """Each source's prompt: the class prompt, or caption + class prompt (`captions.prompt_template`)."""
+        from mvc.data.prompts import class_prompt, make_prompt
+
+        template, name = self.cfg.captions.prompt_template, labelled.classes[label]
+        if not self.needs_captions():
+            return {s: class_prompt(template, name) for s in sources}
+        return {s: make_prompt(template, captions[str(labelled.ids[s])], name) for s in sources}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.diffusion.sd_io import encode_prompts
+
+        srcs = sorted({j.source for j in jobs})
+        prompts = self.prompts(labelled, label, srcs, captions)
+        uniq = sorted(set(prompts.values()))
+        emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, uniq)  # (U, T, D), each distinct prompt once
+        return {"prompts": prompts, "embeds": {s: emb[uniq.index(p)] for s, p in prompts.items()},
+                "captions": {s: captions[str(labelled.ids[s])] for s in srcs} if self.needs_captions() else {}}
+
+    def fields(self, state: dict, job: Any) -> dict:
+        out = {"prompt": state["prompts"][job.source]}
+        if self.needs_captions():
+            out["caption"] = state["captions"][job.source]
+        return out
+
+
+@GENERATORS.register("txt2img")
+class Txt2ImgGenerator(BaseGenerator):
+    """Plain text-to-image with the base: what the paper argues MVC beats."""
+    name = "txt2img"
+    pipeline = "txt2img"
+
+    def render(self, pipe, state, batch, seed, generators):
+        from mvc.diffusion.models import sample_txt2img
+
+        g = self.g
+        embeds = torch.stack([state["embeds"][j.source] for j in batch])  # (B, T, D)
+        images = sample_txt2img(pipe, embeds, self.neg.expand(len(batch), -1, -1), generators,
+                                self.params["resolution"], g.num_inference_steps, g.guidance_scale)
+        fields = [self.fields(state, j) for j in batch]
+        if not self.needs_captions():  # nothing of one real image went in: no source (novelty, leakage checks skip it)
+            for f in fields:
+                f.update(source_id=None, source_index=None)
+        return images, fields
+
+
+@GENERATORS.register("img2img")
+class Img2ImgGenerator(BaseGenerator):
+    """SDEdit: each real image noised to `generate.strength` and denoised by the base with the class prompt."""
+    name = "img2img"
+    pipeline = "img2img"
+
+    def extra_settings(self) -> dict:
+        return {"strength": self.g.strength}
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        return {**super().record_params(model, resolution),
+                "denoising_steps": img2img_steps(self.g.num_inference_steps, self.g.strength)}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.diffusion.sd_io import encode_posteriors
+
+        state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
+        srcs = sorted({j.source for j in jobs})
+        mean, std = encode_posteriors(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.batch_size)
+        state["posterior"] = {s: (mean[i:i + 1], std[i:i + 1]) for i, s in enumerate(srcs)}  # each (1, 4, h, w)
+        return state
+
+    def render(self, pipe, state, batch, seed, generators):
+        from mvc.diffusion.sd_io import sample_init_latents
+
+        g = self.g
+        mean = torch.cat([state["posterior"][j.source][0] for j in batch])
+        std = torch.cat([state["posterior"][j.source][1] for j in batch])
+        init = sample_init_latents(pipe.vae, mean, std, generators)  # (B, 4, h, w), the pipeline's own draws
+        embeds = torch.stack([state["embeds"][j.source] for j in batch])
+        images = pipe(prompt_embeds=embeds, negative_prompt_embeds=self.neg.expand(len(batch), -1, -1), image=init,
+                      strength=g.strength, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
+                      generator=generators, output_type="pil").images
+        return images, [self.fields(state, j) for j in batch]
+
+
+#################################################################################
+#                   Textual inversion (DA-Fusion): img2img + tokens             #
+#################################################################################
+
+class TrainedTogether:
+    """A generator whose model every process trains at once, data-parallel (textual inversion, DreamBooth)."""
+
+    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+                     main: bool = True, barrier: Any = None) -> str:
+        """The main process first builds what the model trains from (the tiny base, the concepts' clusters); then
+        every process calls `model()` together: all train (or all find the finished model)."""
+        if main:
+            self.concepts(labelled, pool, progress, device)
+            BaseGenerator.model(self, labelled, pool, progress, device)
+        (barrier or (lambda: None))()
+        return self.model(labelled, pool, progress and main, device)
+
+
+@GENERATORS.register("textual_inversion")
+class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
+    """DA-Fusion: a token embedding learned per concept (`mvc.diffusion.textual_inversion`), then SDEdit from each real image
+    with its concept's token in `textual_inversion.prompt`. `model()` is the folder of the learned embeddings
+    (training them when missing); the base it names is what the img2img pipeline loads."""
+    name = "textual_inversion"
+
+    def needs_captions(self) -> bool:
+        return False  # the prompt is the token's (generate.caption is not used)
+
+    def concepts(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> list:
+        """The concepts to learn: one per class, or with clustering-based sampling (`sampling.method=clusters`)
+        one per kept cluster, each with its own token (`<mvc-class-3-c1>`) and its kept images."""
+        from mvc.diffusion.clustering import training_concepts
+        from mvc.diffusion.inputs import sampling_groups
+        from mvc.diffusion.textual_inversion import TOKEN, Concept, class_concepts
+
+        init = self.cfg.textual_inversion.initializer
+        groups = sampling_groups(self.cfg, labelled, pool, device, progress)
+        if groups is None:
+            return class_concepts(labelled, init)
+        return [Concept(label, TOKEN.format(label=label)[:-1] + f"-{suffix}>", tuple(idx), init or labelled.classes[label])
+                for label, suffix, idx in training_concepts(groups, labelled.targets)]
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        from mvc.diffusion.textual_inversion import ensure_embeddings
+
+        base = super().model(labelled, pool, progress, device)
+        return str(ensure_embeddings(self.cfg, labelled, base, super().resolution(base),
+                                     self.concepts(labelled, pool, progress, device), progress=progress))
+
+    def info(self, model: str) -> dict:
+        """`training.json` of the embeddings folder `model`."""
+        from mvc.diffusion.textual_inversion import read_info
+
+        info = read_info(model)
+        if info is None:
+            raise MVCError(f"no learned embeddings in {model}; generate with generate.method=textual_inversion "
+                           "to train them")
+        return info
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        return int(self.info(model)["resolution"])  # trained at generate.resolution or the base's size
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        from mvc.diffusion.textual_inversion import FREE_KEYS
+
+        info = self.info(model)
+        ti = self.cfg.textual_inversion
+        return {**super().settings(info["base"], labelled, resolution), "prompt_template": ti.prompt,
+                "textual_inversion": {k: v for k, v in dataclasses.asdict(ti).items()
+                                      if k not in FREE_KEYS - {"steps"}},
+                "embeddings": info["embeddings_fingerprint"]}
+
+    def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
+        from mvc.diffusion.textual_inversion import EMBEDS_FILE, load_learned_embeds
+
+        pipe = super().load(self.info(model)["base"], device, dtype)
+        load_learned_embeds(pipe, Path(model) / EMBEDS_FILE)
+        return pipe
+
+    def begin(self, pipe: Any, model: str, resolution: int) -> None:
+        super().begin(pipe, model, resolution)
+        self.learned = self.info(model)["concepts"]
+        missing = [c["token"] for c in self.learned if c["token"] not in pipe.tokenizer.get_vocab()]
+        if missing:
+            raise MVCError(f"the pipeline lacks the learned token {missing[0]}; load {model} into it first "
+                           "(mvc.diffusion.textual_inversion.load_learned_embeds)")
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        from mvc.diffusion.textual_inversion import EMBEDS_FILE
+
+        return {**super().record_params(self.info(model)["base"], resolution),
+                "embeddings": str(Path(model) / EMBEDS_FILE)}
+
+    def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
+        from mvc.diffusion.textual_inversion import concept_prompt, source_tokens
+
+        tokens = source_tokens(self.learned, labelled.targets)
+        return {s: concept_prompt(self.cfg.textual_inversion.prompt, tokens[s]) for s in sources}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.diffusion.textual_inversion import source_tokens
+
+        state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
+        tokens = source_tokens(self.learned, labelled.targets)
+        state["tokens"] = {s: tokens[s] for s in state["prompts"]}
+        return state
+
+    def fields(self, state: dict, job: Any) -> dict:
+        return {**super().fields(state, job), "token": state["tokens"][job.source]}
+
+
+def img2img_steps(num_inference_steps: int, strength: float) -> int:
+    """Denoising steps img2img runs: diffusers' `get_timesteps`, int(steps * strength)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+#################################################################################
+#                                  DreamBooth                                   #
+#################################################################################
+
+@GENERATORS.register("dreambooth")
+class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
+    """Text-to-image with the DreamBooth model (`mvc.diffusion.dreambooth`), trained on first use: each source's variants
+    are sampled from the instance prompt of its concept. `groups` ((label, labelled indices) per concept) replaces
+    the default of one concept per class (a clustering pre-step passes them)."""
+    name = "dreambooth"
+
+    def __init__(self, cfg: Any, groups: Sequence[tuple[int, Sequence[int]]] | None = None):
+        super().__init__(cfg)
+        self.groups = groups
+        self._concepts: list | None = None
+
+    def needs_captions(self) -> bool:
+        return False
+
+    def concepts(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> list:
+        """The concepts (`mvc.diffusion.dreambooth.make_concepts`), built once: `groups`, else with clustering-based sampling
+        (`sampling.method=clusters`) one per kept cluster with its kept images, else one per class."""
+        from mvc.diffusion.dreambooth import make_concepts
+
+        if self._concepts is None:
+            groups = self.groups
+            if groups is None and self.cfg.sampling.method != "none":
+                from mvc.diffusion.clustering import training_concepts
+                from mvc.diffusion.inputs import sampling_groups
+
+                if pool is None and self.cfg.model.base == "tiny":  # base_vae embeds with the tiny base
+                    from mvc.data import load_splits
+
+                    pool = load_splits(self.cfg.data)[1]
+                found = sampling_groups(self.cfg, labelled, pool, device, progress)
+                groups = [(label, idx) for label, _suffix, idx in training_concepts(found, labelled.targets)]
+            self._concepts = make_concepts(labelled, groups, self.cfg.dreambooth.identifiers)
+        return self._concepts
+
+    def check(self, labelled: Any) -> None:
+        have = {c.label for c in self.concepts(labelled)}
+        counts = np.bincount(labelled.targets, minlength=len(labelled.classes))
+        missing = [labelled.classes[c] for c in np.flatnonzero(counts) if c not in have]
+        if missing:
+            raise MVCError(f"no DreamBooth concept for class {missing[0]!r} (and {len(missing) - 1} more): every "
+                           "class with labelled images needs one to be generated")
+
+    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        from mvc.diffusion.dreambooth import get_dreambooth
+
+        base = super().model(labelled, pool, progress, device)  # the tiny base is built first when it is missing
+        return str(get_dreambooth(self.cfg, labelled, self.concepts(labelled, pool, progress, device), base, progress))
+
+    def resolution(self, model: str, pipe: Any = None) -> int:
+        return resolve_resolution(self.cfg, Path(model), pipe)  # the training resolution (mvc_training.json)
+
+    def settings(self, model: str, labelled: Any, resolution: int) -> dict:
+        from mvc.diffusion.models import training_info
+
+        g = self.g
+        return {"method": self.name, "model_dir": str(Path(model).resolve()),
+                "dreambooth": training_info(model)["settings"], "data": labelled.fingerprint(),
+                "classes": list(labelled.classes), "num_inference_steps": g.num_inference_steps,
+                "guidance_scale": g.guidance_scale, "scheduler": g.scheduler, "resolution": resolution}
+
+    def components(self, model: str) -> dict:
+        from mvc.diffusion.models import load_pipeline_components
+
+        return load_pipeline_components(model)  # our own folder: no hub revision or variant
+
+    def record_params(self, model: str, resolution: int) -> dict:
+        from mvc.diffusion.models import training_info
+
+        info, g = training_info(model), self.g
+        return {"guidance_scale": g.guidance_scale, "num_inference_steps": g.num_inference_steps,
+                "scheduler": g.scheduler, "resolution": resolution, "model_dir": str(model),
+                "training_steps": info["steps"], "lora_rank": info["lora_rank"],
+                "train_text_encoder": info["train_text_encoder"], "prior_loss_weight": info["prior_loss_weight"]}
+
+    def source_concepts(self, labelled: Any, label: int, sources: Sequence[int]) -> dict[int, int]:
+        """Each source's concept: the one it belongs to; a source in none (a pre-step may leave images out) takes
+        one of its class's concepts by its position (the same in every run and shard)."""
+        concepts = self.concepts(labelled)
+        member = {i: k for k, c in enumerate(concepts) for i in c.indices}
+        own = [k for k, c in enumerate(concepts) if c.label == label]
+        return {s: member.get(s, own[s % len(own)]) for s in sources}
+
+    def prompts(self, labelled: Any, label: int, sources: Sequence[int], captions: dict | None) -> dict[int, str]:
+        from mvc.data.prompts import instance_prompt
+
+        concepts, template = self.concepts(labelled), self.cfg.dreambooth.instance_prompt
+        return {s: instance_prompt(template, concepts[k].identifier, labelled.classes[label])
+                for s, k in self.source_concepts(labelled, label, sources).items()}
+
+    def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        state = super().start_class(pipe, labelled, label, jobs, captions, resolution)
+        concepts = self.concepts(labelled)
+        of = self.source_concepts(labelled, label, sorted({j.source for j in jobs}))
+        state["concept"] = {s: (k, concepts[k]) for s, k in of.items()}
+        return state
+
+    def fields(self, state: dict, job: Any) -> dict:
+        k, c = state["concept"][job.source]
+        return {"prompt": state["prompts"][job.source], "concept": k, "identifier": c.identifier,
+                "concept_size": len(c.indices)}
+
+
+#################################################################################
+#                        Config rules (mvc.core.registry)                       #
+#################################################################################
+
+@config_rule("generate.strength", names_keys=True)
+def _img2img_steps(cfg: Any) -> None:
+    """Every SDEdit generator the config runs (generate.method, pipeline.generators) denoises at least one step."""
+    g = cfg.generate
+    sdedit = [m for m in (g.method, *cfg.pipeline.generators) if issubclass(GENERATORS.get(m), Img2ImgGenerator)]
+    if sdedit and img2img_steps(g.num_inference_steps, g.strength) < 1:
+        raise MVCError(f"config keys generate.strength={g.strength:g} x generate.num_inference_steps="
+                       f"{g.num_inference_steps} give no img2img denoising step (int of the product) for "
+                       f"{sdedit[0]}; raise either")

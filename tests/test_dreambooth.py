@@ -174,7 +174,7 @@ def test_missing_class_images_are_made_on_the_next_run(micro, tmp_path):
 def test_processes_that_look_for_missing_class_images_at_different_times_make_every_one(micro, tmp_path):
     """Each process's share of the class images is fixed by the files, not by what is missing when it looks: one
     process done before the other starts (a late rank) still leaves every file made."""
-    from mvc.dreambooth import class_images
+    from mvc.diffusion.dreambooth import class_images
 
     cfg = config(micro, tmp_path / "run", **{"dreambooth.num_class_images": 4})
     comps = _base_components(micro)

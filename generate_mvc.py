@@ -17,7 +17,7 @@ checkpoints when interrupted, reused afterwards); only mvc and mvc_nomix need tr
 every method writes the same format, to <run.output_dir>/synthetic_<method>/ unless generate.out_dir
 says otherwise. With curation.filters (e.g. --curation.filters='[wrong, easy]'), classifiers of the labelled
 subset are trained first (cross-fitted, under <run.output_dir>/curation/) and the set goes to
-..._curated/: candidates are judged as they are made, and made until every class keeps its planned count.
+..._curated_<filters>/: candidates are judged as they are made, and made until every class keeps its planned count.
 
 Writes <run.output_dir>/synthetic/<NNN>_<class>/<source>_v<variant>.png + metadata.jsonl (an ImageFolder
 whose class indices are the dataset's), and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/.

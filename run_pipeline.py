@@ -215,6 +215,14 @@ def stage_finetune(cfg: Config) -> None:
     train_mvc.main(copy_config(cfg), resume="latest" if list_checkpoints(paths.checkpoints) else None)
 
 
+def stage_selectors(cfg: Config) -> None:
+    """Curation's selectors: classifiers of the labelled subset, one per fold (finished ones are skipped)."""
+    from mvc.curation import train_selectors
+    from mvc.distributed import make_accelerator
+
+    train_selectors(cfg, make_accelerator(cfg.classifier.mixed_precision))
+
+
 def stage_generate(cfg: Config) -> None:
     """generate_mvc (idempotent: it only makes the missing images)."""
     generate_mvc.main(copy_config(cfg))
@@ -490,9 +498,10 @@ def machine_line() -> str:
     return f"Machine: {where}, {os.cpu_count()} CPU cores, torch {torch.__version__}."
 
 
-def set_label(method: str) -> str:
-    """The synthetic-set table's name of a generator's set."""
-    return "MVC (`generate_mvc.py`)" if method == "mvc" else f"{method} (`generate.method={method}`)"
+def set_label(method: str, filters: list[str] | None = None) -> str:
+    """The synthetic-set table's name of a generator's set (and its curation filters)."""
+    label = "MVC (`generate_mvc.py`)" if method == "mvc" else f"{method} (`generate.method={method}`)"
+    return label + (f", curated: {', '.join(filters)}" if filters else "")
 
 
 def evaluation_record(cfg: Config) -> tuple[Path, dict] | None:
@@ -515,11 +524,11 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
     if main is None:
         return []
     ev_dir, rec = main
-    table = [(set_label(cfg.generate.method), summary_row(rec))]
+    table = [(set_label(cfg.generate.method, cfg.curation.filters), summary_row(rec))]
     per_class = [(cfg.generate.method, rec)]
     for gc in extra_generators(cfg):
         if (other := evaluation_record(gc)) is not None:
-            table.append((set_label(gc.generate.method), summary_row(other[1])))
+            table.append((set_label(gc.generate.method, cfg.curation.filters), summary_row(other[1])))
             per_class.append((gc.generate.method, other[1]))
     if (ev_dir / "figure.png").is_file():
         atomic_copy(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")
@@ -590,6 +599,8 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     if needs_finetuning(cfg):  # txt2img / img2img alone sample the base: nothing to fine-tune
         run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times,
                   paths.stage_times)
+    if cfg.curation.filters:  # the cross-fitted selectors of the labelled subset, shared by every curated set
+        run_stage("curation: selectors", lambda: stage_selectors(cfg), times, paths.stage_times)
     run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
     run_stage("evaluation (reference, metrics, CAS)", lambda: stage_evaluate(cfg), times, paths.stage_times)
     run_stage("classifiers", lambda: stage_classifiers(cfg), times, paths.stage_times)

@@ -313,8 +313,8 @@ class CurationConfig:
     filters: list[str] = opt([], "Filters: 'wrong' (assigned to another class with more confidence than a typical real "
                              "image of it gets), 'easy' (confidently right and a near copy of its source), 'semantic' "
                              "(a CLIP image-text match below the class's real images; needs clip_model); []: off. A "
-                             "curated set goes to its own folder (`..._curated`), its classifier runs are named "
-                             "`...-curated-seed<n>`.", choices=_names("mvc.curation", "FILTERS"), unique=True)
+                             "curated set goes to its own folder (`..._curated_wrong_easy`), its classifier runs are named "
+                             "`...-curated_wrong_easy-seed<n>`.", choices=_names("mvc.curation", "FILTERS"), unique=True)
     folds: int = opt(5, "Cross-fitted selectors: classifiers (the `classifier` recipe, strategy real) each trained on "
                      "the other folds of the labelled subset; an image is scored by the one that never saw its source.",
                      min=2)

@@ -32,6 +32,12 @@ FILTERS = ("wrong", "easy", "semantic")
 NEGATIVES = ("a blurry image", "an image of noise", "a distorted, corrupted picture", "a blank image")
 
 
+def curation_tag(filters: Sequence[str]) -> str:
+    """The name a curated set's folder and its classifier runs carry: `curated_wrong_easy` (filters in FILTERS'
+    order, so one set of filters is one folder however the list is written); '' without filters."""
+    return "curated_" + "_".join(f for f in FILTERS if f in filters) if filters else ""
+
+
 #################################################################################
 #                          Thresholds (pure functions)                          #
 #################################################################################

@@ -69,7 +69,10 @@ class RunPaths:
         # clustering-based sampling fine-tunes and generates from other images: its own folders, never mixed
         suffix = "_clusters" if cfg.sampling.method == "clusters" else ""
         default = ("synthetic" if g.method == "mvc" else f"synthetic_{g.method}") + suffix  # each generator its own
-        default += "_curated" if cfg.curation.filters else ""  # a curated set is another set: its own folder
+        if cfg.curation.filters:  # a curated set is another set: its own folder, one per set of filters
+            from mvc.curation import curation_tag
+
+            default += "_" + curation_tag(cfg.curation.filters)
         synthetic = output_path(root, g.out_dir, default, "generate.out_dir")
         grids = (output_path(root, g.grid_dir, "", "generate.grid_dir") if g.grid_dir
                  else synthetic.parent / f"{synthetic.name}_grids")

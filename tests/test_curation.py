@@ -109,7 +109,7 @@ def test_a_curated_set_reaches_its_counts_or_says_why_and_keeps_every_drop_on_re
     with caplog.at_level(logging.WARNING):
         summary = generate_synthetic(cfg, curator=_forced(cfg), progress=False)
     root = RunPaths.of(cfg).synthetic
-    assert root.name == "synthetic_img2img_curated"
+    assert root.name == "synthetic_img2img_curated_wrong_easy"
     kept, dropped = read_jsonl(root / "metadata.jsonl"), read_jsonl(root / "rejected.jsonl")
     made = {int(c): n for c, n in json.loads((root / curation.TARGETS_FILE).read_text()).items()}
     counts = Counter(r["label"] for r in kept)
@@ -187,3 +187,39 @@ def test_semantic_filter_needs_a_clip_and_scores_with_one_built_from_a_config():
     s = scorer(images, ["a photo of class type a", "a photo of class type b"], [0, 1, 0])
     assert s.shape == (3,) and np.all((s > 0) & (s < 1))
     assert not np.allclose(s[0], s[2])  # it looks at the image
+
+
+def test_curated_sets_and_their_runs_are_named_by_their_filters(tmp_path):
+    from mvc.classifier.outputs import run_name
+    from mvc.paths import RunPaths
+
+    base = {"run": {"output_dir": str(tmp_path)}}
+    plain = make_config(base, {"classifier.strategy": "probabilistic"})
+    both = make_config(base, {"classifier.strategy": "probabilistic", "curation.filters": ["easy", "wrong"]})
+    wrong = make_config(base, {"classifier.strategy": "probabilistic", "curation.filters": ["wrong"]})
+    assert RunPaths.of(plain).synthetic.name == "synthetic"
+    assert RunPaths.of(both).synthetic.name == "synthetic_curated_wrong_easy"  # the filters' own order
+    assert RunPaths.of(wrong).synthetic.name == "synthetic_curated_wrong"
+    assert run_name(both, 0) == "probabilistic-standard-resnet18-curated_wrong_easy-seed0"
+    assert run_name(make_config(base, {"curation.filters": ["wrong"]}), 0) == "real-standard-resnet18-seed0"
+
+
+def test_the_study_compares_curated_and_plain_sets_at_equal_budgets(tmp_path, one_thread):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import curation_study
+
+    data = write_fashion_idx(tmp_path / "data")
+    argv = micro_argv(data, tmp_path / "run", tmp_path / "cache", "--pipeline.seeds=[0]",
+                      "--curation.folds=2", "--generate.per_class=3")
+    report = curation_study.cli([*argv, "--generators", "img2img", "--filters", "wrong", "easy", "--ablation",
+                                 "wrong", "--runs", "probabilistic", "--baselines", "real"])
+    text = report.read_text()
+    out = tmp_path / "run-curation"
+    assert report == out / "curation.md" and (out / "figures" / "curation.png").is_file()
+    rows = json.loads((out / "curation.json").read_text())["rows"]
+    assert [(r["generator"], r["sampling"]) for r in rows] == [("img2img", "none"), ("img2img", "wrong + easy"),
+                                                               ("img2img", "wrong")]
+    assert all(r["images"] == 30 for r in rows)  # the planned count, curated or not
+    assert (out / "classifier" / "probabilistic-standard-resnet10t-img2img-curated_wrong_easy-seed0" / "metrics.json").is_file()
+    assert (out / "classifier" / "probabilistic-standard-resnet10t-img2img-seed0" / "metrics.json").is_file()
+    assert "**Does curation help?**" in text and "| img2img | wrong + easy |" in text

@@ -15,7 +15,9 @@ dreambooth (the base fine-tuned with one rare identifier per class and prior pre
 dreambooth.* keys: trained on first use into <run.output_dir>/dreambooth/final, resumed from its
 checkpoints when interrupted, reused afterwards); only mvc and mvc_nomix need train_mvc.py first, and
 every method writes the same format, to <run.output_dir>/synthetic_<method>/ unless generate.out_dir
-says otherwise.
+says otherwise. With curation.filters (e.g. --curation.filters='[wrong, easy]'), classifiers of the labelled
+subset are trained first (cross-fitted, under <run.output_dir>/curation/) and the set goes to
+..._curated_<filters>/: candidates are judged as they are made, and made until every class keeps its planned count.
 
 Writes <run.output_dir>/synthetic/<NNN>_<class>/<source>_v<variant>.png + metadata.jsonl (an ImageFolder
 whose class indices are the dataset's), and sample grids + TensorBoard to <run.output_dir>/synthetic_grids/.
@@ -40,6 +42,10 @@ def main(cfg: Config) -> dict:
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
     stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")
     acc = stage.accelerator
+    if cfg.curation.filters:  # the cross-fitted selectors of the labelled subset, trained once (resumable)
+        from mvc.generation.curation import train_selectors
+
+        train_selectors(cfg, acc)
     summary = generate_synthetic(cfg, rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                  device=acc.device, progress=acc.is_local_main_process)
     if acc.is_main_process:

@@ -81,6 +81,14 @@ def stage_finetune(cfg: Config) -> None:
     train_mvc.main(copy_config(cfg), resume="latest" if list_checkpoints(paths.checkpoints) else None)
 
 
+def stage_selectors(cfg: Config) -> None:
+    """Curation's selectors: classifiers of the labelled subset, one per fold (finished ones are skipped)."""
+    from mvc.core.distributed import make_accelerator
+    from mvc.generation.curation import train_selectors
+
+    train_selectors(cfg, make_accelerator(cfg.classifier.mixed_precision))
+
+
 def stage_generate(cfg: Config) -> None:
     """generate_mvc (idempotent: it only makes the missing images)."""
     generate_mvc.main(copy_config(cfg))
@@ -139,6 +147,8 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     if needs_finetuning(cfg):  # txt2img / img2img alone sample the base: nothing to fine-tune
         run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times,
                   paths.stage_times)
+    if cfg.curation.filters:  # the cross-fitted selectors of the labelled subset, shared by every curated set
+        run_stage("curation: selectors", lambda: stage_selectors(cfg), times, paths.stage_times)
     run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
     run_stage("evaluation (reference, metrics, CAS)", lambda: stage_evaluate(cfg), times, paths.stage_times)
     run_stage("classifiers", lambda: stage_classifiers(cfg), times, paths.stage_times)

@@ -106,7 +106,7 @@ def plot_compare(rows: list[dict], baselines: list[dict], runs: list[str], path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "fidelity" in r]
-    labels = [r["generator"] + ("\n+clusters" if r["sampling"] != "none" else "") for r in rows]
+    labels = [r["generator"] + (f"\n+{r['sampling']}" if r["sampling"] != "none" else "") for r in rows]
     x = np.arange(len(rows))
     fig, (a, b) = plt.subplots(2, 1, figsize=(max(7, 0.75 * len(rows)), 7.5), sharex=True)  # one column per set
     w = 0.38

@@ -33,16 +33,35 @@ def synthetic_generator(cfg) -> str | None:
     return cfg.generate.method
 
 
+def synthetic_curation(cfg) -> str:
+    """The curation tag (`curated_easy_wrong`, '' for none) of the synthetic set a classifier run trains on: its
+    settings say when `classifier.synthetic_dir` names it, else `curation.filters` (whose folder the run reads)."""
+    from mvc.core.paths import curation_tag
+
+    c = cfg.classifier
+    if not STRATEGIES.get(c.strategy).needs_synthetic:
+        return ""
+    if c.synthetic_dir:
+        from mvc.data.synthetic import read_settings_file
+
+        settings = (read_settings_file(Path(c.synthetic_dir).expanduser()) or {}).get("settings")
+        cur = settings.get("curation") if isinstance(settings, dict) else None
+        return curation_tag(cur.get("filters", [])) if isinstance(cur, dict) else ""
+    return curation_tag(cfg.curation.filters)
+
+
 def run_name(cfg, seed: int) -> str:
     """`<strategy>-<augment>-<backbone>-seed<seed>` (probes: `<strategy>-probe_<probe>-<backbone>-seed<seed>`);
     a run on the set of another generator than mvc says which before the seed (`...-<backbone>-img2img-seed0`),
-    so runs on different sets never share a folder while the names of MVC runs stay what they were; then
-    `classifier.run_tag` when set (`...-steps1000-seed0`)."""
+    so runs on different sets never share a folder while the names of MVC runs stay what they were; a run on a
+    curated set says how (`...-curated_easy_wrong-seed0`); then `classifier.run_tag` when set (`...-steps1000-seed0`)."""
     c = cfg.classifier
     tag = STRATEGIES.get(c.strategy).tag_for(c)
     mid = f"probe_{c.probe}" if c.probe != "none" else c.augment
     gen = synthetic_generator(cfg)
-    extra = ("" if gen in (None, "mvc") else "-" + safe_name(gen)) + (f"-{safe_name(c.run_tag)}" if c.run_tag else "")
+    cur = synthetic_curation(cfg)
+    extra = ("" if gen in (None, "mvc") else "-" + safe_name(gen)) + (f"-{cur}" if cur else "")
+    extra += f"-{safe_name(c.run_tag)}" if c.run_tag else ""
     return f"{tag}-{mid}-{safe_name(c.backbone)}{extra}-seed{seed}"
 
 

@@ -295,6 +295,35 @@ class GenerateConfig:
     filter_threshold: float = opt(0.5, "Keep an image when the filter's confidence in its class >= this.", min=0, max=1)
 
 
+@dataclass
+class CurationConfig:
+    """Curation of a synthetic set (mvc/curation.py): images a classifier of the labelled subset calls confidently
+    wrong or too easy are dropped, and candidates are made until every class keeps its planned count."""
+    filters: list[str] = opt([], "Filters: 'wrong' (assigned to another class with more confidence than a typical real "
+                             "image of it gets), 'easy' (confidently right and a near copy of its source), 'semantic' "
+                             "(a CLIP image-text match below the class's real images; needs clip_model); []: off. A "
+                             "curated set goes to its own folder (`..._curated_easy_wrong`), its classifier runs are named "
+                             "`...-curated_easy_wrong-seed<n>`.", choices=choices("curation filter"), unique=True)
+    folds: int = opt(5, "Cross-fitted selectors: classifiers (the `classifier` recipe, strategy real) each trained on "
+                     "the other folds of the labelled subset; an image is scored by the one that never saw its source.",
+                     min=2)
+    seed: int = opt(0, "Seed of the selectors' training.", **SEED)
+    wrong_quantile: float = opt(0.5, "Per class c: this quantile of the out-of-fold confidence of correctly classified "
+                                "real images of c; an image of another class assigned to c above it is wrong.",
+                                min=0, max=1)
+    easy_quantile: float = opt(0.75, "Per class: this quantile of the real images' own-class confidence; above it an "
+                               "image is confidently right ...", min=0, max=1)
+    copy_quantile: float = opt(0.25, "... and a near copy when closer to its source (cosine distance of the selector's "
+                               "features) than this quantile of the class's real nearest-other distances.",
+                               min=0, max=1)
+    semantic_quantile: float = opt(0.1, "Per class: an image whose CLIP match to the class prompt is below this quantile "
+                                   "of the real images' is dropped.", min=0, max=1)
+    clip_model: str | None = opt(None, "CLIP for the semantic filter: a hub id (e.g. openai/clip-vit-base-patch32) or "
+                                 "a local folder; null: none (the tiny profile has none offline).")
+    max_factor: float = opt(3.0, "At most this many candidates per planned image of a class (a class that still "
+                            "falls short keeps fewer, with a warning).", min=1)
+
+
 TI_TEMPLATES = ["a photo of a {token}", "a picture of a {token}", "an image of a {token}", "a photo of the {token}",
                 "a close-up photo of a {token}", "a cropped photo of the {token}", "a dark photo of a {token}",
                 "a bright photo of a {token}"]
@@ -479,6 +508,7 @@ class Config:
     train: FinetuneConfig = field(default_factory=FinetuneConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -516,6 +546,13 @@ def check_combinations(cfg: Config) -> None:
             if names_keys:
                 raise
             raise MVCError(f"config key {key}: {e}") from None
+    cu = cfg.curation
+    if "semantic" in cu.filters and not cu.clip_model:
+        raise MVCError("config key curation.filters: 'semantic' needs a CLIP model and none is available here "
+                       "(curation.clip_model is null); set it to a local CLIP folder or hub id, or drop 'semantic'")
+    if cu.filters and cfg.generate.filter_checkpoint:
+        raise MVCError("config keys curation.filters and generate.filter_checkpoint: use one way of filtering "
+                       "(curation fits its thresholds per class and keeps the planned counts)")
     w = cfg.mixing.window
     if isinstance(w, list) and not 0 <= w[0] < w[1]:
         raise MVCError(f"config key mixing.window: [start, end) = {w} is not a non-empty range of token positions")

@@ -36,6 +36,12 @@ from typing import Any
 from mvc.core.utils import MVCError
 
 
+def curation_tag(filters) -> str:
+    """The name a curated set's folder and its classifier runs carry: `curated_easy_wrong` (the filters sorted, so
+    one set of filters is one folder however the list is written); '' without filters."""
+    return "curated_" + "_".join(sorted(set(filters))) if filters else ""
+
+
 def output_path(root: Path, value: str | None, default: str, key: str) -> Path:
     """`value` (an output option) resolved against the run folder `root`; `default` when unset."""
     if value is None or value == "":
@@ -69,6 +75,8 @@ class RunPaths:
         # clustering-based sampling fine-tunes and generates from other images: its own folders, never mixed
         suffix = "_clusters" if cfg.sampling.method == "clusters" else ""
         default = ("synthetic" if g.method == "mvc" else f"synthetic_{g.method}") + suffix  # each generator its own
+        if cfg.curation.filters:  # a curated set is another set: its own folder, one per set of filters
+            default += "_" + curation_tag(cfg.curation.filters)
         synthetic = output_path(root, g.out_dir, default, "generate.out_dir")
         grids = (output_path(root, g.grid_dir, "", "generate.grid_dir") if g.grid_dir
                  else synthetic.parent / f"{synthetic.name}_grids")

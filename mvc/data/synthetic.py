@@ -112,12 +112,14 @@ def variants_per_source(n_sources: int, total: int) -> list[int]:
 
 
 def plan_jobs(labelled: Any, ops: Sequence[str], multiplier: float | None = 4.0,
-              per_class: int | None = None, sources: Sequence[int] | None = None) -> list[Job]:
+              per_class: int | None = None, sources: Sequence[int] | None = None,
+              totals: dict[int, int] | None = None) -> list[Job]:
     """Every image to make, in a fixed order (class, source, variant); variant v uses ops[v % len(ops)].
 
     `sources` (labelled positions, optional; clustering-based sampling passes the kept images): only these
-    are used as sources. A class's total stays `class_target` of its real count, spread over its kept
-    sources, which then get more variants each."""
+    are used as sources. A class's total stays `class_target` of its real count (or `totals[class]`, e.g.
+    curation's candidates), spread over its kept sources, which then get more variants each; a larger total
+    only adds variants, so a plan's images are part of every larger plan's."""
     ops = list(ops)
     if not ops:
         raise MVCError("mixing.ops is empty; give at least one op, e.g. [coarse, fine] (or [none] for no mixing)")
@@ -135,7 +137,8 @@ def plan_jobs(labelled: Any, ops: Sequence[str], multiplier: float | None = 4.0,
             raise MVCError(f"class {name!r} has {len(real)} labelled image(s) but none among the sources to use; "
                            "every class needs at least one kept source")
         folder = class_folder(c, name, n)
-        for s, count in zip(used, variants_per_source(len(used), class_target(len(real), multiplier, per_class))):
+        total = totals[c] if totals is not None and c in totals else class_target(len(real), multiplier, per_class)
+        for s, count in zip(used, variants_per_source(len(used), total)):
             for v in range(count):
                 jobs.append(Job(len(jobs), c, name, folder, int(s), str(labelled.ids[s]), v, ops[v % len(ops)], width))
     return jobs

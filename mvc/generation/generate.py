@@ -73,9 +73,12 @@ def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: in
     g = cfg.generate
     method = method if method is not None else make_generator(cfg)
     sampling = {"sampling": {**dataclasses.asdict(cfg.sampling), "key": groups.key}} if groups is not None else {}
+    curation = ({"curation": {k: v for k, v in dataclasses.asdict(cfg.curation).items() if k != "max_factor"}}
+                if cfg.curation.filters else {})  # how many candidates may be made changes no image
     return {"dtype": dtype, **method.settings(str(model_dir), labelled, resolution),
             "filter_checkpoint": g.filter_checkpoint,
-            "filter_threshold": g.filter_threshold if g.filter_checkpoint else None, "seed": cfg.run.seed, **sampling}
+            "filter_threshold": g.filter_threshold if g.filter_checkpoint else None, "seed": cfg.run.seed, **sampling,
+            **curation}
 
 
 #################################################################################
@@ -85,17 +88,17 @@ def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: in
 def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, str] | None = None, pipe: Any = None,
                        predictor: Callable[[list], np.ndarray] | None = None, rank: int = 0, world: int = 1,
                        barrier: Callable[[], None] | None = None, device: Any = None, progress: bool = True,
-                       pool: Any = None, method: Any = None) -> dict:
+                       pool: Any = None, method: Any = None, curator: Any = None) -> dict:
     """Make the missing images of this process's share with `generate.method`; the main process (rank 0)
     prepares and merges.
 
-    `labelled`, `captions`, `pipe`, `predictor` and `pool` (the tiny base's pretraining pool) default to what
-    the config names (tests inject them); `method`, to the generator `generate.method` names (a pre-step passes
-    one it configured, e.g. `DreamBoothGenerator(cfg, groups)` with several concepts per class). With several processes, pass `barrier` (e.g.
-    `accelerator.wait_for_everyone`). Returns a summary dict (counts, images/s).
+    `labelled`, `captions`, `pipe`, `predictor`, `pool` (the tiny base's pretraining pool) and `curator`
+    default to what the config names (tests inject them); `method`, to the generator `generate.method` names (a
+    pre-step passes one it configured, e.g. `DreamBoothGenerator(cfg, groups)` with several concepts per class).
+    With curation (`curation.filters`), candidates are made in rounds until each class keeps its planned count
+    (`mvc.generation.curation`). With several processes, pass `barrier` (e.g. `accelerator.wait_for_everyone`). Returns a
+    summary dict (counts, images/s).
     """
-    from tqdm.auto import tqdm
-
     from mvc.diffusion.inputs import sampling_groups
 
     barrier = barrier or (lambda: None)
@@ -115,83 +118,165 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     barrier()
     if not main:
         groups = sampling_groups(cfg, labelled, pool, device, progress)
-    jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class,
-                     sources=groups.kept_indices() if groups is not None else None)
+    sources = groups.kept_indices() if groups is not None else None
+    jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class, sources=sources)
     res = method.resolution(model, pipe)
     dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
     dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    if cfg.curation.filters and curator is None:
+        from mvc.generation.curation import build_curator
 
-    # 1. the main process records/checks the settings and reconciles files and records
+        curator = build_curator(cfg, labelled, device)
+
+    # 1. the main process records/checks the settings and reconciles files and records (curation reconciles each
+    #    round against its grown plan instead: the candidates beyond the planned count are not stale)
     settings = generation_settings(cfg, Path(model), labelled, res, dtype_name, groups, method)
     if main:
         settings = out.prepare(settings, labelled.classes)
-        out.reconcile(jobs)
+        if curator is None:
+            out.reconcile(jobs)
     barrier()
     if not main:  # checks what the main process recorded (records it only when this rank runs on its own)
         settings = out.prepare(settings, labelled.classes)
     if captions is None and method.needs_captions():  # every process captions its share of what the cache lacks
         captions = load_captions(cfg, labelled, progress, device, rank, world, barrier)
     seed = int(settings["seed"])
-    done = out.done()
-    todo = [j for j in shard_jobs(jobs, rank, world) if j.file not in done]
+    if predictor is None and g.filter_checkpoint:
+        predictor = build_filter(g.filter_checkpoint, labelled.classes)
+    run = _Run(cfg, out, method, model, labelled, captions, groups, res, seed, rank, world, device, progress,
+               predictor, curator, pipe, dtype)
 
-    # 2. this process's share
-    t0, made, rejected = time.perf_counter(), 0, 0
-    t_render = t0  # after loading: the img/s figure counts sampling only
-    if todo:
-        if method.needs_captions():
-            missing = [labelled.ids[j.source] for j in todo if labelled.ids[j.source] not in captions]
-            if missing:
-                raise MVCError(f"no caption for {len(missing)} source image(s), e.g. {missing[0]!r}")
-        if pipe is None:
-            pipe = method.load(model, device, dtype)
-        if predictor is None and g.filter_checkpoint:
-            predictor = build_filter(g.filter_checkpoint, labelled.classes)
-        method.batch_size = prepare_pipeline(pipe, g, res, device)
-        method.begin(pipe, model, res)
-        reset_peak_memory(device)
-        t_render = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=f"generate (rank {rank})" if world > 1 else "generate", unit="img",
-                   disable=not progress)
-        for label, cjobs in groupby(todo, key=lambda j: j.label):
-            cjobs = list(cjobs)
-            state = method.start_class(pipe, labelled, label, cjobs, captions, res)
-            for batch in batched(cjobs, method.batch_size):
-                gens = image_generators(seed, batch)
-                images, fields = method.render(pipe, state, batch, seed, gens)
-                recs = [make_record(j, method=method.name, seed=seed, generator_seed=gen.initial_seed(),
-                                    **method.params, **f, **concept_field(groups, j)) for j, gen, f in
-                        zip(batch, gens, fields)]
-                keep = apply_filter(predictor, images, batch, recs, len(labelled.classes), g.filter_threshold)
-                for j, im, rec, k in zip(batch, images, recs, keep):
-                    if k:
-                        out.save_image(im, j)
-                        out.append(rank, rec)  # after the file exists: a record always has its file
-                        made += 1
-                    else:
-                        out.append(rank, rec, rejected=True)
-                        rejected += 1
-                bar.update(len(batch))
-        bar.close()
-        method.finish()
+    # 2. this process's share (with curation: rounds of candidates until every class keeps its planned count)
+    t0 = time.perf_counter()
+    if curator is None:
+        run.make([j for j in shard_jobs(jobs, rank, world) if j.file not in out.done()])
+    else:
+        jobs = curate_rounds(run, jobs, sources, barrier, main)
     t_end = time.perf_counter()
-    seconds, render_s = t_end - t0, t_end - t_render
+    seconds, render_s = t_end - t0, t_end - (run.t_render or t0)
 
     # 3. the main process merges every rank's records, then writes grids and a summary
     barrier()
-    summary = {"method": method.name, "rank": rank, "world": world, "planned": len(jobs), "made": made,
-               "rejected_now": rejected, "resolution": res, "dtype": dtype_name,
+    summary = {"method": method.name, "rank": rank, "world": world, "planned": len(jobs), "made": run.made,
+               "rejected_now": run.rejected, "resolution": res, "dtype": dtype_name,
                "device": str(device if device is not None else "cpu"),
                "seconds": round(seconds, 3), "load_seconds": round(seconds - render_s, 3),
-               "images_per_s": round((made + rejected) / render_s, 4) if render_s > 0 else None,
-               "batch_size": method.batch_size, "peak_memory_gb": peak_memory_gb(device) if todo else None}
+               "images_per_s": round((run.made + run.rejected) / render_s, 4) if render_s > 0 else None,
+               "batch_size": method.batch_size, "peak_memory_gb": peak_memory_gb(device) if run.started else None}
     if main:
         counts = out.reconcile(jobs)
         summary.update(images=counts["images"], rejected=counts["rejected"])
+        if curator is not None:
+            summary["curation"] = curator.summary(out.root, labelled.classes)
         write_grids(out.root, paths.grids, labelled, jobs, g.grid_sources, summary)
         atomic_write_json(paths.grids / "summary.json", summary)  # this run
         append_jsonl(paths.grids / "runs.jsonl", summary)  # every run: which processes, device, dtype made the set
     return summary
+
+
+class _Run:
+    """What one generation run renders with, loaded on first use, and its counts."""
+
+    def __init__(self, cfg, out, method, model, labelled, captions, groups, res, seed, rank, world, device,
+                 progress, predictor, curator, pipe, dtype):
+        self.cfg, self.out, self.method, self.model, self.labelled = cfg, out, method, model, labelled
+        self.captions, self.groups, self.res, self.seed = captions, groups, res, seed
+        self.rank, self.world, self.device, self.progress = rank, world, device, progress
+        self.predictor, self.curator, self.pipe, self.dtype = predictor, curator, pipe, dtype
+        self.made = self.rejected = 0
+        self.started, self.t_render = False, None
+
+    def _start(self) -> None:
+        """Load the pipeline and apply the speed levers (once, on the first job to make)."""
+        if self.pipe is None:
+            self.pipe = self.method.load(self.model, self.device, self.dtype)
+        self.method.batch_size = prepare_pipeline(self.pipe, self.cfg.generate, self.res, self.device)
+        self.method.begin(self.pipe, self.model, self.res)
+        reset_peak_memory(self.device)
+        self.started, self.t_render = True, time.perf_counter()
+
+    def make(self, todo: Sequence[Any]) -> None:
+        """Render, judge and write the jobs of `todo` (this process's share, not yet made)."""
+        from tqdm.auto import tqdm
+
+        if not todo:
+            return
+        labelled, g = self.labelled, self.cfg.generate
+        if self.method.needs_captions():
+            missing = [labelled.ids[j.source] for j in todo if labelled.ids[j.source] not in self.captions]
+            if missing:
+                raise MVCError(f"no caption for {len(missing)} source image(s), e.g. {missing[0]!r}")
+        if not self.started:
+            self._start()
+        world, rank = self.world, self.rank
+        bar = tqdm(total=len(todo), desc=f"generate (rank {rank})" if world > 1 else "generate", unit="img",
+                   disable=not self.progress)
+        for label, cjobs in groupby(todo, key=lambda j: j.label):
+            cjobs = list(cjobs)
+            state = self.method.start_class(self.pipe, labelled, label, cjobs, self.captions, self.res)
+            for batch in batched(cjobs, self.method.batch_size):
+                gens = image_generators(self.seed, batch)
+                images, fields = self.method.render(self.pipe, state, batch, self.seed, gens)
+                recs = [make_record(j, method=self.method.name, seed=self.seed, generator_seed=gen.initial_seed(),
+                                    **self.method.params, **f, **concept_field(self.groups, j)) for j, gen, f in
+                        zip(batch, gens, fields)]
+                keep = apply_filter(self.predictor, images, batch, recs, len(labelled.classes), g.filter_threshold)
+                if self.curator is not None:
+                    keep = [k and v for k, v in zip(keep, self.curator.judge(images, batch, recs))]
+                for j, im, rec, k in zip(batch, images, recs, keep):
+                    if k:
+                        self.out.save_image(im, j)
+                        self.out.append(rank, rec)  # after the file exists: a record always has its file
+                        self.made += 1
+                    else:
+                        self.out.append(rank, rec, rejected=True)
+                        self.rejected += 1
+                bar.update(len(batch))
+        bar.close()
+        self.method.finish()
+
+
+def curate_rounds(run: _Run, jobs: list, sources: Any, barrier: Callable[[], None], main: bool) -> list:
+    """Candidates in rounds (each class's plan grown by its measured keep rate, capped at curation.max_factor x
+    its planned count) until every class keeps its planned count; then each class keeps its first planned kept
+    images (variant, then source order) and the rest are dropped as surplus, on record. Returns the final plan."""
+    from mvc.core.utils import read_jsonl
+    from mvc.generation.curation import first_kept, next_targets, read_targets, write_targets
+
+    cfg, out, labelled = run.cfg, run.out, run.labelled
+    planned = {c: sum(1 for j in jobs if j.label == c) for c in sorted({j.label for j in jobs})}
+    targets = read_targets(out.root, planned)  # a resumed set continues from its largest plan
+    while True:
+        plan = plan_jobs(labelled, run.method.ops(), sources=sources, totals=targets)
+        if main:
+            write_targets(out.root, targets)  # before any candidate of this plan exists
+            out.reconcile(plan)
+        barrier()
+        run.make([j for j in shard_jobs(plan, run.rank, run.world) if j.file not in out.done()])
+        barrier()
+        if main:
+            out.reconcile(plan)
+        barrier()
+        kept = read_jsonl(out.root / "metadata.jsonl")
+        made = {c: sum(1 for j in plan if j.label == c) for c in planned}
+        grown = next_targets(planned, made, {c: sum(1 for r in kept if r["label"] == c) for c in planned},
+                             cfg.curation.max_factor)
+        if grown == targets:
+            break
+        targets = grown
+    if main:
+        _, surplus = first_kept(kept, planned)
+        for r in kept:
+            if r["file"] in surplus:  # the record first: a crash in between leaves a file the next run drops again
+                out.append(0, {**r, "curation": "surplus"}, rejected=True)
+                (out.root / r["file"]).unlink(missing_ok=True)
+        short = {labelled.classes[c]: (sum(1 for r in kept if r["label"] == c), n) for c, n in planned.items()
+                 if sum(1 for r in kept if r["label"] == c) < n}
+        for name, (k, n) in short.items():
+            log.warning("curation: class %r keeps %d of its %d planned images after %.1fx candidates "
+                        "(curation.max_factor); its rows see fewer synthetic images", name, k, n,
+                        cfg.curation.max_factor)
+    return plan
 
 
 #################################################################################

@@ -272,9 +272,10 @@ def machine_line() -> str:
     return f"Machine: {where}, {os.cpu_count()} CPU cores, torch {torch.__version__}."
 
 
-def set_label(method: str) -> str:
-    """The synthetic-set table's name of a generator's set."""
-    return "MVC (`generate_mvc.py`)" if method == "mvc" else f"{method} (`generate.method={method}`)"
+def set_label(method: str, filters: list[str] | None = None) -> str:
+    """The synthetic-set table's name of a generator's set (and its curation filters)."""
+    label = "MVC (`generate_mvc.py`)" if method == "mvc" else f"{method} (`generate.method={method}`)"
+    return label + (f", curated: {', '.join(filters)}" if filters else "")
 
 
 def evaluation_record(cfg: Config) -> tuple[Path, dict] | None:
@@ -297,11 +298,11 @@ def synthetic_section(cfg: Config, paths: RunPaths) -> list[str]:
     if main is None:
         return []
     ev_dir, rec = main
-    table = [(set_label(cfg.generate.method), summary_row(rec))]
+    table = [(set_label(cfg.generate.method, cfg.curation.filters), summary_row(rec))]
     per_class = [(cfg.generate.method, rec)]
     for gc in extra_generators(cfg):
         if (other := evaluation_record(gc)) is not None:
-            table.append((set_label(gc.generate.method), summary_row(other[1])))
+            table.append((set_label(gc.generate.method, cfg.curation.filters), summary_row(other[1])))
             per_class.append((gc.generate.method, other[1]))
     if (ev_dir / "figure.png").is_file():
         atomic_copy(ev_dir / "figure.png", paths.figures / "synthetic_per_class.png")

@@ -82,12 +82,20 @@ def test_tokenizer_ids_are_the_same_in_every_process():
 
 
 def test_a_build_in_another_process_is_byte_identical(tmp_path):
-    """The tiny base (tokenizer, VAE, U-Net, text encoder) is the same whichever process builds it."""
+    """The tiny base (tokenizer, VAE, U-Net, text encoder) is the same whichever process builds it.
+
+    Same torch thread count on both sides: a CPU reduction split over another number of threads sums in
+    another order, which is a different (equally valid) float result, not a reproducibility bug.
+    """
+    import torch
+
     here = get_tiny_base(micro_cfg(tmp_path / "a"), shapes_pool(), progress=False)
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+    code = ("import sys, torch; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+            "torch.set_num_threads(int(sys.argv[3])); "
             "from test_tiny import micro_cfg, shapes_pool; from mvc.diffusion.tiny import get_tiny_base; "
             "print(get_tiny_base(micro_cfg(Path(sys.argv[1])), shapes_pool(), progress=False))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b"), str(ROOT / "tests")], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b"), str(ROOT / "tests"),
+                          str(torch.get_num_threads())], capture_output=True,
                          text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "7"})
     there = Path(out.stdout.strip().splitlines()[-1])
     assert there != here and there.name == here.name

@@ -4,7 +4,7 @@
     python scripts/gpu_check.py peak OUT.json {gpu,cpu}          # the matmul peak of this machine
     python scripts/gpu_check.py summary WORKDIR PEAK.json OVERRIDE...   # one JSON summary; exit 1 if a check fails
 
-`prepare` is the miniature run's (`scripts/smoke_full.py prepare caltech101`: fixture data, stand-ins, the hub
+`prepare` is the miniature run's (`python -m tests.smoke.harness prepare caltech101`: fixture data, stand-ins, the hub
 cache, accelerate's config); on the GPU it then replaces the SD-1.5 stand-in by one at SD-1.5's full width
 (random weights, 859.5 M-parameter U-Net), writes accelerate's config for one GPU in mixed precision
 $MVC_GPU_PRECISION (default fp16: 1.19x bf16 for fine-tuning on an H200), and adds the overrides of a run sized
@@ -17,7 +17,7 @@ interval, peak memory), each generator's runs.jsonl, the classifiers' metrics.js
 throughput, peak GPU memory and the share of the measured peak its FLOPs reach (torch's flop counter on the
 meta device: U-Net forward + backward for fine-tuning, U-Net passes for generation, the backbone's forward +
 backward for the classifiers; the small BLIP-2 stand-in's captioning is not counted). The miniature run's
-checks (`smoke_full.py summary`) come with it.
+checks (`tests.smoke.harness summary`) come with it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def write_full_width_sd15(folder: Path) -> None:
 
 def prepare(work: Path, mode: str) -> list[str]:
     """The miniature run's preparation; on the GPU the full-width base, a GPU accelerate config and the scale."""
-    import smoke_full
+    from tests.smoke import harness as smoke_full
 
     over = smoke_full.prepare(DATASET, work)
     if mode == "cpu":
@@ -188,10 +188,9 @@ def classifier_stage(cfg, out: Path, peak_tflops) -> dict:
 
 def summary(work: Path, peak_file: Path, argv: list[str]) -> tuple[dict, list[str]]:
     """The performance summary of a run and the miniature run's checks (failed ones listed)."""
-    import smoke_full
-
     from mvc.core.config import build_parser, parse_args
     from mvc.core.paths import RunPaths
+    from tests.smoke import harness as smoke_full
 
     cfg, _ = parse_args(build_parser("gpu_check"), ["--config", str(ROOT / "configs" / f"{DATASET}.yaml"), *argv])
     paths = RunPaths.of(cfg)

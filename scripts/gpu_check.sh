@@ -13,6 +13,7 @@
 # Exit status 0 when the run finished and its checks passed; the summary is printed either way.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts/gpu_check.py imports the miniature run's harness (tests/smoke)
 mode=gpu
 if [ "${1:-}" = "--cpu" ]; then mode=cpu; shift; fi
 work="${1:-$(mktemp -d -t mvc-gpu-check-XXXXXX)}"
@@ -25,7 +26,7 @@ export HF_HOME="$work/hf" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 t0=$SECONDS
 mapfile -t over < <("$PY" scripts/gpu_check.py prepare "$work" "$mode")
 [ "${#over[@]}" -gt 0 ] || { echo "gpu_check: prepare failed" >&2; exit 1; }
-printf '%s\n' "${over[@]}" > "$work/overrides.txt"  # what `smoke_full.py summary` is given
+printf '%s\n' "${over[@]}" > "$work/overrides.txt"  # what `tests.smoke.harness summary` is given
 echo "gpu_check: prepared in $((SECONDS - t0)) s ($mode)" >&2
 "$PY" scripts/gpu_check.py peak "$work/peak.json" "$mode" || echo "gpu_check: the matmul peak failed" >&2
 limit=${RUN_S:-300}

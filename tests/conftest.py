@@ -1,5 +1,5 @@
 """Test-wide settings: no network, a `slow` marker, the `one_thread` fixture, and the miniature full-profile run
-of tests/test_smoke_full.py started in the background when its test is selected."""
+of tests/smoke/test_smoke_full.py started in the background when its test is selected."""
 
 import os
 import sys
@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
 _THREADS = pytest.StashKey[int]()  # torch's thread count before the background run started
 
@@ -22,7 +22,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    """Start the miniature full-profile run of tests/test_smoke_full.py in the background when its test is selected.
+    """Start the miniature full-profile run of tests/smoke/test_smoke_full.py in the background when its test is selected.
 
     It is a few minutes of processes of its own on one core; the rest of the suite runs in this process on the
     other one (one torch thread from here on: a second OpenMP thread would spin-wait against the background run).
@@ -31,7 +31,7 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly or not session.items:
         return
     module = next((i.module for i in session.items if getattr(i, "module", None) is not None
-                   and i.module.__name__ == "test_smoke_full"), None)
+                   and i.module.__name__.endswith("test_smoke_full")), None)
     if module is None:
         return
     factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's basetemp, as tmp_path_factory gives it
@@ -48,7 +48,7 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session, exitstatus):
     """End the background run if its test did not take it (the session stopped early)."""
-    module = sys.modules.get("test_smoke_full")
+    module = sys.modules.get("tests.smoke.test_smoke_full")
     if module is not None and hasattr(module, "stop_background"):
         module.stop_background()
     threads = session.config.stash.get(_THREADS, None)

@@ -2,7 +2,7 @@
 
 The full profile loads `stable-diffusion-v1-5/stable-diffusion-v1-5` and `Salesforce/blip2-opt-2.7b`
 from the model hub. For a run without network or GPU (the miniature full-profile run,
-`scripts/smoke_full.sh`, and tests), these builders write folders with the *same structure*:
+`tests/smoke/run.sh`, and tests), these builders write folders with the *same structure*:
 
 - `save_sd15_structured`: a StableDiffusionPipeline folder with SD-1.5's classes and config keys
   (AutoencoderKL, UNet2DConditionModel with 4 levels of CrossAttn/Down blocks, CLIPTextModel +

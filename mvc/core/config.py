@@ -406,7 +406,8 @@ class ClassifierConfig:
     prob_mode: str = opt("append", "Probabilistic: 'append' (paper) or 'replace' (DA-Fusion).",
                          choices=choices("probabilistic mode"))
     augment: str = opt("standard", "Classic augmentation.", choices=choices("augmentation"))
-    autoaugment_policy: str = opt("cifar10", "AutoAugment policy.",
+    autoaugment_policy: str = opt("cifar10", "Dataset the AutoAugment / Fast AutoAugment policy was searched on "
+                                  "(cifar10 for small images, imagenet for photos at 224 px).",
                                   choices=choices("autoaugment policy"))
     epochs: int = opt(30, "Budget in real-only epochs, used when `steps` is null: every strategy gets the "
                       "optimizer steps of this many epochs over the real images.", min=1)

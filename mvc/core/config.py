@@ -268,6 +268,10 @@ class GenerateConfig:
     strength: float = opt(0.5, "img2img and textual_inversion: how far from the real image, in (0, 1] (DA-Fusion: 0.5; the thesis: "
                           "0.05-0.2); int(num_inference_steps x strength) denoising steps run, at least 1.",
                           min=0, max=1, min_exclusive=True)
+    caption_from: str = opt("source", "mvc / mvc_nomix: whose caption a synthetic image's prompt starts from: "
+                            "'source' (the condition image's own, as the paper generates) or 'target' (another "
+                            "labelled image of the class, drawn once per source, as a training pair's target: "
+                            "train.prompt_from is the training side).", choices=choices("caption source"))
     caption: bool = opt(False, "txt2img / img2img: prompt with the image's caption too (captions.prompt_template), "
                         "not the class prompt alone (the template without {caption}).")
     num_inference_steps: int = opt(20, "Sampling steps.", min=1)

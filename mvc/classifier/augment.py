@@ -5,11 +5,14 @@ Images go through two stages:
   (3, S, S); its results are cached in memory for small sets (`mvc.classifier.data.Prepared`);
 - `Augment` (random, per batch, in the loader's collate): the augmentation, then float + the model's
   mean/std normalisation. Random crop (zero padding S/8) and horizontal flip run on the whole uint8
-  batch at once; a policy (AutoAugment, RandAugment, TrivialAugment) then runs per image, *after*
-  crop and flip, as torchvision's and timm's recipes apply it. Real and synthetic images share both.
+  batch at once; a policy (AutoAugment, Fast AutoAugment, RandAugment, TrivialAugment) then runs per
+  image, *after* crop and flip, as torchvision's and timm's recipes apply it. Real and synthetic images
+  share both.
 
 `AUGMENTATIONS` maps a name to its policy: None for crop and flip alone ('standard'), or a builder of
-the per-image policy; 'none' is no augmentation at all (evaluation).
+the per-image policy; 'none' is no augmentation at all (evaluation). AutoAugment and Fast AutoAugment take
+the policy searched on `classifier.autoaugment_policy` (cifar10, imagenet or svhn); Fast AutoAugment's
+are the authors' published ones (`mvc.classifier.fast_autoaugment`).
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ def _policy(name: str) -> Callable[[str], list]:
 
         if name == "autoaugment":
             return [v2.AutoAugment(v2.AutoAugmentPolicy(policy))]
+        if name == "fastautoaugment":
+            from mvc.classifier.fast_autoaugment import FastAutoAugment
+            return [FastAutoAugment(policy)]
         return [{"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}[name]()]
     return build
 
 
 AUGMENTATIONS.register("none")(None)
 AUGMENTATIONS.register("standard")(None)
-for _name in ("autoaugment", "randaugment", "trivialaugment"):
+for _name in ("autoaugment", "fastautoaugment", "randaugment", "trivialaugment"):
     AUGMENTATIONS.register(_name)(_policy(_name))
 
 

@@ -268,6 +268,10 @@ class GenerateConfig:
     strength: float = opt(0.5, "img2img and textual_inversion: how far from the real image, in (0, 1] (DA-Fusion: 0.5; the thesis: "
                           "0.05-0.2); int(num_inference_steps x strength) denoising steps run, at least 1.",
                           min=0, max=1, min_exclusive=True)
+    caption_from: str = opt("source", "mvc / mvc_nomix: whose caption a synthetic image's prompt starts from: "
+                            "'source' (the condition image's own, as the paper generates) or 'target' (another "
+                            "labelled image of the class, drawn once per source, as a training pair's target: "
+                            "train.prompt_from is the training side).", choices=choices("caption source"))
     caption: bool = opt(False, "txt2img / img2img: prompt with the image's caption too (captions.prompt_template), "
                         "not the class prompt alone (the template without {caption}).")
     num_inference_steps: int = opt(20, "Sampling steps.", min=1)
@@ -406,7 +410,8 @@ class ClassifierConfig:
     prob_mode: str = opt("append", "Probabilistic: 'append' (paper) or 'replace' (DA-Fusion).",
                          choices=choices("probabilistic mode"))
     augment: str = opt("standard", "Classic augmentation.", choices=choices("augmentation"))
-    autoaugment_policy: str = opt("cifar10", "AutoAugment policy.",
+    autoaugment_policy: str = opt("cifar10", "Dataset the AutoAugment / Fast AutoAugment policy was searched on "
+                                  "(cifar10 for small images, imagenet for photos at 224 px).",
                                   choices=choices("autoaugment policy"))
     epochs: int = opt(30, "Budget in real-only epochs, used when `steps` is null: every strategy gets the "
                       "optimizer steps of this many epochs over the real images.", min=1)

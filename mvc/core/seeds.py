@@ -37,6 +37,8 @@ ROLES = {
     "dreambooth.init": "the random initialisation of DreamBooth's LoRA adapters",
     "dreambooth.step": "timesteps, noises and posterior draws of one DreamBooth step; index: step",
     "generate.image": "the diffusion noise of one synthetic image; index: source, variant",
+    "generate.caption": "the image whose caption a source's prompt starts from (generate.caption_from=target); "
+                        "index: source",
     "generate.mixing": "the mixing draw (donor, positions, slices) of one synthetic image; index: source, variant",
     "classifier.init": "a classifier's weight initialisation",
     "classifier.epoch": "augmentation and dropout of one classifier epoch; index: rank, epoch",

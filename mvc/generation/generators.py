@@ -52,6 +52,23 @@ log = logging.getLogger(__name__)
 #################################################################################
 
 SEED_ROLE = "generate.image"  # every method's per-image noise: seeds.generator(seed, SEED_ROLE, source, variant)
+# whose caption an mvc prompt starts from (generate.caption_from); training's twin is train.prompt_from
+CAPTION_FROM = ("source", "target")
+publish_choices("caption source", CAPTION_FROM)
+
+
+def caption_partners(sources: Sequence[int], caption_from: str, seed: int) -> list[int]:
+    """Per source of one class, the position (in `sources`) of the image whose caption its prompt uses:
+    itself ('source'), or another image of the class drawn from seeds.generator(seed, 'generate.caption',
+    source) ('target'; a class of one image keeps its own)."""
+    n = len(sources)
+    if caption_from == "source" or n == 1:
+        return list(range(n))
+    out = []
+    for p, s in enumerate(sources):
+        k = int(torch.randint(n - 1, (), generator=seeds.generator(seed, "generate.caption", int(s))))
+        out.append(k + (k >= p))  # uniform over the other n - 1 positions
+    return out
 
 
 def image_generators(seed: int, batch: Sequence[Any]) -> list[torch.Generator]:
@@ -205,7 +222,9 @@ class MVCGenerator(Generator):
                 "classes": list(labelled.classes), "captioner": cfg.captions.captioner,
                 "prompt_template": cfg.captions.prompt_template, "mixing": self.mixing_settings(),
                 "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale,
-                "image_guidance_scale": g.image_guidance_scale, "scheduler": g.scheduler, "resolution": resolution}
+                "image_guidance_scale": g.image_guidance_scale, "scheduler": g.scheduler, "resolution": resolution,
+                # named only when not the default, so sets made before the key existed keep their settings
+                **({"caption_from": g.caption_from} if g.caption_from != "source" else {})}
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
         from mvc.diffusion.models import load_ip2p_pipeline
@@ -219,6 +238,7 @@ class MVCGenerator(Generator):
         super().begin(pipe, model, resolution)
         self.encode = lambda ids, mask: encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
         self.window, self.mix_params, self.clamped = parse_window(self.cfg.mixing.window), mixing_params(self.cfg.mixing), 0
+        self.caption_ids: dict[int, str] = {}  # source -> the id of the image whose caption its prompt uses
 
     def record_params(self, model: str, resolution: int) -> dict:
         g = self.g
@@ -232,7 +252,10 @@ class MVCGenerator(Generator):
 
         sources = np.flatnonzero(np.asarray(labelled.targets) == label).tolist()
         ids = [str(labelled.ids[s]) for s in sources]
-        ctx = ClassPrompts.build(sources, ids, [captions[i] for i in ids], labelled.classes[label],
+        # the paper generates from the source's own caption; caption_from=target takes another image's, as in training
+        partner = caption_partners(sources, self.g.caption_from, int(self.cfg.run.seed))
+        self.caption_ids.update({s: ids[partner[p]] for p, s in enumerate(sources)})
+        ctx = ClassPrompts.build(sources, ids, [captions[ids[k]] for k in partner], labelled.classes[label],
                                  self.cfg.captions.prompt_template, self.window, pipe.tokenizer, self.encode)
         srcs = sorted({j.source for j in jobs})
         lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.batch_size)
@@ -248,7 +271,11 @@ class MVCGenerator(Generator):
         self.clamped += cl
         images = render(pipe, embeds, self.neg.expand(len(batch), -1, -1), torch.stack([cond[j.source] for j in batch]),
                         generators, g.num_inference_steps, g.guidance_scale, g.image_guidance_scale)
-        return images, [{"op_params": op_p, "caption": ctx.captions[j.source]} for j, op_p in zip(batch, op_ps)]
+        fields = [{"op_params": op_p, "caption": ctx.captions[j.source]} for j, op_p in zip(batch, op_ps)]
+        if self.g.caption_from != "source":
+            for f, j in zip(fields, batch):
+                f["caption_id"] = self.caption_ids[j.source]  # whose caption it is
+        return images, fields
 
     def finish(self) -> None:
         if getattr(self, "clamped", 0):

@@ -255,7 +255,7 @@ def test_backbones_cifar_stem_and_errors():
         build_model("vit_tiny_patch16_224", 3, cifar_stem=True)
 
 
-@pytest.mark.parametrize("name", ["autoaugment", "randaugment", "trivialaugment"])
+@pytest.mark.parametrize("name", ["autoaugment", "fastautoaugment", "randaugment", "trivialaugment"])
 def test_classic_policies_run_after_crop_and_flip(name):
     """As in torchvision's and timm's recipes, a policy is added to random crop + flip, not put in their place:
     the policy's input is exactly the cropped and flipped batch."""

@@ -152,6 +152,27 @@ def test_nomix_differs_from_mvc_by_the_mixing(micro):
     assert changed.mean() >= 0.8, changed  # (a shuffle may draw back the same order for a short caption)
 
 
+def test_caption_from_target_prompts_each_source_with_another_images_caption(micro, tmp_path):
+    """generate.caption_from: 'source' (default, the paper's generation) prompts each source with its own
+    caption; 'target' with the caption of another labelled image of its class, as a training pair's target."""
+    from mvc.generation.generate import generate_synthetic
+    from mvc.generation.generators import caption_partners
+
+    own = {r["source_id"]: r["caption"] for r in read_jsonl(set_dir(micro, "mvc") / "metadata.jsonl")}
+    assert all("caption_id" not in r for r in read_jsonl(set_dir(micro, "mvc") / "metadata.jsonl"))
+    cfg = config(micro, "mvc", **{"generate.caption_from": "target", "generate.model_dir": str(micro.model),
+                                  "generate.out_dir": str(tmp_path / "t"), "generate.per_class": 1})
+    assert generate_synthetic(cfg, progress=False)["made"] == 10
+    recs = read_jsonl(tmp_path / "t" / "metadata.jsonl")
+    ids = [str(i) for i in micro.labelled.ids]
+    for r in recs:
+        assert r["caption_id"] != r["source_id"] and r["caption"] == own[r["caption_id"]], r
+        assert micro.labelled.targets[ids.index(r["caption_id"])] == r["label"]  # same class
+    assert caption_partners([4, 7, 9], "source", 0) == [0, 1, 2] and caption_partners([5], "target", 0) == [0]
+    drawn = caption_partners(list(range(20)), "target", 0)
+    assert all(k != p for p, k in enumerate(drawn)) and drawn == caption_partners(list(range(20)), "target", 0)
+
+
 #################################################################################
 #                           Without a fine-tuned model                          #
 #################################################################################

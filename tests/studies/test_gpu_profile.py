@@ -58,7 +58,8 @@ def test_the_shipped_gpu_config_keeps_its_structure():
     run_pipeline.check_runs(cfg)
     assert cfg.tiny.vae_channels == [16, 32] and cfg.tiny.image_size // 2 == 16  # 16x16x4 latents
     assert cfg.pipeline.generators == ["mvc", "mvc_nomix", "img2img", "textual_inversion"]
-    assert cfg.pipeline.runs == ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
+    assert cfg.pipeline.runs == [
+        "real", "real+randaugment", "real+fastautoaugment", "concat", "two_phase", "probabilistic"]
     assert cfg.pipeline.seeds == [0, 1, 2] and cfg.pipeline.long_factor == 5
     runs = run_pipeline.long_runs(cfg)
     assert [(lc.generate.method, run, lc.classifier.steps) for lc, run in runs] == [

@@ -73,8 +73,8 @@ def pngs(out):
     return sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*.png"))
 
 
-def make_generator(seed, *index):
-    """A generator per (seed, index): the tests only need distinct, repeatable streams."""
+def torch_generator(seed, *index):
+    """A torch.Generator per (seed, index): the tests only need distinct, repeatable streams."""
     return torch.Generator().manual_seed(hash((seed, *index)) & 0xFFFFFFFF)
 
 
@@ -250,10 +250,10 @@ def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
     emb = encode(pipe, prompts)
     neg = encode(pipe, [""]).expand(len(srcs), -1, -1)
     lat = sd_io.encode_conditions(pipe.vae, images, 16)
-    ours = render(pipe, emb, neg, lat, [make_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
+    ours = render(pipe, emb, neg, lat, [torch_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
     for i, s in enumerate(srcs):
         ref = pipe(prompt=prompts[i], image=images[i], num_inference_steps=2, guidance_scale=3.0,
-                   image_guidance_scale=1.5, generator=make_generator(0, s, 0)).images[0]
+                   image_guidance_scale=1.5, generator=torch_generator(0, s, 0)).images[0]
         assert np.abs(np.asarray(ours[i], np.int16) - np.asarray(ref, np.int16)).max() <= 1
 
 
@@ -268,7 +268,7 @@ def test_every_scheduler_renders(pipe, scheduler):
     p.set_progress_bar_config(disable=True)
     assert type(p.scheduler).__name__ == SAMPLERS.get(scheduler)[0]
     e = encode(p, ["dark"])
-    ims = render(p, e, encode(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
+    ims = render(p, e, encode(p, [""]), torch.zeros(1, 4, 8, 8), [torch_generator(0, 0, 0)], 2, 3.0, 1.5)
     assert ims[0].size == (16, 16)
 
 

@@ -232,7 +232,7 @@ def test_img2img_batches_equal_the_plain_diffusers_pipeline(micro):
 
     cfg = config(micro, "img2img", **{"generate.num_inference_steps": 4})
     gen = make_generator(cfg)
-    model = gen.model(micro.labelled)
+    model = gen.model_path(micro.labelled)
     pipe = base_pipeline(load_base(cfg, None, micro.out, source=model), "img2img", cfg.generate.scheduler)
     gen.begin(pipe, model, 16)
     jobs = [j for j in plan_jobs(micro.labelled, ["none"], None, 2) if j.label == 3]

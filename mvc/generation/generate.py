@@ -112,7 +112,7 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     method.check(labelled)
     # the main process builds what the method samples (the tiny base) and the clusters first, the others then read
     # them; a model trained data-parallel (textual inversion, DreamBooth) trains on every process together
-    model = method.shared_model(labelled, pool, progress, device, main, barrier)
+    model = method.shared_model_path(labelled, pool, progress, device, main, barrier)
     if main:
         groups = sampling_groups(cfg, labelled, pool, device, progress)
     barrier()

@@ -25,7 +25,7 @@ own `generator_seed`, and `source_id` / `source_index`: the real image it was ma
 `txt2img` without captions, which uses nothing of a real image, and for `dreambooth`, whose image comes from
 its concept's identifier: every member of the concept shaped it, no single one; the record names the
 `concept`, its `identifier` and `concept_size`, and the model folder's `mvc_training.json` its members). `textual_inversion` (DA-Fusion) learns its
-tokens when they are missing (`model()`; the other processes wait and then reuse them) and records each
+tokens when they are missing (`model_path()`; the other processes wait and then reuse them) and records each
 image's `token` and the `embeddings` file beside img2img's fields.
 """
 
@@ -89,9 +89,9 @@ def resolve_resolution(cfg: Any, model_dir: Path, pipe: Any = None) -> int:
 #                                  The protocol                                 #
 #################################################################################
 
-class Generator:
+class SetGenerator:
     """One method, bound to a config: what it samples, which settings change its images, and how it renders
-    a batch of one class's jobs. `generate_synthetic` calls, in order: `check`, `model`, `resolution`,
+    a batch of one class's jobs. `generate_synthetic` calls, in order: `check`, `model_path`, `resolution`,
     `settings`; then, when images are missing, `load`, `begin`, and per class `start_class` + `render`."""
     name = ""
     finetuned = False  # samples the fine-tuned IP2P folder (run train_mvc.py first)
@@ -110,18 +110,18 @@ class Generator:
     def check(self, labelled: Any) -> None:
         """Refuse, before any work, what this method cannot do with this labelled subset."""
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         """The folder (or hub id) this method samples; building it (on `device`) when it is the tiny base or
         learned embeddings."""
         raise NotImplementedError
 
-    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+    def shared_model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
                      main: bool = True, barrier: Any = None) -> str:
-        """`model()` on every process: the main process first (it builds what is missing, e.g. the tiny base), then
+        """`model_path()` on every process: the main process first (it builds what is missing, e.g. the tiny base), then
         the others, which find it built (`barrier`: wait for every process)."""
-        model = self.model(labelled, pool, progress, device) if main else None
+        model = self.model_path(labelled, pool, progress, device) if main else None
         (barrier or (lambda: None))()
-        return model if main else self.model(labelled, pool, progress, device)
+        return model if main else self.model_path(labelled, pool, progress, device)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
         raise NotImplementedError
@@ -157,11 +157,11 @@ class Generator:
         """After the last batch: warnings about what the run did."""
 
 
-GENERATORS: Registry[type[Generator]] = Registry("generate.method")
+GENERATORS: Registry[type[SetGenerator]] = Registry("generate.method")
 publish_choices("generator", GENERATORS)
 
 
-def make_generator(cfg: Any) -> Generator:
+def make_generator(cfg: Any) -> SetGenerator:
     """The generator `generate.method` names, bound to `cfg`."""
     return GENERATORS.get(cfg.generate.method)(cfg)
 
@@ -171,7 +171,7 @@ def make_generator(cfg: Any) -> Generator:
 #################################################################################
 
 @GENERATORS.register("mvc")
-class MVCGenerator(Generator):
+class MVCGenerator(SetGenerator):
     """The paper's generator: the fine-tuned IP2P model on each source, its prompt mixed per variant."""
     name = "mvc"
     finetuned = True
@@ -188,7 +188,7 @@ class MVCGenerator(Generator):
         check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
                      mixing_params(self.cfg.mixing))
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.core.paths import RunPaths
 
         return str(RunPaths.of(self.cfg).final)
@@ -272,7 +272,7 @@ class MVCNoMixGenerator(MVCGenerator):
 #                  The base, not fine-tuned: txt2img and img2img                #
 #################################################################################
 
-class BaseGenerator(Generator):
+class BaseGenerator(SetGenerator):
     """The base pipeline sampled as it is (`model.base`; the tiny base on the tiny profile), prompted with the
     class prompt of `captions.prompt_template`, or with the whole prompt (the image's caption too) when
     `generate.caption` is set."""
@@ -281,7 +281,7 @@ class BaseGenerator(Generator):
     def needs_captions(self) -> bool:
         return bool(self.g.caption)
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.core.paths import RunPaths
         from mvc.diffusion.inputs import base_source
 
@@ -425,21 +425,21 @@ class Img2ImgGenerator(BaseGenerator):
 class TrainedTogether:
     """A generator whose model every process trains at once, data-parallel (textual inversion, DreamBooth)."""
 
-    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+    def shared_model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
                      main: bool = True, barrier: Any = None) -> str:
         """The main process first builds what the model trains from (the tiny base, the concepts' clusters); then
-        every process calls `model()` together: all train (or all find the finished model)."""
+        every process calls `model_path()` together: all train (or all find the finished model)."""
         if main:
             self.concepts(labelled, pool, progress, device)
-            BaseGenerator.model(self, labelled, pool, progress, device)
+            BaseGenerator.model_path(self, labelled, pool, progress, device)
         (barrier or (lambda: None))()
-        return self.model(labelled, pool, progress and main, device)
+        return self.model_path(labelled, pool, progress and main, device)
 
 
 @GENERATORS.register("textual_inversion")
 class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
     """DA-Fusion: a token embedding learned per concept (`mvc.diffusion.textual_inversion`), then SDEdit from each real image
-    with its concept's token in `textual_inversion.prompt`. `model()` is the folder of the learned embeddings
+    with its concept's token in `textual_inversion.prompt`. `model_path()` is the folder of the learned embeddings
     (training them when missing); the base it names is what the img2img pipeline loads."""
     name = "textual_inversion"
 
@@ -460,10 +460,10 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
         return [Concept(label, TOKEN.format(label=label)[:-1] + f"-{suffix}>", tuple(idx), init or labelled.classes[label])
                 for label, suffix, idx in training_concepts(groups, labelled.targets)]
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.diffusion.textual_inversion import ensure_embeddings
 
-        base = super().model(labelled, pool, progress, device)
+        base = super().model_path(labelled, pool, progress, device)
         return str(ensure_embeddings(self.cfg, labelled, base, super().resolution(base),
                                      self.concepts(labelled, pool, progress, device), progress=progress))
 
@@ -581,10 +581,10 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
             raise MVCError(f"no DreamBooth concept for class {missing[0]!r} (and {len(missing) - 1} more): every "
                            "class with labelled images needs one to be generated")
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.diffusion.dreambooth import get_dreambooth
 
-        base = super().model(labelled, pool, progress, device)  # the tiny base is built first when it is missing
+        base = super().model_path(labelled, pool, progress, device)  # the tiny base is built first when it is missing
         return str(get_dreambooth(self.cfg, labelled, self.concepts(labelled, pool, progress, device), base, progress))
 
     def resolution(self, model: str, pipe: Any = None) -> int:

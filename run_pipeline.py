@@ -44,7 +44,7 @@ from mvc.studies.pipeline import (
     run_config,
     split_run,
 )
-from mvc.studies.report import profile_key, update_readme, write_report
+from mvc.studies.report import profile_key, update_readme, write_results
 
 #################################################################################
 #                                     Stages                                    #
@@ -161,7 +161,7 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     for spec, (lc, run) in zip(cfg.pipeline.long_runs, long_runs(cfg)):
         run_stage(f"classifiers ({spec}, {cfg.pipeline.long_factor}x budget)",
                   lambda lc=lc, run=run: stage_classifiers(lc, [run]), times, paths.stage_times)
-    report = write_report(cfg, times)
+    report = write_results(cfg, times)
     print(f"\nreport: {report}\n")
     print(report.read_text())
     if update_readme_too:

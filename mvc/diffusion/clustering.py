@@ -70,7 +70,7 @@ FIGURE_MEMBERS, THUMB = 20, 32  # members shown per cluster row of the figure, a
 #################################################################################
 
 @dataclass(frozen=True)
-class Concept:
+class KeptCluster:
     """One kept cluster of one class: its kept labelled positions, closest to the centroid first."""
     label: int
     cluster: int
@@ -85,10 +85,10 @@ class Concept:
 @dataclass
 class ConceptGroups:
     """The concepts of a labelled subset of `num_images` images, ordered by (label, cluster)."""
-    concepts: list[Concept]
+    concepts: list[KeptCluster]
     num_images: int
     key: str = ""
-    _of: dict[int, Concept] = field(init=False, repr=False, compare=False)
+    _of: dict[int, KeptCluster] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self._of = {i: c for c in self.concepts for i in c.indices}
@@ -97,7 +97,7 @@ class ConceptGroups:
         """Labelled positions of every kept image, ascending."""
         return sorted(self._of)
 
-    def concept_of(self, index: int) -> Concept | None:
+    def concept_of(self, index: int) -> KeptCluster | None:
         """The concept labelled image `index` belongs to (None: left out)."""
         return self._of.get(int(index))
 
@@ -115,7 +115,7 @@ class ConceptGroups:
         for im in rec["images"]:
             if im["kept"]:
                 kept.setdefault((int(im["label"]), int(im["cluster"])), []).append((float(im["distance"]), int(im["index"])))
-        concepts = [Concept(label, k, tuple(i for _, i in sorted(members))) for (label, k), members in sorted(kept.items())]
+        concepts = [KeptCluster(label, k, tuple(i for _, i in sorted(members))) for (label, k), members in sorted(kept.items())]
         return cls(concepts, len(rec["images"]), str(rec.get("key", "")))
 
 

@@ -144,7 +144,7 @@ def evaluate_set(cfg: Any, set_dir: str | Path, accelerator: Any, *, name: str |
         record["cas"] = classification_accuracy_score(cfg, set_dir, out / "cas", accelerator)
     record["seconds"] = round(time.time() - t0, 1)
     if accelerator.is_main_process:
-        write_report(record, out, cfg)
+        write_evaluation(record, out, cfg)
     return record
 
 
@@ -193,7 +193,7 @@ def table_markdown(rows: list[tuple[str, dict]], first: str = "set") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(record: dict, out: Path, cfg: Any) -> None:
+def write_evaluation(record: dict, out: Path, cfg: Any) -> None:
     """metrics.json, report.md, figure.png and TensorBoard scalars of one evaluation."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", record)

@@ -201,11 +201,11 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
         add(name, "fine-tuned", syn, source_rows(set_dir, labelled.classes, labelled, syn), ops=ops,
             guidance_scale=t, image_guidance_scale=i)
     if accelerator.is_main_process:
-        write_report(rows, out, cfg, labelled.classes, ref, time.time() - t0)
+        write_diagnosis(rows, out, cfg, labelled.classes, ref, time.time() - t0)
     return rows
 
 
-def write_report(rows: list[dict], out: Path, cfg: Any, classes: list[str], ref: Any, seconds: float) -> None:
+def write_diagnosis(rows: list[dict], out: Path, cfg: Any, classes: list[str], ref: Any, seconds: float) -> None:
     """diagnose.json, diagnose.md (the table), diagnose.png (fidelity per row and per class), TensorBoard."""
     from mvc.evaluation.evaluate import NOTE
 

@@ -1,32 +1,10 @@
 """The generators of synthetic sets, one registry (`generate.method`): MVC and the baselines it is judged against.
 
-Every generator fills the same plan (`mvc.data.synthetic.plan_jobs`: per class, per labelled source image, V
-variants with deterministic file names) through the same loop (`mvc.generation.generate.generate_synthetic`: the
-settings check, resume, sharding, the filter, records and grids), so every set has one format and the
-classifier and the synthetic-set evaluation read each one without special cases. A generator says only
-what differs:
-
-| method      | model sampled                                   | prompt                                    | image input |
-|-------------|-------------------------------------------------|-------------------------------------------|-------------|
-| `mvc`       | the fine-tuned InstructPix2Pix folder           | caption + class prompt, mixed (`mvc.generation.mixing`) | the source, as condition |
-| `mvc_nomix` | the same                                        | the same, unmixed (op `none`)             | the same |
-| `txt2img`   | the base, not fine-tuned (`StableDiffusionPipeline`) | the class prompt (+ the caption: `generate.caption`) | none |
-| `img2img`   | the base (`StableDiffusionImg2ImgPipeline`, SDEdit)  | the same                             | the source, noised to `generate.strength` |
-| `textual_inversion` | the base + a token embedding learned per class (`mvc.diffusion.textual_inversion`) | `textual_inversion.prompt` with the source's token | the same as img2img |
-| `dreambooth` | the base fine-tuned by DreamBooth (`mvc.diffusion.dreambooth`, a `StableDiffusionPipeline`) | the instance prompt of the source's concept ("a photo of zqx Bag") | none |
-
-`mvc_nomix` isolates what mixing adds: its variants differ only in their diffusion noise. `txt2img` and
-`img2img` need no fine-tuned model; on the tiny profile their base never saw the labels (the domain gap
-the paper argues about). `dreambooth` trains its own model the first time it runs (`<run.output_dir>/dreambooth/
-final`, one identifier per concept, prior preservation; reused afterwards). Each image's record holds `method`,
-the method's sampling parameters (`record_params`: guidance, steps, sampler, resolution, model; `strength` for
-img2img; the training's steps, LoRA rank, text-encoder flag and prior weight for dreambooth), `seed` and its
-own `generator_seed`, and `source_id` / `source_index`: the real image it was made from (null for
-`txt2img` without captions, which uses nothing of a real image, and for `dreambooth`, whose image comes from
-its concept's identifier: every member of the concept shaped it, no single one; the record names the
-`concept`, its `identifier` and `concept_size`, and the model folder's `mvc_training.json` its members). `textual_inversion` (DA-Fusion) learns its
-tokens when they are missing (`model_path()`; the other processes wait and then reuse them) and records each
-image's `token` and the `embeddings` file beside img2img's fields.
+`GENERATORS` is the one list of them; each registered class says in its docstring what it samples. Every
+generator fills the same plan through the same loop (`mvc.generation.generate.generate_synthetic`), so every set
+has one format; a generator (`SetGenerator`) says only what differs: the model it samples (`model_path`), the
+settings that change its images, the parameters recorded with each image and how it renders a batch.
+docs/generators.md tells the whole story.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Evaluate a synthetic set: fidelity, diversity, distribution distance, novelty and CAS, in one report.
 
 All measurements but CAS are made in the feature space of the evaluation-only reference classifier
-(`mvc.evaluation.reference`): trained on the dataset's full training split, it judges, and nothing
-else reads it. Outputs go to `<run.output_dir>/evaluation/<set>/`: metrics.json, report.md, a figure
-(per-class fidelity and diversity) and TensorBoard scalars.
-
-- label fidelity: the share of synthetic images the reference assigns to their intended class;
-- diversity: mean pairwise cosine distance within a class, as a ratio to the same for real test images;
-- Fréchet distance: between synthetic and real test images in the reference's feature space ("FD-ref";
-  not FID: Inception weights cannot be downloaded here), beside the same for the labelled real images,
-  a real set of about the same size (the floor a perfect generator would reach);
-- novelty: distance of each image to its own source, and to the nearest *other* labelled image;
-- CAS (classification accuracy score): classifiers trained on the synthetic set alone (strategy
-  `synthetic_only`, the `classifier.*` settings and `pipeline.seeds`), tested on the real test split.
+(`mvc.evaluation.reference`): trained on the dataset's full training split, it judges, and nothing else reads
+it. Outputs go to `<run.output_dir>/evaluation/<set>/`: metrics.json, report.md, a figure (per-class fidelity
+and diversity) and TensorBoard scalars. docs/evaluation.md defines each measure.
 """
 
 from __future__ import annotations

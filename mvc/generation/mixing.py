@@ -1,28 +1,12 @@
-"""Mixing Visual Concepts: pure, batched edits of a prompt, before or after the text encoder.
+"""Mixing Visual Concepts: pure, batched edits of a prompt, before or after the text encoder; the mixing plan.
 
-- *coarse* (token level): k tokens inside a window of positions are shuffled among themselves,
-  or swapped for the tokens at the same positions of a donor (another caption of the same
-  class). It runs at one of two stages (`coarse_stage`):
-  - 'tokens' (default): on the prompt's token ids (B x T) BEFORE the text encoder, whose
-    positional embeddings and causal attention turn the new order into a new embedding;
-  - 'embeds': on the encoder's output vectors (B x T x D), the literal reading of the paper.
-    Stable Diffusion's cross-attention has no positions on the key/value side, so a *shuffle*
-    there leaves the U-Net's output unchanged up to float rounding (no diversity); a swap
-    still changes values. Kept for the ablation (docs/architecture.md, "Coarse mixing").
-- *fine* (slice level): in m token vectors of the encoder's output, a slice of s dimensions is
-  replaced, with values from a donor, from other tokens of the same embedding ('self'), or from
-  noise with the embedding's own per-dimension statistics;
-- *none*: the unmixed baseline.
-
-Ops compose with '+' (`"coarse+fine"`: coarse, then fine on its output); with `stage=` the
-dispatcher applies only the ops of one stage, so a caller edits ids, encodes, then edits
-embeddings. Every function takes a `torch.Generator`, returns a new tensor and leaves its inputs
-untouched. Importing this module is cheap (config validation calls `list_mixing_ops()`).
-
-The *mixing plan* of a synthetic set lives here too, pure and tested: `ClassPrompts` (each source's
-prompt, token ids, embedding and caption window, computed once per class), `plan_mix` (the donor
-draw, the window a swap may use, k and m fitted to the window) and `mix_prompts` (one batch of
-mixed embeddings, with one text-encoder call for every token-edited prompt).
+- *coarse*: `coarse_k` tokens of a window shuffled, or swapped in from a donor caption of the same class, on
+  the token ids (`coarse_stage='tokens'`, the default) or on the encoder's output ('embeds');
+- *fine*: in `fine_m` token vectors of the encoder's output, a slice of `fine_s` dimensions replaced;
+- *none*: the unmixed baseline. Ops (`MIXING_OPS`) compose with '+'.
+Every function takes a `torch.Generator`, returns a new tensor and leaves its inputs untouched. The plan:
+`ClassPrompts` (per class, once), `plan_mix` (one image's draw), `mix_prompts` (one batch).
+docs/mixing.md explains each op, why the coarse op runs on token ids, and the plan.
 """
 
 from __future__ import annotations

@@ -316,7 +316,7 @@ def test_default_coarse_changes_the_image_embed_stage_shuffle_does_not(tmp_path,
     meta = read_jsonl(tmp_path / "tok" / "metadata.jsonl")
     for r in meta:
         p = r["op_params"]
-        assert p["coarse_stage"] == "tokens" and p["mode"] == "shuffle"
+        assert p["coarse_stage"] == "tokens" and p["coarse_mode"] == "shuffle"
         w0, w1 = p["window"]
         caption_tokens = [t.replace("</w>", "") for t in p["mixed_tokens"]]
         assert len(caption_tokens) == w1 - w0 and caption_tokens != r["caption"].split()  # reordered
@@ -340,7 +340,7 @@ def test_token_swap_stays_inside_both_captions(pipe, labelled):
     for j, p in zip(jobs, op_ps):
         d = p["donor_index"]
         (w0, w1), (c0, c1) = ctx.windows[j.source], p["coarse_window"]
-        assert (c0, c1) == (max(w0, ctx.windows[d][0]), min(w1, ctx.windows[d][1])) and p["k"] == min(4, c1 - c0)
+        assert (c0, c1) == (max(w0, ctx.windows[d][0]), min(w1, ctx.windows[d][1])) and p["coarse_k"] == min(4, c1 - c0)
         new = [t.replace("</w>", "") for t in p["mixed_tokens"]]
         src, don = CAPTIONS[labelled.ids[j.source]].split(), CAPTIONS[labelled.ids[d]].split()
         assert all(a in (b, c) for a, b, c in zip(new, src, don + [None] * len(src)))

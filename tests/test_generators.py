@@ -137,7 +137,7 @@ def test_records_name_method_parameters_seed_and_source(micro, method):
     if method == "mvc_nomix":
         assert {r["op"] for r in recs} == {"none"} and settings["mixing"] == {"ops": ["none"]}
     if method == "mvc":  # one variant per source here: variant 0 takes mixing.ops[0]
-        assert {r["op"] for r in recs} == {"coarse"} and all("k" in r["op_params"] for r in recs)
+        assert {r["op"] for r in recs} == {"coarse"} and all("coarse_k" in r["op_params"] for r in recs)
     if method in ("txt2img", "img2img"):  # the tiny base folder, not a fine-tuned one
         assert Path(settings["base"]).is_dir() and all("model_dir" not in r for r in recs)
         assert all(r["base"] == settings["base"] for r in recs)

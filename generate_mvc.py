@@ -21,18 +21,12 @@ def main(cfg: Config) -> dict:
     from mvc.core.paths import RunPaths
     from mvc.core.stage import start_stage
     from mvc.data.synthetic import set_name
-    from mvc.generation.generate import generate_synthetic
+    from mvc.generation.generate import run_generation
 
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
     stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")
-    acc = stage.accelerator
-    if cfg.curation.filters:  # the cross-fitted selectors of the labelled subset, trained once (resumable)
-        from mvc.generation.curation import train_selectors
-
-        train_selectors(cfg, acc)
-    summary = generate_synthetic(cfg, rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
-                                 device=acc.device, progress=acc.is_local_main_process)
-    if acc.is_main_process:
+    summary = run_generation(cfg, stage.accelerator, stage.paths)
+    if stage.is_main:
         print(f"synthetic set ({summary['method']}): {summary.get('images')} images ({summary.get('rejected')} rejected by the filter) "
               f"at {summary['resolution']} px, {summary['made']} made now at {summary['images_per_s']} img/s on rank 0")
     return summary

@@ -69,23 +69,24 @@ def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: in
 #                                  Generation                                   #
 #################################################################################
 
-def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, str] | None = None, pipe: Any = None,
+def generate_synthetic(cfg: Any, *, paths: RunPaths | None = None, labelled: Any = None,
+                       captions: dict[str, str] | None = None, pipe: Any = None,
                        predictor: Callable[[list], np.ndarray] | None = None, rank: int = 0, world: int = 1,
                        barrier: Callable[[], None] | None = None, device: Any = None, progress: bool = True,
                        pool: Any = None, method: Any = None, curator: Any = None) -> dict:
     """Make the missing images of this process's share with `generate.method`; the main process (rank 0)
     prepares and merges.
 
-    `labelled`, `captions`, `pipe`, `predictor`, `pool` (the tiny base's pretraining pool) and `curator`
-    default to what the config names (tests inject them); `method`, to the generator `generate.method` names (a
+    `paths` (the run's `RunPaths`), `labelled`, `captions`, `pipe`, `predictor`, `pool` (the tiny base's
+    pretraining pool) and `curator` default to what the config names (tests inject them); `method`, to the generator `generate.method` names (a
     pre-step passes one it configured, e.g. `DreamBoothGenerator(cfg, groups)` with several concepts per class).
     With curation (`curation.filters`), candidates are made in rounds until each class keeps its planned count
     (`mvc.generation.curation`). With several processes, pass `barrier` (e.g. `accelerator.wait_for_everyone`). Returns a
     summary dict (counts, images/s).
     """
     barrier = barrier or (lambda: None)
-    paths = RunPaths.of(cfg)
-    method = method if method is not None else make_generator(cfg)
+    paths = paths if paths is not None else RunPaths.of(cfg)
+    method = method if method is not None else make_generator(cfg, paths)
     out = SyntheticSet(paths.synthetic)
     if labelled is None:
         from mvc.data import load_splits
@@ -108,6 +109,18 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     # 3. the main process merges every rank's records, then writes grids and a summary
     barrier()
     return finish_run(run, jobs, paths, t_end - t0, t_end - (run.t_render or t0))
+
+
+def run_generation(cfg: Any, accelerator: Any, paths: RunPaths) -> dict:
+    """The generate stage on this process: the curation selectors first when `curation.filters` asks (the
+    cross-fitted classifiers of the labelled subset, trained once, resumable), then its share of the set."""
+    if cfg.curation.filters:
+        from mvc.generation.curation import train_selectors
+
+        train_selectors(cfg, accelerator)
+    return generate_synthetic(cfg, paths=paths, rank=accelerator.process_index, world=accelerator.num_processes,
+                              barrier=accelerator.wait_for_everyone, device=accelerator.device,
+                              progress=accelerator.is_local_main_process)
 
 
 def prepare_run(cfg: Any, method: Any, out: SyntheticSet, labelled: Any, pool: Any, captions: dict[str, str] | None,

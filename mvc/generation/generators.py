@@ -46,20 +46,21 @@ def render(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, con
                 image_guidance_scale=image_guidance_scale, generator=generators, output_type="pil").images
 
 
-def resolve_resolution(cfg: Any, model_dir: Path, pipe: Any = None) -> int:
-    """The sampling resolution of the fine-tuned model: `generate.resolution`, else the one it was tuned at."""
+def resolve_resolution(g: Any, model_dir: Path, pipe: Any = None) -> int:
+    """The sampling resolution of the fine-tuned model: `generate.resolution` (`g`: the generate section), else
+    the one it was tuned at."""
     from mvc.diffusion.models import load_ip2p_pipeline, pipeline_resolution, training_info
 
     tuned = training_info(model_dir).get("resolution")
-    if cfg.generate.resolution is not None:
-        if tuned and int(tuned) != int(cfg.generate.resolution):
+    if g.resolution is not None:
+        if tuned and int(tuned) != int(g.resolution):
             log.warning("generating at generate.resolution=%d, but %s was fine-tuned at %d px",
-                        cfg.generate.resolution, model_dir, tuned)
-        return int(cfg.generate.resolution)
+                        g.resolution, model_dir, tuned)
+        return int(g.resolution)
     if tuned:
         return int(tuned)
     if pipe is None:
-        pipe = load_ip2p_pipeline(model_dir, cfg.generate.scheduler)
+        pipe = load_ip2p_pipeline(model_dir, g.scheduler)
     return pipeline_resolution(model_dir, pipe)
 
 
@@ -74,8 +75,11 @@ class SetGenerator:
     name = ""
     finetuned = False  # samples the fine-tuned IP2P folder (run train_mvc.py first)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, paths: Any = None):
+        from mvc.core.paths import RunPaths
+
         self.cfg, self.g = cfg, cfg.generate
+        self.paths = paths if paths is not None else RunPaths.of(cfg)  # where the run's files go
         self.batch_size = self.g.batch_size or DEFAULT_BATCH  # images per pipeline call (generate_synthetic sizes it)
 
     def ops(self) -> list[str]:
@@ -94,7 +98,7 @@ class SetGenerator:
         raise NotImplementedError
 
     def shared_model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
-                     main: bool = True, barrier: Any = None) -> str:
+                          main: bool = True, barrier: Any = None) -> str:
         """`model_path()` on every process: the main process first (it builds what is missing, e.g. the tiny base), then
         the others, which find it built (`barrier`: wait for every process)."""
         model = self.model_path(labelled, pool, progress, device) if main else None
@@ -139,9 +143,9 @@ GENERATORS: Registry[type[SetGenerator]] = Registry("generate.method")
 publish_choices("generator", GENERATORS)
 
 
-def make_generator(cfg: Any) -> SetGenerator:
-    """The generator `generate.method` names, bound to `cfg`."""
-    return GENERATORS.get(cfg.generate.method)(cfg)
+def make_generator(cfg: Any, paths: Any = None) -> SetGenerator:
+    """The generator `generate.method` names, bound to `cfg` (and its `RunPaths`, when the caller has them)."""
+    return GENERATORS.get(cfg.generate.method)(cfg, paths=paths)
 
 
 #################################################################################
@@ -167,12 +171,10 @@ class MVCGenerator(SetGenerator):
                      mixing_params(self.cfg.mixing))
 
     def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
-        from mvc.core.paths import RunPaths
-
-        return str(RunPaths.of(self.cfg).final)
+        return str(self.paths.final)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
-        return resolve_resolution(self.cfg, Path(model), pipe)
+        return resolve_resolution(self.g, Path(model), pipe)
 
     def mixing_settings(self) -> dict:
         return dataclasses.asdict(self.cfg.mixing)
@@ -260,14 +262,13 @@ class BaseGenerator(SetGenerator):
         return bool(self.g.caption)
 
     def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
-        from mvc.core.paths import RunPaths
         from mvc.diffusion.inputs import base_source
 
         if self.cfg.model.base == "tiny" and pool is None:
             from mvc.data import load_splits
 
             pool = load_splits(self.cfg.data)[1]
-        return base_source(self.cfg, pool, RunPaths.of(self.cfg).root, progress, device)
+        return base_source(self.cfg, pool, self.paths.root, progress, device)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
         from mvc.diffusion.models import base_resolution
@@ -294,10 +295,9 @@ class BaseGenerator(SetGenerator):
 
     def components(self, model: str) -> dict:
         """The components of the folder (or hub id) sampled."""
-        from mvc.core.paths import RunPaths
         from mvc.diffusion.inputs import load_base
 
-        return load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
+        return load_base(self.cfg, None, self.paths.root, source=model)
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
         from mvc.diffusion.models import base_pipeline
@@ -404,7 +404,7 @@ class TrainedTogether:
     """A generator whose model every process trains at once, data-parallel (textual inversion, DreamBooth)."""
 
     def shared_model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
-                     main: bool = True, barrier: Any = None) -> str:
+                          main: bool = True, barrier: Any = None) -> str:
         """The main process first builds what the model trains from (the tiny base, the concepts' clusters); then
         every process calls `model_path()` together: all train (or all find the finished model)."""
         if main:
@@ -523,8 +523,8 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
     the default of one concept per class (a clustering pre-step passes them)."""
     name = "dreambooth"
 
-    def __init__(self, cfg: Any, groups: Sequence[tuple[int, Sequence[int]]] | None = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: Any, groups: Sequence[tuple[int, Sequence[int]]] | None = None, paths: Any = None):
+        super().__init__(cfg, paths)
         self.groups = groups
         self._concepts: list | None = None
 
@@ -566,7 +566,7 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
         return str(get_dreambooth(self.cfg, labelled, self.concepts(labelled, pool, progress, device), base, progress))
 
     def resolution(self, model: str, pipe: Any = None) -> int:
-        return resolve_resolution(self.cfg, Path(model), pipe)  # the training resolution (mvc_training.json)
+        return resolve_resolution(self.g, Path(model), pipe)  # the training resolution (mvc_training.json)
 
     def settings(self, model: str, labelled: Any, resolution: int) -> dict:
         from mvc.diffusion.models import training_info

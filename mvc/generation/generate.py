@@ -78,11 +78,11 @@ def generate_synthetic(cfg: Any, *, paths: RunPaths | None = None, labelled: Any
     prepares and merges.
 
     `paths` (the run's `RunPaths`), `labelled`, `captions`, `pipe`, `predictor`, `pool` (the tiny base's
-    pretraining pool) and `curator` default to what the config names (tests inject them); `method`, to the generator `generate.method` names (a
-    pre-step passes one it configured, e.g. `DreamBoothGenerator(cfg, groups)` with several concepts per class).
-    With curation (`curation.filters`), candidates are made in rounds until each class keeps its planned count
-    (`mvc.generation.curation`). With several processes, pass `barrier` (e.g. `accelerator.wait_for_everyone`). Returns a
-    summary dict (counts, images/s).
+    pretraining pool) and `curator` default to what the config names (tests inject them); `method`, to the
+    generator `generate.method` names (a pre-step passes one it configured, e.g. `DreamBoothGenerator(cfg, groups)`
+    with several concepts per class). With curation (`curation.filters`), candidates are made in rounds until each
+    class keeps its planned count (`mvc.generation.curation`). With several processes, pass `barrier` (e.g.
+    `accelerator.wait_for_everyone`). Returns a summary dict (counts, images/s).
     """
     barrier = barrier or (lambda: None)
     paths = paths if paths is not None else RunPaths.of(cfg)

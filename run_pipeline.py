@@ -1,21 +1,13 @@
 """The main job: the whole MVC pipeline end to end, then a results report.
 
     python run_pipeline.py --config configs/tiny.yaml
-
-Stages: fine-tuning (tiny base, captions, pairs, MVC fine-tuning) -> generation -> evaluation -> one
-classifier per (recipe, run, seed) from `pipeline.recipes` x `pipeline.runs` x `pipeline.seeds` ->
-`results.md` with mean +- std, the optimizer steps and images each run got, the wall time of each
-stage and figures. Each stage resumes: rerunning the command after an interruption skips what is
-finished and continues what is not.
-
     python run_pipeline.py --config configs/tiny.yaml --pipeline.generators='[mvc, mvc_nomix, txt2img, img2img]'
 
-adds the sets of other generators (`pipeline.generators`; the first is the main set, default [mvc]): each
-is generated, evaluated like the MVC set and trained on with the runs of `pipeline.generator_runs` over
-the same seeds, in stages of its own ("generation (img2img)", ...); results.md gets a synthetic-set row
-and accuracy rows per generator. MVC is fine-tuned only when a generator samples the fine-tuned model.
-
-The plan (the config of every stage) is mvc/studies/pipeline.py, the report mvc/studies/report.py; this script
+Stages: fine-tuning (tiny base, captions, pairs, MVC) -> generation -> evaluation -> one classifier per
+(recipe, run, seed) -> `results.md` (mean +- std, steps and images per run, stage wall times, figures). Each
+stage resumes. `pipeline.generators` adds the sets of other generators (the first is the main set), each
+generated, evaluated and trained on with `pipeline.generator_runs`; MVC is fine-tuned only when a generator
+samples the fine-tuned model. The plan is mvc/studies/pipeline.py, the report mvc/studies/report.py; this script
 runs the stages through the other scripts' `main`.
 """
 
@@ -44,7 +36,7 @@ from mvc.studies.pipeline import (
     run_config,
     split_run,
 )
-from mvc.studies.report import profile_key, update_readme, write_report
+from mvc.studies.report import profile_key, update_readme, write_results
 
 #################################################################################
 #                                     Stages                                    #
@@ -161,7 +153,7 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     for spec, (lc, run) in zip(cfg.pipeline.long_runs, long_runs(cfg)):
         run_stage(f"classifiers ({spec}, {cfg.pipeline.long_factor}x budget)",
                   lambda lc=lc, run=run: stage_classifiers(lc, [run]), times, paths.stage_times)
-    report = write_report(cfg, times)
+    report = write_results(cfg, times)
     print(f"\nreport: {report}\n")
     print(report.read_text())
     if update_readme_too:

@@ -65,7 +65,7 @@ def run_profile(profile: str) -> dict:
     rng = np.random.default_rng(0)
     sources = [Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)) for _ in range(n_src)]
     base = encode_prompts(pipe.tokenizer, pipe.text_encoder, [f"dark small shape, a photo of class type shirt {i}" for i in range(n_src)])
-    params = dict(k=3, mode="shuffle", m=3, s=2, source="self")
+    params = dict(coarse_k=3, coarse_mode="shuffle", fine_m=3, fine_s=2, fine_source="self")
     # jobs: (source, variant, mixed embedding (1, T, D)), as generate_synthetic makes them
     jobs = []
     for j in range(n_img):

@@ -2,17 +2,10 @@
 
     .venv/bin/python scripts/compare_generators.py --config configs/tiny.yaml --update-readme
 
-Runs the main job (`run_pipeline.py`) once per sampling mode, each time with every generator of
-`--generators` (`pipeline.generators`): `none` samples every labelled image, `clusters` first applies
-clustering-based sampling (`sampling.method=clusters`: k-means per class in a label-free embedding, the
-most coherent clusters and the images closest to their centroids; MVC, DreamBooth and textual inversion
-then learn per cluster). Each mode has its own run folder (`<run.output_dir>-compare/<mode>/`); the tiny
-base and the reference are shared through their caches, so they are built once. Every set is judged by the
-same evaluation (label fidelity, diversity, FD-ref, CAS) and trained on by the same classifier runs
-(`pipeline.generator_runs`, over `pipeline.seeds`); the real-only baselines (`--baselines`) are trained
-once, in the first mode. Writes `compare.md`, `compare.json` and `figures/compare.png` in
-`<run.output_dir>-compare/`; `--update-readme` copies them into the README's `compare` section. Each run
-resumes: rerunning after an interruption continues where it stopped.
+Runs the main job (`run_pipeline.py`) once per sampling mode (`none`, `clusters`), each time with every
+generator of `--generators`, in `<run.output_dir>-compare/<mode>/`; every set is judged by the same evaluation
+and trained on by the same classifier runs. Writes `compare.md`, `compare.json` and `figures/compare.png`;
+`--update-readme` copies them into the README's `compare` section. Each run resumes. docs/scripts.md has more.
 """
 
 from __future__ import annotations

@@ -2,15 +2,11 @@
 
     .venv/bin/python scripts/curation_study.py --config configs/tiny.yaml --update-readme
 
-Runs the main job (`run_pipeline.py`) in one run folder (`<run.output_dir>-curation/`) once per curation mode:
-`none`, then `--filters` (default wrong + easy) for every generator of `--generators`, then each filter of the
-ablation (`--ablation`, default wrong alone and easy alone) for the first generator. The modes share what does not
-depend on curation (the tiny base, MVC's fine-tuning, the reference, the real-only runs, the selectors); every
-curated set has the planned number of images per class (candidates are made until it does), so its classifier
-rows see as many synthetic images as the uncurated ones. Every set is judged by the same evaluation (fidelity,
-diversity, FD-ref, CAS) and trained on by the same classifier runs (`pipeline.generator_runs` over
-`pipeline.seeds`). Writes `curation.md`, `curation.json` and `figures/curation.png` there; `--update-readme` copies
-them into the README's `curation` section. Every run resumes.
+Runs the main job (`run_pipeline.py`) in `<run.output_dir>-curation/` once per curation mode: `none`, `--filters`
+for every generator of `--generators`, then each filter of `--ablation` for the first generator; every curated
+set has the planned number of images per class. Writes `curation.md`, `curation.json` and
+`figures/curation.png`; `--update-readme` copies them into the README's `curation` section. Every run resumes.
+docs/scripts.md has more.
 """
 
 from __future__ import annotations

@@ -4,20 +4,9 @@
     python scripts/gpu_check.py peak OUT.json {gpu,cpu}          # the matmul peak of this machine
     python scripts/gpu_check.py summary WORKDIR PEAK.json OVERRIDE...   # one JSON summary; exit 1 if a check fails
 
-`prepare` is the miniature run's (`python -m tests.smoke.harness prepare caltech101`: fixture data, stand-ins, the hub
-cache, accelerate's config); on the GPU it then replaces the SD-1.5 stand-in by one at SD-1.5's full width
-(random weights, 859.5 M-parameter U-Net), writes accelerate's config for one GPU in mixed precision
-$MVC_GPU_PRECISION (default fp16: 1.19x bf16 for fine-tuning on an H200), and adds the overrides of a run sized
-for a few minutes (256-px fine-tuning at batch 50, 50-step generation, ResNet-50 at 224 px; fewer steps and images than the paper's).
-
-`peak` measures the bf16 matmul throughput (8192^3, CUDA events; fp32 and 1024^3 on the CPU): the yardstick.
-
-`summary` reads what the stages recorded -- captions/summary.json, the fine-tuning log (images/s of its last
-interval, peak memory), each generator's runs.jsonl, the classifiers' metrics.json -- and gives per stage its
-throughput, peak GPU memory and the share of the measured peak its FLOPs reach (torch's flop counter on the
-meta device: U-Net forward + backward for fine-tuning, U-Net passes for generation, the backbone's forward +
-backward for the classifiers; the small BLIP-2 stand-in's captioning is not counted). The miniature run's
-checks (`tests.smoke.harness summary`) come with it.
+`prepare`: the miniature run's set-up, on the GPU with an SD-1.5-wide stand-in and a run sized for a few
+minutes; `peak`: the bf16 matmul throughput, the yardstick; `summary`: per stage its throughput, peak GPU memory
+and the share of the peak its FLOPs reach, plus the miniature run's checks. docs/scripts.md has the details.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """How much class can the tiny base's VAE keep? Train VAE variants alone and judge their round trips.
 
-Any generator that decodes through a VAE is capped by that VAE's round trip (encode the posterior mean,
-decode): a class the autoencoder blurs away cannot come back from a better U-Net. This probe trains the
-tiny VAE on the remainder pool (the tiny base's own data, no labels) for each variant given, then
-round-trips the fixed class-balanced real test subset of the synthetic-set evaluation and lets the
-evaluation-only reference classifier judge it (label fidelity, overall and per class). Nothing it
-measures chooses anything on its own: it says what a VAE setting can at best give, before a profile
-pays for the whole base.
+    .venv/bin/python scripts/probe_vae.py --config configs/tiny.yaml --variant 16,32,32:500 --variant 32,64:1500
 
-    .venv/bin/python scripts/probe_vae.py --config configs/tiny.yaml \
-        --variant 16,32,32:500 --variant 16,32,32:1500 --variant 32,64:1500
-
-A variant is `widths:steps` (widths: the VAE's block widths, `tiny.vae_channels`; one block fewer is one
-downsampling less: 32,64 gives 16x16 latents at 32 px). Writes <run.output_dir>/probe_vae/{probe_vae.md,
-probe_vae.json}.
+Each variant (`widths:steps`, widths as `tiny.vae_channels`) trains the tiny VAE on the remainder pool, then
+round-trips the evaluation's real test subset, judged by the evaluation-only reference (label fidelity, overall
+and per class): what a VAE setting can at best give, before a profile pays for the whole base. Writes
+<run.output_dir>/probe_vae/{probe_vae.md, probe_vae.json}. docs/scripts.md has more.
 """
 
 from __future__ import annotations

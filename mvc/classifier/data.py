@@ -41,7 +41,7 @@ def stratified_take(targets: np.ndarray, n: int, rng: np.random.Generator) -> np
     return np.sort(np.asarray(grid[:n], dtype=np.int64))
 
 
-def stratified_split(targets: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def hold_out_per_class(targets: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(train, held_out) indices: `fraction` of each class held out (at least 1, leaving at least 1)."""
     targets = np.asarray(targets)
     train, held = [], []
@@ -94,7 +94,7 @@ def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
                                            seeds.numpy_rng(cfg.data.subset_seed, "classifier.test_subset")))
     val = None
     if c.val_fraction > 0:
-        tr, va = stratified_split(train.targets, c.val_fraction, seeds.numpy_rng(cfg.data.subset_seed, "classifier.val"))
+        tr, va = hold_out_per_class(train.targets, c.val_fraction, seeds.numpy_rng(cfg.data.subset_seed, "classifier.val"))
         train, val = train.subset(tr), train.subset(va)
         held_out |= set(val.ids)
     syn, syn_fp = None, None

@@ -1,20 +1,10 @@
 """Synthetic-data strategies: which images make each batch of each epoch, and at which LR scale.
 
-A strategy never touches pixels. It works in one *combined index space* where indices
-`0..n_real-1` are real images and `n_real..n_real+n_syn-1` are synthetic ones, and returns an
-`EpochPlan`: the batches (index arrays) of one epoch, the LR scale, and where the epoch sits in its
-phase's LR schedule. Plans are a pure function of (seed, epoch), so a resumed run replays exactly
-the epochs it would have run, and every process of a DDP run agrees on the global plan (each
-then takes its own share of the batches).
-
-Equal compute. Every run of a comparison gets the same budget of optimizer steps (`step_budget`):
-`classifier.steps`, or else `classifier.epochs` real-only epochs' worth of steps. A strategy whose
-epoch is longer (real + synthetic) runs fewer epochs; the last epoch is cut where the budget ends.
-`two_phase` splits the budget in steps (phase 2 gets `round(two_phase_fraction * budget)`).
-`probabilistic` (append) puts more images into each step: its budget is the same in steps, and the
-run records how many images it saw (`EpochPlan.num_images`), which the report states.
-
-Importing this module is cheap (numpy only): config validation calls `list_strategies()`.
+A strategy never touches pixels: in one combined index space (real images first, then synthetic ones) it
+returns an `EpochPlan` (batches, LR scale, place in its phase's schedule), a pure function of (seed, epoch), so
+a resumed run replays exactly and every DDP process agrees on the global plan. Every run of a comparison gets
+the same budget of optimizer steps (`step_budget`). Importing this module is cheap (numpy only): config
+validation calls `list_strategies()`. docs/strategies.md explains the budget and each strategy's epoch.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ RESUME_FREE_KEYS = {"seeds", "num_workers", "checkpoint_every", "checkpoints_kee
 #                               One training run                                #
 #################################################################################
 
-def resume_record(cfg, seed: int, fold: int | None, data: dict) -> dict:
+def trained_on_record(cfg, seed: int, fold: int | None, data: dict) -> dict:
     """What a classifier run's weights depend on (recorded in its checkpoints; a resume must match it): the
     data.* and classifier.* keys that change the result, the seed and fold, and the images it trains on."""
     syn = data["synthetic"]
@@ -50,20 +51,33 @@ def resume_record(cfg, seed: int, fold: int | None, data: dict) -> dict:
             "synthetic_set": data.get("synthetic_fingerprint")}
 
 
-def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = None,
-                   resume: str | None = None, stop_after: int | None = None) -> dict | None:
-    """Train (or resume) one classifier; write metrics.json, confusion matrices and a results-CSV row.
+@dataclasses.dataclass
+class _Run:
+    """One classifier run's data, model and training parts, and where its files go."""
+    c: Any  # cfg.classifier
+    d: dict  # prepare_data's splits
+    model: Any
+    meta: Any
+    real: Any
+    syn: Any
+    data: Combined
+    augment: Augment
+    test_ds: Any
+    val_ds: Any
+    strategy: Any
+    optimizer: Any
+    loss_fn: Any
+    run_dir: Path
 
-    Returns the metrics record, or None when stopped early by `stop_after` (epochs completed).
-    """
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def build_run(cfg, seed: int, splits, fold: int | None, world: int) -> _Run:
+    """Data and model (model init seeded identically on every rank; DDP also broadcasts rank 0's weights), the
+    strategy and the optimizer."""
     c = cfg.classifier
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run_dir = run_dir_for(cfg, seed, fold)
-    ckpt_dir = run_dir / "checkpoints"
-    t0 = time.time()
-    reset_peak_memory(accelerator.device)
-
-    # 1. data and model (model init seeded identically on every rank; DDP also broadcasts rank 0's weights)
     d = prepare_data(cfg, seed, splits, fold)
     seeds.seed_everything(seeds.derive_seed(seed, "classifier.init"))
     model, meta = build_model(c.backbone, len(d["classes"]), c.pretrained, c.cifar_stem, c.input_size)
@@ -75,74 +89,143 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     val_ds = prepared(d["val"], meta) if d["val"] is not None else None
     # the same optimizer-step budget for every strategy: the epoch count follows the strategy's epoch size
     strategy = build_strategy(c, data.n_real, data.n_syn, world)
-    epochs = strategy.epochs
     optimizer = build_optimizer(model.parameters(), c)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+    return _Run(c, d, model, meta, real, syn, data, augment, test_ds, val_ds, strategy, optimizer, loss_fn,
+                run_dir_for(cfg, seed, fold))
 
-    # 2. resume or start fresh
-    start, best, history = 0, None, []
-    record = resume_record(cfg, seed, fold, d)
-    state = resolve_resume(resume, ckpt_dir, kind="classifier", trained_on=record)
+
+def resume_run(run: _Run, resume: str | None, trained_on: dict, world: int, main: bool) -> dict | None:
+    """Load the checkpoint `resume` names into the run (returns its state), or start fresh: the main process
+    removes an earlier run's checkpoints."""
+    state = resolve_resume(resume, run.ckpt_dir, kind="classifier", trained_on=trained_on)
     if state is not None:
         if int(state.get("world_size", world)) != world:
             raise MVCError(f"cannot resume: the checkpoint was made with {state['world_size']} process(es), this run "
                            f"has {world} (the epoch plan depends on it); resume with the same number of processes")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, history = int(state["epoch"]), state.get("best"), list(state.get("history", []))
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
         if main:
-            log.info("resumed %s at epoch %d", run_dir, start)
+            log.info("resumed %s at epoch %d", run.run_dir, int(state["epoch"]))
     elif main:
-        stale = list_checkpoints(ckpt_dir)
+        stale = list_checkpoints(run.ckpt_dir)
         if stale:
-            log.warning("starting %s fresh: removing %d checkpoint(s) of an earlier run", run_dir.name, len(stale))
+            log.warning("starting %s fresh: removing %d checkpoint(s) of an earlier run", run.run_dir.name, len(stale))
             for p in stale:
                 p.unlink(missing_ok=True)
+    return state
+
+
+def measure_test(run: _Run, accelerator) -> dict:
+    """Metrics of the model on the test split (every process evaluates its share)."""
+    loader = eval_loader(run.test_ds, run.meta, run.c.batch_size * 2, accelerator.process_index,
+                         accelerator.num_processes)
+    y, p = evaluate(run.model, loader, accelerator)
+    return compute_metrics(y, p, len(run.d["classes"]))
+
+
+def evaluate_epoch(run: _Run, accelerator, epoch: int, stats: dict, best: dict | None) -> tuple[dict | None, dict | None]:
+    """Evaluate every `eval_every` epochs (0: only the last one) and at the end: the selection signal (validation,
+    else test accuracy) goes into `stats`; returns (best, the final epoch's test metrics when measured here)."""
+    c, epochs = run.c, run.strategy.epochs
+    if not (epoch + 1 == epochs or (c.eval_every > 0 and (epoch + 1) % c.eval_every == 0)):
+        return best, None
+    last = None
+    if run.val_ds is not None:
+        loader = eval_loader(run.val_ds, run.meta, c.batch_size * 2, accelerator.process_index,
+                             accelerator.num_processes)
+        y, p = evaluate(run.model, loader, accelerator)
+        signal = compute_metrics(y, p, len(run.d["classes"]))["accuracy"]
+        stats["val_accuracy"] = signal
+    else:
+        last = measure_test(run, accelerator)
+        signal = last["accuracy"]
+        stats["test_accuracy"] = signal
+    if best is None or signal > best["signal"]:
+        m = last if last is not None else measure_test(run, accelerator)
+        if epoch + 1 == epochs:
+            last = m  # the final epoch's test metrics: not evaluated a second time
+        best = {"epoch": epoch + 1, "signal": float(signal), **m}
+    return best, last
+
+
+def train_epoch(run: _Run, accelerator, seed: int, epoch: int) -> dict:
+    """One epoch of the strategy's plan; its stats (time, phase, images seen)."""
+    rank, world, c = accelerator.process_index, accelerator.num_processes, run.c
+    seeds.seed_everything(seeds.derive_seed(seed, "classifier.epoch", rank, epoch))
+    plan = run.strategy.epoch_plan(epoch, seed)
+    batches = shard_batches(plan.batches, rank, world)
+    loader = plan_loader(run.data, batches, c.num_workers, seeds.generator(seed, "classifier.loader", rank, epoch),
+                         run.augment)
+    te = time.time()
+    stats = train_one_epoch(run.model, loader, run.optimizer, accelerator, run.loss_fn,
+                            lambda s: plan_lr(c, plan, s), epoch, show_progress=accelerator.is_main_process)
+    stats["epoch_time_s"] = round(time.time() - te, 3)
+    stats["phase"] = plan.phase
+    stats["images_seen"] = plan.num_images  # every process's batches (stats["images"]: this process's)
+    stats["synthetic_seen"] = plan.num_synthetic(run.data.n_real)
+    return stats
+
+
+def final_record(cfg, run: _Run, seed: int, fold: int | None, world: int, last: dict, best: dict | None,
+                 history: list[dict], t0: float, device) -> dict:
+    """metrics.json of a finished run."""
+    c, strategy, data = run.c, run.strategy, run.data
+    selected_on = "val" if run.val_ds is not None else "test"
+    return {
+        "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
+        "strategy": strategy.tag(), "augment": c.augment, "generator": synthetic_generator(cfg),
+        "synthetic_set": run.d.get("synthetic_fingerprint"), "seed": int(seed), "fold": fold, "probe": c.probe,
+        "epochs": strategy.epochs, "steps": sum(h["steps"] for h in history), "budget_steps": strategy.total_steps,
+        "phase_steps": strategy.phase_steps(), "images_seen": sum(h["images_seen"] for h in history),
+        "synthetic_seen": sum(h["synthetic_seen"] for h in history), "n_real": data.n_real, "n_synthetic": data.n_syn,
+        "n_val": len(run.val_ds) if run.val_ds is not None else 0, "n_test": len(run.test_ds),
+        "classes": run.d["classes"], "best_selected_on": selected_on,
+        "note": ("best = epoch with the best validation accuracy" if selected_on == "val" else
+                 "best = epoch with the best TEST accuracy (optimistic; report 'last', or set classifier.val_fraction)"),
+        "last": {"epoch": strategy.epochs, **last}, "best": best, "history": history,
+        "input_size": run.meta.input_size, "world_size": world, "time_s": round(time.time() - t0, 2),
+        "train_steps_per_s": round(sum(h["steps"] for h in history) / max(sum(h["epoch_time_s"] for h in history), 1e-9), 3),
+        "peak_memory_gb": peak_memory_gb(device),
+        "run_dir": str(run.run_dir),
+    }
+
+
+def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = None,
+                   resume: str | None = None, stop_after: int | None = None) -> dict | None:
+    """Train (or resume) one classifier; write metrics.json, confusion matrices and a results-CSV row.
+
+    Returns the metrics record, or None when stopped early by `stop_after` (epochs completed).
+    """
+    c = cfg.classifier
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    t0 = time.time()
+    reset_peak_memory(accelerator.device)
+
+    # 1. data, model, strategy and optimizer
+    run = build_run(cfg, seed, splits, fold, world)
+    epochs = run.strategy.epochs
+
+    # 2. resume or start fresh
+    trained_on = trained_on_record(cfg, seed, fold, run.d)
+    state = resume_run(run, resume, trained_on, world, main)
+    start, best, history = 0, None, []
+    if state is not None:
+        start, best, history = int(state["epoch"]), state.get("best"), list(state.get("history", []))
     accelerator.wait_for_everyone()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
     if c.num_workers > 0:  # workers get copies of the datasets: fill the image caches once, here
-        for ds in (real, syn):
+        for ds in (run.real, run.syn):
             if ds is not None:
                 ds.warm(progress=main)
-    logger = RunLogger(run_dir, enabled=main, truncate_to=start if state is not None else -1)  # no replayed records
+    logger = RunLogger(run.run_dir, enabled=main, truncate_to=start if state is not None else -1)  # no replayed records
     logger.config(dataclasses.asdict(cfg), metrics=["test_last/accuracy"])
-    selected_on = "val" if val_ds is not None else "test"
-
-    def test_metrics() -> dict:
-        y, p = evaluate(model, eval_loader(test_ds, meta, c.batch_size * 2, rank, world), accelerator)
-        return compute_metrics(y, p, len(d["classes"]))
 
     # 3. epochs: each one a pure function of (seed, epoch), so resuming replays exactly
     last = None
     for epoch in range(start, epochs):
-        seeds.seed_everything(seeds.derive_seed(seed, "classifier.epoch", rank, epoch))
-        plan = strategy.epoch_plan(epoch, seed)
-        batches = shard_batches(plan.batches, rank, world)
-        loader = plan_loader(data, batches, c.num_workers, seeds.generator(seed, "classifier.loader", rank, epoch),
-                             augment)
-        te = time.time()
-        stats = train_one_epoch(model, loader, optimizer, accelerator, loss_fn,
-                                lambda s: plan_lr(c, plan, s), epoch, show_progress=main)
-        stats["epoch_time_s"] = round(time.time() - te, 3)
-        stats["phase"] = plan.phase
-        stats["images_seen"] = plan.num_images  # every process's batches (stats["images"]: this process's)
-        stats["synthetic_seen"] = plan.num_synthetic(data.n_real)
-        # evaluate every `eval_every` epochs (0: only the last one) and at the end
-        evaluate_now = epoch + 1 == epochs or (c.eval_every > 0 and (epoch + 1) % c.eval_every == 0)
-        last = None
-        if evaluate_now and val_ds is not None:
-            y, p = evaluate(model, eval_loader(val_ds, meta, c.batch_size * 2, rank, world), accelerator)
-            signal = compute_metrics(y, p, len(d["classes"]))["accuracy"]
-            stats["val_accuracy"] = signal
-        elif evaluate_now:
-            last = test_metrics()
-            signal = last["accuracy"]
-            stats["test_accuracy"] = signal
-        if evaluate_now and (best is None or signal > best["signal"]):
-            m = last if last is not None else test_metrics()
-            if epoch + 1 == epochs:
-                last = m  # the final epoch's test metrics: not evaluated a second time below
-            best = {"epoch": epoch + 1, "signal": float(signal), **m}
+        stats = train_epoch(run, accelerator, seed, epoch)
+        best, last = evaluate_epoch(run, accelerator, epoch, stats, best)
         history.append({"epoch": epoch + 1, **{k: (v if isinstance(v, (str, int)) else float(v)) for k, v in stats.items()}})
         logger.scalars(epoch + 1, {k: v for k, v in stats.items() if not isinstance(v, str)}, prefix="train/")
         if main:
@@ -151,12 +234,12 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
         done = epoch + 1
         if done % c.checkpoint_every == 0 or done == epochs or (stop_after is not None and done >= stop_after):
             if main:
-                save_checkpoint(ckpt_dir, done, {
-                    "model": accelerator.unwrap_model(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                save_checkpoint(run.ckpt_dir, done, {
+                    "model": accelerator.unwrap_model(run.model).state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
                     "epoch": done, "best": best, "history": history, "rng": rng_state(),
-                    "classes": d["classes"], "model_meta": meta.to_dict(), "seed": int(seed), "world_size": world,
-                }, dataclasses.asdict(cfg), keep=c.checkpoints_keep, kind="classifier", trained_on=record)
+                    "classes": run.d["classes"], "model_meta": run.meta.to_dict(), "seed": int(seed), "world_size": world,
+                }, dataclasses.asdict(cfg), keep=c.checkpoints_keep, kind="classifier", trained_on=trained_on)
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after and done < epochs:
             logger.close()
@@ -164,26 +247,10 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
 
     # 4. final metrics (the last epoch's test metrics may already be there)
     if last is None:
-        last = test_metrics()
-    record = {
-        "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
-        "strategy": strategy.tag(), "augment": c.augment, "generator": synthetic_generator(cfg),
-        "synthetic_set": d.get("synthetic_fingerprint"), "seed": int(seed), "fold": fold, "probe": c.probe,
-        "epochs": epochs, "steps": sum(h["steps"] for h in history), "budget_steps": strategy.total_steps,
-        "phase_steps": strategy.phase_steps(), "images_seen": sum(h["images_seen"] for h in history),
-        "synthetic_seen": sum(h["synthetic_seen"] for h in history), "n_real": data.n_real, "n_synthetic": data.n_syn,
-        "n_val": len(val_ds) if val_ds is not None else 0, "n_test": len(test_ds), "classes": d["classes"],
-        "best_selected_on": selected_on,
-        "note": ("best = epoch with the best validation accuracy" if selected_on == "val" else
-                 "best = epoch with the best TEST accuracy (optimistic; report 'last', or set classifier.val_fraction)"),
-        "last": {"epoch": epochs, **last}, "best": best, "history": history,
-        "input_size": meta.input_size, "world_size": world, "time_s": round(time.time() - t0, 2),
-        "train_steps_per_s": round(sum(h["steps"] for h in history) / max(sum(h["epoch_time_s"] for h in history), 1e-9), 3),
-        "peak_memory_gb": peak_memory_gb(accelerator.device),
-        "run_dir": str(run_dir),
-    }
+        last = measure_test(run, accelerator)
+    record = final_record(cfg, run, seed, fold, world, last, best, history, t0, accelerator.device)
     if main:
-        write_run_outputs(record, run_dir, logger, cfg)
+        write_run_outputs(record, run.run_dir, logger, cfg)
     logger.close()
     return record
 

@@ -1,16 +1,12 @@
 """Typed configs: dataclass sections with help text and validation, YAML files, CLI overrides.
 
-Every script reads one YAML file (`--config configs/tiny.yaml`) into the same `Config`; each
-script uses the sections it needs. Values are overridden on the command
-line with `--section.key=value` (or `--section.key value`); the value is parsed as YAML, so
-`--train.lr=3e-4`, `--mixing.window=[1,8]` and `--run.seed=null` work. An unknown key, a wrong
-type or an out-of-range value is a one-line `MVCError` naming the key.
-
-Nothing slips past: every float must be finite (`nan` passes any `<`/`>` test), ranges are the ones
-torch and diffusers accept, a list that must not be empty is not, a section is a mapping (or null:
-its defaults), a config file is UTF-8, at most 1 MiB, without duplicate keys or an alias blow-up,
-and rules that span keys (the prompt template, mixing ops and window, the tiny base's widths) are
-checked once, here, before any stage starts.
+Every script reads one YAML file (`--config configs/tiny.yaml`) into the same `Config` and uses the sections it
+needs. `--section.key=value` (or `--section.key value`) overrides a value, parsed as YAML (`--run.seed=null`,
+`--mixing.window=[1,8]`). An unknown key, a wrong type or an out-of-range value is a one-line `MVCError` naming
+the key. Nothing slips past: every float must be finite (`nan` passes any `<`/`>` test), ranges are the ones
+torch and diffusers accept, a list that must not be empty is not, a section is a mapping (or null: its
+defaults), a config file is UTF-8, at most 1 MiB, without duplicate keys or an alias blow-up, and rules that
+span keys (the prompt template, mixing ops and window, the tiny base's widths) are checked once, here.
 """
 
 from __future__ import annotations
@@ -251,14 +247,9 @@ class MixingConfig:
 @dataclass
 class GenerateConfig:
     """Synthetic-set generation (generate_mvc.py), by any generator of the registry (`method`)."""
-    method: str = opt("mvc", "Generator: 'mvc' (the fine-tuned model, mixed prompts), 'mvc_nomix' (the same model, "
-                      "mixing off), 'txt2img' (the base, not fine-tuned, from the class prompt), 'img2img' (SDEdit: "
-                      "the base from each real image noised to `strength`), 'textual_inversion' (DA-Fusion: a token "
-                      "embedding learned per class, section textual_inversion, then img2img from each real image "
-                      "with that token in the prompt) or 'dreambooth' (the base fine-tuned with one rare identifier per "
-                      "class and prior preservation, section dreambooth; trained on first use into "
-                      "<run.output_dir>/dreambooth/final, then text-to-image from each class's instance prompt); only "
-                      "mvc and mvc_nomix need train_mvc.py first. Every one writes the same synthetic-set format.",
+    method: str = opt("mvc", "Generator: a name of the registry mvc.generation.generators.GENERATORS, whose classes "
+                      "say what each samples (docs/generators.md); only those that sample the fine-tuned model "
+                      "need train_mvc.py first. Every one writes the same synthetic-set format.",
                       choices=_generators)
     model_dir: str | None = opt(None, "Fine-tuned pipeline folder of mvc / mvc_nomix (default: "
                                 "<run.output_dir>/mvc/final); txt2img / img2img / textual_inversion sample model.base, "
@@ -843,7 +834,10 @@ def config_help() -> str:
         lines.append(f"  [{sf.name}] {section.__doc__}")
         for f in dataclasses.fields(section):
             d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"    --{sf.name}.{f.name}  ({_type_name(hints[f.name])}, default {d!r}): {f.metadata.get('help', '')}")
+            options = f.metadata.get("choices")
+            options = f" Choices: {', '.join(map(str, options() if callable(options) else options))}." if options else ""
+            lines.append(f"    --{sf.name}.{f.name}  ({_type_name(hints[f.name])}, default {d!r}): "
+                         f"{f.metadata.get('help', '')}{options}")
     return "\n".join(lines)
 
 

@@ -1,29 +1,10 @@
 """Where a run's files go: one place that names every path under `run.output_dir`.
 
-```
-<run.output_dir>/
-  config-<stage>.yaml         resolved config of each stage run
-  captions/                   caption caches (one JSON-lines file per captioner and dataset)
-  pairs.npz                   index pairs
-  clusters/                   clustering-based sampling: <key>.json (the concepts) and <key>.png, per settings
-  mvc/                        fine-tuning: checkpoints/, tb/, log.jsonl, validation/, final/ (the IP2P folder)
-  dreambooth/                 DreamBooth (generate.method=dreambooth): class_images/<key>/, checkpoints/, tb/,
-                              log.jsonl, final/ (a StableDiffusionPipeline folder)
-  synthetic/                  the synthetic set (ImageFolder + metadata.jsonl)   [generate.out_dir]
-  synthetic_grids/            its sample grids and TensorBoard log              [generate.grid_dir]
-  synthetic_<method>/         the set of another generator (generate.method: mvc_nomix, txt2img, img2img, textual_inversion, dreambooth)
-  textual_inversion/          learned token embeddings: checkpoints/, tb/, log.jsonl, learned_embeds.safetensors,
-                              training.json (generate.method=textual_inversion)
-  mvc_clusters/, synthetic_clusters/, synthetic_<method>_clusters/, textual_inversion_clusters/,
-  dreambooth_clusters/
-                              the same with clustering-based sampling (sampling.method=clusters)
-  classifier/<run>/           one classifier run: metrics.json, checkpoints/, tb/
-  results.csv, results.md, figures/, stage_times.json
-```
-
-Output options given as relative paths are taken inside `run.output_dir` and may not leave it; an
-absolute path is used as given (the user asked for that place on purpose). No output may lie inside
-`data.root`: the run's folders would become part of the dataset (new "classes") the next time.
+`RunPaths.of(cfg)` names the captions, pairs, clusters, fine-tuning, DreamBooth and textual-inversion folders,
+the synthetic sets and their grids, the classifier runs and the report (docs/architecture.md, "Files a run
+writes", shows the tree). Output options given as relative paths are taken inside `run.output_dir` and may not
+leave it; an absolute path is used as given (the user asked for that place on purpose). No output may lie
+inside `data.root`: the run's folders would become part of the dataset (new "classes") the next time.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Speed and memory levers on an accelerator, and the measures that judge them.
 
-Stages call these unconditionally: off CUDA each lever that only CUDA has is a no-op and each memory
-query returns None, so the CPU runs (and tests) take the same code paths as a GPU run.
-
-- levers: TF32 for fp32 matmuls / convolutions (`set_tf32`), channels-last memory format
-  (`channels_last`), `torch.compile` (`compiled`);
-- memory: the peak allocated by torch since a reset (`reset_peak_memory`, `peak_memory_gb`), and what a
-  new allocation can still get (`free_memory_bytes`: the driver's free memory plus what torch's caching
-  allocator holds unused);
-- FLOPs: torch's own counter (`torch.utils.flop_counter.FlopCounterMode`) on the meta device, so counting
-  the U-Net at SD-1.5's width costs no memory and well under a second (`unet_flops`, `count_flops`);
-- the bf16 matmul peak a GPU reaches (`matmul_tflops`), the yardstick of "share of the GPU".
+Stages call these unconditionally: off CUDA each CUDA-only lever is a no-op and each memory query returns
+None, so CPU runs (and tests) take the same code paths as a GPU run.
+- levers: TF32 (`set_tf32`), channels-last memory format (`channels_last`), `torch.compile` (`compiled`);
+- memory: the peak allocated since a reset (`reset_peak_memory`, `peak_memory_gb`), and what a new allocation
+  can still get (`free_memory_bytes`: the driver's free memory plus what torch's caching allocator holds);
+- FLOPs: torch's counter on the meta device, so counting SD-1.5's U-Net costs no memory (`unet_flops`,
+  `count_flops`); the bf16 matmul peak a GPU reaches (`matmul_tflops`), the yardstick of "share of the GPU".
 """
 
 from __future__ import annotations

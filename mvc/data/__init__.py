@@ -15,14 +15,14 @@ from mvc.data.dataset import (
                               ImageDataset,
                               build_dataset,
                               describe_eval_split,
+                              draw_per_class,
                               list_datasets,
                               load_splits,
                               low_data_subset,
                               register_dataset,
-                              stratified_split,
 )
 from mvc.data.images import load_rgb, to_rgb
 
 __all__ = ["DATASETS", "EVAL_SPLITS", "ArraySource", "FileSource", "ImageDataset", "build_dataset",
            "describe_eval_split", "list_datasets", "load_splits", "low_data_subset", "register_dataset",
-           "stratified_split", "load_rgb", "to_rgb"]
+           "draw_per_class", "load_rgb", "to_rgb"]

@@ -1,16 +1,10 @@
 """Captioners and the per-image caption cache (prompts are built by `mvc.data.prompts`).
 
-A captioner is a callable `captioner(images: list[PIL.Image]) -> list[str]` with a `name`.
-Captions are cached in one JSON-lines file per (captioner, dataset) — `{"id", "caption"}` per
-line — written a batch at a time, so a rerun reuses it and an interrupted run resumes.
-
-Registered captioners (`CAPTIONERS`):
-- `blip2`: BLIP-2 through `transformers` (the paper's captioner; the full profile);
-- `lavis`: BLIP-2 through `salesforce-lavis`, run in its own environment (requirements-lavis.txt);
-- `attributes`: label-free words computed from the pixels (the tiny profile's stand-in for BLIP-2);
-- `template`: one fixed text for every image (ablation: no per-image caption).
-
-Heavy libraries are imported inside the builders, so `list_captioners()` stays cheap.
+A captioner is a callable `captioner(images: list[PIL.Image]) -> list[str]` with a `name`; the registry
+`CAPTIONERS` lists them (`captions.captioner`), each class saying what it is. Captions are cached in one
+JSON-lines file per (captioner, dataset) — `{"id", "caption"}` per line — written a batch at a time, so a
+rerun reuses it and an interrupted run resumes. Heavy libraries are imported inside the builders, so
+`list_captioners()` stays cheap.
 """
 
 from __future__ import annotations

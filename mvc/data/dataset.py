@@ -162,7 +162,7 @@ def register_dataset(name: str, splits: tuple[str, ...] = ("train", "test")):
 #                              Low-data subsets                                 #
 #################################################################################
 
-def stratified_split(targets: np.ndarray, num_classes: int, take: Callable[[int], int],
+def draw_per_class(targets: np.ndarray, num_classes: int, take: Callable[[int], int],
                      seed: int, role: str = "subset") -> tuple[np.ndarray, np.ndarray]:
     """Per class, draw `take(n_class)` positions at random: (taken, rest), each sorted.
 
@@ -197,7 +197,7 @@ def low_data_subset(ds: ImageDataset, k_per_class: int | None,
     if short:
         log.warning(f"{ds.name}: {len(short)} class(es) have fewer than k_per_class={k} images; "
                     f"using all they have: {', '.join(short[:5])}{' ...' if len(short) > 5 else ''}")
-    labelled, pool = stratified_split(ds.targets, len(ds.classes), lambda n: k, seed)
+    labelled, pool = draw_per_class(ds.targets, len(ds.classes), lambda n: k, seed)
     return ds.subset(labelled), ds.subset(pool)
 
 
@@ -218,9 +218,9 @@ def load_splits(data_cfg: Any) -> tuple[ImageDataset, ImageDataset, ImageDataset
     if data_cfg.test_split == "val" and not _has_native_split(builder, root, "val"):
         frac = float(getattr(data_cfg, "val_fraction", 0.1))
         # take at least one val image from every class that has any pool images left
-        val_pos, pool_pos = stratified_split(pool.targets, len(pool.classes),
-                                             lambda n: max(1, int(round(frac * n))) if n else 0,
-                                             data_cfg.subset_seed, role="val_split")
+        val_pos, pool_pos = draw_per_class(pool.targets, len(pool.classes),
+                                           lambda n: max(1, int(round(frac * n))) if n else 0,
+                                           data_cfg.subset_seed, role="val_split")
         if len(val_pos) == 0:
             raise MVCError(f"no images left for a 'val' split after taking k_per_class={data_cfg.k_per_class}; "
                            f"lower data.k_per_class or use data.test_split=test")

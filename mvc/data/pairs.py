@@ -1,17 +1,13 @@
 """Index pairs (condition, target) drawn within each class; only int32 indices are stored.
 
-Per class and round, two random permutations `p`, `q` of the class's images are paired one to
-one (`p[i]` is the condition of target `q[i]`). Positions where `p[i] == q[i]` (an image paired
-with itself) are repaired without breaking either permutation: when a row has two or more such
-positions their `q` values are rotated among them (each gets the next one's image, which is
-another image); when it has exactly one, its `q` value is swapped with a random other position
-of the row (neither position can then hold its own image). Both lists stay permutations, so every
-image is a condition exactly `rounds` times and a target exactly `rounds` times.
-
+Per class and round, two random permutations `p`, `q` of the class's images are paired one to one (`p[i]` is
+the condition of target `q[i]`); positions where an image is paired with itself are repaired without breaking
+either permutation (rotated among themselves, or one swapped with a random other position), so every image is
+a condition exactly `rounds` times and a target exactly `rounds` times.
 With a grouping (clustering-based sampling, `mvc.diffusion.clustering`), the same draw runs within each group of
-a class instead of the whole class: an image is paired only with images of its own concept, images
-outside every group are never paired, and a group of one image gives no pair. The pairs file records
-the grouping's fingerprint, so pairs drawn with another grouping (or none) are never reused.
+a class: an image is paired only within its own concept, images outside every group are never paired, and a
+group of one image gives no pair. The pairs file records the grouping's fingerprint, so pairs drawn with
+another grouping (or none) are never reused.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mvc.core.utils import MVCError
-from mvc.data.dataset import ArraySource, FileSource, ImageDataset, register_dataset, stratified_split
+from mvc.data.dataset import ArraySource, FileSource, ImageDataset, draw_per_class, register_dataset
 from mvc.data.images import list_class_dirs, scan_class_folders
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,9 @@ def caltech101(root: Path, split: str, test_fraction: float = 0.2, split_seed: i
     if not base.is_dir():
         raise MVCError(f"caltech101 not found: expected {base}/<class>/*.jpg (see {README})")
     full = _folder_dataset("caltech101", split, base, base, base, exclude=CALTECH_EXCLUDE)
-    test_pos, train_pos = stratified_split(full.targets, len(full.classes),
-                                           lambda n: max(1, int(round(test_fraction * n))) if n >= 2 else 0,
-                                           split_seed, role="test_split")
+    test_pos, train_pos = draw_per_class(full.targets, len(full.classes),
+                                         lambda n: max(1, int(round(test_fraction * n))) if n >= 2 else 0,
+                                         split_seed, role="test_split")
     return full.subset(test_pos if split == "test" else train_pos)
 
 

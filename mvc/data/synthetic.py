@@ -1,35 +1,10 @@
 """The synthetic-set format: its plan, its files, its records; written, reconciled, read and counted here only.
 
-A synthetic set is an image folder that torchvision's `ImageFolder` and the `datasets` "imagefolder"
-loader both read as it is:
-
-```
-<set>/generation.json                    the settings it was made with (a rerun with others is refused)
-<set>/metadata.jsonl                     one record per image (below), in plan order
-<set>/rejected.jsonl                     images a filter refused (no file is kept for them)
-<set>/<NNN>_<class>/<SSSSS>_v<VVV>.png  the images (SSSSS: the source's position in the labelled subset)
-```
-
-- Class folders start with the class index, zero-padded (`003_Dress`), so `ImageFolder`'s alphabetical
-  class order equals the dataset's order and its class indices equal the records' `label`. Every
-  class has a folder, also one without images, so no index ever shifts.
-- File names are numbers only: a name like `train_00012.png` would make the `datasets` loader guess
-  a "train" split from it and ignore `metadata.jsonl`. Load the set there with
-  `load_dataset("imagefolder", data_files={"train": "<set>/**"})`: its `label` column is then ours.
-- A record holds `file_name` (relative path; the `datasets` loader's key), `label`, `class_name`,
-  `source_id` / `source_index` (the real image it was made from; null when it used none), `variant`,
-  `op`, then what the generator adds (`mvc.generation.generators`): `method`, its sampling parameters (guidance,
-  steps, sampler, resolution, model; `strength` for img2img), `seed` and the image's own
-  `generator_seed`, and its per-image fields (`op_params`, `caption`, `prompt`); with clustering-based
-  sampling (`mvc.diffusion.clustering`) also `cluster`, the concept of its class that the source belongs to.
-  Every generator writes this format, so readers never ask which one made a set.
-- Every PNG carries a text chunk naming the set's settings fingerprint, so a rerun knows which files
-  are its own: it deletes or overwrites only those, never follows a symbolic link, and refuses to
-  touch a folder that holds files it did not make.
-
-Crash safety: a PNG is written atomically (temp file, then rename) and its record appended after the
-file exists; `reconcile` (main process, at start and end) merges per-rank record files, drops records
-whose file is gone, and leaves planned images without a record to be made again.
+A set is an image folder that torchvision's `ImageFolder` and the `datasets` "imagefolder" loader both read as
+it is: `generation.json` (the settings), `metadata.jsonl` (one record per image), `rejected.jsonl` and
+`<NNN>_<class>/<SSSSS>_v<VVV>.png`. Every PNG names its set's settings fingerprint, so a rerun touches only its
+own files. A PNG is written atomically and its record appended after it; `reconcile` merges the ranks'
+records and drops those whose file is gone. docs/synthetic_format.md describes the files and records.
 """
 
 from __future__ import annotations

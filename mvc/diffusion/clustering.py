@@ -1,39 +1,11 @@
 """Clustering-based sampling (the thesis, section 5.1): learn from, and generate from, the most representative
 images of each class, one visual concept (cluster) at a time.
 
-A low-data class can mix very different views (the thesis: MRI slices seen from the top, the back, each
-side), and a generator tuned on all of them at once blends them. The recipe, per class of the labelled subset:
-
-1. Embed every image (`sampling.embedder`), L2-normalised, so a dot product is a cosine similarity:
-   - `base_vae`: the flattened VAE posterior means of the base model (`model.base`) at its native size. On
-     the tiny profile the base was pretrained without labels on the unlabelled pool, so this embedding
-     knows nothing of the classes, and nothing from the test split;
-   - a timm model name: its pooled features (`timm.create_model(name, pretrained=sampling.pretrained,
-     num_classes=0)`) with its own preprocessing (`resolve_model_data_config`); the thesis used
-     EfficientNet and CLIP features. Weights come from the hub cache (HF_HUB_OFFLINE is respected).
-   The evaluation-only reference classifier is never loaded here: it judges synthetic sets, nothing else.
-2. k-means (scikit-learn, `N_INIT` restarts, seeded per class from `sampling.seed`) into
-   `sampling.clusters_per_class` clusters (fewer, with a warning, for a smaller class); a member's
-   distance is 1 - its cosine similarity to its cluster's (normalised) centroid.
-3. Within each cluster, select the `keep_fraction` of members closest to the centroid (rounded up; at
-   least 2 when the cluster has 2, so that fine-tuning can pair them).
-4. Judge each cluster by its selected members, as the thesis does ("the consistency and
-   representativeness of the selected images"): its coherence is their mean similarity to the centroid,
-   its spread the standard deviation of those similarities. A cluster is kept when coherence >=
-   `min_coherence` and spread <= `max_spread`. A cluster of a single image is an outlier, not a concept:
-   it is dropped. A class never vanishes: when none of its clusters passes, its most coherent one (of 2
-   or more images, if it has one) is kept, with a warning.
-5. Each kept cluster is a concept: (label, cluster id, its selected images). Generation draws its
-   sources from the concepts (`mvc.data.synthetic.plan_jobs(sources=...)`: the same class totals, more variants
-   per kept source), MVC fine-tuning pairs images within a concept only (`mvc.data.pairs.build_pairs(groups=...)`),
-   and per-concept fine-tuning (DreamBooth, textual inversion) learns one identifier per concept
-   (`training_concepts`).
-
-The result is written once per settings to `<run.output_dir>/clusters/<key>.json` (key: a hash of the
-`sampling` section, the embedder's identity and the labelled subset's fingerprint), with one row per
-labelled image (class, cluster, distance, kept) and one per cluster (size, coherence, spread, kept),
-and reused when present; `<key>.png` shows every class's clusters, one row each, members closest first,
-the ones left out faded.
+Per class of the labelled subset: embed every image (`sampling.embedder`: the base's VAE or a timm model), run
+k-means, keep the members closest to each centroid, and keep the coherent clusters (`KeptCluster`; a class never
+vanishes). Generation draws its sources from the kept images, MVC fine-tuning pairs within a cluster, and
+DreamBooth and textual inversion learn one identifier per cluster (`training_concepts`). The result is cached
+per settings in `<run.output_dir>/clusters/<key>.json` (+ a figure). docs/clustering.md gives every step.
 """
 
 from __future__ import annotations
@@ -70,7 +42,7 @@ FIGURE_MEMBERS, THUMB = 20, 32  # members shown per cluster row of the figure, a
 #################################################################################
 
 @dataclass(frozen=True)
-class Concept:
+class KeptCluster:
     """One kept cluster of one class: its kept labelled positions, closest to the centroid first."""
     label: int
     cluster: int
@@ -85,10 +57,10 @@ class Concept:
 @dataclass
 class ConceptGroups:
     """The concepts of a labelled subset of `num_images` images, ordered by (label, cluster)."""
-    concepts: list[Concept]
+    concepts: list[KeptCluster]
     num_images: int
     key: str = ""
-    _of: dict[int, Concept] = field(init=False, repr=False, compare=False)
+    _of: dict[int, KeptCluster] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self._of = {i: c for c in self.concepts for i in c.indices}
@@ -97,7 +69,7 @@ class ConceptGroups:
         """Labelled positions of every kept image, ascending."""
         return sorted(self._of)
 
-    def concept_of(self, index: int) -> Concept | None:
+    def concept_of(self, index: int) -> KeptCluster | None:
         """The concept labelled image `index` belongs to (None: left out)."""
         return self._of.get(int(index))
 
@@ -115,7 +87,7 @@ class ConceptGroups:
         for im in rec["images"]:
             if im["kept"]:
                 kept.setdefault((int(im["label"]), int(im["cluster"])), []).append((float(im["distance"]), int(im["index"])))
-        concepts = [Concept(label, k, tuple(i for _, i in sorted(members))) for (label, k), members in sorted(kept.items())]
+        concepts = [KeptCluster(label, k, tuple(i for _, i in sorted(members))) for (label, k), members in sorted(kept.items())]
         return cls(concepts, len(rec["images"]), str(rec.get("key", "")))
 
 

@@ -1,16 +1,13 @@
 """Pipelines in and out: the base's components, the `conv_in` surgery, and the fine-tuned IP2P folder.
 
-- In: a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local diffusers folder in the
-  text-to-image (StableDiffusionPipeline) or InstructPix2Pix layout; each component is loaded with its
-  own diffusers / transformers class from its sub-folder, as safetensors.
-- Out: the fine-tuned model is a plain `StableDiffusionInstructPix2PixPipeline` folder that diffusers'
-  `from_pretrained` loads, plus `mvc_training.json`, which records the resolution it was tuned at
-  (generation samples at that resolution unless told otherwise). Its U-Net's `sample_size` is set to
-  that resolution too, so diffusers' own defaults agree.
-- Samplers: the diffusers schedulers `generate.scheduler` names (`SAMPLERS`).
-- Baselines: the base sampled as it is, as diffusers' text-to-image or img2img pipeline (`base_pipeline`).
-- DreamBooth (`mvc.diffusion.dreambooth`): its fine-tuned model is a plain `StableDiffusionPipeline` folder (LoRA merged)
-  with the same `mvc_training.json` (`save_txt2img_folder`), sampled like the baselines.
+- In: a hub id or a local diffusers folder (text-to-image or InstructPix2Pix layout); each component is loaded
+  with its own diffusers / transformers class from its sub-folder, as safetensors.
+- Out: the fine-tuned model is a plain `StableDiffusionInstructPix2PixPipeline` folder plus
+  `mvc_training.json`, which records the resolution it was tuned at (generation samples at it; the U-Net's
+  `sample_size` agrees). DreamBooth's model is a plain `StableDiffusionPipeline` folder with the same file
+  (`save_txt2img_folder`), sampled like the baselines.
+- Samplers: the diffusers schedulers `generate.scheduler` names (`SAMPLERS`); baselines: the base sampled as it
+  is, as diffusers' text-to-image or img2img pipeline (`base_pipeline`).
 """
 
 from __future__ import annotations

@@ -1,17 +1,13 @@
 """Local stand-ins for the full profile's hub models, built from configs with random weights.
 
-The full profile loads `stable-diffusion-v1-5/stable-diffusion-v1-5` and `Salesforce/blip2-opt-2.7b`
-from the model hub. For a run without network or GPU (the miniature full-profile run,
-`tests/smoke/run.sh`, and tests), these builders write folders with the *same structure*:
-
-- `save_sd15_structured`: a StableDiffusionPipeline folder with SD-1.5's classes and config keys
-  (AutoencoderKL, UNet2DConditionModel with 4 levels of CrossAttn/Down blocks, CLIPTextModel +
-  CLIPTokenizer with 77 positions, SD-1.5's PNDM scheduler config, safetensors weights), at tiny widths;
-- `save_small_blip2`: a `Blip2ForConditionalGeneration` + `Blip2Processor` folder from a small config,
-  with an OPT-style byte-level BPE tokenizer trained locally.
-
-Both load through the same code paths as the hub ids (`mvc.diffusion.models.load_pipeline_components`,
-`mvc.data.captions.Blip2Captioner`): only the folder replaces the hub. Their outputs mean nothing.
+For a run without network or GPU (the miniature full-profile run, `tests/smoke/run.sh`, and tests), these
+builders write folders with the *same structure* as the hub's SD-1.5 and BLIP-2:
+- `save_sd15_structured`: a StableDiffusionPipeline folder with SD-1.5's classes and config keys (AutoencoderKL,
+  a 4-level UNet2DConditionModel, CLIPTextModel + CLIPTokenizer with 77 positions, SD-1.5's PNDM scheduler
+  config, safetensors weights), at tiny widths;
+- `save_small_blip2`: a `Blip2ForConditionalGeneration` + `Blip2Processor` folder from a small config, with an
+  OPT-style byte-level BPE tokenizer trained locally.
+Both load through the same code paths as the hub ids: only the folder replaces the hub. Their outputs mean nothing.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ RECIPE_VERSION = 4  # 2: deterministic tokenizer (train_bpe); 3: one resize filt
 #                                 Components                                    #
 #################################################################################
 
-def vae_scale_factor(cfg: Any) -> int:
+def tiny_vae_scale_factor(cfg: Any) -> int:
     """Pixel size / latent size of the tiny VAE."""
     return 2 ** (len(cfg.vae_channels) - 1)
 
@@ -71,7 +71,7 @@ def build_tiny_components(cfg: Any, extra_words: Iterable[str] = (), in_channels
     )
     m = len(cfg.unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // vae_scale_factor(cfg), in_channels=in_channels, out_channels=cfg.latent_channels,
+        sample_size=cfg.image_size // tiny_vae_scale_factor(cfg), in_channels=in_channels, out_channels=cfg.latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * (m - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (m - 1),
         block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,

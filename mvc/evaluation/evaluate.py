@@ -1,18 +1,9 @@
 """Evaluate a synthetic set: fidelity, diversity, distribution distance, novelty and CAS, in one report.
 
 All measurements but CAS are made in the feature space of the evaluation-only reference classifier
-(`mvc.evaluation.reference`): trained on the dataset's full training split, it judges, and nothing
-else reads it. Outputs go to `<run.output_dir>/evaluation/<set>/`: metrics.json, report.md, a figure
-(per-class fidelity and diversity) and TensorBoard scalars.
-
-- label fidelity: the share of synthetic images the reference assigns to their intended class;
-- diversity: mean pairwise cosine distance within a class, as a ratio to the same for real test images;
-- Fréchet distance: between synthetic and real test images in the reference's feature space ("FD-ref";
-  not FID: Inception weights cannot be downloaded here), beside the same for the labelled real images,
-  a real set of about the same size (the floor a perfect generator would reach);
-- novelty: distance of each image to its own source, and to the nearest *other* labelled image;
-- CAS (classification accuracy score): classifiers trained on the synthetic set alone (strategy
-  `synthetic_only`, the `classifier.*` settings and `pipeline.seeds`), tested on the real test split.
+(`mvc.evaluation.reference`): trained on the dataset's full training split, it judges, and nothing else reads
+it. Outputs go to `<run.output_dir>/evaluation/<set>/`: metrics.json, report.md, a figure (per-class fidelity
+and diversity) and TensorBoard scalars. docs/evaluation.md defines each measure.
 """
 
 from __future__ import annotations
@@ -144,7 +135,7 @@ def evaluate_set(cfg: Any, set_dir: str | Path, accelerator: Any, *, name: str |
         record["cas"] = classification_accuracy_score(cfg, set_dir, out / "cas", accelerator)
     record["seconds"] = round(time.time() - t0, 1)
     if accelerator.is_main_process:
-        write_report(record, out, cfg)
+        write_evaluation(record, out, cfg)
     return record
 
 
@@ -193,7 +184,7 @@ def table_markdown(rows: list[tuple[str, dict]], first: str = "set") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(record: dict, out: Path, cfg: Any) -> None:
+def write_evaluation(record: dict, out: Path, cfg: Any) -> None:
     """metrics.json, report.md, figure.png and TensorBoard scalars of one evaluation."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", record)

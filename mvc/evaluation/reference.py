@@ -61,10 +61,10 @@ def get_reference(ev: Any, train: Any, test: Any, accelerator: Any, progress: bo
         if not (folder / INFO).is_file():
             if accelerator.is_main_process:
                 _train(ev, train, test, folder, accelerator, progress)
-    return load_reference(folder)
+    return read_reference_folder(folder)
 
 
-def load_reference(folder: str | Path) -> Reference:
+def read_reference_folder(folder: str | Path) -> Reference:
     """A cached reference folder (checkpoint + reference.json)."""
     from mvc.classifier.models import ModelMeta, build_from_meta
     from mvc.core.checkpoint import load_checkpoint

@@ -1,16 +1,10 @@
 """Curation: drop the synthetic images a classifier of the labelled subset calls confidently wrong or too easy.
 
-Three filters (`curation.filters`), each with per-class thresholds from the labelled subset alone:
-- `wrong`: the image is assigned to another class c' with more confidence than a typical real image of c' gets
-  (the `wrong_quantile` of the out-of-fold confidence of correctly classified real images of c');
-- `easy`: the image is confidently right (its class's confidence above the `easy_quantile` of real images of that
-  class) and a near copy of its source (closer to it, in the classifier's features, than the `copy_quantile` of
-  the distances between real images of the class and their nearest other real image);
-- `semantic`: a CLIP-style image-text match of the class prompt against generic negatives falls below the
-  `semantic_quantile` of the same score on real images of the class (needs `curation.clip_model`).
+The filters (`FILTERS`, `curation.filters`) set per-class thresholds from the labelled subset alone.
 Cross-fitting keeps the scores honest: `curation.folds` classifiers, each trained on the other folds of the
 labelled subset, score the real images of their held-out fold, and a synthetic image is scored by the classifier
 that never saw its source. The evaluation-only reference never curates, and the test split is never read.
+docs/evaluation.md describes each filter.
 """
 
 from __future__ import annotations

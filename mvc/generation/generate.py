@@ -1,26 +1,10 @@
 """Synthetic-set generation: the one loop that turns the plan into images, for every `generate.method`.
 
-The loop is the same for every generator (`mvc.generation.generators`): the plan (`plan_jobs`: per class, per
-labelled source, V variants), the settings check, resume (only missing images are made), sharding over
-processes, one `torch.Generator` per image seeded from (seed, source, variant), the optional filter,
-records, grids and a summary. The generator supplies the model, the settings that change its images and
-how a batch of one class is rendered. With clustering-based sampling (`sampling.method=clusters`,
-`mvc.diffusion.clustering`), the plan draws its sources from the kept images only (the same class totals, more
-variants per kept source), each record names its source's `cluster`, and the set's settings record the
-sampling settings.
-
-MVC (`generate.method=mvc`, the default): for each class and each labelled (source) image, V variants
-are made: the source's prompt is mixed (`mvc.generation.mixing`) with the variant's own generator, and the
-fine-tuned InstructPix2Pix pipeline turns (mixed embedding, source image) into an image, written in the
-synthetic-set format (`mvc.data.synthetic`).
-
-Batching: per class, the token ids and embeddings of all its prompts are computed once
-(`ClassPrompts`), and the condition latent of each source once (`mvc.diffusion.sd_io`, as the pipeline does);
-per batch, the token-edited prompts go through the text encoder in one call; then the batch goes
-through the *diffusers pipeline itself* with `prompt_embeds`, `negative_prompt_embeds` and the
-precomputed latents as `image` (the pipeline passes 4-channel tensors through as latents), plus one
-`torch.Generator` per image. Calling the pipeline keeps the scheduler and guidance maths exactly
-diffusers'; the list of generators makes image i independent of the batch it is in.
+`generate_synthetic`: the plan (`plan_jobs`), the settings check, resume (only missing images are made),
+sharding over processes, one `torch.Generator` per image seeded from (seed, source, variant), the optional
+filter or curation, records, grids and a summary. The generator (`mvc.generation.generators`) supplies the
+model, the settings that change its images and how a batch of one class is rendered, through the diffusers
+pipeline itself. docs/generators.md explains the loop and MVC's batches.
 """
 
 from __future__ import annotations
@@ -85,34 +69,72 @@ def generation_settings(cfg: Any, model_dir: Path, labelled: Any, resolution: in
 #                                  Generation                                   #
 #################################################################################
 
-def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, str] | None = None, pipe: Any = None,
+def generate_synthetic(cfg: Any, *, paths: RunPaths | None = None, labelled: Any = None,
+                       captions: dict[str, str] | None = None, pipe: Any = None,
                        predictor: Callable[[list], np.ndarray] | None = None, rank: int = 0, world: int = 1,
                        barrier: Callable[[], None] | None = None, device: Any = None, progress: bool = True,
                        pool: Any = None, method: Any = None, curator: Any = None) -> dict:
     """Make the missing images of this process's share with `generate.method`; the main process (rank 0)
     prepares and merges.
 
-    `labelled`, `captions`, `pipe`, `predictor`, `pool` (the tiny base's pretraining pool) and `curator`
-    default to what the config names (tests inject them); `method`, to the generator `generate.method` names (a
-    pre-step passes one it configured, e.g. `DreamBoothGenerator(cfg, groups)` with several concepts per class).
-    With curation (`curation.filters`), candidates are made in rounds until each class keeps its planned count
-    (`mvc.generation.curation`). With several processes, pass `barrier` (e.g. `accelerator.wait_for_everyone`). Returns a
-    summary dict (counts, images/s).
+    `paths` (the run's `RunPaths`), `labelled`, `captions`, `pipe`, `predictor`, `pool` (the tiny base's
+    pretraining pool) and `curator` default to what the config names (tests inject them); `method`, to the
+    generator `generate.method` names (a pre-step passes one it configured, e.g. `DreamBoothGenerator(cfg, groups)`
+    with several concepts per class). With curation (`curation.filters`), candidates are made in rounds until each
+    class keeps its planned count (`mvc.generation.curation`). With several processes, pass `barrier` (e.g.
+    `accelerator.wait_for_everyone`). Returns a summary dict (counts, images/s).
     """
-    from mvc.diffusion.inputs import sampling_groups
-
     barrier = barrier or (lambda: None)
-    g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)
-    method = method if method is not None else make_generator(cfg)
+    paths = paths if paths is not None else RunPaths.of(cfg)
+    method = method if method is not None else make_generator(cfg, paths)
     out = SyntheticSet(paths.synthetic)
     if labelled is None:
         from mvc.data import load_splits
 
         labelled, pool, _test = load_splits(cfg.data)
     method.check(labelled)
+
+    # 1. the model, the plan and the settings; the main process records/checks the settings and reconciles
+    run, jobs, sources = prepare_run(cfg, method, out, labelled, pool, captions, pipe, predictor, curator, rank, world,
+                                     barrier, device, progress)
+
+    # 2. this process's share (with curation: rounds of candidates until every class keeps its planned count)
+    t0 = time.perf_counter()
+    if run.curator is None:
+        run.make([j for j in shard_jobs(jobs, rank, world) if j.file not in out.done()])
+    else:
+        jobs = curate_rounds(run, jobs, sources, barrier, rank == 0)
+    t_end = time.perf_counter()
+
+    # 3. the main process merges every rank's records, then writes grids and a summary
+    barrier()
+    return finish_run(run, jobs, paths, t_end - t0, t_end - (run.t_render or t0))
+
+
+def run_generation(cfg: Any, accelerator: Any, paths: RunPaths) -> dict:
+    """The generate stage on this process: the curation selectors first when `curation.filters` asks (the
+    cross-fitted classifiers of the labelled subset, trained once, resumable), then its share of the set."""
+    if cfg.curation.filters:
+        from mvc.generation.curation import train_selectors
+
+        train_selectors(cfg, accelerator)
+    return generate_synthetic(cfg, paths=paths, rank=accelerator.process_index, world=accelerator.num_processes,
+                              barrier=accelerator.wait_for_everyone, device=accelerator.device,
+                              progress=accelerator.is_local_main_process)
+
+
+def prepare_run(cfg: Any, method: Any, out: SyntheticSet, labelled: Any, pool: Any, captions: dict[str, str] | None,
+                pipe: Any, predictor: Callable[[list], np.ndarray] | None, curator: Any, rank: int, world: int,
+                barrier: Callable[[], None], device: Any, progress: bool) -> tuple["_Run", list, Any]:
+    """What the run renders with (model, clusters, resolution, dtype, captions, filter, curator), the plan and the
+    settings, checked against the set's (curation reconciles each round against its grown plan instead: the
+    candidates beyond the planned count are not stale). Returns (run, plan, the kept sources of clustering)."""
+    from mvc.diffusion.inputs import sampling_groups
+
+    g, main = cfg.generate, rank == 0
     # the main process builds what the method samples (the tiny base) and the clusters first, the others then read
     # them; a model trained data-parallel (textual inversion, DreamBooth) trains on every process together
-    model = method.shared_model(labelled, pool, progress, device, main, barrier)
+    model = method.shared_model_path(labelled, pool, progress, device, main, barrier)
     if main:
         groups = sampling_groups(cfg, labelled, pool, device, progress)
     barrier()
@@ -122,15 +144,11 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class, sources=sources)
     res = method.resolution(model, pipe)
     dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
-    dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     if cfg.curation.filters and curator is None:
         from mvc.generation.curation import build_curator
 
         curator = build_curator(cfg, labelled, device)
-
-    # 1. the main process records/checks the settings and reconciles files and records (curation reconciles each
-    #    round against its grown plan instead: the candidates beyond the planned count are not stale)
-    settings = generation_settings(cfg, Path(model), labelled, res, dtype_name, groups, method)
+    settings = generation_settings(cfg, Path(model), labelled, res, dtype_name(dtype), groups, method)
     if main:
         settings = out.prepare(settings, labelled.classes)
         if curator is None:
@@ -140,35 +158,33 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
         settings = out.prepare(settings, labelled.classes)
     if captions is None and method.needs_captions():  # every process captions its share of what the cache lacks
         captions = load_captions(cfg, labelled, progress, device, rank, world, barrier)
-    seed = int(settings["seed"])
     if predictor is None and g.filter_checkpoint:
         predictor = build_filter(g.filter_checkpoint, labelled.classes)
-    run = _Run(cfg, out, method, model, labelled, captions, groups, res, seed, rank, world, device, progress,
-               predictor, curator, pipe, dtype)
+    run = _Run(cfg, out, method, model, labelled, captions, groups, res, int(settings["seed"]), rank, world, device,
+               progress, predictor, curator, pipe, dtype)
+    return run, jobs, sources
 
-    # 2. this process's share (with curation: rounds of candidates until every class keeps its planned count)
-    t0 = time.perf_counter()
-    if curator is None:
-        run.make([j for j in shard_jobs(jobs, rank, world) if j.file not in out.done()])
-    else:
-        jobs = curate_rounds(run, jobs, sources, barrier, main)
-    t_end = time.perf_counter()
-    seconds, render_s = t_end - t0, t_end - (run.t_render or t0)
 
-    # 3. the main process merges every rank's records, then writes grids and a summary
-    barrier()
-    summary = {"method": method.name, "rank": rank, "world": world, "planned": len(jobs), "made": run.made,
-               "rejected_now": run.rejected, "resolution": res, "dtype": dtype_name,
+def dtype_name(dtype: torch.dtype) -> str:
+    """The settings' name of a sampling dtype: fp16, bf16 or fp32."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+
+def finish_run(run: "_Run", jobs: list, paths: RunPaths, seconds: float, render_s: float) -> dict:
+    """The run's summary; the main process adds the set's counts and writes grids, summary.json and runs.jsonl."""
+    method, device, out, labelled = run.method, run.device, run.out, run.labelled
+    summary = {"method": method.name, "rank": run.rank, "world": run.world, "planned": len(jobs), "made": run.made,
+               "rejected_now": run.rejected, "resolution": run.res, "dtype": dtype_name(run.dtype),
                "device": str(device if device is not None else "cpu"),
                "seconds": round(seconds, 3), "load_seconds": round(seconds - render_s, 3),
                "images_per_s": round((run.made + run.rejected) / render_s, 4) if render_s > 0 else None,
                "batch_size": method.batch_size, "peak_memory_gb": peak_memory_gb(device) if run.started else None}
-    if main:
+    if run.rank == 0:
         counts = out.reconcile(jobs)
         summary.update(images=counts["images"], rejected=counts["rejected"])
-        if curator is not None:
-            summary["curation"] = curator.summary(out.root, labelled.classes)
-        write_grids(out.root, paths.grids, labelled, jobs, g.grid_sources, summary)
+        if run.curator is not None:
+            summary["curation"] = run.curator.summary(out.root, labelled.classes)
+        write_grids(out.root, paths.grids, labelled, jobs, run.cfg.generate.grid_sources, summary)
         atomic_write_json(paths.grids / "summary.json", summary)  # this run
         append_jsonl(paths.grids / "runs.jsonl", summary)  # every run: which processes, device, dtype made the set
     return summary

@@ -1,32 +1,10 @@
 """The generators of synthetic sets, one registry (`generate.method`): MVC and the baselines it is judged against.
 
-Every generator fills the same plan (`mvc.data.synthetic.plan_jobs`: per class, per labelled source image, V
-variants with deterministic file names) through the same loop (`mvc.generation.generate.generate_synthetic`: the
-settings check, resume, sharding, the filter, records and grids), so every set has one format and the
-classifier and the synthetic-set evaluation read each one without special cases. A generator says only
-what differs:
-
-| method      | model sampled                                   | prompt                                    | image input |
-|-------------|-------------------------------------------------|-------------------------------------------|-------------|
-| `mvc`       | the fine-tuned InstructPix2Pix folder           | caption + class prompt, mixed (`mvc.generation.mixing`) | the source, as condition |
-| `mvc_nomix` | the same                                        | the same, unmixed (op `none`)             | the same |
-| `txt2img`   | the base, not fine-tuned (`StableDiffusionPipeline`) | the class prompt (+ the caption: `generate.caption`) | none |
-| `img2img`   | the base (`StableDiffusionImg2ImgPipeline`, SDEdit)  | the same                             | the source, noised to `generate.strength` |
-| `textual_inversion` | the base + a token embedding learned per class (`mvc.diffusion.textual_inversion`) | `textual_inversion.prompt` with the source's token | the same as img2img |
-| `dreambooth` | the base fine-tuned by DreamBooth (`mvc.diffusion.dreambooth`, a `StableDiffusionPipeline`) | the instance prompt of the source's concept ("a photo of zqx Bag") | none |
-
-`mvc_nomix` isolates what mixing adds: its variants differ only in their diffusion noise. `txt2img` and
-`img2img` need no fine-tuned model; on the tiny profile their base never saw the labels (the domain gap
-the paper argues about). `dreambooth` trains its own model the first time it runs (`<run.output_dir>/dreambooth/
-final`, one identifier per concept, prior preservation; reused afterwards). Each image's record holds `method`,
-the method's sampling parameters (`record_params`: guidance, steps, sampler, resolution, model; `strength` for
-img2img; the training's steps, LoRA rank, text-encoder flag and prior weight for dreambooth), `seed` and its
-own `generator_seed`, and `source_id` / `source_index`: the real image it was made from (null for
-`txt2img` without captions, which uses nothing of a real image, and for `dreambooth`, whose image comes from
-its concept's identifier: every member of the concept shaped it, no single one; the record names the
-`concept`, its `identifier` and `concept_size`, and the model folder's `mvc_training.json` its members). `textual_inversion` (DA-Fusion) learns its
-tokens when they are missing (`model()`; the other processes wait and then reuse them) and records each
-image's `token` and the `embeddings` file beside img2img's fields.
+`GENERATORS` is the one list of them; each registered class says in its docstring what it samples. Every
+generator fills the same plan through the same loop (`mvc.generation.generate.generate_synthetic`), so every set
+has one format; a generator (`SetGenerator`) says only what differs: the model it samples (`model_path`), the
+settings that change its images, the parameters recorded with each image and how it renders a batch.
+docs/generators.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -85,20 +63,21 @@ def render(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, con
                 image_guidance_scale=image_guidance_scale, generator=generators, output_type="pil").images
 
 
-def resolve_resolution(cfg: Any, model_dir: Path, pipe: Any = None) -> int:
-    """The sampling resolution of the fine-tuned model: `generate.resolution`, else the one it was tuned at."""
+def resolve_resolution(g: Any, model_dir: Path, pipe: Any = None) -> int:
+    """The sampling resolution of the fine-tuned model: `generate.resolution` (`g`: the generate section), else
+    the one it was tuned at."""
     from mvc.diffusion.models import load_ip2p_pipeline, pipeline_resolution, training_info
 
     tuned = training_info(model_dir).get("resolution")
-    if cfg.generate.resolution is not None:
-        if tuned and int(tuned) != int(cfg.generate.resolution):
+    if g.resolution is not None:
+        if tuned and int(tuned) != int(g.resolution):
             log.warning("generating at generate.resolution=%d, but %s was fine-tuned at %d px",
-                        cfg.generate.resolution, model_dir, tuned)
-        return int(cfg.generate.resolution)
+                        g.resolution, model_dir, tuned)
+        return int(g.resolution)
     if tuned:
         return int(tuned)
     if pipe is None:
-        pipe = load_ip2p_pipeline(model_dir, cfg.generate.scheduler)
+        pipe = load_ip2p_pipeline(model_dir, g.scheduler)
     return pipeline_resolution(model_dir, pipe)
 
 
@@ -106,15 +85,18 @@ def resolve_resolution(cfg: Any, model_dir: Path, pipe: Any = None) -> int:
 #                                  The protocol                                 #
 #################################################################################
 
-class Generator:
+class SetGenerator:
     """One method, bound to a config: what it samples, which settings change its images, and how it renders
-    a batch of one class's jobs. `generate_synthetic` calls, in order: `check`, `model`, `resolution`,
+    a batch of one class's jobs. `generate_synthetic` calls, in order: `check`, `model_path`, `resolution`,
     `settings`; then, when images are missing, `load`, `begin`, and per class `start_class` + `render`."""
     name = ""
     finetuned = False  # samples the fine-tuned IP2P folder (run train_mvc.py first)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, paths: Any = None):
+        from mvc.core.paths import RunPaths
+
         self.cfg, self.g = cfg, cfg.generate
+        self.paths = paths if paths is not None else RunPaths.of(cfg)  # where the run's files go
         self.batch_size = self.g.batch_size or DEFAULT_BATCH  # images per pipeline call (generate_synthetic sizes it)
 
     def ops(self) -> list[str]:
@@ -127,18 +109,18 @@ class Generator:
     def check(self, labelled: Any) -> None:
         """Refuse, before any work, what this method cannot do with this labelled subset."""
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         """The folder (or hub id) this method samples; building it (on `device`) when it is the tiny base or
         learned embeddings."""
         raise NotImplementedError
 
-    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
-                     main: bool = True, barrier: Any = None) -> str:
-        """`model()` on every process: the main process first (it builds what is missing, e.g. the tiny base), then
+    def shared_model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+                          main: bool = True, barrier: Any = None) -> str:
+        """`model_path()` on every process: the main process first (it builds what is missing, e.g. the tiny base), then
         the others, which find it built (`barrier`: wait for every process)."""
-        model = self.model(labelled, pool, progress, device) if main else None
+        model = self.model_path(labelled, pool, progress, device) if main else None
         (barrier or (lambda: None))()
-        return model if main else self.model(labelled, pool, progress, device)
+        return model if main else self.model_path(labelled, pool, progress, device)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
         raise NotImplementedError
@@ -174,13 +156,13 @@ class Generator:
         """After the last batch: warnings about what the run did."""
 
 
-GENERATORS: Registry[type[Generator]] = Registry("generate.method")
+GENERATORS: Registry[type[SetGenerator]] = Registry("generate.method")
 publish_choices("generator", GENERATORS)
 
 
-def make_generator(cfg: Any) -> Generator:
-    """The generator `generate.method` names, bound to `cfg`."""
-    return GENERATORS.get(cfg.generate.method)(cfg)
+def make_generator(cfg: Any, paths: Any = None) -> SetGenerator:
+    """The generator `generate.method` names, bound to `cfg` (and its `RunPaths`, when the caller has them)."""
+    return GENERATORS.get(cfg.generate.method)(cfg, paths=paths)
 
 
 #################################################################################
@@ -188,7 +170,7 @@ def make_generator(cfg: Any) -> Generator:
 #################################################################################
 
 @GENERATORS.register("mvc")
-class MVCGenerator(Generator):
+class MVCGenerator(SetGenerator):
     """The paper's generator: the fine-tuned IP2P model on each source, its prompt mixed per variant."""
     name = "mvc"
     finetuned = True
@@ -205,13 +187,11 @@ class MVCGenerator(Generator):
         check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
                      mixing_params(self.cfg.mixing))
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
-        from mvc.core.paths import RunPaths
-
-        return str(RunPaths.of(self.cfg).final)
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+        return str(self.paths.final)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
-        return resolve_resolution(self.cfg, Path(model), pipe)
+        return resolve_resolution(self.g, Path(model), pipe)
 
     def mixing_settings(self) -> dict:
         return dataclasses.asdict(self.cfg.mixing)
@@ -299,7 +279,7 @@ class MVCNoMixGenerator(MVCGenerator):
 #                  The base, not fine-tuned: txt2img and img2img                #
 #################################################################################
 
-class BaseGenerator(Generator):
+class BaseGenerator(SetGenerator):
     """The base pipeline sampled as it is (`model.base`; the tiny base on the tiny profile), prompted with the
     class prompt of `captions.prompt_template`, or with the whole prompt (the image's caption too) when
     `generate.caption` is set."""
@@ -308,15 +288,14 @@ class BaseGenerator(Generator):
     def needs_captions(self) -> bool:
         return bool(self.g.caption)
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
-        from mvc.core.paths import RunPaths
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.diffusion.inputs import base_source
 
         if self.cfg.model.base == "tiny" and pool is None:
             from mvc.data import load_splits
 
             pool = load_splits(self.cfg.data)[1]
-        return base_source(self.cfg, pool, RunPaths.of(self.cfg).root, progress, device)
+        return base_source(self.cfg, pool, self.paths.root, progress, device)
 
     def resolution(self, model: str, pipe: Any = None) -> int:
         from mvc.diffusion.models import base_resolution
@@ -343,10 +322,9 @@ class BaseGenerator(Generator):
 
     def components(self, model: str) -> dict:
         """The components of the folder (or hub id) sampled."""
-        from mvc.core.paths import RunPaths
         from mvc.diffusion.inputs import load_base
 
-        return load_base(self.cfg, None, RunPaths.of(self.cfg).root, source=model)
+        return load_base(self.cfg, None, self.paths.root, source=model)
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
         from mvc.diffusion.models import base_pipeline
@@ -452,21 +430,21 @@ class Img2ImgGenerator(BaseGenerator):
 class TrainedTogether:
     """A generator whose model every process trains at once, data-parallel (textual inversion, DreamBooth)."""
 
-    def shared_model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
-                     main: bool = True, barrier: Any = None) -> str:
+    def shared_model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None,
+                          main: bool = True, barrier: Any = None) -> str:
         """The main process first builds what the model trains from (the tiny base, the concepts' clusters); then
-        every process calls `model()` together: all train (or all find the finished model)."""
+        every process calls `model_path()` together: all train (or all find the finished model)."""
         if main:
             self.concepts(labelled, pool, progress, device)
-            BaseGenerator.model(self, labelled, pool, progress, device)
+            BaseGenerator.model_path(self, labelled, pool, progress, device)
         (barrier or (lambda: None))()
-        return self.model(labelled, pool, progress and main, device)
+        return self.model_path(labelled, pool, progress and main, device)
 
 
 @GENERATORS.register("textual_inversion")
 class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
     """DA-Fusion: a token embedding learned per concept (`mvc.diffusion.textual_inversion`), then SDEdit from each real image
-    with its concept's token in `textual_inversion.prompt`. `model()` is the folder of the learned embeddings
+    with its concept's token in `textual_inversion.prompt`. `model_path()` is the folder of the learned embeddings
     (training them when missing); the base it names is what the img2img pipeline loads."""
     name = "textual_inversion"
 
@@ -487,10 +465,10 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
         return [Concept(label, TOKEN.format(label=label)[:-1] + f"-{suffix}>", tuple(idx), init or labelled.classes[label])
                 for label, suffix, idx in training_concepts(groups, labelled.targets)]
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.diffusion.textual_inversion import ensure_embeddings
 
-        base = super().model(labelled, pool, progress, device)
+        base = super().model_path(labelled, pool, progress, device)
         return str(ensure_embeddings(self.cfg, labelled, base, super().resolution(base),
                                      self.concepts(labelled, pool, progress, device), progress=progress))
 
@@ -572,8 +550,8 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
     the default of one concept per class (a clustering pre-step passes them)."""
     name = "dreambooth"
 
-    def __init__(self, cfg: Any, groups: Sequence[tuple[int, Sequence[int]]] | None = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: Any, groups: Sequence[tuple[int, Sequence[int]]] | None = None, paths: Any = None):
+        super().__init__(cfg, paths)
         self.groups = groups
         self._concepts: list | None = None
 
@@ -608,14 +586,14 @@ class DreamBoothGenerator(TrainedTogether, Txt2ImgGenerator):
             raise MVCError(f"no DreamBooth concept for class {missing[0]!r} (and {len(missing) - 1} more): every "
                            "class with labelled images needs one to be generated")
 
-    def model(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
+    def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         from mvc.diffusion.dreambooth import get_dreambooth
 
-        base = super().model(labelled, pool, progress, device)  # the tiny base is built first when it is missing
+        base = super().model_path(labelled, pool, progress, device)  # the tiny base is built first when it is missing
         return str(get_dreambooth(self.cfg, labelled, self.concepts(labelled, pool, progress, device), base, progress))
 
     def resolution(self, model: str, pipe: Any = None) -> int:
-        return resolve_resolution(self.cfg, Path(model), pipe)  # the training resolution (mvc_training.json)
+        return resolve_resolution(self.g, Path(model), pipe)  # the training resolution (mvc_training.json)
 
     def settings(self, model: str, labelled: Any, resolution: int) -> dict:
         from mvc.diffusion.models import training_info

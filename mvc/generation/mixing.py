@@ -1,28 +1,12 @@
-"""Mixing Visual Concepts: pure, batched edits of a prompt, before or after the text encoder.
+"""Mixing Visual Concepts: pure, batched edits of a prompt, before or after the text encoder; the mixing plan.
 
-- *coarse* (token level): k tokens inside a window of positions are shuffled among themselves,
-  or swapped for the tokens at the same positions of a donor (another caption of the same
-  class). It runs at one of two stages (`coarse_stage`):
-  - 'tokens' (default): on the prompt's token ids (B x T) BEFORE the text encoder, whose
-    positional embeddings and causal attention turn the new order into a new embedding;
-  - 'embeds': on the encoder's output vectors (B x T x D), the literal reading of the paper.
-    Stable Diffusion's cross-attention has no positions on the key/value side, so a *shuffle*
-    there leaves the U-Net's output unchanged up to float rounding (no diversity); a swap
-    still changes values. Kept for the ablation (docs/architecture.md, "Coarse mixing").
-- *fine* (slice level): in m token vectors of the encoder's output, a slice of s dimensions is
-  replaced, with values from a donor, from other tokens of the same embedding ('self'), or from
-  noise with the embedding's own per-dimension statistics;
-- *none*: the unmixed baseline.
-
-Ops compose with '+' (`"coarse+fine"`: coarse, then fine on its output); with `stage=` the
-dispatcher applies only the ops of one stage, so a caller edits ids, encodes, then edits
-embeddings. Every function takes a `torch.Generator`, returns a new tensor and leaves its inputs
-untouched. Importing this module is cheap (config validation calls `list_mixing_ops()`).
-
-The *mixing plan* of a synthetic set lives here too, pure and tested: `ClassPrompts` (each source's
-prompt, token ids, embedding and caption window, computed once per class), `plan_mix` (the donor
-draw, the window a swap may use, k and m fitted to the window) and `mix_prompts` (one batch of
-mixed embeddings, with one text-encoder call for every token-edited prompt).
+- *coarse*: `coarse_k` tokens of a window shuffled, or swapped in from a donor caption of the same class, on
+  the token ids (`coarse_stage='tokens'`, the default) or on the encoder's output ('embeds');
+- *fine*: in `fine_m` token vectors of the encoder's output, a slice of `fine_s` dimensions replaced;
+- *none*: the unmixed baseline. Ops (`MIXING_OPS`) compose with '+'.
+Every function takes a `torch.Generator`, returns a new tensor and leaves its inputs untouched. The plan:
+`ClassPrompts` (per class, once), `plan_mix` (one image's draw), `mix_prompts` (one batch).
+docs/mixing.md explains each op, why the coarse op runs on token ids, and the plan.
 """
 
 from __future__ import annotations
@@ -224,13 +208,17 @@ MIXING_OPS.register("none")(MixOp(fn=lambda x, params, g, donor, window: x.clone
                                   needs_donor=lambda p: False))
 MIXING_OPS.register("coarse")(MixOp(
     fn=lambda x, params, g, donor, window: coarse_mix(
-        x, g, k=_need(params, "k", "coarse"), mode=params.get("mode", "shuffle"), donor=donor, window=window),
-    keys=("mode", "k", "coarse_stage"), needs_donor=lambda p: p.get("mode", "shuffle") == "swap", stage=_coarse_stage))
+        x, g, k=_need(params, "coarse_k", "coarse"), mode=params.get("coarse_mode", "shuffle"), donor=donor,
+        window=window),
+    keys=("coarse_mode", "coarse_k", "coarse_stage"), needs_donor=lambda p: p.get("coarse_mode", "shuffle") == "swap",
+    stage=_coarse_stage))
 MIXING_OPS.register("fine")(MixOp(
     fn=lambda x, params, g, donor, window: fine_mix(
-        x, g, m=_need(params, "m", "fine"), s=_need(params, "s", "fine"), source=params.get("source", "donor"),
-        contiguous=params.get("contiguous", True), donor=donor, window=window),
-    keys=("m", "s", "source", "contiguous"), needs_donor=lambda p: p.get("source", "donor") == "donor"))
+        x, g, m=_need(params, "fine_m", "fine"), s=_need(params, "fine_s", "fine"),
+        source=params.get("fine_source", "donor"), contiguous=params.get("fine_contiguous", True), donor=donor,
+        window=window),
+    keys=("fine_m", "fine_s", "fine_source", "fine_contiguous"),
+    needs_donor=lambda p: p.get("fine_source", "donor") == "donor"))
 
 
 def parse_op(op: str) -> list[str]:
@@ -265,10 +253,10 @@ def op_params(op: str, params: dict) -> dict:
 
 
 def mixing_params(mixing_cfg: Any) -> dict:
-    """Flat op params from a `MixingConfig` (each op reads its own keys)."""
-    return {"mode": mixing_cfg.coarse_mode, "k": int(mixing_cfg.coarse_k), "coarse_stage": mixing_cfg.coarse_stage,
-            "m": int(mixing_cfg.fine_m), "s": int(mixing_cfg.fine_s), "source": mixing_cfg.fine_source,
-            "contiguous": bool(mixing_cfg.fine_contiguous)}
+    """The op params of a `MixingConfig`, under their config names (each op reads its own keys)."""
+    return {"coarse_mode": mixing_cfg.coarse_mode, "coarse_k": int(mixing_cfg.coarse_k),
+            "coarse_stage": mixing_cfg.coarse_stage, "fine_m": int(mixing_cfg.fine_m), "fine_s": int(mixing_cfg.fine_s),
+            "fine_source": mixing_cfg.fine_source, "fine_contiguous": bool(mixing_cfg.fine_contiguous)}
 
 
 def apply_mixing(x: torch.Tensor, op: str, params: dict, generator: torch.Generator, donor: torch.Tensor | None = None,
@@ -357,18 +345,18 @@ class ClassPrompts:
 
 @dataclass
 class MixPlan:
-    """One image's mixing draw: its generator, params (k/m fitted to the windows), windows and donor."""
+    """One image's mixing draw: its generator, params (coarse_k / fine_m fitted to the windows), windows and donor."""
     gen: torch.Generator
     params: dict
     stages: list[str]
     window: tuple[int, int]  # the source's window (fine, and coarse at the 'embeds' stage)
     coarse_window: tuple[int, int]  # where coarse runs at the 'tokens' stage
     donor: int | None
-    clamped: bool  # k or m was lowered to fit a short caption window
+    clamped: bool  # coarse_k or fine_m was lowered to fit a short caption window
 
 
 def plan_mix(source: int, variant: int, op: str, ctx: ClassPrompts, params: dict, seed: int) -> MixPlan:
-    """Draw the donor and fit k/m to the windows of one image (the first draws of its mixing generator)."""
+    """Draw the donor and fit coarse_k / fine_m to the windows of one image (the first draws of its mixing generator)."""
     mg = seeds.generator(seed, "generate.mixing", source, variant)  # apart from the diffusion noise
     names, stages, p = parse_op(op), op_stages(op, params), dict(params)
     w = ctx.windows[source]
@@ -382,7 +370,7 @@ def plan_mix(source: int, variant: int, op: str, ctx: ClassPrompts, params: dict
     if w[1] <= w[0] and op != "none":
         raise MVCError(f"source {ctx.ids[source]!r} has an empty caption; set mixing.window=[start, end) to mix it")
     wc = w
-    if "tokens" in stages and p.get("mode") == "swap" and ctx.caption_windows:
+    if "tokens" in stages and p.get("coarse_mode") == "swap" and ctx.caption_windows:
         # a donor token id past the end of the donor's caption would be template text or EOS/padding:
         # swap only where both captions have tokens (same class, same template: the same start)
         dw = ctx.windows[donor]
@@ -391,16 +379,17 @@ def plan_mix(source: int, variant: int, op: str, ctx: ClassPrompts, params: dict
             raise MVCError(f"source {ctx.ids[source]!r} and its donor {ctx.ids[donor]!r} share no caption token "
                            f"positions; use mixing.coarse_mode=shuffle or a fixed mixing.window")
     T = int(ctx.embeds[source].shape[0])
-    for key, name, win in (("k", "coarse", wc), ("m", "fine", w)):
+    for key, name, win in (("coarse_k", "coarse", wc), ("fine_m", "fine", w)):
         # a size no window can hold, or larger than a window the user fixed, is an error, not a clamp
         if name in names and (p[key] > T or (not ctx.caption_windows and p[key] > win[1] - win[0])):
-            raise MVCError(f"{name} mixing {key}={p[key]} does not fit the window {list(win)} of {win[1] - win[0]} "
-                           f"token positions (the embedding has {T}); lower {key} or widen mixing.window")
+            raise MVCError(f"{name} mixing: mixing.{key}={p[key]} does not fit the window {list(win)} of "
+                           f"{win[1] - win[0]} token positions (the embedding has {T}); lower mixing.{key} or widen "
+                           "mixing.window")
     clamped = False
-    if "coarse" in names and p["k"] > wc[1] - wc[0]:
-        p["k"], clamped = wc[1] - wc[0], True
-    if "fine" in names and p["m"] > w[1] - w[0]:
-        p["m"], clamped = w[1] - w[0], True
+    if "coarse" in names and p["coarse_k"] > wc[1] - wc[0]:
+        p["coarse_k"], clamped = wc[1] - wc[0], True
+    if "fine" in names and p["fine_m"] > w[1] - w[0]:
+        p["fine_m"], clamped = w[1] - w[0], True
     return MixPlan(mg, p, stages, w, wc, donor, clamped)
 
 
@@ -408,7 +397,7 @@ def mix_prompts(jobs: Sequence[Any], ctx: ClassPrompts, params: dict, seed: int,
                 encode_ids: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 ids_to_tokens: Callable[[list[int]], list[str]]) -> tuple[torch.Tensor, list[dict], int]:
     """Mixed prompt embeddings (B, T, D) of images of one class (each with .source, .variant, .op), the
-    `op_params` of each (what was drawn), and how many had k/m lowered.
+    `op_params` of each (what was drawn), and how many had coarse_k / fine_m lowered.
 
     Token-stage parts (coarse with coarse_stage='tokens') edit each source's token ids, then ONE
     `encode_ids` call encodes every edited prompt of the batch; embedding-stage parts (fine; coarse at

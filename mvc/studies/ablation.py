@@ -98,7 +98,7 @@ def pixel_shift(a_dir: Path, b_dir: Path, files: list[str]) -> float:
 
 
 def effective(records: list[dict], key: str) -> float | None:
-    """Mean of op_params[key] (k or m after fitting to short windows) over a set's records."""
+    """Mean of op_params[key] (coarse_k or fine_m after fitting to short windows) over a set's records."""
     vals = [r["op_params"][key] for r in records if key in r.get("op_params", {})]
     return float(np.mean(vals)) if vals else None
 
@@ -170,7 +170,7 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
                      "to_source"],
                  "shift": (pixel_shift(set_dir, set_path(out, settings[0], seed), [r["file"] for r in recs])
                            if st is not settings[0] else 0.0),
-                 "effective_k": effective(recs, "k"), "effective_m": effective(recs, "m")}
+                 "effective_k": effective(recs, "coarse_k"), "effective_m": effective(recs, "fine_m")}
             measures.append(m)
             per_seed.setdefault(st.name, {})[seed] = m
         rows.append(summarise(st, measures))

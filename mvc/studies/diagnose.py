@@ -1,26 +1,11 @@
 """Where does a generator lose the class? Label fidelity measured stage by stage, by the reference.
 
-The chain from a real image to a synthetic one has several places where class information can be
-lost, and each is measured on its own, in the same feature space (the evaluation-only reference
-classifier of `mvc.evaluation.reference`, which never trains, filters or selects anything):
-
-1. **real at R px**: real test images resized to the generator's resolution R: the ceiling of any
-   generator that samples at R (the resize alone may cost accuracy);
-2. **VAE round trip**: the same images encoded (posterior mean) and decoded: the ceiling of any
-   generator that decodes through this VAE;
-3. **base, text-to-image**: the base pipeline (before MVC fine-tuning) prompted with the label-free
-   captions of the labelled images; its fidelity says how much class a caption alone carries, its
-   Fréchet distance how real its samples look;
-4. **fine-tuned, no mixing**: the MVC model with mixing off, over a grid of text / image guidance;
-5. **fine-tuned, each mixing op** at the configured guidance.
-
-Rows 4-5 are synthetic sets written in the project's format (`<out>/sets/<row>/`), made by the same
-generation code as `generate_mvc.py`. Outputs: diagnose.json, diagnose.md, diagnose.png and TensorBoard.
-
-The reference only judges. To *choose* generator settings from such a table without tuning on the
-judge, give a `selector`: a classifier trained on the labelled subset alone (e.g. the pipeline's
-real-only run, `classifier/real-*-seed0`), the only labels a low-data user has; its agreement with
-each image's intended class is reported beside the reference's fidelity, and is the column to select on.
+Rows, each in the evaluation-only reference's feature space: real test images at the generator's resolution,
+their VAE round trip, the base's text-to-image samples, the fine-tuned model without mixing over a grid of text
+/ image guidance, and each mixing op. The synthetic rows are sets in the project's format (`<out>/sets/<row>/`),
+made by the same generation code as `generate_mvc.py`. Outputs: diagnose.json, .md, .png and TensorBoard.
+The reference only judges: to *choose* settings, give a `selector` (a classifier trained on the labelled subset
+alone); its agreement is the column to select on. docs/generator.md reads such a table.
 """
 
 from __future__ import annotations
@@ -154,7 +139,7 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     real = real_subset(cfg, test)
     ref = load_reference(cfg, accelerator, progress)
     pipe = load_ip2p_pipeline(paths.final, cfg.generate.scheduler, accelerator.device)
-    res = resolve_resolution(cfg, paths.final, pipe)
+    res = resolve_resolution(cfg.generate, paths.final, pipe)
     ev, dev, none = cfg.evaluate, accelerator.device, np.full(len(real), -1)
     judge = labelled_judge(selector, labelled.classes) if selector else None
     rows: list[dict] = []
@@ -201,11 +186,11 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
         add(name, "fine-tuned", syn, source_rows(set_dir, labelled.classes, labelled, syn), ops=ops,
             guidance_scale=t, image_guidance_scale=i)
     if accelerator.is_main_process:
-        write_report(rows, out, cfg, labelled.classes, ref, time.time() - t0)
+        write_diagnosis(rows, out, cfg, labelled.classes, ref, time.time() - t0)
     return rows
 
 
-def write_report(rows: list[dict], out: Path, cfg: Any, classes: list[str], ref: Any, seconds: float) -> None:
+def write_diagnosis(rows: list[dict], out: Path, cfg: Any, classes: list[str], ref: Any, seconds: float) -> None:
     """diagnose.json, diagnose.md (the table), diagnose.png (fidelity per row and per class), TensorBoard."""
     from mvc.evaluation.evaluate import NOTE
 

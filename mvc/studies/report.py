@@ -136,7 +136,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(cfg: Config, times: dict) -> Path:
+def write_results(cfg: Config, times: dict) -> Path:
     """results.md: the table (mean +- std over seeds), stage wall times and figures."""
     from mvc.data.synthetic import count_images
 

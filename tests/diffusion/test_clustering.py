@@ -21,8 +21,8 @@ from mvc.data import ArraySource, ImageDataset
 from mvc.data.pairs import build_pairs, grouping_fingerprint, load_pairs, save_pairs
 from mvc.data.synthetic import class_target, plan_jobs
 from mvc.diffusion.clustering import (
-    Concept,
     ConceptGroups,
+    KeptCluster,
     cluster_classes,
     concept_groups,
     n_selected,
@@ -199,7 +199,7 @@ def test_pairs_file_is_redrawn_when_the_clusters_change(tmp_path, caplog):
 
     ds = toy(np.repeat([0, 1], 4))
     cfg = make_config(overrides={"pairs.rounds": 2})
-    g = ConceptGroups([Concept(0, 0, (0, 1)), Concept(0, 1, (2, 3)), Concept(1, 0, (4, 5, 6))], len(ds))
+    g = ConceptGroups([KeptCluster(0, 0, (0, 1)), KeptCluster(0, 1, (2, 3)), KeptCluster(1, 0, (4, 5, 6))], len(ds))
     path = tmp_path / "pairs.npz"
     whole = _pairs_for(cfg, ds, path, True)
     with caplog.at_level(logging.WARNING, logger="mvc.diffusion.finetune_loop"):

@@ -51,7 +51,7 @@ def train(cfg, labelled):
     """Train (or reuse) the DreamBooth model of `cfg`: its final folder."""
     from mvc.generation.generators import make_generator
 
-    return Path(make_generator(cfg).model(labelled, progress=False))
+    return Path(make_generator(cfg).model_path(labelled, progress=False))
 
 
 def class_image_stamps(out: Path) -> dict[Path, int]:
@@ -423,7 +423,7 @@ def _worker(data: str, cache: str, out: str) -> None:
     acc = make_accelerator()
     labelled = load_splits(parse("full").data)[0]
     for cfg in (parse("full", "--dreambooth.max_steps=2"), parse("lora", *[f"--{k}={v}" for k, v in LORA.items()])):
-        final = make_generator(cfg).shared_model(labelled, None, False, acc.device, acc.is_main_process,
+        final = make_generator(cfg).shared_model_path(labelled, None, False, acc.device, acc.is_main_process,
                                                  acc.wait_for_everyone)
         if cfg.dreambooth.max_steps == 2 and acc.is_main_process:
             shutil.rmtree(final)

@@ -146,7 +146,7 @@ def test_multi_vector_sets_equal_plain_diffusers_prompts(micro, tmp_path):
     cfg = config(micro, tmp_path, "--textual_inversion.num_vectors=2", "--textual_inversion.steps=2",
                  "--generate.num_inference_steps=4")
     gen = make_generator(cfg)
-    model = gen.model(micro.labelled, progress=False)
+    model = gen.model_path(micro.labelled, progress=False)
     assert learned(Path(model))["<mvc-class-3>"].shape == (2, 16)
     pipe = gen.load(model, None, torch.float32)
     assert pipe.tokenizer.tokenize("a <mvc-class-3>")[-1] == "<mvc-class-3>"
@@ -418,7 +418,7 @@ def test_two_processes_learn_what_one_does_and_continue_their_run(micro, tmp_pat
 
 
 def _worker(data: str, cache: str, out: str) -> None:
-    """torchrun worker of the test above: 2 steps (every process trains: the generator's `shared_model`), then
+    """torchrun worker of the test above: 2 steps (every process trains: the generator's `shared_model_path`), then
     generate_mvc.py with 4 steps, which continues them and makes the set."""
     from mvc.core.distributed import make_accelerator
     from mvc.data import load_splits
@@ -428,7 +428,7 @@ def _worker(data: str, cache: str, out: str) -> None:
                                      "--generate.method=textual_inversion", *extra)
     cfg = parse_args(generate_mvc.build_parser("x"), argv("--textual_inversion.steps=2"))[0]
     acc = make_accelerator()
-    make_generator(cfg).shared_model(load_splits(cfg.data)[0], None, False, acc.device, acc.is_main_process,
+    make_generator(cfg).shared_model_path(load_splits(cfg.data)[0], None, False, acc.device, acc.is_main_process,
                                      acc.wait_for_everyone)
     generate_mvc.cli(argv())
 

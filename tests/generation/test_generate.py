@@ -73,8 +73,8 @@ def pngs(out):
     return sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*.png"))
 
 
-def make_generator(seed, *index):
-    """A generator per (seed, index): the tests only need distinct, repeatable streams."""
+def torch_generator(seed, *index):
+    """A torch.Generator per (seed, index): the tests only need distinct, repeatable streams."""
     return torch.Generator().manual_seed(hash((seed, *index)) & 0xFFFFFFFF)
 
 
@@ -250,10 +250,10 @@ def test_batched_render_equals_the_plain_pipeline(pipe, labelled):
     emb = encode(pipe, prompts)
     neg = encode(pipe, [""]).expand(len(srcs), -1, -1)
     lat = sd_io.encode_conditions(pipe.vae, images, 16)
-    ours = render(pipe, emb, neg, lat, [make_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
+    ours = render(pipe, emb, neg, lat, [torch_generator(0, s, 0) for s in srcs], 2, 3.0, 1.5)
     for i, s in enumerate(srcs):
         ref = pipe(prompt=prompts[i], image=images[i], num_inference_steps=2, guidance_scale=3.0,
-                   image_guidance_scale=1.5, generator=make_generator(0, s, 0)).images[0]
+                   image_guidance_scale=1.5, generator=torch_generator(0, s, 0)).images[0]
         assert np.abs(np.asarray(ours[i], np.int16) - np.asarray(ref, np.int16)).max() <= 1
 
 
@@ -268,7 +268,7 @@ def test_every_scheduler_renders(pipe, scheduler):
     p.set_progress_bar_config(disable=True)
     assert type(p.scheduler).__name__ == SAMPLERS.get(scheduler)[0]
     e = encode(p, ["dark"])
-    ims = render(p, e, encode(p, [""]), torch.zeros(1, 4, 8, 8), [make_generator(0, 0, 0)], 2, 3.0, 1.5)
+    ims = render(p, e, encode(p, [""]), torch.zeros(1, 4, 8, 8), [torch_generator(0, 0, 0)], 2, 3.0, 1.5)
     assert ims[0].size == (16, 16)
 
 
@@ -316,7 +316,7 @@ def test_default_coarse_changes_the_image_embed_stage_shuffle_does_not(tmp_path,
     meta = read_jsonl(tmp_path / "tok" / "metadata.jsonl")
     for r in meta:
         p = r["op_params"]
-        assert p["coarse_stage"] == "tokens" and p["mode"] == "shuffle"
+        assert p["coarse_stage"] == "tokens" and p["coarse_mode"] == "shuffle"
         w0, w1 = p["window"]
         caption_tokens = [t.replace("</w>", "") for t in p["mixed_tokens"]]
         assert len(caption_tokens) == w1 - w0 and caption_tokens != r["caption"].split()  # reordered
@@ -340,7 +340,7 @@ def test_token_swap_stays_inside_both_captions(pipe, labelled):
     for j, p in zip(jobs, op_ps):
         d = p["donor_index"]
         (w0, w1), (c0, c1) = ctx.windows[j.source], p["coarse_window"]
-        assert (c0, c1) == (max(w0, ctx.windows[d][0]), min(w1, ctx.windows[d][1])) and p["k"] == min(4, c1 - c0)
+        assert (c0, c1) == (max(w0, ctx.windows[d][0]), min(w1, ctx.windows[d][1])) and p["coarse_k"] == min(4, c1 - c0)
         new = [t.replace("</w>", "") for t in p["mixed_tokens"]]
         src, don = CAPTIONS[labelled.ids[j.source]].split(), CAPTIONS[labelled.ids[d]].split()
         assert all(a in (b, c) for a, b, c in zip(new, src, don + [None] * len(src)))

@@ -133,7 +133,7 @@ def test_records_name_method_parameters_seed_and_source(micro, method):
     if method == "mvc_nomix":
         assert {r["op"] for r in recs} == {"none"} and settings["mixing"] == {"ops": ["none"]}
     if method == "mvc":  # one variant per source here: variant 0 takes mixing.ops[0]
-        assert {r["op"] for r in recs} == {"coarse"} and all("k" in r["op_params"] for r in recs)
+        assert {r["op"] for r in recs} == {"coarse"} and all("coarse_k" in r["op_params"] for r in recs)
     if method in ("txt2img", "img2img"):  # the tiny base folder, not a fine-tuned one
         assert Path(settings["base"]).is_dir() and all("model_dir" not in r for r in recs)
         assert all(r["base"] == settings["base"] for r in recs)
@@ -249,7 +249,7 @@ def test_img2img_batches_equal_the_plain_diffusers_pipeline(micro):
 
     cfg = config(micro, "img2img", **{"generate.num_inference_steps": 4})
     gen = make_generator(cfg)
-    model = gen.model(micro.labelled)
+    model = gen.model_path(micro.labelled)
     pipe = base_pipeline(load_base(cfg, None, micro.out, source=model), "img2img", cfg.generate.scheduler)
     gen.begin(pipe, model, 16)
     jobs = [j for j in plan_jobs(micro.labelled, ["none"], None, 2) if j.label == 3]

@@ -129,7 +129,7 @@ def test_staged_mixing_equals_ids_then_encoder_then_embeddings(ids):
     """stage='tokens' runs only coarse (on ids), stage='embeds' only fine; same draws as doing it by hand."""
     table = torch.randn(V, D, generator=gen(8))
     encode = lambda i: torch.cumsum(table[i], 1)  # noqa: E731  (a toy, order-sensitive "text encoder")
-    p = dict(k=3, mode="shuffle", coarse_stage="tokens", m=2, s=3, source="self")
+    p = dict(coarse_k=3, coarse_mode="shuffle", coarse_stage="tokens", fine_m=2, fine_s=3, fine_source="self")
     assert op_stages("coarse+fine", p) == ["tokens", "embeds"]
     g = gen(12)
     staged = apply_mixing(encode(apply_mixing(ids, "coarse+fine", p, g, window=(1, 9), stage="tokens")),
@@ -144,13 +144,13 @@ def test_staged_mixing_equals_ids_then_encoder_then_embeddings(ids):
     assert op_stages("coarse", p_old) == ["embeds"]
     assert torch.equal(apply_mixing(x, "coarse", p_old, gen(3), window=(1, 9), stage="embeds"),
                        coarse_mix(x, gen(3), k=3, window=(1, 9)))
-    assert op_params("coarse", p) == dict(mode="shuffle", k=3, coarse_stage="tokens")
+    assert op_params("coarse", p) == dict(coarse_mode="shuffle", coarse_k=3, coarse_stage="tokens")
 
 
 @pytest.mark.parametrize("call", [
     lambda i: op_stages("fine+coarse", dict(coarse_stage="tokens")),  # ids edited after embeddings
     lambda i: op_stages("coarse", dict(coarse_stage="pixels")),
-    lambda i: apply_mixing(i, "coarse", dict(k=2), gen(), stage="latent"),
+    lambda i: apply_mixing(i, "coarse", dict(coarse_k=2), gen(), stage="latent"),
     lambda i: coarse_mix(i[0], gen(), k=2),  # 1-d
     lambda i: fine_mix(i, gen(), m=2, s=1, source="self"),  # fine needs embeddings, not ids
 ])
@@ -205,9 +205,9 @@ def test_fine_noise_matches_embedding_statistics():
 #################################################################################
 
 @pytest.mark.parametrize("op", ["coarse", "fine", "coarse+fine"])
-@pytest.mark.parametrize("params", [dict(k=3, mode="shuffle", m=2, s=3, source="self"),
-                                    dict(k=3, mode="swap", m=2, s=3, source="donor", contiguous=False),
-                                    dict(k=3, mode="shuffle", m=2, s=3, source="noise")])
+@pytest.mark.parametrize("params", [dict(coarse_k=3, coarse_mode="shuffle", fine_m=2, fine_s=3, fine_source="self"),
+                                    dict(coarse_k=3, coarse_mode="swap", fine_m=2, fine_s=3, fine_source="donor", fine_contiguous=False),
+                                    dict(coarse_k=3, coarse_mode="shuffle", fine_m=2, fine_s=3, fine_source="noise")])
 def test_same_seed_same_output_different_seeds_differ(x, donor, op, params):
     a = apply_mixing(x, op, params, gen(5), donor=donor, window=(1, 9))
     b = apply_mixing(x, op, params, gen(5), donor=donor, window=(1, 9))
@@ -225,7 +225,7 @@ def test_none_is_an_unchanged_copy(x):
 
 
 def test_composition_is_coarse_then_fine(x, donor):
-    p = dict(k=3, mode="shuffle", m=2, s=3, source="donor")
+    p = dict(coarse_k=3, coarse_mode="shuffle", fine_m=2, fine_s=3, fine_source="donor")
     g1, g2 = gen(9), gen(9)
     composed = apply_mixing(x, "coarse+fine", p, g1, donor=donor, window=(1, 9))
     step = fine_mix(coarse_mix(x, g2, k=3, window=(1, 9)), g2, m=2, s=3, source="donor", donor=donor, window=(1, 9))
@@ -235,8 +235,8 @@ def test_composition_is_coarse_then_fine(x, donor):
 def test_registry_and_params():
     assert {"none", "coarse", "fine"} <= set(list_mixing_ops()) == set(MIXING_OPS.names())
     assert parse_op("coarse+fine") == ["coarse", "fine"]
-    assert op_params("fine", dict(k=1, mode="swap", m=2, s=3, source="self", contiguous=True)) == \
-        dict(m=2, s=3, source="self", contiguous=True)
+    assert op_params("fine", dict(coarse_k=1, coarse_mode="swap", fine_m=2, fine_s=3, fine_source="self", fine_contiguous=True)) == \
+        dict(fine_m=2, fine_s=3, fine_source="self", fine_contiguous=True)
 
 
 @pytest.mark.parametrize("call", [
@@ -252,7 +252,7 @@ def test_registry_and_params():
     lambda x, d: fine_mix(x, gen(), m=9, s=2, source="self", window=(0, 8)),
     lambda x, d: fine_mix(x, gen(), m=2, s=2, source="bogus"),
     lambda x, d: apply_mixing(x, "blend", {}, gen()),
-    lambda x, d: apply_mixing(x, "coarse+", {"k": 2}, gen()),
+    lambda x, d: apply_mixing(x, "coarse+", {"coarse_k": 2}, gen()),
     lambda x, d: apply_mixing(x, "coarse", {}, gen()),               # missing k
     lambda x, d: coarse_mix(x, gen(), k=2, window=[(0, 4), (0, 4)]),  # 2 windows for 3 rows
 ])
@@ -319,7 +319,7 @@ def test_plan_draws_a_donor_of_the_same_class_never_the_source_and_is_determinis
     from mvc.generation.mixing import plan_mix
 
     ctx = _ctx([(1, 6), (1, 4), (1, 9)])
-    params = {"mode": "swap", "k": 3, "coarse_stage": "tokens", "m": 2, "s": 2, "source": "donor", "contiguous": True}
+    params = {"coarse_mode": "swap", "coarse_k": 3, "coarse_stage": "tokens", "fine_m": 2, "fine_s": 2, "fine_source": "donor", "fine_contiguous": True}
     donors = set()
     for v in range(20):
         a, b = plan_mix(0, v, "coarse+fine", ctx, params, seed=7), plan_mix(0, v, "coarse+fine", ctx, params, seed=7)
@@ -328,8 +328,8 @@ def test_plan_draws_a_donor_of_the_same_class_never_the_source_and_is_determinis
         # a token-stage swap uses only positions where both captions have tokens
         dw = ctx.windows[a.donor]
         assert a.coarse_window == (max(1, dw[0]), min(6, dw[1]))
-        assert a.params["k"] == min(3, a.coarse_window[1] - a.coarse_window[0])  # the effective k is reported
-        assert a.clamped == (a.params["k"] < 3)
+        assert a.params["coarse_k"] == min(3, a.coarse_window[1] - a.coarse_window[0])  # the effective k is reported
+        assert a.clamped == (a.params["coarse_k"] < 3)
     assert donors == {1, 2}  # both other sources are drawn
 
 
@@ -337,9 +337,9 @@ def test_plan_clamps_to_short_caption_windows_and_refuses_what_cannot_fit():
     from mvc.generation.mixing import plan_mix
 
     ctx = _ctx([(1, 3), (1, 3), (1, 3)])
-    params = {"mode": "shuffle", "k": 5, "coarse_stage": "tokens", "m": 4, "s": 2, "source": "self", "contiguous": True}
+    params = {"coarse_mode": "shuffle", "coarse_k": 5, "coarse_stage": "tokens", "fine_m": 4, "fine_s": 2, "fine_source": "self", "fine_contiguous": True}
     p = plan_mix(1, 0, "coarse+fine", ctx, params, seed=0)
-    assert p.params["k"] == 2 and p.params["m"] == 2 and p.clamped and p.donor is None
+    assert p.params["coarse_k"] == 2 and p.params["fine_m"] == 2 and p.clamped and p.donor is None
     fixed = _ctx([(1, 3)] * 3, caption_windows=False)  # a window the user fixed is not silently shrunk
     with pytest.raises(MVCError, match="does not fit the window"):
         plan_mix(1, 0, "coarse", fixed, params, seed=0)
@@ -348,7 +348,7 @@ def test_plan_clamps_to_short_caption_windows_and_refuses_what_cannot_fit():
     lonely = _ctx([(1, 4)] * 3)
     lonely.sources = [0]
     with pytest.raises(MVCError, match="needs a donor"):
-        plan_mix(0, 0, "fine", lonely, {**params, "source": "donor"}, seed=0)
+        plan_mix(0, 0, "fine", lonely, {**params, "fine_source": "donor"}, seed=0)
 
 
 def test_window_setting_is_parsed_once():
@@ -373,7 +373,7 @@ def test_mix_prompts_encodes_all_token_edits_in_one_call():
 
     jobs = [type("J", (), {"source": s, "variant": v, "op": op})() for s in (0, 1) for v, op in
             enumerate(["coarse", "fine", "none"])]
-    params = {"mode": "shuffle", "k": 3, "coarse_stage": "tokens", "m": 2, "s": 2, "source": "self", "contiguous": True}
+    params = {"coarse_mode": "shuffle", "coarse_k": 3, "coarse_stage": "tokens", "fine_m": 2, "fine_s": 2, "fine_source": "self", "fine_contiguous": True}
     emb, op_ps, clamped = mix_prompts(jobs, ctx, params, 0, encode, lambda ids: [str(i) for i in ids])
     assert emb.shape == (6, 16, 8) and clamped == 0
     assert calls == [(2, 16)]  # the two coarse jobs, in one call

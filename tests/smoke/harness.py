@@ -3,20 +3,10 @@
     python -m tests.smoke.harness prepare DATASET WORKDIR           # prints the overrides, one per line
     python -m tests.smoke.harness summary DATASET WORKDIR OVERRIDE...  # one JSON summary; exit 1 if a check fails
 
-`prepare` writes, under WORKDIR:
-- data/: fixture images in DATASET's real on-disk layout (CIFAR python batches pickled as the
-  Python 2 originals, Caltech101's `101_ObjectCategories/` with its `BACKGROUND_Google/`, the Kaggle
-  brain-tumour `Training/` and `Testing/` folders), a few images per class;
-- models/: an SD-1.5-structured base and a BLIP-2 from a small config (`mvc.diffusion.standins`), the local
-  folders that stand in for the configs' hub ids;
-- hf/: the model hub's cache with random weights for every pretrained timm backbone the config
-  names (timm reads its ImageNet weights from there, offline, as from a warm cache), and the
-  `accelerate config` file a GPU user writes once (CPU here; mixed precision from $MVC_SMOKE_PRECISION).
-The overrides it prints change scale and sources only: the model folders instead of the hub ids,
-the fixture data root, fewer steps, smaller batches and resolutions, one seed.
-
-`summary` reads what the stages wrote and checks that the generated images have the fine-tuning
-resolution and that every classifier run of a comparison took the same optimizer steps.
+`prepare` writes, under WORKDIR, fixture images in DATASET's real on-disk layout (data/), stand-ins of the hub
+models (models/), a hub cache with random timm weights and accelerate's config (hf/); the overrides change scale
+and sources only. `summary` checks that the generated images have the fine-tuning resolution and that every
+classifier run of a comparison took the same optimizer steps. docs/scripts.md has the details.
 """
 
 from __future__ import annotations

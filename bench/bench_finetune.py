@@ -94,7 +94,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
 
     from mvc.core.config import FinetuneConfig
     from mvc.diffusion.finetune import LatentCache, draw_step_noise, encode_prompts_cache, gather_batch, ip2p_loss
-    from mvc.diffusion.finetune_setup import build_optimizer, freeze, prepare_unet
+    from mvc.diffusion.finetune_setup import build_adam, freeze, prepare_unet
     from mvc.diffusion.sd_io import encode_images, encode_prompts
 
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
         m.to(dev)
     freeze(vae, te)
     tc = FinetuneConfig(fused_adam=False)  # the default Adam; "ours" switches the fused flag on
-    opt = build_optimizer(prepare_unet(unet, tc), tc)
+    opt = build_adam(prepare_unet(unet, tc), tc)
     n, res, bsz = spec["images"], spec["resolution"], spec["batch"]
     pixels = (torch.rand(n, 3, res, res) * 2 - 1).to(dev)  # preprocessed images, as a DataLoader hands them over
     prompts = [f"dark small item {i}, a photo of class type class{i % 10}" for i in range(n)]

@@ -161,7 +161,7 @@ def run_train(unet, state0: dict, caches, sched, spec: Train, scale: Scale, devi
     Returns the per-step losses, the seconds of the timed steps and the peak memory."""
     from mvc.core.config import FinetuneConfig
     from mvc.diffusion.finetune import draw_step_noise, gather_batch, ip2p_loss
-    from mvc.diffusion.finetune_setup import build_ema, build_optimizer
+    from mvc.diffusion.finetune_setup import build_adam, build_ema
 
     latents, text = caches
     with torch.no_grad():
@@ -172,7 +172,7 @@ def run_train(unet, state0: dict, caches, sched, spec: Train, scale: Scale, devi
     perf.channels_last(unet, spec.channels_last)
     perf.set_tf32(spec.tf32, device)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = build_optimizer(params, FinetuneConfig())  # the loop's: fused Adam, lr 1e-4
+    opt = build_adam(params, FinetuneConfig())  # the loop's: fused Adam, lr 1e-4
     ema = build_ema(params, 0.9999, spec.ema_foreach)
     dtype = torch.float16 if spec.precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")

@@ -1,51 +1,16 @@
 """DreamBooth (Ruiz et al., CVPR 2023) as a generator of synthetic sets: one text-to-image model learns every
 class at once, each concept bound to its own rare identifier, with prior preservation.
 
-The recipe, step by step (`get_dreambooth` reuses a finished model, else `train_dreambooth` trains it):
-
-1. Concepts (`make_concepts`): a concept is a class label, a rare identifier and the labelled images that
-   show it; by default one concept per class. A caller may pass several groups of images per class instead
-   (a clustering pre-step does), each becoming a concept with its own identifier. Identifiers are
-   `dreambooth.identifiers` in concept order, else `mvc.data.prompts.rare_identifiers` (strings of rare letters,
-   the same every run); they are checked with the base's own tokenizer (distinct tokens, no unknown token,
-   prompts not cut off), the tiny byte-level BPE and CLIP's alike.
-2. Prompts: a concept's instance prompt is `dreambooth.instance_prompt` ("a photo of {identifier} {label}");
-   the class prompt is the same template without the identifier ("a photo of {label}").
-3. Prior preservation (`class_images`): `dreambooth.num_class_images` images per class, sampled by the base
-   (text-to-image, the class prompt, each image with its own generator), cached under
-   `<run.output_dir>/dreambooth/class_images/<key>/` (key: a hash of everything that changes them), each PNG
-   written atomically, so an interrupted run makes only the missing ones and a retrain reuses them all.
-4. Loss (`prior_preservation_loss`): every step draws B instance images and B class images (each from its own
-   endless permutation) and runs them through the U-Net in one batch; the per-sample MSE of the scheduler's
-   prediction target (epsilon or v, `mvc.diffusion.finetune.noise_prediction_loss`) is averaged over each half:
-   instance + `prior_loss_weight` x prior. Latents are posterior samples of the VAE-encoded images, cached once.
-5. Weights: the whole U-Net (`lora_rank: 0`) or LoRA adapters on its attention projections
-   (`mvc.diffusion.finetune_setup`, as MVC's fine-tuning does); with `train_text_encoder` the text encoder too (fully,
-   or LoRA adapters on its attention projections when `lora_rank > 0`). The optimizer implementation (Adam
-   betas, fused or 8-bit Adam, gradient clipping, attention) is the train section's.
-6. Determinism: the data order comes from generators of its own (saved in checkpoints) and every other draw of
-   a step from `seeds.generator(seed, "dreambooth.step", step)`, so a resumed run ends with the weights of an
-   uninterrupted one. Checkpoints (`mvc.core.checkpoint`, every `checkpoint_every` steps, `checkpoints_keep` kept)
-   are resumed automatically by the next run with the same settings.
-7. Output: `<run.output_dir>/dreambooth/final/`, a StableDiffusionPipeline folder (safetensors, LoRA merged)
-   with `mvc_training.json` (steps, resolution, concepts with identifiers and members, the settings). A finished
-   folder whose settings match is reused; other settings are refused in one line (as `train_mvc.py` refuses to
-   resume another run), naming what differs.
-
-Every process trains, data-parallel, on the accelerator's device and with its mixed precision (`generate_synthetic`
-builds the base and the concepts on rank 0 first, then all call `get_dreambooth` together): the U-Net (and the text
-encoder when it trains, LoRA or not) go through `accelerate.prepare` (DDP under several processes); every process
-draws the same global batch (the data orders, the step's draws) and keeps its rows of each half, and its loss is
-scaled (`prior_preservation_loss`) so that DDP's average is the global batch's loss: 1 and N processes train the
-same weights up to float summation order. The class images are made by all processes, a share each; the main
-process writes checkpoints and the final folder. LoRA adapters start from `seeds` role `dreambooth.init`.
+`get_dreambooth` reuses a finished model (other settings refused in one line) or trains it: `train_dreambooth`
+builds the concepts' data (class images, caches) and a `DreamBoothTask` (weights, optimizer, data orders, the
+prior-preservation loss of a step), which `mvc.diffusion.engine.train` runs data-parallel with checkpoints and
+resume. The recipe step by step, determinism and processes: docs/dreambooth.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -57,18 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mvc.core import seeds
-from mvc.core.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 from mvc.core.distributed import broadcast_object, make_accelerator, shard_rows
 from mvc.core.paths import RunPaths
 from mvc.core.registry import config_rule
-from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, batched, fingerprint
+from mvc.core.utils import MVCError, atomic_path, atomic_write_json, batched, fingerprint
 from mvc.data.prompts import (
     instance_prompt,
     prior_prompt,
@@ -77,12 +35,13 @@ from mvc.data.prompts import (
     validate_instance_template,
 )
 from mvc.data.synthetic import class_folder
+from mvc.diffusion.engine import Cadence, Task, draw_noise, train
 from mvc.diffusion.finetune import GlobalBatchSampler, encode_latents_cache, noise_prediction_loss
 from mvc.diffusion.finetune_setup import (
     TEXT_LORA_TARGETS,
     add_lora,
+    build_adam,
     build_lr_scheduler,
-    build_optimizer,
     freeze,
     load_trainable_state_dict,
     prepare_unet,
@@ -105,7 +64,7 @@ log = logging.getLogger(__name__)
 KIND = "dreambooth"  # the checkpoints' kind and the final folder's `mvc_training.json` kind
 # dreambooth.* keys that never change the weights; identifiers are in the concepts, the resolution is resolved
 NOT_TRAINING = {"checkpoint_every", "checkpoints_keep", "log_every", "identifiers", "resolution"}
-RESUME_FREE = {"dreambooth.max_steps"}  # a resumed run may train longer
+RESUME_FREE_KEYS = {"max_steps"}  # dreambooth.* keys a resumed run may change: it may train longer
 # train.* keys DreamBooth shares with MVC's fine-tuning: how the optimizer runs, not what it learns from
 SHARED_TRAIN_KEYS = ("adam_beta1", "adam_beta2", "use_8bit_adam", "fused_adam", "max_grad_norm", "attention")
 
@@ -115,7 +74,7 @@ SHARED_TRAIN_KEYS = ("adam_beta1", "adam_beta2", "use_8bit_adam", "fused_adam", 
 #################################################################################
 
 @dataclass(frozen=True)
-class Concept:
+class DreamBoothConcept:
     """One thing DreamBooth learns: the labelled images `indices` (positions in the labelled subset), all of
     class `label`, bound to the rare `identifier`."""
     label: int
@@ -129,7 +88,7 @@ class Concept:
 
 
 def make_concepts(labelled: Any, groups: Sequence[tuple[int, Sequence[int]]] | None = None,
-                  identifiers: Sequence[str] = ()) -> list[Concept]:
+                  identifiers: Sequence[str] = ()) -> list[DreamBoothConcept]:
     """The concepts DreamBooth trains: one per group (label, labelled indices) or, without `groups`, one per
     class with images; identifiers from `identifiers` in order, else the default rare ones."""
     targets = np.asarray(labelled.targets)
@@ -140,12 +99,12 @@ def make_concepts(labelled: Any, groups: Sequence[tuple[int, Sequence[int]]] | N
         raise MVCError(f"dreambooth.identifiers names {len(identifiers)} identifier(s) for {len(groups)} concepts; "
                        "give one per concept, or [] for the default rare ones")
     idents = list(identifiers) if identifiers else list(islice(rare_identifiers(), len(groups)))
-    concepts = [Concept(int(c), idents[k], tuple(int(i) for i in idx)) for k, (c, idx) in enumerate(groups)]
+    concepts = [DreamBoothConcept(int(c), idents[k], tuple(int(i) for i in idx)) for k, (c, idx) in enumerate(groups)]
     check_concepts(concepts, labelled)
     return concepts
 
 
-def check_concepts(concepts: Sequence[Concept], labelled: Any) -> None:
+def check_concepts(concepts: Sequence[DreamBoothConcept], labelled: Any) -> None:
     """Refuse concepts that cannot train: none, an empty one, an image outside the subset or of another class,
     identifiers that repeat (also when CLIP lower-cases them)."""
     if not concepts:
@@ -161,7 +120,8 @@ def check_concepts(concepts: Sequence[Concept], labelled: Any) -> None:
                            "not a labelled image of that class")
 
 
-def check_prompt_tokens(tokenizer: Any, concepts: Sequence[Concept], template: str, classes: Sequence[str]) -> None:
+def check_prompt_tokens(tokenizer: Any, concepts: Sequence[DreamBoothConcept], template: str,
+                        classes: Sequence[str]) -> None:
     """Each identifier tokenizes (no unknown token) into tokens of its own, and no instance prompt is cut off by
     the tokenizer's length (the identifier would be lost)."""
     seen: dict[tuple[int, ...], str] = {}
@@ -218,8 +178,8 @@ def prior_settings(cfg: Any, base: str, resolution: int, seed: int) -> dict:
             "seed": seed}
 
 
-def training_record(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: str, resolution: int, seed: int,
-                    precision: str) -> dict:
+def training_record(cfg: Any, labelled: Any, concepts: Sequence[DreamBoothConcept], base: str, resolution: int,
+                    seed: int, precision: str) -> dict:
     """What a DreamBooth model's weights depend on (flat): the base, the labelled subset, the concepts, the
     dreambooth.* and shared train.* keys, the resolution, the seed and the mixed precision."""
     return {**base_id(cfg, base), "data": labelled.fingerprint(), "classes": list(labelled.classes),
@@ -296,15 +256,6 @@ def prior_preservation_loss(per_sample: torch.Tensor, num_instance: int, weight:
     return inst + weight * prior, inst, prior
 
 
-def draw_step(n: int, latent_shape: tuple[int, ...], num_train_timesteps: int,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's draws for n images: timesteps (n,), diffusion noise and posterior noise (n, C, h, w)."""
-    t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
-    noise = torch.randn((n, *latent_shape), generator=generator)
-    eps = torch.randn((n, *latent_shape), generator=generator)
-    return t, noise, eps
-
-
 #################################################################################
 #                                   Training                                    #
 #################################################################################
@@ -322,7 +273,7 @@ class _Data:
     labels: list               # the classes of the concepts
 
 
-def _data(cfg: Any, comps: dict, labelled: Any, concepts: Sequence[Concept], base: str, out_dir: Path,
+def _data(cfg: Any, comps: dict, labelled: Any, concepts: Sequence[DreamBoothConcept], base: str, out_dir: Path,
           resolution: int, seed: int, acc: Any, progress: bool) -> _Data:
     """Class images (made by every process, a share each), then one-off caches: VAE posteriors of every instance
     and class image, token ids of every prompt."""
@@ -350,102 +301,137 @@ def _data(cfg: Any, comps: dict, labelled: Any, concepts: Sequence[Concept], bas
                  torch.tensor([len(concepts) + labels.index(c) for c, _ in prior_rows], dtype=torch.long), labels)
 
 
-def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: str, out_dir: Path,
+class DreamBoothTask(Task):
+    """DreamBooth for `engine.train`: every step draws B instance and B class images (each from its own endless
+    permutation), every process the same global batch, and runs its rows of both halves through the U-Net in one
+    call; its loss is scaled (`prior_preservation_loss`) so that DDP's average is the global batch's loss."""
+    kind, label, prefix, step_role = KIND, "dreambooth", "dreambooth/", "dreambooth.step"
+    error_prefix, nonfinite_fix = "dreambooth: ", "lower dreambooth.lr"
+
+    def __init__(self, cfg: Any, comps: dict, data: _Data, labelled: Any, concepts: Sequence[DreamBoothConcept],
+                 base: str, record: dict, resolution: int, seed: int, acc: Any, out_dir: Path, t0: float):
+        db = cfg.dreambooth
+        self.cfg, self.comps, self.data, self.acc, self.seed, self.t0 = cfg, comps, data, acc, seed, t0
+        self.labelled, self.concepts, self.base, self.record = labelled, concepts, base, record
+        self.resolution = resolution
+        self.final = out_dir / "final"
+        self.unet, self.text_encoder = comps["unet"], comps["text_encoder"]
+        self.B = db.batch_size
+        self.keep = shard_rows(self.B, acc.num_processes, acc.process_index, "dreambooth.batch_size")  # of each half
+        self.table = (None if db.train_text_encoder  # the prompts' hidden states (P, T, D) when the encoder is frozen
+                      else encode_ids(self.text_encoder, data.ids, data.mask).float())
+        ocfg = optimizer_config(cfg)
+        self.params = _trainable(cfg, ocfg, self.unet, self.text_encoder, seed, acc.device)
+        self.optimizer = build_adam(self.params, ocfg)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, ocfg)
+        self.max_grad_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        self.inst_order = GlobalBatchSampler(len(data.inst_prompt), seeds.generator(seed, "dreambooth.order", 0))
+        self.prior_order = (GlobalBatchSampler(len(data.prior_prompt), seeds.generator(seed, "dreambooth.order", 1))
+                            if data.prior_cache is not None else None)
+        self.images_per_step = self.B * (2 if self.prior_order is not None else 1)
+
+    def models(self) -> list:
+        # through accelerate: DDP under several processes, its mixed precision's autocast
+        return [self.unet, self.text_encoder] if self.cfg.dreambooth.train_text_encoder else [self.unet]
+
+    def set_prepared(self, models: list) -> None:
+        self.unet = models[0]
+        if self.cfg.dreambooth.train_text_encoder:
+            self.text_encoder = models[1]
+
+    def restore(self, ckpt: dict | None) -> None:
+        if ckpt is None:
+            return
+        load_trainable_state_dict(self.unet, ckpt["unet"])
+        if self.cfg.dreambooth.train_text_encoder:
+            load_trainable_state_dict(self.text_encoder, ckpt["text_encoder"])
+        self.inst_order.load_state_dict(ckpt["instance_order"])
+        if self.prior_order is not None:
+            self.prior_order.load_state_dict(ckpt["prior_order"])
+        log.info("dreambooth: resumed from step %d", int(ckpt["step"]))
+
+    def state(self) -> dict:
+        unwrap = self.acc.unwrap_model
+        return {"unet": trainable_state_dict(unwrap(self.unet)),
+                "text_encoder": (trainable_state_dict(unwrap(self.text_encoder))
+                                 if self.cfg.dreambooth.train_text_encoder else None),
+                "instance_order": self.inst_order.state_dict(),
+                "prior_order": self.prior_order.state_dict() if self.prior_order is not None else None}
+
+    def batch(self, generator: torch.Generator) -> tuple:
+        """One step's global batch (B instance rows, then B class rows; every process draws the same) and this
+        process's rows of it: (latents (b, C, h, w) posterior samples, prompt rows (b,), noise (b, C, h, w),
+        timesteps (b,))."""
+        data, B = self.data, self.B
+        inst = self.inst_order.next(B)
+        mean, std, rows = data.inst_cache.mean[inst, 0], data.inst_cache.std[inst, 0], data.inst_prompt[inst]
+        local = torch.arange(B)[self.keep]  # this process's rows of the global batch
+        if self.prior_order is not None:
+            pr = self.prior_order.next(B)
+            mean, std = torch.cat([mean, data.prior_cache.mean[pr, 0]]), torch.cat([std, data.prior_cache.std[pr, 0]])
+            rows = torch.cat([rows, data.prior_prompt[pr]])
+            local = torch.cat([local, B + local])
+        t, noise, eps = draw_noise(len(rows), tuple(data.inst_cache.mean.shape[2:]),
+                                   self.comps["scheduler"].config.num_train_timesteps, generator)  # global batch
+        latents = (mean + std * eps) * data.inst_cache.scaling_factor
+        return latents[local], rows[local], noise[local], t[local]
+
+    def loss(self, step: int, micro: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of B instance rows, then of B class rows, in one U-Net call."""
+        acc, data, dev = self.acc, self.data, self.acc.device
+        latents, rows, noise, t = self.batch(generator)
+        with acc.autocast():
+            embeds = (text_hidden_states(self.text_encoder, data.ids[rows].to(dev), data.mask[rows].to(dev))
+                      if self.table is None else self.table[rows.to(self.table.device)])  # (b, T, D)
+            per_sample = noise_prediction_loss(self.unet, self.comps["scheduler"], latents.to(dev), embeds,
+                                               noise.to(dev), t.to(dev))
+        loss, inst_loss, prior_loss = prior_preservation_loss(per_sample, self.keep.stop - self.keep.start,
+                                                              self.cfg.dreambooth.prior_loss_weight, self.B,
+                                                              acc.num_processes)
+        return loss, acc.reduce(torch.stack([inst_loss, prior_loss]).detach(), reduction="mean")
+
+    def loss_value(self, record: Any) -> float:
+        return record[0] + self.cfg.dreambooth.prior_loss_weight * record[1]
+
+    def scalars(self, record: Any) -> dict:
+        return {"loss": self.loss_value(record), "instance_loss": record[0], "prior_loss": record[1]}
+
+    def export(self, step: int, result: dict) -> None:
+        """The StableDiffusionPipeline folder generation samples, with what it was trained on."""
+        cfg, db, classes, unwrap = self.cfg, self.cfg.dreambooth, list(self.labelled.classes), self.acc.unwrap_model
+        save_txt2img_folder(self.final, self.comps, unwrap(self.unet), unwrap(self.text_encoder), {
+            "kind": KIND, "resolution": self.resolution, "vae_scale_factor": vae_scale_factor(self.comps["vae"]),
+            "steps": step, "base": cfg.model.base, "base_source": self.base, "instance_prompt": db.instance_prompt,
+            "class_prompts": {classes[c]: prior_prompt(db.instance_prompt, classes[c]) for c in self.data.labels},
+            "num_class_images": db.num_class_images if prior_on(cfg) else 0, "lora_rank": db.lora_rank,
+            "train_text_encoder": db.train_text_encoder, "prior_loss_weight": db.prior_loss_weight,
+            "concepts": [c.describe(self.labelled) for c in self.concepts], "settings": self.record,
+            "seconds": round(time.perf_counter() - self.t0, 1)})
+
+
+def train_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[DreamBoothConcept], base: str, out_dir: Path,
                      record: dict, resolution: int, seed: int, accelerator: Any, progress: bool = True) -> Path:
     """Fine-tune the base on the concepts, data-parallel over the accelerator's processes (resuming
     `out_dir/checkpoints` when it holds this run's checkpoints); the main process saves `out_dir/final`, returned
     on every process."""
     db, acc, t0 = cfg.dreambooth, accelerator, time.perf_counter()
-    world, main = acc.num_processes, acc.is_main_process
-    ckpt_dir, classes, B = out_dir / "checkpoints", list(labelled.classes), db.batch_size
-    keep = shard_rows(B, world, acc.process_index, "dreambooth.batch_size")  # this process's rows of each half
+    ckpt_dir = out_dir / "checkpoints"
     comps = load_base(cfg, None, RunPaths.of(cfg).root, source=base)
-    unet, vae, text_encoder, tokenizer, sched = (comps[k] for k in ("unet", "vae", "text_encoder", "tokenizer",
-                                                                    "scheduler"))
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise MVCError(f"the base U-Net takes {unet.config.in_channels} input channels: DreamBooth needs a "
+    if comps["unet"].config.in_channels != comps["vae"].config.latent_channels:
+        raise MVCError(f"the base U-Net takes {comps['unet'].config.in_channels} input channels: DreamBooth needs a "
                        "text-to-image base (not an InstructPix2Pix folder) as model.base")
-    check_prompt_tokens(tokenizer, concepts, db.instance_prompt, classes)
-
-    # 1. Class images and caches (on the accelerator's device).
-    for m in (unet, vae, text_encoder):
+    check_prompt_tokens(comps["tokenizer"], concepts, db.instance_prompt, list(labelled.classes))
+    for m in (comps["unet"], comps["vae"], comps["text_encoder"]):  # class images and caches on the device
         m.to(acc.device)
-    data = _data(cfg, comps, labelled, concepts, base, out_dir, resolution, seed, acc, progress and main)
-    table = None if db.train_text_encoder else encode_ids(text_encoder, data.ids, data.mask).float()  # (P, T, D)
-
-    # 2. Trainable weights, optimizer, schedule, data order; resume this run's checkpoints; DDP.
-    ocfg = optimizer_config(cfg)
-    params = _trainable(cfg, ocfg, unet, text_encoder, seed, acc.device)
-    optimizer = build_optimizer(params, ocfg)
-    lr_sched = build_lr_scheduler(optimizer, ocfg)
-    inst_order = GlobalBatchSampler(len(data.inst_prompt), seeds.generator(seed, "dreambooth.order", 0))
-    prior_order = (GlobalBatchSampler(len(data.prior_prompt), seeds.generator(seed, "dreambooth.order", 1))
-                   if data.prior_cache is not None else None)
-    trained_on = {k: v for k, v in record.items() if k not in RESUME_FREE}
-    step = _resume(cfg, ckpt_dir, trained_on, unet, text_encoder, optimizer, lr_sched, inst_order, prior_order, world)
-    # the models through accelerate: DDP under several processes (each process's gradient, averaged, is the global
-    # batch's), its mixed precision's autocast; the optimizer for fp16's loss scaling
-    if db.train_text_encoder:
-        unet, text_encoder, optimizer = acc.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = acc.prepare(unet, optimizer)
-
-    # 3. Loop: this process's share of B instance rows, then of B class rows, in one U-Net call.
-    logger = RunLogger(out_dir, enabled=main, truncate_to=step if step else -1)
-    logger.config(dataclasses.asdict(cfg), metrics=["dreambooth/loss"])
-    latent_shape, T = tuple(data.inst_cache.mean.shape[2:]), sched.config.num_train_timesteps
-    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    pending: list[torch.Tensor] = []  # (instance, prior) global losses of the steps since the last read
-    bar = tqdm(total=db.max_steps, initial=step, desc="dreambooth", disable=not (progress and main))
-    while step < db.max_steps:
-        t_start = time.perf_counter()
-        latents, rows, noise, t, n = _batch(data, inst_order, prior_order, B, keep, latent_shape, T,
-                                            seeds.generator(seed, "dreambooth.step", step))
-        with acc.autocast():
-            embeds = (text_hidden_states(text_encoder, data.ids[rows].to(acc.device), data.mask[rows].to(acc.device))
-                      if table is None else table[rows.to(table.device)])  # (b, T, D)
-            per_sample = noise_prediction_loss(unet, sched, latents.to(acc.device), embeds,
-                                               noise.to(acc.device), t.to(acc.device))
-        loss, inst_loss, prior_loss = prior_preservation_loss(per_sample, keep.stop - keep.start, db.prior_loss_weight,
-                                                              B, world)
-        acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not optimizer.step_was_skipped:
-            lr_sched.step()
-        pending.append(acc.reduce(torch.stack([inst_loss, prior_loss]).detach(), reduction="mean"))
-        step += 1
-        bar.update(1)
-        save = step % db.checkpoint_every == 0 or step == db.max_steps
-        if save or step % db.log_every == 0 or step == 1:  # read the losses here only: no host sync per step
-            inst_l, prior_l = _read_losses(pending, step)
-            total = inst_l + db.prior_loss_weight * prior_l
-            bar.set_postfix(loss=f"{total:.4f}")
-            ips = n / (time.perf_counter() - t_start)  # global rows
-            logger.scalars(step, {"loss": total, "instance_loss": inst_l, "prior_loss": prior_l, "images_per_s": ips,
-                                  "lr": lr_sched.get_last_lr()[0], "grad_norm": float(grad_norm)}, prefix="dreambooth/")
-        if save:
-            if main:
-                _save(cfg, ckpt_dir, step, acc, unet, text_encoder, optimizer, lr_sched, inst_order, prior_order,
-                      trained_on)
-            acc.wait_for_everyone()
-    bar.close()
-    logger.close()
-
-    # 4. The StableDiffusionPipeline folder generation samples, with what it was trained on.
-    final = out_dir / "final"
-    if main:
-        save_txt2img_folder(final, comps, acc.unwrap_model(unet), acc.unwrap_model(text_encoder), {
-            "kind": KIND, "resolution": resolution, "vae_scale_factor": vae_scale_factor(vae), "steps": step,
-            "base": cfg.model.base, "base_source": base, "instance_prompt": db.instance_prompt,
-            "class_prompts": {classes[c]: prior_prompt(db.instance_prompt, classes[c]) for c in data.labels},
-            "num_class_images": db.num_class_images if prior_on(cfg) else 0, "lora_rank": db.lora_rank,
-            "train_text_encoder": db.train_text_encoder, "prior_loss_weight": db.prior_loss_weight,
-            "concepts": [c.describe(labelled) for c in concepts], "settings": record,
-            "seconds": round(time.perf_counter() - t0, 1)})
-    acc.wait_for_everyone()
-    return final
+    data = _data(cfg, comps, labelled, concepts, base, out_dir, resolution, seed, acc, progress and acc.is_main_process)
+    task = DreamBoothTask(cfg, comps, data, labelled, concepts, base, record, resolution, seed, acc, out_dir, t0)
+    free = {f"dreambooth.{k}" for k in RESUME_FREE_KEYS}
+    trained_on = {k: v for k, v in record.items() if k not in free}
+    cadence = Cadence(db.max_steps, db.log_every, db.checkpoint_every, db.checkpoints_keep, log_at_checkpoints=True)
+    train(task, acc, out_dir, cadence, dataclasses.asdict(cfg), trained_on,
+          resume="latest" if list_checkpoints(ckpt_dir) else None,
+          fix=f"restore those settings, or delete {ckpt_dir} to train anew", progress=progress)
+    return task.final
 
 
 def _trainable(cfg: Any, ocfg: Any, unet: Any, text_encoder: Any, seed: int, device: torch.device) -> list:
@@ -464,72 +450,6 @@ def _trainable(cfg: Any, ocfg: Any, unet: Any, text_encoder: Any, seed: int, dev
             text_encoder.to(device).train()
             params += [p for p in text_encoder.parameters() if p.requires_grad]
     return params
-
-
-def _batch(data: _Data, inst_order: Any, prior_order: Any, B: int, keep: slice, latent_shape: tuple, T: int,
-           generator: torch.Generator) -> tuple:
-    """One step's global batch (B instance rows, then B class rows; every process draws the same) and this
-    process's rows of it: (latents (b, C, h, w) posterior samples, prompt rows (b,), noise (b, C, h, w), timesteps
-    (b,), the global row count)."""
-    inst = inst_order.next(B)
-    mean, std, rows = data.inst_cache.mean[inst, 0], data.inst_cache.std[inst, 0], data.inst_prompt[inst]
-    local = torch.arange(B)[keep]  # this process's rows of the global batch
-    if prior_order is not None:
-        pr = prior_order.next(B)
-        mean, std = torch.cat([mean, data.prior_cache.mean[pr, 0]]), torch.cat([std, data.prior_cache.std[pr, 0]])
-        rows = torch.cat([rows, data.prior_prompt[pr]])
-        local = torch.cat([local, B + local])
-    t, noise, eps = draw_step(len(rows), latent_shape, T, generator)  # for the global batch
-    latents = (mean + std * eps) * data.inst_cache.scaling_factor
-    return latents[local], rows[local], noise[local], t[local], len(rows)
-
-
-def _read_losses(pending: list[torch.Tensor], step: int) -> tuple[float, float]:
-    """The (instance, prior) losses of the last step, after checking every pending step's (emptying `pending`);
-    a non-finite one stops training on every process alike (they are reduced) before anything is saved."""
-    values = torch.stack(pending).tolist()  # (steps, 2)
-    pending.clear()
-    for k, (a, b) in enumerate(values):
-        if not (math.isfinite(a) and math.isfinite(b)):
-            raise MVCError(f"non-finite DreamBooth loss at step {step - len(values) + k + 1}; lower dreambooth.lr")
-    return values[-1][0], values[-1][1]
-
-
-def _resume(cfg: Any, ckpt_dir: Path, trained_on: dict, unet: Any, text_encoder: Any, optimizer: Any, lr_sched: Any,
-            inst_order: Any, prior_order: Any, world: int) -> int:
-    """Load this run's newest checkpoint into the (unwrapped) models, optimizer, schedule and data orders; the step
-    to continue from (0 without one). The global RNGs are per process: restored in a one-process run only."""
-    ckpt = resolve_resume("latest" if list_checkpoints(ckpt_dir) else None, ckpt_dir, kind=KIND, trained_on=trained_on,
-                          fix=f"restore those settings, or delete {ckpt_dir} to train anew")
-    if ckpt is None:
-        return 0
-    load_trainable_state_dict(unet, ckpt["unet"])
-    if cfg.dreambooth.train_text_encoder:
-        load_trainable_state_dict(text_encoder, ckpt["text_encoder"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    lr_sched.load_state_dict(ckpt["lr_scheduler"])
-    inst_order.load_state_dict(ckpt["instance_order"])
-    if prior_order is not None:
-        prior_order.load_state_dict(ckpt["prior_order"])
-    if world == 1 and int(ckpt.get("world_size", 1)) == 1:
-        set_rng_state(ckpt["rng"])
-    log.info("dreambooth: resumed from step %d", int(ckpt["step"]))
-    return int(ckpt["step"])
-
-
-def _save(cfg: Any, ckpt_dir: Path, step: int, acc: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_sched: Any,
-          inst_order: Any, prior_order: Any, trained_on: dict) -> None:
-    """Write the checkpoint of `step` (trainable weights of the unwrapped models, optimizer, schedule, data orders,
-    RNGs, world size)."""
-    db = cfg.dreambooth
-    save_checkpoint(ckpt_dir, step, {
-        "unet": trainable_state_dict(acc.unwrap_model(unet)),
-        "text_encoder": trainable_state_dict(acc.unwrap_model(text_encoder)) if db.train_text_encoder else None,
-        "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-        "instance_order": inst_order.state_dict(),
-        "prior_order": prior_order.state_dict() if prior_order is not None else None,
-        "rng": rng_state(), "world_size": acc.num_processes,
-    }, dataclasses.asdict(cfg), keep=db.checkpoints_keep, kind=KIND, trained_on=trained_on)
 
 
 def _load_rgb(path: Path):
@@ -551,7 +471,8 @@ def _seed(cfg: Any, final: Path, ckpt_dir: Path) -> int:
     return int(old) if old is not None else seeds.resolve_seed(None)
 
 
-def get_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: str, progress: bool = True) -> Path:
+def get_dreambooth(cfg: Any, labelled: Any, concepts: Sequence[DreamBoothConcept], base: str,
+                   progress: bool = True) -> Path:
     """The finished DreamBooth folder of these concepts and settings: `<run.output_dir>/dreambooth/final`, trained
     first when it is missing; a finished folder trained with other settings is refused, naming what differs."""
     out = RunPaths.of(cfg).dreambooth

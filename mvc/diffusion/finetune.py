@@ -1,28 +1,9 @@
 """InstructPix2Pix fine-tuning maths: conditioning dropout, the one-off caches, the global batch order, the loss.
 
-Speed comes from caching: every image of the labelled subset is VAE-encoded ONCE (posterior mean
-and std) and every distinct prompt (plus the empty prompt) is text-encoded ONCE, before training; a
-step only indexes those tensors with the pair indices and runs the U-Net. Images and prompts are
-prepared by `mvc.diffusion.sd_io`, the same functions generation uses. The caches live in CPU memory and each
-step moves only its own rows to the accelerator: CIFAR's 50,000 captions are about 50,000 x 77 x 768
-values (5.9 GB in fp16), which would not fit beside SD-1.5 on most GPUs.
-
-Choices (kept identical to diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py):
-- the condition latent is the posterior MODE (= mean) of the condition image, unscaled, exactly what
-  `StableDiffusionInstructPix2PixPipeline.prepare_image_latents` feeds the U-Net at sampling time;
-- the target latent is a fresh SAMPLE of the target's posterior each step (mean + std * eps, from the
-  cached mean/std), times `vae.config.scaling_factor`;
-- random flips: with `flip=True` both orientations are cached (index 0 plain, 1 flipped) and a step
-  picks one per pair (the same flip for condition and target, as the diffusers script flips the
-  concatenated pair), so flips cost no VAE call;
-- conditioning dropout follows the InstructPix2Pix paper: text only / image only / both dropped are
-  three disjoint cases; dropped text uses the embedding of the empty prompt "" (tokenized exactly as
-  the pipeline tokenizes its negative prompt), a dropped image is an all-zero condition latent (what
-  the pipeline uses for its unconditional image branch).
-
-At sampling time the pipeline runs the U-Net on a batch of three chunks, in this order:
-[text + image, image only (empty-prompt embedding), neither (empty prompt, zero image latent)],
-so the dropout cases above are exactly the inputs it asks for.
+Every labelled image is VAE-encoded once and every distinct prompt text-encoded once (`mvc.diffusion.sd_io`, as
+generation prepares them), into caches in CPU memory; a step only indexes them and runs the U-Net. The inputs a
+step builds are exactly the three chunks the InstructPix2Pix pipeline feeds its U-Net at sampling time.
+docs/finetuning.md ties each choice (condition mode, target sample, flips, dropout) to the pipeline.
 """
 
 from __future__ import annotations
@@ -34,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mvc.core.utils import MVCError, batched
+from mvc.diffusion.engine import draw_noise
 from mvc.diffusion.sd_io import encode_images, encode_prompts, images_to_tensor
 
 CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # text cache dtype per mixed precision (else fp32)
@@ -206,11 +188,10 @@ class StepNoise:
 
 def draw_step_noise(batch_size: int, latent_shape: tuple[int, ...], num_train_timesteps: int, flip: bool,
                     p_text: float, p_image: float, p_both: float, generator: torch.Generator) -> StepNoise:
-    """Draw timesteps, noises, flips and dropout masks of a whole global micro-batch from `generator`."""
+    """Draw the dropout masks, then timesteps and noises (`engine.draw_noise`), then flips of a whole global
+    micro-batch from `generator`."""
     keep_text, keep_image = conditioning_dropout_masks(batch_size, p_text, p_image, p_both, generator)
-    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
-    noise = torch.randn((batch_size, *latent_shape), generator=generator)
-    eps = torch.randn((batch_size, *latent_shape), generator=generator)
+    t, noise, eps = draw_noise(batch_size, latent_shape, num_train_timesteps, generator)
     flips = (torch.randint(0, 2, (batch_size,), generator=generator) if flip
              else torch.zeros(batch_size, dtype=torch.long))
     return StepNoise(t, noise, eps, flips, keep_text, keep_image)

@@ -1,46 +1,28 @@
-"""The fine-tuning loop (accelerate) and the train_mvc stage flow `main(cfg, resume)`.
+"""The MVC trainer (train_mvc): InstructPix2Pix fine-tuning of the U-Net on the pairs, a task of the engine.
 
-Determinism across resume and across process counts, by construction:
-- the data order is defined on the GLOBAL batch: `GlobalBatchSampler` draws permutations of the pair
-  indices from its own generator (saved in checkpoints) and every process draws the same global
-  batch, then keeps its contiguous shard of rows;
-- every other random draw of a micro-step (timesteps, noises, flips, dropout) is drawn for the whole
-  global batch from its own generator (`seeds.generator(seed, "finetune.step", step, micro)`) and
-  sharded the same way;
-- each process's loss is sum(per-sample loss) * world / global_batch, so DDP's gradient averaging
-  gives exactly the gradient of the global-batch mean (uneven shards included);
-- the LR schedule is stepped once per optimizer step by us (accelerate's prepared scheduler would
-  step once per process); an optimizer step is `accelerator.gradient_accumulation_steps` micro-steps
-  (train.grad_accum, or accelerate's own setting when that is null), so steps, optimizer updates and
-  the schedule always agree.
-The global RNGs are seeded per process (role "process", index rank) for any randomness inside the model.
-
-Speed (docs in mvc.core.config's train keys): no host sync per step -- each step's loss and gradient norm stay
-on the device (`PendingSteps`) and are read, and checked for non-finite values, only at the logging
-cadence and before any validation, checkpoint or export, so a run that went non-finite stops before it
-writes weights; gradient checkpointing only when a probe says the step would not fit without
-(`train.gradient_checkpointing=null`); optional channels-last, torch.compile of the training step, TF32,
-and the multi-tensor EMA update.
+`run(cfg, accelerator, resume)` is the stage (splits, pairs, captions, prompts, the base, then `finetune`);
+`finetune` builds a `FinetuneTask` (caches, trainable weights, optimizer, data order) and hands it to
+`mvc.diffusion.engine.train`, which owns the loop. One micro-step is `FinetuneTask.loss`: its global batch's pair
+indices, its draws (`draw_step_noise`), the cached inputs (`gather_batch`) and `ip2p_loss` (mvc.diffusion.finetune).
+Determinism across resume and process counts, the speed levers and the checkpoint's contents: docs/finetuning.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mvc.core import seeds
-from mvc.core.checkpoint import resolve_resume, rng_state, save_checkpoint, set_rng_state
 from mvc.core.distributed import accelerator_settings, broadcast_seed, make_accelerator
-from mvc.core.perf import channels_last, compiled, peak_memory_gb, reset_peak_memory, set_tf32
+from mvc.core.perf import channels_last, compiled, peak_memory_gb, set_tf32
 from mvc.core.registry import publish_choices
 from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
+from mvc.diffusion.engine import Cadence, Task, train
 from mvc.diffusion.finetune import (
     CACHE_DTYPES,
     GlobalBatchSampler,
@@ -51,9 +33,9 @@ from mvc.diffusion.finetune import (
     ip2p_loss,
 )
 from mvc.diffusion.finetune_setup import (
+    build_adam,
     build_ema,
     build_lr_scheduler,
-    build_optimizer,
     freeze,
     load_trainable_state_dict,
     needs_checkpointing,
@@ -112,49 +94,13 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
 
 
 #################################################################################
-#                        Per-step values, read at sync points                   #
+#                        The task: what fine-tuning adds to the engine          #
 #################################################################################
 
-class PendingSteps:
-    """Losses and gradient norms of the steps since the last sync point, kept as device tensors (reading a
-    value waits for the accelerator, which then idles while the host prepares the next step)."""
-
-    def __init__(self, step: int):
-        self.step, self.losses, self.norm = step, [], None
-        self.images, self.t0 = 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, images: int) -> None:
-        """One optimizer step: its global loss (a 0-d tensor), its gradient norm (None: not computed)."""
-        self.losses.append(loss.detach())
-        self.norm = grad_norm.detach() if grad_norm is not None else self.norm
-        self.images += images
-
-    def flush(self) -> tuple[list[float], float, float]:
-        """(losses, last gradient norm, images/s since the last flush), read in one sync; MVCError at the first
-        non-finite loss, before anything is written from the weights it produced."""
-        if not self.losses:
-            return [], float("nan"), float("nan")
-        vals = torch.stack(self.losses).float().cpu().tolist()  # the one host sync of the interval
-        norm = float(self.norm) if self.norm is not None else float("nan")
-        elapsed = time.perf_counter() - self.t0
-        for i, v in enumerate(vals):
-            if not math.isfinite(v):
-                raise MVCError(f"non-finite loss ({v}) at step {self.step + i + 1}; lower train.lr, use "
-                               "train.mixed_precision=no, or resume from an earlier checkpoint")
-        ips = self.images / elapsed if elapsed > 0 else float("nan")
-        self.step += len(vals)
-        self.losses, self.images, self.t0 = [], 0, time.perf_counter()
-        return vals, norm, ips
-
-
-#################################################################################
-#                                 Training loop                                 #
-#################################################################################
-
-def resume_record(cfg, dataset, cond: torch.Tensor, target: torch.Tensor, prompts: list[str], seed: int) -> dict:
+def finetune_trained_on(cfg, dataset, cond: torch.Tensor, target: torch.Tensor, prompts: list[str], seed: int) -> dict:
     """What a fine-tuning run's weights depend on (recorded in its checkpoints; a resume must match it):
     the labelled subset, the pairs, the prompts (captioner and template), the base, the seed and the
-    train.* keys that change the result."""
+    train.* keys that change the result (all but `RESUME_FREE_KEYS`)."""
     rec = {"data": dataset.fingerprint(), "pairs": fingerprint(cond.numpy(), target.numpy()),
            "prompts": fingerprint(prompts), "run.seed": int(seed),
            **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
@@ -166,6 +112,154 @@ def resume_record(cfg, dataset, cond: torch.Tensor, target: torch.Tensor, prompt
     return rec
 
 
+class FinetuneTask(Task):
+    """InstructPix2Pix fine-tuning of components['unet'] (8 input channels) on the pairs, for `engine.train`.
+
+    Each optimizer step is `accelerator.gradient_accumulation_steps` micro-steps of the global batch B; every process
+    draws the same global batch (pair order, the micro-step's draws) and keeps its contiguous rows; its loss is
+    sum(per-sample loss) * world / B, so DDP's gradient average is the global batch's mean."""
+    kind, label, prefix, step_role = "finetune", "fine-tuning", "train/", "finetune.step"
+    nonfinite_fix = "lower train.lr, use train.mixed_precision=no, or resume from an earlier checkpoint"
+    accumulates = True
+
+    def __init__(self, cfg, components: dict, dataset, pairs, prompts: list[str], acc, seed: int, out_dir: Path,
+                 final_dir: Path, source: str | None):
+        self.cfg, self.tc, self.acc, self.seed = cfg, cfg.train, acc, seed
+        self.components, self.dataset, self.pairs, self.prompts = components, dataset, pairs, prompts
+        self.out_dir, self.final_dir, self.source = out_dir, final_dir, source
+        self.sched = components["scheduler"]
+        self._check_inputs()
+        self._build_caches()
+        self._build_weights()
+        self.record = finetune_trained_on(cfg, dataset, self.cond, self.target, prompts, seed)
+        world, B = acc.num_processes, self.tc.batch_size
+        shard = torch.tensor_split(torch.arange(B), world)[acc.process_index]
+        self.rows = slice(int(shard[0]), int(shard[-1]) + 1)  # this process's rows of the global batch
+        self.weight = world / B  # DDP averages over processes -> exact global-batch mean
+        self.accum = int(acc.gradient_accumulation_steps)
+        self.images_per_step = B
+
+    def _check_inputs(self) -> None:
+        """Refuse a U-Net without the condition channels, prompts or pairs that do not fit the subset, a batch
+        smaller than the process count; keep the pair indices as tensors."""
+        unet, vae, tc = self.components["unet"], self.components["vae"], self.tc
+        if unet.config.in_channels != 2 * vae.config.latent_channels:
+            raise MVCError(f"the U-Net takes {unet.config.in_channels} input channels; InstructPix2Pix needs "
+                           f"{2 * vae.config.latent_channels} (widen conv_in first)")
+        self.cond = torch.as_tensor(np.asarray(self.pairs.cond), dtype=torch.long)
+        self.target = torch.as_tensor(np.asarray(self.pairs.target), dtype=torch.long)
+        if len(self.prompts) != len(self.dataset):
+            raise MVCError(f"{len(self.prompts)} prompts for {len(self.dataset)} images; need one prompt per labelled "
+                           "image")
+        if len(self.cond) and int(max(self.cond.max(), self.target.max())) >= len(self.dataset):
+            raise MVCError("pair indices point outside the labelled subset; delete pairs.npz and rerun")
+        self.prompt_src = self.target if tc.prompt_from == "target" else self.cond
+        if tc.batch_size < self.acc.num_processes:
+            raise MVCError(f"train.batch_size={tc.batch_size} is smaller than the {self.acc.num_processes} processes; "
+                           "raise it")
+
+    def _build_caches(self) -> None:
+        """One-off caches in CPU memory: VAE posteriors of every labelled image, text embeddings of every distinct
+        prompt (in the U-Net's compute dtype); each micro-step moves only its rows to the device."""
+        acc, tc, comps = self.acc, self.tc, self.components
+        freeze(comps["vae"], comps["text_encoder"])
+        comps["vae"].to(acc.device)
+        comps["text_encoder"].to(acc.device)
+        t0 = time.perf_counter()
+        self.latents = encode_latents_cache(comps["vae"], self.dataset, tc.resolution, flip=tc.random_flip,
+                                            show_progress=acc.is_main_process)
+        self.text = encode_prompts_cache(comps["tokenizer"], comps["text_encoder"], self.prompts,
+                                         show_progress=acc.is_main_process,
+                                         dtype=CACHE_DTYPES.get(str(acc.mixed_precision), torch.float32))
+        self.cache_s = time.perf_counter() - t0
+        lat, text = self.latents, self.text
+        if acc.is_main_process:
+            log.info("caches in CPU memory (per process): latents %s %s = %.2f GB; text embeddings of %d distinct "
+                     "prompts (of %d) %s %s = %.2f GB; training with %s", tuple(lat.mean.shape), lat.mean.dtype,
+                     lat.nbytes / 1e9, len(text.table), len(self.prompts), tuple(text.table.shape), text.table.dtype,
+                     text.nbytes / 1e9, ", ".join(f"{k} {v}" for k, v in accelerator_settings(acc).items()))
+
+    def _build_weights(self) -> None:
+        """Trainable weights (memory format, checkpointing), optimizer, schedule, EMA, data order."""
+        acc, tc, unet = self.acc, self.tc, self.components["unet"]
+        set_tf32(tc.tf32, acc.device)
+        self.params = prepare_unet(unet, tc)
+        unet.to(acc.device)  # before the EMA copies its weights, so they live on the same device
+        channels_last(unet, tc.channels_last)
+        self.memory = choose_checkpointing(acc, unet, tc, self.params, -(-tc.batch_size // acc.num_processes),
+                                           tuple(self.latents.mean.shape[3:]), tuple(self.text.empty.shape),
+                                           self.text.table.dtype)
+        self.optimizer = build_adam(self.params, tc)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, tc)
+        self.ema = build_ema(self.params, tc.ema_decay, tc.ema_foreach) if tc.use_ema else None
+        self.max_grad_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+        self.sampler = GlobalBatchSampler(len(self.cond), seeds.generator(self.seed, "finetune.order"))
+
+    def models(self) -> list:
+        return [self.components["unet"]]
+
+    def set_prepared(self, models: list) -> None:
+        self.unet = models[0]
+        self.bare = self.acc.unwrap_model(self.unet)
+        self.step_unet = compiled(self.unet, self.tc.compile)  # the step's forward; validation and export: `bare`
+
+    def draw_index(self, step: int, micro: int) -> tuple[int, ...]:
+        return (step, micro)
+
+    def restore(self, ckpt: dict | None) -> None:
+        if ckpt is None:
+            return
+        load_trainable_state_dict(self.components["unet"], ckpt["unet"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                raise MVCError("train.use_ema=true but the checkpoint has no EMA; resume with the same config")
+            self.ema.load_state_dict(ckpt["ema"])
+            self.ema.to(self.acc.device)
+        if self.acc.is_main_process:
+            log.info("resumed from step %d", int(ckpt["step"]))
+
+    def state(self) -> dict:
+        return {"unet": trainable_state_dict(self.bare), "ema": self.ema.state_dict() if self.ema else None,
+                "sampler": self.sampler.state_dict()}
+
+    def loss(self, step: int, micro: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-step: this process's rows of the next global batch, its draws, the IP2P loss."""
+        tc, B, dev = self.tc, self.tc.batch_size, self.acc.device
+        idx = self.sampler.next(B)[self.rows]
+        rnd = draw_step_noise(B, tuple(self.latents.mean.shape[2:]), self.sched.config.num_train_timesteps,
+                              tc.random_flip, tc.drop_text_prob, tc.drop_image_prob, tc.drop_both_prob,
+                              generator).rows(self.rows)
+        batch = gather_batch(self.latents, self.text, self.cond[idx], self.target[idx], self.prompt_src[idx],
+                             rnd)  # CPU rows
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        rnd = rnd.to(dev)
+        per_sample = ip2p_loss(self.step_unet, self.sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
+        local_sum = per_sample.sum()
+        record = self.acc.reduce(local_sum.detach().clone(), reduction="sum") / (B * self.accum)
+        return local_sum * self.weight, record
+
+    def setup_scalars(self) -> dict:
+        return {"cache_seconds": self.cache_s, "world_size": self.acc.num_processes, "seed": self.seed,
+                "grad_accum": self.accum, "latent_cache_gb": self.latents.nbytes / 1e9,
+                "text_cache_gb": self.text.nbytes / 1e9,
+                **{k: float(v) for k, v in self.memory.items() if v is not None}}
+
+    def validate(self, step: int, logger: RunLogger) -> None:
+        grid = validation_grid(self.components, self.bare, self.dataset, self.pairs, self.prompts, self.tc, self.seed,
+                               self.ema)
+        logger.image("validation", grid, step, path=self.out_dir / "validation" / f"step-{step:06d}.png")
+
+    def export(self, step: int, result: dict) -> None:
+        """The diffusers folder generation loads (EMA weights when kept, LoRA merged)."""
+        cfg, tc = self.cfg, self.tc
+        save_ip2p_folder(self.final_dir, self.components, self.bare, ema=self.ema, training={
+            "resolution": tc.resolution, "vae_scale_factor": vae_scale_factor(self.components["vae"]), "steps": step,
+            "base": cfg.model.base, "base_source": self.source or cfg.model.base,
+            "prompt_template": cfg.captions.prompt_template,
+            "captioner": cfg.captions.captioner, "ema": self.ema is not None, "lora_rank": tc.lora_rank})
+
+
 def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir: str | Path,
              resume: str | None = None, accelerator=None, final_dir: str | Path | None = None,
              source: str | None = None) -> dict:
@@ -174,169 +268,21 @@ def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir:
     `source` (the folder or hub id the components came from) is recorded in mvc_training.json.
 
     `prompts[i]` is the prompt of image i of `dataset`; a pair uses its target's (or condition's) prompt.
-    Returns {"losses": per-step global losses of this run, "step", "final_dir", "images_per_s"}.
+    Returns {"losses": per-step global losses of this run, "step", "final_dir", "images_per_s", ...}.
     """
     tc = cfg.train
     acc = accelerator if accelerator is not None else make_accelerator(tc.mixed_precision, tc.grad_accum)
-    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     seed = broadcast_seed(acc, cfg.run.seed)
-    seeds.seed_everything(seeds.derive_seed(seed, "process", rank))
+    seeds.seed_everything(seeds.derive_seed(seed, "process", acc.process_index))  # for randomness inside the model
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    unet, vae, text_encoder, tokenizer, sched = (components[k] for k in
-                                                 ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
-    if unet.config.in_channels != 2 * vae.config.latent_channels:
-        raise MVCError(f"the U-Net takes {unet.config.in_channels} input channels; InstructPix2Pix needs "
-                       f"{2 * vae.config.latent_channels} (widen conv_in first)")
-    cond_all = torch.as_tensor(np.asarray(pairs.cond), dtype=torch.long)
-    tgt_all = torch.as_tensor(np.asarray(pairs.target), dtype=torch.long)
-    if len(prompts) != len(dataset):
-        raise MVCError(f"{len(prompts)} prompts for {len(dataset)} images; need one prompt per labelled image")
-    if len(cond_all) and int(max(cond_all.max(), tgt_all.max())) >= len(dataset):
-        raise MVCError("pair indices point outside the labelled subset; delete pairs.npz and rerun")
-    prompt_src = tgt_all if tc.prompt_from == "target" else cond_all
-    B = tc.batch_size
-    if B < world:
-        raise MVCError(f"train.batch_size={B} is smaller than the {world} processes; raise it")
-
-    # 1. One-off caches in CPU memory: VAE posteriors of every labelled image, text embeddings of every
-    #    distinct prompt (in the U-Net's compute dtype); each micro-step moves only its rows to the device.
-    freeze(vae, text_encoder)
-    vae.to(acc.device)
-    text_encoder.to(acc.device)
-    t0 = time.perf_counter()
-    latents = encode_latents_cache(vae, dataset, tc.resolution, flip=tc.random_flip, show_progress=main)
-    text = encode_prompts_cache(tokenizer, text_encoder, prompts, show_progress=main,
-                                dtype=CACHE_DTYPES.get(str(acc.mixed_precision), torch.float32))
-    cache_s = time.perf_counter() - t0
-    if main:
-        log.info("caches in CPU memory (per process): latents %s %s = %.2f GB; text embeddings of %d distinct "
-                 "prompts (of %d) %s %s = %.2f GB; training with %s", tuple(latents.mean.shape), latents.mean.dtype,
-                 latents.nbytes / 1e9, len(text.table), len(prompts), tuple(text.table.shape), text.table.dtype,
-                 text.nbytes / 1e9, ", ".join(f"{k} {v}" for k, v in accelerator_settings(acc).items()))
-
-    # 2. Trainable weights (memory format, checkpointing), optimizer, schedule, EMA, data order.
-    set_tf32(tc.tf32, acc.device)
-    params = prepare_unet(unet, tc)
-    unet.to(acc.device)  # before the EMA copies its weights, so they live on the same device
-    channels_last(unet, tc.channels_last)
-    memory = choose_checkpointing(acc, unet, tc, params, -(-B // world), tuple(latents.mean.shape[3:]),
-                                  tuple(text.empty.shape), text.table.dtype)
-    optimizer = build_optimizer(params, tc)
-    lr_sched = build_lr_scheduler(optimizer, tc)
-    ema = build_ema(params, tc.ema_decay, tc.ema_foreach) if tc.use_ema else None
-    sampler = GlobalBatchSampler(len(cond_all), seeds.generator(seed, "finetune.order"))
-    step = 0
-    record = resume_record(cfg, dataset, cond_all, tgt_all, prompts, seed)
-    ckpt = resolve_resume(resume, ckpt_dir, kind="finetune", trained_on=record, fresh_ok=False)
-    if ckpt is not None:
-        load_trainable_state_dict(unet, ckpt["unet"])
-        lr_sched.load_state_dict(ckpt["lr_scheduler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        if ema is not None:
-            if ckpt.get("ema") is None:
-                raise MVCError("train.use_ema=true but the checkpoint has no EMA; resume with the same config")
-            ema.load_state_dict(ckpt["ema"])
-            ema.to(acc.device)
-        step = int(ckpt["step"])
-        if world == 1 and ckpt.get("world_size") == 1:
-            set_rng_state(ckpt["rng"])
-    unet, optimizer = acc.prepare(unet, optimizer)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if main:
-            log.info("resumed from step %d", step)
-    bare = acc.unwrap_model(unet)
-    step_unet = compiled(unet, tc.compile)  # the training step's forward; validation and export use `bare`
-
-    # 3. Loop: each optimizer step = `accum` micro-steps of the global batch B.
-    accum = int(acc.gradient_accumulation_steps)
-    logger = RunLogger(out_dir, enabled=main, truncate_to=step if ckpt is not None else -1)  # no replayed records
-    logger.config(dataclasses.asdict(cfg), metrics=["train/loss"])
-    if main:
-        logger.scalars(step, {"cache_seconds": cache_s, "world_size": world, "seed": seed, "grad_accum": accum,
-                              "latent_cache_gb": latents.nbytes / 1e9, "text_cache_gb": text.nbytes / 1e9,
-                              **{k: float(v) for k, v in memory.items() if v is not None}}, prefix="setup/")
-    shard = torch.tensor_split(torch.arange(B), world)[rank]
-    rows = slice(int(shard[0]), int(shard[-1]) + 1)
-    weight = world / B  # DDP averages over processes -> exact global-batch mean
-    latent_shape = tuple(latents.mean.shape[2:])
-    ttimesteps = sched.config.num_train_timesteps
-    losses: list[float] = []
-    ips = float("nan")
-    pending = PendingSteps(step)
-    reset_peak_memory(acc.device)
-    pbar = tqdm(total=tc.max_steps, initial=step, desc="fine-tuning", disable=not main)
-    while step < tc.max_steps:
-        step_loss, grad_norm = torch.zeros((), device=acc.device), None
-        for micro in range(accum):
-            idx = sampler.next(B)[rows]
-            rnd = draw_step_noise(B, latent_shape, ttimesteps, tc.random_flip, tc.drop_text_prob,
-                                  tc.drop_image_prob, tc.drop_both_prob,
-                                  seeds.generator(seed, "finetune.step", step, micro)).rows(rows)
-            batch = gather_batch(latents, text, cond_all[idx], tgt_all[idx], prompt_src[idx], rnd)  # CPU rows
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            rnd = rnd.to(acc.device)
-            with acc.accumulate(unet):
-                per_sample = ip2p_loss(step_unet, sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
-                local_sum = per_sample.sum()
-                step_loss += acc.reduce(local_sum.detach().clone(), reduction="sum") / (B * accum)
-                acc.backward(local_sum * weight)
-                if acc.sync_gradients:
-                    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-                    grad_norm = acc.clip_grad_norm_(params, max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        if not optimizer.step_was_skipped:
-            lr_sched.step()
-        if ema is not None:
-            ema.step(params)
-        step += 1
-        pending.add(step_loss, grad_norm, B * accum)
-        pbar.update(1)
-        logs = step % tc.log_every == 0 or step == 1 or step == tc.max_steps
-        validates = step % tc.validate_every == 0 or step == tc.max_steps
-        saves = step % tc.checkpoint_every == 0 or step == tc.max_steps
-        if not (logs or validates or saves):
-            continue
-        # a sync point, on every process alike: read (and check) the steps since the last one
-        vals, norm, ips = pending.flush()
-        losses += vals
-        pbar.set_postfix(loss=f"{vals[-1]:.4f}")
-        if main and logs:
-            peak = peak_memory_gb(acc.device)
-            logger.scalars(step, {"loss": vals[-1], "lr": lr_sched.get_last_lr()[0], "grad_norm": norm,
-                                  "images_per_s": ips, **({"peak_memory_gb": peak} if peak is not None else {})},
-                           prefix="train/")
-        if main and validates:
-            grid = validation_grid(components, bare, dataset, pairs, prompts, tc, seed, ema)
-            logger.image("validation", grid, step, path=out_dir / "validation" / f"step-{step:06d}.png")
-            pending.t0 = time.perf_counter()  # the next interval times training only
-        if saves:
-            if main:
-                save_checkpoint(ckpt_dir, step, {
-                    "unet": trainable_state_dict(bare), "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema else None,
-                    "sampler": sampler.state_dict(), "rng": rng_state(), "world_size": world,
-                }, dataclasses.asdict(cfg), keep=tc.checkpoints_keep, kind="finetune", trained_on=record)
-            acc.wait_for_everyone()
-            pending.t0 = time.perf_counter()
-    pbar.close()
-
-    # 4. The diffusers folder generation loads (EMA weights when kept, LoRA merged).
     final_dir = Path(final_dir) if final_dir is not None else out_dir / "final"
-    if main:
-        save_ip2p_folder(final_dir, components, bare, ema=ema, training={
-            "resolution": tc.resolution, "vae_scale_factor": vae_scale_factor(components["vae"]), "steps": step,
-            "base": cfg.model.base, "base_source": source or cfg.model.base,
-            "prompt_template": cfg.captions.prompt_template,
-            "captioner": cfg.captions.captioner, "ema": ema is not None, "lora_rank": tc.lora_rank})
-    acc.wait_for_everyone()
-    logger.close()
-    return {"losses": losses, "step": step, "final_dir": final_dir, "images_per_s": ips, "cache_seconds": cache_s,
-            "grad_accum": accum, "mixed_precision": str(acc.mixed_precision),
-            "latent_cache_bytes": latents.nbytes, "text_cache_bytes": text.nbytes,
-            "gradient_checkpointing": memory["gradient_checkpointing"], "peak_memory_gb": peak_memory_gb(acc.device)}
+    task = FinetuneTask(cfg, components, dataset, pairs, prompts, acc, seed, out_dir, final_dir, source)
+    cadence = Cadence(tc.max_steps, tc.log_every, tc.checkpoint_every, tc.checkpoints_keep, tc.validate_every)
+    res = train(task, acc, out_dir, cadence, dataclasses.asdict(cfg), task.record, resume=resume, fresh_ok=False)
+    return {**res, "final_dir": final_dir, "cache_seconds": task.cache_s, "mixed_precision": str(acc.mixed_precision),
+            "latent_cache_bytes": task.latents.nbytes, "text_cache_bytes": task.text.nbytes,
+            "gradient_checkpointing": task.memory["gradient_checkpointing"],
+            "peak_memory_gb": peak_memory_gb(acc.device)}
 
 
 def choose_checkpointing(acc, unet, tc, params, rows: int, latent_size: tuple[int, ...], text_shape: tuple[int, int],

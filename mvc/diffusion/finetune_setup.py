@@ -113,7 +113,7 @@ def load_trainable_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
 #                           Optimizer and LR schedule                           #
 #################################################################################
 
-def build_optimizer(params: list[torch.nn.Parameter], train_cfg) -> torch.optim.Optimizer:
+def build_adam(params: list[torch.nn.Parameter], train_cfg) -> torch.optim.Optimizer:
     """Adam (paper: lr 1e-4), fused by default, or bitsandbytes' 8-bit Adam when asked (imported lazily).
 
     The fused kernel updates all weights in one pass; on the SD-1.5 U-Net (CPU) its step takes about

@@ -1,56 +1,11 @@
 """Textual inversion (DA-Fusion's recipe): one learned word embedding per concept, then SDEdit with that word.
 
-A concept is a class label, a placeholder token and the labelled images the token stands for
-(`Concept`). By default there is one per class (`class_concepts`: `<mvc-class-3>` learns class 3 from all
-its labelled images); a pre-step (clustering) may pass several per class instead. Training learns, for
-every concept, the input-embedding vector(s) of its token such that the frozen base, prompted with
-"a photo of a <mvc-class-3>", denoises that concept's images. Generation (`generate.method=
-textual_inversion`, `mvc.generation.generators`) then runs img2img from each real image with its concept's token
-in the prompt.
-
-Choices, each tied to what the pipelines do at sampling time:
-- Tokens: `tokenizer.add_tokens` makes each placeholder an added token, matched whole before the BPE
-  runs, so it is one token for the tiny tokenizer and for CLIP's alike (`add_placeholders` checks it).
-  With `num_vectors > 1` the tokens `<t>_1`, `<t>_2`, ... are added too (diffusers' multi-vector naming),
-  and `mvc.diffusion.sd_io.tokenize` expands `<t>` in a prompt to all of them, as the pipelines'
-  `maybe_convert_prompt` does. Their new rows of the text encoder's input embedding start from the
-  embedding of the first token of the initializer word (`textual_inversion.initializer`, else the
-  concept's class name).
-- Frozen: the VAE, the U-Net and the text encoder never change. The learned vectors are their own
-  (N, D) tensor, written into a copy of the embedding matrix at every forward (`encode_learned`, through
-  `torch.func.functional_call`): every other row and every other weight stays bit-identical by
-  construction, and Adam keeps state for those N rows only.
-- Data: the VAE posterior of every concept image is computed once (`encode_latents_cache`, as
-  fine-tuning caches it); a step draws a fresh sample of it. All concepts train together: row r of step
-  s trains concept (s * B + r) mod C (class-balanced, like DA-Fusion's sampler), with an image of that
-  concept, a template, a timestep and the noises drawn from the step's own generator (role
-  `textual_inversion.step`), so a resumed run draws exactly what the uninterrupted one would.
-- Loss: the base's noise-prediction MSE (`mvc.diffusion.finetune.noise_prediction_loss`), Adam at a constant rate.
-- Accelerate: training runs on the stage accelerator's device with its mixed precision (autocast; the frozen
-  U-Net in the compute dtype, the VAE and text encoder in fp32; fp16's loss scaler through the prepared
-  optimizer), data-parallel over its processes: every process draws the same global batch and keeps its rows;
-  its loss is its rows' share of the global mean and the vectors' gradient is summed over processes, so every
-  process takes the same step (1 and N processes learn the same vectors up to float summation order). All
-  processes call `ensure_embeddings` together (`generate_synthetic` builds the base and the concepts first);
-  the main process writes the files. Losses are read at the logging cadence, not every step.
-
-Outputs, under `<run.output_dir>/textual_inversion/`: `checkpoints/` (vectors, optimizer, RNG, step, every
-`checkpoint_every` steps and at the end; the newest `checkpoints_keep` kept), `tb/` + `log.jsonl`,
-`learned_embeds.safetensors` ({token: (num_vectors, D)}) and `training.json` (what the vectors were
-trained on, the concepts, the file's fingerprint, timings), written last. A diffusers SD pipeline loads
-the embeddings with its own API (`load_learned_embeds`):
-
-    state = safetensors.torch.load_file(".../learned_embeds.safetensors")
-    pipe.load_textual_inversion(list(state.values()), token=list(state))
-
-(diffusers' loader reads a file by path only when it holds one token; several are passed as tensors
-with their names.)
-
-Reuse (`ensure_embeddings`): a finished result trained on the same data, concepts, base, resolution,
-seed and `textual_inversion.*` settings is reused; `steps` may grow (training continues from the last
-checkpoint); an interrupted run continues from its newest checkpoint. A result or checkpoints trained on
-anything else are refused in one line naming what differs, as a fine-tuning resume or a synthetic set
-with other settings are: restore the settings, or delete the folder to train anew.
+A `PlaceholderConcept` is a class label, a placeholder token and the labelled images the token stands for (one per
+class by default, `class_concepts`). `ensure_embeddings` reuses a finished result or trains one: an `InversionTask`
+learns the tokens' input-embedding vectors on the frozen base, run by `mvc.diffusion.engine.train` (checkpoints,
+resume, data-parallel), and writes `learned_embeds.safetensors` (diffusers' layout) and `training.json`.
+Generation (`generate.method=textual_inversion`) runs img2img with each concept's token in the prompt.
+The choices, tied to what the pipelines do at sampling time, and the files: docs/textual_inversion.md.
 """
 
 from __future__ import annotations
@@ -67,17 +22,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mvc.core import seeds
-from mvc.core.checkpoint import (
-    list_checkpoints,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    trained_on_diff,
-)
+from mvc.core.checkpoint import list_checkpoints, trained_on_diff
+from mvc.core.distributed import broadcast_seed, make_accelerator, shard_rows
 from mvc.core.registry import config_rule
-from mvc.core.utils import MVCError, RunLogger, atomic_path, atomic_write_json, fingerprint
+from mvc.core.utils import MVCError, atomic_path, atomic_write_json, fingerprint
+from mvc.diffusion.engine import Cadence, Task, draw_noise, train
+from mvc.diffusion.finetune import noise_prediction_loss
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +37,9 @@ EMBEDS_FILE = "learned_embeds.safetensors"
 INFO_FILE = "training.json"
 TOKEN = "<mvc-class-{label}>"  # the default placeholder of class `label`
 EXAMPLE_TEMPLATE = "a photo of a {token}"
-# textual_inversion.* keys that do not change the learned vectors (`steps` may grow: training continues)
-FREE_KEYS = {"steps", "checkpoint_every", "checkpoints_keep", "log_every", "prompt"}
+# textual_inversion.* keys a resumed (or reused) run may change: they do not change the learned vectors (`steps` may
+# grow: training continues)
+RESUME_FREE_KEYS = {"steps", "checkpoint_every", "checkpoints_keep", "log_every", "prompt"}
 
 
 #################################################################################
@@ -96,7 +47,7 @@ FREE_KEYS = {"steps", "checkpoint_every", "checkpoints_keep", "log_every", "prom
 #################################################################################
 
 @dataclass(frozen=True)
-class Concept:
+class PlaceholderConcept:
     """What one placeholder token learns: the labelled images `indices` (positions in the labelled subset)
     of class `label`, starting from the embedding of the first token of `initializer`."""
     label: int
@@ -105,16 +56,16 @@ class Concept:
     initializer: str
 
 
-def class_concepts(labelled: Any, initializer: str | None = None) -> list[Concept]:
+def class_concepts(labelled: Any, initializer: str | None = None) -> list[PlaceholderConcept]:
     """One concept per class that has labelled images: `<mvc-class-<label>>`, all its images, initialised
     from `initializer` or else the class name."""
     targets = np.asarray(labelled.targets)
-    return [Concept(c, TOKEN.format(label=c), tuple(np.flatnonzero(targets == c).tolist()),
+    return [PlaceholderConcept(c, TOKEN.format(label=c), tuple(np.flatnonzero(targets == c).tolist()),
                     initializer or labelled.classes[c])
             for c in range(len(labelled.classes)) if (targets == c).any()]
 
 
-def check_concepts(concepts: Sequence[Concept], labelled: Any) -> None:
+def check_concepts(concepts: Sequence[PlaceholderConcept], labelled: Any) -> None:
     """Refuse concepts that cannot be trained: none at all, a repeated or blank token, no images, or images
     outside the labelled subset or of another class."""
     if not concepts:
@@ -177,7 +128,7 @@ def first_token_id(tokenizer: Any, word: str) -> int:
     return int(ids[0])
 
 
-def add_placeholders(tokenizer: Any, text_encoder: Any, concepts: Sequence[Concept],
+def add_placeholders(tokenizer: Any, text_encoder: Any, concepts: Sequence[PlaceholderConcept],
                      num_vectors: int) -> torch.Tensor:
     """Add every concept's vector tokens to the tokenizer and rows for them to the text encoder's input
     embedding, each initialised from its initializer's first token; returns their ids (C, V) long."""
@@ -237,18 +188,17 @@ class StepDraws:
     eps: torch.Tensor       # (B, C, h, w) posterior-sample noise of the image latent
 
 
-def draw_step(step: int, batch_size: int, sizes: Sequence[int], num_templates: int, latent_shape: tuple[int, ...],
-              num_train_timesteps: int, generator: torch.Generator) -> StepDraws:
+def draw_concept_rows(step: int, batch_size: int, sizes: Sequence[int], num_templates: int,
+                      latent_shape: tuple[int, ...], num_train_timesteps: int, generator: torch.Generator) -> StepDraws:
     """The draws of step `step`: concepts in turn ((step * B + r) mod C), an image uniformly within each row's
-    concept (`sizes`: images per concept), a template, a timestep and the noises, from `generator`."""
+    concept (`sizes`: images per concept), a template, then the timesteps and noises (`engine.draw_noise`), from
+    `generator`."""
     n = torch.as_tensor(list(sizes), dtype=torch.long)
     concept = (step * batch_size + torch.arange(batch_size)) % len(n)
     u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
     image = torch.minimum((u * n[concept]).long(), n[concept] - 1)
     template = torch.randint(0, num_templates, (batch_size,), generator=generator)
-    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
-    noise = torch.randn((batch_size, *latent_shape), generator=generator)
-    eps = torch.randn((batch_size, *latent_shape), generator=generator)
+    t, noise, eps = draw_noise(batch_size, latent_shape, num_train_timesteps, generator)
     return StepDraws(concept, image, template, t, noise, eps)
 
 
@@ -310,7 +260,7 @@ def load_learned_embeds(pipe: Any, path: str | Path) -> list[str]:
 #                                   Training                                    #
 #################################################################################
 
-def trained_on(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: dict, resolution: int,
+def trained_on(cfg: Any, labelled: Any, concepts: Sequence[PlaceholderConcept], base: dict, resolution: int,
                precision: str = "no") -> dict:
     """What the learned vectors depend on (recorded in checkpoints and training.json; a reuse must match):
     the labelled subset, the concepts, the base, the resolution, the seed, the textual_inversion.* keys
@@ -318,7 +268,7 @@ def trained_on(cfg: Any, labelled: Any, concepts: Sequence[Concept], base: dict,
     return {"data": labelled.fingerprint(), "concepts": fingerprint([dataclasses.asdict(c) for c in concepts]),
             **{f"model.{k}": v for k, v in base.items()}, "resolution": int(resolution), "run.seed": cfg.run.seed,
             **{f"textual_inversion.{k}": v for k, v in dataclasses.asdict(cfg.textual_inversion).items()
-               if k not in FREE_KEYS},
+               if k not in RESUME_FREE_KEYS},
             **({"mixed_precision": precision} if precision != "no" else {})}
 
 
@@ -330,13 +280,13 @@ def _refuse_other(old: dict, new: dict, what: Path, folder: Path) -> None:
                        "embeddings anew")
 
 
-def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, concepts: Sequence[Concept] | None = None,
-                      accelerator: Any = None, progress: bool = True) -> Path:
+def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int,
+                      concepts: Sequence[PlaceholderConcept] | None = None, accelerator: Any = None,
+                      progress: bool = True) -> Path:
     """The textual-inversion folder of this run with embeddings learned for `concepts` (default: one per
     class): reused when finished with these settings, else trained (or continued) on `base` (a folder or
     hub id) at `resolution` with `accelerator` (default: the stage's). Under several processes, every one
     calls it together (they train data-parallel)."""
-    from mvc.core.distributed import make_accelerator
     from mvc.core.paths import RunPaths
     from mvc.diffusion.inputs import load_base
     from mvc.diffusion.models import base_identity
@@ -364,119 +314,93 @@ def ensure_embeddings(cfg: Any, labelled: Any, base: str, resolution: int, conce
     return out
 
 
-def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts: Sequence[Concept], out_dir: Path,
-                            record: dict, resolution: int, base: str, accelerator: Any = None,
+class InversionTask(Task):
+    """Textual inversion for `engine.train`: B rows a step, the concepts in turn, every process the same global
+    batch (its rows kept); the loss is its rows' share of the global mean and the vectors' gradient is summed over
+    processes, so every process takes the same step. The frozen base never changes; only `vectors` trains."""
+    kind, label, prefix, step_role = KIND, "textual inversion", "textual_inversion/", "textual_inversion.step"
+    error_prefix, nonfinite_fix = "textual inversion: ", "lower textual_inversion.lr"
+
+    def __init__(self, cfg: Any, components: dict, labelled: Any, concepts: Sequence[PlaceholderConcept],
+                 out_dir: Path, record: dict, resolution: int, base: str, acc: Any, progress: bool):
+        ti = cfg.textual_inversion
+        self.cfg, self.components, self.labelled, self.concepts, self.acc = cfg, components, labelled, concepts, acc
+        self.out_dir, self.record, self.resolution, self.base = out_dir, record, resolution, base
+        self.B, self.images_per_step = ti.batch_size, ti.batch_size
+        self.keep = shard_rows(self.B, acc.num_processes, acc.process_index, "textual_inversion.batch_size")
+        self.run = _setup(cfg, components, labelled, concepts, resolution, acc, progress)
+        self.vectors = self.run.vectors
+        self.params = [self.vectors]
+        self.optimizer = torch.optim.Adam([self.vectors], lr=ti.lr)  # a constant rate, no clipping
+        self.seed = None  # the checkpoint's, or run.seed (resolved once for every process)
+
+    def restore(self, ckpt: dict | None) -> None:
+        ti = self.cfg.textual_inversion
+        if ckpt is None:
+            self.seed = broadcast_seed(self.acc, self.cfg.run.seed)
+            return
+        step = int(ckpt["step"])
+        if step > ti.steps:
+            raise MVCError(f"{self.out_dir / 'checkpoints'} holds a run at step {step}, beyond textual_inversion.steps="
+                           f"{ti.steps}; raise it back, or delete {self.out_dir} to train anew")
+        with torch.no_grad():
+            self.vectors.copy_(ckpt["vectors"].to(self.vectors))
+        self.seed = int(ckpt["seed"])
+        log.info("textual inversion: continuing from step %d", step)
+
+    def state(self) -> dict:
+        return {"vectors": self.vectors.detach().cpu().clone(), "seed": self.seed}
+
+    def loss(self, step: int, micro: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of the step's global batch through the frozen base, the learned vectors in place."""
+        run, keep, B, dev = self.run, self.keep, self.B, self.acc.device
+        T, sched = len(self.cfg.textual_inversion.templates), self.components["scheduler"]
+        d = draw_concept_rows(step, B, [len(c.indices) for c in self.concepts], T, tuple(run.latents.mean.shape[2:]),
+                              sched.config.num_train_timesteps, generator)  # the global batch, on every process
+        img = torch.stack([run.members[c][i] for c, i in zip(d.concept.tolist(), d.image.tolist())])[keep]
+        z = (run.latents.mean[img, 0] + run.latents.std[img, 0] * d.eps[keep]) * run.latents.scaling_factor
+        p = (d.concept * T + d.template)[keep]  # (b,) prompt rows
+        with self.acc.autocast():
+            embeds = encode_learned(self.components["text_encoder"], run.name, run.weight, run.rows, self.vectors,
+                                    run.prompt_ids[p].to(dev), run.prompt_mask[p].to(dev))  # (b, L, D)
+            per_sample = noise_prediction_loss(self.components["unet"], sched, z.to(dev), embeds,
+                                               d.noise[keep].to(dev), d.timesteps[keep].to(dev))  # (b,)
+        local = per_sample.sum()
+        return local / B, self.acc.reduce(local.detach().clone(), reduction="sum") / B  # its share of the mean
+
+    def after_backward(self) -> None:
+        if self.acc.num_processes > 1:  # every process gets the global batch's gradient: the vectors stay equal
+            self.vectors.grad = self.acc.reduce(self.vectors.grad, reduction="sum")
+
+    def scalars(self, record: Any) -> dict:
+        return {"loss": float(record), "vector_norm": self.vectors.detach().norm(dim=1).mean().item()}
+
+    def setup_scalars(self) -> dict:
+        return {"cache_seconds": self.run.cache_s, "concepts": len(self.concepts), "images": self.run.num_images,
+                "seed": self.seed, "world_size": self.acc.num_processes}
+
+    def export(self, step: int, result: dict) -> None:
+        _write_result(self.cfg, self.labelled, self.concepts, self.components["tokenizer"], self.out_dir,
+                      self.record, self.resolution, self.base, self.vectors, step, self.seed, result["losses"],
+                      self.run.cache_s, result["train_seconds"], result["images_per_s"])
+
+
+def train_textual_inversion(cfg: Any, components: dict, labelled: Any, concepts: Sequence[PlaceholderConcept],
+                            out_dir: Path, record: dict, resolution: int, base: str, accelerator: Any = None,
                             progress: bool = True) -> dict:
     """Learn the concepts' vectors on the frozen base `components` with `accelerator` (default: the stage's), on
     its device and with its mixed precision, data-parallel over its processes; continue from the newest checkpoint
     in `out_dir/checkpoints` when there is one (trained on `record`); the main process writes the embeddings and
     training.json. Returns {"losses": per-step global losses of this run, "step", "images_per_s"}."""
-    from tqdm.auto import tqdm
-
-    from mvc.core.distributed import broadcast_seed, make_accelerator, shard_rows
-    from mvc.diffusion.finetune import noise_prediction_loss
-
     ti, acc = cfg.textual_inversion, accelerator if accelerator is not None else make_accelerator()
-    world, main, device = acc.num_processes, acc.is_main_process, acc.device
-    out_dir, B = Path(out_dir), ti.batch_size
+    out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    keep = shard_rows(B, world, acc.process_index, "textual_inversion.batch_size")  # this process's rows
-    run = _setup(cfg, components, labelled, concepts, resolution, acc, progress and main)
-    vectors, text_encoder, sched = run.vectors, components["text_encoder"], components["scheduler"]
-
-    # 3. Optimizer; the newest checkpoint when there is one.
-    optimizer = torch.optim.Adam([vectors], lr=ti.lr)
-    step, seed = _continue(ti, ckpt_dir, record, out_dir, vectors, optimizer, world)
-    seed = broadcast_seed(acc, cfg.run.seed) if seed is None else seed
-    optimizer = acc.prepare(optimizer)  # fp16's loss scaling; the vectors' gradient is all-reduced below
-
-    # 4. Loop: B rows a step (this process's share of them), the concepts in turn.
-    logger = RunLogger(out_dir, enabled=main, truncate_to=step if step else -1)
-    logger.config(dataclasses.asdict(cfg), metrics=["textual_inversion/loss"])
-    logger.scalars(step, {"cache_seconds": run.cache_s, "concepts": len(concepts), "images": run.num_images,
-                          "seed": seed, "world_size": world}, prefix="setup/")
-    T, shape = len(ti.templates), tuple(run.latents.mean.shape[2:])
-    sizes = [len(c.indices) for c in concepts]
-    losses: list[float] = []
-    pending: list[torch.Tensor] = []  # global losses of the steps since the last read (on the device)
-    ips = float("nan")
-    t_train = time.perf_counter()
-    bar = tqdm(total=ti.steps, initial=step, desc="textual inversion", disable=not (progress and main))
-    while step < ti.steps:
-        t_step = time.perf_counter()
-        d = draw_step(step, B, sizes, T, shape, sched.config.num_train_timesteps,
-                      seeds.generator(seed, "textual_inversion.step", step))  # the global batch, on every process
-        img = torch.stack([run.members[c][i] for c, i in zip(d.concept.tolist(), d.image.tolist())])[keep]
-        z = (run.latents.mean[img, 0] + run.latents.std[img, 0] * d.eps[keep]) * run.latents.scaling_factor
-        p = (d.concept * T + d.template)[keep]  # (b,) prompt rows
-        with acc.autocast():
-            embeds = encode_learned(text_encoder, run.name, run.weight, run.rows, vectors,
-                                    run.prompt_ids[p].to(device), run.prompt_mask[p].to(device))  # (b, L, D)
-            per_sample = noise_prediction_loss(components["unet"], sched, z.to(device), embeds,
-                                               d.noise[keep].to(device), d.timesteps[keep].to(device))  # (b,)
-        local = per_sample.sum()
-        acc.backward(local / B)  # this process's share of the global-batch mean
-        if world > 1:  # every process gets the global batch's gradient, so the vectors stay equal everywhere
-            vectors.grad = acc.reduce(vectors.grad, reduction="sum")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(acc.reduce(local.detach(), reduction="sum") / B)
-        step += 1
-        ips = B / (time.perf_counter() - t_step)
-        bar.update(1)
-        save = step % ti.checkpoint_every == 0 or step == ti.steps
-        if save or step % ti.log_every == 0 or step == 1:  # read the losses here only: no host sync per step
-            losses += _read_losses(pending, step)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            logger.scalars(step, {"loss": losses[-1], "lr": ti.lr, "images_per_s": ips,
-                                  "vector_norm": vectors.detach().norm(dim=1).mean().item()}, prefix="textual_inversion/")
-        if save:
-            if main:
-                save_checkpoint(ckpt_dir, step, {"vectors": vectors.detach().cpu().clone(),
-                                                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "seed": seed,
-                                                 "world_size": world},
-                                dataclasses.asdict(cfg), keep=ti.checkpoints_keep, kind=KIND, trained_on=record)
-            acc.wait_for_everyone()
-    bar.close()
-    logger.close()
-    if main:
-        _write_result(cfg, labelled, concepts, components["tokenizer"], out_dir, record, resolution, base, vectors,
-                      step, seed, losses, run.cache_s, time.perf_counter() - t_train, ips)
-    acc.wait_for_everyone()
-    return {"losses": losses, "step": step, "images_per_s": ips}
-
-
-def _continue(ti: Any, ckpt_dir: Path, record: dict, out_dir: Path, vectors: torch.Tensor, optimizer: Any,
-              world: int) -> tuple[int, int | None]:
-    """Load the newest checkpoint (trained on `record`) into the vectors and the optimizer: (its step, its seed), or
-    (0, None) without one. The global RNGs are per process: restored in a one-process run only."""
-    ckpt = resolve_resume("latest", ckpt_dir, kind=KIND) if list_checkpoints(ckpt_dir) else None
-    if ckpt is None:
-        return 0, None
-    _refuse_other(ckpt["trained_on"], record, ckpt_dir, out_dir)
-    step = int(ckpt["step"])
-    if step > ti.steps:
-        raise MVCError(f"{ckpt_dir} holds a run at step {step}, beyond textual_inversion.steps={ti.steps}; raise "
-                       f"it back, or delete {out_dir} to train anew")
-    with torch.no_grad():
-        vectors.copy_(ckpt["vectors"].to(vectors))
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if world == 1 and int(ckpt.get("world_size", 1)) == 1:
-        set_rng_state(ckpt["rng"])
-    log.info("textual inversion: continuing from step %d", step)
-    return step, int(ckpt["seed"])
-
-
-def _read_losses(pending: list[torch.Tensor], step: int) -> list[float]:
-    """The global losses of the steps up to `step` not read yet (emptying `pending`); a non-finite one stops
-    training (every process raises alike: the losses are reduced) before anything is saved."""
-    values = torch.stack(pending).tolist()
-    pending.clear()
-    for k, v in enumerate(values):
-        if not math.isfinite(v):
-            raise MVCError(f"textual inversion: non-finite loss ({v}) at step {step - len(values) + k + 1}; lower "
-                           "textual_inversion.lr")
-    return values
+    task = InversionTask(cfg, components, labelled, concepts, out_dir, record, resolution, base, acc,
+                         progress and acc.is_main_process)
+    cadence = Cadence(ti.steps, ti.log_every, ti.checkpoint_every, ti.checkpoints_keep, log_at_checkpoints=True)
+    return train(task, acc, out_dir, cadence, dataclasses.asdict(cfg), record,
+                 resume="latest" if list_checkpoints(ckpt_dir) else None,
+                 fix=f"restore those settings, or delete {out_dir} to train the embeddings anew", progress=progress)
 
 
 @dataclass
@@ -494,7 +418,7 @@ class _Setup:
     cache_s: float
 
 
-def _setup(cfg: Any, components: dict, labelled: Any, concepts: Sequence[Concept], resolution: int, acc: Any,
+def _setup(cfg: Any, components: dict, labelled: Any, concepts: Sequence[PlaceholderConcept], resolution: int, acc: Any,
            progress: bool) -> _Setup:
     """Freeze the base on the accelerator's device (the U-Net in the compute dtype under mixed precision; the VAE
     and the text encoder in fp32), add the placeholder tokens, and cache the concept images' posteriors and the
@@ -533,9 +457,9 @@ def _setup(cfg: Any, components: dict, labelled: Any, concepts: Sequence[Concept
                   time.perf_counter() - t0)
 
 
-def _write_result(cfg: Any, labelled: Any, concepts: Sequence[Concept], tokenizer: Any, out_dir: Path, record: dict,
-                  resolution: int, base: str, vectors: torch.Tensor, step: int, seed: int, losses: list[float],
-                  cache_s: float, train_s: float, ips: float) -> None:
+def _write_result(cfg: Any, labelled: Any, concepts: Sequence[PlaceholderConcept], tokenizer: Any, out_dir: Path,
+                  record: dict, resolution: int, base: str, vectors: torch.Tensor, step: int, seed: int,
+                  losses: list[float], cache_s: float, train_s: float, ips: float) -> None:
     """The embeddings, then training.json (the mark of a finished result)."""
     ti = cfg.textual_inversion
     emb = vectors.detach().view(len(concepts), ti.num_vectors, -1)  # (C, V, D)

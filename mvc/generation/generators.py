@@ -456,13 +456,14 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
         one per kept cluster, each with its own token (`<mvc-class-3-c1>`) and its kept images."""
         from mvc.diffusion.clustering import training_concepts
         from mvc.diffusion.inputs import sampling_groups
-        from mvc.diffusion.textual_inversion import TOKEN, Concept, class_concepts
+        from mvc.diffusion.textual_inversion import TOKEN, PlaceholderConcept, class_concepts
 
         init = self.cfg.textual_inversion.initializer
         groups = sampling_groups(self.cfg, labelled, pool, device, progress)
         if groups is None:
             return class_concepts(labelled, init)
-        return [Concept(label, TOKEN.format(label=label)[:-1] + f"-{suffix}>", tuple(idx), init or labelled.classes[label])
+        return [PlaceholderConcept(label, TOKEN.format(label=label)[:-1] + f"-{suffix}>", tuple(idx),
+                                   init or labelled.classes[label])
                 for label, suffix, idx in training_concepts(groups, labelled.targets)]
 
     def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
@@ -486,13 +487,13 @@ class TextualInversionGenerator(TrainedTogether, Img2ImgGenerator):
         return int(self.info(model)["resolution"])  # trained at generate.resolution or the base's size
 
     def settings(self, model: str, labelled: Any, resolution: int) -> dict:
-        from mvc.diffusion.textual_inversion import FREE_KEYS
+        from mvc.diffusion.textual_inversion import RESUME_FREE_KEYS
 
         info = self.info(model)
         ti = self.cfg.textual_inversion
         return {**super().settings(info["base"], labelled, resolution), "prompt_template": ti.prompt,
                 "textual_inversion": {k: v for k, v in dataclasses.asdict(ti).items()
-                                      if k not in FREE_KEYS - {"steps"}},
+                                      if k not in RESUME_FREE_KEYS - {"steps"}},
                 "embeddings": info["embeddings_fingerprint"]}
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:

@@ -201,11 +201,11 @@ def test_resume_equals_uninterrupted(micro, tmp_path, monkeypatch):
     (U-Net and text encoder)."""
     from safetensors.torch import load_file
 
-    import mvc.diffusion.dreambooth as db
+    import mvc.diffusion.engine as engine
 
     over = {"dreambooth.train_text_encoder": True, "dreambooth.lr_warmup_steps": 2}
     straight = train(config(micro, tmp_path / "a", **over), micro.labelled)
-    real = db.save_checkpoint
+    real = engine.save_checkpoint
 
     def save_then_die(ckpt_dir, step, *a, **k):
         path = real(ckpt_dir, step, *a, **k)
@@ -214,10 +214,10 @@ def test_resume_equals_uninterrupted(micro, tmp_path, monkeypatch):
         return path
 
     cfg = config(micro, tmp_path / "b", **over)
-    monkeypatch.setattr(db, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         train(cfg, micro.labelled)
-    monkeypatch.setattr(db, "save_checkpoint", real)
+    monkeypatch.setattr(engine, "save_checkpoint", real)
     assert not (tmp_path / "b" / "dreambooth" / "final").exists()
     resumed = train(cfg, micro.labelled)
     assert max_weight_diff(unet_weights(straight), unet_weights(resumed)) == 0.0

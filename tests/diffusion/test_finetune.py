@@ -243,6 +243,18 @@ def test_resume_equals_uninterrupted(tmp_path, components, straight_run):
     assert max_weight_diff(a, b) < 1e-6
 
 
+def test_checkpoints_hold_the_keys_earlier_versions_wrote(straight_run):
+    """The engine writes what the fine-tuning loop before it wrote, so checkpoints of either version resume."""
+    from mvc.core.checkpoint import list_checkpoints
+
+    path = list_checkpoints(straight_run[0] / "mvc" / "checkpoints")[-1]
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"format_version", "kind", "trained_on", "step", "config", "unet", "optimizer", "lr_scheduler",
+                         "ema", "sampler", "rng", "world_size"}
+    assert (ckpt["kind"], ckpt["step"], ckpt["world_size"], ckpt["ema"]) == ("finetune", 6, 1, None)
+    assert {"gen", "order", "pos", "epoch"} == set(ckpt["sampler"])
+
+
 def test_resume_with_ema_and_grad_accum(tmp_path, components):
     ref, _ = run_finetune(tmp_path / "a", components, max_steps=4, use_ema=True, ema_decay=0.9, grad_accum=2)
     run_finetune(tmp_path / "b", components, max_steps=2, use_ema=True, ema_decay=0.9, grad_accum=2)
@@ -457,7 +469,7 @@ def test_step_memory_need_grows_with_rows_and_counts_the_state_to_come():
 
 
 def test_missing_optional_backends_are_clear_errors(components):
-    from mvc.diffusion.finetune_setup import build_optimizer, set_attention
+    from mvc.diffusion.finetune_setup import build_adam, set_attention
 
     if __import__("importlib").util.find_spec("xformers") is None:
         with pytest.raises(MVCError, match="xformers"):
@@ -465,19 +477,19 @@ def test_missing_optional_backends_are_clear_errors(components):
     if __import__("importlib").util.find_spec("bitsandbytes") is None:
         cfg = toy_config("/tmp/unused", use_8bit_adam=True).train
         with pytest.raises(MVCError, match="bitsandbytes"):
-            build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+            build_adam([torch.nn.Parameter(torch.zeros(2))], cfg)
 
 
 def test_fused_adam_is_the_default_and_takes_the_same_steps_as_torchs_default_adam():
     from mvc.core.config import FinetuneConfig
-    from mvc.diffusion.finetune_setup import build_optimizer
+    from mvc.diffusion.finetune_setup import build_adam
 
     torch.manual_seed(0)
     start = torch.randn(300, 7)
     runs = {}
     for fused in (True, False):
         w = torch.nn.Parameter(start.clone())
-        opt = build_optimizer([w], FinetuneConfig(fused_adam=fused, lr=1e-2, weight_decay=0.01))
+        opt = build_adam([w], FinetuneConfig(fused_adam=fused, lr=1e-2, weight_decay=0.01))
         assert bool(opt.param_groups[0]["fused"]) is fused
         for k in range(5):
             (w.sin() * (k + 1)).sum().backward()

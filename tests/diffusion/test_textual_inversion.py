@@ -174,18 +174,20 @@ def test_multi_vector_sets_equal_plain_diffusers_prompts(micro, tmp_path):
 def test_resume_equals_uninterrupted(micro, tmp_path, monkeypatch):
     """Killed after the checkpoint of step 2, then rerun: the same vectors and losses as 4 straight steps; so are
     2 steps, then `steps` raised to 4 (training continues)."""
+    import mvc.diffusion.engine as engine
+
     straight = train(micro, tmp_path / "a")
-    real = ti.save_checkpoint
+    real = engine.save_checkpoint
 
     def crash_after(ckpt_dir, step, *args, **kw):
         real(ckpt_dir, step, *args, **kw)
         if step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ti, "save_checkpoint", crash_after)
+    monkeypatch.setattr(engine, "save_checkpoint", crash_after)
     with pytest.raises(KeyboardInterrupt):
         train(micro, tmp_path / "b")
-    monkeypatch.setattr(ti, "save_checkpoint", real)
+    monkeypatch.setattr(engine, "save_checkpoint", real)
     assert ti.read_info(tmp_path / "b" / "textual_inversion") is None
     resumed = train(micro, tmp_path / "b")
     train(micro, tmp_path / "c", "--textual_inversion.steps=2")
@@ -260,7 +262,8 @@ def test_several_concepts_per_class_are_learned_and_used(micro, tmp_path):
     """The concept list a pre-step passes: class 0 split in two tokens, one concept for the others."""
     base = ti.class_concepts(micro.labelled)
     a, b = base[0].indices
-    concepts = [ti.Concept(0, "<c0-a>", (a,), "item"), ti.Concept(0, "<c0-b>", (b,), "item"), *base[1:]]
+    concepts = [ti.PlaceholderConcept(0, "<c0-a>", (a,), "item"), ti.PlaceholderConcept(0, "<c0-b>", (b,), "item"),
+                *base[1:]]
     folder = train(micro, tmp_path, "--textual_inversion.steps=2", concepts=concepts)
     info = ti.read_info(folder)
     assert [c["token"] for c in info["concepts"]][:3] == ["<c0-a>", "<c0-b>", "<mvc-class-1>"]
@@ -275,11 +278,11 @@ def test_several_concepts_per_class_are_learned_and_used(micro, tmp_path):
 
 @pytest.mark.parametrize("concepts, words", [
     ([], "no concept"),
-    ([ti.Concept(0, "<x>", (0,), "a"), ti.Concept(1, "<x>", (2,), "a")], "repeat"),
-    ([ti.Concept(0, "<x y>", (0,), "a")], "without spaces"),
-    ([ti.Concept(0, "<x>", (), "a")], "has no images"),
-    ([ti.Concept(0, "<x>", (2,), "a")], "another class"),
-    ([ti.Concept(0, "<x>", (99,), "a")], "outside the labelled subset"),
+    ([ti.PlaceholderConcept(0, "<x>", (0,), "a"), ti.PlaceholderConcept(1, "<x>", (2,), "a")], "repeat"),
+    ([ti.PlaceholderConcept(0, "<x y>", (0,), "a")], "without spaces"),
+    ([ti.PlaceholderConcept(0, "<x>", (), "a")], "has no images"),
+    ([ti.PlaceholderConcept(0, "<x>", (2,), "a")], "another class"),
+    ([ti.PlaceholderConcept(0, "<x>", (99,), "a")], "outside the labelled subset"),
 ])
 def test_bad_concepts_are_one_line(micro, concepts, words):
     with pytest.raises(MVCError, match=words) as e:
@@ -289,11 +292,11 @@ def test_bad_concepts_are_one_line(micro, concepts, words):
 
 def test_step_draws_take_the_concepts_in_turn_and_replay():
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    d = ti.draw_step(5, 4, [2, 1, 3], 8, (4, 2, 2), 1000, g())
+    d = ti.draw_concept_rows(5, 4, [2, 1, 3], 8, (4, 2, 2), 1000, g())
     assert d.concept.tolist() == [2, 0, 1, 2]  # rows 20..23 mod 3
     assert (d.image < torch.tensor([2, 1, 3])[d.concept]).all() and (d.image >= 0).all()
     assert d.template.max() < 8 and d.noise.shape == d.eps.shape == (4, 4, 2, 2)
-    e = ti.draw_step(5, 4, [2, 1, 3], 8, (4, 2, 2), 1000, g())
+    e = ti.draw_concept_rows(5, 4, [2, 1, 3], 8, (4, 2, 2), 1000, g())
     assert all(torch.equal(getattr(d, f), getattr(e, f)) for f in d.__dataclass_fields__)
 
 

@@ -326,10 +326,10 @@ def test_the_checkpoint_cadence_is_not_part_of_the_key_nor_of_a_finetuning_recor
             for n in (1, 500)}
     assert keys == {"8453655b089b089e"} and tiny.RECIPE_VERSION == 4
     # nor of what a fine-tuning checkpoint on the tiny base was trained on: changing it blocks no resume
-    from mvc.diffusion.finetune_loop import resume_record
+    from mvc.diffusion.finetune_loop import finetune_trained_on
 
-    rec = resume_record(make_config(overrides={"model.base": "tiny", "tiny.checkpoint_every": 7}), pool,
-                        torch.zeros(2, 3), torch.ones(2, 3), ["a"], 0)
+    rec = finetune_trained_on(make_config(overrides={"model.base": "tiny", "tiny.checkpoint_every": 7}), pool,
+                              torch.zeros(2, 3), torch.ones(2, 3), ["a"], 0)
     assert "tiny.unet_steps" in rec and not {"tiny.checkpoint_every", "tiny.cache_dir"} & set(rec)
 
 

@@ -1,0 +1,238 @@
+"""Reliability, third round: the file system misbehaving, names that are not UTF-8, precisions a device cannot
+do, requests that do no work, empty output settings, synthetic sets of another run, and camera JPEGs.
+
+Each case is one `error:` line and exit code 2 (never a traceback), with nothing lost on disk, or the plain
+meaning done. The scripts run in-process through `mvc.core.utils.run_cli`, as `python script.py` runs them; a
+full disk is the real file-size limit (RLIMIT_FSIZE) in a subprocess, or the OS write refusing (ENOSPC).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from helpers import MICRO, micro_argv, write_fashion_idx  # noqa: E402
+
+from mvc.core.utils import MVCError, read_jsonl, run_cli  # noqa: E402
+
+
+#################################################################################
+#                                  Helpers                                      #
+#################################################################################
+
+def _png(path: Path, value: int, size: int = 16) -> None:
+    """A small grey PNG with a bright band whose height depends on `value`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full((size, size, 3), 20, np.uint8)
+    arr[2:4 + value % 10, 3:12] = 100 + 15 * (value % 10)
+    Image.fromarray(arr).save(path)
+
+
+def _imagefolder(root: Path, classes: list, per_class: int = 3, test_per_class: int = 1) -> Path:
+    """`root/{train,test}/<class>/<i>.png`; a class may be given as bytes (a name that is not UTF-8)."""
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c, name in enumerate(classes):
+            folder = os.path.join(os.fsencode(root / split), os.fsencode(name))
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                _png(Path(os.fsdecode(folder)) / f"{i}.png", i + 3 * c)
+    return root
+
+
+def _run(script, argv, capsys) -> tuple[int, str]:
+    """Run a script's `cli` in-process through run_cli; (exit code, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(script, argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def _one_error_line(code: int, err: str, *words: str) -> str:
+    """Exit 2, no traceback, exactly one `error:` line, the last one, holding `words`; returns it."""
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln.strip() for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines[-10:]
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
+def _files(root: Path) -> set[str]:
+    """Every file and folder under `root` (relative paths)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")} if root.exists() else set()
+
+
+#################################################################################
+#                     The file system: links that loop                          #
+#################################################################################
+
+def test_a_data_scan_skips_links_that_loop(tmp_path, caplog):
+    """A class folder linked to its parent, one linked to itself and an image linked to itself are skipped with a
+    warning: the classes are the real ones and every real image is indexed (no OSError, no endless walk)."""
+    from mvc.data.sources import imagefolder
+
+    root = _imagefolder(tmp_path / "data", ["a", "b"])
+    os.symlink("..", root / "train" / "up")        # a class folder pointing at its parent
+    os.symlink("me", root / "train" / "me")        # a folder link pointing at itself (ELOOP)
+    os.symlink("self.png", root / "train" / "a" / "self.png")  # an image pointing at itself (ELOOP)
+    os.symlink("..", root / "test" / "b" / "back")  # a link inside a class folder, back to the split
+    train, test = imagefolder(root, "train"), imagefolder(root, "test")
+    assert train.classes == ["a", "b"] and len(train) == 6 and len(test) == 2
+    text = caplog.text
+    assert "loop" in text and "'up'" in text and "'me'" in text and "self.png" in text
+
+
+def test_predict_on_a_folder_with_links_that_loop_scores_the_real_images(tmp_path):
+    from mvc.classifier.predict import list_images
+
+    _png(tmp_path / "imgs" / "a.png", 1)
+    os.symlink("..", tmp_path / "imgs" / "up")
+    os.symlink("self.png", tmp_path / "imgs" / "self.png")
+    assert [p.name for p in list_images(tmp_path / "imgs")] == ["a.png"]
+
+
+#################################################################################
+#                          The file system: a full disk                         #
+#################################################################################
+
+_FULL = textwrap.dedent("""
+    import resource, sys
+    import numpy as np, torch
+    from PIL import Image
+    from mvc.core.checkpoint import save_checkpoint
+    from mvc.core.utils import run_cli
+    from mvc.data.synthetic import Job, SyntheticSet, make_record
+
+    where, what = sys.argv[1], sys.argv[2]
+    save_checkpoint(where + "/ckpt", 1, {"w": torch.zeros(10)}, {})  # an earlier checkpoint, which must survive
+    out = SyntheticSet(where + "/set")
+    out.prepare({"seed": 0}, ["a"])
+    job = Job(0, 0, "a", "000_a", 0, "x", 0, "coarse")
+    out.save_image(Image.new("RGB", (8, 8)), job)
+    out.append(0, make_record(job))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # what one process may write to one file
+
+    def main(argv):
+        if what == "checkpoint":  # torch's zip writer: 'unexpected pos' or 'file write failed'
+            save_checkpoint(where + "/ckpt", 2, {"w": torch.zeros(100_000)}, {})
+        elif what == "image":  # PIL: EFBIG
+            big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))
+            out.save_image(big, Job(1, 0, "a", "000_a", 0, "x", 1, "coarse"))
+        else:  # the records: EFBIG part-way through a line
+            for v in range(2, 2000):
+                out.append(0, make_record(Job(v, 0, "a", "000_a", 0, "x", v, "coarse"), pad="x" * 100))
+
+    run_cli(main)
+""")
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "image", "records"])
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(what, tmp_path):
+    """The real file-size limit, in a subprocess: one line naming the file and what to free, exit 2; no temporary
+    file is left, the earlier checkpoint and image are intact, and the records file ends on a complete line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FULL, str(tmp_path), what], env=env, capture_output=True,
+                          text=True, timeout=240)
+    line = _one_error_line(proc.returncode, proc.stderr, "cannot write", "free space")
+    name = {"checkpoint": "checkpoint-00000002.pt", "image": "00000_v001.png", "records": "metadata.rank0.jsonl"}
+    assert name[what] in line
+    left = _files(tmp_path)
+    assert not [f for f in left if ".tmp-" in f], left
+    assert "ckpt/checkpoint-00000002.pt" not in left and "set/000_a/00000_v001.png" not in left
+    from mvc.core.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint-00000001.pt")["step"] == 1
+    Image.open(tmp_path / "set" / "000_a" / "00000_v000.png").load()
+    raw = (tmp_path / "set" / "metadata.rank0.jsonl").read_bytes()
+    assert raw.endswith(b"\n") and all(json.loads(line) for line in raw.splitlines())
+
+
+def test_no_space_left_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    """ENOSPC from the OS write under torch.save (part of the file written, then the refusal): one line naming
+    the checkpoint, the earlier checkpoints kept, no temporary file left."""
+    from mvc.core import checkpoint as ck
+
+    ck.save_checkpoint(tmp_path, 1, {"w": torch.zeros(4)}, {})
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)  # what reached the disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    code, err = _run(lambda argv: ck.save_checkpoint(tmp_path, 2, {"w": torch.zeros(4)}, {}), [], capsys)
+    _one_error_line(code, err, "checkpoint-00000002.pt", "full", "free space")
+    assert sorted(_files(tmp_path)) == ["checkpoint-00000001.pt"]
+
+
+def test_no_space_left_while_appending_records_cuts_back_to_whole_lines(tmp_path, monkeypatch):
+    """ENOSPC part-way through an append (the OS took half the bytes): the file is cut back to the lines it held."""
+    from mvc.core import utils
+
+    utils.append_jsonl(tmp_path / "m.jsonl", {"i": 0})
+    real_write = os.write
+
+    def half(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(utils.os, "write", half)
+    with pytest.raises(MVCError, match="m.jsonl.*full"):
+        utils.append_jsonl(tmp_path / "m.jsonl", {"i": 1}, {"i": 2})
+    monkeypatch.undo()
+    assert read_jsonl(tmp_path / "m.jsonl") == [{"i": 0}]
+    assert (tmp_path / "m.jsonl").read_bytes() == b'{"i": 0}\n'
+
+
+#################################################################################
+#                        Images as cameras write them                           #
+#################################################################################
+
+def _rotated_jpeg(path: Path) -> np.ndarray:
+    """A 24x12 (w x h) JPEG whose EXIF says "turn 90 degrees clockwise to show" (orientation 6); returns the
+    upright pixels (12x24 when shown) that a viewer displays."""
+    arr = np.zeros((12, 24, 3), np.uint8)
+    arr[:, :8] = (250, 10, 10)  # the stored left third red
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, exif=exif, quality=95)
+    return np.asarray(im.transpose(Image.Transpose.ROTATE_270))
+
+
+def test_exif_orientation_is_applied_by_the_one_loader_of_every_stage(tmp_path):
+    """The dataset (training and generation read it), `predict`'s file list and a PIL image handed to a model all
+    see the image upright, as a viewer shows it."""
+    from mvc.data.images import load_rgb, to_rgb
+    from mvc.data.sources import imagefolder
+
+    upright = _rotated_jpeg(tmp_path / "data" / "train" / "a" / "cam.jpg")
+    _rotated_jpeg(tmp_path / "data" / "test" / "a" / "cam.jpg")
+    assert upright.shape == (24, 12, 3)
+    ds = imagefolder(tmp_path / "data", "train")
+    for im in (ds.load_image(0), load_rgb(tmp_path / "data" / "train" / "a" / "cam.jpg"),
+               to_rgb(Image.open(tmp_path / "data" / "train" / "a" / "cam.jpg"))):
+        arr = np.asarray(im).astype(int)
+        assert arr.shape == upright.shape
+        assert np.abs(arr - upright).mean() < 8  # JPEG noise only
+        assert arr[:8, :, 0].mean() > 200 and arr[-8:, :, 0].mean() < 60  # the red third now on top

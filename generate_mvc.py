@@ -40,7 +40,7 @@ def main(cfg: Config) -> dict:
     from mvc.generation.generate import generate_synthetic
 
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
-    stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")
+    stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}", dtype_from="generate")
     acc = stage.accelerator
     if cfg.curation.filters:  # the cross-fitted selectors of the labelled subset, trained once (resumable)
         from mvc.generation.curation import train_selectors

@@ -236,3 +236,161 @@ def test_exif_orientation_is_applied_by_the_one_loader_of_every_stage(tmp_path):
         assert arr.shape == upright.shape
         assert np.abs(arr - upright).mean() < 8  # JPEG noise only
         assert arr[:8, :, 0].mean() > 200 and arr[-8:, :, 0].mean() < 60  # the red third now on top
+
+
+#################################################################################
+#                     A precision the device cannot do                          #
+#################################################################################
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate's process-wide state reset before and after (each script here builds its own accelerator)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+@pytest.mark.parametrize("precision", ["no", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_every_precision_on_every_device_is_allowed_or_refused_by_one_table(precision, device, has_bf16):
+    from mvc.core.distributed import precision_problem
+
+    problem = precision_problem(precision, device, has_bf16)
+    refused = (precision == "fp16" and device == "cpu") or (precision == "bf16" and not has_bf16)
+    assert (problem is not None) == refused, (precision, device, has_bf16, problem)
+    if refused:
+        assert precision in problem and "use" in problem  # what to choose instead
+
+
+def test_the_device_here_is_asked_not_assumed():
+    from mvc.core.distributed import bf16_supported, check_precision
+
+    assert bf16_supported("cpu")
+    check_precision("bf16", "cpu", "k")
+    check_precision("no", "cpu", "k")
+    with pytest.raises(MVCError, match="k 'fp16' cannot run on cpu"):
+        check_precision("fp16", "cpu", "k")
+    if torch.cuda.is_available():  # a GPU answers for itself
+        assert bf16_supported("cuda") == torch.cuda.is_bf16_supported()
+        check_precision("fp16", "cuda", "k")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_fashion_idx(tmp_path_factory.mktemp("reliab_data"))
+
+
+def _scripts():
+    import evaluate_synthetic
+    import generate_mvc
+    import run_pipeline
+    import train_classifier
+    import train_mvc
+
+    return {"train_mvc": train_mvc.cli, "generate_mvc": generate_mvc.cli, "train_classifier": train_classifier.cli,
+            "evaluate_synthetic": evaluate_synthetic.cli, "run_pipeline": run_pipeline.cli}
+
+
+PRECISION_CASES = [  # (script, flags, environment (accelerate launch's setting), words)
+    ("train_mvc", ["--train.mixed_precision=fp16"], {}, ["train.mixed_precision 'fp16'", "cpu", "bf16"]),
+    ("train_classifier", ["--classifier.mixed_precision=fp16"], {}, ["classifier.mixed_precision 'fp16'"]),
+    ("evaluate_synthetic", ["--classifier.mixed_precision=fp16"], {}, ["classifier.mixed_precision 'fp16'"]),
+    ("generate_mvc", ["--generate.dtype=fp16"], {}, ["generate.dtype 'fp16'"]),
+    ("generate_mvc", ["--generate.method=dreambooth"], {"ACCELERATE_MIXED_PRECISION": "fp16"},
+     ["accelerate's mixed precision", "'fp16'"]),
+    ("generate_mvc", ["--generate.method=textual_inversion"], {"ACCELERATE_MIXED_PRECISION": "fp16"},
+     ["accelerate's mixed precision", "'fp16'"]),
+    ("train_mvc", [], {"ACCELERATE_MIXED_PRECISION": "fp16"}, ["accelerate's mixed precision"]),
+    ("run_pipeline", ["--classifier.mixed_precision=fp16"], {}, ["classifier.mixed_precision 'fp16'"]),
+    ("run_pipeline", ["--generate.dtype=fp16"], {}, ["generate.dtype 'fp16'"]),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusals (a GPU computes in fp16)")
+@pytest.mark.parametrize("case", PRECISION_CASES, ids=[f"{c[0]}-{c[1][:1]}-{sorted(c[2])}" for c in PRECISION_CASES])
+def test_a_precision_the_cpu_lacks_is_refused_by_every_stage_before_work(case, data, tmp_path, capsys, monkeypatch,
+                                                                          fresh_accelerate):
+    """fp16 on the CPU, set in the config or by accelerate's launcher: one line naming the setting, before the run
+    folder gets anything (no config file, no tiny base, no checkpoint)."""
+    script, flags, environ, words = case
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    code, err = _run(_scripts()[script], micro_argv(data, out, tmp_path / "cache", *flags), capsys)
+    _one_error_line(code, err, *words)
+    assert _files(out) == set() and _files(tmp_path / "cache") == set()
+
+
+#################################################################################
+#                 Work that means nothing, empty output settings                #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(data, tmp_path_factory):
+    """A classifier checkpoint made by train_classifier.py itself (one micro epoch)."""
+    import train_classifier
+
+    out = tmp_path_factory.mktemp("reliab_clf")
+    run_cli(train_classifier.cli, micro_argv(data, out, out / "cache", "--classifier.epochs=1", "--strategy", "real"))
+    return next((out / "classifier").glob("real-*/checkpoints/checkpoint-*.pt"))
+
+
+def test_predict_on_a_folder_without_images_is_refused(classifier_ckpt, tmp_path, capsys):
+    import train_classifier
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    code, err = _run(train_classifier.cli, ["predict", "--checkpoint", str(classifier_ckpt), "--images",
+                                            str(tmp_path / "empty"), "--out", str(tmp_path / "p.jsonl")], capsys)
+    _one_error_line(code, err, "no images under", "empty")
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_a_classifier_told_to_stop_after_zero_epochs_is_refused(data, tmp_path, capsys):
+    import train_classifier
+
+    out = tmp_path / "run"
+    code, err = _run(train_classifier.cli, micro_argv(data, out, tmp_path / "cache", "--stop-after", "0"), capsys)
+    _one_error_line(code, err, "--stop-after", "at least 1")
+    assert _files(out) == set()
+
+
+def test_generation_that_plans_no_image_is_refused_before_any_model(data, tmp_path, capsys):
+    """generate.multiplier 0 (or one that rounds to 0 per class): one line, no tiny base built, no set folder."""
+    import generate_mvc
+
+    out = tmp_path / "run"
+    for m in ("0", "0.1"):  # 2 labelled images per class: 0.2 rounds to 0
+        code, err = _run(generate_mvc.cli, micro_argv(data, out, tmp_path / "cache", f"--generate.multiplier={m}",
+                                                   "--generate.method=img2img", "--generate.per_class=null"),
+                         capsys)
+        _one_error_line(code, err, f"generate.multiplier={m}", "no synthetic image")
+    assert not (out / "synthetic_img2img").exists() and _files(tmp_path / "cache") == set()
+
+
+@pytest.mark.parametrize("key", ["run.output_dir", "tiny.cache_dir", "evaluate.cache_dir"])
+def test_an_empty_output_setting_in_a_config_file_is_refused(key, data, tmp_path, capsys, monkeypatch):
+    """An empty value in YAML (the command line already refuses one) would be the current folder: refused, and the
+    current folder stays empty."""
+    import yaml
+
+    import train_classifier
+
+    section, name = key.split(".")
+    tree = yaml.safe_load(MICRO.read_text())
+    tree.setdefault(section, {})[name] = ""
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    argv = ["--config", str(cfg_file), f"--data.root={data}"]
+    argv += [f"--{k}={tmp_path / k}" for k in ("run.output_dir", "tiny.cache_dir", "evaluate.cache_dir") if k != key]
+    code, err = _run(train_classifier.cli, argv, capsys)
+    _one_error_line(code, err, key, "empty")
+    assert _files(cwd) == set()

@@ -104,12 +104,18 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     barrier = barrier or (lambda: None)
     g, main, paths = cfg.generate, rank == 0, RunPaths.of(cfg)
     method = method if method is not None else make_generator(cfg)
+    if pipe is None:  # a dtype the device cannot compute in: refused before any work
+        resolve_dtype(g.dtype, device if device is not None else "cpu", "generate.dtype")
     out = SyntheticSet(paths.synthetic)
     if labelled is None:
         from mvc.data import load_splits
 
         labelled, pool, _test = load_splits(cfg.data)
     method.check(labelled)
+    if not plan_jobs(labelled, method.ops(), g.multiplier, g.per_class):  # a class keeps its count whatever the sources
+        # e.g. multiplier 0, or so small that every class rounds to no image: refused before any model is built
+        raise MVCError(f"generate.multiplier={g.multiplier} plans no synthetic image (it rounds to 0 per class for "
+                       f"these {len(labelled)} labelled images); raise it or set generate.per_class")
     # the main process builds what the method samples (the tiny base) and the clusters first, the others then read
     # them; a model trained data-parallel (textual inversion, DreamBooth) trains on every process together
     model = method.shared_model(labelled, pool, progress, device, main, barrier)
@@ -121,7 +127,8 @@ def generate_synthetic(cfg: Any, *, labelled: Any = None, captions: dict[str, st
     sources = groups.kept_indices() if groups is not None else None
     jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class, sources=sources)
     res = method.resolution(model, pipe)
-    dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
+    dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu",
+                                                                     "generate.dtype")
     dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     if cfg.curation.filters and curator is None:
         from mvc.generation.curation import build_curator

@@ -34,7 +34,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
 def predict_cli(argv: list[str]) -> None:
     """`predict`: print (or write as JSON lines) the predicted class and probabilities of every image."""
     from mvc.classifier.predict import list_images, load_classifier, predict
-    from mvc.data.images import IMAGE_EXTENSIONS
+    from mvc.data.images import IMAGE_EXTENSIONS, printable_name
     from mvc.core.utils import atomic_write_text
 
     p = CLIParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
@@ -61,7 +61,7 @@ def predict_cli(argv: list[str]) -> None:
         print(f"wrote {len(lines)} predictions to {args.out}")
     else:
         for r in lines:
-            print(f"{r['file']}\t{r['class']}\t{r['confidence']:.4f}")
+            print(f"{printable_name(r['file'])}\t{r['class']}\t{r['confidence']:.4f}")  # a Latin-1 name: escaped
 
 
 def cli(argv: list[str] | None = None):

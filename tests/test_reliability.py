@@ -394,3 +394,40 @@ def test_an_empty_output_setting_in_a_config_file_is_refused(key, data, tmp_path
     code, err = _run(train_classifier.cli, argv, capsys)
     _one_error_line(code, err, key, "empty")
     assert _files(cwd) == set()
+
+
+#################################################################################
+#                       Names and bytes that are not UTF-8                      #
+#################################################################################
+
+def test_a_class_folder_named_in_latin1_is_shown_escaped_and_used_safely(tmp_path, capsys):
+    """b"caf\\xe9" (Latin-1): the dataset reads its images from the real folder and names the class `caf\\xe9`
+    everywhere (no surrogate reaches a tokenizer, a font, JSON or a report); a classifier run on it writes its
+    figure and metrics, and `predict` prints a Latin-1 file name escaped."""
+    import train_classifier
+    from mvc.data.sources import imagefolder
+
+    root = _imagefolder(tmp_path / "data", ["apple", b"caf\xe9"], per_class=4, test_per_class=2)
+    ds = imagefolder(root, "train")
+    assert ds.classes == ["apple", "caf\\xe9"] and len(ds) == 8 and sorted(ds.targets.tolist()) == [0] * 4 + [1] * 4
+    for c in ds.classes:
+        c.encode("utf-8")  # no surrogate left
+    assert np.asarray(ds.load_image(int(np.flatnonzero(ds.targets == 1)[0]))).shape == (16, 16, 3)
+    from mvc.data.prompts import make_prompt
+    from mvc.diffusion.tokenizer import build_tiny_tokenizer
+
+    prompt = make_prompt("{caption}, {label}", "a photo", ds.classes[1])
+    build_tiny_tokenizer(ds.classes)([prompt], padding="max_length", truncation=True)  # the tokenizer takes it
+    out = tmp_path / "run"
+    argv = micro_argv(root, out, tmp_path / "cache", "--data.name=imagefolder", "--data.k_per_class=4",
+                      "--classifier.epochs=1", "--classifier.batch_size=4", "--strategy", "real")
+    run_cli(train_classifier.cli, argv)
+    run = next((out / "classifier").glob("real-*"))
+    assert json.loads((run / "metrics.json").read_text())["last"]["accuracy"] >= 0
+    assert list(run.rglob("*.png"))  # the confusion-matrix figure was drawn
+    imgs = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path / "imgs"), b"\xe9t\xe9.png")))
+    _png(imgs, 1)
+    capsys.readouterr()
+    run_cli(train_classifier.cli, ["predict", "--checkpoint", str(run), "--images", str(imgs.parent)])
+    printed = capsys.readouterr().out.strip().split("\t")
+    assert printed[0].endswith("\\xe9t\\xe9.png") and printed[1] in ("apple", "caf\\xe9")

@@ -167,6 +167,13 @@ def list_class_dirs(split_dir: Path, exclude: tuple[str, ...] = ()) -> list[str]
     return [n for n, k in kinds.items() if k == "dir"]
 
 
+def printable_name(name: str) -> str:
+    """A folder name as text every consumer accepts: bytes that are not UTF-8 (a Latin-1 `caf\\xe9`, which Python
+    holds as surrogate escapes) are shown escaped, `caf\\xe9`, so tokenizers, fonts, JSON and reports never meet a
+    surrogate. UTF-8 names come back unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _summary(items: list[str], n: int = 5) -> str:
     """`a, b, c and 7 more` for warning lines that must stay one line."""
     head = ", ".join(items[:n])

@@ -431,3 +431,51 @@ def test_a_class_folder_named_in_latin1_is_shown_escaped_and_used_safely(tmp_pat
     run_cli(train_classifier.cli, ["predict", "--checkpoint", str(run), "--images", str(imgs.parent)])
     printed = capsys.readouterr().out.strip().split("\t")
     assert printed[0].endswith("\\xe9t\\xe9.png") and printed[1] in ("apple", "caf\\xe9")
+
+
+#################################################################################
+#                  A synthetic set that does not belong to the run              #
+#################################################################################
+
+def _write_set(root: Path, labelled, data_fp: str) -> Path:
+    """A synthetic set in the project's format (settings file, marked PNGs, records) recording `data_fp`."""
+    from mvc.data.synthetic import SyntheticSet, make_record, plan_jobs
+
+    out = SyntheticSet(root)
+    out.prepare({"method": "img2img", "data": data_fp, "classes": list(labelled.classes), "seed": 0}, labelled.classes)
+    jobs = plan_jobs(labelled, ["coarse"], per_class=1)
+    for j in jobs:
+        out.save_image(labelled.load_image(j.source), j)
+        out.append(0, make_record(j))
+    out.reconcile(jobs)
+    return root
+
+
+@pytest.mark.parametrize("script", ["train_classifier", "evaluate_synthetic"])
+def test_a_synthetic_set_of_another_labelled_subset_or_real_images_is_refused(script, data, tmp_path, capsys):
+    """A set generated from data.subset_seed=0's subset, read by a run on subset_seed=1: one line naming the
+    labelled subset; a folder of real images inside data.root: one line; the run's own set passes the check."""
+    from mvc.core.config import load_yaml, make_config
+    from mvc.data import load_splits
+    from mvc.data.synthetic import check_provenance
+
+    cfg = make_config(load_yaml(MICRO))
+    cfg.data.root = str(data)
+    labelled = load_splits(cfg.data)[0]
+    ours = _write_set(tmp_path / "set", labelled, labelled.fingerprint())
+    check_provenance(ours, labelled, data)  # its own run: accepted
+    extra = ["--strategy", "probabilistic"] if script == "train_classifier" else []
+    flag = "--classifier.synthetic_dir" if script == "train_classifier" else "--set"
+    out = tmp_path / "run"
+    argv = micro_argv(data, out, tmp_path / "cache", "--data.subset_seed=1", *extra, f"{flag}={ours}")
+    code, err = _run(_scripts()[script], argv, capsys)
+    _one_error_line(code, err, "labelled subset", "data.subset_seed", str(ours))
+    real = _write_set(data / "copies", labelled, labelled.fingerprint())  # real images, inside data.root
+    try:
+        argv = micro_argv(data, out, tmp_path / "cache", *extra, f"{flag}={real}")
+        code, err = _run(_scripts()[script], argv, capsys)
+        _one_error_line(code, err, "inside data.root", "real images")
+    finally:
+        import shutil
+
+        shutil.rmtree(real)

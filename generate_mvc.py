@@ -24,7 +24,7 @@ def main(cfg: Config) -> dict:
     from mvc.generation.generate import run_generation
 
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
-    stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}")
+    stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}", dtype_from="generate")
     summary = run_generation(cfg, stage.accelerator, stage.paths)
     if stage.is_main:
         print(f"synthetic set ({summary['method']}): {summary.get('images')} images ({summary.get('rejected')} rejected by the filter) "

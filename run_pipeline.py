@@ -128,8 +128,10 @@ def copy_config(cfg: Config) -> Config:
 def main(cfg: Config, update_readme_too: bool = False) -> Path:
     """Run every stage (resuming what is done) and write the report."""
     from mvc.core.seeds import resolve_seed
+    from mvc.core.stage import check_precisions
 
     check_runs(cfg)
+    check_precisions(cfg)  # before the first stage: a classifier precision the device lacks must not wait for it
     cfg = generator_config(cfg, cfg.pipeline.generators[0], main=True)  # generate.method: the main set's
     cfg.run.seed = resolve_seed(cfg.run.seed)  # one drawn seed for every stage, recorded in config-pipeline.yaml
     paths = RunPaths.of(cfg)

@@ -34,6 +34,7 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
 def predict_cli(argv: list[str]) -> None:
     """`predict`: print (or write as JSON lines) the predicted class and probabilities of every image."""
     from mvc.classifier.predict import list_images, load_classifier, predict
+    from mvc.data.images import IMAGE_EXTENSIONS, printable_name
     from mvc.core.utils import atomic_write_text
 
     p = CLIParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
@@ -46,6 +47,9 @@ def predict_cli(argv: list[str]) -> None:
         raise MVCError(f"--batch-size must be >= 1, got {args.batch_size}")
     bundle = load_classifier(args.checkpoint)
     files = list_images(args.images)
+    if not files:  # a request that scores nothing is a mistake (a wrong folder), not a success
+        raise MVCError(f"no images under {args.images!r} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                       "give the folder that holds them")
     probs = predict(bundle, files, args.batch_size)
     lines = []
     for f, pr in zip(files, probs):
@@ -57,7 +61,7 @@ def predict_cli(argv: list[str]) -> None:
         print(f"wrote {len(lines)} predictions to {args.out}")
     else:
         for r in lines:
-            print(f"{r['file']}\t{r['class']}\t{r['confidence']:.4f}")
+            print(f"{printable_name(r['file'])}\t{r['class']}\t{r['confidence']:.4f}")  # a Latin-1 name: escaped
 
 
 def cli(argv: list[str] | None = None):
@@ -74,6 +78,8 @@ def cli(argv: list[str] | None = None):
     parser.add_argument("--stop-after", type=int, default=None,
                         help="Stop after this many epochs (a checkpoint is written; resume with --resume latest).")
     cfg, args = parse_args(parser, argv, shortcuts={"strategy": "classifier.strategy", "seeds": "classifier.seeds"})
+    if args.stop_after is not None and args.stop_after < 1:  # zero epochs would only write an untrained checkpoint
+        raise MVCError(f"--stop-after must be at least 1 epoch, got {args.stop_after}; leave it out to train every epoch")
     return main(cfg, resume=args.resume, stop_after=args.stop_after)
 
 

@@ -74,7 +74,7 @@ def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
     """Real train / val / test sets and the synthetic set of one (seed, fold) run (all `ImageDataset`s)."""
     from mvc.classifier.strategies import STRATEGIES
     from mvc.core.paths import RunPaths
-    from mvc.data.synthetic import load_synthetic_set, set_fingerprint
+    from mvc.data.synthetic import check_provenance, load_synthetic_set, set_fingerprint
 
     c = cfg.classifier
     if splits is None:
@@ -100,6 +100,7 @@ def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
     syn, syn_fp = None, None
     if STRATEGIES.get(c.strategy).needs_synthetic:
         syn_dir = c.synthetic_dir or RunPaths.of(cfg).synthetic
+        check_provenance(syn_dir, labelled, cfg.data.root)  # a set of another run, or real images, is refused
         syn = load_synthetic_set(syn_dir, classes, exclude_sources=held_out)
         if len(syn) == 0:
             raise MVCError(f"strategy {c.strategy!r} needs synthetic images but {syn_dir} has none; "

@@ -50,7 +50,10 @@ class RunPaths:
 
     @classmethod
     def of(cls, cfg: Any) -> "RunPaths":
-        """The paths named (or defaulted) by a config."""
+        """The paths named (or defaulted) by a config; an empty run folder is refused (it would be the current one)."""
+        if not str(cfg.run.output_dir or "").strip():
+            raise MVCError("run.output_dir is empty: name the folder the run writes into (e.g. outputs/tiny); an "
+                           "empty value would scatter the run's files over the current folder")
         root = Path(cfg.run.output_dir).expanduser()
         g = cfg.generate
         # clustering-based sampling fine-tunes and generates from other images: its own folders, never mixed
@@ -70,6 +73,11 @@ class RunPaths:
     def check_outputs(self, cfg: Any) -> None:
         """Refuse (one line) a run folder that is a file, cannot be created or written, or an output that lies
         inside the data root; called when a stage starts, before it writes anything."""
+        for key in ("tiny.cache_dir", "evaluate.cache_dir"):  # shared caches: an empty one is the current folder
+            section, name = key.split(".")
+            if not str(getattr(getattr(cfg, section), name) or "").strip():
+                raise MVCError(f"{key} is empty: name the cache folder (e.g. outputs/cache/{'tiny_base' if section == 'tiny' else 'reference'}); "
+                               "an empty value would write the cache into the current folder")
         data = Path(cfg.data.root).expanduser().resolve()
         outputs = {"run.output_dir": self.root, "generate.out_dir": self.synthetic, "generate.grid_dir": self.grids,
                    "classifier.results_csv": self.results_csv, "pipeline.report": self.report,

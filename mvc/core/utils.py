@@ -48,8 +48,30 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 
 
 # errno values that mean "the machine refuses", whatever the code does: reported in one line
-_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # the disk, the quota or the file-size limit is reached
+# what torch's zip writer says when the OS refused a write (it reports no errno)
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
 MAX_MESSAGE = 2000  # characters of an error line; longer ones are cut (a message must stay readable)
+
+
+def full_disk_error(exc: BaseException, path: str | os.PathLike) -> MVCError | None:
+    """The one-line error for a write of `path` that `exc` ended because the disk, the quota or the file-size limit
+    is full (ENOSPC, EDQUOT, EFBIG, or torch's writer failing), naming the file and what to free; None for others."""
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        why = ("the file exceeds the file-size limit (ulimit -f) or the file system's largest file"
+               if exc.errno == errno.EFBIG else "the disk (or your quota) is full")
+    elif isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILED):
+        why = "the operating system refused the write (a full disk, quota or file-size limit)"
+    else:
+        return None
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free there"
+    except OSError:
+        free = "its free space is unknown"
+    return MVCError(f"cannot write {str(path)!r}: {why}; {free}: free space in {str(folder)!r} (or point the output "
+                    "elsewhere) and run the command again, what was already written is kept and complete")
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -111,8 +133,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a partial file of a full disk frees its space
+        full = full_disk_error(e, path)
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -175,6 +200,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = full_disk_error(e, path)
+        if full is not None:
+            raise full from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -236,10 +267,23 @@ def append_jsonl(path: str | os.PathLike, *records: dict) -> None:
     path = Path(path)
     make_parent(path)
     repair_torn_tail(path)
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
+    data = memoryview("".join(json.dumps(r, default=str) + "\n" for r in records).encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError as e:
+            full = full_disk_error(e, path)
+            if full is None:
+                raise
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no torn line: the file holds the records it held before
+            raise full from None
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

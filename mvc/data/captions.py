@@ -292,7 +292,7 @@ class Blip2Captioner(Captioner):
         _check_model_source(model_id, "captions.model_id")
         self.model_id = model_id
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, "captions.dtype")
         self.max_new_tokens = max_new_tokens
         self._model = self._processor = None
 

@@ -7,6 +7,7 @@ that passed the header check but still fails raises an MVCError naming it).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -44,10 +45,25 @@ def _to_uint8(arr: np.ndarray, full_scale: float | None) -> np.ndarray:
     return np.clip(np.rint(arr * (255.0 / full_scale)), 0, 255).astype(np.uint8)
 
 
+def upright(im):
+    """`im` turned and mirrored as its EXIF orientation says (the image itself when it says nothing)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block says nothing about orientation
+        return im
+    return ImageOps.exif_transpose(im) if orientation not in (1, None) else im
+
+
 def to_rgb(im):
-    """Convert a PIL image of any mode to 8-bit RGB (transparency composited on white, 16-bit scaled)."""
+    """Convert a PIL image of any mode to 8-bit RGB (transparency composited on white, 16-bit scaled), upright.
+
+    A camera's JPEG stores the sensor's pixels and, in EXIF, the turn that shows them upright: it is applied
+    here, where every image of training, generation and `predict` passes, so each stage sees what the user sees."""
     from PIL import Image
 
+    im = upright(im)
     mode = im.mode
     if mode == "RGB":
         return im
@@ -115,15 +131,47 @@ def _list_dir(path: Path) -> list[os.DirEntry]:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
 
 
+def entry_kind(entry: os.DirEntry | Path, within: Path | None = None) -> str:
+    """'dir', 'file', 'loop' or 'other' for one folder entry, never an OSError.
+
+    'loop': a symbolic link that loops (a file pointing at itself) or a folder link that leads back to
+    `within` or one of its ancestors (a class folder pointing at its parent): following it never ends."""
+    try:
+        is_dir = entry.is_dir()
+        if is_dir and within is not None and entry.is_symlink():
+            target, here = Path(os.path.realpath(entry)), Path(os.path.realpath(within))
+            if target == here or target in here.parents:
+                return "loop"
+        return "dir" if is_dir else "file" if entry.is_file() else "other"
+    except OSError as e:
+        return "loop" if e.errno == errno.ELOOP else "other"
+
+
+_WARNED_LOOPS: set[tuple[str, tuple[str, ...]]] = set()
+
+
 def list_class_dirs(split_dir: Path, exclude: tuple[str, ...] = ()) -> list[str]:
-    """Sorted names of the class sub-folders of `split_dir` (MVCError if it cannot be read)."""
+    """Sorted names of the class sub-folders of `split_dir` (MVCError if it cannot be read); links that loop
+    are skipped with one warning."""
     if not split_dir.is_dir():
         raise MVCError(f"folder not found: {split_dir} (see datasets/README.md for the expected layout)")
     try:
         entries = _list_dir(split_dir)
     except OSError as e:
         raise MVCError(f"cannot read folder {split_dir}: {e.strerror or e}") from None
-    return [e.name for e in entries if e.is_dir() and e.name not in exclude]
+    kinds = {e.name: entry_kind(e, split_dir) for e in entries if e.name not in exclude}
+    loops = [n for n, k in kinds.items() if k == "loop"]
+    if loops and (str(split_dir), tuple(loops)) not in _WARNED_LOOPS:  # once, though the train split is listed twice
+        _WARNED_LOOPS.add((str(split_dir), tuple(loops)))
+        log.warning(f"{split_dir}: skipping symbolic link(s) that loop: {_summary(list(map(repr, loops)))}")
+    return [n for n, k in kinds.items() if k == "dir"]
+
+
+def printable_name(name: str) -> str:
+    """A folder name as text every consumer accepts: bytes that are not UTF-8 (a Latin-1 `caf\\xe9`, which Python
+    holds as surrogate escapes) are shown escaped, `caf\\xe9`, so tokenizers, fonts, JSON and reports never meet a
+    surrogate. UTF-8 names come back unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _summary(items: list[str], n: int = 5) -> str:
@@ -168,10 +216,11 @@ def scan_class_folders(split_dir: Path, classes: list[str], id_root: Path,
             continue
         n_before = len(paths)
         for e in entries:
-            if e.is_dir():
+            kind = entry_kind(e, cdir)
+            if kind == "dir":
                 continue  # nested folders are not part of the class
             p = Path(e.path)
-            reason = verify_image(p)
+            reason = "a symbolic link that loops" if kind == "loop" else verify_image(p)
             if reason is not None:
                 bad.append(f"{p} ({reason})")
                 continue

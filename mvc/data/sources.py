@@ -21,7 +21,7 @@ import numpy as np
 
 from mvc.core.utils import MVCError
 from mvc.data.dataset import ArraySource, FileSource, ImageDataset, draw_per_class, register_dataset
-from mvc.data.images import list_class_dirs, scan_class_folders
+from mvc.data.images import list_class_dirs, printable_name, scan_class_folders
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ def _folder_dataset(name: str, split: str, split_dir: Path, class_dir: Path, id_
     paths, labels, ids = scan_class_folders(split_dir, classes, id_root, exclude=exclude)
     if not paths:
         raise MVCError(f"no usable images under {split_dir} (expected {split_dir}/<class>/<image>)")
-    return ImageDataset(name, split, classes, labels, ids, FileSource(paths))
+    # a folder named in another encoding than UTF-8 is read from its real name and shown escaped everywhere else
+    shown = [printable_name(c) for c in classes]
+    if len(set(shown)) < len(shown):
+        raise MVCError(f"{class_dir}: two class folders have the same name once escaped "
+                       f"({', '.join(repr(c) for c in shown if shown.count(c) > 1)}); rename one")
+    return ImageDataset(name, split, shown, labels, ids, FileSource(paths))
 
 
 @register_dataset("brain_tumor")

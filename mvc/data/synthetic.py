@@ -378,6 +378,30 @@ def read_settings_file(root: str | os.PathLike) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
+def check_provenance(root: str | os.PathLike, labelled: Any, data_root: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line naming what differs, a synthetic set that does not belong to a run on `labelled`: one
+    generated for other classes or from another labelled subset (its settings file records both), or a folder
+    inside `data_root` (the dataset's own real images given as synthetic ones)."""
+    root = Path(root)
+    if data_root is not None:
+        data, where = Path(data_root).expanduser().resolve(), root.resolve()
+        if where == data or data in where.parents:
+            raise MVCError(f"the synthetic set {str(root)!r} lies inside data.root {str(data)!r}: those are the dataset's "
+                           "real images; give a set generate_mvc.py made (classifier.synthetic_dir)")
+    settings = (read_settings_file(root) or {}).get("settings")
+    if not isinstance(settings, dict):
+        return  # another tool's image folder: it records no provenance to compare
+    differ = []
+    if "classes" in settings and list(settings["classes"]) != list(labelled.classes):
+        differ.append(f"classes ({len(settings['classes'])} there, {len(labelled.classes)} here)")
+    if "data" in settings and settings["data"] != labelled.fingerprint():
+        differ.append("labelled subset (data.name, data.k_per_class or data.subset_seed)")
+    if differ:
+        raise MVCError(f"the synthetic set {str(root)!r} ({settings.get('method', 'unknown generator')}) was generated "
+                       f"for another {' and '.join(differ)} than this run; generate a set for this run, or run with "
+                       "the data settings it was made with")
+
+
 def set_name(root: str | os.PathLike) -> str:
     """A set's name: its folder's name, file-system safe. Its report lives in evaluation/<name>/ and the configs it
     was made and judged with in config-generate_<name>.yaml and config-evaluate_<name>.yaml."""

@@ -108,13 +108,14 @@ def evaluate_set(cfg: Any, set_dir: str | Path, accelerator: Any, *, name: str |
                  ref: Reference | None = None, cas: bool | None = None, progress: bool = True) -> dict:
     """Measure the synthetic set at `set_dir`, train its CAS classifiers, and write the report."""
     from mvc.data import load_splits
-    from mvc.data.synthetic import load_synthetic_set, set_name
+    from mvc.data.synthetic import check_provenance, load_synthetic_set, set_name
 
     t0 = time.time()
     set_dir = Path(set_dir)
     ev, paths = cfg.evaluate, RunPaths.of(cfg)
     labelled, _pool, test = splits if splits is not None else load_splits(cfg.data)
     classes = list(labelled.classes)
+    check_provenance(set_dir, labelled, cfg.data.root)  # a set of another run, or real images, is refused
     syn = load_synthetic_set(set_dir, classes)
     if len(syn) == 0:
         raise MVCError(f"no synthetic images in {set_dir}; generate them first (generate_mvc.py)")

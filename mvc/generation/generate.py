@@ -87,12 +87,19 @@ def generate_synthetic(cfg: Any, *, paths: RunPaths | None = None, labelled: Any
     barrier = barrier or (lambda: None)
     paths = paths if paths is not None else RunPaths.of(cfg)
     method = method if method is not None else make_generator(cfg, paths)
+    if pipe is None:  # a dtype the device cannot compute in: refused before any work
+        resolve_dtype(cfg.generate.dtype, device if device is not None else "cpu", "generate.dtype")
     out = SyntheticSet(paths.synthetic)
     if labelled is None:
         from mvc.data import load_splits
 
         labelled, pool, _test = load_splits(cfg.data)
     method.check(labelled)
+    g = cfg.generate
+    if not plan_jobs(labelled, method.ops(), g.multiplier, g.per_class):  # a class keeps its count whatever the sources
+        # e.g. multiplier 0, or so small that every class rounds to no image: refused before any model is built
+        raise MVCError(f"generate.multiplier={g.multiplier} plans no synthetic image (it rounds to 0 per class for "
+                       f"these {len(labelled)} labelled images); raise it or set generate.per_class")
 
     # 1. the model, the plan and the settings; the main process records/checks the settings and reconciles
     run, jobs, sources = prepare_run(cfg, method, out, labelled, pool, captions, pipe, predictor, curator, rank, world,
@@ -143,7 +150,8 @@ def prepare_run(cfg: Any, method: Any, out: SyntheticSet, labelled: Any, pool: A
     sources = groups.kept_indices() if groups is not None else None
     jobs = plan_jobs(labelled, method.ops(), g.multiplier, g.per_class, sources=sources)
     res = method.resolution(model, pipe)
-    dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu")
+    dtype = pipe.unet.dtype if pipe is not None else resolve_dtype(g.dtype, device if device is not None else "cpu",
+                                                                     "generate.dtype")
     if cfg.curation.filters and curator is None:
         from mvc.generation.curation import build_curator
 

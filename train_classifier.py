@@ -34,8 +34,8 @@ def main(cfg: Config, resume: str | None = None, stop_after: int | None = None) 
 def predict_cli(argv: list[str]) -> None:
     """`predict`: print (or write as JSON lines) the predicted class and probabilities of every image."""
     from mvc.classifier.predict import list_images, load_classifier, predict
-    from mvc.data.images import IMAGE_EXTENSIONS, printable_name
     from mvc.core.utils import atomic_write_text
+    from mvc.data.images import IMAGE_EXTENSIONS, printable_name
 
     p = CLIParser(prog="train_classifier.py predict", description="Score an image folder with a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="Checkpoint file, or a classifier run folder (newest checkpoint).")

@@ -21,14 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+ROOT = Path(__file__).resolve().parents[2]
 
-from helpers import MICRO, micro_argv, write_fashion_idx  # noqa: E402
-
-from mvc.core.utils import MVCError, read_jsonl, run_cli  # noqa: E402
+from mvc.core.utils import MVCError, read_jsonl, run_cli
+from tests.helpers import MICRO, micro_argv, write_fashion_idx
 
 #################################################################################
 #                                  Helpers                                      #

@@ -7,6 +7,7 @@ neither torchvision nor PIL (they are imported when an image is opened).
 """
 
 from mvc.data import sources as _sources  # noqa: F401  (registers the datasets)
+from mvc.data import tiny_imagenet as _tiny_imagenet  # noqa: F401  (registers tiny_imagenet)
 from mvc.data.dataset import (
                               DATASETS,
                               EVAL_SPLITS,

@@ -243,7 +243,7 @@ def describe_eval_split(data_cfg: Any) -> str:
                 "(the dataset has no official one)")
     if data_cfg.name == "imagefolder":
         return "the folder's test split"
-    return "the official test split"
+    return getattr(builder, "test_description", "the official test split")
 
 
 def _has_native_split(builder: Callable, root: Path, split: str) -> bool:

@@ -5,6 +5,7 @@ Layouts (relative to the data root; see datasets/README.md):
   cifar100       cifar-100-python/{train,test,meta}
   caltech101     caltech101/101_ObjectCategories/<class>/*.jpg  (seeded stratified train/test split)
   brain_tumor    brain_tumor/{Training,Testing}/<class>/*
+  tiny_imagenet  tiny-imagenet-200/{wnids.txt,words.txt,train/<wnid>/images/*,val/...}  (mvc/data/tiny_imagenet.py)
   fashion_mnist  fashion_mnist/*-idx?-ubyte[.gz] (or FashionMNIST/raw/, or the Debian package's folder)
   imagefolder    <root>/{train,test[,val]}/<class>/*   (root is the folder itself)
 """

@@ -20,6 +20,8 @@ import mvc.data.sources as sources
 from mvc.core.config import make_config
 from mvc.core.utils import MVCError, safe_join, safe_name
 from mvc.data import DATASETS, ImageDataset, build_dataset, list_datasets, load_rgb, load_splits, low_data_subset
+from tests.data.test_tiny_imagenet import NAMES as TINY_IMAGENET_NAMES
+from tests.data.test_tiny_imagenet import write_tiny_imagenet
 from tests.helpers import no_hang, write_idx
 
 #################################################################################
@@ -129,8 +131,14 @@ def make_imagefolder(root: Path) -> dict:
     return {"classes": classes}
 
 
+def make_tiny_imagenet(root: Path) -> dict:
+    write_tiny_imagenet(root, train=N_PER_CLASS["train"], val=N_PER_CLASS["test"], color=class_color)
+    return {"classes": TINY_IMAGENET_NAMES}
+
+
 MAKERS = {"cifar10": make_cifar10, "cifar100": make_cifar100, "caltech101": make_caltech101,
-          "brain_tumor": make_brain_tumor, "fashion_mnist": make_fashion_mnist, "imagefolder": make_imagefolder}
+          "brain_tumor": make_brain_tumor, "fashion_mnist": make_fashion_mnist, "imagefolder": make_imagefolder,
+          "tiny_imagenet": make_tiny_imagenet}
 
 
 def test_makers_cover_registry():

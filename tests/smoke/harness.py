@@ -3,7 +3,7 @@
     python -m tests.smoke.harness prepare DATASET WORKDIR           # prints the overrides, one per line
     python -m tests.smoke.harness summary DATASET WORKDIR OVERRIDE...  # one JSON summary; exit 1 if a check fails
 
-`prepare` writes, under WORKDIR, fixture images in DATASET's real on-disk layout (data/), stand-ins of the hub
+`prepare` writes, under WORKDIR, fixture images in DATASET's real on-disk layout (data/; Tiny ImageNet's `tiny-imagenet-200/` too), stand-ins of the hub
 models (models/), a hub cache with random timm weights and accelerate's config (hf/); the overrides change scale
 and sources only. `summary` checks that the generated images have the fine-tuning resolution and that every
 classifier run of a comparison took the same optimizer steps. docs/scripts.md has the details.
@@ -21,7 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 
-DATASETS = ("cifar10", "cifar100", "caltech101", "brain_tumor")
+DATASETS = ("cifar10", "cifar100", "caltech101", "brain_tumor", "tiny_imagenet")
 CIFAR10 = "airplane automobile bird cat deer dog frog horse ship truck".split()
 CIFAR100 = ("apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel "
             "can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur "
@@ -34,9 +34,14 @@ CIFAR100 = ("apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle 
 CIFAR100_COARSE = 20
 CALTECH = ["Faces", "Leopards", "accordion", "airplanes", "anchor", "ant"]
 BRAIN = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
+# Tiny ImageNet: wnid -> its words.txt line (wnids.txt, unsorted as released, lists these in this order)
+TINY_IMAGENET = {"n02124075": "Egyptian cat", "n01443537": "goldfish, Carassius auratus",
+                 "n04067472": "reel", "n07873807": "pizza, pizza pie",
+                 "n01629819": "European fire salamander, Salamandra salamandra",
+                 "n02814533": "beach wagon, station wagon, wagon, estate car, beach waggon, station waggon, waggon"}
 
 # Scale of the fixtures: images per class (CIFAR-100 needs 2 per class for pairs; 100 classes keep it large)
-PER_CLASS = {"cifar10": (4, 2), "cifar100": (2, 1), "caltech101": (5, 0), "brain_tumor": (4, 2)}
+PER_CLASS = {"cifar10": (4, 2), "cifar100": (2, 1), "caltech101": (5, 0), "brain_tumor": (4, 2), "tiny_imagenet": (4, 2)}
 
 
 #################################################################################
@@ -132,8 +137,42 @@ def write_brain_tumor(root: Path, train: int, test: int, rng: np.random.Generato
     return list(BRAIN)
 
 
+def write_tiny_imagenet(root: Path, train: int, test: int, rng: np.random.Generator) -> list[str]:
+    """tiny-imagenet-200/ as released: wnids.txt, words.txt (with lines of other wnids, as the original's 82,115),
+    64x64 JPEGs in train/<wnid>/images/ with their <wnid>_boxes.txt, val/images/ labelled by val_annotations.txt,
+    and an unlabelled test/images/. Returns the class names the dataset reads (first synonyms)."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    wnids = list(TINY_IMAGENET)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
+    words = {**TINY_IMAGENET, "n00001740": "entity", "n09999999": "not a class of this set"}
+    (base / "words.txt").write_text("".join(f"{w}\t{n}\n" for w, n in sorted(words.items())))
+    box = lambda: "\t".join(str(int(v)) for v in (*rng.integers(0, 20, 2), *rng.integers(44, 64, 2)))  # noqa: E731
+    for c, w in enumerate(wnids):
+        (base / "train" / w / "images").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(train):
+            Image.fromarray(picture(c, len(wnids), 64, 64, rng)).save(base / "train" / w / "images" / f"{w}_{i}.JPEG")
+            lines.append(f"{w}_{i}.JPEG\t{box()}\n")
+        (base / "train" / w / f"{w}_boxes.txt").write_text("".join(lines))
+    (base / "val" / "images").mkdir(parents=True, exist_ok=True)
+    (base / "test" / "images").mkdir(parents=True, exist_ok=True)
+    labels = [c for c in range(len(wnids)) for _ in range(test)]
+    rng.shuffle(labels)
+    lines = []
+    for i, c in enumerate(labels):
+        Image.fromarray(picture(c, len(wnids), 64, 64, rng)).save(base / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnids[c]}\t{box()}\n")
+    (base / "val" / "val_annotations.txt").write_text("".join(lines))
+    for i in range(2):
+        Image.fromarray(picture(i, 2, 64, 64, rng)).save(base / "test" / "images" / f"test_{i}.JPEG")
+    return [TINY_IMAGENET[w].split(",")[0] for w in wnids]
+
+
 WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "caltech101": write_caltech101,
-           "brain_tumor": write_brain_tumor}
+           "brain_tumor": write_brain_tumor, "tiny_imagenet": write_tiny_imagenet}
 
 
 #################################################################################

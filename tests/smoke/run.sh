@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A miniature full-profile run on CPU: the real configs/<dataset>.yaml, overridden for scale only.
-#   usage: tests/smoke/run.sh {cifar10,cifar100,caltech101,brain_tumor} [WORKDIR]
+#   usage: tests/smoke/run.sh {cifar10,cifar100,caltech101,brain_tumor,tiny_imagenet} [WORKDIR]
 # It writes fixture data in the dataset's on-disk layout, an SD-1.5-structured base and a BLIP-2 from
 # a small config (local folders in place of the hub ids), then runs scripts/_reproduce.sh -- BLIP-2
 # captioning, fine-tuning and generation under `accelerate launch`, then the evaluation, the
@@ -12,7 +12,7 @@
 # precision: no (default) or bf16).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-usage="usage: tests/smoke/run.sh {cifar10,cifar100,caltech101,brain_tumor} [WORKDIR]"
+usage="usage: tests/smoke/run.sh {cifar10,cifar100,caltech101,brain_tumor,tiny_imagenet} [WORKDIR]"
 [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
 dataset="$1"
 work="${2:-$(mktemp -d -t mvc-smoke-XXXXXX)}"

@@ -5,8 +5,9 @@ then the evaluation, every classifier run of the config and the report).
 CI runs Caltech101 (a pretrained ResNet-50 from the private hub cache, a drawn test split) through
 scripts/gpu_check.sh --cpu, the GPU check at the miniature scale (the same run, then its performance summary and
 the same checks); MVC_TEST_FULL=1 adds
-CIFAR-10, CIFAR-100 (WRN-28-10, python batches) and the brain-tumour MRI folders (three recipes, two CPU processes
-for captioning, fine-tuning and generation). MVC_SMOKE_PRECISION=bf16 (the accelerate config's precision) works too
+CIFAR-10, CIFAR-100 (WRN-28-10, python batches), the brain-tumour MRI folders (three recipes, two CPU processes
+for captioning, fine-tuning and generation) and Tiny ImageNet (its release's layout, ResNet-18 from scratch).
+MVC_SMOKE_PRECISION=bf16 (the accelerate config's precision) works too
 but is slow on a CPU (about 15 minutes for the brain-tumour run).
 """
 
@@ -27,7 +28,8 @@ FULL = os.environ.get("MVC_TEST_FULL") == "1"
 
 
 # dataset -> (processes of captioning, fine-tuning and generation; the accelerate config's mixed precision)
-SETTINGS = {"caltech101": (1, "no"), "cifar10": (1, "no"), "cifar100": (1, "no"), "brain_tumor": (2, "no")}
+SETTINGS = {"caltech101": (1, "no"), "cifar10": (1, "no"), "cifar100": (1, "no"), "brain_tumor": (2, "no"),
+            "tiny_imagenet": (1, "no")}
 
 
 class Run:
@@ -120,7 +122,7 @@ def summary(dataset: str, work: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("dataset", [
     "caltech101",
     *[pytest.param(d, marks=pytest.mark.skipif(not FULL, reason="a few minutes each on 2 CPU cores: MVC_TEST_FULL=1"))
-      for d in ("cifar10", "cifar100", "brain_tumor")],
+      for d in ("cifar10", "cifar100", "brain_tumor", "tiny_imagenet")],
 ])
 def test_miniature_full_profile_run(dataset, tmp_path):
     run = BACKGROUND.pop(dataset, None) or Run(dataset, tmp_path)  # started at collection's end (conftest.py), or now

@@ -21,10 +21,13 @@ def main(cfg: Config) -> dict:
     from mvc.core.paths import RunPaths
     from mvc.core.stage import start_stage
     from mvc.data.synthetic import set_name
+    from mvc.generation.curation import train_selectors
     from mvc.generation.generate import run_generation
 
     # one config file per set (config-generate_synthetic.yaml, config-generate_synthetic_img2img_clusters.yaml, ...)
     stage = start_stage(cfg, f"generate_{set_name(RunPaths.of(cfg).synthetic)}", dtype_from="generate")
+    if cfg.curation.filters:  # the cross-fitted selectors that judge the candidates: trained once, resumable
+        train_selectors(cfg, stage.accelerator)
     summary = run_generation(cfg, stage.accelerator, stage.paths)
     if stage.is_main:
         print(f"synthetic set ({summary['method']}): {summary.get('images')} images ({summary.get('rejected')} rejected by the filter) "

@@ -70,37 +70,35 @@ def kfold_splits(targets: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarra
     return [(tr.astype(np.int64), te.astype(np.int64)) for tr, te in skf.split(np.zeros(len(targets)), targets)]
 
 
-def prepare_data(cfg, seed: int, splits=None, fold: int | None = None) -> dict:
-    """Real train / val / test sets and the synthetic set of one (seed, fold) run (all `ImageDataset`s)."""
-    from mvc.classifier.strategies import STRATEGIES
-    from mvc.core.paths import RunPaths
+def prepare_data(run, splits=None) -> dict:
+    """Real train / val / test sets and the synthetic set of one run (a `RunSpec`; all `ImageDataset`s)."""
     from mvc.data.synthetic import check_provenance, load_synthetic_set, set_fingerprint
 
-    c = cfg.classifier
+    c, data_cfg, seed, fold = run.classifier, run.data, run.seed, run.fold
     if splits is None:
         from mvc.data import load_splits
-        splits = load_splits(cfg.data)
+        splits = load_splits(data_cfg)
     labelled, _pool, test = splits
     classes = list(labelled.classes)
     held_out: set[str] = set()
     train = labelled
     if fold is not None:
-        tr, te = kfold_splits(labelled.targets, c.kfold, cfg.data.subset_seed)[fold]
+        tr, te = kfold_splits(labelled.targets, c.kfold, data_cfg.subset_seed)[fold]
         train, test = labelled.subset(tr), labelled.subset(te)
         held_out |= set(test.ids)
     elif c.test_limit is not None and len(test) > c.test_limit:
         # the same class-balanced test subset for every seed and strategy (drawn from the data subset seed)
         test = test.subset(stratified_take(test.targets, c.test_limit,
-                                           seeds.numpy_rng(cfg.data.subset_seed, "classifier.test_subset")))
+                                           seeds.numpy_rng(data_cfg.subset_seed, "classifier.test_subset")))
     val = None
     if c.val_fraction > 0:
-        tr, va = hold_out_per_class(train.targets, c.val_fraction, seeds.numpy_rng(cfg.data.subset_seed, "classifier.val"))
+        tr, va = hold_out_per_class(train.targets, c.val_fraction, seeds.numpy_rng(data_cfg.subset_seed, "classifier.val"))
         train, val = train.subset(tr), train.subset(va)
         held_out |= set(val.ids)
     syn, syn_fp = None, None
-    if STRATEGIES.get(c.strategy).needs_synthetic:
-        syn_dir = c.synthetic_dir or RunPaths.of(cfg).synthetic
-        check_provenance(syn_dir, labelled, cfg.data.root)  # a set of another run, or real images, is refused
+    if run.synthetic_dir is not None:
+        syn_dir = run.synthetic_dir
+        check_provenance(syn_dir, labelled, data_cfg.root)  # a set of another run, or real images, is refused
         syn = load_synthetic_set(syn_dir, classes, exclude_sources=held_out)
         if len(syn) == 0:
             raise MVCError(f"strategy {c.strategy!r} needs synthetic images but {syn_dir} has none; "

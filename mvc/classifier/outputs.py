@@ -4,12 +4,15 @@ summaries over seeds. Shared by trained runs (`mvc.classifier.train`) and featur
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mvc.classifier.metrics import SCALARS, confusion_figure, mean_std
 from mvc.classifier.strategies import STRATEGIES
-from mvc.core.paths import RunPaths
+from mvc.core.paths import RunPaths, curation_tag
 from mvc.core.utils import RunLogger, atomic_write_json, safe_name
 
 CSV_COLUMNS = ["dataset", "k_per_class", "backbone", "strategy", "augment", "seed", "fold", *SCALARS,
@@ -17,58 +20,70 @@ CSV_COLUMNS = ["dataset", "k_per_class", "backbone", "strategy", "augment", "see
                "n_synthetic", "generator", "probe", "run_dir"]  # generator: the synthetic set's method (none: blank)
 
 
-def synthetic_generator(cfg) -> str | None:
-    """The generator (`generate.method`) of the synthetic set a classifier run trains on; None when its strategy
-    uses no synthetic image. With `classifier.synthetic_dir`, the method that set's settings record (a set of
-    format 1 predates the registry: mvc), else `generate.method` (whose default folder the run reads)."""
-    c = cfg.classifier
+@dataclass(frozen=True)
+class RunSpec:
+    """One classifier run, described once: its config sections, seed and fold, the synthetic set it reads and
+    where it writes. Built by `describe_run`; the training, the probes and the outputs take it."""
+    classifier: Any  # cfg.classifier
+    data: Any  # cfg.data
+    config: dict  # the whole resolved config, recorded in checkpoints and TensorBoard
+    seed: int
+    fold: int | None
+    synthetic_dir: Any  # the set the strategy reads (None: it reads none)
+    generator: str | None  # that set's generator (None: no synthetic image)
+    run_dir: Path
+    results_csv: Path
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def synthetic_source(c, default_dir: Path, method: str, filters) -> tuple[Any, str | None, str]:
+    """(folder, generator, curation tag) of the synthetic set a classifier run trains on; (None, None, '') when its
+    strategy uses none. With `classifier.synthetic_dir`, the method and filters that set's settings record (a set
+    of format 1 predates the registry: mvc), else `generate.method` and `curation.filters` (whose folder it reads)."""
     if not STRATEGIES.get(c.strategy).needs_synthetic:
-        return None
+        return None, None, ""
     if c.synthetic_dir:
         from mvc.data.synthetic import read_settings_file
 
         settings = (read_settings_file(Path(c.synthetic_dir).expanduser()) or {}).get("settings")
-        if isinstance(settings, dict):  # else not a settings file: the data loader refuses the set itself
-            return str(settings.get("method", "mvc"))
-    return cfg.generate.method
+        if not isinstance(settings, dict):  # not a settings file: the data loader refuses the set itself
+            return c.synthetic_dir, method, ""
+        cur = settings.get("curation")
+        tag = curation_tag(cur.get("filters", [])) if isinstance(cur, dict) else ""
+        return c.synthetic_dir, str(settings.get("method", "mvc")), tag
+    return default_dir, method, curation_tag(filters)
 
 
-def synthetic_curation(cfg) -> str:
-    """The curation tag (`curated_easy_wrong`, '' for none) of the synthetic set a classifier run trains on: its
-    settings say when `classifier.synthetic_dir` names it, else `curation.filters` (whose folder the run reads)."""
-    from mvc.core.paths import curation_tag
-
-    c = cfg.classifier
-    if not STRATEGIES.get(c.strategy).needs_synthetic:
-        return ""
-    if c.synthetic_dir:
-        from mvc.data.synthetic import read_settings_file
-
-        settings = (read_settings_file(Path(c.synthetic_dir).expanduser()) or {}).get("settings")
-        cur = settings.get("curation") if isinstance(settings, dict) else None
-        return curation_tag(cur.get("filters", [])) if isinstance(cur, dict) else ""
-    return curation_tag(cfg.curation.filters)
-
-
-def run_name(cfg, seed: int) -> str:
-    """`<strategy>-<augment>-<backbone>-seed<seed>` (probes: `<strategy>-probe_<probe>-<backbone>-seed<seed>`);
-    a run on the set of another generator than mvc says which before the seed (`...-<backbone>-img2img-seed0`),
-    so runs on different sets never share a folder while the names of MVC runs stay what they were; a run on a
-    curated set says how (`...-curated_easy_wrong-seed0`); then `classifier.run_tag` when set (`...-steps1000-seed0`)."""
+def describe_run(cfg, seed: int, fold: int | None = None, paths: RunPaths | None = None) -> RunSpec:
+    """The run of (seed, fold) under `cfg`, named `<strategy>-<augment>-<backbone>-seed<seed>` (probes:
+    `<strategy>-probe_<probe>-<backbone>-seed<seed>`); a run on the set of another generator than mvc says which
+    before the seed (`...-<backbone>-img2img-seed0`), so runs on different sets never share a folder while the
+    names of MVC runs stay what they were; a run on a curated set says how (`...-curated_easy_wrong-seed0`); then
+    `classifier.run_tag` when set (`...-steps1000-seed0`). Its folder: `<output_dir>/classifier/<name>[/fold<k>]`."""
     c = cfg.classifier
     tag = STRATEGIES.get(c.strategy).tag_for(c)
+    paths = paths if paths is not None else RunPaths.of(cfg)
+    syn_dir, gen, cur = synthetic_source(c, paths.synthetic, cfg.generate.method, cfg.curation.filters)
     mid = f"probe_{c.probe}" if c.probe != "none" else c.augment
-    gen = synthetic_generator(cfg)
-    cur = synthetic_curation(cfg)
     extra = ("" if gen in (None, "mvc") else "-" + safe_name(gen)) + (f"-{cur}" if cur else "")
     extra += f"-{safe_name(c.run_tag)}" if c.run_tag else ""
-    return f"{tag}-{mid}-{safe_name(c.backbone)}{extra}-seed{seed}"
+    run_dir = paths.classifier / f"{tag}-{mid}-{safe_name(c.backbone)}{extra}-seed{seed}"
+    return RunSpec(c, cfg.data, dataclasses.asdict(cfg), int(seed), fold, syn_dir, gen,
+                   run_dir / f"fold{fold}" if fold is not None else run_dir, paths.results_csv)
+
+
+def synthetic_generator(cfg) -> str | None:
+    """The generator of the synthetic set a classifier run of `cfg` trains on (None: its strategy uses none)."""
+    c = cfg.classifier
+    return synthetic_source(c, None, cfg.generate.method, cfg.curation.filters)[1]
 
 
 def run_dir_for(cfg, seed: int, fold: int | None = None) -> Path:
-    """`<output_dir>/classifier/<run name>[/fold<k>]`: where one classifier run writes."""
-    run_dir = RunPaths.of(cfg).classifier / run_name(cfg, seed)
-    return run_dir / f"fold{fold}" if fold is not None else run_dir
+    """Where the classifier run of (seed, fold) under `cfg` writes."""
+    return describe_run(cfg, seed, fold).run_dir
 
 
 def _scalars(m: dict) -> dict:
@@ -76,10 +91,11 @@ def _scalars(m: dict) -> dict:
     return {k: m[k] for k in SCALARS}
 
 
-def write_run_outputs(record: dict, run_dir: Path, logger: RunLogger, cfg) -> None:
+def write_run_outputs(record: dict, run: RunSpec, logger: RunLogger) -> None:
     """metrics.json, confusion-matrix PNGs (+ TensorBoard) and the results-CSV row of one run."""
     import matplotlib.pyplot as plt
 
+    run_dir = run.run_dir
     atomic_write_json(run_dir / "metrics.json", record)
     drawn = None  # (metrics, image) of the figure drawn last: 'best' is usually the last epoch, drawn once
     for which in ("last", "best"):
@@ -93,7 +109,7 @@ def write_run_outputs(record: dict, run_dir: Path, logger: RunLogger, cfg) -> No
             drawn = (m, logger.figure(f"confusion/{which}", fig, m["epoch"], path=path))
             plt.close(fig)
         logger.scalars(m["epoch"], _scalars(m), prefix=f"test_{which}/")
-    append_results_row(results_csv_path(cfg), csv_row(record))
+    append_results_row(run.results_csv, csv_row(record))
 
 
 def _same_metrics(a: dict, b: dict) -> bool:
@@ -109,11 +125,6 @@ def csv_row(record: dict) -> dict:
                                           "n_synthetic", "probe", "run_dir"]},
             **{k: round(record["last"][k], 6) for k in SCALARS},
             "best_accuracy": round(best["accuracy"], 6) if best else None, "best_epoch": best.get("epoch")}
-
-
-def results_csv_path(cfg) -> Path:
-    """classifier.results_csv, default <run.output_dir>/results.csv."""
-    return RunPaths.of(cfg).results_csv
 
 
 def append_results_row(path: Path, row: dict) -> None:
@@ -135,8 +146,9 @@ def append_results_row(path: Path, row: dict) -> None:
 
 def write_summary(cfg, records: list[dict]) -> Path:
     """`<strategy>-<augment>-<backbone>-summary.json`: mean ± std over seeds (and folds) of last/best metrics."""
-    name = run_name(cfg, 0).rsplit("-seed", 1)[0]
-    path = RunPaths.of(cfg).classifier / f"{name}-summary.json"
+    run = describe_run(cfg, 0)
+    name = run.run_dir.name.rsplit("-seed", 1)[0]
+    path = run.run_dir.parent / f"{name}-summary.json"
     summary = {"runs": len(records), "seeds": sorted({r["seed"] for r in records}),
                "last": mean_std([r["last"] for r in records]),
                "best": mean_std([r["best"] for r in records if r.get("best")]),

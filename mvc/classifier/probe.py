@@ -8,7 +8,7 @@ from typing import Callable
 from mvc.classifier.data import Combined, eval_loader, prepare_data, prepared
 from mvc.classifier.metrics import compute_metrics
 from mvc.classifier.models import build_model, extract_features
-from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs
+from mvc.classifier.outputs import RunSpec, write_run_outputs
 from mvc.core import seeds
 from mvc.core.registry import Registry, publish_choices
 from mvc.core.utils import MVCError, RunLogger
@@ -49,17 +49,17 @@ def build_probe(name: str, seed: int):
     return make_pipeline(StandardScaler(), PROBES.get(name)(seed % 2**32))
 
 
-def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None) -> dict:
+def run_probe(run: RunSpec, accelerator, splits=None) -> dict:
     """Fit a probe on frozen features of the real (strategy 'real') or real + synthetic ('concat') images.
 
     Features are computed without augmentation; the run writes metrics.json and a results-CSV row
     like a trained run ('best' = 'last': there are no epochs). No checkpoint is written.
     """
-    c = cfg.classifier
+    c, seed = run.classifier, run.seed
     if c.strategy not in PROBE_STRATEGIES:
         raise MVCError(f"classifier.probe works with strategies {' and '.join(PROBE_STRATEGIES)}, not {c.strategy!r}")
     t0 = time.time()
-    d = prepare_data(cfg, seed, splits, fold)
+    d = prepare_data(run, splits)
     seeds.seed_everything(seeds.derive_seed(seed, "classifier.init"))
     model, meta = build_model(c.backbone, 0, c.pretrained, c.cifar_stem, c.input_size)  # 0 classes: pooled features
     model = model.to(accelerator.device)
@@ -69,18 +69,17 @@ def run_probe(cfg, seed: int, accelerator, splits=None, fold: int | None = None)
     x_te, y_te = extract_features(model, eval_loader(prepared(d["test"], meta), meta, c.batch_size * 2))
     probe = build_probe(c.probe, seed).fit(x_tr.numpy(), y_tr.numpy())
     m = compute_metrics(y_te.numpy(), probe.predict(x_te.numpy()), len(d["classes"]))
-    run_dir = run_dir_for(cfg, seed, fold)
     record = {
-        "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
-        "strategy": c.strategy, "augment": "none", "generator": synthetic_generator(cfg), "seed": int(seed),
-        "fold": fold, "probe": c.probe,
+        "dataset": run.data.name, "k_per_class": run.data.k_per_class, "backbone": c.backbone,
+        "strategy": c.strategy, "augment": "none", "generator": run.generator, "seed": int(seed),
+        "fold": run.fold, "probe": c.probe,
         "epochs": 0, "n_real": train.n_real, "n_synthetic": train.n_syn, "n_val": 0, "n_test": len(y_te),
         "classes": d["classes"], "best_selected_on": "none", "note": "feature probe: best = last",
         "last": {"epoch": 0, **m}, "best": {"epoch": 0, **m}, "history": [], "feature_dim": int(x_tr.shape[1]),
-        "input_size": meta.input_size, "time_s": round(time.time() - t0, 2), "run_dir": str(run_dir),
+        "input_size": meta.input_size, "time_s": round(time.time() - t0, 2), "run_dir": str(run.run_dir),
     }
     if accelerator.is_main_process:
-        logger = RunLogger(run_dir)
-        write_run_outputs(record, run_dir, logger, cfg)
+        logger = RunLogger(run.run_dir)
+        write_run_outputs(record, run, logger)
         logger.close()
     return record

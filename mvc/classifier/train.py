@@ -23,7 +23,7 @@ from mvc.classifier.data import Combined, eval_loader, plan_loader, prepare_data
 from mvc.classifier.engine import build_optimizer, evaluate, plan_lr, train_one_epoch
 from mvc.classifier.metrics import compute_metrics, mean_std
 from mvc.classifier.models import build_model
-from mvc.classifier.outputs import run_dir_for, synthetic_generator, write_run_outputs, write_summary
+from mvc.classifier.outputs import RunSpec, describe_run, write_run_outputs, write_summary
 from mvc.classifier.strategies import build_strategy
 from mvc.core import seeds
 from mvc.core.checkpoint import check_resume, list_checkpoints, resolve_resume, rng_state, save_checkpoint
@@ -40,20 +40,21 @@ RESUME_FREE_KEYS = {"seeds", "num_workers", "checkpoint_every", "checkpoints_kee
 #                               One training run                                #
 #################################################################################
 
-def trained_on_record(cfg, seed: int, fold: int | None, data: dict) -> dict:
+def trained_on_record(spec: RunSpec, data: dict) -> dict:
     """What a classifier run's weights depend on (recorded in its checkpoints; a resume must match it): the
     data.* and classifier.* keys that change the result, the seed and fold, and the images it trains on."""
     syn = data["synthetic"]
-    return {**{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()},
-            **{f"classifier.{k}": v for k, v in dataclasses.asdict(cfg.classifier).items() if k not in RESUME_FREE_KEYS},
-            "seed": int(seed), "fold": fold, "train_images": data["train"].fingerprint(),
+    return {**{f"data.{k}": v for k, v in dataclasses.asdict(spec.data).items()},
+            **{f"classifier.{k}": v for k, v in dataclasses.asdict(spec.classifier).items() if k not in RESUME_FREE_KEYS},
+            "seed": spec.seed, "fold": spec.fold, "train_images": data["train"].fingerprint(),
             "synthetic_images": syn.fingerprint() if syn is not None else None,
             "synthetic_set": data.get("synthetic_fingerprint")}
 
 
 @dataclasses.dataclass
 class _Run:
-    """One classifier run's data, model and training parts, and where its files go."""
+    """One classifier run's data, model and training parts, and what it is (`spec`: where its files go)."""
+    spec: RunSpec
     c: Any  # cfg.classifier
     d: dict  # prepare_data's splits
     model: Any
@@ -67,19 +68,22 @@ class _Run:
     strategy: Any
     optimizer: Any
     loss_fn: Any
-    run_dir: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.run_dir
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.spec.ckpt_dir
 
 
-def build_run(cfg, seed: int, splits, fold: int | None, world: int) -> _Run:
+def build_run(spec: RunSpec, splits, world: int) -> _Run:
     """Data and model (model init seeded identically on every rank; DDP also broadcasts rank 0's weights), the
     strategy and the optimizer."""
-    c = cfg.classifier
-    d = prepare_data(cfg, seed, splits, fold)
-    seeds.seed_everything(seeds.derive_seed(seed, "classifier.init"))
+    c = spec.classifier
+    d = prepare_data(spec, splits)
+    seeds.seed_everything(seeds.derive_seed(spec.seed, "classifier.init"))
     model, meta = build_model(c.backbone, len(d["classes"]), c.pretrained, c.cifar_stem, c.input_size)
     real = prepared(d["train"], meta)
     syn = prepared(d["synthetic"], meta, synthetic=True) if d["synthetic"] else None
@@ -91,8 +95,7 @@ def build_run(cfg, seed: int, splits, fold: int | None, world: int) -> _Run:
     strategy = build_strategy(c, data.n_real, data.n_syn, world)
     optimizer = build_optimizer(model.parameters(), c)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
-    return _Run(c, d, model, meta, real, syn, data, augment, test_ds, val_ds, strategy, optimizer, loss_fn,
-                run_dir_for(cfg, seed, fold))
+    return _Run(spec, c, d, model, meta, real, syn, data, augment, test_ds, val_ds, strategy, optimizer, loss_fn)
 
 
 def resume_run(run: _Run, resume: str | None, trained_on: dict, world: int, main: bool) -> dict | None:
@@ -167,15 +170,15 @@ def train_epoch(run: _Run, accelerator, seed: int, epoch: int) -> dict:
     return stats
 
 
-def final_record(cfg, run: _Run, seed: int, fold: int | None, world: int, last: dict, best: dict | None,
-                 history: list[dict], t0: float, device) -> dict:
+def final_record(run: _Run, world: int, last: dict, best: dict | None, history: list[dict], t0: float,
+                 device) -> dict:
     """metrics.json of a finished run."""
-    c, strategy, data = run.c, run.strategy, run.data
+    c, strategy, data, spec = run.c, run.strategy, run.data, run.spec
     selected_on = "val" if run.val_ds is not None else "test"
     return {
-        "dataset": cfg.data.name, "k_per_class": cfg.data.k_per_class, "backbone": c.backbone,
-        "strategy": strategy.tag(), "augment": c.augment, "generator": synthetic_generator(cfg),
-        "synthetic_set": run.d.get("synthetic_fingerprint"), "seed": int(seed), "fold": fold, "probe": c.probe,
+        "dataset": spec.data.name, "k_per_class": spec.data.k_per_class, "backbone": c.backbone,
+        "strategy": strategy.tag(), "augment": c.augment, "generator": spec.generator,
+        "synthetic_set": run.d.get("synthetic_fingerprint"), "seed": spec.seed, "fold": spec.fold, "probe": c.probe,
         "epochs": strategy.epochs, "steps": sum(h["steps"] for h in history), "budget_steps": strategy.total_steps,
         "phase_steps": strategy.phase_steps(), "images_seen": sum(h["images_seen"] for h in history),
         "synthetic_seen": sum(h["synthetic_seen"] for h in history), "n_real": data.n_real, "n_synthetic": data.n_syn,
@@ -191,23 +194,24 @@ def final_record(cfg, run: _Run, seed: int, fold: int | None, world: int, last: 
     }
 
 
-def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = None,
-                   resume: str | None = None, stop_after: int | None = None) -> dict | None:
-    """Train (or resume) one classifier; write metrics.json, confusion matrices and a results-CSV row.
+def run_classifier(spec: RunSpec, accelerator, splits=None, resume: str | None = None,
+                   stop_after: int | None = None) -> dict | None:
+    """Train (or resume) the classifier run `spec` describes; write metrics.json, confusion matrices and a
+    results-CSV row.
 
     Returns the metrics record, or None when stopped early by `stop_after` (epochs completed).
     """
-    c = cfg.classifier
+    c, seed = spec.classifier, spec.seed
     world, main = accelerator.num_processes, accelerator.is_main_process
     t0 = time.time()
     reset_peak_memory(accelerator.device)
 
     # 1. data, model, strategy and optimizer
-    run = build_run(cfg, seed, splits, fold, world)
+    run = build_run(spec, splits, world)
     epochs = run.strategy.epochs
 
     # 2. resume or start fresh
-    trained_on = trained_on_record(cfg, seed, fold, run.d)
+    trained_on = trained_on_record(spec, run.d)
     state = resume_run(run, resume, trained_on, world, main)
     start, best, history = 0, None, []
     if state is not None:
@@ -219,7 +223,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
             if ds is not None:
                 ds.warm(progress=main)
     logger = RunLogger(run.run_dir, enabled=main, truncate_to=start if state is not None else -1)  # no replayed records
-    logger.config(dataclasses.asdict(cfg), metrics=["test_last/accuracy"])
+    logger.config(spec.config, metrics=["test_last/accuracy"])
 
     # 3. epochs: each one a pure function of (seed, epoch), so resuming replays exactly
     last = None
@@ -239,7 +243,7 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
                     "optimizer": run.optimizer.state_dict(),
                     "epoch": done, "best": best, "history": history, "rng": rng_state(),
                     "classes": run.d["classes"], "model_meta": run.meta.to_dict(), "seed": int(seed), "world_size": world,
-                }, dataclasses.asdict(cfg), keep=c.checkpoints_keep, kind="classifier", trained_on=trained_on)
+                }, spec.config, keep=c.checkpoints_keep, kind="classifier", trained_on=trained_on)
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after and done < epochs:
             logger.close()
@@ -248,9 +252,9 @@ def run_classifier(cfg, seed: int, accelerator, splits=None, fold: int | None = 
     # 4. final metrics (the last epoch's test metrics may already be there)
     if last is None:
         last = measure_test(run, accelerator)
-    record = final_record(cfg, run, seed, fold, world, last, best, history, t0, accelerator.device)
+    record = final_record(run, world, last, best, history, t0, accelerator.device)
     if main:
-        write_run_outputs(record, run.run_dir, logger, cfg)
+        write_run_outputs(record, spec, logger)
     logger.close()
     return record
 
@@ -265,13 +269,13 @@ def run_all(cfg, accelerator=None, splits=None, resume: str | None = None, stop_
     from mvc.core.distributed import make_accelerator
     from mvc.core.paths import RunPaths
 
-    c = cfg.classifier
+    c, paths = cfg.classifier, RunPaths.of(cfg)
     check_backbone(c.backbone)
     folds = list(range(c.kfold)) if c.kfold else [None]
+    specs = {(seed, fold): describe_run(cfg, seed, fold, paths) for seed in c.seeds for fold in folds}
     if resume == "latest":  # before any data loading: is there anything to resume at all?
-        dirs = [run_dir_for(cfg, seed, fold) / "checkpoints" for seed in c.seeds for fold in folds]
-        if not any(list_checkpoints(d) for d in dirs):
-            raise MVCError(f"--resume latest: no checkpoint for these runs in {RunPaths.of(cfg).classifier}; "
+        if not any(list_checkpoints(s.ckpt_dir) for s in specs.values()):
+            raise MVCError(f"--resume latest: no checkpoint for these runs in {paths.classifier}; "
                            "run without --resume to start fresh")
     else:
         check_resume(resume, "")
@@ -290,10 +294,10 @@ def run_all(cfg, accelerator=None, splits=None, resume: str | None = None, stop_
         for fold in folds:
             if c.probe != "none":
                 from mvc.classifier.probe import run_probe
-                rec = run_probe(cfg, seed, accelerator, splits, fold)
+                rec = run_probe(specs[seed, fold], accelerator, splits)
             else:  # 'latest' resumes the runs that have a checkpoint; the others start fresh
-                has_ckpt = bool(list_checkpoints(run_dir_for(cfg, seed, fold) / "checkpoints"))
-                rec = run_classifier(cfg, seed, accelerator, splits, fold,
+                has_ckpt = bool(list_checkpoints(specs[seed, fold].ckpt_dir))
+                rec = run_classifier(specs[seed, fold], accelerator, splits,
                                      None if resume == "latest" and not has_ckpt else resume, stop_after)
             if rec is None:
                 return records

@@ -167,11 +167,14 @@ def selector_config(cfg: Any) -> Any:
     return c
 
 
-def _fold_dir(scfg: Any, fold: int) -> Path:
-    """Where selector `fold` trains (a classifier run folder)."""
-    from mvc.classifier.outputs import run_dir_for
+def selector_runs(cfg: Any) -> list:
+    """The selectors' classifier runs (`RunSpec`s), one per fold of `curation.folds`."""
+    from mvc.classifier.outputs import describe_run
+    from mvc.core.paths import RunPaths
 
-    return run_dir_for(scfg, scfg.curation.seed, fold)
+    scfg = selector_config(cfg)
+    paths = RunPaths.of(scfg)
+    return [describe_run(scfg, cfg.curation.seed, fold, paths) for fold in range(cfg.curation.folds)]
 
 
 @torch.no_grad()
@@ -201,23 +204,22 @@ class Selectors:
 
 
 def train_selectors(cfg: Any, accelerator: Any, splits: Any = None) -> None:
-    """Train the folds' selectors that are not finished yet (classifier runs: checkpointed, an interrupted one
-    resumes). They see the labelled subset only: the test split is never read for them."""
+    """The curation stage: train the folds' selectors that are not finished yet (classifier runs: checkpointed, an
+    interrupted one resumes). They see the labelled subset only: the test split is never read for them."""
     from mvc.classifier.train import run_classifier
     from mvc.core.checkpoint import list_checkpoints
 
-    scfg = selector_config(cfg)
+    runs = selector_runs(cfg)
     if splits is None:
         from mvc.data import load_splits
 
         with accelerator.main_process_first():
             splits = load_splits(cfg.data)
-    for fold in range(cfg.curation.folds):
-        run = _fold_dir(scfg, fold)
-        if (run / "metrics.json").is_file():
+    for run in runs:
+        if (run.run_dir / "metrics.json").is_file():
             continue
-        resume = "latest" if list_checkpoints(run / "checkpoints") else None
-        run_classifier(scfg, cfg.curation.seed, accelerator, splits, fold, resume=resume)
+        resume = "latest" if list_checkpoints(run.ckpt_dir) else None
+        run_classifier(run, accelerator, splits, resume=resume)
 
 
 def load_selectors(cfg: Any, labelled: Any, device: Any = None) -> Selectors:
@@ -225,13 +227,13 @@ def load_selectors(cfg: Any, labelled: Any, device: Any = None) -> Selectors:
     from mvc.classifier.data import kfold_splits
     from mvc.classifier.predict import load_classifier
 
-    scfg = selector_config(cfg)
+    runs = selector_runs(cfg)
     folds = kfold_splits(labelled.targets, cfg.curation.folds, cfg.data.subset_seed)
     bundles, fold_of = [], {}
     probs = np.zeros((len(labelled), len(labelled.classes)), np.float32)
     feats = None
     for k, (_train, held) in enumerate(folds):
-        run = _fold_dir(scfg, k)
+        run = runs[k].run_dir
         if not (run / "metrics.json").is_file():
             raise MVCError(f"curation selector {k} is not trained ({run}); run the curation stage first")
         b = load_classifier(run)

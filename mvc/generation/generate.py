@@ -119,12 +119,8 @@ def generate_synthetic(cfg: Any, *, paths: RunPaths | None = None, labelled: Any
 
 
 def run_generation(cfg: Any, accelerator: Any, paths: RunPaths) -> dict:
-    """The generate stage on this process: the curation selectors first when `curation.filters` asks (the
-    cross-fitted classifiers of the labelled subset, trained once, resumable), then its share of the set."""
-    if cfg.curation.filters:
-        from mvc.generation.curation import train_selectors
-
-        train_selectors(cfg, accelerator)
+    """The generate stage on this process: its share of the set (with `curation.filters`, the selectors are
+    trained first: `mvc.generation.curation.train_selectors`)."""
     return generate_synthetic(cfg, paths=paths, rank=accelerator.process_index, world=accelerator.num_processes,
                               barrier=accelerator.wait_for_everyone, device=accelerator.device,
                               progress=accelerator.is_local_main_process)

@@ -143,7 +143,7 @@ def needs_finetuning(cfg: Config) -> bool:
 
 
 def classifier_run_dir(cfg: Config, strategy: str, augment: str, seed: int) -> Path:
-    """The folder train_classifier.py writes for one (strategy, augment, seed) (named by the classifier's run_name)."""
+    """The folder train_classifier.py writes for one (strategy, augment, seed) (named by `describe_run`)."""
     from mvc.classifier.outputs import run_dir_for
 
     return run_dir_for(run_config(cfg, strategy, augment, seed), seed)

@@ -374,6 +374,7 @@ def test_predict_scores_a_folder(trained, tmp_path):
 
 
 def test_resume_equals_not_stopping(tmp_path, accelerator):
+    from mvc.classifier.outputs import describe_run
     from mvc.classifier.train import run_classifier
     from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
@@ -383,7 +384,7 @@ def test_resume_equals_not_stopping(tmp_path, accelerator):
         write_synthetic(tmp_path / name / "synthetic", splits[0], per_image=1)
         cfg = tiny_cfg(tmp_path / name, strategy="probabilistic", epochs=3, augment="standard", checkpoint_every=1)
         for k, stop in enumerate(stops):
-            rec = run_classifier(cfg, 0, accelerator, splits, resume="latest" if k else None, stop_after=stop)
+            rec = run_classifier(describe_run(cfg, 0), accelerator, splits, resume="latest" if k else None, stop_after=stop)
             assert (rec is None) == (stop is not None)
         ckpt_dir = Path(rec["run_dir"]) / "checkpoints"
         finals.append((rec, load_checkpoint(list_checkpoints(ckpt_dir)[-1])))

@@ -64,6 +64,7 @@ def class_image_stamps(out: Path) -> dict[Path, int]:
 
 def test_the_set_is_read_without_special_cases(micro):
     from mvc.classifier.data import prepare_data
+    from mvc.classifier.outputs import describe_run
     from mvc.core.paths import RunPaths
     from mvc.data.synthetic import load_synthetic_set, read_records
 
@@ -76,7 +77,7 @@ def test_the_set_is_read_without_special_cases(micro):
     assert len(recs) == len(ds) == planned and ds.load_image(0).size == (16, 16)
     assert sorted(np.bincount(ds.targets).tolist()) == [PER_CLASS] * 10
     cfg = config(micro, micro.out, **{"classifier.strategy": "concat"})
-    assert len(prepare_data(cfg, seed=0)["synthetic"]) == planned  # the classifier's default set is this one
+    assert len(prepare_data(describe_run(cfg, 0))["synthetic"]) == planned  # the classifier's default set is this one
 
 
 def test_records_name_method_parameters_concept_and_no_single_source(micro):

@@ -231,6 +231,7 @@ def test_other_generation_settings_keep_the_embeddings_and_the_set_refuses_them(
 
 def test_the_set_is_read_without_special_cases(micro):
     from mvc.classifier.data import prepare_data
+    from mvc.classifier.outputs import describe_run
     from mvc.core.paths import RunPaths
     from mvc.data.synthetic import load_synthetic_set, read_records
 
@@ -250,7 +251,7 @@ def test_the_set_is_read_without_special_cases(micro):
         assert r["source_id"] == ids[r["source_index"]] and r["base"] == micro.base
         assert r["embeddings"] == str(micro.out / "textual_inversion" / ti.EMBEDS_FILE)
     cfg = config(micro, micro.out, "--classifier.strategy=concat")
-    data = prepare_data(cfg, seed=0)
+    data = prepare_data(describe_run(cfg, 0))
     assert len(data["synthetic"]) == planned and data["synthetic"].load_image(0).size == (16, 16)
 
 

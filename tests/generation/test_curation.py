@@ -186,7 +186,7 @@ def test_semantic_filter_needs_a_clip_and_scores_with_one_built_from_a_config():
 
 
 def test_curated_sets_and_their_runs_are_named_by_their_filters(tmp_path):
-    from mvc.classifier.outputs import run_name
+    from mvc.classifier.outputs import describe_run
     from mvc.core.paths import RunPaths
 
     base = {"run": {"output_dir": str(tmp_path)}}
@@ -196,8 +196,8 @@ def test_curated_sets_and_their_runs_are_named_by_their_filters(tmp_path):
     assert RunPaths.of(plain).synthetic.name == "synthetic"
     assert RunPaths.of(both).synthetic.name == "synthetic_curated_easy_wrong"  # sorted
     assert RunPaths.of(wrong).synthetic.name == "synthetic_curated_wrong"
-    assert run_name(both, 0) == "probabilistic-standard-resnet18-curated_easy_wrong-seed0"
-    assert run_name(make_config(base, {"curation.filters": ["wrong"]}), 0) == "real-standard-resnet18-seed0"
+    assert describe_run(both, 0).run_dir.name == "probabilistic-standard-resnet18-curated_easy_wrong-seed0"
+    assert describe_run(make_config(base, {"curation.filters": ["wrong"]}), 0).run_dir.name == "real-standard-resnet18-seed0"
 
 
 def test_the_study_compares_curated_and_plain_sets_at_equal_budgets(tmp_path, one_thread):

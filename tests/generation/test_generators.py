@@ -81,6 +81,7 @@ def test_each_set_is_read_by_the_classifier_loader_and_the_evaluation(micro, met
     from accelerate import Accelerator
 
     from mvc.classifier.data import prepare_data
+    from mvc.classifier.outputs import describe_run
     from mvc.evaluation.evaluate import evaluate_set
 
     planned = PER_CLASS * len(micro.labelled.classes)
@@ -90,7 +91,7 @@ def test_each_set_is_read_by_the_classifier_loader_and_the_evaluation(micro, met
     assert where.name == ("synthetic" if method == "mvc" else f"synthetic_{method}")
     # the classifier's default synthetic_dir is the set the method wrote: no special case anywhere
     cfg = config(micro, method, **{"classifier.strategy": "concat"})
-    data = prepare_data(cfg, seed=0)
+    data = prepare_data(describe_run(cfg, 0))
     assert len(data["synthetic"]) == planned
     x = data["synthetic"].load_image(0)
     assert x.size == (16, 16)

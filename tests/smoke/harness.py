@@ -3,7 +3,7 @@
     python -m tests.smoke.harness prepare DATASET WORKDIR           # prints the overrides, one per line
     python -m tests.smoke.harness summary DATASET WORKDIR OVERRIDE...  # one JSON summary; exit 1 if a check fails
 
-`prepare` writes, under WORKDIR, fixture images in DATASET's real on-disk layout (data/; Tiny ImageNet's `tiny-imagenet-200/` too), stand-ins of the hub
+`prepare` writes, under WORKDIR, fixture images in DATASET's real on-disk layout (data/), stand-ins of the hub
 models (models/), a hub cache with random timm weights and accelerate's config (hf/); the overrides change scale
 and sources only. `summary` checks that the generated images have the fine-tuning resolution and that every
 classifier run of a comparison took the same optimizer steps. docs/scripts.md has the details.

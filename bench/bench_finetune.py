@@ -1,32 +1,9 @@
 """Benchmark: our InstructPix2Pix train step vs the straightforward one, side by side in one process.
 
-The straightforward step is what diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py does
-every step: VAE-encode the target (posterior sample) and the condition (mode), tokenize and encode the
-prompts, conditioning dropout, U-Net forward + backward, then torch's default Adam step. Variants:
-
-- `straight`: that step;
-- `cached`: latents and text embeddings cached once before training (the one-off caching time is
-  reported separately), the step only indexes them; same default Adam;
-- `ours`: `cached` plus the fused Adam kernel, i.e. mvc's train step with its default config
-  (`train.fused_adam=true`).
-
-The other levers were tried on this project's 2-core CPU and left out: channels-last made the
-SD-1.5 U-Net's forward + backward slower (6.9 s against 5.5 s), and `torch.compile` took 135 s to
-compile the tiny U-Net, then ran its step slower (0.31 s against 0.27 s).
-
-All variants share one model, batch, precision (fp32), attention (SDPA) and optimizer (its `fused`
-flag is switched between variants, the state is the same), and are timed in alternating rounds so
-a change of machine load hits them alike (the first step after each switch is not timed); the
-figure is the median step time.
-
-Profiles: `tiny` (the tiny profile's default components, 32 px, batch 50), `sd15` (U-Net, VAE and
-CLIP text encoder built from SD-1.5's configs with random weights; 256 px, batch 1; about 16 GB of
-RAM on CPU) and `base` (the real weights of `--base`, e.g. SD-1.5 on a GPU machine; 256 px, batch
-`--base-batch`). Each profile runs in its own process, so its peak resident memory is its own.
-`--device auto` uses CUDA when present (fp32 there too: the figure is the ratio).
-
     .venv/bin/python bench/bench_finetune.py [--profiles tiny sd15] [--rounds 0] [--steps 0]
     .venv/bin/python bench/bench_finetune.py --profiles base --base runwayml/stable-diffusion-v1-5 --base-batch 8
+
+What it measures and how: docs/benchmarks.md (`bench_finetune.py`).
 """
 
 from __future__ import annotations

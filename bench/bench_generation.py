@@ -2,16 +2,7 @@
 
     .venv/bin/python bench/bench_generation.py [--profiles tiny sd15] [--threads 0]
 
-Profiles: `tiny` (the tiny profile's default components, 32 px; 16 images from 2 sources, batch 16,
-20 steps) and `sd15` (SD-1.5-shaped U-Net, VAE and text encoder with random weights, 256 px; 4
-images from 2 sources, batch 4, 10 steps: about 5 minutes on 2 cores). Both paths of a profile use
-the same components, scheduler (Euler ancestral), steps, guidance, mixed prompt embeddings and
-per-image generators.
-- plain: `pipe(prompt_embeds=e[None], image=<PIL source>, generator=g)` once per image (the pipeline
-  encodes the source image and the empty negative prompt on every call, U-Net batch = 3);
-- batched (mvc.generation.generate): condition latents and the negative embedding computed once per source,
-  then `render` on batches of `--batch-size` images (U-Net batch = 3 x batch size).
-Prints a table and writes bench/results/generation.json; also checks both give the same images.
+What it measures and how: docs/benchmarks.md (`bench_generation.py`).
 """
 
 from __future__ import annotations

@@ -3,27 +3,7 @@
     python bench/bench_gpu.py [--budget-s 120] [--compile] [--out bench/results/gpu.json]   # CUDA: SD-1.5 width
     python bench/bench_gpu.py --quick                                                       # CPU: miniature, seconds
 
-On CUDA the U-Net is SD-1.5's (859.5 M parameters, random weights, built directly on the GPU) with the
-8-channel InstructPix2Pix `conv_in`; `--quick` builds it at the stand-ins' miniature width on the CPU, to test
-this script. It measures the parts below, each skipped gracefully once `--budget-s` is spent, the most telling
-first: (a), the baseline and all levers of (b) with their agreement, (c), the images of (d), then the rest of (b)
-and (d), then (e):
-
-(a) the bf16 matmul peak: 8192^3 products, median of timed repeats (CUDA events), the yardstick;
-(b) the fine-tuning step (256 px -> 32x32 latents, batch 50, text embeddings 77 x 768, fused Adam, EMA, the
-    latent and text caches in CPU memory as train_mvc.py keeps them): the baseline the issue measured (fp16
-    autocast + GradScaler, gradient checkpointing, a host sync per step for the loss and the gradient norm,
-    the per-tensor EMA update), every lever of it at once, then each lever alone: images/s, achieved TFLOP/s
-    (torch's flop counter, forward + backward; `hw` also counts checkpointing's recomputed forward) and the
-    share of (a), peak memory;
-(c) MVC generation's U-Net passes (256 px, 3 guidance rows per image, 50 steps per image) in fp16 per lever
-    and batch size: images/s, TFLOP/s, peak memory; and the batch size generate.batch_size=null picks;
-(d) agreement: the loss curves of the baseline and of all levers over 50 steps from the same
-    weights and batches (max relative difference; once with fp16 kept, once with bf16), and images made
-    from the same seeds by the slow path (batch 2, contiguous) and the fast one (one batch, channels-last):
-    mean absolute pixel difference on 0-255;
-(e) the compiled variants (`--compile`; last: 1-2 minutes of compiling each).
-It prints a table and one JSON object (also written to --out).
+What it measures and how: docs/benchmarks.md (`bench_gpu.py`).
 """
 
 from __future__ import annotations

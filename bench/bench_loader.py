@@ -2,25 +2,7 @@
 
     .venv/bin/python bench/bench_loader.py [--real 500 --synthetic 2000 --epochs 3 --repeats 3 --workers 0]
 
-All loaders are built by the classifier package itself (`mvc.classifier.data.prepared`, `Combined`,
-`plan_loader`, `mvc.data.synthetic.load_synthetic_set`; batches from `mvc.classifier.strategies`), with the same transforms
-(resnet18's preprocessing at 32x32, 'standard' crop+flip augmentation) and batch size 50:
-- real: the `real` strategy over in-memory 28x28 grayscale images (Fashion-MNIST-like);
-- append / replace: the `probabilistic` strategy, p=0.8, drawing from a synthetic ImageFolder of
-  32x32 PNGs with metadata.jsonl (as generate_mvc.py writes it).
-The three loaders run interleaved, `--repeats` times, and the median of each is reported, so that
-load from other processes hits them alike. "cold" is a first epoch with empty caches (every image
-is decoded and pre-processed on first use; a synthetic image is first drawn in some later epoch,
-since an epoch draws only p * real of them), "warm" the steady state once `Prepared` has cached
-every pre-processed image (only the random augmentation, normalisation and collation remain).
-
-Rates compared (the target: mixing costs at most 10%):
-- per delivered image (real + synthetic): the cost of the mixing machinery itself; this is the
-  rate the 10% target is checked on;
-- per real image: append delivers 1+p images per real image and replace puts a synthetic image
-  in place of a real one with probability p, so this rate falls by design (to about 1/(1+p) and
-  1-p of real-only); the table gives it and its ratio to that expectation.
-Writes bench/results/loader.json.
+What it measures and how: docs/benchmarks.md (`bench_loader.py`).
 """
 
 from __future__ import annotations

@@ -2,16 +2,7 @@
 
     .venv/bin/python bench/bench_memory.py [--profile configs/micro.yaml] [--keep DIR]
 
-Stages, run one after another in a scratch output folder, each in its own `python` process that
-reports `resource.getrusage(RUSAGE_SELF).ru_maxrss` (Linux: KiB) after importing the stage's
-libraries and again when the stage is done:
-- imports: torch, diffusers (InstructPix2Pix pipeline), transformers, accelerate, timm: the floor;
-- tiny base: load the data splits and build (pretrain) the tiny base;
-- fine-tuning: train_mvc.py for train.max_steps steps (the tiny base is then a cache hit);
-- generation: generate_mvc.py, generate.per_class images per class;
-- classifier: train_classifier.py --strategy probabilistic for classifier.epochs epochs.
-Data: the config's data section (micro: Fashion-MNIST, 2 labelled images per class; the idx files
-are read whole, 60,000 train images). Writes bench/results/memory.json.
+What it measures and how: docs/benchmarks.md (`bench_memory.py`).
 """
 
 from __future__ import annotations

@@ -6,13 +6,10 @@ Images go through two stages:
 - `Augment` (random, per batch, in the loader's collate): the augmentation, then float + the model's
   mean/std normalisation. Random crop (zero padding S/8) and horizontal flip run on the whole uint8
   batch at once; a policy (AutoAugment, Fast AutoAugment, RandAugment, TrivialAugment) then runs per
-  image, *after* crop and flip, as torchvision's and timm's recipes apply it. Real and synthetic images
-  share both.
+  image, *after* crop and flip, as torchvision's and timm's recipes apply it. Real and synthetic share both.
 
-`AUGMENTATIONS` maps a name to its policy: None for crop and flip alone ('standard'), or a builder of
-the per-image policy; 'none' is no augmentation at all (evaluation). AutoAugment and Fast AutoAugment take
-the policy searched on `classifier.autoaugment_policy` (cifar10, imagenet or svhn); Fast AutoAugment's
-are the authors' published ones (`mvc.classifier.fast_autoaugment`).
+`AUGMENTATIONS` maps a name to its policy (None: crop and flip alone, 'standard'; 'none': evaluation).
+AutoAugment and Fast AutoAugment take the policy of `classifier.autoaugment_policy` (cifar10, imagenet, svhn).
 """
 
 from __future__ import annotations

@@ -6,11 +6,8 @@ drawn uniformly at random, whose two operations are applied in order, each with 
 operation's level in [0, 1] is mapped linearly to its magnitude range below (the search space of the
 paper, as the authors' `augmentations.py` states it), and the geometric operations take a random sign, as
 AutoAugment's do. Magnitudes are fractions of the image where the paper's are (translate, cutout), so the
-same policy serves 32-px and 224-px images.
-
-Works on a uint8 tensor (C, H, W) (the classifier's batches, `mvc.classifier.augment`) or a PIL image
-(converted to a tensor and back, same size and mode). Random draws come from `generator` (None: torch's
-global RNG, seeded per epoch by the classifier's loader, as torchvision's AutoAugment draws).
+same policy serves 32-px and 224-px images. Works on a uint8 tensor (C, H, W) or a PIL image (same size
+and mode back); draws come from `generator` (None: torch's global RNG, seeded per epoch by the loader).
 """
 
 from __future__ import annotations

@@ -5,12 +5,8 @@ the policies the authors publish in kakaobrain/fast-autoaugment, file `FastAutoA
 (functions `fa_reduced_cifar10`, `fa_resnet50_rimagenet` and `fa_reduced_svhn`, commit 5d86146, 2019-10-21;
 the CIFAR-10 and ImageNet lists are unchanged since the arXiv-v1 release, commit 35b482a), in their order
 and at full precision. Every sub-policy has two operations; probability and level are in [0, 1], the level
-being mapped to each operation's magnitude range by `mvc.classifier.fast_autoaugment`.
-
-Each list is the union of the policies the density-matching search kept over its folds and repeats (the
-paper's K = 5 folds, T = 2 repeats, top N = 10 policies of 5 sub-policies: at most 500 sub-policies); the
-published lists hold 493 (CIFAR-10), 498 (ImageNet) and 497 (SVHN), all distinct. Generated from the
-published file; do not edit by hand.
+being mapped to each operation's magnitude range by `mvc.classifier.fast_autoaugment`. The published
+lists hold 493 (CIFAR-10), 498 (ImageNet) and 497 (SVHN) sub-policies, all distinct. Do not edit by hand.
 """
 
 from __future__ import annotations

@@ -7,10 +7,9 @@
     val/val_annotations.txt                    file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1
     test/images/                               unlabelled: never read
 
-The official test split has no labels, so split "test" is the labelled val set, as is usual; the
-labelled subset (`data.k_per_class`) is drawn from train. A class's name (its prompts' label) is the first
-synonym of its words.txt line, whitespace and underscores cleaned; names two classes share get the next
-synonym that no other class uses (else their wnid in brackets).
+Split "test" is the labelled val set (the official test has no labels); the labelled subset is drawn
+from train. A class's name is the first synonym of its words.txt line (a name two classes share: the next
+unused synonym, else the wnid in brackets).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ _THREADS = pytest.StashKey[int]()  # torch's thread count before the background 
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 CPU cores")
+    config.addinivalue_line("markers", "slow: ~10 s or more on 2 CPU cores (subprocesses, several processes, whole pipelines); `pytest -m \"not slow\"` is the quick loop")
 
 
 def pytest_collection_finish(session):

@@ -457,6 +457,7 @@ acc.end_training()
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(out=str(tmp_path / "out")))

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import generate_mvc
 from mvc.core.config import make_config, parse_args
 from mvc.core.utils import MVCError, read_jsonl
 from tests.helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PER_CLASS = 2
 
@@ -376,6 +376,7 @@ def _close(a: dict, b: dict) -> None:
     assert d.mean().item() < 1e-5 and (d > 1e-5).float().mean().item() < 0.03 and d.max().item() < 5e-3, d.max()
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_does_and_resume_it(micro, tmp_path):
     """generate_mvc.py under torchrun (2 CPU processes, gloo): DDP over the U-Net and the text encoder, each
     process its rows of every global batch; interrupted after the step-2 checkpoint and resumed, the 2-process run

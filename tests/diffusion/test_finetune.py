@@ -19,8 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from mvc.core.config import TinyBaseConfig, make_config
 from mvc.core.utils import MVCError
 from mvc.diffusion.finetune import (
@@ -32,6 +30,8 @@ from mvc.diffusion.finetune import (
     ip2p_loss,
 )
 from tests.helpers import max_weight_diff, unet_weights
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CLASSES = ["shirt", "shoe", "bag", "coat"]
 TINY = TinyBaseConfig(image_size=16, vae_channels=[8, 16], unet_channels=[16, 32], text_hidden=32,
@@ -504,6 +504,7 @@ def test_fused_adam_is_the_default_and_takes_the_same_steps_as_torchs_default_ad
 #                          Distributed and command line                         #
 #################################################################################
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, straight_run):
     ref_dir, ref = straight_run
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

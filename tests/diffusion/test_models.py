@@ -54,6 +54,7 @@ def test_widen_conv_in_skips_an_instructpix2pix_unet_and_rejects_other_counts():
         widen_conv_in(odd)
 
 
+@pytest.mark.slow
 def test_sd15_unet_shape_takes_the_surgery_and_a_forward():
     from mvc.diffusion.models import build_sd15_shape
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import generate_mvc
 from mvc.core.config import make_config, parse_args
 from mvc.core.utils import MVCError, read_jsonl, run_cli
 from mvc.diffusion import textual_inversion as ti
 from tests.helpers import micro_argv, write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PER_CLASS = 2
 
@@ -391,6 +391,7 @@ def test_clustering_based_sampling_learns_one_token_per_kept_cluster(micro, tmp_
 #                              Several processes                                #
 #################################################################################
 
+@pytest.mark.slow
 def test_two_processes_learn_what_one_does_and_continue_their_run(micro, tmp_path):
     """generate_mvc.py under torchrun (2 CPU processes, gloo): each process trains its rows of every global batch,
     2 steps, then 4 (continued from the 2-process checkpoint); the vectors and the losses are the one-process

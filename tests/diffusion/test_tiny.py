@@ -71,6 +71,7 @@ def test_bpe_merges_the_most_frequent_pair_first_and_breaks_ties_by_text():
     assert len(train_bpe(["abcdef"], vocab_size=3)[0]) == 3
 
 
+@pytest.mark.slow
 def test_tokenizer_ids_are_the_same_in_every_process():
     """The tiny base, and the synthetic data after it, depend on the ids: they must not vary per process."""
     code = ("import hashlib, json; from mvc.diffusion.tokenizer import build_tiny_tokenizer; "
@@ -81,6 +82,7 @@ def test_tokenizer_ids_are_the_same_in_every_process():
     assert len(outs) == 1 and len(outs.pop()) == 64
 
 
+@pytest.mark.slow
 def test_a_build_in_another_process_is_byte_identical(tmp_path):
     """The tiny base (tokenizer, VAE, U-Net, text encoder) is the same whichever process builds it.
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from mvc.core.config import build_parser, make_config, parse_args
 from mvc.core.utils import MVCError, read_jsonl
 from mvc.generation import curation
 from tests.helpers import micro_argv, write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #################################################################################
 #                                  Pure parts                                   #
@@ -200,6 +200,7 @@ def test_curated_sets_and_their_runs_are_named_by_their_filters(tmp_path):
     assert describe_run(make_config(base, {"curation.filters": ["wrong"]}), 0).run_dir.name == "real-standard-resnet18-seed0"
 
 
+@pytest.mark.slow
 def test_the_study_compares_curated_and_plain_sets_at_equal_budgets(tmp_path, one_thread):
     import curation_study
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import generate_mvc
 from mvc.core.config import load_yaml, make_config, parse_args
 from mvc.core.paths import RunPaths
 from mvc.core.utils import MVCError, read_jsonl, run_cli
 from mvc.generation.generators import GENERATORS
 from tests.helpers import micro_argv, write_fashion_idx, write_random_ip2p
+
+ROOT = Path(__file__).resolve().parents[2]
 
 METHODS = ["mvc", "mvc_nomix", "txt2img", "img2img"]
 PER_CLASS = 2

@@ -124,6 +124,7 @@ def summary(dataset: str, work: Path) -> subprocess.CompletedProcess:
     *[pytest.param(d, marks=pytest.mark.skipif(not FULL, reason="a few minutes each on 2 CPU cores: MVC_TEST_FULL=1"))
       for d in ("cifar10", "cifar100", "brain_tumor", "tiny_imagenet")],
 ])
+@pytest.mark.slow
 def test_miniature_full_profile_run(dataset, tmp_path):
     run = BACKGROUND.pop(dataset, None) or Run(dataset, tmp_path)  # started at collection's end (conftest.py), or now
     try:
@@ -207,6 +208,7 @@ def check_measures(out: dict) -> None:
     assert st["classifiers"]["steps_per_s"] > 0 and st["classifiers"]["runs"] >= 5
 
 
+@pytest.mark.slow
 def test_reproduce_script_finds_the_run_where_the_overrides_put_it(tmp_path):
     """scripts/_reproduce.sh resolves run.output_dir with the user's overrides (not from the YAML alone): a
     checkpoint there makes fine-tuning resume, a finished pipeline folder skips it. `accelerate launch` is the

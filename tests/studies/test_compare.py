@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import compare_generators
+import pytest
 
 from tests.helpers import micro_argv, write_fashion_idx
 
+ROOT = Path(__file__).resolve().parents[2]
 
+
+@pytest.mark.slow
 def test_compare_runs_every_generator_in_each_sampling_mode_and_writes_one_table(tmp_path, one_thread):
     data = write_fashion_idx(tmp_path / "data", train_per_class=8)
     out = tmp_path / "out"

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import run_pipeline
 from mvc.core.config import build_parser, load_yaml, make_config, parse_args
 from mvc.core.utils import MVCError
 from mvc.studies.report import beats, verdict_lines
 from tests.helpers import write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # whole pipelines at micro scale: seconds to minutes each
 
 GPU = ROOT / "configs" / "gpu.yaml"
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import run_pipeline
 from mvc.core.config import load_yaml, make_config
 from mvc.core.utils import MVCError, read_jsonl
 from mvc.studies.report import README_BEGIN, README_END
 from tests.helpers import micro_argv, write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # whole pipelines at micro scale: seconds to minutes each
 
 RUNS = ["real", "real+randaugment", "concat", "two_phase", "probabilistic"]
 

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import run_pipeline
 from mvc.core.config import load_yaml, make_config, parse_args
 from mvc.core.utils import MVCError
 from mvc.data.synthetic import set_fingerprint
 from mvc.studies.report import collect_results
 from tests.helpers import micro_argv, write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # whole pipelines at micro scale: seconds to minutes each
 
 GENERATORS = ["mvc", "img2img"]
 

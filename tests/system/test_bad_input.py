@@ -21,8 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import evaluate_synthetic
 import generate_mvc
 import run_pipeline
@@ -30,6 +28,8 @@ import train_classifier
 import train_mvc
 from mvc.core.utils import run_cli
 from tests.helpers import MICRO, micro_argv, no_hang, write_fashion_idx, write_random_ip2p
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_script(path: Path):

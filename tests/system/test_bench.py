@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import bench_finetune
+import pytest
 import run_all
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_finetune_bench_times_all_three_variants_on_one_model(monkeypatch):
@@ -43,6 +44,7 @@ def test_summary_updates_the_benchmarks_that_ran_and_keeps_the_others(tmp_path, 
     assert "| 1 |" in text and "| new |" in text and "- measured now" in text
 
 
+@pytest.mark.slow
 def test_gpu_bench_quick_measures_every_part_and_the_agreement_on_the_cpu(tmp_path, monkeypatch):
     """bench_gpu.py --quick: every fine-tuning variant and generation batch measured at a miniature width, the
     slow and fast paths agreeing (loss curves, images from the same seeds), one JSON written; a spent budget

@@ -25,14 +25,14 @@ from typing import Callable
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 import generate_mvc
 import train_mvc
 from mvc.core.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from mvc.core.utils import read_jsonl, run_cli
 from mvc.data.synthetic import class_folder
 from tests.helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
 
 STEPS = 6  # fine-tuning steps of every run here
 TRAIN = [f"--train.max_steps={STEPS}", "--train.checkpoint_every=1", "--train.checkpoints_keep=3"]
@@ -85,6 +85,7 @@ def micro(tmp_path_factory, one_thread):
 #                                Fine-tuning                                    #
 #################################################################################
 
+@pytest.mark.slow
 def test_killed_finetuning_resumes_to_the_same_weights(micro, tmp_path):
     out = tmp_path / "run"
     argv = micro_argv(micro.data, out, micro.cache, *TRAIN)
@@ -142,6 +143,7 @@ def _pngs(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.png") if not p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_killed_generation_reruns_to_a_complete_consistent_set(micro, tmp_path):
     from PIL import Image
 

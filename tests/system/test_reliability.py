@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from mvc.core.utils import MVCError, read_jsonl, run_cli
 from tests.helpers import MICRO, micro_argv, write_fashion_idx
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #################################################################################
 #                                  Helpers                                      #

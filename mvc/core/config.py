@@ -269,7 +269,7 @@ class GenerateConfig:
     guidance_scale: float = opt(3.0, "Text guidance.", min=0, min_exclusive=True)
     image_guidance_scale: float = opt(1.5, "Image guidance.", min=0, min_exclusive=True)
     scheduler: str = opt("euler_ancestral", "Sampler.", choices=_samplers)
-    multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0)
+    multiplier: float | None = opt(4.0, "Synthetic images per class = multiplier x real count (or use per_class).", min=0, min_exclusive=True)
     per_class: int | None = opt(None, "Fixed synthetic images per class (overrides multiplier).", min=1)
     batch_size: int | None = opt(None, "Variants per pipeline call (each is 2-3 U-Net rows). null: on CUDA as many "
                                  "as free GPU memory holds (a probe of one image, at most 128), elsewhere 16.",

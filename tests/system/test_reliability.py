@@ -360,12 +360,25 @@ def test_generation_that_plans_no_image_is_refused_before_any_model(data, tmp_pa
     import generate_mvc
 
     out = tmp_path / "run"
-    for m in ("0", "0.1"):  # 2 labelled images per class: 0.2 rounds to 0
+    # 0 is refused with the config, before any stage (so also by run_pipeline.py before fine-tuning); 0.1 with
+    # 2 labelled images per class rounds to 0 images: refused when the plan is made, before any model
+    for m, says in (("0", "generate.multiplier"), ("0.1", "no synthetic image")):
         code, err = _run(generate_mvc.cli, micro_argv(data, out, tmp_path / "cache", f"--generate.multiplier={m}",
                                                    "--generate.method=img2img", "--generate.per_class=null"),
                          capsys)
-        _one_error_line(code, err, f"generate.multiplier={m}", "no synthetic image")
+        _one_error_line(code, err, says)
     assert not (out / "synthetic_img2img").exists() and _files(tmp_path / "cache") == set()
+
+
+def test_a_pipeline_told_to_make_no_synthetic_image_is_refused_before_fine_tuning(data, tmp_path, capsys):
+    """generate.multiplier=0 in run_pipeline.py: one line before the first stage (nothing written)."""
+    import run_pipeline
+
+    out = tmp_path / "run"
+    code, err = _run(run_pipeline.cli, micro_argv(data, out, tmp_path / "cache", "--generate.multiplier=0",
+                                                  "--generate.per_class=null"), capsys)
+    _one_error_line(code, err, "generate.multiplier")
+    assert _files(out) == set() and _files(tmp_path / "cache") == set()
 
 
 @pytest.mark.parametrize("key", ["run.output_dir", "tiny.cache_dir", "evaluate.cache_dir"])

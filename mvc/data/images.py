@@ -163,7 +163,7 @@ def list_class_dirs(split_dir: Path, exclude: tuple[str, ...] = ()) -> list[str]
     loops = [n for n, k in kinds.items() if k == "loop"]
     if loops and (str(split_dir), tuple(loops)) not in _WARNED_LOOPS:  # once, though the train split is listed twice
         _WARNED_LOOPS.add((str(split_dir), tuple(loops)))
-        log.warning(f"{split_dir}: skipping symbolic link(s) that loop: {_summary(list(map(repr, loops)))}")
+        log.warning(f"{split_dir}: skipping symbolic link(s) that loop: {short_list(list(map(repr, loops)))}")
     return [n for n, k in kinds.items() if k == "dir"]
 
 
@@ -174,10 +174,27 @@ def printable_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def _summary(items: list[str], n: int = 5) -> str:
+def short_list(items: list[str], n: int = 5) -> str:
     """`a, b, c and 7 more` for warning lines that must stay one line."""
     head = ", ".join(items[:n])
     return head + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def image_files(folder: Path, bad: list[str]) -> list[Path]:
+    """The images directly in `folder`, sorted by name (hidden files and sub-folders left out); a file that is not
+    a readable image, or a link that loops, goes to `bad` as "path (reason)" instead. Listing errors propagate."""
+    files: list[Path] = []
+    for e in _list_dir(folder):
+        kind = entry_kind(e, folder)
+        if kind == "dir":
+            continue  # nested folders are not part of the class
+        p = Path(e.path)
+        reason = "a symbolic link that loops" if kind == "loop" else verify_image(p)
+        if reason is not None:
+            bad.append(f"{p} ({reason})")
+            continue
+        files.append(p)
+    return files
 
 
 def scan_class_folders(split_dir: Path, classes: list[str], id_root: Path,
@@ -192,11 +209,11 @@ def scan_class_folders(split_dir: Path, classes: list[str], id_root: Path,
     present = list_class_dirs(split_dir, exclude)
     unknown = [c for c in present if c not in classes]
     if unknown and on_unknown == "error":
-        raise MVCError(f"{split_dir}: class folder(s) {_summary(list(map(repr, unknown)))} are not among the training "
+        raise MVCError(f"{split_dir}: class folder(s) {short_list(list(map(repr, unknown)))} are not among the training "
                        "classes; add them to the training split or remove them")
     if unknown:
         log.warning(f"{split_dir}: skipping class folder(s) not among the training classes: "
-                    f"{_summary(list(map(repr, unknown)))}")
+                    f"{short_list(list(map(repr, unknown)))}")
     paths: list[Path] = []
     labels: list[int] = []
     bad: list[str] = []
@@ -210,30 +227,20 @@ def scan_class_folders(split_dir: Path, classes: list[str], id_root: Path,
             empty.append(name)
             continue
         try:
-            entries = _list_dir(cdir)
+            files = image_files(cdir, bad)
         except OSError as e:
             unreadable.append(f"{cdir} ({e.strerror or e})")
             continue
-        n_before = len(paths)
-        for e in entries:
-            kind = entry_kind(e, cdir)
-            if kind == "dir":
-                continue  # nested folders are not part of the class
-            p = Path(e.path)
-            reason = "a symbolic link that loops" if kind == "loop" else verify_image(p)
-            if reason is not None:
-                bad.append(f"{p} ({reason})")
-                continue
-            paths.append(p)
-            labels.append(label)
-        if len(paths) == n_before:
+        paths += files
+        labels += [label] * len(files)
+        if not files:
             empty.append(name)
     if bad:
-        log.warning(f"skipping {len(bad)} unreadable or non-image file(s): {_summary(bad)}")
+        log.warning(f"skipping {len(bad)} unreadable or non-image file(s): {short_list(bad)}")
     if unreadable:
-        log.warning(f"skipping {len(unreadable)} unreadable folder(s): {_summary(unreadable)}")
+        log.warning(f"skipping {len(unreadable)} unreadable folder(s): {short_list(unreadable)}")
     if empty and len(empty) < len(classes):
         log.warning(f"{split_dir}: class(es) without usable images (they keep their index): "
-                    f"{_summary(list(map(repr, empty)))}")
+                    f"{short_list(list(map(repr, empty)))}")
     ids = [p.relative_to(id_root).as_posix() for p in paths]
     return paths, labels, ids

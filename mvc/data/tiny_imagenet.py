@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mvc.core.utils import MVCError
 from mvc.data.dataset import FileSource, ImageDataset, register_dataset
-from mvc.data.images import verify_image
+from mvc.data.images import image_files, short_list, verify_image
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,6 @@ def _lines(path: Path) -> list[str]:
         raise MVCError(f"cannot read {path} ({e.strerror or e})") from None
 
 
-def _short(items: list[str], n: int = 5) -> str:
-    """`a, b, c and 7 more`: lists in messages stay on one line."""
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def read_wnids(base: Path) -> list[str]:
     """The class ids of `base/wnids.txt`, in its order."""
     path = base / "wnids.txt"
@@ -53,7 +48,7 @@ def read_wnids(base: Path) -> list[str]:
         raise MVCError(f"{path} lists no class; download the dataset again")
     dup = sorted({w for w in wnids if wnids.count(w) > 1})
     if dup:
-        raise MVCError(f"{path} lists class(es) {_short(dup)} more than once; download the dataset again")
+        raise MVCError(f"{path} lists class(es) {short_list(dup)} more than once; download the dataset again")
     return wnids
 
 
@@ -75,7 +70,7 @@ def class_names(base: Path, wnids: list[str]) -> list[str]:
             synonyms[wnid] = [s for s in (_clean(w) for w in words.split(",")) if s]
     missing = [w for w in wnids if not synonyms.get(w)]
     if missing:
-        raise MVCError(f"{path} has no name for class(es) {_short(missing)} of wnids.txt; download the dataset again")
+        raise MVCError(f"{path} has no name for class(es) {short_list(missing)} of wnids.txt; download the dataset again")
     names = {w: synonyms[w][0] for w in wnids}
     firsts = list(names.values())
     for w in wnids:
@@ -93,24 +88,16 @@ def _scan_train(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
     empty: list[str] = []
     for label, wnid in enumerate(wnids):
         folder = base / "train" / wnid / "images"
-        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-        n_before = len(paths)
-        for p in files:
-            if p.is_dir():
-                continue
-            reason = verify_image(p)
-            if reason is not None:
-                bad.append(f"{p} ({reason})")
-                continue
-            paths.append(p)
-            labels.append(label)
-        if len(paths) == n_before:
+        files = image_files(folder, bad) if folder.is_dir() else []
+        paths += files
+        labels += [label] * len(files)
+        if not files:
             empty.append(wnid)
     if bad:
-        log.warning(f"tiny_imagenet: skipping {len(bad)} unreadable or non-image file(s): {_short(bad)}")
+        log.warning(f"tiny_imagenet: skipping {len(bad)} unreadable or non-image file(s): {short_list(bad)}")
     if empty and len(empty) < len(wnids):
         log.warning(f"tiny_imagenet: class(es) without images under {base / 'train'} (they keep their index): "
-                    f"{_short(empty)}")
+                    f"{short_list(empty)}")
     return paths, labels
 
 
@@ -149,12 +136,12 @@ def _read_val(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
         paths.append(p)
         labels.append(index[wnid])
     if bad:
-        log.warning(f"tiny_imagenet: skipping {len(bad)} unreadable or non-image file(s): {_short(bad)}")
+        log.warning(f"tiny_imagenet: skipping {len(bad)} unreadable or non-image file(s): {short_list(bad)}")
     if images.is_dir():
         extra = sorted(p.name for p in images.iterdir() if not p.name.startswith(".") and p.name not in seen)
         if extra:
             log.warning(f"tiny_imagenet: ignoring {len(extra)} image(s) of {images} without a label in "
-                        f"val_annotations.txt: {_short(extra)}")
+                        f"val_annotations.txt: {short_list(extra)}")
     return paths, labels
 
 

@@ -134,6 +134,18 @@ def plot_compare(rows: list[dict], baselines: list[dict], runs: list[str], path:
     plt.close(fig)
 
 
+def run_modes(labels: list[str], configs: list, times_path: Path) -> dict[str, float]:
+    """The main job once per mode (each run resumes), adding each mode's wall minutes to `times_path`, which keeps
+    them across reruns; returns the minutes per mode."""
+    minutes = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    for mode, c in zip(labels, configs):
+        t0 = time.perf_counter()
+        run_pipeline.main(c)
+        minutes[mode] = minutes.get(mode, 0.0) + (time.perf_counter() - t0) / 60
+        atomic_write_json(times_path, minutes)
+    return minutes
+
+
 def cli(argv: list[str] | None = None) -> Path:
     parser = build_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--generators", nargs="+", default=GENERATORS, help="generators compared (generate.method)")
@@ -152,15 +164,7 @@ def cli(argv: list[str] | None = None) -> Path:
         configs.append(c)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config-compare.yaml")
-    minutes, rows = {}, []
-    times_path = out / "compare_times.json"
-    if times_path.is_file():
-        minutes = json.loads(times_path.read_text())
-    for mode, c in zip(args.sampling, configs):
-        t0 = time.perf_counter()
-        run_pipeline.main(c)
-        minutes[mode] = minutes.get(mode, 0.0) + (time.perf_counter() - t0) / 60
-        atomic_write_json(times_path, minutes)
+    minutes, rows = run_modes(list(args.sampling), configs, out / "compare_times.json"), []
     for mode, c in zip(args.sampling, configs):
         c = generator_config(c, c.pipeline.generators[0], main=True)
         rows += mode_rows(c, mode)

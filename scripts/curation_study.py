@@ -11,15 +11,12 @@ docs/scripts.md has more.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import compare_generators as compare
 import numpy as np
 
-import run_pipeline
 from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
 from mvc.core.utils import atomic_write_json, atomic_write_text, run_cli
 from mvc.studies.pipeline import check_runs, generator_config
@@ -133,13 +130,7 @@ def cli(argv: list[str] | None = None) -> Path:
         check_runs(c)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config-curation.yaml")
-    times_path = out / "curation_times.json"
-    minutes = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    for (filters, _, _), c in zip(modes, configs):
-        t0 = time.perf_counter()
-        run_pipeline.main(c)
-        minutes[label(filters)] = minutes.get(label(filters), 0.0) + (time.perf_counter() - t0) / 60
-        atomic_write_json(times_path, minutes)
+    minutes = compare.run_modes([label(f) for f, _, _ in modes], configs, out / "curation_times.json")
     rows = []
     for (filters, gs, _), c in zip(modes, configs):
         c = generator_config(c, c.pipeline.generators[0], main=True)

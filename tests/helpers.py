@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +97,15 @@ def no_hang(seconds: int = 60):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def torchrun_two(script: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`script args...` in 2 CPU processes under torch.distributed.run (gloo), one torch thread each, the repository
+    on PYTHONPATH, on a free port (so parallel test runs do not collide); its output captured as text."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

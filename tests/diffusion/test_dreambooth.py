@@ -18,7 +18,7 @@ import torch
 import generate_mvc
 from mvc.core.config import make_config, parse_args
 from mvc.core.utils import MVCError, read_jsonl
-from tests.helpers import max_weight_diff, micro_argv, unet_weights, write_fashion_idx
+from tests.helpers import max_weight_diff, micro_argv, torchrun_two, unet_weights, write_fashion_idx
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -381,21 +381,12 @@ def test_two_processes_train_what_one_does_and_resume_it(micro, tmp_path):
     """generate_mvc.py under torchrun (2 CPU processes, gloo): DDP over the U-Net and the text encoder, each
     process its rows of every global batch; interrupted after the step-2 checkpoint and resumed, the 2-process run
     ends with the one-process uninterrupted weights; so does LoRA (adapters only, merged)."""
-    import os
-    import socket
-    import subprocess
 
     from safetensors.torch import load_file
 
     from mvc.core.checkpoint import list_checkpoints, load_checkpoint
 
-    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(Path(__file__).resolve()), str(micro.data), str(micro.cache), str(tmp_path)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    r = torchrun_two(Path(__file__).resolve(), str(micro.data), str(micro.cache), str(tmp_path), timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     ref, got = micro.out / "dreambooth" / "final", tmp_path / "full" / "dreambooth" / "final"
     _close(unet_weights(ref), unet_weights(got))

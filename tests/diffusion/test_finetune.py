@@ -29,7 +29,7 @@ from mvc.diffusion.finetune import (
     gather_batch,
     ip2p_loss,
 )
-from tests.helpers import max_weight_diff, unet_weights
+from tests.helpers import max_weight_diff, torchrun_two, unet_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -265,18 +265,6 @@ def test_resume_with_ema_and_grad_accum(tmp_path, components):
     assert max_weight_diff(a, b) < 1e-6
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """A clean accelerate state before and after (it is a process-wide singleton that keeps its precision)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def test_grad_accum_left_unset_comes_from_accelerate_and_drives_steps_and_schedule(tmp_path, components, monkeypatch,
                                                                                     fresh_accelerate):
     """train.grad_accum=null takes accelerate's gradient_accumulation_steps (here its environment variable): the
@@ -507,15 +495,7 @@ def test_fused_adam_is_the_default_and_takes_the_same_steps_as_torchs_default_ad
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, straight_run):
     ref_dir, ref = straight_run
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    import socket
-
-    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(Path(__file__).resolve()), str(tmp_path)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    r = torchrun_two(Path(__file__).resolve(), str(tmp_path), timeout=180)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     got = json.loads((tmp_path / "losses.json").read_text())
     assert np.allclose(got, ref["losses"], rtol=1e-5, atol=1e-6), (got, ref["losses"])

@@ -17,7 +17,7 @@ import generate_mvc
 from mvc.core.config import make_config, parse_args
 from mvc.core.utils import MVCError, read_jsonl, run_cli
 from mvc.diffusion import textual_inversion as ti
-from tests.helpers import micro_argv, write_fashion_idx
+from tests.helpers import micro_argv, torchrun_two, write_fashion_idx
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -396,17 +396,8 @@ def test_two_processes_learn_what_one_does_and_continue_their_run(micro, tmp_pat
     """generate_mvc.py under torchrun (2 CPU processes, gloo): each process trains its rows of every global batch,
     2 steps, then 4 (continued from the 2-process checkpoint); the vectors and the losses are the one-process
     run's (float summation order apart), and the set is made."""
-    import os
-    import socket
-    import subprocess
 
-    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(Path(__file__).resolve()), str(micro.data), str(micro.cache), str(tmp_path)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun_two(Path(__file__).resolve(), str(micro.data), str(micro.cache), str(tmp_path), timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     folder = tmp_path / "textual_inversion"
     ref, got = learned(micro.out / "textual_inversion"), learned(folder)

@@ -237,17 +237,6 @@ def test_exif_orientation_is_applied_by_the_one_loader_of_every_stage(tmp_path):
 #                     A precision the device cannot do                          #
 #################################################################################
 
-@pytest.fixture
-def fresh_accelerate():
-    """accelerate's process-wide state reset before and after (each script here builds its own accelerator)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
 @pytest.mark.parametrize("precision", ["no", "fp32", "fp16", "bf16"])

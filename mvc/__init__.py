@@ -10,7 +10,7 @@ modules imports diffusers, transformers, timm, torchvision or matplotlib when it
 from mvc.classifier import augment, engine, probe, strategies  # noqa: F401
 from mvc.core import distributed, schedules  # noqa: F401
 from mvc.data import captions, pairs, prompts  # noqa: F401
-from mvc.diffusion import clustering, dreambooth, finetune_loop, finetune_setup, models, textual_inversion  # noqa: F401
+from mvc.diffusion import clustering, conditioning, dreambooth, finetune_loop, finetune_setup, models, textual_inversion  # noqa: F401
 from mvc.generation import curation, generators, mixing  # noqa: F401
 
 __version__ = "0.1.0"

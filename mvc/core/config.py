@@ -222,6 +222,11 @@ class FinetuneConfig:
     validation_image_guidance_scale: float = opt(1.5, "Image guidance of validation images.", min=0)
     prompt_from: str = opt("target", "Whose caption a pair's prompt uses (IP2P: the image to generate).",
                            choices=choices("prompt source"))
+    conditioning: str = opt("caption", "What the U-Net reads through cross-attention: 'caption' (MVC: caption + "
+                            "class prompt), or a variant of the supplement's Fig. 4: 'photo_index' (\"a photo i/n of "
+                            "type <class>\"), 'image' (the image's embedding), 'image_direction' (E(target) - "
+                            "E(condition)); docs/conditioning.md. Generation follows the fine-tuned model's.",
+                            choices=choices("conditioning"))
     log_every: int = opt(10, "Log scalars every N steps.", min=1)
 
 

@@ -198,13 +198,14 @@ def draw_step_noise(batch_size: int, latent_shape: tuple[int, ...], num_train_ti
 
 
 def gather_batch(latents: LatentCache, text: TextCache, cond_idx: torch.Tensor, target_idx: torch.Tensor,
-                 prompt_idx: torch.Tensor, rnd: StepNoise) -> dict[str, torch.Tensor]:
-    """Index the caches: condition latent (mode), target posterior, prompt embedding, with dropout applied."""
+                 prompt_idx: torch.Tensor, rnd: StepNoise, images=None) -> dict[str, torch.Tensor]:
+    """Index the caches: condition latent (mode), target posterior, prompt embedding (or with `images`, an
+    `mvc.diffusion.conditioning.ImageContexts`, the pair's image context), with dropout applied."""
     f = rnd.flip
     cond = latents.mean[cond_idx, f]  # (b, C, h, w), the posterior mode
     cond = cond * rnd.keep_image[:, None, None, None].to(cond.dtype)  # dropped image -> zeros
     target = (latents.mean[target_idx, f] + latents.std[target_idx, f] * rnd.eps) * latents.scaling_factor
-    emb = text.lookup(prompt_idx)  # (b, L, D)
+    emb = text.lookup(prompt_idx) if images is None else images.lookup(cond_idx, target_idx, f)  # (b, L, D)
     emb = torch.where(rnd.keep_text[:, None, None], emb, text.empty[None].to(emb.dtype))
     return {"cond_latents": cond, "target_latents": target, "text_embeds": emb}
 

@@ -22,6 +22,7 @@ from mvc.core.distributed import accelerator_settings, broadcast_seed, make_acce
 from mvc.core.perf import channels_last, compiled, peak_memory_gb, set_tf32
 from mvc.core.registry import publish_choices
 from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
+from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS, PHOTO_INDEX_TEMPLATE, ImageContexts, photo_index_captions
 from mvc.diffusion.engine import Cadence, Task, train
 from mvc.diffusion.finetune import (
     CACHE_DTYPES,
@@ -67,8 +68,10 @@ def validation_indices(num_pairs: int, k: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], train_cfg, seed: int, ema=None):
-    """One row per validation pair: condition | generated (IP2P pipeline; the EMA weights when kept) | target."""
+def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], train_cfg, seed: int, ema=None,
+                    images=None):
+    """One row per validation pair: condition | generated (IP2P pipeline; the EMA weights when kept) | target.
+    With `images` (`ImageContexts`), each pair's image context stands in for its prompt."""
     sel = validation_indices(len(pairs.cond), train_cfg.num_validation)
     res = train_cfg.resolution
     conds = [resize(dataset[int(pairs.cond[i])][0], res) for i in sel]
@@ -80,9 +83,16 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
     if ema is not None:  # validate what will be saved: the averaged weights
         ema.store(params)
         ema.copy_to(params)
+    if images is None:
+        text = {"prompt": [prompts[int(src[i])] for i in sel]}
+    else:
+        idx = torch.as_tensor(sel, dtype=torch.long)
+        emb = images.lookup(torch.as_tensor(np.asarray(pairs.cond))[idx], torch.as_tensor(np.asarray(pairs.target))[idx],
+                            torch.zeros(len(sel), dtype=torch.long)).to(unet.device, unet.dtype)
+        text = {"prompt_embeds": emb, "negative_prompt_embeds": images.empty[None].expand(len(sel), -1, -1).to(emb)}
     try:
         gen = ip2p_pipeline(components, unet)(
-            prompt=[prompts[int(src[i])] for i in sel], image=conds, num_inference_steps=train_cfg.validation_steps,
+            **text, image=conds, num_inference_steps=train_cfg.validation_steps,
             guidance_scale=train_cfg.validation_guidance_scale,
             image_guidance_scale=train_cfg.validation_image_guidance_scale,
             generator=seeds.generator(seed, "finetune.validation")).images
@@ -104,7 +114,8 @@ def finetune_trained_on(cfg, dataset, cond: torch.Tensor, target: torch.Tensor, 
     rec = {"data": dataset.fingerprint(), "pairs": fingerprint(cond.numpy(), target.numpy()),
            "prompts": fingerprint(prompts), "run.seed": int(seed),
            **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
-           **{f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUME_FREE_KEYS}}
+           **{f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items()
+              if k not in RESUME_FREE_KEYS and not (k == "conditioning" and v == "caption")}}  # as before the key
     if cfg.model.base == "tiny":  # the settings of its key: where and how often the base saves change no weight
         from mvc.diffusion.tiny import NOT_IN_KEY
 
@@ -171,6 +182,10 @@ class FinetuneTask(Task):
         self.text = encode_prompts_cache(comps["tokenizer"], comps["text_encoder"], self.prompts,
                                          show_progress=acc.is_main_process,
                                          dtype=CACHE_DTYPES.get(str(acc.mixed_precision), torch.float32))
+        self.images = None  # image conditionings: each pair's context from its images' embeddings
+        if tc.conditioning in IMAGE_CONDITIONINGS:
+            self.images = ImageContexts.build(self.latents.mean, self.latents.scaling_factor, self.text.empty,
+                                              direction=tc.conditioning == "image_direction")
         self.cache_s = time.perf_counter() - t0
         lat, text = self.latents, self.text
         if acc.is_main_process:
@@ -231,7 +246,7 @@ class FinetuneTask(Task):
                               tc.random_flip, tc.drop_text_prob, tc.drop_image_prob, tc.drop_both_prob,
                               generator).rows(self.rows)
         batch = gather_batch(self.latents, self.text, self.cond[idx], self.target[idx], self.prompt_src[idx],
-                             rnd)  # CPU rows
+                             rnd, self.images)  # CPU rows
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         rnd = rnd.to(dev)
         per_sample = ip2p_loss(self.step_unet, self.sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
@@ -247,7 +262,7 @@ class FinetuneTask(Task):
 
     def validate(self, step: int, logger: RunLogger) -> None:
         grid = validation_grid(self.components, self.bare, self.dataset, self.pairs, self.prompts, self.tc, self.seed,
-                               self.ema)
+                               self.ema, self.images)
         logger.image("validation", grid, step, path=self.out_dir / "validation" / f"step-{step:06d}.png")
 
     def export(self, step: int, result: dict) -> None:
@@ -256,8 +271,9 @@ class FinetuneTask(Task):
         save_ip2p_folder(self.final_dir, self.components, self.bare, ema=self.ema, training={
             "resolution": tc.resolution, "vae_scale_factor": vae_scale_factor(self.components["vae"]), "steps": step,
             "base": cfg.model.base, "base_source": self.source or cfg.model.base,
-            "prompt_template": cfg.captions.prompt_template,
-            "captioner": cfg.captions.captioner, "ema": self.ema is not None, "lora_rank": tc.lora_rank})
+            "prompt_template": PHOTO_INDEX_TEMPLATE if tc.conditioning == "photo_index" else cfg.captions.prompt_template,
+            "captioner": cfg.captions.captioner, "ema": self.ema is not None, "lora_rank": tc.lora_rank,
+            "conditioning": tc.conditioning, **({"image_grid": self.images.grid} if self.images is not None else {})})
 
 
 def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir: str | Path,
@@ -328,12 +344,25 @@ def _pairs_for(cfg, labelled, path: Path, main: bool, groups=None):
     return pairs
 
 
+def stage_captions(cfg, labelled, acc) -> tuple[dict[str, str] | None, str]:
+    """The captions and prompt template of `train.conditioning`: the captioner's (caption), each image's number in
+    its class (photo_index), none (the image conditionings)."""
+    c = cfg.train.conditioning
+    if c == "photo_index":
+        return photo_index_captions(labelled), PHOTO_INDEX_TEMPLATE
+    if c in IMAGE_CONDITIONINGS:
+        return None, ""
+    from mvc.data.captions import load_captions
+
+    return load_captions(cfg, labelled, acc.is_main_process, acc.device, acc.process_index, acc.num_processes,
+                         acc.wait_for_everyone), cfg.captions.prompt_template
+
+
 def run(cfg, accelerator, resume: str | None = None) -> dict:
     """The train_mvc stage: splits -> (clusters) -> pairs -> captions -> prompts -> base -> widen conv_in -> train
     -> final."""
     from mvc.core.paths import RunPaths
     from mvc.data import load_splits
-    from mvc.data.captions import load_captions
     from mvc.data.prompts import make_prompt
     from mvc.diffusion.models import widen_conv_in
 
@@ -344,13 +373,12 @@ def run(cfg, accelerator, resume: str | None = None) -> dict:
         labelled, pool, _test = load_splits(cfg.data)
         groups = sampling_groups(cfg, labelled, pool, acc.device, progress=acc.is_main_process)
         pairs = _pairs_for(cfg, labelled, paths.pairs, acc.is_main_process, groups)
-    captions = load_captions(cfg, labelled, acc.is_main_process, acc.device, acc.process_index, acc.num_processes,
-                             acc.wait_for_everyone)
+    captions, template = stage_captions(cfg, labelled, acc)
     with acc.main_process_first():
         source = base_source(cfg, pool, paths.root, acc.is_main_process, acc.device, str(acc.mixed_precision))
         components = load_base(cfg, pool, paths.root, source=source)
-    prompts = [make_prompt(cfg.captions.prompt_template, captions[i], labelled.classes[int(t)])
-               for i, t in zip(labelled.ids, labelled.targets)]
+    prompts = [make_prompt(template, captions[i], labelled.classes[int(t)]) if captions else ""
+               for i, t in zip(labelled.ids, labelled.targets)]  # image conditionings read no prompt
     components["unet"] = widen_conv_in(components["unet"])
     return finetune(cfg, components, labelled, pairs, prompts, paths.mvc, resume=resume, accelerator=acc,
                     source=source)

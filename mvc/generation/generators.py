@@ -178,14 +178,26 @@ class MVCGenerator(SetGenerator):
     def ops(self) -> list[str]:
         return list(self.cfg.mixing.ops)
 
+    @property
+    def conditioning(self) -> str:
+        """What the fine-tuned model reads (`train.conditioning`, recorded in its mvc_training.json)."""
+        from mvc.diffusion.models import training_info
+
+        return str(training_info(self.paths.final).get("conditioning", "caption"))
+
     def needs_captions(self) -> bool:
-        return True
+        return self.conditioning == "caption"
 
     def check(self, labelled: Any) -> None:
-        from mvc.generation.mixing import check_donors, mixing_params
+        from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS
+        from mvc.generation.mixing import check_donors, mixing_params, parse_op
 
         check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
                      mixing_params(self.cfg.mixing))
+        if (self.conditioning in IMAGE_CONDITIONINGS and self.cfg.mixing.coarse_stage == "tokens"
+                and any("coarse" in parse_op(op) for op in self.ops())):
+            raise MVCError(f"{self.paths.final} is conditioned on image embeddings ({self.conditioning}), which have "
+                           "no token ids for mixing.coarse_stage=tokens to edit; set mixing.coarse_stage=embeds")
 
     def model_path(self, labelled: Any, pool: Any = None, progress: bool = True, device: Any = None) -> str:
         return str(self.paths.final)
@@ -204,7 +216,8 @@ class MVCGenerator(SetGenerator):
                 "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale,
                 "image_guidance_scale": g.image_guidance_scale, "scheduler": g.scheduler, "resolution": resolution,
                 # named only when not the default, so sets made before the key existed keep their settings
-                **({"caption_from": g.caption_from} if g.caption_from != "source" else {})}
+                **({"caption_from": g.caption_from} if g.caption_from != "source" else {}),
+                **({"conditioning": self.conditioning} if self.conditioning != "caption" else {})}
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
         from mvc.diffusion.models import load_ip2p_pipeline
@@ -219,27 +232,56 @@ class MVCGenerator(SetGenerator):
         self.encode = lambda ids, mask: encode_ids(pipe.text_encoder, ids, mask)  # noqa: E731
         self.window, self.mix_params, self.clamped = parse_window(self.cfg.mixing.window), mixing_params(self.cfg.mixing), 0
         self.caption_ids: dict[int, str] = {}  # source -> the id of the image whose caption its prompt uses
+        self.kind = self.conditioning
 
     def record_params(self, model: str, resolution: int) -> dict:
         g = self.g
+        c = self.conditioning
         return {"guidance_scale": g.guidance_scale, "image_guidance_scale": g.image_guidance_scale,
                 "num_inference_steps": g.num_inference_steps, "scheduler": g.scheduler, "resolution": resolution,
-                "model_dir": str(model)}
+                "model_dir": str(model), **({"conditioning": c} if c != "caption" else {})}
 
     def start_class(self, pipe, labelled, label, jobs, captions, resolution):
+        from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS, PHOTO_INDEX_TEMPLATE, photo_index_captions
         from mvc.diffusion.sd_io import encode_conditions
         from mvc.generation.mixing import ClassPrompts
 
         sources = np.flatnonzero(np.asarray(labelled.targets) == label).tolist()
         ids = [str(labelled.ids[s]) for s in sources]
+        if self.kind in IMAGE_CONDITIONINGS:  # every image of the class: a direction's partner may be any of them
+            lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in sources], resolution, self.batch_size)
+            return self.image_prompts(pipe, sources, ids, lat), {s: lat[i] for i, s in enumerate(sources)}
+        template = self.cfg.captions.prompt_template
+        if self.kind == "photo_index":  # "a photo i/n of type <class>": the image's number in its class
+            captions, template = photo_index_captions(labelled), PHOTO_INDEX_TEMPLATE
         # the paper generates from the source's own caption; caption_from=target takes another image's, as in training
         partner = caption_partners(sources, self.g.caption_from, int(self.cfg.run.seed))
         self.caption_ids.update({s: ids[partner[p]] for p, s in enumerate(sources)})
         ctx = ClassPrompts.build(sources, ids, [captions[ids[k]] for k in partner], labelled.classes[label],
-                                 self.cfg.captions.prompt_template, self.window, pipe.tokenizer, self.encode)
+                                 template, self.window, pipe.tokenizer, self.encode)
         srcs = sorted({j.source for j in jobs})
         lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.batch_size)
         return ctx, {s: lat[i] for i, s in enumerate(srcs)}  # condition latents, each (4, h, w)
+
+    def image_prompts(self, pipe, sources: list[int], ids: list[str], lat: torch.Tensor):
+        """The class's contexts under an image conditioning: each source's image embedding (image), or its
+        direction to a partner of the class, E(partner) - E(source) (image_direction), with its mixing window."""
+        from mvc.diffusion.conditioning import image_contexts, image_tokens, image_window, token_grid
+        from mvc.diffusion.models import training_info
+        from mvc.generation.mixing import ClassPrompts
+
+        T, D = int(self.neg.shape[1]), int(self.neg.shape[2])
+        grid = int(training_info(self.paths.final).get("image_grid") or token_grid(int(lat.shape[-1]), T))
+        tok = image_tokens(lat, float(pipe.vae.config.scaling_factor), grid, D)  # (n, g*g, D)
+        if self.kind == "image_direction":
+            partner = caption_partners(sources, "target", int(self.cfg.run.seed))  # another image of the class
+            self.caption_ids.update({s: ids[partner[p]] for p, s in enumerate(sources)})
+            tok = tok[partner] - tok
+        emb = image_contexts(tok.to(self.neg.device), self.neg[0])  # (n, T, D)
+        win = self.window if isinstance(self.window, tuple) else image_window(grid)
+        return ClassPrompts(list(sources), dict(zip(sources, ids)), {s: "" for s in sources}, {}, {},
+                            {s: emb[i] for i, s in enumerate(sources)}, {s: win for s in sources},
+                            not isinstance(self.window, tuple))
 
     def render(self, pipe, state, batch, seed, generators):
         from mvc.generation.mixing import mix_prompts
@@ -252,7 +294,10 @@ class MVCGenerator(SetGenerator):
         images = render(pipe, embeds, self.neg.expand(len(batch), -1, -1), torch.stack([cond[j.source] for j in batch]),
                         generators, g.num_inference_steps, g.guidance_scale, g.image_guidance_scale)
         fields = [{"op_params": op_p, "caption": ctx.captions[j.source]} for j, op_p in zip(batch, op_ps)]
-        if self.g.caption_from != "source":
+        if self.kind == "image_direction":
+            for f, j in zip(fields, batch):
+                f["partner_id"] = self.caption_ids[j.source]  # the direction's other image
+        elif self.g.caption_from != "source":
             for f, j in zip(fields, batch):
                 f["caption_id"] = self.caption_ids[j.source]  # whose caption it is
         return images, fields

@@ -1,0 +1,192 @@
+"""The conditioning variants of the supplement's Fig. 4 (train.conditioning): what fine-tuning and generation feed
+the U-Net's cross-attention, and that both sides agree."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import mvc.generation.generate as gen
+import mvc.generation.generators as generators
+from mvc.core.config import TinyBaseConfig, make_config
+from mvc.core.utils import MVCError, read_jsonl
+from mvc.data import ArraySource, ImageDataset
+from mvc.diffusion.conditioning import (
+    ImageContexts,
+    image_contexts,
+    image_tokens,
+    lift_matrix,
+    photo_index_captions,
+    token_grid,
+)
+from mvc.diffusion.finetune import draw_step_noise, encode_latents_cache, encode_prompts_cache, gather_batch
+from tests.diffusion.test_finetune import ToyDataset, build_components, run_finetune
+from tests.helpers import write_random_ip2p
+
+TINY = dict(image_size=16, vae_channels=[16, 32], unet_channels=[32, 64], text_hidden=32, text_layers=1, max_length=16)
+
+
+def labelled_set(n: int = 6) -> ImageDataset:
+    """`n` random 16x16 grey images in two classes (3 + 3)."""
+    images = np.random.default_rng(1).integers(0, 255, (n, 16, 16), dtype=np.uint8)
+    return ImageDataset("toy", "train", ["coat", "bag"], [i % 2 for i in range(n)], [f"train/{i}" for i in range(n)],
+                        ArraySource(images))
+
+
+#################################################################################
+#                                  The pieces                                   #
+#################################################################################
+
+def test_photo_index_numbers_each_image_within_its_class():
+    ds = labelled_set(7)  # coat: 0, 2, 4, 6; bag: 1, 3, 5
+    caps = photo_index_captions(ds)
+    assert [caps[f"train/{i}"] for i in (0, 2, 4, 6)] == ["1/4", "2/4", "3/4", "4/4"]
+    assert [caps[f"train/{i}"] for i in (1, 3, 5)] == ["1/3", "2/3", "3/3"]
+
+
+def test_image_tokens_pool_lift_and_keep_the_latent_scale():
+    lift = lift_matrix(4, 32)
+    assert torch.allclose(lift @ lift.T, torch.eye(4) * 8, atol=1e-5)  # orthonormal rows times sqrt(D / C)
+    assert torch.equal(lift, lift_matrix(4, 32))  # fixed: training and generation use the same map
+    mean = torch.randn(3, 4, 8, 8)
+    tok = image_tokens(mean, 0.5, 4, 32)
+    assert tok.shape == (3, 16, 32)
+    pooled = torch.nn.functional.avg_pool2d(mean * 0.5, 2).flatten(2).transpose(1, 2)  # (3, 16, 4)
+    assert torch.allclose(tok @ lift.T / 8, pooled, atol=1e-5)  # the lift loses nothing
+    assert token_grid(8, 16) == 3 and token_grid(2, 77) == 2  # g*g fits between BOS and the end, at most the latent
+    with pytest.raises(MVCError, match="context positions"):
+        token_grid(8, 2)
+
+
+def test_image_contexts_put_the_tokens_after_bos_in_the_empty_prompt():
+    empty = torch.randn(10, 32)
+    tok = torch.randn(2, 4, 32)
+    ctx = image_contexts(tok, empty)
+    assert ctx.shape == (2, 10, 32)
+    assert torch.equal(ctx[:, 1:5], tok) and torch.equal(ctx[:, 0], empty[0].expand(2, -1))
+    assert torch.equal(ctx[:, 5:], empty[5:].expand(2, -1, -1))
+    with pytest.raises(MVCError, match="do not fit"):
+        image_contexts(torch.randn(1, 10, 32), empty)
+
+
+def test_a_pair_reads_its_target_or_the_direction_from_its_condition():
+    mean = torch.randn(5, 1, 4, 8, 8)  # (N, F, C, h, w)
+    empty = torch.zeros(16, 32)
+    img = ImageContexts.build(mean, 1.0, empty, direction=False)
+    drc = ImageContexts.build(mean, 1.0, empty, direction=True)
+    c, t, f = torch.tensor([0, 3]), torch.tensor([1, 2]), torch.zeros(2, dtype=torch.long)
+    assert img.grid == 3 and img.tokens.shape == (5, 1, 9, 32)
+    assert torch.equal(img.lookup(c, t, f), image_contexts(img.tokens[t, 0], empty))
+    assert torch.allclose(drc.lookup(c, t, f)[:, 1:10], img.tokens[t, 0] - img.tokens[c, 0])
+    assert torch.allclose(drc.lookup(t, c, f), -drc.lookup(c, t, f))  # swapped pair: the opposite direction
+
+
+#################################################################################
+#                          Fine-tuning with each variant                        #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def components():
+    return build_components()
+
+
+def test_training_with_an_image_conditioning_feeds_the_targets_embedding(components):
+    comps = components
+    ds = ToyDataset()
+    lat = encode_latents_cache(comps["vae"], ds, 16, show_progress=False)
+    txt = encode_prompts_cache(comps["tokenizer"], comps["text_encoder"], [""] * len(ds), show_progress=False)
+    img = ImageContexts.build(lat.mean, lat.scaling_factor, txt.empty, direction=False)
+    rnd = draw_step_noise(2, tuple(lat.mean.shape[2:]), 1000, False, 0, 0, 0, torch.Generator().manual_seed(0))
+    rnd.keep_text = torch.tensor([True, False])
+    c, t = torch.tensor([0, 0]), torch.tensor([4, 4])
+    emb = gather_batch(lat, txt, c, t, t, rnd, img)["text_embeds"]
+    expect = image_contexts(image_tokens(lat.mean[[4], 0], lat.scaling_factor, img.grid, 32), txt.empty)[0]
+    assert torch.allclose(emb[0], expect, atol=1e-6)
+    assert torch.equal(emb[1], txt.empty)  # a dropped condition is the empty prompt, as for text
+
+
+@pytest.mark.parametrize("kind", ["photo_index", "image", "image_direction"])
+def test_each_variant_fine_tunes_records_itself_and_refuses_to_resume_as_another(tmp_path, components, kind):
+    res, _ = run_finetune(tmp_path, components, conditioning=kind, max_steps=3, checkpoint_every=3)
+    assert np.isfinite(res["losses"]).all()
+    info = json.loads((tmp_path / "mvc" / "final" / "mvc_training.json").read_text())
+    assert info["conditioning"] == kind
+    assert ("image_grid" in info) == kind.startswith("image")
+    with pytest.raises(MVCError):  # the checkpoint was trained with another conditioning
+        run_finetune(tmp_path, components, conditioning="caption", max_steps=4, checkpoint_every=3,
+                     resume="latest")
+
+
+#################################################################################
+#                        Generation follows the model                           #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def model_of(tmp_path_factory):
+    """A random tiny IP2P folder per conditioning, recorded in its mvc_training.json as fine-tuning records it."""
+    def make(kind: str):
+        path = write_random_ip2p(tmp_path_factory.mktemp(kind) / "final", TinyBaseConfig(**TINY), ["coat", "bag"])
+        info = {"resolution": 16, "conditioning": kind, **({"image_grid": 3} if kind.startswith("image") else {})}
+        (path / "mvc_training.json").write_text(json.dumps(info))
+        return path
+    return make
+
+
+def generate(tmp_path, model_dir, method="mvc", **over):
+    cfg = make_config(overrides={"run.output_dir": str(tmp_path), "generate.model_dir": str(model_dir),
+                                 "generate.method": method, "generate.num_inference_steps": 1,
+                                 "generate.per_class": 3, "generate.batch_size": 3, "mixing.coarse_k": 2,
+                                 "mixing.fine_m": 2, "mixing.fine_s": 2, **over})
+    return cfg, gen.generate_synthetic(cfg, labelled=labelled_set(), progress=False)
+
+
+def test_an_image_model_generates_from_each_sources_own_embedding_without_captions(tmp_path, model_of, monkeypatch):
+    from mvc.diffusion.models import load_ip2p_pipeline
+    from mvc.diffusion.sd_io import encode_conditions, encode_prompts
+
+    seen = []
+    real = generators.render
+    monkeypatch.setattr(generators, "render",
+                        lambda pipe, emb, *a, **k: seen.append(emb.clone()) or real(pipe, emb, *a, **k))
+    model = model_of("image")
+    cfg, summary = generate(tmp_path, model, method="mvc_nomix")  # unmixed: the embedding itself
+    assert summary["images"] == 6
+    recs = read_jsonl(tmp_path / "synthetic_mvc_nomix" / "metadata.jsonl")
+    assert all(r["conditioning"] == "image" and r["caption"] == "" for r in recs)
+    # the context of source 0 is what training feeds for a pair whose target is image 0
+    pipe = load_ip2p_pipeline(model, "euler_ancestral")
+    ds = labelled_set()
+    lat = encode_conditions(pipe.vae, [ds.load_image(0)], 16)
+    empty = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])[0]
+    expect = image_contexts(image_tokens(lat, pipe.vae.config.scaling_factor, 3, 32), empty)[0]
+    assert any(torch.allclose(e, expect, atol=1e-5) for batch in seen for e in batch)
+    assert not any(torch.allclose(e, seen[0][0], atol=1e-3) for e in seen[-1])  # another class, other embeddings
+
+
+def test_a_direction_model_records_each_partner_and_mixes_in_the_embedding_stage(tmp_path, model_of):
+    model = model_of("image_direction")
+    with pytest.raises(MVCError, match="coarse_stage=embeds"):  # image tokens have no ids to shuffle
+        generate(tmp_path, model)
+    cfg, summary = generate(tmp_path, model, **{"mixing.coarse_stage": "embeds", "mixing.coarse_mode": "swap"})
+    assert summary["images"] == 6
+    recs = read_jsonl(tmp_path / "synthetic" / "metadata.jsonl")
+    assert all(r["conditioning"] == "image_direction" and r["partner_id"] != r["source_id"] for r in recs)
+    classes = {f"train/{i}": i % 2 for i in range(6)}
+    assert all(classes[r["partner_id"]] == classes[r["source_id"]] for r in recs)  # a partner of the same class
+
+
+def test_a_photo_index_model_prompts_with_each_images_number(tmp_path, model_of):
+    cfg, summary = generate(tmp_path, model_of("photo_index"), method="mvc_nomix")
+    recs = read_jsonl(tmp_path / "synthetic_mvc_nomix" / "metadata.jsonl")
+    assert summary["images"] == 6 and {r["caption"] for r in recs} <= {"1/3", "2/3", "3/3"}
+    assert all(r["conditioning"] == "photo_index" for r in recs)
+
+
+def test_the_conditioning_is_a_config_choice_checked_in_one_line():
+    with pytest.raises(MVCError, match="train.conditioning"):
+        make_config(overrides={"train.conditioning": "clip_image"})
+    assert SimpleNamespace(**{"c": make_config().train.conditioning}).c == "caption"  # MVC's by default

@@ -225,7 +225,8 @@ class FinetuneConfig:
     conditioning: str = opt("caption", "What the U-Net reads through cross-attention: 'caption' (MVC: caption + "
                             "class prompt), or a variant of the supplement's Fig. 4: 'photo_index' (\"a photo i/n of "
                             "type <class>\"), 'image' (the image's embedding), 'image_direction' (E(target) - "
-                            "E(condition)); docs/conditioning.md. Generation follows the fine-tuned model's.",
+                            "E(condition)), 'caption_shape' (the caption and an edge map through a ControlNet branch "
+                            "built from the U-Net); docs/conditioning.md. Generation follows the fine-tuned model's.",
                             choices=choices("conditioning"))
     log_every: int = opt(10, "Log scalars every N steps.", min=1)
 

@@ -1,11 +1,11 @@
-"""What the fine-tuned U-Net reads through cross-attention (`train.conditioning`): MVC's caption or a Fig. 4 variant.
+"""What conditions the fine-tuned U-Net (`train.conditioning`): MVC's caption or a variant of the supplement's Fig. 4.
 
 `caption` (MVC): the caption plus the class prompt. The supplement's alternatives (§2, Fig. 4): `photo_index`
-("a photo i/n of type <class>"), `image` (the image's own embedding) and `image_direction` (the editing
-direction E(target) - E(condition); at generation E(partner) - E(source), the partner another image of the class).
-The image embedding is the base's VAE posterior mean pooled to a g x g grid, each cell's channels lifted to the
-context width by a fixed orthonormal map, placed after BOS in the empty prompt's embedding: every profile has it,
-and the U-Net learns to read it while it is fine-tuned. Mixing edits these contexts as it edits a caption's.
+("a photo i/n of type <class>"), `image` (the image's own embedding), `image_direction` (E(target) - E(condition);
+at generation E(partner) - E(source), another image of the class) and `caption_shape` (the caption plus the
+image's edge map through a ControlNet branch built from the U-Net and trained beside it). The image embedding is
+the base's VAE posterior mean pooled to a g x g grid, lifted to the context width by a fixed orthonormal map,
+after BOS in the empty prompt's embedding. Mixing edits these contexts as it edits a caption's.
 docs/conditioning.md.
 """
 
@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from mvc.core.registry import publish_choices
 from mvc.core.utils import MVCError
 
-CONDITIONINGS = ("caption", "photo_index", "image", "image_direction")
+CONDITIONINGS = ("caption", "photo_index", "image", "image_direction", "caption_shape")
 IMAGE_CONDITIONINGS = ("image", "image_direction")
+SHAPE = "caption_shape"  # the caption, and the edge map through a ControlNet branch
+CONTROLNET_FOLDER = "controlnet"  # the branch's folder inside the fine-tuned pipeline folder
 PHOTO_INDEX_TEMPLATE = "a photo {caption} of type {label}"  # the supplement's "A Photo 1/n of type 'class label'"
 publish_choices("conditioning", CONDITIONINGS)
 
@@ -106,3 +108,86 @@ class ImageContexts:
         if self.direction:
             tok = tok - self.tokens[cond_idx, flip]
         return image_contexts(tok, self.empty)
+
+
+#################################################################################
+#                      The shape condition (ControlNet-style)                   #
+#################################################################################
+
+def shape_maps(x: torch.Tensor) -> torch.Tensor:
+    """Edge maps (N, 1, R, R) in [0, 1] of images (N, 3, R, R) in [-1, 1]: the Sobel gradient magnitude of the
+    grey image, each divided by its largest value (a flat image has none)."""
+    grey = x.float().mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+    k = torch.stack([kx, kx.T])[:, None]  # (2, 1, 3, 3)
+    g = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), k)  # (N, 2, R, R)
+    mag = g.pow(2).sum(1, keepdim=True).sqrt()
+    return mag / mag.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def build_controlnet(unet: Any, vae_scale_factor: int):
+    """A ControlNet branch copied from `unet` (its encoder's weights; zero-initialised outputs, so the pair starts
+    as the U-Net alone) reading a 1-channel map at pixel resolution, downsampled `vae_scale_factor` times."""
+    from diffusers import ControlNetModel
+
+    steps = int(math.log2(int(vae_scale_factor)))
+    if 2 ** steps != int(vae_scale_factor) or steps > 3:
+        raise MVCError(f"a shape condition needs a VAE scale factor of 1, 2, 4 or 8, not {vae_scale_factor}")
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[:steps + 1],
+                                     conditioning_channels=1)
+
+
+class ShapeControlledUNet(torch.nn.Module):
+    """The U-Net with its ControlNet branch, called as the U-Net is: the shape map comes as `controlnet_cond`
+    (training) or from `.shape` (set per batch at sampling; tiled over the pipeline's guidance chunks); without
+    either the map is blank."""
+
+    def __init__(self, unet: Any, controlnet: Any, vae_scale_factor: int):
+        super().__init__()
+        self.unet, self.controlnet, self.scale = unet, controlnet, int(vae_scale_factor)
+        self.shape: torch.Tensor | None = None
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        self.controlnet.enable_gradient_checkpointing()
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, return_dict=True, **kw):
+        cond = controlnet_cond if controlnet_cond is not None else self.shape
+        if cond is None:
+            size = int(sample.shape[-1]) * self.scale
+            cond = torch.zeros(len(sample), 1, size, size, device=sample.device)
+        if len(cond) != len(sample):
+            cond = cond.repeat(len(sample) // len(cond), 1, 1, 1)
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=cond.to(sample.device, sample.dtype), return_dict=False)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         return_dict=return_dict, **kw)
+
+
+def load_controlnet(model_dir: Any, unet: Any, vae_scale_factor: int, device: Any = None,
+                    dtype: torch.dtype | None = None) -> ShapeControlledUNet:
+    """The fine-tuned U-Net with its ControlNet branch from `<model_dir>/controlnet` (safetensors)."""
+    from pathlib import Path
+
+    from diffusers import ControlNetModel
+
+    path = Path(model_dir) / CONTROLNET_FOLDER
+    if not (path / "config.json").is_file():
+        raise MVCError(f"{model_dir} was fine-tuned with a shape condition but has no {CONTROLNET_FOLDER}/ folder; "
+                       "fine-tune again")
+    net = ControlNetModel.from_pretrained(path, **({"torch_dtype": dtype} if dtype is not None else {}))
+    out = ShapeControlledUNet(unet, net, vae_scale_factor).eval()
+    return out.to(device) if device is not None else out

@@ -198,25 +198,31 @@ def draw_step_noise(batch_size: int, latent_shape: tuple[int, ...], num_train_ti
 
 
 def gather_batch(latents: LatentCache, text: TextCache, cond_idx: torch.Tensor, target_idx: torch.Tensor,
-                 prompt_idx: torch.Tensor, rnd: StepNoise, images=None) -> dict[str, torch.Tensor]:
+                 prompt_idx: torch.Tensor, rnd: StepNoise, images=None,
+                 shapes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Index the caches: condition latent (mode), target posterior, prompt embedding (or with `images`, an
-    `mvc.diffusion.conditioning.ImageContexts`, the pair's image context), with dropout applied."""
+    `mvc.diffusion.conditioning.ImageContexts`, the pair's image context), with dropout applied; with `shapes`
+    (N, F, 1, R, R) uint8, the target's edge map in [0, 1] too."""
     f = rnd.flip
     cond = latents.mean[cond_idx, f]  # (b, C, h, w), the posterior mode
     cond = cond * rnd.keep_image[:, None, None, None].to(cond.dtype)  # dropped image -> zeros
     target = (latents.mean[target_idx, f] + latents.std[target_idx, f] * rnd.eps) * latents.scaling_factor
     emb = text.lookup(prompt_idx) if images is None else images.lookup(cond_idx, target_idx, f)  # (b, L, D)
     emb = torch.where(rnd.keep_text[:, None, None], emb, text.empty[None].to(emb.dtype))
-    return {"cond_latents": cond, "target_latents": target, "text_embeds": emb}
+    out = {"cond_latents": cond, "target_latents": target, "text_embeds": emb}
+    if shapes is not None:
+        out["controlnet_cond"] = shapes[target_idx, f].float() / 255.0
+    return out
 
 
 def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, text_embeds: torch.Tensor, noise: torch.Tensor,
-                          timesteps: torch.Tensor, cond_latents: torch.Tensor | None = None) -> torch.Tensor:
+                          timesteps: torch.Tensor, cond_latents: torch.Tensor | None = None,
+                          **unet_kwargs) -> torch.Tensor:
     """Per-sample noise-prediction MSE (b,) of a U-Net (epsilon or v_prediction) on scaled latents (b, C, h, w):
     the text-to-image U-Net, or with `cond_latents` (b, C, h, w) concatenated the 8-channel InstructPix2Pix one."""
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (b, C, h, w)
     model_in = noisy if cond_latents is None else torch.cat([noisy, cond_latents.to(noisy.dtype)], dim=1)
-    pred = unet(model_in, timesteps, encoder_hidden_states=text_embeds, return_dict=False)[0]
+    pred = unet(model_in, timesteps, encoder_hidden_states=text_embeds, return_dict=False, **unet_kwargs)[0]
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
@@ -234,6 +240,10 @@ def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tenso
 
 
 def ip2p_loss(unet, noise_scheduler, cond_latents: torch.Tensor, target_latents: torch.Tensor,
-              text_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Per-sample noise-prediction MSE (b,) of the 8-channel U-Net, the condition latent beside the noisy target."""
-    return noise_prediction_loss(unet, noise_scheduler, target_latents, text_embeds, noise, timesteps, cond_latents)
+              text_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              controlnet_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample noise-prediction MSE (b,) of the 8-channel U-Net, the condition latent beside the noisy target
+    (with `controlnet_cond`, a U-Net with a ControlNet branch reading that map)."""
+    extra = {} if controlnet_cond is None else {"controlnet_cond": controlnet_cond}
+    return noise_prediction_loss(unet, noise_scheduler, target_latents, text_embeds, noise, timesteps, cond_latents,
+                                 **extra)

@@ -22,7 +22,16 @@ from mvc.core.distributed import accelerator_settings, broadcast_seed, make_acce
 from mvc.core.perf import channels_last, compiled, peak_memory_gb, set_tf32
 from mvc.core.registry import publish_choices
 from mvc.core.utils import MVCError, RunLogger, fingerprint, image_grid
-from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS, PHOTO_INDEX_TEMPLATE, ImageContexts, photo_index_captions
+from mvc.diffusion.conditioning import (
+    IMAGE_CONDITIONINGS,
+    PHOTO_INDEX_TEMPLATE,
+    SHAPE,
+    ImageContexts,
+    ShapeControlledUNet,
+    build_controlnet,
+    photo_index_captions,
+    shape_maps,
+)
 from mvc.diffusion.engine import Cadence, Task, train
 from mvc.diffusion.finetune import (
     CACHE_DTYPES,
@@ -42,11 +51,12 @@ from mvc.diffusion.finetune_setup import (
     needs_checkpointing,
     optimizer_state_bytes,
     prepare_unet,
+    set_attention,
     trainable_state_dict,
 )
 from mvc.diffusion.inputs import base_source, load_base, sampling_groups
 from mvc.diffusion.models import ip2p_pipeline, save_ip2p_folder, vae_scale_factor
-from mvc.diffusion.sd_io import resize
+from mvc.diffusion.sd_io import images_to_tensor, resize
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +175,9 @@ class FinetuneTask(Task):
         if len(self.cond) and int(max(self.cond.max(), self.target.max())) >= len(self.dataset):
             raise MVCError("pair indices point outside the labelled subset; delete pairs.npz and rerun")
         self.prompt_src = self.target if tc.prompt_from == "target" else self.cond
+        if tc.conditioning == SHAPE and tc.lora_rank > 0:
+            raise MVCError("train.conditioning=caption_shape trains its ControlNet branch fully beside the U-Net; "
+                           "set train.lora_rank=0")
         if tc.batch_size < self.acc.num_processes:
             raise MVCError(f"train.batch_size={tc.batch_size} is smaller than the {self.acc.num_processes} processes; "
                            "raise it")
@@ -186,6 +199,7 @@ class FinetuneTask(Task):
         if tc.conditioning in IMAGE_CONDITIONINGS:
             self.images = ImageContexts.build(self.latents.mean, self.latents.scaling_factor, self.text.empty,
                                               direction=tc.conditioning == "image_direction")
+        self.shapes = shape_cache(self.dataset, tc.resolution, tc.random_flip) if tc.conditioning == SHAPE else None
         self.cache_s = time.perf_counter() - t0
         lat, text = self.latents, self.text
         if acc.is_main_process:
@@ -199,6 +213,15 @@ class FinetuneTask(Task):
         acc, tc, unet = self.acc, self.tc, self.components["unet"]
         set_tf32(tc.tf32, acc.device)
         self.params = prepare_unet(unet, tc)
+        if tc.conditioning == SHAPE:  # the ControlNet branch, copied from the U-Net, trains beside it
+            net = build_controlnet(unet, vae_scale_factor(self.components["vae"]))
+            set_attention(net, tc.attention)
+            if tc.gradient_checkpointing:
+                net.enable_gradient_checkpointing()
+            net.requires_grad_(True)
+            net.train()
+            self.params += list(net.parameters())
+            unet = self.components["unet"] = ShapeControlledUNet(unet, net, vae_scale_factor(self.components["vae"]))
         unet.to(acc.device)  # before the EMA copies its weights, so they live on the same device
         channels_last(unet, tc.channels_last)
         self.memory = choose_checkpointing(acc, unet, tc, self.params, -(-tc.batch_size // acc.num_processes),
@@ -246,7 +269,7 @@ class FinetuneTask(Task):
                               tc.random_flip, tc.drop_text_prob, tc.drop_image_prob, tc.drop_both_prob,
                               generator).rows(self.rows)
         batch = gather_batch(self.latents, self.text, self.cond[idx], self.target[idx], self.prompt_src[idx],
-                             rnd, self.images)  # CPU rows
+                             rnd, self.images, self.shapes)  # CPU rows
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         rnd = rnd.to(dev)
         per_sample = ip2p_loss(self.step_unet, self.sched, **batch, noise=rnd.noise, timesteps=rnd.timesteps)  # (b,)
@@ -261,8 +284,13 @@ class FinetuneTask(Task):
                 **{k: float(v) for k, v in self.memory.items() if v is not None}}
 
     def validate(self, step: int, logger: RunLogger) -> None:
+        if self.shapes is not None:  # the condition images' edge maps, as generation gives the sources'
+            sel = validation_indices(len(self.cond), self.tc.num_validation)
+            self.bare.shape = self.shapes[self.cond[torch.as_tensor(sel)], 0].float() / 255.0
         grid = validation_grid(self.components, self.bare, self.dataset, self.pairs, self.prompts, self.tc, self.seed,
                                self.ema, self.images)
+        if self.shapes is not None:
+            self.bare.shape = None
         logger.image("validation", grid, step, path=self.out_dir / "validation" / f"step-{step:06d}.png")
 
     def export(self, step: int, result: dict) -> None:
@@ -274,6 +302,17 @@ class FinetuneTask(Task):
             "prompt_template": PHOTO_INDEX_TEMPLATE if tc.conditioning == "photo_index" else cfg.captions.prompt_template,
             "captioner": cfg.captions.captioner, "ema": self.ema is not None, "lora_rank": tc.lora_rank,
             "conditioning": tc.conditioning, **({"image_grid": self.images.grid} if self.images is not None else {})})
+
+
+def shape_cache(dataset, resolution: int, flip: bool, batch_size: int = 64) -> torch.Tensor:
+    """Edge maps (N, F, 1, R, R) uint8 of every image (`shape_maps`), both orientations if `flip`."""
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        x = images_to_tensor([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))], resolution)
+        m = shape_maps(x)  # (b, 1, R, R)
+        views = [m, torch.flip(m, dims=[3])] if flip else [m]
+        out.append((torch.stack(views, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)
 
 
 def finetune(cfg, components: dict, dataset, pairs, prompts: list[str], out_dir: str | Path,

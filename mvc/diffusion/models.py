@@ -224,8 +224,8 @@ def export_unet(unet: Any, ema: Any = None, resolution: int | None = None, vae_s
     if getattr(out, "peft_config", None):
         out.fuse_lora()    # W <- W + scale * B @ A in every adapted layer
         out.unload_lora()  # drop the adapter modules, keeping the merged weights
-    if resolution is not None:
-        out.register_to_config(sample_size=int(resolution) // int(vae_scale_factor))
+    if resolution is not None:  # (a U-Net with a ControlNet branch: the U-Net's own config)
+        getattr(out, "unet", out).register_to_config(sample_size=int(resolution) // int(vae_scale_factor))
     out.requires_grad_(False)
     out.eval()
     return out
@@ -249,21 +249,28 @@ def export_text_encoder(text_encoder: Any):
     return out
 
 
-def _save_folder(out_dir: str | os.PathLike, pipe: Any, training: dict) -> Path:
-    """Save `pipe` (safetensors) and `mvc_training.json` atomically: temp folder, rename."""
+def _save_folder(out_dir: str | os.PathLike, pipe: Any, training: dict, extra: dict | None = None) -> Path:
+    """Save `pipe` (safetensors), the `extra` models beside it ({subfolder: model}) and `mvc_training.json`
+    atomically: temp folder, rename."""
     out_dir = Path(out_dir)
     clean_stale_temps(out_dir.parent, out_dir.name)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, model in (extra or {}).items():
+            model.save_pretrained(tmp / name, safe_serialization=True)
         (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2, default=str) + "\n")
     return out_dir
 
 
 def save_ip2p_folder(out_dir: str | os.PathLike, components: dict, unet: Any, training: dict,
                      ema: Any = None) -> Path:
-    """Save the fine-tuned IP2P pipeline (safetensors) and `mvc_training.json` atomically."""
+    """Save the fine-tuned IP2P pipeline (safetensors) and `mvc_training.json` atomically; a U-Net with a
+    ControlNet branch (train.conditioning=caption_shape) saves the branch in `controlnet/`."""
     exported = export_unet(unet, ema, training.get("resolution"), vae_scale_factor(components["vae"]))
-    return _save_folder(out_dir, ip2p_pipeline(components, exported), training)
+    extra = {}
+    if hasattr(exported, "controlnet"):
+        extra["controlnet"], exported = exported.controlnet, exported.unet
+    return _save_folder(out_dir, ip2p_pipeline(components, exported), training, extra)
 
 
 def save_txt2img_folder(out_dir: str | os.PathLike, components: dict, unet: Any, text_encoder: Any,

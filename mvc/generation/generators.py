@@ -186,7 +186,7 @@ class MVCGenerator(SetGenerator):
         return str(training_info(self.paths.final).get("conditioning", "caption"))
 
     def needs_captions(self) -> bool:
-        return self.conditioning == "caption"
+        return self.conditioning in ("caption", "caption_shape")
 
     def check(self, labelled: Any) -> None:
         from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS
@@ -220,9 +220,13 @@ class MVCGenerator(SetGenerator):
                 **({"conditioning": self.conditioning} if self.conditioning != "caption" else {})}
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
-        from mvc.diffusion.models import load_ip2p_pipeline
+        from mvc.diffusion.conditioning import SHAPE, load_controlnet
+        from mvc.diffusion.models import load_ip2p_pipeline, vae_scale_factor
 
-        return load_ip2p_pipeline(model, self.g.scheduler, device, dtype=dtype)
+        pipe = load_ip2p_pipeline(model, self.g.scheduler, device, dtype=dtype)
+        if self.conditioning == SHAPE:  # the U-Net with its ControlNet branch, called as the U-Net is
+            pipe.unet = load_controlnet(model, pipe.unet, vae_scale_factor(pipe.vae), device, dtype)
+        return pipe
 
     def begin(self, pipe: Any, model: str, resolution: int) -> None:
         from mvc.diffusion.sd_io import encode_ids
@@ -242,7 +246,7 @@ class MVCGenerator(SetGenerator):
                 "model_dir": str(model), **({"conditioning": c} if c != "caption" else {})}
 
     def start_class(self, pipe, labelled, label, jobs, captions, resolution):
-        from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS, PHOTO_INDEX_TEMPLATE, photo_index_captions
+        from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS, PHOTO_INDEX_TEMPLATE, SHAPE, photo_index_captions
         from mvc.diffusion.sd_io import encode_conditions
         from mvc.generation.mixing import ClassPrompts
 
@@ -260,7 +264,14 @@ class MVCGenerator(SetGenerator):
         ctx = ClassPrompts.build(sources, ids, [captions[ids[k]] for k in partner], labelled.classes[label],
                                  template, self.window, pipe.tokenizer, self.encode)
         srcs = sorted({j.source for j in jobs})
-        lat = encode_conditions(pipe.vae, [labelled.load_image(s) for s in srcs], resolution, self.batch_size)
+        images = [labelled.load_image(s) for s in srcs]
+        lat = encode_conditions(pipe.vae, images, resolution, self.batch_size)
+        if self.kind == SHAPE:  # each source's edge map, what the ControlNet branch reads
+            from mvc.diffusion.conditioning import shape_maps
+            from mvc.diffusion.sd_io import images_to_tensor
+
+            maps = shape_maps(images_to_tensor(images, resolution))
+            return ctx, {s: lat[i] for i, s in enumerate(srcs)}, {s: maps[i] for i, s in enumerate(srcs)}
         return ctx, {s: lat[i] for i, s in enumerate(srcs)}  # condition latents, each (4, h, w)
 
     def image_prompts(self, pipe, sources: list[int], ids: list[str], lat: torch.Tensor):
@@ -286,11 +297,13 @@ class MVCGenerator(SetGenerator):
     def render(self, pipe, state, batch, seed, generators):
         from mvc.generation.mixing import mix_prompts
 
-        ctx, cond = state
+        ctx, cond, *shapes = state
         g = self.g
         embeds, op_ps, cl = mix_prompts(batch, ctx, self.mix_params, seed, self.encode,
                                         pipe.tokenizer.convert_ids_to_tokens)
         self.clamped += cl
+        if shapes:  # the batch's edge maps, tiled by the U-Net over the guidance chunks
+            pipe.unet.shape = torch.stack([shapes[0][j.source] for j in batch])
         images = render(pipe, embeds, self.neg.expand(len(batch), -1, -1), torch.stack([cond[j.source] for j in batch]),
                         generators, g.num_inference_steps, g.guidance_scale, g.image_guidance_scale)
         fields = [{"op_params": op_p, "caption": ctx.captions[j.source]} for j, op_p in zip(batch, op_ps)]

@@ -190,3 +190,77 @@ def test_the_conditioning_is_a_config_choice_checked_in_one_line():
     with pytest.raises(MVCError, match="train.conditioning"):
         make_config(overrides={"train.conditioning": "clip_image"})
     assert SimpleNamespace(**{"c": make_config().train.conditioning}).c == "caption"  # MVC's by default
+
+
+#################################################################################
+#                         The shape condition (ControlNet)                      #
+#################################################################################
+
+def test_shape_maps_mark_edges_and_are_blank_on_a_flat_image():
+    from mvc.diffusion.conditioning import shape_maps
+
+    x = -torch.ones(2, 3, 16, 16)
+    x[0, :, 4:12, 4:12] = 1.0  # a bright square on the first image, the second flat
+    m = shape_maps(x)
+    assert m.shape == (2, 1, 16, 16) and float(m.max()) == pytest.approx(1.0)
+    assert float(m[0, 0, 8, 8]) == 0 and float(m[0, 0, 4, 8]) > 0.5  # inside flat, on the border an edge
+    assert float(m[1].abs().max()) == 0
+    assert torch.allclose(shape_maps(torch.flip(x, dims=[3])), torch.flip(m, dims=[3]))  # a flip flips the map
+
+
+def test_the_controlnet_branch_starts_as_the_unet_alone_and_reads_the_map(components):
+    from mvc.diffusion.conditioning import ShapeControlledUNet, build_controlnet
+    from mvc.diffusion.models import vae_scale_factor
+
+    unet = components["unet"]
+    f = vae_scale_factor(components["vae"])
+    both = ShapeControlledUNet(unet, build_controlnet(unet, f), f)
+    x, t, emb = torch.randn(2, 8, 8, 8), torch.tensor([10, 500]), torch.randn(2, 16, 32)
+    shape = torch.rand(2, 1, 8 * f, 8 * f)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=emb).sample
+        assert torch.allclose(both(x, t, emb, controlnet_cond=shape).sample, plain, atol=1e-5)  # zero convs
+        for p in both.controlnet.controlnet_mid_block.parameters():
+            p.add_(0.05)
+        a = both(x, t, emb, controlnet_cond=shape).sample
+        both.shape = shape[:1]  # sampling: one map per image, tiled over the batch's chunks
+        b = both(x, t, emb).sample
+    assert not torch.allclose(a, plain, atol=1e-4)
+    assert torch.allclose(b, both(x, t, emb, controlnet_cond=shape[:1].repeat(2, 1, 1, 1)).sample, atol=1e-6)
+
+
+def test_caption_shape_fine_tunes_both_saves_the_branch_and_generation_loads_it(tmp_path, components):
+    from mvc.diffusion.conditioning import ShapeControlledUNet
+    from mvc.generation.generators import make_generator
+
+    res, comps = run_finetune(tmp_path, components, conditioning="caption_shape", max_steps=3)
+    assert np.isfinite(res["losses"]).all()
+    final = tmp_path / "mvc" / "final"
+    assert (final / "controlnet" / "config.json").is_file() and (final / "unet" / "config.json").is_file()
+    assert json.loads((final / "mvc_training.json").read_text())["conditioning"] == "caption_shape"
+    trained = comps["unet"]
+    assert isinstance(trained, ShapeControlledUNet)
+    cfg = make_config(overrides={"run.output_dir": str(tmp_path), "generate.model_dir": str(final)})
+    pipe = make_generator(cfg).load(str(final), "cpu", torch.float32)
+    assert isinstance(pipe.unet, ShapeControlledUNet)
+    for name, p in trained.controlnet.named_parameters():  # the saved branch is the trained one
+        assert torch.allclose(dict(pipe.unet.controlnet.named_parameters())[name], p, atol=1e-6)
+    with pytest.raises(MVCError, match="lora_rank=0"):
+        run_finetune(tmp_path / "lora", components, conditioning="caption_shape", lora_rank=4)
+    # generation feeds each source's edge map with its caption, and records the conditioning
+    seen = []
+    real = ShapeControlledUNet.forward
+    spy = lambda self, *a, **k: seen.append(None if self.shape is None else self.shape.clone()) or real(self, *a, **k)  # noqa: E731
+    ShapeControlledUNet.forward = spy
+    try:
+        cfg = make_config(overrides={"run.output_dir": str(tmp_path), "generate.model_dir": str(final),
+                                     "generate.num_inference_steps": 1, "generate.per_class": 3,
+                                     "generate.batch_size": 3, "mixing.coarse_k": 2, "mixing.fine_m": 2,
+                                     "mixing.fine_s": 2})
+        captions = {f"train/{i}": "a bright item" for i in range(6)}
+        summary = gen.generate_synthetic(cfg, labelled=labelled_set(), captions=captions, progress=False)
+    finally:
+        ShapeControlledUNet.forward = real
+    assert summary["images"] == 6 and seen and all(s is not None and s.shape[1:] == (1, 16, 16) for s in seen)
+    recs = read_jsonl(tmp_path / "synthetic" / "metadata.jsonl")
+    assert all(r["conditioning"] == "caption_shape" and r["caption"] == "a bright item" for r in recs)

@@ -17,14 +17,14 @@ def test_the_study_runs_each_conditioning_under_one_protocol(tmp_path, one_threa
 
     data = write_fashion_idx(tmp_path / "data")
     argv = micro_argv(data, tmp_path / "run", tmp_path / "cache", "--pipeline.seeds=[0]", "--generate.per_class=2")
-    report = conditioning_study.cli([*argv, "--conditionings", "caption", "image_direction", "--runs", "concat",
+    report = conditioning_study.cli([*argv, "--conditionings", "caption_shape", "image_direction", "--runs", "concat",
                                      "--baselines", "real"])
     out = tmp_path / "run-conditioning"
     text = report.read_text()
     rows = json.loads((out / "conditioning.json").read_text())["rows"]
-    assert [r["generator"] for r in rows] == ["caption", "image_direction"]
+    assert [r["generator"] for r in rows] == ["caption_shape", "image_direction"]
     assert all(r["images"] == 20 and r["accuracy"]["concat"]["accs"] for r in rows)  # 2 per class, 10 classes
-    for name in ("caption", "image_direction"):
+    for name in ("caption_shape", "image_direction"):
         info = json.loads((out / name / "mvc" / "final" / "mvc_training.json").read_text())
         assert info["conditioning"] == name
     recs = [json.loads(line) for line in (out / "image_direction" / "synthetic" / "metadata.jsonl").open()]

@@ -264,3 +264,25 @@ def test_caption_shape_fine_tunes_both_saves_the_branch_and_generation_loads_it(
     assert summary["images"] == 6 and seen and all(s is not None and s.shape[1:] == (1, 16, 16) for s in seen)
     recs = read_jsonl(tmp_path / "synthetic" / "metadata.jsonl")
     assert all(r["conditioning"] == "caption_shape" and r["caption"] == "a bright item" for r in recs)
+
+
+def test_every_conditioning_fits_the_sd15_shapes(tmp_path):
+    """SD-1.5's structure (8x VAE, 77 positions, width from the config): the image grid is 8 x 8 after BOS, and the
+    ControlNet branch reads a 256-px map and hands the U-Net residuals of its own shapes."""
+    from mvc.diffusion.conditioning import ShapeControlledUNet, build_controlnet, shape_maps
+    from mvc.diffusion.models import load_pipeline_components, vae_scale_factor, widen_conv_in
+    from mvc.diffusion.standins import save_sd15_structured
+
+    comps = load_pipeline_components(str(save_sd15_structured(tmp_path / "sd15")))
+    unet, vae = widen_conv_in(comps["unet"]), comps["vae"]
+    f, L = vae_scale_factor(vae), comps["tokenizer"].model_max_length
+    assert f == 8 and L == 77 and token_grid(256 // f, L) == 8
+    empty = torch.zeros(L, unet.config.cross_attention_dim)
+    img = ImageContexts.build(torch.randn(2, 1, 4, 32, 32), vae.config.scaling_factor, empty, direction=True)
+    assert img.lookup(torch.tensor([0]), torch.tensor([1]), torch.tensor([0])).shape == (1, 77, empty.shape[1])
+    both = ShapeControlledUNet(unet, build_controlnet(unet, f), f)
+    x = torch.randn(1, 8, 32, 32)
+    with torch.no_grad():
+        out = both(x, torch.tensor([10]), torch.randn(1, 77, empty.shape[1]),
+                   controlnet_cond=shape_maps(torch.rand(1, 3, 256, 256) * 2 - 1)).sample
+    assert out.shape == (1, 4, 32, 32)

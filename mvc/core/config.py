@@ -526,10 +526,10 @@ class Config:
 # the package that has it (`mvc.core.registry.config_rule`): the caption template by mvc.data.prompts, textual
 # inversion's by mvc.diffusion.textual_inversion, the mixing window and ops by mvc.generation.mixing, DreamBooth's
 # prompt and identifiers by mvc.diffusion.dreambooth, img2img's steps by mvc.generation.generators, the embedder
-# by mvc.diffusion.clustering.
+# by mvc.diffusion.clustering, the fine-tuned model's conditioning by mvc.diffusion.conditioning.
 PACKAGE_RULES = ("captions.prompt_template", "textual_inversion.templates", "textual_inversion.prompt",
                  "mixing.window", "mixing.ops", "dreambooth.instance_prompt", "dreambooth.identifiers",
-                 "textual_inversion.initializer", "generate.strength", "sampling.embedder")
+                 "textual_inversion.initializer", "generate.strength", "sampling.embedder", "train.conditioning")
 
 
 def check_combinations(cfg: Config) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mvc.core.registry import publish_choices
+from mvc.core.registry import config_rule, publish_choices
 from mvc.core.utils import MVCError
 
 CONDITIONINGS = ("caption", "photo_index", "image", "image_direction", "caption_shape")
@@ -191,3 +191,16 @@ def load_controlnet(model_dir: Any, unet: Any, vae_scale_factor: int, device: An
     net = ControlNetModel.from_pretrained(path, **({"torch_dtype": dtype} if dtype is not None else {}))
     out = ShapeControlledUNet(unet, net, vae_scale_factor).eval()
     return out.to(device) if device is not None else out
+
+
+@config_rule("train.conditioning", names_keys=True)
+def _conditioning(cfg: Any) -> None:
+    """What a conditioning cannot be combined with, refused when the config is built (not after fine-tuning)."""
+    t, m = cfg.train, cfg.mixing
+    if t.conditioning == SHAPE and t.lora_rank > 0:
+        raise MVCError("config keys train.conditioning and train.lora_rank: caption_shape trains its ControlNet branch "
+                       "fully beside the U-Net; set train.lora_rank=0")
+    coarse = any("coarse" in [p.strip() for p in str(op).split("+")] for op in m.ops)
+    if t.conditioning in IMAGE_CONDITIONINGS and coarse and m.coarse_stage == "tokens":
+        raise MVCError(f"config keys train.conditioning and mixing.coarse_stage: {t.conditioning} conditions on image "
+                       "embeddings, which have no token ids to edit; set mixing.coarse_stage=embeds")

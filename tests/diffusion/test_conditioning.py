@@ -111,7 +111,8 @@ def test_training_with_an_image_conditioning_feeds_the_targets_embedding(compone
 
 @pytest.mark.parametrize("kind", ["photo_index", "image", "image_direction"])
 def test_each_variant_fine_tunes_records_itself_and_refuses_to_resume_as_another(tmp_path, components, kind):
-    res, _ = run_finetune(tmp_path, components, conditioning=kind, max_steps=3, checkpoint_every=3)
+    embeds = {"mixing.coarse_stage": "embeds"}  # image tokens have no ids for the coarse op to edit
+    res, _ = run_finetune(tmp_path, components, conditioning=kind, max_steps=3, checkpoint_every=3, extra=embeds)
     assert np.isfinite(res["losses"]).all()
     info = json.loads((tmp_path / "mvc" / "final" / "mvc_training.json").read_text())
     assert info["conditioning"] == kind
@@ -189,6 +190,12 @@ def test_a_photo_index_model_prompts_with_each_images_number(tmp_path, model_of)
 def test_the_conditioning_is_a_config_choice_checked_in_one_line():
     with pytest.raises(MVCError, match="train.conditioning"):
         make_config(overrides={"train.conditioning": "clip_image"})
+    with pytest.raises(MVCError, match="train.lora_rank=0"):
+        make_config(overrides={"train.conditioning": "caption_shape", "train.lora_rank": 4})
+    with pytest.raises(MVCError, match="mixing.coarse_stage=embeds"):  # refused before fine-tuning, not after
+        make_config(overrides={"train.conditioning": "image", "mixing.ops": ["coarse+fine"]})
+    make_config(overrides={"train.conditioning": "image", "mixing.ops": ["fine"]})  # no coarse op: nothing to refuse
+    make_config(overrides={"train.conditioning": "image_direction", "mixing.coarse_stage": "embeds"})
     assert SimpleNamespace(**{"c": make_config().train.conditioning}).c == "caption"  # MVC's by default
 
 
@@ -245,8 +252,6 @@ def test_caption_shape_fine_tunes_both_saves_the_branch_and_generation_loads_it(
     assert isinstance(pipe.unet, ShapeControlledUNet)
     for name, p in trained.controlnet.named_parameters():  # the saved branch is the trained one
         assert torch.allclose(dict(pipe.unet.controlnet.named_parameters())[name], p, atol=1e-6)
-    with pytest.raises(MVCError, match="lora_rank=0"):
-        run_finetune(tmp_path / "lora", components, conditioning="caption_shape", lora_rank=4)
     # generation feeds each source's edge map with its caption, and records the conditioning
     seen = []
     real = ShapeControlledUNet.forward

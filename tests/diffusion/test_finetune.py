@@ -92,24 +92,24 @@ def build_components():
     return build_tiny_components(TINY, CLASSES, in_channels=8)
 
 
-def toy_config(out_dir, **train):
-    """A config for a few fast steps on the toy data."""
+def toy_config(out_dir, extra: dict | None = None, **train):
+    """A config for a few fast steps on the toy data (`extra`: overrides of other sections)."""
     over = {"run.output_dir": str(out_dir), "run.seed": 3, "train.resolution": 16, "train.batch_size": 8,
             "train.max_steps": 6, "train.lr": 1e-3, "train.lr_warmup_steps": 2, "train.log_every": 1,
             "train.validate_every": 1000, "train.checkpoint_every": 1000, "train.validation_steps": 2,
             "train.num_validation": 2, "train.drop_text_prob": 0.2, "train.drop_image_prob": 0.2,
             "train.drop_both_prob": 0.2}
     over.update({f"train.{k}": v for k, v in train.items()})
-    return make_config(overrides=over)
+    return make_config(overrides={**over, **(extra or {})})
 
 
-def run_finetune(out_dir, components, resume=None, **train):
+def run_finetune(out_dir, components, resume=None, extra: dict | None = None, **train):
     """finetune() on the toy data with a deep copy of `components`."""
     from mvc.diffusion.finetune_loop import finetune
 
     ds = ToyDataset()
     comps = copy.deepcopy(components)
-    res = finetune(toy_config(out_dir, **train), comps, ds, toy_pairs(), toy_prompts(ds), Path(out_dir) / "mvc",
+    res = finetune(toy_config(out_dir, extra, **train), comps, ds, toy_pairs(), toy_prompts(ds), Path(out_dir) / "mvc",
                    resume=resume)
     return res, comps
 

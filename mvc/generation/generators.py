@@ -63,6 +63,18 @@ def render(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, con
                 image_guidance_scale=image_guidance_scale, generator=generators, output_type="pil").images
 
 
+def load_finetuned(model_dir: Any, sampler: str, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+    """The fine-tuned InstructPix2Pix pipeline as its conditioning needs it: with `caption_shape`, its U-Net wrapped
+    with the ControlNet branch saved beside it (called as the U-Net is)."""
+    from mvc.diffusion.conditioning import SHAPE, load_controlnet
+    from mvc.diffusion.models import load_ip2p_pipeline, training_info, vae_scale_factor
+
+    pipe = load_ip2p_pipeline(model_dir, sampler, device, dtype=dtype)
+    if training_info(model_dir).get("conditioning") == SHAPE:
+        pipe.unet = load_controlnet(model_dir, pipe.unet, vae_scale_factor(pipe.vae), device, dtype)
+    return pipe
+
+
 def resolve_resolution(g: Any, model_dir: Path, pipe: Any = None) -> int:
     """The sampling resolution of the fine-tuned model: `generate.resolution` (`g`: the generate section), else
     the one it was tuned at."""
@@ -220,13 +232,7 @@ class MVCGenerator(SetGenerator):
                 **({"conditioning": self.conditioning} if self.conditioning != "caption" else {})}
 
     def load(self, model: str, device: Any, dtype: torch.dtype) -> Any:
-        from mvc.diffusion.conditioning import SHAPE, load_controlnet
-        from mvc.diffusion.models import load_ip2p_pipeline, vae_scale_factor
-
-        pipe = load_ip2p_pipeline(model, self.g.scheduler, device, dtype=dtype)
-        if self.conditioning == SHAPE:  # the U-Net with its ControlNet branch, called as the U-Net is
-            pipe.unet = load_controlnet(model, pipe.unet, vae_scale_factor(pipe.vae), device, dtype)
-        return pipe
+        return load_finetuned(model, self.g.scheduler, device, dtype)
 
     def begin(self, pipe: Any, model: str, resolution: int) -> None:
         from mvc.diffusion.sd_io import encode_ids
@@ -303,6 +309,9 @@ class MVCGenerator(SetGenerator):
                                         pipe.tokenizer.convert_ids_to_tokens)
         self.clamped += cl
         if shapes:  # the batch's edge maps, tiled by the U-Net over the guidance chunks
+            if not hasattr(pipe.unet, "controlnet"):
+                raise MVCError("this model was fine-tuned with a shape condition, but its pipeline was loaded without "
+                               "its ControlNet branch; load it with mvc.generation.generators.load_finetuned")
             pipe.unet.shape = torch.stack([shapes[0][j.source] for j in batch])
         images = render(pipe, embeds, self.neg.expand(len(batch), -1, -1), torch.stack([cond[j.source] for j in batch]),
                         generators, g.num_inference_steps, g.guidance_scale, g.image_guidance_scale)

@@ -114,7 +114,6 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     from mvc.data import load_splits
     from mvc.data.captions import load_captions
     from mvc.data.synthetic import load_synthetic_set
-    from mvc.diffusion.models import load_ip2p_pipeline
     from mvc.evaluation.evaluate import load_reference, real_subset, source_rows
     from mvc.evaluation.metrics import (
         diversity_ratio,
@@ -125,6 +124,7 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     )
     from mvc.evaluation.reference import features_and_probs
     from mvc.generation.generate import generate_synthetic
+    from mvc.generation.generators import load_finetuned
 
     paths = RunPaths.of(cfg)
     # absolute: generation takes a relative generate.out_dir as relative to the run folder
@@ -136,7 +136,7 @@ def run_ablation(cfg: Any, accelerator: Any, settings: list[Setting], seeds: lis
     if (np.bincount(labelled.targets, minlength=len(labelled.classes)) < 2).any():
         raise MVCError("the ablation needs at least 2 labelled images per class (donors)")
     captions = load_captions(cfg, labelled_all, progress=False, device=accelerator.device)
-    pipe = load_ip2p_pipeline(paths.final, cfg.generate.scheduler, accelerator.device,
+    pipe = load_finetuned(paths.final, cfg.generate.scheduler, accelerator.device,
                               dtype=resolve_dtype(cfg.generate.dtype, accelerator.device))
     per_class = sources_per_class * variants
 

@@ -123,11 +123,11 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     from mvc.data import load_splits
     from mvc.data.captions import load_captions
     from mvc.data.synthetic import load_synthetic_set
-    from mvc.diffusion.models import load_ip2p_pipeline, training_info
+    from mvc.diffusion.models import training_info
     from mvc.diffusion.sd_io import images_to_uint8
     from mvc.evaluation.evaluate import load_reference, measure, real_subset, source_rows
     from mvc.generation.generate import generate_synthetic
-    from mvc.generation.generators import resolve_resolution
+    from mvc.generation.generators import load_finetuned, resolve_resolution
 
     paths = RunPaths.of(cfg)
     # absolute: generation takes a relative generate.out_dir as relative to the run folder
@@ -138,7 +138,7 @@ def diagnose(cfg: Any, accelerator: Any, out: Path | None = None, variants: int 
     labelled, _pool, test = load_splits(cfg.data)
     real = real_subset(cfg, test)
     ref = load_reference(cfg, accelerator, progress)
-    pipe = load_ip2p_pipeline(paths.final, cfg.generate.scheduler, accelerator.device)
+    pipe = load_finetuned(paths.final, cfg.generate.scheduler, accelerator.device)
     res = resolve_resolution(cfg.generate, paths.final, pipe)
     ev, dev, none = cfg.evaluate, accelerator.device, np.full(len(real), -1)
     judge = labelled_judge(selector, labelled.classes) if selector else None

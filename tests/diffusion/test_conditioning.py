@@ -238,7 +238,8 @@ def test_the_controlnet_branch_starts_as_the_unet_alone_and_reads_the_map(compon
 
 def test_caption_shape_fine_tunes_both_saves_the_branch_and_generation_loads_it(tmp_path, components):
     from mvc.diffusion.conditioning import ShapeControlledUNet
-    from mvc.generation.generators import make_generator
+    from mvc.diffusion.models import load_ip2p_pipeline
+    from mvc.generation.generators import load_finetuned, make_generator
 
     res, comps = run_finetune(tmp_path, components, conditioning="caption_shape", max_steps=3)
     assert np.isfinite(res["losses"]).all()
@@ -250,18 +251,19 @@ def test_caption_shape_fine_tunes_both_saves_the_branch_and_generation_loads_it(
     cfg = make_config(overrides={"run.output_dir": str(tmp_path), "generate.model_dir": str(final)})
     pipe = make_generator(cfg).load(str(final), "cpu", torch.float32)
     assert isinstance(pipe.unet, ShapeControlledUNet)
+    assert isinstance(load_finetuned(final, "euler_ancestral").unet, ShapeControlledUNet)  # what the studies load
     for name, p in trained.controlnet.named_parameters():  # the saved branch is the trained one
         assert torch.allclose(dict(pipe.unet.controlnet.named_parameters())[name], p, atol=1e-6)
     # generation feeds each source's edge map with its caption, and records the conditioning
+    cfg_over = {"run.output_dir": str(tmp_path), "generate.model_dir": str(final), "generate.num_inference_steps": 1,
+                "generate.per_class": 3, "generate.batch_size": 3, "mixing.coarse_k": 2, "mixing.fine_m": 2,
+                "mixing.fine_s": 2}
     seen = []
     real = ShapeControlledUNet.forward
     spy = lambda self, *a, **k: seen.append(None if self.shape is None else self.shape.clone()) or real(self, *a, **k)  # noqa: E731
     ShapeControlledUNet.forward = spy
     try:
-        cfg = make_config(overrides={"run.output_dir": str(tmp_path), "generate.model_dir": str(final),
-                                     "generate.num_inference_steps": 1, "generate.per_class": 3,
-                                     "generate.batch_size": 3, "mixing.coarse_k": 2, "mixing.fine_m": 2,
-                                     "mixing.fine_s": 2})
+        cfg = make_config(overrides=cfg_over)
         captions = {f"train/{i}": "a bright item" for i in range(6)}
         summary = gen.generate_synthetic(cfg, labelled=labelled_set(), captions=captions, progress=False)
     finally:
@@ -269,6 +271,10 @@ def test_caption_shape_fine_tunes_both_saves_the_branch_and_generation_loads_it(
     assert summary["images"] == 6 and seen and all(s is not None and s.shape[1:] == (1, 16, 16) for s in seen)
     recs = read_jsonl(tmp_path / "synthetic" / "metadata.jsonl")
     assert all(r["conditioning"] == "caption_shape" and r["caption"] == "a bright item" for r in recs)
+    with pytest.raises(MVCError, match="without its ControlNet branch"):  # never silently without the branch
+        gen.generate_synthetic(make_config(overrides={**dict(cfg_over), "generate.out_dir": str(tmp_path / "plain")}),
+                               labelled=labelled_set(), captions=captions, progress=False,
+                               pipe=load_ip2p_pipeline(final, "euler_ancestral"))
 
 
 def test_every_conditioning_fits_the_sd15_shapes(tmp_path):

@@ -32,4 +32,4 @@ def test_the_study_runs_each_conditioning_under_one_protocol(tmp_path, one_threa
     fig = Image.open(out / "figures" / "conditioning_images.png")
     assert fig.height >= 3 * 64  # the sources, then one row per conditioning
     assert "| image_direction | 20 |" in text and "| real |" in text
-    assert "**Which conditioning?**" in text and "- image_direction: concat " in text  # against the first variant
+    assert "**Which conditioning?**" in text and "- image_direction: concat: vs caption_shape " in text  # against the first variant

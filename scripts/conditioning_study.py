@@ -90,17 +90,20 @@ def write_study(out: Path, rows: list[dict], baselines: list[dict], runs: list[s
              "seeds); every set judged by the evaluation-only reference (never a filter); accuracy: the same recipe and "
              f"step budget for every run, mean ± std over seeds {cfg.pipeline.seeds}. Image conditionings mix at the "
              "embedding stage, the coarse op swapping tokens in from a donor (they have no token ids).", "",
-             "| conditioning | images | label fidelity (%) | diversity ratio | FD-ref (real floor) | CAS (%) | "
-             + " | ".join(f"{r} (%)" for r in runs) + " |", "|---" * (6 + len(runs)) + "|"]
+             "*novelty*: cosine distance in the reference's features from each synthetic image to its own source / "
+             "to the nearest other labelled image (near 0 to the source: close to a copy of it).", "",
+             "| conditioning | images | label fidelity (%) | diversity ratio | FD-ref (real floor) | novelty: to source / "
+             "nearest other | CAS (%) | " + " | ".join(f"{r} (%)" for r in runs) + " |", "|---" * (7 + len(runs)) + "|"]
     for r in rows:
         if "fidelity" not in r:
-            lines.append(f"| {r['generator']} | (not run) |" + " |" * (4 + len(runs)))
+            lines.append(f"| {r['generator']} | (not run) |" + " |" * (5 + len(runs)))
             continue
         cas = f"{100 * r['cas_mean']:.1f} ± {100 * r['cas_std']:.1f}" if r.get("cas_mean") is not None else "-"
         accs = " | ".join(f"{a['mean']:.2f} ± {a['std']:.2f}" if (a := r["accuracy"].get(run)) and a["accs"] else "-"
                           for run in runs)
         lines.append(f"| {r['generator']} | {r['images']} | {pct(r['fidelity'])} | {r['diversity_ratio']:.2f} | "
-                     f"{r['fd']:.2f} ({r['fd_real']:.2f}) | {cas} | {accs} |")
+                     f"{r['fd']:.2f} ({r['fd_real']:.2f}) | {r['to_source']:.3f} / {r['to_nearest_other']:.3f} | {cas} | "
+                     f"{accs} |")
     lines += ["", "Real images only (the same recipe and budget):", "", "| run | accuracy (%) |", "|---|---|"]
     lines += [f"| {b['run']} | {b['mean']:.2f} ± {b['std']:.2f} |" for b in baselines]
     lines += ["", *answer(rows, runs, baselines)]

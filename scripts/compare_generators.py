@@ -21,7 +21,7 @@ import run_pipeline
 from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
 from mvc.core.utils import atomic_path, atomic_write_json, atomic_write_text, run_cli
 from mvc.studies.pipeline import check_runs, generator_config
-from mvc.studies.report import collect_results, evaluation_record, update_readme
+from mvc.studies.report import beats, collect_results, compare_rows, evaluation_record, update_readme
 
 GENERATORS = ["mvc", "mvc_nomix", "txt2img", "img2img", "dreambooth", "textual_inversion"]
 SAMPLING = ["none", "clusters"]
@@ -134,6 +134,23 @@ def plot_compare(rows: list[dict], baselines: list[dict], runs: list[str], path:
     plt.close(fig)
 
 
+def versus(a: dict, b: dict) -> str:
+    """'yes, x vs y (+d points, p = z)' or 'no, ...': whether accuracy `a` beats `b` beyond the seed spread
+    (`report.beats`) and by how much; both as `mode_rows` and `baseline_rows` give them (mean, std, accs)."""
+    ra, rb = ({"accs": x["accs"], "acc_mean": x["mean"], "acc_std": x["std"]} for x in (a, b))
+    return f"{'yes' if beats(ra, rb) else 'no'}, {compare_rows(ra, rb)}"
+
+
+def run_study(cfg: Config, out: Path, name: str, labels: list[str], configs: list) -> dict[str, float]:
+    """A study's modes: every config checked before the first stage runs, the study's config saved as
+    `config-<name>.yaml`, then `run_modes` (wall minutes in `<name>_times.json`)."""
+    for c in configs:
+        check_runs(c)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / f"config-{name}.yaml")
+    return run_modes(labels, configs, out / f"{name}_times.json")
+
+
 def run_modes(labels: list[str], configs: list, times_path: Path) -> dict[str, float]:
     """The main job once per mode (each run resumes), adding each mode's wall minutes to `times_path`, which keeps
     them across reruns; returns the minutes per mode."""
@@ -157,14 +174,10 @@ def cli(argv: list[str] | None = None) -> Path:
     out = Path(cfg.run.output_dir + "-compare")
     runs = list(cfg.pipeline.generator_runs)
     configs = []
-    for i, mode in enumerate(args.sampling):  # every config is checked before the first stage runs
+    for i, mode in enumerate(args.sampling):
         extra = list(args.baselines) if i == 0 else []
-        c = mode_config(cfg, out, mode, list(args.generators), extra + [r for r in runs if r not in extra])
-        check_runs(c)
-        configs.append(c)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config-compare.yaml")
-    minutes, rows = run_modes(list(args.sampling), configs, out / "compare_times.json"), []
+        configs.append(mode_config(cfg, out, mode, list(args.generators), extra + [r for r in runs if r not in extra]))
+    minutes, rows = run_study(cfg, out, "compare", list(args.sampling), configs), []
     for mode, c in zip(args.sampling, configs):
         c = generator_config(c, c.pipeline.generators[0], main=True)
         rows += mode_rows(c, mode)

@@ -18,12 +18,12 @@ from pathlib import Path
 import compare_generators as compare
 import numpy as np
 
-from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
+from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args
 from mvc.core.paths import RunPaths
 from mvc.core.utils import atomic_path, atomic_write_json, atomic_write_text, image_grid, read_jsonl, run_cli
 from mvc.diffusion.conditioning import CONDITIONINGS, IMAGE_CONDITIONINGS
-from mvc.studies.pipeline import check_runs, generator_config
-from mvc.studies.report import beats, compare_rows, update_readme
+from mvc.studies.pipeline import generator_config
+from mvc.studies.report import update_readme
 
 RUNS = ["concat", "two_phase", "probabilistic"]
 
@@ -132,7 +132,6 @@ def answer(rows: list[dict], runs: list[str], baselines: list[dict]) -> list[str
            f"{pct(max(done, key=lambda r: r.get('cas_mean') or 0), 'cas_mean')}. Each run against the same run on "
            f"`{first['generator']}`'s set and against the best run on real images alone (*yes* only when the mean is "
            "higher and Welch's t-test over the seeds gives p < 0.05):", ""]
-    as_row = lambda a: {"accs": a["accs"], "acc_mean": a["mean"], "acc_std": a["std"]}  # noqa: E731
     best = max(baselines, key=lambda b: b["mean"]) if baselines else None
     for r in done:
         parts = []
@@ -142,11 +141,9 @@ def answer(rows: list[dict], runs: list[str], baselines: list[dict]) -> list[str
                 continue
             vs = []
             if r is not first and b and b["accs"]:
-                vs.append(f"vs {first['generator']} {'yes' if beats(as_row(a), as_row(b)) else 'no'}, "
-                          f"{compare_rows(as_row(a), as_row(b))}")
+                vs.append(f"vs {first['generator']} {compare.versus(a, b)}")
             if best and best["accs"]:
-                vs.append(f"vs {best['run']} {'yes' if beats(as_row(a), as_row(best)) else 'no'}, "
-                          f"{compare_rows(as_row(a), as_row(best))}")
+                vs.append(f"vs {best['run']} {compare.versus(a, best)}")
             parts.append(f"{run}: " + "; ".join(vs))
         out.append(f"- {r['generator']}: " + (" | ".join(parts) if parts else "no classifier run") + ".")
     return out
@@ -163,11 +160,7 @@ def cli(argv: list[str] | None = None) -> Path:
     out = Path(cfg.run.output_dir + "-conditioning")
     names, runs = list(args.conditionings), list(args.runs)
     configs = [mode_config(cfg, out, c, (list(args.baselines) if i == 0 else []) + runs) for i, c in enumerate(names)]
-    for c in configs:  # every config is checked before the first stage runs
-        check_runs(c)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config-conditioning.yaml")
-    minutes = compare.run_modes(names, configs, out / "conditioning_times.json")
+    minutes = compare.run_study(cfg, out, "conditioning", names, configs)
     rows = [{**r, "generator": name, "sampling": "none"} for name, c in zip(names, configs)
             for r in compare.mode_rows(generator_config(c, "mvc", main=True), name)]
     examples = draw_examples(configs, names, out / "figures" / "conditioning_images.png")

@@ -17,10 +17,10 @@ from pathlib import Path
 import compare_generators as compare
 import numpy as np
 
-from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args, save_config
+from mvc.core.config import Config, build_parser, config_to_dict, make_config, parse_args
 from mvc.core.utils import atomic_write_json, atomic_write_text, run_cli
-from mvc.studies.pipeline import check_runs, generator_config
-from mvc.studies.report import beats, compare_rows, update_readme
+from mvc.studies.pipeline import generator_config
+from mvc.studies.report import update_readme
 
 GENERATORS = ["mvc", "mvc_nomix", "img2img", "textual_inversion"]
 RUNS = ["concat", "two_phase", "probabilistic"]
@@ -88,7 +88,6 @@ def answer(rows: list[dict], baselines: list[dict], runs: list[str]) -> list[str
     best = max(baselines, key=lambda b: b["mean"]) if baselines else None
     out = ["**Does curation help?** (*yes* only when the mean is higher and Welch's t-test over the seeds gives "
            "p < 0.05)", ""]
-    as_row = lambda a, run: {"run": run, "accs": a["accs"], "acc_mean": a["mean"], "acc_std": a["std"]}  # noqa: E731
     for r in rows:
         if r["sampling"] == "none" or "fidelity" not in r:
             continue
@@ -97,16 +96,11 @@ def answer(rows: list[dict], baselines: list[dict], runs: list[str]) -> list[str
             a = r["accuracy"].get(run)
             if not a or not a["accs"]:
                 continue
-            cur = as_row(a, run)
             parts = []
             if plain and plain["accuracy"].get(run, {}).get("accs"):
-                p = as_row(plain["accuracy"][run], run)
-                parts.append(f"vs uncurated: {'yes' if beats(cur, p) else 'no'}, "
-                             f"{compare_rows(cur, p)}")
+                parts.append(f"vs uncurated: {compare.versus(a, plain['accuracy'][run])}")
             if best:
-                b = as_row(best, best["run"])
-                parts.append(f"vs {best['run']}: {'yes' if beats(cur, b) else 'no'}, "
-                             f"{compare_rows(cur, b)}")
+                parts.append(f"vs {best['run']}: {compare.versus(a, best)}")
             out.append(f"- {r['generator']}, {r['sampling']}, {run}: " + "; ".join(parts) + ".")
     return out
 
@@ -126,11 +120,7 @@ def cli(argv: list[str] | None = None) -> Path:
     modes = [([], gens, list(args.baselines) + runs), (list(args.filters), gens, runs)]
     modes += [([f], gens[:1], runs) for f in args.ablation if [f] != list(args.filters)]
     configs = [mode_config(cfg, out, f, g, r) for f, g, r in modes]
-    for c in configs:  # every config is checked before the first stage runs
-        check_runs(c)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config-curation.yaml")
-    minutes = compare.run_modes([label(f) for f, _, _ in modes], configs, out / "curation_times.json")
+    minutes = compare.run_study(cfg, out, "curation", [label(f) for f, _, _ in modes], configs)
     rows = []
     for (filters, gs, _), c in zip(modes, configs):
         c = generator_config(c, c.pipeline.generators[0], main=True)

@@ -79,9 +79,11 @@ def validation_indices(num_pairs: int, k: int) -> np.ndarray:
 
 @torch.no_grad()
 def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], train_cfg, seed: int, ema=None,
-                    images=None):
+                    images=None, shapes: torch.Tensor | None = None):
     """One row per validation pair: condition | generated (IP2P pipeline; the EMA weights when kept) | target.
-    With `images` (`ImageContexts`), each pair's image context stands in for its prompt."""
+    With `images` (`ImageContexts`), each pair's image context stands in for its prompt; with `shapes` (the
+    uint8 edge-map cache of a U-Net with a ControlNet branch), the condition images' maps, as generation gives the
+    sources'."""
     sel = validation_indices(len(pairs.cond), train_cfg.num_validation)
     res = train_cfg.resolution
     conds = [resize(dataset[int(pairs.cond[i])][0], res) for i in sel]
@@ -100,6 +102,8 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
         emb = images.lookup(torch.as_tensor(np.asarray(pairs.cond))[idx], torch.as_tensor(np.asarray(pairs.target))[idx],
                             torch.zeros(len(sel), dtype=torch.long)).to(unet.device, unet.dtype)
         text = {"prompt_embeds": emb, "negative_prompt_embeds": images.empty[None].expand(len(sel), -1, -1).to(emb)}
+    if shapes is not None:
+        unet.shape = shapes[torch.as_tensor(np.asarray(pairs.cond))[torch.as_tensor(sel)], 0].float() / 255.0
     try:
         gen = ip2p_pipeline(components, unet)(
             **text, image=conds, num_inference_steps=train_cfg.validation_steps,
@@ -109,6 +113,8 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
     finally:
         if ema is not None:
             ema.restore(params)
+        if shapes is not None:
+            unet.shape = None
         unet.train(was_training)
     return image_grid([[c, g, t] for c, g, t in zip(conds, gen, tgts)])
 
@@ -284,13 +290,8 @@ class FinetuneTask(Task):
                 **{k: float(v) for k, v in self.memory.items() if v is not None}}
 
     def validate(self, step: int, logger: RunLogger) -> None:
-        if self.shapes is not None:  # the condition images' edge maps, as generation gives the sources'
-            sel = validation_indices(len(self.cond), self.tc.num_validation)
-            self.bare.shape = self.shapes[self.cond[torch.as_tensor(sel)], 0].float() / 255.0
         grid = validation_grid(self.components, self.bare, self.dataset, self.pairs, self.prompts, self.tc, self.seed,
-                               self.ema, self.images)
-        if self.shapes is not None:
-            self.bare.shape = None
+                               self.ema, self.images, self.shapes)
         logger.image("validation", grid, step, path=self.out_dir / "validation" / f"step-{step:06d}.png")
 
     def export(self, step: int, result: dict) -> None:

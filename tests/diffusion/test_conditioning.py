@@ -297,3 +297,24 @@ def test_every_conditioning_fits_the_sd15_shapes(tmp_path):
         out = both(x, torch.tensor([10]), torch.randn(1, 77, empty.shape[1]),
                    controlnet_cond=shape_maps(torch.rand(1, 3, 256, 256) * 2 - 1)).sample
     assert out.shape == (1, 4, 32, 32)
+
+
+def test_validation_of_a_shape_model_reads_the_condition_maps_and_leaves_none_behind(tmp_path, components):
+    from mvc.diffusion.conditioning import ShapeControlledUNet
+
+    seen = []
+    real = ShapeControlledUNet.forward
+
+    def spy(self, *a, **k):
+        seen.append(None if self.shape is None else self.shape.clone())
+        return real(self, *a, **k)
+
+    ShapeControlledUNet.forward = spy
+    try:
+        _, comps = run_finetune(tmp_path, components, conditioning="caption_shape", max_steps=1, validate_every=1,
+                                num_validation=2)
+    finally:
+        ShapeControlledUNet.forward = real
+    grids = list((tmp_path / "mvc" / "validation").glob("step-*.png"))
+    assert grids and any(s is not None and s.shape == (2, 1, 16, 16) for s in seen)  # the pipeline saw the maps
+    assert comps["unet"].shape is None  # training's own calls pass theirs

@@ -193,6 +193,13 @@ def load_controlnet(model_dir: Any, unet: Any, vae_scale_factor: int, device: An
     return out.to(device) if device is not None else out
 
 
+def edits_missing_tokens(conditioning: str, mixing: Any) -> bool:
+    """Whether `mixing` (a MixingConfig) would edit token ids that `conditioning` does not have: an image
+    conditioning with a coarse op at the token stage."""
+    coarse = any("coarse" in [p.strip() for p in str(op).split("+")] for op in mixing.ops)
+    return conditioning in IMAGE_CONDITIONINGS and coarse and mixing.coarse_stage == "tokens"
+
+
 @config_rule("train.conditioning", names_keys=True)
 def _conditioning(cfg: Any) -> None:
     """What a conditioning cannot be combined with, refused when the config is built (not after fine-tuning)."""
@@ -200,7 +207,6 @@ def _conditioning(cfg: Any) -> None:
     if t.conditioning == SHAPE and t.lora_rank > 0:
         raise MVCError("config keys train.conditioning and train.lora_rank: caption_shape trains its ControlNet branch "
                        "fully beside the U-Net; set train.lora_rank=0")
-    coarse = any("coarse" in [p.strip() for p in str(op).split("+")] for op in m.ops)
-    if t.conditioning in IMAGE_CONDITIONINGS and coarse and m.coarse_stage == "tokens":
+    if edits_missing_tokens(t.conditioning, m):
         raise MVCError(f"config keys train.conditioning and mixing.coarse_stage: {t.conditioning} conditions on image "
                        "embeddings, which have no token ids to edit; set mixing.coarse_stage=embeds")

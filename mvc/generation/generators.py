@@ -201,13 +201,12 @@ class MVCGenerator(SetGenerator):
         return self.conditioning in ("caption", "caption_shape")
 
     def check(self, labelled: Any) -> None:
-        from mvc.diffusion.conditioning import IMAGE_CONDITIONINGS
-        from mvc.generation.mixing import check_donors, mixing_params, parse_op
+        from mvc.diffusion.conditioning import edits_missing_tokens
+        from mvc.generation.mixing import check_donors, mixing_params
 
         check_donors(np.bincount(labelled.targets, minlength=len(labelled.classes)), labelled.classes, self.ops(),
                      mixing_params(self.cfg.mixing))
-        if (self.conditioning in IMAGE_CONDITIONINGS and self.cfg.mixing.coarse_stage == "tokens"
-                and any("coarse" in parse_op(op) for op in self.ops())):
+        if self.ops() != ["none"] and edits_missing_tokens(self.conditioning, self.cfg.mixing):
             raise MVCError(f"{self.paths.final} is conditioned on image embeddings ({self.conditioning}), which have "
                            "no token ids for mixing.coarse_stage=tokens to edit; set mixing.coarse_stage=embeds")
 

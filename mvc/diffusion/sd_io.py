@@ -134,9 +134,14 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.
     """Token ids and attention mask (N, T) int64 of `pipeline_texts`, padded / truncated to the tokenizer's
     max length."""
     texts = pipeline_texts(tokenizer, texts)
-    t = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    unique = list(dict.fromkeys(texts))  # each distinct text once: a pool's captions repeat (5 s for 60,000)
+    t = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                   return_tensors="pt")
-    return t.input_ids, t.attention_mask
+    if len(unique) == len(texts):
+        return t.input_ids, t.attention_mask
+    row = {text: i for i, text in enumerate(unique)}
+    rows = torch.tensor([row[text] for text in texts], dtype=torch.long)
+    return t.input_ids[rows], t.attention_mask[rows]
 
 
 def text_hidden_states(text_encoder: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

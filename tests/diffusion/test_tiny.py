@@ -59,6 +59,19 @@ def test_tokenizer_knows_the_caption_words_and_any_class_name():
     assert {"dark", "small", "smooth", "symmetric"} <= set(BASE_WORDS)
 
 
+def test_tokenize_gives_repeated_texts_the_ids_of_a_one_by_one_call():
+    from mvc.diffusion.sd_io import tokenize
+
+    tok = build_tiny_tokenizer(max_length=16)
+    texts = ["a dark small object", "a bright large object", "a dark small object", "", "a dark small object"]
+    ids, mask = tokenize(tok, texts)
+    assert ids.shape == mask.shape == (5, 16)
+    for i, text in enumerate(texts):  # each row what the tokenizer makes of that text alone
+        one = tok([text], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+        assert torch.equal(ids[i], one.input_ids[0]) and torch.equal(mask[i], one.attention_mask[0])
+    assert not torch.equal(ids[0], ids[1]) and not torch.equal(ids[0], ids[3])
+
+
 def test_bpe_merges_the_most_frequent_pair_first_and_breaks_ties_by_text():
     tokens, merges = train_bpe(["ab", "ab", "cd", "ab", "cd", "xy"], vocab_size=10)
     # "ab" (3x) beats "cd" (2x) beats "xy" (1x); each word then is one token with the word-final mark

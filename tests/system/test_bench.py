@@ -81,3 +81,32 @@ def test_gpu_bench_quick_measures_every_part_and_the_agreement_on_the_cpu(tmp_pa
     assert agree["images"]["mean_abs_pixel_diff"] < 1.0 and agree["images"]["pixel_std"] > 1.0
     spent = bench_gpu.main(["--quick", "--budget-s", "0", "--out", str(tmp_path / "none.json")])
     assert spent["rows"] == [] and "train: baseline" in spent["skipped"] and "images" in spent["skipped"]
+
+
+def test_stack_profile_files_samples_by_stage_component_and_activity(tmp_path):
+    import profile_stacks
+
+    root = "<module> (run_pipeline.py:182);main (run_pipeline.py:147);run_stage (run_pipeline.py:62)"
+    raw = tmp_path / "demo.raw"
+    raw.write_text("\n".join([
+        f"{root};stage_finetune (run_pipeline.py:73);get_tiny_base (mvc/diffusion/tiny.py:400);"
+        "pretrain_vae (mvc/diffusion/tiny.py:170);_update (mvc/diffusion/tiny.py:130);"
+        "Tensor.backward (torch/_tensor.py:566);_engine_run_backward (torch/autograd/graph.py:1059) 40",
+        f"{root};stage_evaluate (run_pipeline.py:99);evaluate_set (mvc/evaluation/evaluate.py:136);"
+        "classification_accuracy_score (mvc/evaluation/evaluate.py:154);run_classifier (mvc/classifier/train.py:231);"
+        "train_epoch (mvc/classifier/train.py:164) 10",
+        f"{root};stage_evaluate (run_pipeline.py:99);evaluate_set (mvc/evaluation/evaluate.py:136) 10",
+        "<module> (run_pipeline.py:1);_find_and_load (<frozen importlib._bootstrap>:1176) 20",
+        "Thread._bootstrap (threading.py:1002);Condition.wait (threading.py:331) 500",  # an idle side thread
+        "not a stack line",
+    ]))
+    table = profile_stacks.profile(profile_stacks.parse(raw.read_text().splitlines()), rate=20)
+    assert table == {
+        "fine-tuning (tiny base, captions, pairs, MVC)": {"tiny base: VAE pretraining / backward": 2.0},
+        "evaluation (reference, metrics, CAS)": {"CAS classifier": 0.5, "synthetic-set metrics": 0.5},
+        "outside the stages (start-up, config, report)": {"imports": 1.0},
+    }
+    text = profile_stacks.main([str(raw), "--rate", "20", "--out", str(tmp_path / "p.md")])
+    assert text.startswith("Sampled wall time: 0.1 min.")  # 80 main-thread samples at 20 per second
+    assert "| **fine-tuning (tiny base, captions, pairs, MVC)** | **0.03** | **50.0%** |" in text
+    assert (tmp_path / "p.md").read_text() == text

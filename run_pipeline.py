@@ -55,6 +55,13 @@ def read_times(path: Path) -> dict:
     return times
 
 
+# the stages' names in stage_times.json and the report, by the function that runs each (bench/profile_stacks.py
+# files a profile's samples under them too)
+STAGE_NAMES = {"stage_finetune": "fine-tuning (tiny base, captions, pairs, MVC)",
+               "stage_selectors": "curation: selectors", "stage_generate": "generation",
+               "stage_evaluate": "evaluation (reference, metrics, CAS)", "stage_classifiers": "classifiers"}
+
+
 def run_stage(name: str, fn, times: dict, times_path: Path) -> None:
     """Run one stage, add its wall time to `times` (accumulated over resumed runs) and save them."""
     print(f"\n=== {name} ===", flush=True)
@@ -139,13 +146,12 @@ def main(cfg: Config, update_readme_too: bool = False) -> Path:
     save_config(cfg, paths.config_file("pipeline"))
     times = read_times(paths.stage_times)
     if needs_finetuning(cfg):  # txt2img / img2img alone sample the base: nothing to fine-tune
-        run_stage("fine-tuning (tiny base, captions, pairs, MVC)", lambda: stage_finetune(cfg), times,
-                  paths.stage_times)
+        run_stage(STAGE_NAMES["stage_finetune"], lambda: stage_finetune(cfg), times, paths.stage_times)
     if cfg.curation.filters:  # the cross-fitted selectors of the labelled subset, shared by every curated set
-        run_stage("curation: selectors", lambda: stage_selectors(cfg), times, paths.stage_times)
-    run_stage("generation", lambda: stage_generate(cfg), times, paths.stage_times)
-    run_stage("evaluation (reference, metrics, CAS)", lambda: stage_evaluate(cfg), times, paths.stage_times)
-    run_stage("classifiers", lambda: stage_classifiers(cfg), times, paths.stage_times)
+        run_stage(STAGE_NAMES["stage_selectors"], lambda: stage_selectors(cfg), times, paths.stage_times)
+    run_stage(STAGE_NAMES["stage_generate"], lambda: stage_generate(cfg), times, paths.stage_times)
+    run_stage(STAGE_NAMES["stage_evaluate"], lambda: stage_evaluate(cfg), times, paths.stage_times)
+    run_stage(STAGE_NAMES["stage_classifiers"], lambda: stage_classifiers(cfg), times, paths.stage_times)
     for gc in extra_generators(cfg):  # the other generators' sets, each in stages of its own
         m = gc.generate.method
         run_stage(f"generation ({m})", lambda gc=gc: stage_generate(gc), times, paths.stage_times)

@@ -1,7 +1,7 @@
 """Where a whole run's wall time goes: a sampled stack profile of it, summed by stage and by the part of each stage.
 
     py-spy record --rate 20 --format raw -o demo.raw -- .venv/bin/python run_pipeline.py --config configs/tiny.yaml
-    .venv/bin/python bench/profile_stacks.py demo.raw --rate 20 [--out docs/results/profile/demo.md]
+    .venv/bin/python bench/profile_stacks.py demo.raw --rate 20 [--out profile.md]
 
 Reads py-spy's collapsed stacks ("frame;frame;... count" per line, outermost frame first) of the main thread, files
 every sample under the pipeline stage it was taken in (run_pipeline's stage functions) and the part of that stage
@@ -18,10 +18,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# the stage of a sample: the run_pipeline function it runs under (outermost match)
-STAGES = [("stage_finetune", "fine-tuning (tiny base, captions, pairs, MVC)"), ("stage_selectors", "curation: selectors"),
-          ("stage_generate", "generation"), ("stage_evaluate", "evaluation (reference, metrics, CAS)"),
-          ("stage_classifiers", "classifiers"), ("write_results", "report"), ("update_readme", "report")]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from run_pipeline import STAGE_NAMES  # noqa: E402
+
+# the stage of a sample: the run_pipeline function it runs under (outermost match), by run_pipeline's own names
+STAGES = [*STAGE_NAMES.items(), ("write_results", "report"), ("update_readme", "report")]
 
 # what a sample is part of: the first COMPONENT (what is being built or run; the specific ones come first) that a
 # frame of its stack matches, and the innermost frame that matches an ACTIVITY (what it was doing)
@@ -29,7 +32,7 @@ COMPONENTS = [
     (r"^get_reference ", "reference classifier (built on first use)"),
     (r"^classification_accuracy_score ", "CAS classifier"),
     (r"^train_selectors ", "curation selectors"),
-    (r"^(load_splits|load_fashion_mnist|ImageDataset\.) ", "dataset files"),
+    (r"^(load_splits|build_dataset) ", "dataset files"),
     (r"^caption_dataset ", "captions (attribute captioner)"),
     (r"^pool_images ", "tiny base: pool images (decode + resize)"),
     (r"^pretrain_vae ", "tiny base: VAE pretraining"),
@@ -37,13 +40,13 @@ COMPONENTS = [
     (r"^pretrain_unet ", "tiny base: U-Net pretraining"),
     (r"^_save_base ", "tiny base: save + sample grid"),
     (r"^get_tiny_base ", "tiny base: other"),
-    (r"^(draw_pairs|make_pairs|build_pairs|pair_indices) ", "pairs"),
+    (r"^(build_pairs|load_pairs) ", "pairs"),
     (r"^finetune \(mvc/diffusion/finetune_loop", "MVC fine-tuning"),
     (r"^concept_groups ", "clustering"),
     (r"^generate_synthetic ", "generation"),
     (r"^evaluate_set ", "synthetic-set metrics"),
     (r"^run_classifier ", "classifier runs"),
-    (r"^(write_results|write_report|update_readme) ", "report"),
+    (r"^(write_results|update_readme) ", "report"),
 ]
 ACTIVITIES = [
     (r"^_find_and_load ", "imports"),

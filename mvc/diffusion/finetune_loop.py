@@ -95,15 +95,15 @@ def validation_grid(components: dict, unet, dataset, pairs, prompts: list[str], 
     if ema is not None:  # validate what will be saved: the averaged weights
         ema.store(params)
         ema.copy_to(params)
+    cond_ids = torch.as_tensor(np.asarray(pairs.cond)[sel], dtype=torch.long)  # (K,) the selected pairs' images
     if images is None:
         text = {"prompt": [prompts[int(src[i])] for i in sel]}
     else:
-        idx = torch.as_tensor(sel, dtype=torch.long)
-        emb = images.lookup(torch.as_tensor(np.asarray(pairs.cond))[idx], torch.as_tensor(np.asarray(pairs.target))[idx],
-                            torch.zeros(len(sel), dtype=torch.long)).to(unet.device, unet.dtype)
+        target_ids = torch.as_tensor(np.asarray(pairs.target)[sel], dtype=torch.long)
+        emb = images.lookup(cond_ids, target_ids, torch.zeros(len(sel), dtype=torch.long)).to(unet.device, unet.dtype)
         text = {"prompt_embeds": emb, "negative_prompt_embeds": images.empty[None].expand(len(sel), -1, -1).to(emb)}
     if shapes is not None:
-        unet.shape = shapes[torch.as_tensor(np.asarray(pairs.cond))[torch.as_tensor(sel)], 0].float() / 255.0
+        unet.shape = shapes[cond_ids, 0].float() / 255.0
     try:
         gen = ip2p_pipeline(components, unet)(
             **text, image=conds, num_inference_steps=train_cfg.validation_steps,

@@ -1,5 +1,6 @@
 """Where a tiny-profile classifier step goes: the loader (crop, flip, normalise, collate) vs the model's
-forward, backward and optimizer step, and the same step in channels-last memory format.
+forward, backward and optimizer step; ours (small maps convolved as matrix products) against plain oneDNN
+convolutions, and in channels-last memory format.
 
     .venv/bin/python bench/bench_classifier_step.py [--backbone resnet10t --size 32 --batch 50 --steps 40 --repeats 3]
 
@@ -7,8 +8,9 @@ The tiny profile trains every classifier run for 200 steps of 50 images at 32 px
 comparison of every generator trains about 150 of them, so this step is most of `make compare`'s wall time.
 The model, optimizer and augmentation are the classifier package's own (`build_model`, `build_optimizer`,
 `Augment`); the variants run interleaved, `--repeats` times, and the median is reported, so background load
-hits them alike. channels-last changes float rounding (not bit-identical to the default), so it is measured
-here, not switched on. Writes bench/results/classifier_step.json.
+hits them alike. "plain convs" turns the model's `SmallMapConv2d` layers back into `nn.Conv2d` (the step before
+this lever); channels-last changes float rounding too and is measured here, not switched on.
+Writes bench/results/classifier_step.json.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     from mvc.classifier.augment import Augment
     from mvc.classifier.engine import build_optimizer
-    from mvc.classifier.models import build_model
+    from mvc.classifier.models import SmallMapConv2d, build_model
     from mvc.core.config import ClassifierConfig
 
     torch.manual_seed(0)
@@ -59,8 +61,14 @@ def main(argv=None) -> dict:
     y = torch.randint(0, 10, (args.batch,))
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def setup(channels_last: bool):
+    def setup(variant: str):
+        torch.manual_seed(0)
         model, meta = build_model(args.backbone, 10, False, False, args.size)
+        if variant == "plain convs":
+            for m in model.modules():
+                if type(m) is SmallMapConv2d:
+                    m.__class__ = torch.nn.Conv2d
+        channels_last = variant == "channels_last"
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.train()
@@ -75,9 +83,9 @@ def main(argv=None) -> dict:
             opt.step()
         return step
 
-    variants = {"default": False, "channels_last": True}
-    built = {n: setup(cl) for n, cl in variants.items()}
-    augment = Augment(built["default"][2], "standard")  # the model's preprocessing (the same for both variants)
+    variants = {"ours": False, "plain convs": False, "channels_last": True}
+    built = {n: setup(n) for n in variants}
+    augment = Augment(built["ours"][2], "standard")  # the model's preprocessing (the same for both variants)
     x = augment(raw)
     times: dict[str, list[float]] = {"loader (augment + normalise)": []} | {f"train step ({n})": [] for n in variants}
     for _ in range(args.repeats):
@@ -86,16 +94,18 @@ def main(argv=None) -> dict:
             model, opt, _ = built[n]
             times[f"train step ({n})"].append(timed(step_fn(model, opt, cl, x), args.steps))
     med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["train step (default)"]
-    rows = [{"part": k, "ms_per_step": round(1000 * v, 2), "vs_default_train_step": round(v / base, 3)}
+    base = med["train step (ours)"]
+    rows = [{"part": k, "ms_per_step": round(1000 * v, 2), "vs_our_train_step": round(v / base, 3)}
             for k, v in med.items()]
     for r in rows:
-        print(f"{r['part']:>32}  {r['ms_per_step']:>8} ms  x{r['vs_default_train_step']}")
+        print(f"{r['part']:>32}  {r['ms_per_step']:>8} ms  x{r['vs_our_train_step']}")
     notes = [f"{args.backbone} at {args.size} px, batch {args.batch}, 'standard' augmentation, fused Adam; "
              f"torch threads {torch.get_num_threads()}; median of {args.repeats} interleaved repeats of "
-             f"{args.steps} steps. A tiny run is 200 such steps (plus the loader), so the default step "
-             f"alone is {200 * base:.1f} s of a run."]
-    atomic_write_json(Path(args.out), {"title": "Classifier step: loader vs model, default vs channels-last",
+             f"{args.steps} steps. A tiny run is 200 such steps (plus the loader), so our step alone is "
+             f"{200 * base:.1f} s of a run; plain convolutions take "
+             f"{med['train step (plain convs)'] / base:.2f}x as long."]
+    atomic_write_json(Path(args.out), {"title": "Classifier step: loader vs model; small-map convolutions, "
+                                                "plain convolutions, channels-last",
                                        "rows": rows, "notes": notes})
     print(notes[0])
     return {"rows": rows, "notes": notes}

@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mvc.core.utils import MVCError
+
+SMALL_MAP_PIXELS = 4  # a feature map of at most this many pixels (2x2) is convolved as a matrix product on CPU
 
 
 @dataclass
@@ -21,6 +24,7 @@ class ModelMeta:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_pct: float = 1.0  # eval: resize to input_size / crop_pct then centre-crop (1.0: plain resize)
+    channels_last: bool = False  # weights in channels-last memory format (checkpoints from before: False)
 
     def to_dict(self) -> dict:
         """A weights_only-safe dict (lists, not tuples)."""
@@ -59,6 +63,41 @@ def _create(name: str, pretrained: bool, num_classes: int, pretrained_key: str =
                            f"set {pretrained_key}=false or make the weights available in the HF cache "
                            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})") from None
         raise MVCError(f"cannot build backbone {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """`nn.Conv2d` that convolves a CPU feature map of at most `SMALL_MAP_PIXELS` pixels as one matrix product.
+
+    The same sums in another order (outputs and gradients agree to float rounding). oneDNN's backward is slow on
+    such maps: a 32-px resnet10t step spends a third of its time on the 2x2 and 1x1 maps of its last stages, and
+    takes 1.7x less time this way (bench/bench_classifier_step.py). A 1x1 output uses only the kernel taps that
+    touch the map (a 3x3 kernel on a 1x1 map: its centre); anything else (larger maps, CUDA, groups, dilation)
+    is the plain convolution. Same parameters and state dict as `nn.Conv2d`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if (h * w > SMALL_MAP_PIXELS or x.device.type != "cpu" or self.groups != 1 or self.dilation != (1, 1)
+                or self.padding_mode != "zeros" or isinstance(self.padding, str)):
+            return super().forward(x)
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if oh == ow == 1 and h + ph <= kh and w + pw <= kw:  # one output: the taps over the map, a linear layer
+            taps = self.weight[:, :, ph:ph + h, pw:pw + w]
+            return F.linear(x.flatten(1), taps.flatten(1), self.bias).view(n, self.out_channels, 1, 1)
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (N, C*kh*kw, oh*ow)
+        out = torch.matmul(self.weight.reshape(self.out_channels, -1), cols)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1)
+        return out.view(n, self.out_channels, oh, ow)
+
+
+def use_small_map_convs(model: nn.Module) -> nn.Module:
+    """Every plain `nn.Conv2d` of `model` becomes a `SmallMapConv2d` (in place: same parameters and state dict)."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = SmallMapConv2d
+    return model
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
@@ -103,18 +142,25 @@ def resolve_meta(model: nn.Module, backbone: str, num_classes: int, cifar_stem: 
 
 
 def build_model(backbone: str, num_classes: int, pretrained: bool = False, cifar_stem: bool = False,
-                input_size: int | None = None, pretrained_key: str = "classifier.pretrained") -> tuple[nn.Module, ModelMeta]:
-    """A timm classifier with `num_classes` outputs (0: pooled features) and its preprocessing meta."""
+                input_size: int | None = None, pretrained_key: str = "classifier.pretrained",
+                channels_last: bool = False) -> tuple[nn.Module, ModelMeta]:
+    """A timm classifier with `num_classes` outputs (0: pooled features) and its preprocessing meta; small maps
+    convolved as matrix products on CPU (`SmallMapConv2d`), weights in channels-last format if asked."""
     model = _create(backbone, pretrained, num_classes, pretrained_key)
     if cifar_stem:
         apply_cifar_stem(model)
-    return model, resolve_meta(model, backbone, num_classes, cifar_stem, input_size)
+    use_small_map_convs(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    meta = resolve_meta(model, backbone, num_classes, cifar_stem, input_size)
+    meta.channels_last = bool(channels_last)
+    return model, meta
 
 
 def build_from_meta(meta: ModelMeta) -> nn.Module:
     """Rebuild the (untrained) network described by `meta`, e.g. to load a checkpoint into it."""
     model, _ = build_model(meta.backbone, meta.num_classes, pretrained=False, cifar_stem=meta.cifar_stem,
-                           input_size=meta.input_size)
+                           input_size=meta.input_size, channels_last=meta.channels_last)
     return model
 
 

@@ -84,7 +84,8 @@ def build_run(spec: RunSpec, splits, world: int) -> _Run:
     c = spec.classifier
     d = prepare_data(spec, splits)
     seeds.seed_everything(seeds.derive_seed(spec.seed, "classifier.init"))
-    model, meta = build_model(c.backbone, len(d["classes"]), c.pretrained, c.cifar_stem, c.input_size)
+    model, meta = build_model(c.backbone, len(d["classes"]), c.pretrained, c.cifar_stem, c.input_size,
+                              channels_last=c.channels_last)
     real = prepared(d["train"], meta)
     syn = prepared(d["synthetic"], meta, synthetic=True) if d["synthetic"] else None
     augment = Augment(meta, c.augment, c.autoaugment_policy)

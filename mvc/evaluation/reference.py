@@ -44,7 +44,7 @@ class Reference:
 def reference_settings(ev: Any) -> dict:
     """The settings that change the reference (not where it is cached, nor batch sizes of evaluation)."""
     keys = ("reference_backbone", "reference_pretrained", "reference_input_size", "reference_epochs",
-            "reference_batch_size", "reference_lr", "reference_augment", "reference_seed")
+            "reference_batch_size", "reference_lr", "reference_augment", "reference_seed", "reference_channels_last")
     return {k: getattr(ev, k) for k in keys}
 
 
@@ -102,7 +102,7 @@ def _train(ev: Any, train: Any, test: Any, folder: Path, accelerator: Any, progr
     with torch.random.fork_rng(devices=[]):
         seeds.seed_everything(seeds.derive_seed(seed, "evaluate", 0))
         model, meta = build_model(ev.reference_backbone, len(train.classes), ev.reference_pretrained, False,
-                                  ev.reference_input_size)
+                                  ev.reference_input_size, channels_last=ev.reference_channels_last)
         data = prepared(train, meta)
         augment = Augment(meta, ev.reference_augment)
         data.warm(progress=progress)  # every image pre-processed once (the epochs reuse the cache)

@@ -9,7 +9,8 @@ comparison of every generator trains about 150 of them, so this step is most of 
 The model, optimizer and augmentation are the classifier package's own (`build_model`, `build_optimizer`,
 `Augment`); the variants run interleaved, `--repeats` times, and the median is reported, so background load
 hits them alike. "plain convs" turns the model's `SmallMapConv2d` layers back into `nn.Conv2d` (the step before
-this lever); channels-last changes float rounding too and is measured here, not switched on.
+this lever); "channels_last" is ours with channels-last weights and inputs (`classifier.channels_last`, on by
+default, converts the weights only; the convolutions then hand channels-last activations on).
 Writes bench/results/classifier_step.json.
 """
 
@@ -52,7 +53,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     from mvc.classifier.augment import Augment
     from mvc.classifier.engine import build_optimizer
-    from mvc.classifier.models import SmallMapConv2d, build_model
+    from mvc.classifier.models import build_model, use_small_map_convs
     from mvc.core.config import ClassifierConfig
 
     torch.manual_seed(0)
@@ -63,14 +64,8 @@ def main(argv=None) -> dict:
 
     def setup(variant: str):
         torch.manual_seed(0)
-        model, meta = build_model(args.backbone, 10, False, False, args.size)
-        if variant == "plain convs":
-            for m in model.modules():
-                if type(m) is SmallMapConv2d:
-                    m.__class__ = torch.nn.Conv2d
-        channels_last = variant == "channels_last"
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model, meta = build_model(args.backbone, 10, False, False, args.size, channels_last=variant == "channels_last")
+        use_small_map_convs(model, enabled=variant != "plain convs")
         model.train()
         return model, build_optimizer(model.parameters(), cfg), meta
 
@@ -85,7 +80,7 @@ def main(argv=None) -> dict:
 
     variants = {"ours": False, "plain convs": False, "channels_last": True}
     built = {n: setup(n) for n in variants}
-    augment = Augment(built["ours"][2], "standard")  # the model's preprocessing (the same for both variants)
+    augment = Augment(built["ours"][2], "standard")  # the model's preprocessing (the same for every variant)
     x = augment(raw)
     times: dict[str, list[float]] = {"loader (augment + normalise)": []} | {f"train step ({n})": [] for n in variants}
     for _ in range(args.repeats):

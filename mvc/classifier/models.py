@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mvc.core.perf import channels_last as to_channels_last
 from mvc.core.utils import MVCError
 
 SMALL_MAP_PIXELS = 4  # a feature map of at most this many pixels (2x2) is convolved as a matrix product on CPU
@@ -92,11 +93,13 @@ class SmallMapConv2d(nn.Conv2d):
         return out.view(n, self.out_channels, oh, ow)
 
 
-def use_small_map_convs(model: nn.Module) -> nn.Module:
-    """Every plain `nn.Conv2d` of `model` becomes a `SmallMapConv2d` (in place: same parameters and state dict)."""
+def use_small_map_convs(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Every plain `nn.Conv2d` of `model` becomes a `SmallMapConv2d` (`enabled=False`: back again; in place, same
+    parameters and state dict)."""
+    old, new = (nn.Conv2d, SmallMapConv2d) if enabled else (SmallMapConv2d, nn.Conv2d)
     for m in model.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = SmallMapConv2d
+        if type(m) is old:
+            m.__class__ = new
     return model
 
 
@@ -149,9 +152,7 @@ def build_model(backbone: str, num_classes: int, pretrained: bool = False, cifar
     model = _create(backbone, pretrained, num_classes, pretrained_key)
     if cifar_stem:
         apply_cifar_stem(model)
-    use_small_map_convs(model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    to_channels_last(use_small_map_convs(model), channels_last)
     meta = resolve_meta(model, backbone, num_classes, cifar_stem, input_size)
     meta.channels_last = bool(channels_last)
     return model, meta

@@ -52,9 +52,8 @@ def test_backbones_use_it_and_train_like_the_plain_network():
     assert convs and all(type(m) is SmallMapConv2d for m in convs)
     plain, _ = build_model("resnet10t", 10, input_size=32)
     plain.load_state_dict(model.state_dict())
-    for m in plain.modules():
-        if type(m) is SmallMapConv2d:
-            m.__class__ = nn.Conv2d
+    use_small_map_convs(plain, enabled=False)
+    assert not any(type(m) is SmallMapConv2d for m in plain.modules())
     model, plain = model.double().train(), plain.double().train()
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.double), torch.tensor([0, 1, 2, 3])
     for net in (model, plain):

@@ -1,6 +1,6 @@
 """Benchmark: our InstructPix2Pix train step vs the straightforward one, side by side in one process.
 
-    .venv/bin/python bench/bench_finetune.py [--profiles tiny sd15] [--rounds 0] [--steps 0]
+    .venv/bin/python bench/bench_finetune.py [--profiles tiny sd15] [--rounds 0] [--steps 0] [--ops]
     .venv/bin/python bench/bench_finetune.py --profiles base --base runwayml/stable-diffusion-v1-5 --base-batch 8
 
 What it measures and how: docs/benchmarks.md (`bench_finetune.py`).
@@ -22,6 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("straight", "cached", "ours")
+
+# what `--ops` files each operator's own time under (first match of the aten name, in this order)
+OP_GROUPS = (("convolution", ("convolution",)), ("attention", ("scaled_dot_product", "attention")),
+             ("matmul (linear layers)", ("aten::mm", "aten::addmm", "aten::bmm")),
+             ("optimizer", ("adam", "optimizer")), ("normalisation", ("norm",)),
+             ("activations", ("silu", "gelu", "sigmoid")),
+             ("copies and layout", ("copy", "cat", "clone", "contiguous", "empty", "view", "reshape", "transpose",
+                                    "permute", "as_strided", "slice", "split", "chunk")),
+             ("elementwise", ("add", "mul", "div", "sub", "sum", "mean", "pow", "sqrt", "exp", "neg", "where")))
+# the flop counter's operators by group (counted on the meta device, where attention runs as batched products)
+FLOP_GROUPS = {"aten.convolution": "convolution", "aten.convolution_backward": "convolution",
+               "aten.mm": "matmul (linear layers)", "aten.addmm": "matmul (linear layers)", "aten.bmm": "attention"}
 
 
 #################################################################################
@@ -64,11 +76,33 @@ PROFILES = {"tiny": dict(build=tiny_components, resolution=32, batch=50, images=
 #                               One profile                                     #
 #################################################################################
 
+def op_shares(step, steps: int) -> dict[str, float]:
+    """Each OP_GROUPS group's share of the CPU time of `steps` calls of `step` (torch's profiler, operators' own
+    time): where a step goes, in a few lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    own: dict[str, float] = {}
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        if not name.startswith("aten::") and "optimizer" not in name:
+            continue  # autograd and profiler wrappers: their time is their operators'
+        group = next((g for g, keys in OP_GROUPS if any(k in name for k in keys)), "other")
+        own[group] = own.get(group, 0.0) + ev.self_cpu_time_total
+    total = sum(own.values()) or 1.0
+    return {g: own[g] / total for g in sorted(own, key=own.get, reverse=True)}
+
+
 def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base: str | None = None,
-                base_batch: int = 1, base_resolution: int = 256) -> dict:
-    """Time the three variants of one profile in alternating rounds; returns rows and notes."""
+                base_batch: int = 1, base_resolution: int = 256, ops: bool = False) -> dict:
+    """Time the three variants of one profile in alternating rounds; returns rows and notes. Each row also has the
+    U-Net's FLOP rate (torch's flop counter) against this device's fp32 matmul peak, measured in the same process;
+    `ops`: where "ours" spends its step, by operator group (CPU)."""
     import torch
 
+    from mvc.core import perf
     from mvc.core.config import FinetuneConfig
     from mvc.diffusion.finetune import LatentCache, draw_step_noise, encode_prompts_cache, gather_batch, ip2p_loss
     from mvc.diffusion.finetune_setup import build_adam, freeze, prepare_unet
@@ -138,10 +172,22 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
             print(f"  {profile} round {r + 1}/{rounds} {v}: {statistics.median(times[v][-steps:]):.3f} s/step",
                   file=sys.stderr, flush=True)
     med = {v: statistics.median(t) for v, t in times.items()}
+    # the U-Net's forward + backward, counted on the meta device; the yardstick: an fp32 matmul on this device
+    gflop = perf.unet_flops(unet.config, bsz, shape[-1], text_len=txt.empty.shape[0], train=True) / 1e9
+    peak = perf.matmul_tflops(dev, 2048 if dev.type == "cpu" else 8192, torch.float32, repeats=5) * 1e3
     rows = [{"profile": profile, "variant": v, "batch": bsz, "resolution": res, "timed_steps": len(times[v]),
              "s_per_step": med[v], "steps_per_s": 1 / med[v], "images_per_s": bsz / med[v],
-             "speedup": med["straight"] / med[v], "device": dev.type} for v in VARIANTS]
-    return {"rows": rows, "cache_seconds": cache_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             "speedup": med["straight"] / med[v], "unet_gflop_per_s": gflop / med[v],
+             "share_of_matmul_peak": gflop / med[v] / peak, "device": dev.type} for v in VARIANTS]
+    groups = None
+    if ops and dev.type == "cpu":  # each group's share of our step's time, and the FLOP rate it reaches there
+        shares, by_op = op_shares(lambda: step("ours"), max(steps, 3)), perf.unet_flops(
+            unet.config, bsz, shape[-1], text_len=txt.empty.shape[0], train=True, by_op=True)
+        group_gflop = {g: sum(n for op, n in by_op.items() if FLOP_GROUPS.get(op) == g) / 1e9 for g in shares}
+        groups = {g: {"share_of_time": v, "gflop_per_s": (group_gflop[g] / (v * med["ours"])) if group_gflop[g] else None}
+                  for g, v in shares.items()}
+    return {"rows": rows, "cache_seconds": cache_s, "unet_gflop_per_step": gflop, "matmul_peak_gflops": peak,
+            "op_groups": groups, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6, "threads": torch.get_num_threads()}
 
 
@@ -159,6 +205,7 @@ def main() -> None:
     p.add_argument("--base", help="profile `base`: a diffusers text-to-image folder or hub id (e.g. SD-1.5)")
     p.add_argument("--base-batch", type=int, default=1, help="profile `base`: images per step")
     p.add_argument("--base-resolution", type=int, default=256, help="profile `base`: image side in pixels")
+    p.add_argument("--ops", action="store_true", help="also print where our step's CPU time goes, by operator group")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -170,7 +217,7 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         print("RESULT " + json.dumps(run_profile(args.worker, args.rounds, args.steps, args.device, args.base,
-                                                 args.base_batch, args.base_resolution)))
+                                                 args.base_batch, args.base_resolution, args.ops)))
         return
     out = Path(args.out)
     # a run of some profiles keeps the other profiles' figures of the last run
@@ -179,7 +226,7 @@ def main() -> None:
     profile_notes = {k: v for k, v in old.get("profile_notes", {}).items() if k not in args.profiles}
     for prof in args.profiles:
         extra = (["--base", args.base, "--base-batch", str(args.base_batch), "--base-resolution",
-                  str(args.base_resolution)] if prof == "base" else [])
+                  str(args.base_resolution)] if prof == "base" else []) + (["--ops"] if args.ops else [])
         r = subprocess.run([sys.executable, __file__, "--worker", prof, "--rounds", str(args.rounds),
                             "--steps", str(args.steps), "--device", args.device, *extra],
                            stdout=subprocess.PIPE, text=True)
@@ -190,19 +237,29 @@ def main() -> None:
         rows += res["rows"]
         profile_notes[prof] = (f"{prof}: U-Net {res['unet_params_m']:.1f} M parameters, {res['threads']} threads, "
                                f"measured {time.strftime('%Y-%m-%d %H:%M')}; one-off cache of latents and text "
-                               f"embeddings {res['cache_seconds']:.2f} s; process peak RSS {res['peak_rss_mb']:.0f} MB")
+                               f"embeddings {res['cache_seconds']:.2f} s; process peak RSS {res['peak_rss_mb']:.0f} MB; "
+                               f"U-Net forward + backward {res['unet_gflop_per_step']:.1f} GFLOP a step; fp32 "
+                               f"matmul peak measured in the same process {res['matmul_peak_gflops']:.0f} GFLOP/s")
+        if res["op_groups"]:
+            profile_notes[prof] += "; ours by operator group (share of the step's own CPU time, GFLOP/s there): " + \
+                ", ".join(f"{g} {100 * v['share_of_time']:.0f}%" + (f" at {v['gflop_per_s']:.0f}" if v["gflop_per_s"] else "")
+                          for g, v in res["op_groups"].items())
     order = list(PROFILES)
     rows.sort(key=lambda r: (order.index(r["profile"]), VARIANTS.index(r["variant"])))
-    print(f"{'profile':8} {'variant':9} {'batch':>5} {'px':>4} {'s/step':>8} {'img/s':>8} {'speed-up':>8}")
+    print(f"{'profile':8} {'variant':9} {'batch':>5} {'px':>4} {'s/step':>8} {'img/s':>8} {'speed-up':>8} "
+          f"{'U-Net GFLOP/s':>13} {'of peak':>7}")
     for r in rows:
         print(f"{r['profile']:8} {r['variant']:9} {r['batch']:5d} {r['resolution']:4d} {r['s_per_step']:8.3f} "
-              f"{r['images_per_s']:8.2f} {r['speedup']:7.2f}x")
+              f"{r['images_per_s']:8.2f} {r['speedup']:7.2f}x {r.get('unet_gflop_per_s', 0):13.1f} "
+              f"{100 * r.get('share_of_matmul_peak', 0):6.0f}%")
     notes = [profile_notes[k] for k in order if k in profile_notes]
     print("\n".join(notes))
     notes += ["straight = the diffusers instruct_pix2pix example's step (VAE encode x2, text encode, dropout, "
               "U-Net fwd+bwd, default Adam); cached = latents and text embeddings cached once; "
               "ours = cached + fused Adam (mvc's default train step). Median step time over alternating rounds, "
-              "fp32, SDPA attention. Target: ours >= 1.25x straight on both profiles.",
+              "fp32, SDPA attention. Target: ours >= 1.25x straight on both profiles. U-Net GFLOP/s: the U-Net's "
+              "forward + backward FLOPs (torch's flop counter) per second of the whole step; of peak: against an "
+              "fp32 matmul on the same device, measured in the same process.",
               f"machine: {platform.machine()}, Python {platform.python_version()}"]
     from mvc.core.utils import atomic_write_json
 

@@ -78,20 +78,23 @@ def free_memory_bytes(device: Any) -> int | None:
 #                                    FLOPs                                      #
 #################################################################################
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of what `fn()` runs, by torch's flop counter (matmuls, convolutions, attention)."""
+def count_flops(fn: Callable[[], Any], by_op: bool = False) -> Any:
+    """FLOPs of what `fn()` runs, by torch's flop counter (matmuls, convolutions, attention); `by_op`: a dict of
+    them by operator name instead ("aten.convolution_backward": ..., "aten.mm": ...)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn()
+    if by_op:
+        return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops())
 
 
 def unet_flops(config: dict, batch: int, latent_size: int, text_len: int = 77, train: bool = False,
-               checkpointing: bool = False) -> int:
+               checkpointing: bool = False, by_op: bool = False) -> Any:
     """FLOPs of one call of a diffusers UNet2DConditionModel of `config` on `batch` rows of latent_size^2
-    latents: the forward, or forward + backward (+ the recomputed forward under `checkpointing`) when `train`.
-    Counted on the meta device (no weights are made)."""
+    latents: the forward, or forward + backward (+ the recomputed forward under `checkpointing`) when `train`
+    (`by_op`: by operator, as `count_flops`). Counted on the meta device (no weights are made)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -109,7 +112,7 @@ def unet_flops(config: dict, batch: int, latent_size: int, text_len: int = 77, t
             if train:
                 out.float().mean().backward()
 
-    return count_flops(call)
+    return count_flops(call, by_op)
 
 
 #################################################################################

@@ -15,12 +15,26 @@ def test_finetune_bench_times_all_three_variants_on_one_model(monkeypatch):
     # the tiny profile's components, at the smallest batch and cache (its 50-image batches time nothing more here)
     monkeypatch.setitem(bench_finetune.PROFILES, "tiny", {**bench_finetune.PROFILES["tiny"], "batch": 2, "images": 8,
                                                           "warmup": 1})
-    res = bench_finetune.run_profile("tiny", rounds=1, steps=1)
+    res = bench_finetune.run_profile("tiny", rounds=1, steps=1, ops=True)
     rows = {r["variant"]: r for r in res["rows"]}
     assert list(rows) == ["straight", "cached", "ours"]
     assert all(r["timed_steps"] == 1 and r["s_per_step"] > 0 and r["device"] == "cpu" for r in rows.values())
     assert rows["straight"]["speedup"] == 1.0
     assert res["cache_seconds"] > 0 and res["unet_params_m"] > 1
+    # the U-Net's FLOP rate is its counted FLOPs over each variant's step time, set against the matmul peak
+    assert res["unet_gflop_per_step"] > 0 and res["matmul_peak_gflops"] > 0
+    for r in rows.values():
+        assert r["unet_gflop_per_s"] * r["s_per_step"] == pytest.approx(res["unet_gflop_per_step"])
+        assert r["share_of_matmul_peak"] == pytest.approx(r["unet_gflop_per_s"] / res["matmul_peak_gflops"])
+    # where our step goes: shares of the operators' own time, the U-Net's convolutions among them, and the FLOP
+    # rate of the groups the flop counter sees (convolutions, linear layers, attention)
+    groups = res["op_groups"]
+    shares = [g["share_of_time"] for g in groups.values()]
+    assert sum(shares) == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
+    assert groups["optimizer"]["share_of_time"] > 0 and groups["optimizer"]["gflop_per_s"] is None
+    conv = groups["convolution"]
+    assert conv["share_of_time"] > 0 and conv["gflop_per_s"] > 0
+    assert conv["gflop_per_s"] * conv["share_of_time"] * rows["ours"]["s_per_step"] <= res["unet_gflop_per_step"]
 
 
 def test_results_tables_are_markdown():

@@ -69,25 +69,25 @@ def main(argv=None) -> dict:
         model.train()
         return model, build_optimizer(model.parameters(), cfg), meta
 
-    def step_fn(model, opt, channels_last: bool, x):
+    def step_fn(model, opt, variant: str, x):
         def step():
-            inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            inp = x.contiguous(memory_format=torch.channels_last) if variant == "channels_last" else x
             loss = loss_fn(model(inp), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return step
 
-    variants = {"ours": False, "plain convs": False, "channels_last": True}
+    variants = ("ours", "plain convs", "channels_last")
     built = {n: setup(n) for n in variants}
     augment = Augment(built["ours"][2], "standard")  # the model's preprocessing (the same for every variant)
     x = augment(raw)
     times: dict[str, list[float]] = {"loader (augment + normalise)": []} | {f"train step ({n})": [] for n in variants}
     for _ in range(args.repeats):
         times["loader (augment + normalise)"].append(timed(lambda: augment(raw), args.steps))
-        for n, cl in variants.items():
+        for n in variants:
             model, opt, _ = built[n]
-            times[f"train step ({n})"].append(timed(step_fn(model, opt, cl, x), args.steps))
+            times[f"train step ({n})"].append(timed(step_fn(model, opt, n, x), args.steps))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["train step (ours)"]
     rows = [{"part": k, "ms_per_step": round(1000 * v, 2), "vs_our_train_step": round(v / base, 3)}

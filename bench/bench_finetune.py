@@ -172,8 +172,9 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
             print(f"  {profile} round {r + 1}/{rounds} {v}: {statistics.median(times[v][-steps:]):.3f} s/step",
                   file=sys.stderr, flush=True)
     med = {v: statistics.median(t) for v, t in times.items()}
-    # the U-Net's forward + backward, counted on the meta device; the yardstick: an fp32 matmul on this device
-    gflop = perf.unet_flops(unet.config, bsz, shape[-1], text_len=txt.empty.shape[0], train=True) / 1e9
+    # the U-Net's forward + backward by operator, counted on the meta device; the yardstick: an fp32 matmul here
+    by_op = perf.unet_flops(unet.config, bsz, shape[-1], text_len=txt.empty.shape[0], train=True, by_op=True)
+    gflop = sum(by_op.values()) / 1e9
     peak = perf.matmul_tflops(dev, 2048 if dev.type == "cpu" else 8192, torch.float32, repeats=5) * 1e3
     rows = [{"profile": profile, "variant": v, "batch": bsz, "resolution": res, "timed_steps": len(times[v]),
              "s_per_step": med[v], "steps_per_s": 1 / med[v], "images_per_s": bsz / med[v],
@@ -181,8 +182,7 @@ def run_profile(profile: str, rounds: int, steps: int, device: str = "cpu", base
              "share_of_matmul_peak": gflop / med[v] / peak, "device": dev.type} for v in VARIANTS]
     groups = None
     if ops and dev.type == "cpu":  # each group's share of our step's time, and the FLOP rate it reaches there
-        shares, by_op = op_shares(lambda: step("ours"), max(steps, 3)), perf.unet_flops(
-            unet.config, bsz, shape[-1], text_len=txt.empty.shape[0], train=True, by_op=True)
+        shares = op_shares(lambda: step("ours"), max(steps, 3))
         group_gflop = {g: sum(n for op, n in by_op.items() if FLOP_GROUPS.get(op) == g) / 1e9 for g in shares}
         groups = {g: {"share_of_time": v, "gflop_per_s": (group_gflop[g] / (v * med["ours"])) if group_gflop[g] else None}
                   for g, v in shares.items()}
